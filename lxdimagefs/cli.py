@@ -1,0 +1,201 @@
+"""`lxdimagefs [OPTIONS] MOUNTPOINT`: check everything, then mount.
+
+Like sshfs, the command returns once the mount is live and the daemon runs
+on in the background; every failure before that is one line on stderr and
+a non-zero exit, with nothing left mounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .catalog import Catalog
+from .client import Connection, LXDClient, LXDError
+
+log = logging.getLogger("lxdimagefs")
+
+SOCKET_CANDIDATES = (
+    "/var/snap/lxd/common/lxd/unix.socket",
+    "/var/lib/lxd/unix.socket",
+)
+
+# lxdimagefs's own -o options and how to read them; every other -o goes to FUSE.
+OWN_OPTIONS = {
+    "metadata_ttl": float,  # seconds a listing of LXD's images is trusted
+    "cache_size": int,  # MiB of export blocks held in memory, for the whole daemon
+    "timeout": float,  # seconds to wait for LXD before a call fails with EIO
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def find_socket() -> str | None:
+    """The first LXD socket that exists, in the order the lxc client looks."""
+    candidates = []
+    if os.environ.get("LXD_SOCKET"):
+        candidates.append(os.environ["LXD_SOCKET"])
+    if os.environ.get("LXD_DIR"):
+        candidates.append(os.path.join(os.environ["LXD_DIR"], "unix.socket"))
+    candidates.extend(SOCKET_CANDIDATES)
+    return next((c for c in candidates if os.path.exists(c)), None)
+
+
+def lxc_client_pair() -> tuple[str, str] | None:
+    """The certificate pair the lxc client keeps, where it keeps one."""
+    home = Path.home()
+    for conf in (Path(os.environ.get("LXD_CONF", home / ".config/lxc")), home / "snap/lxd/common/config"):
+        crt, key = conf / "client.crt", conf / "client.key"
+        if crt.exists() and key.exists():
+            return str(crt), str(key)
+    return None
+
+
+def parse_options(values: list[str]) -> tuple[dict[str, object], dict[str, object]]:
+    """Split `-o a,b=c` lists into (lxdimagefs options, FUSE options)."""
+    own: dict[str, object] = {}
+    fuse: dict[str, object] = {}
+    for value in values:
+        for item in filter(None, value.split(",")):
+            key, sep, val = item.partition("=")
+            if key in OWN_OPTIONS:
+                try:
+                    own[key] = OWN_OPTIONS[key](val)
+                except ValueError:
+                    raise UsageError(f"option {key} needs a number, not {val!r}") from None
+                if own[key] <= 0:  # type: ignore[operator]
+                    raise UsageError(f"option {key} must be positive")
+            else:
+                fuse[key] = val if sep else True
+    return own, fuse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lxdimagefs", description="Mount the images of an LXD server as files.")
+    p.add_argument("mountpoint")
+    server = p.add_argument_group("server")
+    server.add_argument("--socket", help="LXD's unix socket (default: found as lxc finds it)")
+    server.add_argument("--url", help="a remote LXD, https://HOST:PORT")
+    server.add_argument("--cert", help="TLS client certificate (default: the lxc client's)")
+    server.add_argument("--key", help="TLS client key (default: the lxc client's)")
+    server.add_argument("--server-cert", help="pin the server's certificate (default: the system's CAs)")
+    server.add_argument("--project", default="default")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay attached; SIGINT/SIGTERM unmount")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+                   help="FUSE options (ro, allow_other, ...) and lxdimagefs's own: "
+                        + ", ".join(f"{k}=N" for k in OWN_OPTIONS))
+    p.add_argument("--log-file", help="log here (default: stderr in the foreground, syslog in the background)")
+    p.add_argument("--cache-dir", help="where split images are spooled (default: a private folder in $TMPDIR)")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("--version", action="version", version=f"lxdimagefs {__version__}")
+    return p
+
+
+def connection(args: argparse.Namespace, own: dict[str, object]) -> Connection:
+    timeout = float(own.get("timeout", 30.0))  # type: ignore[arg-type]
+    common = {"project": args.project, "timeout": (min(5.0, timeout), timeout)}
+    if args.url:
+        if args.socket:
+            raise UsageError("give either --socket or --url, not both")
+        if not args.url.startswith("https://"):
+            raise UsageError("--url must start with https://")
+        if bool(args.cert) != bool(args.key):
+            raise UsageError("--cert and --key go together")
+        pair = (args.cert, args.key) if args.cert else lxc_client_pair()
+        if pair is None:
+            raise UsageError("no client certificate: give --cert and --key")
+        for f in pair + ((args.server_cert,) if args.server_cert else ()):
+            if not os.access(f, os.R_OK):
+                raise UsageError(f"cannot read {f}")
+        return Connection(url=args.url, cert=pair, verify=args.server_cert or True, **common)
+    sock = args.socket or find_socket()
+    if not sock:
+        raise UsageError("no LXD socket found: give --socket or --url, or set LXD_DIR")
+    if not os.path.exists(sock):
+        raise UsageError(f"no LXD socket at {sock}")
+    return Connection(socket=sock, **common)
+
+
+def check_mountpoint(path: str) -> str:
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise UsageError(f"mount point {path} is not a directory" if os.path.exists(path)
+                         else f"mount point {path} does not exist")
+    if os.path.ismount(path):
+        raise UsageError(f"mount point {path} is busy: something is mounted there")
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise UsageError(f"mount point {path} is not writable by this user")
+    return path
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO
+    handler: logging.Handler
+    if args.log_file:
+        handler = logging.FileHandler(args.log_file)
+    elif args.foreground or not os.path.exists("/dev/log"):
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("lxdimagefs[%(process)d]: %(levelname)s %(message)s"))
+    if not isinstance(handler, logging.handlers.SysLogHandler):
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+    if not args.debug:  # urllib3's debug lines would carry request details
+        logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        own, fuse_opts = parse_options(args.options)
+        mountpoint = check_mountpoint(args.mountpoint)
+        conn = connection(args, own)
+    except UsageError as e:
+        print(f"lxdimagefs: {e}", file=sys.stderr)
+        return 2
+    setup_logging(args)
+
+    # Imported late: loading libfuse is not needed for --help or a usage error.
+    from .fuse_ops import LXDImageOps
+    from .fusebind import FUSE
+    from .reader import BlockCache, SplitSpool
+    from .tree import Tree
+
+    client = LXDClient(conn)
+    catalog = Catalog(client, ttl=float(own.get("metadata_ttl", 3.0)))  # type: ignore[arg-type]
+    try:
+        catalog.snapshot()  # reachable, trusted, and the project exists
+    except LXDError as e:
+        print(f"lxdimagefs: cannot list images at {conn.describe()}: {e.message}", file=sys.stderr)
+        return 1
+    cache_root = args.cache_dir or tempfile.gettempdir()
+    spool_dir = Path(tempfile.mkdtemp(prefix="lxdimagefs-spool-", dir=cache_root))
+    blocks = BlockCache(client, capacity=int(own.get("cache_size", 64)) << 20)  # type: ignore[call-overload]
+    tree = Tree(catalog, blocks, SplitSpool(client, spool_dir))
+    fuse_opts.setdefault("fsname", "lxdimagefs")
+    fuse_opts.setdefault("subtype", "lxdimagefs")
+    log.info("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
+    try:
+        FUSE(LXDImageOps(tree), mountpoint, foreground=args.foreground, raw_fi=True,
+             debug=False, **fuse_opts)
+    except RuntimeError as e:
+        print(f"lxdimagefs: mounting {mountpoint} failed (libfuse said {e}; see above)", file=sys.stderr)
+        return 1
+    finally:
+        tree.spool.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

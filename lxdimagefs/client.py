@@ -1,0 +1,251 @@
+"""The one module that talks to LXD's REST API.
+
+Everything else gets typed records and `LXDError`s carrying LXD's own
+message; no other module builds a URL.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import requests
+import requests_unixsocket
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
+
+# LXD's HTTP status -> the errno a file operation reports for it.
+_STATUS_ERRNO = {
+    400: errno.EINVAL,
+    403: errno.EACCES,
+    404: errno.ENOENT,
+    409: errno.EEXIST,
+    412: errno.ESTALE,
+    507: errno.ENOSPC,
+}
+
+
+class LXDError(Exception):
+    """A refusal or failure from LXD, with LXD's own message."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+    @property
+    def errno(self) -> int:
+        if "no space left" in self.message.lower():
+            return errno.ENOSPC
+        return _STATUS_ERRNO.get(self.status, errno.EIO)
+
+
+class LXDUnreachable(LXDError):
+    """LXD did not answer: refused, timed out, or the connection dropped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 0)
+
+
+_ZERO_TIME = 0.0
+_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+def parse_time(value: str | None) -> float:
+    """RFC 3339 (with LXD's nanoseconds) to a POSIX timestamp; 0 for unset."""
+    if not value:
+        return _ZERO_TIME
+    m = _TIME_RE.match(value)
+    if not m:
+        return _ZERO_TIME
+    base, frac, tz = m.groups()
+    tz = "+00:00" if tz == "Z" else tz
+    ts = datetime.fromisoformat(base + tz).timestamp()
+    if ts <= 0:  # Go's zero time (0001-01-01) and the epoch mean "never"
+        return _ZERO_TIME
+    return ts + (float("0." + frac) if frac else 0.0)
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image record, as `GET /1.0/images/<fp>` returns it."""
+
+    fingerprint: str
+    size: int
+    uploaded_at: float
+    last_used_at: float
+    aliases: tuple[str, ...]
+    record: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Image:
+        return cls(
+            fingerprint=rec["fingerprint"],
+            size=int(rec.get("size") or 0),
+            uploaded_at=parse_time(rec.get("uploaded_at")),
+            last_used_at=parse_time(rec.get("last_used_at")),
+            aliases=tuple(a["name"] for a in rec.get("aliases") or ()),
+            record=rec,
+        )
+
+
+@dataclass(frozen=True)
+class ExportPart:
+    """One file of an export, as `lxc image export` would write it."""
+
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """What an image exports as: one unified file, or a split pair."""
+
+    split: bool
+    parts: tuple[ExportPart, ...]
+
+
+@dataclass
+class Connection:
+    """Where LXD is and how to authenticate; never logged whole."""
+
+    socket: str | None = None
+    url: str | None = None
+    cert: tuple[str, str] | None = None
+    verify: str | bool = True
+    project: str = "default"
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT
+
+    def describe(self) -> str:
+        return self.socket or self.url or "?"
+
+
+def _filename(disposition: str | None) -> str | None:
+    if not disposition:
+        return None
+    m = re.search(r'filename="?([^";]+)"?', disposition)
+    return m.group(1) if m else None
+
+
+class LXDClient:
+    """Typed access to the image endpoints of one LXD server and project."""
+
+    def __init__(self, conn: Connection, pool_size: int = 16) -> None:
+        self.conn = conn
+        if conn.socket:
+            self._session: requests.Session = requests_unixsocket.Session()
+            self._base = "http+unix://" + urllib.parse.quote(conn.socket, safe="") + "/1.0"
+        elif conn.url:
+            self._session = requests.Session()
+            self._session.cert = conn.cert
+            self._session.verify = conn.verify
+            self._base = conn.url.rstrip("/") + "/1.0"
+        else:
+            raise ValueError("either a socket or a URL is needed")
+        adapter_cls = type(self._session.get_adapter(self._base))
+        adapter = adapter_cls(pool_connections=pool_size, pool_maxsize=pool_size)
+        self._session.mount(self._base.split("/1.0")[0], adapter)
+        self._session.headers["User-Agent"] = "lxdimagefs"
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _url(self, path: str, **params: str) -> str:
+        query = {"project": self.conn.project, **params}
+        return f"{self._base}{path}?{urllib.parse.urlencode(query)}"
+
+    def _request(self, method: str, path: str, *, stream: bool = False,
+                 headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
+                 **kwargs: Any) -> requests.Response:
+        url = self._url(path, **(params or {}))
+        log.debug("%s %s", method, path)
+        try:
+            resp = self._session.request(method, url, stream=stream, headers=headers,
+                                         timeout=self.conn.timeout, **kwargs)
+        except requests.RequestException as e:
+            raise LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}") from e
+        if resp.status_code >= 400:
+            raise _error_from(resp)
+        return resp
+
+    def _sync(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._request(method, path, **kwargs)
+        try:
+            body = resp.json()
+        except ValueError as e:
+            raise LXDError(f"LXD sent a response that is not JSON for {path}", resp.status_code) from e
+        if body.get("type") == "error":
+            raise LXDError(body.get("error") or "unknown LXD error", body.get("error_code") or 500)
+        return body.get("metadata")
+
+    # -- images -----------------------------------------------------------
+
+    def server_info(self) -> dict[str, Any]:
+        return self._sync("GET", "")
+
+    def images(self) -> list[Image]:
+        """Every image of the project, in one request."""
+        return [Image.from_record(r) for r in self._sync("GET", "/images", params={"recursion": "1"})]
+
+    def image(self, fingerprint: str) -> Image:
+        return Image.from_record(self._sync("GET", f"/images/{fingerprint}"))
+
+    def export_layout(self, fingerprint: str) -> ExportLayout:
+        """Learn the export's file names and sizes without downloading it.
+
+        A unified export answers a one-byte Range request with its name and
+        total size. A split export ignores Range and streams multipart; its
+        metadata part is read to learn its size, then the stream is dropped.
+        """
+        resp = self._request("GET", f"/images/{fingerprint}/export", stream=True,
+                             headers={"Range": "bytes=0-0"})
+        with resp:
+            ctype = resp.headers.get("Content-Type", "")
+            if not ctype.startswith("multipart/"):
+                name = _filename(resp.headers.get("Content-Disposition")) or fingerprint
+                total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+                size = int(total) if total.isdigit() else int(resp.headers.get("Content-Length", 0))
+                return ExportLayout(False, (ExportPart(name, size),))
+            from .multipart import first_part_and_next_name
+
+            meta_name, meta_size, rootfs_name = first_part_and_next_name(ctype, self._chunks(resp))
+        image = self.image(fingerprint)
+        return ExportLayout(True, (ExportPart(meta_name, meta_size),
+                                   ExportPart(rootfs_name, image.size - meta_size)))
+
+    def export_range(self, fingerprint: str, start: int, end: int) -> requests.Response:
+        """A streaming response for bytes [start, end) of a unified export."""
+        resp = self._request("GET", f"/images/{fingerprint}/export", stream=True,
+                             headers={"Range": f"bytes={start}-{end - 1}"})
+        if resp.status_code != 206:
+            resp.close()
+            raise LXDError(f"LXD did not honour a Range request for image {fingerprint}", resp.status_code)
+        return resp
+
+    def export_stream(self, fingerprint: str) -> requests.Response:
+        """The whole export as one streaming response (multipart for split images)."""
+        return self._request("GET", f"/images/{fingerprint}/export", stream=True)
+
+    @staticmethod
+    def _chunks(resp: requests.Response, size: int = 1 << 20) -> Iterator[bytes]:
+        try:
+            yield from resp.iter_content(size)
+        except requests.RequestException as e:
+            raise LXDUnreachable(f"the connection to LXD dropped: {e}") from e
+
+
+def _error_from(resp: requests.Response) -> LXDError:
+    try:
+        body = resp.json()
+        message = body.get("error") or resp.reason
+    except ValueError:
+        message = resp.text.strip() or resp.reason
+    resp.close()
+    return LXDError(message, resp.status_code)

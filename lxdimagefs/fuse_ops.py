@@ -1,0 +1,194 @@
+"""The thin layer between FUSE and the tree: translates calls, and maps
+every exception to an errno in one place.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .client import LXDError
+from .fusebind import Operations
+from .tree import Attr, Tree
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Refusals that are the ordinary answer to a question, not worth a warning.
+_QUIET = {errno.ENOENT, errno.ENODATA, errno.ENOTSUP}
+
+
+def to_errno(op: str, args: tuple, exc: BaseException) -> int:
+    """The one place an exception becomes an errno."""
+    if isinstance(exc, LXDError):
+        log.warning("%s %s: LXD: %s", op, args[:1], exc.message)
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        (log.debug if exc.errno in _QUIET else log.warning)("%s %s: %s", op, args[:1], exc.strerror)
+        return exc.errno
+    log.exception("%s %s failed unexpectedly", op, args[:1])
+    return errno.EIO
+
+
+def translated(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(self: Any, *args: Any) -> Any:
+        try:
+            return func(self, *args)
+        except Exception as exc:
+            raise OSError(to_errno(func.__name__, args, exc), "") from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _stat(attr: Attr, uid: int, gid: int) -> dict[str, int]:
+    ns = 1_000_000_000
+    return {
+        "st_mode": attr.mode, "st_size": attr.size, "st_nlink": attr.nlink,
+        "st_uid": uid, "st_gid": gid, "st_blksize": attr.blksize,
+        "st_blocks": (attr.size + 511) // 512,
+        "st_mtime": int(attr.mtime * ns), "st_atime": int(attr.atime * ns),
+        "st_ctime": int(attr.ctime * ns),
+    }
+
+
+class LXDImageOps(Operations):
+    use_ns = True
+
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+
+    @translated
+    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        return _stat(self.tree.getattr(path), self.tree.uid, self.tree.gid)
+
+    @translated
+    def readdir(self, path: str, fh: Any) -> list[str]:
+        return [".", "..", *self.tree.readdir(path)]
+
+    @translated
+    def readlink(self, path: str) -> str:
+        return self.tree.readlink(path)
+
+    @translated
+    def open(self, path: str, fi: Any) -> int:
+        fi.fh = self.tree.open(path, fi.flags)
+        if self.tree.is_export(path):
+            fi.keep_cache = 1  # named by their hash: the bytes never change
+        else:
+            fi.direct_io = 1  # metadata.json changes with the record: never serve it stale
+        return 0
+
+    @translated
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        return self.tree.read(fi.fh, offset, size)
+
+    @translated
+    def release(self, path: str, fi: Any) -> int:
+        self.tree.release(fi.fh)
+        return 0
+
+    @translated
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.tree.statfs()
+
+    @translated
+    def access(self, path: str, amode: int) -> int:
+        self.tree.getattr(path)
+        if amode & os.W_OK:
+            raise OSError(errno.EROFS, "read-only")
+        return 0
+
+    def destroy(self, path: str) -> None:
+        self.tree.blocks.close()
+        self.tree.spool.remove()
+
+    # Every call that would change something: refused, and the log names it.
+
+    def _refuse(self, op: str, path: str) -> None:
+        try:
+            self.tree.getattr(path)
+        except OSError as e:
+            if e.errno == errno.ENOENT and op not in ("create", "mkdir", "symlink", "mknod"):
+                raise
+        log.warning("refused %s %s: read-only", op, path)
+        raise OSError(errno.EROFS, "read-only")
+
+    @translated
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        self._refuse("create", path)
+        return 0
+
+    @translated
+    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+        self._refuse("write", path)
+        return 0
+
+    @translated
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        self._refuse("truncate", path)
+        return 0
+
+    @translated
+    def mkdir(self, path: str, mode: int) -> int:
+        self._refuse("mkdir", path)
+        return 0
+
+    @translated
+    def rmdir(self, path: str) -> int:
+        self._refuse("rmdir", path)
+        return 0
+
+    @translated
+    def unlink(self, path: str) -> int:
+        self._refuse("unlink", path)
+        return 0
+
+    @translated
+    def symlink(self, target: str, source: str) -> int:
+        self._refuse("symlink", target)
+        return 0
+
+    @translated
+    def rename(self, old: str, new: str) -> int:
+        self._refuse("rename", old)
+        return 0
+
+    @translated
+    def link(self, target: str, source: str) -> int:
+        self._refuse("link", target)
+        return 0
+
+    @translated
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        self._refuse("mknod", path)
+        return 0
+
+    @translated
+    def chmod(self, path: str, mode: int) -> int:
+        self._refuse("chmod", path)
+        return 0
+
+    @translated
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        self._refuse("chown", path)
+        return 0
+
+    @translated
+    def utimens(self, path: str, times: Any = None) -> int:
+        self._refuse("utimens", path)
+        return 0
+
+    @translated
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        self._refuse("setxattr", path)
+        return 0
+
+    @translated
+    def removexattr(self, path: str, name: str) -> int:
+        self._refuse("removexattr", path)
+        return 0
