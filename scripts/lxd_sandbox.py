@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""A private LXD for tests, benchmarks and the demo, and images to put in it.
+
+The daemon is Debian's real `lxd`, with its own LXD_DIR in a temporary
+folder, started as `lxd --group root`, awaited with `lxd waitready`, and
+stopped by its process id. Nothing here touches a system LXD.
+
+    scripts/lxd_sandbox.py start [--seed]   prints LXD_DIR and the pid
+    scripts/lxd_sandbox.py stop LXD_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+METADATA_YAML = """architecture: x86_64
+creation_date: 1700000000
+properties:
+  os: {os}
+  release: "{release}"
+  description: {description}
+"""
+
+
+@dataclass
+class Sandbox:
+    root: Path  # holds lxd/ (the LXD_DIR) and pid
+    pid: int
+
+    @property
+    def lxd_dir(self) -> Path:
+        return self.root / "lxd"
+
+    @property
+    def socket(self) -> str:
+        return str(self.lxd_dir / "unix.socket")
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "LXD_DIR": str(self.lxd_dir)}
+
+    def lxc(self, *args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["lxc", *args], env=self.env(), check=check, capture_output=True, input=input)
+
+    def rest(self, path: str, method: str = "GET", data: dict | None = None) -> dict:
+        """LXD's own answer, through `lxc query`, to check the mount against."""
+        args = ["query", "-X", method, path]
+        if data is not None:
+            args[3:3] = ["-d", json.dumps(data)]
+        out = self.lxc(*args).stdout
+        return json.loads(out) if out.strip() else {}
+
+    def import_image(self, *files: Path, alias: str | None = None) -> str:
+        args = ["image", "import", *map(str, files)]
+        if alias:
+            args += ["--alias", alias]
+        out = self.lxc(*args).stdout.decode()
+        return out.strip().rsplit(" ", 1)[-1]
+
+    @classmethod
+    def start(cls, base: str | None = None, timeout: float = 90) -> Sandbox:
+        root = Path(tempfile.mkdtemp(prefix="lxdimagefs-lxd-", dir=base))
+        os.chmod(root, 0o755)
+        lxd_dir = root / "lxd"
+        lxd_dir.mkdir()
+        log = open(root / "daemon.log", "wb")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(["lxd", "--group", "root", "--logfile", str(lxd_dir / "lxd.log")],
+                                env={**os.environ, "LXD_DIR": str(lxd_dir)}, stdout=log, stderr=log,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        (root / "pid").write_text(str(proc.pid))
+        sandbox = cls(root, proc.pid)
+        ready = subprocess.run(["lxd", "waitready", "--timeout", str(int(timeout))], env=sandbox.env(),
+                               capture_output=True)
+        if ready.returncode != 0:
+            sandbox.stop()
+            raise RuntimeError(f"private LXD did not start: {ready.stderr.decode().strip()}")
+        return sandbox
+
+    def stop(self, timeout: float = 60) -> None:
+        """Stop the daemon by its pid, then remove its folder and what it mounted there."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        for mount in reversed(_mounts_under(self.root)):
+            subprocess.run(["umount", "-l", mount], check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def seed(self, workdir: Path) -> dict[str, str]:
+        """A few sample images: unified in three compressions, and a split one."""
+        made = {}
+        for name, comp in (("demo/gz", "gz"), ("demo/xz", "xz"), ("demo/plain", "")):
+            tarball = make_unified(workdir / f"{name.replace('/', '-')}.tar{'.' + comp if comp else ''}",
+                                   rootfs_bytes=256 << 10, description=f"sample {name}")
+            made[name] = self.import_image(tarball, alias=name)
+        meta, rootfs = make_split(workdir / "demo-split", description="sample split image")
+        made["demo/split"] = self.import_image(meta, rootfs, alias="demo/split")
+        return made
+
+
+def _alive(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path) + "/"
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+
+
+def _metadata(description: str, seed: str) -> bytes:
+    return METADATA_YAML.format(os="lxdimagefs-test", release=seed, description=description).encode()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes | None = None, size: int = 0, fill=None) -> None:
+    info = tarfile.TarInfo(name)
+    info.mtime = 1700000000
+    if data is None and fill is None:
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+        tar.addfile(info)
+        return
+    info.mode = 0o644
+    info.size = len(data) if data is not None else size
+    tar.addfile(info, io.BytesIO(data) if data is not None else fill)
+
+
+class _Noise(io.RawIOBase):
+    """Incompressible bytes, reproducible from a seed, without holding them in memory."""
+
+    def __init__(self, seed: str, size: int) -> None:
+        self._state = hashlib.sha256(seed.encode()).digest()
+        self._left = size
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        while len(self._buf) < n:
+            self._state = hashlib.sha512(self._state).digest()
+            self._buf += hashlib.shake_256(self._state).digest(1 << 16)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        self._left -= n
+        return out
+
+
+def make_unified(path: Path, rootfs_bytes: int = 64 << 10, description: str = "test image",
+                 seed: str | None = None) -> Path:
+    """A unified image tarball; compression follows the name (.tar, .tar.gz, .tar.xz)."""
+    seed = seed or path.name + str(time.time_ns())
+    mode = {".gz": "w:gz", ".xz": "w:xz", ".bz2": "w:bz2"}.get(path.suffix, "w")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode) as tar:
+        _add(tar, "metadata.yaml", _metadata(description, seed))
+        _add(tar, "rootfs")
+        _add(tar, "rootfs/etc")
+        _add(tar, "rootfs/etc/hostname", seed.encode() + b"\n")
+        _add(tar, "rootfs/blob", size=rootfs_bytes, fill=_Noise(seed, rootfs_bytes))
+    return path
+
+
+def make_split(folder: Path, description: str = "split test image", seed: str | None = None,
+               rootfs_bytes: int = 64 << 10) -> tuple[Path, Path]:
+    """A split image: metadata tarball and squashfs rootfs (made by mksquashfs)."""
+    seed = seed or folder.name + str(time.time_ns())
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = folder / "meta.tar.xz"
+    with tarfile.open(meta, "w:xz") as tar:
+        _add(tar, "metadata.yaml", _metadata(description, seed))
+    tree = folder / "rootfs"
+    (tree / "etc").mkdir(parents=True, exist_ok=True)
+    (tree / "etc/hostname").write_text(seed + "\n")
+    with open(tree / "blob", "wb") as f:
+        shutil.copyfileobj(_Noise(seed, rootfs_bytes), f)
+    squash = folder / "rootfs.squashfs"
+    subprocess.run(["mksquashfs", str(tree), str(squash), "-noappend", "-quiet", "-all-root"],
+                   check=True, capture_output=True)
+    shutil.rmtree(tree)
+    return meta, squash
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    start = sub.add_parser("start")
+    start.add_argument("--seed", action="store_true", help="import sample images")
+    stop = sub.add_parser("stop")
+    stop.add_argument("root", help="the folder `start` printed as SANDBOX")
+    args = p.parse_args()
+    if args.cmd == "start":
+        sandbox = Sandbox.start()
+        if args.seed:
+            with tempfile.TemporaryDirectory() as tmp:
+                for alias, fp in sandbox.seed(Path(tmp)).items():
+                    print(f"image {alias} {fp}", file=sys.stderr)
+        print(f"SANDBOX={sandbox.root} LXD_DIR={sandbox.lxd_dir} LXD_PID={sandbox.pid}")
+        return 0
+    root = Path(args.root)
+    if not (root / "pid").exists():
+        print(f"no private LXD at {root}", file=sys.stderr)
+        return 1
+    Sandbox(root, int((root / "pid").read_text())).stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
