@@ -57,6 +57,12 @@ class BlockCache:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fetch")
         return self._pool
 
+    def forget(self, fp: str) -> None:
+        """Drop an image's blocks, after they failed the fingerprint check."""
+        with self._lock:
+            for key in [k for k in self._lru if k[0] == fp]:
+                del self._lru[key]
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -123,6 +129,7 @@ class BlockCache:
         try:
             while index <= b:
                 pos, end = index * BLOCK, min((b + 1) * BLOCK, total)
+                start = index
                 try:
                     self.requests += 1
                     with self.client.export_range(fp, pos, end) as resp:
@@ -132,8 +139,10 @@ class BlockCache:
                             self._publish(fp, index, data)
                             index += 1
                 except LXDUnreachable as e:
+                    # Resume a stream that dropped after making progress; a server that
+                    # gives nothing fails at once, so a dead LXD costs one timeout, not several.
                     failures += 1
-                    if failures > self.retries:
+                    if index == start or failures > self.retries:
                         raise
                     log.warning("resuming export %s at offset %d after: %s", fp[:12], index * BLOCK, e)
         except BaseException as e:  # every waiter must hear of the failure
@@ -184,6 +193,8 @@ class Verifier:
     def feed(self, offset: int, data: bytes) -> None:
         """Raises IntegrityError on the read that completes a mismatching file."""
         with self._lock:
+            if self.state == "mismatch":  # sticky: the kernel retries reads that failed
+                raise IntegrityError(self.expected)
             if self.state != "reading" or not data:
                 return
             end = offset + len(data)

@@ -74,34 +74,47 @@ class Sandbox:
     def start(cls, base: str | None = None, timeout: float = 90) -> Sandbox:
         root = Path(tempfile.mkdtemp(prefix="lxdimagefs-lxd-", dir=base))
         os.chmod(root, 0o755)
-        lxd_dir = root / "lxd"
-        lxd_dir.mkdir()
-        log = open(root / "daemon.log", "wb")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(["lxd", "--group", "root", "--logfile", str(lxd_dir / "lxd.log")],
-                                env={**os.environ, "LXD_DIR": str(lxd_dir)}, stdout=log, stderr=log,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        (root / "pid").write_text(str(proc.pid))
-        sandbox = cls(root, proc.pid)
-        ready = subprocess.run(["lxd", "waitready", "--timeout", str(int(timeout))], env=sandbox.env(),
-                               capture_output=True)
-        if ready.returncode != 0:
+        (root / "lxd").mkdir()
+        sandbox = cls(root, 0)
+        try:
+            sandbox.resume(timeout)
+        except BaseException:
             sandbox.stop()
-            raise RuntimeError(f"private LXD did not start: {ready.stderr.decode().strip()}")
+            raise
         return sandbox
 
-    def stop(self, timeout: float = 60) -> None:
-        """Stop the daemon by its pid, then remove its folder and what it mounted there."""
+    def resume(self, timeout: float = 90) -> None:
+        """Start the daemon on this sandbox's LXD_DIR and wait until it is ready."""
+        with open(self.root / "daemon.log", "ab") as log:
+            proc = subprocess.Popen(["lxd", "--group", "root", "--logfile", str(self.root / "lxd.log")],
+                                    env=self.env(), stdout=log, stderr=log,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = proc.pid
+        (self.root / "pid").write_text(str(proc.pid))
+        ready = subprocess.run(["lxd", "waitready", "--timeout", str(int(timeout))], env=self.env(),
+                               capture_output=True)
+        if ready.returncode != 0:
+            raise RuntimeError(f"private LXD did not start: {ready.stderr.decode().strip()}")
+
+    def halt(self, timeout: float = 60) -> None:
+        """Stop the daemon by its pid, keeping its LXD_DIR for `resume`."""
+        if not self.pid:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while _alive(self.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.05)
         if _alive(self.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+        self.pid = 0
+
+    def stop(self, timeout: float = 60) -> None:
+        """Stop the daemon by its pid, then remove its folder and what it mounted there."""
+        self.halt(timeout)
         for mount in reversed(_mounts_under(self.root)):
             subprocess.run(["umount", "-l", mount], check=False)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,105 @@
+"""What a reader sees when LXD hangs, goes away or serves wrong bytes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import mounted
+from lxd_sandbox import make_split, make_unified
+
+
+def _export_path(mount, fp: str) -> str:
+    folder = mount.path / "by-fingerprint" / fp
+    return str(next(p for p in folder.iterdir() if p.name != "metadata.json"))
+
+
+def test_frozen_lxd_gives_eio_within_the_timeout_then_recovers(sandbox, images, tmp_path):
+    fp = images.fps["plain"]
+    with mounted(sandbox, tmp_path / "mnt", "-o", "timeout=2,metadata_ttl=0.5") as m:
+        path = _export_path(m, fp)  # learns the layout while LXD answers
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.kill(sandbox.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(OSError) as e:
+                    os.pread(fd, 4096, 4 << 20)
+                took = time.monotonic() - started
+                assert e.value.errno == errno.EIO
+                assert took < 2 * 2 + 3, took  # one read timeout, not a hang
+                time.sleep(0.6)
+                with pytest.raises(OSError) as e:
+                    os.listdir(m.path / "by-fingerprint")
+                assert e.value.errno == errno.EIO
+            finally:
+                os.kill(sandbox.pid, signal.SIGCONT)
+            # LXD is back: the same open file and fresh listings work without a remount.
+            assert len(os.pread(fd, 4096, 4 << 20)) == 4096
+            assert fp in os.listdir(m.path / "by-fingerprint")
+        finally:
+            os.close(fd)
+
+
+def _corrupt(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_unified_bytes_that_do_not_match_the_fingerprint_give_eio(sandbox, tmp_path):
+    fp = sandbox.import_image(make_unified(tmp_path / "bad.tar", rootfs_bytes=2 << 20))
+    try:
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            path = _export_path(m, fp)
+            _corrupt(sandbox.lxd_dir / "images" / fp, 1 << 20)
+            done = subprocess.run(["cat", path], capture_output=True)
+            assert done.returncode != 0
+            assert b"Input/output error" in done.stderr
+            assert "do not match the fingerprint" in m.log_text()
+            assert sorted(os.listdir(m.path))  # still serving
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_split_bytes_that_do_not_match_the_fingerprint_give_eio(sandbox, tmp_path):
+    fp = sandbox.import_image(*make_split(tmp_path / "s", rootfs_bytes=1 << 20))
+    try:
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            path = _export_path(m, fp)
+            _corrupt(sandbox.lxd_dir / "images" / f"{fp}.rootfs", 4096)
+            with pytest.raises(OSError) as e:
+                open(path, "rb")
+            assert e.value.errno == errno.EIO
+            assert not [p for p in os.listdir(tmp_path) if p.startswith("lxdimagefs-spool")]
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_stopped_lxd_gives_eio_at_once_and_the_mount_recovers(sandbox, images, tmp_path):
+    fp = images.fps["plain"]
+    with mounted(sandbox, tmp_path / "mnt", "-o", "metadata_ttl=0.2") as m:
+        path = _export_path(m, fp)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            sandbox.halt()
+            try:
+                time.sleep(0.3)
+                started = time.monotonic()
+                for call in (lambda: os.listdir(m.path / "by-fingerprint"), lambda: os.pread(fd, 10, 3 << 20)):
+                    with pytest.raises(OSError) as e:
+                        call()
+                    assert e.value.errno == errno.EIO
+                assert time.monotonic() - started < 2
+            finally:
+                sandbox.resume()
+            assert fp in os.listdir(m.path / "by-fingerprint")
+            assert len(os.pread(fd, 10, 3 << 20)) == 10
+        finally:
+            os.close(fd)
