@@ -186,14 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     fuse_opts.setdefault("fsname", "lxdimagefs")
     fuse_opts.setdefault("subtype", "lxdimagefs")
     log.info("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
+    ops = LXDImageOps(tree)
     try:
-        FUSE(LXDImageOps(tree), mountpoint, foreground=args.foreground, raw_fi=True,
-             debug=False, **fuse_opts)
+        FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)
     except RuntimeError as e:
-        print(f"lxdimagefs: mounting {mountpoint} failed (libfuse said {e}; see above)", file=sys.stderr)
-        return 1
+        # libfuse 3 reports an exit by SIGINT/SIGTERM as an error; after a live mount it is not one.
+        if not ops.served:
+            print(f"lxdimagefs: mounting {mountpoint} failed (libfuse said {e}; see above)", file=sys.stderr)
+            return 1
     finally:
         tree.spool.remove()
+    log.info("unmounted %s", mountpoint)
     return 0
 
 

@@ -61,6 +61,10 @@ class LXDImageOps(Operations):
 
     def __init__(self, tree: Tree) -> None:
         self.tree = tree
+        self.served = False  # set once the kernel has the mount
+
+    def init(self, path: str) -> None:
+        self.served = True
 
     @translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
