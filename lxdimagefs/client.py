@@ -16,7 +16,10 @@ from datetime import datetime
 from typing import Any
 
 import requests
+import requests.adapters
 import requests_unixsocket
+from requests_unixsocket.adapters import UnixHTTPConnectionPool
+from urllib3.connectionpool import HTTPConnectionPool
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +138,50 @@ def _filename(disposition: str | None) -> str | None:
     return m.group(1) if m else None
 
 
+class _SocketPool(UnixHTTPConnectionPool):
+    def __init__(self, socket_url: str, timeout: float, maxsize: int) -> None:
+        HTTPConnectionPool.__init__(self, "localhost", timeout=timeout, maxsize=maxsize)
+        self.socket_path = socket_url
+        self.timeout = timeout
+
+
+class _SocketAdapter(requests_unixsocket.UnixAdapter):
+    """requests-unixsocket's adapter, with one pool per socket instead of per URL.
+
+    Its own keys pools by the whole URL and keeps one connection in each,
+    so parallel Range reads of one image would reconnect every time.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(pool_connections=4)
+        self._size = size
+
+    def get_connection(self, url, proxies=None):  # type: ignore[override]
+        key = urllib.parse.urlparse(url).netloc
+        with self.pools.lock:
+            pool = self.pools.get(key)
+            if pool is None:
+                pool = self.pools[key] = _SocketPool(url, self.timeout, self._size)
+        return pool
+
+
 class LXDClient:
     """Typed access to the image endpoints of one LXD server and project."""
 
     def __init__(self, conn: Connection, pool_size: int = 16) -> None:
         self.conn = conn
+        self._session = requests.Session()
         if conn.socket:
-            self._session: requests.Session = requests_unixsocket.Session()
-            self._base = "http+unix://" + urllib.parse.quote(conn.socket, safe="") + "/1.0"
+            root = "http+unix://" + urllib.parse.quote(conn.socket, safe="")
+            self._session.mount("http+unix://", _SocketAdapter(pool_size))
         elif conn.url:
-            self._session = requests.Session()
+            root = conn.url.rstrip("/")
             self._session.cert = conn.cert
             self._session.verify = conn.verify
-            self._base = conn.url.rstrip("/") + "/1.0"
+            self._session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=pool_size))
         else:
             raise ValueError("either a socket or a URL is needed")
-        adapter_cls = type(self._session.get_adapter(self._base))
-        adapter = adapter_cls(pool_connections=pool_size, pool_maxsize=pool_size)
-        self._session.mount(self._base.split("/1.0")[0], adapter)
+        self._base = root + "/1.0"
         self._session.headers["User-Agent"] = "lxdimagefs"
 
     # -- plumbing ---------------------------------------------------------

@@ -36,6 +36,11 @@ class BlockCache:
     readers share fetches. Fetches run on a small pool, each one Range
     request for a run of blocks, resumed from its offset when the
     connection drops.
+
+    Fetched blocks are hashed in order, per image, on the fetch threads:
+    when an image has been fetched from its first byte to its last, the
+    sha256 is checked against the fingerprint before the last block is
+    handed to anyone, and an image that fails is refused from then on.
     """
 
     def __init__(self, client: LXDClient, capacity: int = 64 << 20, workers: int = 8,
@@ -49,6 +54,11 @@ class BlockCache:
         self._lock = threading.Lock()
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
+        self._verifiers: dict[str, Verifier] = {}
+        self._hash_pool: ThreadPoolExecutor | None = None
+        self._hash_slots = threading.BoundedSemaphore(8)  # blocks queued for hashing, at most
+        self.verified: set[str] = set()
+        self.corrupt: set[str] = set()
         self.requests = 0  # Range requests made, for tests and benchmarks
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -64,22 +74,29 @@ class BlockCache:
                 del self._lru[key]
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._hash_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def read(self, fp: str, total: int, offset: int, size: int, ahead: int = 0) -> bytes:
         """Bytes [offset, offset+size) of the export; `ahead` blocks past them are prefetched."""
+        if fp in self.corrupt:
+            raise IntegrityError(fp)
         end = min(offset + size, total)
         if offset >= end:
             return b""
         first, last = offset // BLOCK, (end - 1) // BLOCK
         nblocks = (total + BLOCK - 1) // BLOCK
-        self._schedule(fp, total, first, min(last + ahead, nblocks - 1))
+        self._schedule(fp, total, first, last)
+        if ahead:
+            self._prefetch(fp, total, last + 1, min(last + ahead, nblocks - 1))
         pieces = []
         for index in range(first, last + 1):
             block = self._block(fp, total, index)
             lo = offset - index * BLOCK if index == first else 0
             hi = end - index * BLOCK if index == last else len(block)
+            if lo == 0 and hi == len(block) and first == last:
+                return block  # a whole, aligned block: no copy
             pieces.append(memoryview(block)[lo:hi])
         return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
 
@@ -97,7 +114,20 @@ class BlockCache:
             data = fut.result()
             return data
 
+    def _prefetch(self, fp: str, total: int, first: int, last: int) -> None:
+        """Refill the window [first, last] in one request once half of it is used up.
+
+        Topping it up block by block as the reader advances would make a
+        request per block.
+        """
+        with self._lock:
+            frontier = next((i for i in range(first, last + 1)
+                             if (fp, i) not in self._pending and (fp, i) not in self._lru), None)
+        if frontier is not None and frontier - first <= (last - first) // 2:
+            self._schedule(fp, total, frontier, last + (frontier - first))
+
     def _schedule(self, fp: str, total: int, first: int, last: int) -> None:
+        last = min(last, (total - 1) // BLOCK)
         runs: list[tuple[int, int]] = []
         with self._lock:
             start = None
@@ -116,6 +146,42 @@ class BlockCache:
                     self._pending[(fp, index)] = Future()
         for a, b in runs:
             self._executor().submit(self._fetch, fp, total, a, b)
+
+    def _check(self, fp: str, total: int, index: int, data: bytes) -> None:
+        """Feed the image's in-order hash; raises IntegrityError on a mismatch."""
+        if fp in self.verified:
+            return
+        with self._lock:
+            verifier = self._verifiers.get(fp)
+            if verifier is None or (index == 0 and verifier.state == "unchecked"):
+                verifier = self._verifiers[fp] = Verifier(fp, total, window=self.capacity // 2)
+        # Hashing runs on its own thread, overlapping the next block's download; only
+        # the last block waits for the verdict, so no reader gets it before the check.
+        self._hash_slots.acquire()
+        job = self._hasher().submit(self._feed, verifier, index * BLOCK, data)
+        if (index + 1) * BLOCK < total:
+            return
+        try:
+            job.result()
+        except IntegrityError:
+            self.corrupt.add(fp)
+            self.forget(fp)
+            raise
+        if verifier.state == "ok":
+            self.verified.add(fp)
+            with self._lock:
+                self._verifiers.pop(fp, None)
+
+    def _feed(self, verifier: Verifier, offset: int, data: bytes) -> None:
+        try:
+            verifier.feed(offset, data)
+        finally:
+            self._hash_slots.release()
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        if self._hash_pool is None:
+            self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="hash")
+        return self._hash_pool
 
     def _publish(self, fp: str, index: int, data: bytes) -> None:
         with self._lock:
@@ -136,6 +202,7 @@ class BlockCache:
                         while index <= b:
                             want = min((index + 1) * BLOCK, total) - index * BLOCK
                             data = _read_exactly(resp.raw, want)
+                            self._check(fp, total, index, data)
                             self._publish(fp, index, data)
                             index += 1
                 except LXDUnreachable as e:
@@ -146,7 +213,7 @@ class BlockCache:
                         raise
                     log.warning("resuming export %s at offset %d after: %s", fp[:12], index * BLOCK, e)
         except BaseException as e:  # every waiter must hear of the failure
-            err = e if isinstance(e, LXDError) else LXDUnreachable(str(e))
+            err = e if isinstance(e, (LXDError, IntegrityError)) else LXDUnreachable(str(e))
             with self._lock:
                 futs = [self._pending.pop((fp, i), None) for i in range(index, b + 1)]
             for fut in futs:

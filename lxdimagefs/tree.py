@@ -18,7 +18,7 @@ from typing import Protocol
 from .catalog import Catalog
 from .client import ExportPart, Image
 from .names import fits
-from .reader import BLOCK, BlockCache, IntegrityError, SplitSpool, Verifier
+from .reader import BLOCK, BlockCache, IntegrityError, SplitSpool
 
 FP_DIR = "by-fingerprint"
 ALIAS_DIR = "by-alias"
@@ -67,26 +67,20 @@ class _UnifiedHandle:
 
     MAX_AHEAD_BYTES = 16 << 20
 
-    def __init__(self, blocks: BlockCache, fp: str, size: int, corrupt: set[str]) -> None:
-        self.blocks, self.fp, self.size, self.corrupt = blocks, fp, size, corrupt
-        self.verifier = Verifier(fp, size)
+    def __init__(self, blocks: BlockCache, fp: str, size: int) -> None:
+        self.blocks, self.fp, self.size = blocks, fp, size
         self._next = 0
         self._ahead = 0
         self._max_ahead = max(1, min(self.MAX_AHEAD_BYTES, blocks.capacity // 4) // BLOCK)
 
     def read(self, offset: int, size: int) -> bytes:
-        if offset == self._next or 0 < offset - self._next <= 4 * BLOCK:
+        # The kernel's readahead may skip a little ahead of the reader: still sequential.
+        if offset == self._next or (self._next and 0 < offset - self._next <= 4 * BLOCK):
             self._ahead = min(max(1, self._ahead * 2), self._max_ahead)
         else:
             self._ahead = 0
         data = self.blocks.read(self.fp, self.size, offset, size, self._ahead)
         self._next = max(self._next, offset + len(data))
-        try:
-            self.verifier.feed(offset, data)
-        except IntegrityError:
-            self.corrupt.add(self.fp)
-            self.blocks.forget(self.fp)
-            raise
         return data
 
     def close(self) -> None:
@@ -113,7 +107,6 @@ class Tree:
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.started = time.time()
-        self.corrupt: set[str] = set()  # images whose bytes failed the fingerprint check
         self._handles: dict[int, Handle] = {}
         self._next_fh = itertools.count(1)
         self._lock = threading.Lock()
@@ -204,7 +197,7 @@ class Tree:
             attr = self.getattr(path)
             raise _err(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EINVAL, path)
         image = self._image(parts[1], path)
-        if image.fingerprint in self.corrupt and parts[2] != METADATA:
+        if image.fingerprint in self.blocks.corrupt and parts[2] != METADATA:
             raise IntegrityError(image.fingerprint)
         handle: Handle
         if parts[2] == METADATA:
@@ -214,7 +207,7 @@ class Tree:
             if self.catalog.layout(image.fingerprint).split:
                 handle = _SpoolHandle(str(self.spool.paths(image.fingerprint)[index]))
             else:
-                handle = _UnifiedHandle(self.blocks, image.fingerprint, part.size, self.corrupt)
+                handle = _UnifiedHandle(self.blocks, image.fingerprint, part.size)
         fh = next(self._next_fh)
         with self._lock:
             self._handles[fh] = handle
