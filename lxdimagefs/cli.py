@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="FUSE options (ro, allow_other, ...) and lxdimagefs's own: "
                         + ", ".join(f"{k}=N" for k in OWN_OPTIONS))
-    p.add_argument("--log-file", help="log here (default: stderr in the foreground, syslog in the background)")
-    p.add_argument("--cache-dir", help="where split images are spooled (default: a private folder in $TMPDIR)")
+    p.add_argument("--log-file",
+                   help="log here (default: stderr in the foreground, syslog in the background)")
+    p.add_argument("--cache-dir",
+                   help="where split images are spooled (default: a private folder in $TMPDIR)")
     p.add_argument("--debug", action="store_true", help="log every request")
     p.add_argument("--version", action="version", version=f"lxdimagefs {__version__}")
     return p
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     cache_root = args.cache_dir or tempfile.gettempdir()
     spool_dir = Path(tempfile.mkdtemp(prefix="lxdimagefs-spool-", dir=cache_root))
-    blocks = BlockCache(client, capacity=int(own.get("cache_size", 64)) << 20)  # type: ignore[call-overload]
+    blocks = BlockCache(client, capacity=int(own.get("cache_size", 32)) << 20)  # type: ignore[call-overload]
     tree = Tree(catalog, blocks, SplitSpool(client, spool_dir))
     fuse_opts.setdefault("fsname", "lxdimagefs")
     fuse_opts.setdefault("subtype", "lxdimagefs")

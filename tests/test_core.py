@@ -18,7 +18,8 @@ from lxdimagefs.tree import Tree
 @pytest.fixture()
 def tree(sandbox, images, tmp_path):
     client = LXDClient(Connection(socket=sandbox.socket))
-    t = Tree(Catalog(client, ttl=30), BlockCache(client, capacity=8 << 20), SplitSpool(client, tmp_path / "s"))
+    t = Tree(Catalog(client, ttl=30), BlockCache(client, capacity=8 << 20),
+             SplitSpool(client, tmp_path / "s"))
     yield t
     t.blocks.close()
     t.spool.remove()

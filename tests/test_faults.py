@@ -75,7 +75,7 @@ def test_split_bytes_that_do_not_match_the_fingerprint_give_eio(sandbox, tmp_pat
             path = _export_path(m, fp)
             _corrupt(sandbox.lxd_dir / "images" / f"{fp}.rootfs", 4096)
             with pytest.raises(OSError) as e:
-                open(path, "rb")
+                open(path, "rb").close()
             assert e.value.errno == errno.EIO
             assert not [p for p in os.listdir(tmp_path) if p.startswith("lxdimagefs-spool")]
     finally:
@@ -92,7 +92,8 @@ def test_stopped_lxd_gives_eio_at_once_and_the_mount_recovers(sandbox, images, t
             try:
                 time.sleep(0.3)
                 started = time.monotonic()
-                for call in (lambda: os.listdir(m.path / "by-fingerprint"), lambda: os.pread(fd, 10, 3 << 20)):
+                for call in (lambda: os.listdir(m.path / "by-fingerprint"),
+                             lambda: os.pread(fd, 10, 3 << 20)):
                     with pytest.raises(OSError) as e:
                         call()
                     assert e.value.errno == errno.EIO

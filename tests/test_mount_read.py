@@ -10,7 +10,6 @@ import random
 import stat
 import subprocess
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
@@ -155,8 +154,8 @@ def test_modes_belong_to_the_mounting_user(mnt, images):
 
 
 @pytest.mark.parametrize("action, code", [
-    (lambda m, fp: open(m / "by-fingerprint" / fp / "metadata.json", "w"), errno.EROFS),
-    (lambda m, fp: open(m / "import" / "x.tar", "wb"), errno.EROFS),
+    (lambda m, fp: os.open(m / "by-fingerprint" / fp / "metadata.json", os.O_WRONLY), errno.EROFS),
+    (lambda m, fp: os.open(m / "import" / "x.tar", os.O_WRONLY | os.O_CREAT), errno.EROFS),
     (lambda m, fp: os.mkdir(m / "by-fingerprint" / "new"), errno.EROFS),
     (lambda m, fp: os.symlink(f"../by-fingerprint/{fp}", m / "by-alias" / "new"), errno.EROFS),
     (lambda m, fp: os.unlink(m / "by-alias" / "xz"), errno.EROFS),

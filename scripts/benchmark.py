@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Speed and memory of lxdimagefs, side by side with what a user would use instead.
+
+Starts a private LXD (scripts/lxd_sandbox.py), makes a 1 GiB unified image
+and 1,000 small ones, and prints one table of figures and ratios, all from
+this one run. Needs root (a private LXD, /proc/sys/vm/drop_caches).
+
+    .venv/bin/python scripts/benchmark.py [--many 1000] [--size-mib 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lxd_sandbox import Sandbox, make_unified
+
+ROWS: list[tuple[str, str, str]] = []
+
+
+def row(what: str, value: str, note: str = "") -> None:
+    ROWS.append((what, value, note))
+    print(f"  {what:<58} {value:>14}  {note}", flush=True)
+
+
+def best(runs: int, fn: Callable[[], object]) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def sh(*args: str, env: dict | None = None) -> None:
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, env=env)
+
+
+@contextlib.contextmanager
+def mount(box: Sandbox, binding: str = "mfusepy", *opts: str
+          ) -> Iterator[tuple[Path, subprocess.Popen, Path]]:
+    where = Path(tempfile.mkdtemp(prefix="bench-mnt-"))
+    log = where.with_suffix(".log")
+    env = {**os.environ, "LXDIMAGEFS_FUSE": binding}
+    proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--debug", "--log-file", str(log),
+                             "--socket", box.socket, *opts, str(where)], env=env,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(where):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mount with {binding} failed")
+            time.sleep(0.05)
+        yield where, proc, log
+    finally:
+        subprocess.run(["fusermount", "-u", str(where)], check=False)
+        proc.wait(timeout=30)
+        where.rmdir()
+        log.unlink(missing_ok=True)
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RSSWatch:
+    """Samples a process's resident set while something runs (VmHWM would count start-up too)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    self.peak = max(self.peak, int(line.split()[1]))
+            time.sleep(0.01)
+
+    def __enter__(self) -> RSSWatch:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def export_file(where: Path, fp: str) -> Path:
+    folder = where / "by-fingerprint" / fp
+    return next(p for p in folder.iterdir() if p.name != "metadata.json")
+
+
+def bench_sequential(box: Sandbox, fp: str, size: int) -> None:
+    gib = size / (1 << 30)
+    url = f"lxd/1.0/images/{fp}/export"
+    stored = box.lxd_dir / "images" / fp
+    print(f"\nSequential read of a {size / (1 << 20):.0f} MiB unified image", flush=True)
+
+    def curl() -> None:
+        sh("curl", "-sf", "--unix-socket", box.socket, url, "-o", "/dev/null")
+
+    def lxc_export() -> None:
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as out:
+            sh("lxc", "image", "export", fp, out + "/", env=box.env())
+
+    def pylxd_export() -> None:
+        import pylxd
+
+        data = pylxd.Client(endpoint=box.socket).images.get(fp).export()
+        data.seek(0, 2)
+        assert data.tell() == size
+
+    results: dict[str, float] = {}
+    for scenario in ("server-warm", "all caches dropped"):
+        cold = scenario != "server-warm"
+        print(f" {scenario}:")
+
+        def prepare(cold: bool = cold) -> None:
+            if cold:
+                drop_caches()
+            else:
+                sh("cat", str(stored))  # LXD's own copy in the page cache, as for every tool
+
+        def timed(fn: Callable[[], None], runs: int = 3, cold: bool = cold,
+                  prepare: Callable[[], None] = prepare) -> float:
+            times = []
+            for _ in range(1 if cold else runs):
+                prepare()
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        results[f"curl {scenario}"] = t_curl = timed(curl)
+        row(f"curl --unix-socket ({scenario})", f"{gib / t_curl:.2f} GiB/s", f"{t_curl:.2f} s")
+        for binding, opts, label in (("mfusepy", (), "mfusepy, libfuse 3"),
+                                     ("mfusepy2", (), "mfusepy, libfuse 2"),
+                                     ("fusepy", (), "fusepy, libfuse 2"),
+                                     ("mfusepy", ("-o", "direct_io"), "mfusepy, libfuse 3, -o direct_io")):
+            times = []
+            peak = 0.0
+            for _ in range(1 if cold else 3):
+                with mount(box, binding, *opts) as (where, proc, _log):
+                    path = export_file(where, fp)
+                    prepare()
+                    with RSSWatch(proc.pid) as watch:
+                        t = time.perf_counter()
+                        sh("cat", str(path))
+                        times.append(time.perf_counter() - t)
+                    peak = max(peak, watch.peak / 1024)
+                    if not cold and binding == "mfusepy" and not opts and len(times) == 1:
+                        again = best(1, lambda p=path: sh("cat", str(p)))
+                        row("  cat again, from the kernel's page cache", f"{gib / again:.2f} GiB/s", "")
+            t = min(times)
+            results[f"{label} {scenario}"] = t
+            row(f"lxdimagefs, cat ({label})", f"{gib / t:.2f} GiB/s",
+                f"{t:.2f} s, {t_curl / t:.0%} of curl, peak RSS {peak:.0f} MiB")
+        t = timed(lxc_export)
+        row(f"lxc image export ({scenario}, to /dev/shm)", f"{gib / t:.2f} GiB/s",
+            f"{t:.2f} s; lxdimagefs is {t / results[f'mfusepy, libfuse 3 {scenario}']:.1f}x faster")
+        t = timed(pylxd_export, runs=1)
+        row(f"pylxd Image.export() ({scenario})", f"{gib / t:.2f} GiB/s",
+            f"{t:.2f} s; lxdimagefs is {t / results[f'mfusepy, libfuse 3 {scenario}']:.1f}x faster")
+
+
+def bench_random(box: Sandbox, fp: str, size: int) -> None:
+    offset = min(900 << 20, size - 4096)
+    print(f"\nRandom 4 KiB read at offset {offset >> 20} MiB", flush=True)
+    drop_caches()
+    with mount(box) as (where, _proc, log):
+        t = time.perf_counter()
+        path = export_file(where, fp)  # a cold mount: this also learns the export's name and size
+        fd = os.open(path, os.O_RDONLY)
+        t_open = time.perf_counter()
+        data = os.pread(fd, 4096, offset)
+        t_read = time.perf_counter()
+        os.close(fd)
+        assert len(data) == 4096
+        ranged = log.read_text().count(f"GET /images/{fp}/export")
+    row(f"4 KiB at {offset >> 20} MiB: the read itself", f"{(t_read - t_open) * 1000:.1f} ms", "")
+    row(f"4 KiB at {offset >> 20} MiB: lookup + open + read, cold mount", f"{(t_read - t) * 1000:.1f} ms",
+        f"{ranged} export requests (1 layout probe + 1 Range)")
+
+
+def make_many(box: Sandbox, count: int) -> None:
+    import pylxd
+
+    existing = len(box.rest("/1.0/images"))
+    work = Path(tempfile.mkdtemp(prefix="bench-many-"))
+    todo = list(range(count))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        client = pylxd.Client(endpoint=box.socket)
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            path = make_unified(work / f"m{i}.tar.gz", rootfs_bytes=64, seed=f"many-{i}-{time.time_ns()}")
+            client.images.create(path.read_bytes(), wait=True)
+            path.unlink()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    work.rmdir()
+    assert len(box.rest("/1.0/images")) >= existing + count
+
+
+def bench_listing(box: Sandbox, count: int) -> None:
+    import pylxd
+
+    print(f"\nListing {count} images", flush=True)
+    t_lxc = best(3, lambda: sh("lxc", "image", "list", "--format", "csv", env=box.env()))
+    row("lxc image list --format csv", f"{t_lxc * 1000:.0f} ms", "")
+    t_py = best(3, lambda: pylxd.Client(endpoint=box.socket).images.all())
+    row("pylxd client.images.all()", f"{t_py * 1000:.0f} ms", "")
+    with mount(box, "mfusepy", "-o", "metadata_ttl=60") as (where, _proc, log):
+        t = time.perf_counter()
+        sh("ls", "-l", str(where / "by-fingerprint"))
+        t_cold = time.perf_counter() - t
+        listings = sum(1 for line in log.read_text().splitlines() if line.endswith("GET /images"))
+        row("ls -l by-fingerprint (cold mount)", f"{t_cold * 1000:.0f} ms",
+            f"{t_lxc / t_cold:.1f}x faster than lxc; {listings} listing request(s) since mounting")
+        t_warm = best(3, lambda: sh("ls", "-l", str(where / "by-fingerprint")))
+        row("ls -l by-fingerprint (warm)", f"{t_warm * 1000:.0f} ms",
+            f"{t_lxc / t_warm:.1f}x faster than lxc")
+        lines_before = len(log.read_text().splitlines())
+        t = time.perf_counter()
+        sh("find", str(where / "by-fingerprint"), "-mindepth", "2", "-printf", "%s\n")
+        t_find = time.perf_counter() - t
+        new = log.read_text().splitlines()[lines_before:]
+        probes = sum(1 for line in new if "/export" in line)
+        listings = sum(1 for line in new if line.endswith("GET /images"))
+        row("stat every file (find -printf %s), first time", f"{t_find * 1000:.0f} ms",
+            f"{probes} layout probes, {listings} listing requests")
+        t_find2 = best(3, lambda: sh("find", str(where / "by-fingerprint"), "-mindepth", "2",
+                                     "-printf", "%s\n"))
+        row("stat every file, again", f"{t_find2 * 1000:.0f} ms", "layouts cached: no request")
+
+
+def bench_import(box: Sandbox, tarball: Path) -> str:
+    print("\nSetting up", flush=True)
+    t = time.perf_counter()
+    fp = box.import_image(tarball, alias="big")
+    row("lxc image import of the 1 GiB tarball (set-up)", f"{time.perf_counter() - t:.2f} s", "")
+    return fp
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--many", type=int, default=1000, help="images for the listing benchmark")
+    p.add_argument("--size-mib", type=int, default=1024, help="size of the large image")
+    args = p.parse_args()
+    print(f"lxdimagefs benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{os.cpu_count()} cores, kernel {os.uname().release}")
+    box = Sandbox.start()
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir="/var/tmp"))
+    try:
+        tarball = make_unified(work / "big.tar", rootfs_bytes=(args.size_mib << 20) - (16 << 10),
+                               description="benchmark image")
+        fp = bench_import(box, tarball)
+        tarball.unlink()
+        size = (box.lxd_dir / "images" / fp).stat().st_size
+        bench_sequential(box, fp, size)
+        bench_random(box, fp, size)
+        make_many(box, args.many)
+        bench_listing(box, args.many)
+    finally:
+        box.stop()
+        for f in work.iterdir():
+            f.unlink()
+        work.rmdir()
+    print("\n| what | figure | note |\n|---|---|---|")
+    for what, value, note in ROWS:
+        print(f"| {what.strip()} | {value} | {note} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
