@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .catalog import Catalog
-from .client import Connection, LXDClient, LXDError
+from .client import Connection, LXDClient, LXDError, certificate_fingerprint
 
 log = logging.getLogger("lxdimagefs")
 
@@ -117,7 +117,13 @@ def connection(args: argparse.Namespace, own: dict[str, object]) -> Connection:
         for f in pair + ((args.server_cert,) if args.server_cert else ()):
             if not os.access(f, os.R_OK):
                 raise UsageError(f"cannot read {f}")
-        return Connection(url=args.url, cert=pair, verify=args.server_cert or True, **common)
+        pinned = None
+        if args.server_cert:
+            try:
+                pinned = certificate_fingerprint(args.server_cert)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot read the server certificate {args.server_cert}: {e}") from None
+        return Connection(url=args.url, cert=pair, pinned=pinned, **common)
     sock = args.socket or find_socket()
     if not sock:
         raise UsageError("no LXD socket found: give --socket or --url, or set LXD_DIR")
@@ -177,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     client = LXDClient(conn)
     catalog = Catalog(client, ttl=float(own.get("metadata_ttl", 3.0)))  # type: ignore[arg-type]
     try:
-        catalog.snapshot()  # reachable, trusted, and the project exists
+        catalog.snapshot()  # reachable, and the project exists
+        if client.server_info().get("auth") != "trusted":
+            log.warning("LXD at %s does not trust this client: only its public images are visible",
+                        conn.describe())
     except LXDError as e:
         print(f"lxdimagefs: cannot list images at {conn.describe()}: {e.message}", file=sys.stderr)
         return 1

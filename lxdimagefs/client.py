@@ -7,8 +7,10 @@ message; no other module builds a URL.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import re
+import ssl
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -123,7 +125,7 @@ class Connection:
     socket: str | None = None
     url: str | None = None
     cert: tuple[str, str] | None = None
-    verify: str | bool = True
+    pinned: str | None = None  # sha256 of the server certificate to trust, else the system's CAs
     project: str = "default"
     timeout: tuple[float, float] = DEFAULT_TIMEOUT
 
@@ -136,6 +138,25 @@ def _filename(disposition: str | None) -> str | None:
         return None
     m = re.search(r'filename="?([^";]+)"?', disposition)
     return m.group(1) if m else None
+
+
+def certificate_fingerprint(pem_file: str) -> str:
+    """sha256 of a PEM certificate's DER bytes, as urllib3 pins it."""
+    with open(pem_file) as f:
+        der = ssl.PEM_cert_to_DER_cert(f.read())
+    return hashlib.sha256(der).hexdigest()
+
+
+class _PinnedAdapter(requests.adapters.HTTPAdapter):
+    """HTTPS that accepts one server certificate, by fingerprint (urllib3's assert_fingerprint)."""
+
+    def __init__(self, fingerprint: str, **kwargs: Any) -> None:
+        self._fingerprint = fingerprint
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["assert_fingerprint"] = self._fingerprint
+        super().init_poolmanager(*args, **kwargs)
 
 
 class _SocketPool(UnixHTTPConnectionPool):
@@ -171,14 +192,19 @@ class LXDClient:
     def __init__(self, conn: Connection, pool_size: int = 16) -> None:
         self.conn = conn
         self._session = requests.Session()
+        self._verify: bool | None = None  # None: requests' default, the system's CAs
         if conn.socket:
             root = "http+unix://" + urllib.parse.quote(conn.socket, safe="")
             self._session.mount("http+unix://", _SocketAdapter(pool_size))
         elif conn.url:
             root = conn.url.rstrip("/")
             self._session.cert = conn.cert
-            self._session.verify = conn.verify
-            self._session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=pool_size))
+            if conn.pinned:
+                # Like lxc, trust exactly the server certificate the user gave, whatever name it bears.
+                self._verify = False
+                self._session.mount("https://", _PinnedAdapter(conn.pinned, pool_maxsize=pool_size))
+            else:
+                self._session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=pool_size))
         else:
             raise ValueError("either a socket or a URL is needed")
         self._base = root + "/1.0"
@@ -196,7 +222,7 @@ class LXDClient:
         url = self._url(path, **(params or {}))
         log.debug("%s %s", method, path)
         try:
-            resp = self._session.request(method, url, stream=stream, headers=headers,
+            resp = self._session.request(method, url, stream=stream, headers=headers, verify=self._verify,
                                          timeout=self.conn.timeout, **kwargs)
         except requests.RequestException as e:
             raise LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}") from e

@@ -194,7 +194,8 @@ def bench_random(box: Sandbox, fp: str, size: int) -> None:
         t_read = time.perf_counter()
         os.close(fd)
         assert len(data) == 4096
-        ranged = log.read_text().count(f"GET /images/{fp}/export")
+        ranged = sum(1 for line in log.read_text().splitlines()
+                     if "lxdimagefs.client: GET" in line and line.endswith(f"/images/{fp}/export"))
     row(f"4 KiB at {offset >> 20} MiB: the read itself", f"{(t_read - t_open) * 1000:.1f} ms", "")
     row(f"4 KiB at {offset >> 20} MiB: lookup + open + read, cold mount", f"{(t_read - t) * 1000:.1f} ms",
         f"{ranged} export requests (1 layout probe + 1 Range)")
@@ -240,7 +241,8 @@ def bench_listing(box: Sandbox, count: int) -> None:
         t = time.perf_counter()
         sh("ls", "-l", str(where / "by-fingerprint"))
         t_cold = time.perf_counter() - t
-        listings = sum(1 for line in log.read_text().splitlines() if line.endswith("GET /images"))
+        listings = sum(1 for line in log.read_text().splitlines()
+                       if "lxdimagefs.client: GET" in line and line.endswith("GET /images"))
         row("ls -l by-fingerprint (cold mount)", f"{t_cold * 1000:.0f} ms",
             f"{t_lxc / t_cold:.1f}x faster than lxc; {listings} listing request(s) since mounting")
         t_warm = best(3, lambda: sh("ls", "-l", str(where / "by-fingerprint")))
@@ -251,8 +253,9 @@ def bench_listing(box: Sandbox, count: int) -> None:
         sh("find", str(where / "by-fingerprint"), "-mindepth", "2", "-printf", "%s\n")
         t_find = time.perf_counter() - t
         new = log.read_text().splitlines()[lines_before:]
-        probes = sum(1 for line in new if "/export" in line)
-        listings = sum(1 for line in new if line.endswith("GET /images"))
+        ours = [line for line in new if "lxdimagefs.client: GET" in line]
+        probes = sum(1 for line in ours if line.endswith("/export"))
+        listings = sum(1 for line in ours if line.endswith("GET /images"))
         row("stat every file (find -printf %s), first time", f"{t_find * 1000:.0f} ms",
             f"{probes} layout probes, {listings} listing requests")
         t_find2 = best(3, lambda: sh("find", str(where / "by-fingerprint"), "-mindepth", "2",
