@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported late: loading libfuse is not needed for --help or a usage error.
     from .fuse_ops import LXDImageOps
-    from .fusebind import FUSE
+    from .fusebind import FUSE, LIBFUSE
     from .reader import BlockCache, SplitSpool
     from .tree import Tree
 
@@ -194,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     spool_dir = Path(tempfile.mkdtemp(prefix="lxdimagefs-spool-", dir=cache_root))
     blocks = BlockCache(client, capacity=int(own.get("cache_size", 32)) << 20)  # type: ignore[call-overload]
     tree = Tree(catalog, blocks, SplitSpool(client, spool_dir))
+    if LIBFUSE == 3:  # else libfuse 3.14 warns of an unset thread limit on every mount
+        fuse_opts.setdefault("max_threads", 16)
     fuse_opts.setdefault("fsname", "lxdimagefs")
     fuse_opts.setdefault("subtype", "lxdimagefs")
-    log.info("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
+    log.debug("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
     ops = LXDImageOps(tree)
     try:
         FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)
