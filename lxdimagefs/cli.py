@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_root = args.cache_dir or tempfile.gettempdir()
     spool_dir = Path(tempfile.mkdtemp(prefix="lxdimagefs-spool-", dir=cache_root))
     blocks = BlockCache(client, capacity=int(own.get("cache_size", 32)) << 20)  # type: ignore[call-overload]
-    tree = Tree(catalog, blocks, SplitSpool(client, spool_dir))
+    tree = Tree(catalog, blocks, SplitSpool(client, spool_dir), readonly=bool(fuse_opts.get("ro")),
+                mountpoint=mountpoint)
     if LIBFUSE == 3:  # else libfuse 3.14 warns of an unset thread limit on every mount
         fuse_opts.setdefault("max_threads", 16)
     fuse_opts.setdefault("fsname", "lxdimagefs")

@@ -48,8 +48,11 @@ class LXDError(Exception):
 
     @property
     def errno(self) -> int:
-        if "no space left" in self.message.lower():
+        text = self.message.lower()
+        if "no space left" in text:
             return errno.ENOSPC
+        if "already exists" in text:  # LXD says so with 400 or 409 depending on the call
+            return errno.EEXIST
         return _STATUS_ERRNO.get(self.status, errno.EIO)
 
 
@@ -288,12 +291,74 @@ class LXDClient:
         """The whole export as one streaming response (multipart for split images)."""
         return self._request("GET", f"/images/{fingerprint}/export", stream=True)
 
+    # -- changes ------------------------------------------------------------
+
+    def image_with_etag(self, fingerprint: str) -> tuple[Image, str]:
+        resp = self._request("GET", f"/images/{fingerprint}")
+        return Image.from_record(resp.json()["metadata"]), resp.headers.get("ETag", "")
+
+    def update_image(self, fingerprint: str, fields: dict[str, Any], etag: str) -> None:
+        """Save editable fields; LXD refuses with 412 if the record changed since `etag`."""
+        self._sync("PUT", f"/images/{fingerprint}", json=fields,
+                   headers={"If-Match": etag} if etag else None)
+
+    def delete_image(self, fingerprint: str) -> None:
+        self.wait(self._sync_or_async("DELETE", f"/images/{fingerprint}"))
+
+    def create_image(self, body: Any, headers: dict[str, str]) -> str:
+        """Upload an image (bytes, a file or an iterator of chunks); returns its fingerprint
+        once LXD's operation has finished."""
+        op = self._sync_or_async("POST", "/images", data=body, headers=headers)
+        result = self.wait(op)
+        return (result or {}).get("fingerprint", "")
+
+    def add_alias(self, name: str, target: str, description: str = "") -> None:
+        self._sync("POST", "/images/aliases", json={"name": name, "target": target,
+                                                     "description": description})
+
+    def delete_alias(self, name: str) -> None:
+        self._sync("DELETE", f"/images/aliases/{_quote(name)}")
+
+    def rename_alias(self, old: str, new: str) -> None:
+        self._sync("POST", f"/images/aliases/{_quote(old)}", json={"name": new})
+
+    def retarget_alias(self, name: str, target: str, description: str = "") -> None:
+        self._sync("PUT", f"/images/aliases/{_quote(name)}", json={"target": target,
+                                                                   "description": description})
+
+    def _sync_or_async(self, method: str, path: str, **kwargs: Any) -> str | None:
+        """Send a request that may start an operation; returns the operation's path."""
+        resp = self._request(method, path, **kwargs)
+        try:
+            body = resp.json()
+        except ValueError as e:
+            raise LXDError(f"LXD sent a response that is not JSON for {path}", resp.status_code) from e
+        return body.get("operation") or None if body.get("type") == "async" else None
+
+    def wait(self, operation: str | None) -> dict[str, Any] | None:
+        """Wait for an operation to end; a failed one raises with LXD's message."""
+        if not operation:
+            return None
+        op_id = operation.rstrip("/").rsplit("/", 1)[-1]
+        while True:
+            meta = self._sync("GET", f"/operations/{op_id}/wait",
+                              params={"timeout": str(int(self.conn.timeout[1]))})
+            status = meta.get("status_code", 0)
+            if status == 200:
+                return meta.get("metadata")
+            if status >= 400 or meta.get("status") in ("Failure", "Cancelled"):
+                raise LXDError(meta.get("err") or f"LXD's operation {op_id} failed", 400)
+
     @staticmethod
     def _chunks(resp: requests.Response, size: int = 1 << 20) -> Iterator[bytes]:
         try:
             yield from resp.iter_content(size)
         except requests.RequestException as e:
             raise LXDUnreachable(f"the connection to LXD dropped: {e}") from e
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
 
 
 def _error_from(resp: requests.Response) -> LXDError:

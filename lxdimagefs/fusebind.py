@@ -12,15 +12,15 @@ import os
 BINDING = os.environ.get("LXDIMAGEFS_FUSE", "mfusepy")
 
 if BINDING == "fusepy":
-    from fuse import FUSE, Operations  # type: ignore[import-untyped]
+    from fuse import FUSE, Operations, fuse_get_context  # type: ignore[import-untyped]
 
     LIBFUSE = 2
 else:
     if BINDING == "mfusepy":
         os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     import mfusepy
-    from mfusepy import FUSE, Operations
+    from mfusepy import FUSE, Operations, fuse_get_context
 
     LIBFUSE = mfusepy.fuse_version_major
 
-__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations"]
+__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context"]

@@ -1,29 +1,39 @@
 """The directory tree of a mount, as plain Python: paths in, attributes,
-listings, link targets and bytes out. It knows nothing of FUSE; refusals
-are OSErrors carrying the errno the system call should return.
+listings, link targets and bytes out, and every change a user can make.
+It knows nothing of FUSE; refusals are OSErrors carrying the errno the
+system call should return.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
+import logging
 import os
+import posixpath
 import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
 
 from .catalog import Catalog
-from .client import ExportPart, Image
-from .names import fits
+from .client import ExportPart, Image, LXDError
+from .importer import FolderImport, ImportFailed, Upload
+from .names import filename_to_alias, fits
 from .reader import BLOCK, BlockCache, IntegrityError, SplitSpool
+
+log = logging.getLogger(__name__)
 
 FP_DIR = "by-fingerprint"
 ALIAS_DIR = "by-alias"
 IMPORT_DIR = "import"
 METADATA = "metadata.json"
+ERROR_SUFFIX = ".error"
+EDITABLE = ("auto_update", "expires_at", "profiles", "properties", "public")
+MAX_EDIT = 1 << 20  # bytes a metadata.json (or an editor's temporary file) may hold
 
 
 @dataclass(frozen=True)
@@ -37,32 +47,45 @@ class Attr:
     blksize: int = 4096
 
 
-class Handle(Protocol):
-    def read(self, offset: int, size: int) -> bytes: ...
-    def close(self) -> None: ...
-
-
 def render_metadata(image: Image) -> bytes:
     """The image record: pretty-printed, stable key order, trailing newline."""
     return (json.dumps(image.record, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def _err(code: int, path: str) -> OSError:
-    return OSError(code, os.strerror(code), path)
+def _err(code: int, path: str, message: str | None = None) -> OSError:
+    return OSError(code, message or os.strerror(code), path)
 
 
-class _BytesHandle:
+class _Handle:
+    """An open file. Subclasses implement what their file allows."""
+
+    opener = 0  # pid of the process that opened it: its flush commits
+
+    def read(self, offset: int, size: int) -> bytes:
+        raise _err(errno.EBADF, "read")
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise _err(errno.EBADF, "write")
+
+    def truncate(self, length: int) -> None:
+        raise _err(errno.EINVAL, "truncate")
+
+    def flush(self, pid: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _BytesHandle(_Handle):
     def __init__(self, data: bytes) -> None:
         self.data = data
 
     def read(self, offset: int, size: int) -> bytes:
         return self.data[offset:offset + size]
 
-    def close(self) -> None:
-        pass
 
-
-class _UnifiedHandle:
+class _UnifiedHandle(_Handle):
     """One open unified export: grows its prefetch window while reads are sequential."""
 
     MAX_AHEAD_BYTES = 16 << 20
@@ -83,33 +106,115 @@ class _UnifiedHandle:
         self._next = max(self._next, offset + len(data))
         return data
 
-    def close(self) -> None:
-        pass
 
+class _FileHandle(_Handle):
+    """A local file: a split image's spooled part, or a part being written into an import folder."""
 
-class _SpoolHandle:
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY)
+    def __init__(self, path: str, flags: int = os.O_RDONLY, on_close=None) -> None:
+        self.fd = os.open(path, flags, 0o600)
+        self._on_close = on_close
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
+    def write(self, offset: int, data: bytes) -> int:
+        return os.pwrite(self.fd, data, offset)
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+
+    def flush(self, pid: int) -> None:
+        if pid == self.opener and self._on_close:
+            on_close, self._on_close = self._on_close, None
+            on_close()
+
     def close(self) -> None:
         os.close(self.fd)
+        if self._on_close:
+            self._on_close()
+
+
+class _UploadHandle(_Handle):
+    def __init__(self, tree: Tree, upload: Upload) -> None:
+        self.tree, self.upload = tree, upload
+        self.opener = upload.opener_pid
+        self.done = False
+
+    def write(self, offset: int, data: bytes) -> int:
+        return self.upload.write(offset, data)
+
+    def truncate(self, length: int) -> None:
+        if length != self.upload.size:
+            raise _err(errno.ESPIPE, self.upload.name, "an import cannot be truncated once written")
+
+    def flush(self, pid: int) -> None:
+        if pid == self.opener and not self.done:
+            self.done = True
+            self.tree._finish_upload(self.upload)
+
+    def close(self) -> None:
+        if not self.done:  # the opener never flushed (a killed writer): commit what arrived
+            self.done = True
+            with contextlib.suppress(OSError):  # recorded in the .error file
+                self.tree._finish_upload(self.upload)
+
+
+class _EditHandle(_Handle):
+    """metadata.json opened for writing, or an editor's temporary file beside it."""
+
+    def __init__(self, data: bytearray, on_commit=None) -> None:
+        self.data = data
+        self.on_commit = on_commit
+        self.dirty = False
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.data[offset:offset + size])
+
+    def write(self, offset: int, data: bytes) -> int:
+        if offset + len(data) > MAX_EDIT:
+            raise _err(errno.EFBIG, "metadata.json", f"more than {MAX_EDIT} bytes")
+        if offset > len(self.data):
+            self.data.extend(b"\0" * (offset - len(self.data)))
+        self.data[offset:offset + len(data)] = data
+        self.dirty = True
+        return len(data)
+
+    def truncate(self, length: int) -> None:
+        if length > MAX_EDIT:
+            raise _err(errno.EFBIG, "metadata.json")
+        del self.data[length:]
+        self.data.extend(b"\0" * (length - len(self.data)))
+        self.dirty = True
+
+    def flush(self, pid: int) -> None:
+        if pid == self.opener and self.dirty and self.on_commit:
+            self.dirty = False
+            self.on_commit(bytes(self.data))
 
 
 class Tree:
     def __init__(self, catalog: Catalog, blocks: BlockCache, spool: SplitSpool,
-                 uid: int | None = None, gid: int | None = None) -> None:
+                 uid: int | None = None, gid: int | None = None, readonly: bool = True,
+                 mountpoint: str = "") -> None:
         self.catalog = catalog
+        self.client = catalog.client
         self.blocks = blocks
         self.spool = spool
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
+        self.readonly = readonly
+        self.mountpoint = mountpoint.rstrip("/")
         self.started = time.time()
-        self._handles: dict[int, Handle] = {}
+        self._handles: dict[int, _Handle] = {}
         self._next_fh = itertools.count(1)
         self._lock = threading.Lock()
+        # What writes under import/ and inside image folders hold while they last.
+        self.uploads: dict[str, Upload] = {}
+        self.errors: dict[str, bytes] = {}  # import/<name>.error -> LXD's message
+        self.folders: dict[str, FolderImport] = {}
+        self.scratch: dict[tuple[str, str], bytearray] = {}  # editors' temporary files
+        self.hidden: set[tuple[str, str]] = set()  # files unlinked by `rm -r` before its rmdir
+        self.etags: dict[str, str] = {}  # ETag of the record a user last read, per image
 
     # -- lookups ------------------------------------------------------------
 
@@ -124,22 +229,28 @@ class Tree:
             raise _err(e.errno or errno.ENOENT, path) from None
 
     def _part(self, image: Image, name: str, path: str) -> tuple[int, ExportPart]:
-        layout = self.catalog.layout(image.fingerprint)
-        for i, part in enumerate(layout.parts):
-            if part.name == name:
-                return i, part
+        if (image.fingerprint, name) not in self.hidden:
+            for i, part in enumerate(self.catalog.layout(image.fingerprint).parts):
+                if part.name == name:
+                    return i, part
         raise _err(errno.ENOENT, path)
 
-    def _dir(self, mtime: float, nlink: int = 2) -> Attr:
-        return Attr(stat.S_IFDIR | 0o555, 0, mtime, mtime, mtime, nlink)
+    def _mode(self, writable: int, readonly: int) -> int:
+        return readonly if self.readonly else writable
+
+    def _dir(self, mtime: float, nlink: int = 2, writable: bool = False) -> Attr:
+        mode = 0o755 if writable and not self.readonly else 0o555
+        return Attr(stat.S_IFDIR | mode, 0, mtime, mtime, mtime, nlink)
 
     def getattr(self, path: str) -> Attr:
         parts = self.split(path)
         if not parts:
             return self._dir(self.started, 5)
         top, rest = parts[0], parts[1:]
-        if top in (ALIAS_DIR, IMPORT_DIR) and not rest:
-            return self._dir(self.started)
+        if top == ALIAS_DIR and not rest:
+            return self._dir(self.started, writable=True)
+        if top == IMPORT_DIR:
+            return self._import_attr(rest, path)
         if top == FP_DIR:
             snap = self.catalog.snapshot()
             if not rest:
@@ -149,15 +260,35 @@ class Tree:
             up = image.uploaded_at
             used = image.last_used_at or up
             if len(rest) == 1:
-                return Attr(stat.S_IFDIR | 0o555, 0, up, used, up, 2)
+                return Attr(stat.S_IFDIR | self._mode(0o755, 0o555), 0, up, used, up, 2)
             if len(rest) == 2:
-                if rest[1] == METADATA:
-                    return Attr(stat.S_IFREG | 0o444, len(render_metadata(image)), up, used, up)
+                key = (image.fingerprint, rest[1])
+                if key in self.scratch:
+                    return Attr(stat.S_IFREG | 0o644, len(self.scratch[key]), time.time(), used, up)
+                if rest[1] == METADATA and key not in self.hidden:
+                    return Attr(stat.S_IFREG | self._mode(0o644, 0o444), len(render_metadata(image)),
+                                up, used, up)
                 _, part = self._part(image, rest[1], path)
                 return Attr(stat.S_IFREG | 0o444, part.size, up, used, up, blksize=BLOCK)
         if top == ALIAS_DIR and len(rest) == 1:
             target = self.readlink(path)
             return Attr(stat.S_IFLNK | 0o777, len(target.encode()), self.started, self.started, self.started)
+        raise _err(errno.ENOENT, path)
+
+    def _import_attr(self, rest: list[str], path: str) -> Attr:
+        now = time.time()
+        if not rest:
+            return self._dir(self.started, 2 + len(self.folders), writable=True)
+        name = rest[0]
+        if len(rest) == 1:
+            if name in self.uploads:
+                return Attr(stat.S_IFREG | 0o644, self.uploads[name].size, now, now, now)
+            if name in self.errors:
+                return Attr(stat.S_IFREG | 0o444, len(self.errors[name]), now, now, now)
+            if name in self.folders:
+                return self._dir(now, writable=True)
+        if len(rest) == 2 and name in self.folders and rest[1] in self.folders[name].files:
+            return Attr(stat.S_IFREG | 0o644, self.folders[name].files[rest[1]], now, now, now)
         raise _err(errno.ENOENT, path)
 
     def readdir(self, path: str) -> list[str]:
@@ -169,10 +300,14 @@ class Tree:
         if parts == [ALIAS_DIR]:
             return sorted(self.catalog.snapshot().aliases)
         if parts == [IMPORT_DIR]:
-            return []
+            return sorted([*self.uploads, *self.errors, *self.folders])
+        if parts[0] == IMPORT_DIR and len(parts) == 2 and parts[1] in self.folders:
+            return sorted(self.folders[parts[1]].files)
         if parts[0] == FP_DIR and len(parts) == 2:
-            image = self._image(parts[1], path)
-            return [METADATA] + [p.name for p in self.catalog.layout(image.fingerprint).parts]
+            fp = self._image(parts[1], path).fingerprint
+            names = [METADATA] + [p.name for p in self.catalog.layout(fp).parts]
+            return [n for n in names if (fp, n) not in self.hidden] + sorted(
+                name for key, name in self.scratch if key == fp)
         attr = self.getattr(path)  # ENOENT for what is not there, ENOTDIR for the rest
         raise _err(errno.ENOTDIR if not stat.S_ISDIR(attr.mode) else errno.ENOENT, path)
 
@@ -186,42 +321,72 @@ class Tree:
         self.getattr(path)
         raise _err(errno.EINVAL, path)
 
-    # -- reading --------------------------------------------------------------
+    # -- opening and reading ------------------------------------------------
 
-    def open(self, path: str, flags: int) -> int:
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            self.getattr(path)
-            raise _err(errno.EROFS, path)
-        parts = self.split(path)
-        if len(parts) != 3 or parts[0] != FP_DIR:
-            attr = self.getattr(path)
-            raise _err(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EINVAL, path)
-        image = self._image(parts[1], path)
-        if image.fingerprint in self.blocks.corrupt and parts[2] != METADATA:
-            raise IntegrityError(image.fingerprint)
-        handle: Handle
-        if parts[2] == METADATA:
-            handle = _BytesHandle(render_metadata(image))
-        else:
-            index, part = self._part(image, parts[2], path)
-            if self.catalog.layout(image.fingerprint).split:
-                handle = _SpoolHandle(str(self.spool.paths(image.fingerprint)[index]))
-            else:
-                handle = _UnifiedHandle(self.blocks, image.fingerprint, part.size)
+    def _add(self, handle: _Handle, pid: int) -> int:
+        handle.opener = pid
         fh = next(self._next_fh)
         with self._lock:
             self._handles[fh] = handle
         return fh
 
-    def is_export(self, path: str) -> bool:
-        parts = self.split(path)
-        return len(parts) == 3 and parts[0] == FP_DIR and parts[2] != METADATA
-
-    def read(self, fh: int, offset: int, size: int) -> bytes:
+    def _handle(self, fh: int) -> _Handle:
         handle = self._handles.get(fh)
         if handle is None:
             raise _err(errno.EBADF, str(fh))
-        return handle.read(offset, size)
+        return handle
+
+    def open(self, path: str, flags: int, pid: int = 0) -> int:
+        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
+        attr = self.getattr(path)
+        if stat.S_ISDIR(attr.mode):
+            raise _err(errno.EISDIR, path)
+        if writing:
+            self._writable(path, "open for writing")
+            return self._add(self._open_for_writing(path, flags), pid)
+        parts = self.split(path)
+        if parts[0] == IMPORT_DIR:
+            return self._add(self._open_import_for_reading(parts, path), pid)
+        image = self._image(parts[1], path)
+        key = (image.fingerprint, parts[2])
+        if key in self.scratch:
+            return self._add(_EditHandle(self.scratch[key]), pid)
+        if parts[2] == METADATA:
+            return self._add(_BytesHandle(self._read_record(image)), pid)
+        if image.fingerprint in self.blocks.corrupt:
+            raise IntegrityError(image.fingerprint)
+        index, part = self._part(image, parts[2], path)
+        if self.catalog.layout(image.fingerprint).split:
+            return self._add(_FileHandle(str(self.spool.paths(image.fingerprint)[index])), pid)
+        return self._add(_UnifiedHandle(self.blocks, image.fingerprint, part.size), pid)
+
+    def _read_record(self, image: Image) -> bytes:
+        """A fresh record with its ETag, so that a later write detects a change made in between."""
+        if self.readonly:
+            return render_metadata(image)
+        fresh, etag = self.client.image_with_etag(image.fingerprint)
+        self.etags[image.fingerprint] = etag
+        return render_metadata(fresh)
+
+    def _open_import_for_reading(self, parts: list[str], path: str) -> _Handle:
+        if len(parts) == 2 and parts[1] in self.errors:
+            return _BytesHandle(self.errors[parts[1]])
+        if len(parts) == 3 and parts[1] in self.folders:
+            return _FileHandle(str(self.folders[parts[1]].path(parts[2])))
+        raise _err(errno.EACCES, path, "an import in progress cannot be read")
+
+    def is_scratch(self, path: str) -> bool:
+        parts = self.split(path)
+        return len(parts) == 3 and parts[0] == FP_DIR and any(
+            key[1] == parts[2] and key[0].startswith(parts[1]) for key in self.scratch)
+
+    def is_export(self, path: str) -> bool:
+        parts = self.split(path)
+        return (len(parts) == 3 and parts[0] == FP_DIR and parts[2] != METADATA
+                and not self.is_scratch(path))
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return self._handle(fh).read(offset, size)
 
     def release(self, fh: int) -> None:
         with self._lock:
@@ -235,3 +400,305 @@ class Tree:
         return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": (used + BLOCK - 1) // BLOCK,
                 "f_bfree": 0, "f_bavail": 0, "f_files": len(snap.images), "f_ffree": 0,
                 "f_namemax": 255}
+
+    # -- writing --------------------------------------------------------------
+
+    def _writable(self, path: str, op: str) -> None:
+        if self.readonly:
+            log.warning("refused %s %s: read-only mount", op, path)
+            raise _err(errno.EROFS, path)
+
+    def _refuse(self, code: int, op: str, path: str, why: str) -> OSError:
+        log.warning("refused %s %s: %s", op, path, why)
+        return _err(code, path, why)
+
+    def create(self, path: str, flags: int, pid: int = 0) -> int:
+        self._writable(path, "create")
+        parts = self.split(path)
+        try:
+            self.getattr(path)
+            exists = True
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            exists = False
+        if exists:
+            if flags & os.O_EXCL:
+                raise _err(errno.EEXIST, path)
+            return self.open(path, flags | os.O_WRONLY, pid)
+        if not fits(parts[-1]):
+            raise _err(errno.ENAMETOOLONG, path)
+        if parts[0] == IMPORT_DIR and len(parts) == 2:
+            self.errors.pop(parts[1] + ERROR_SUFFIX, None)
+            upload = self.uploads[parts[1]] = Upload(self.client, parts[1], pid)
+            return self._add(_UploadHandle(self, upload), pid)
+        if parts[0] == IMPORT_DIR and len(parts) == 3 and parts[1] in self.folders:
+            folder = self.folders[parts[1]]
+            folder.files[parts[2]] = 0
+            folder.open_files.add(parts[2])
+            return self._add(self._folder_file(folder, parts[2], os.O_RDWR | os.O_CREAT | os.O_TRUNC), pid)
+        if parts[0] == FP_DIR and len(parts) == 3:
+            fp = self._image(parts[1], path).fingerprint
+            data = self.scratch[(fp, parts[2])] = bytearray()
+            return self._add(_EditHandle(data), pid)
+        raise self._refuse(errno.EPERM, "create", path, "files can be created only under import/")
+
+    def _folder_file(self, folder: FolderImport, name: str, flags: int) -> _FileHandle:
+        def closed() -> None:
+            folder.files[name] = folder.path(name).stat().st_size
+            folder.open_files.discard(name)
+            if folder.fingerprint is None and folder.ready():
+                self._finish_folder(folder)
+        return _FileHandle(str(folder.path(name)), flags, on_close=closed)
+
+    def _open_for_writing(self, path: str, flags: int) -> _Handle:
+        parts = self.split(path)
+        if parts[0] == FP_DIR and len(parts) == 3:
+            image = self._image(parts[1], path)
+            key = (image.fingerprint, parts[2])
+            if key in self.scratch:
+                if flags & os.O_TRUNC:
+                    self.scratch[key].clear()
+                return _EditHandle(self.scratch[key])
+            if parts[2] == METADATA:
+                data = bytearray() if flags & os.O_TRUNC else bytearray(self._read_record(image))
+                if image.fingerprint not in self.etags:
+                    self.etags[image.fingerprint] = self.client.image_with_etag(image.fingerprint)[1]
+                handle = _EditHandle(data, lambda new, fp=image.fingerprint: self.save_record(fp, new))
+                handle.dirty = bool(flags & os.O_TRUNC)
+                return handle
+            raise self._refuse(errno.EACCES, "write", path, "an export's bytes are LXD's: read-only")
+        if parts[0] == IMPORT_DIR and len(parts) == 3 and parts[1] in self.folders:
+            folder = self.folders[parts[1]]
+            folder.open_files.add(parts[2])
+            return self._folder_file(folder, parts[2], os.O_RDWR | (flags & os.O_TRUNC))
+        if parts[0] == IMPORT_DIR and len(parts) == 2 and parts[1] in self.uploads:
+            raise self._refuse(errno.EBUSY, "open", path, "this import is being written already")
+        raise self._refuse(errno.EACCES, "write", path, "read-only file")
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return self._handle(fh).write(offset, data)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        self._writable(path, "truncate")
+        if fh is not None and fh in self._handles:
+            self._handle(fh).truncate(length)
+            return
+        parts = self.split(path)
+        self.getattr(path)
+        if parts[0] == FP_DIR and len(parts) == 3:
+            key = (self._image(parts[1], path).fingerprint, parts[2])
+            if key in self.scratch:
+                _EditHandle(self.scratch[key]).truncate(length)
+                return
+            if parts[2] == METADATA and length == 0:
+                return  # `> metadata.json`: the write that follows carries the new record
+        if parts[0] == IMPORT_DIR and length == 0 and (
+                (len(parts) == 2 and parts[1] in self.uploads and self.uploads[parts[1]].size == 0)
+                or (len(parts) == 3 and parts[1] in self.folders)):
+            if len(parts) == 3:
+                os.truncate(self.folders[parts[1]].path(parts[2]), 0)
+            return
+        raise self._refuse(errno.EACCES if parts[0] == FP_DIR else errno.EPERM, "truncate", path,
+                           "cannot change this file's size")
+
+    def flush(self, fh: int, pid: int) -> None:
+        self._handle(fh).flush(pid)
+
+    # -- imports --------------------------------------------------------------
+
+    def _finish_upload(self, upload: Upload) -> None:
+        try:
+            upload.commit()
+        except ImportFailed as e:
+            self._failed(upload.name, e)
+            raise
+        finally:
+            if self.uploads.get(upload.name) is upload:
+                del self.uploads[upload.name]
+        self.catalog.invalidate()
+
+    def _finish_folder(self, folder: FolderImport) -> None:
+        try:
+            folder.fingerprint = folder.commit()
+            log.info("imported folder %s as %s", folder.name, folder.fingerprint)
+        except ImportFailed as e:
+            self._failed(folder.name, e)
+            raise
+        finally:
+            if folder.fingerprint is not None or folder.name + ERROR_SUFFIX in self.errors:
+                folder.remove_spool()
+                self.folders.pop(folder.name, None)
+        self.catalog.invalidate()
+
+    def _failed(self, name: str, e: ImportFailed) -> None:
+        log.warning("import %s failed: %s", name, e.message)
+        self.errors[name + ERROR_SUFFIX] = (e.message.rstrip() + "\n").encode()
+
+    def mkdir(self, path: str) -> None:
+        self._writable(path, "mkdir")
+        parts = self.split(path)
+        if parts[0] == IMPORT_DIR and len(parts) == 2:
+            if parts[1] in self.folders or parts[1] in self.uploads or parts[1] in self.errors:
+                raise _err(errno.EEXIST, path)
+            if not fits(parts[1]):
+                raise _err(errno.ENAMETOOLONG, path)
+            spool = Path(self.spool.directory) / "import" / parts[1]
+            spool.mkdir(parents=True, mode=0o700)
+            self.folders[parts[1]] = FolderImport(self.client, parts[1], spool)
+            return
+        raise self._refuse(errno.EPERM, "mkdir", path, "folders can be made only under import/")
+
+    # -- aliases --------------------------------------------------------------
+
+    def _alias_target(self, content: str, path: str) -> str:
+        """The fingerprint a symlink's content names: an image folder, a prefix or an alias."""
+        if content.startswith("/"):
+            if not self.mountpoint or not content.startswith(self.mountpoint + "/"):
+                raise self._refuse(errno.EINVAL, "symlink", path, f"target {content} is outside the mount")
+            rel = "/" + content[len(self.mountpoint) + 1:]
+        else:
+            rel = posixpath.join("/" + ALIAS_DIR, content)
+        parts = self.split(posixpath.normpath(rel))
+        if len(parts) == 2 and parts[0] == FP_DIR:
+            return self._image(parts[1], path).fingerprint
+        if len(parts) == 2 and parts[0] == ALIAS_DIR:
+            fp = self.catalog.snapshot().aliases.get(parts[1])
+            if fp is not None:
+                return fp
+            if "/" not in content:  # `ln -s <fingerprint> by-alias/NAME`
+                return self._image(content, path).fingerprint
+            raise _err(errno.ENOENT, path, f"no alias {parts[1]}")
+        raise self._refuse(errno.EINVAL, "symlink", path, f"target {content} is not an image of the mount")
+
+    def symlink(self, path: str, content: str) -> None:
+        self._writable(path, "symlink")
+        parts = self.split(path)
+        if len(parts) != 2 or parts[0] != ALIAS_DIR:
+            raise self._refuse(errno.EPERM, "symlink", path, "symlinks can be made only under by-alias/")
+        if not fits(parts[1]):
+            raise _err(errno.ENAMETOOLONG, path)
+        self.catalog.invalidate()
+        fp = self._alias_target(content, path)
+        if parts[1] in self.catalog.snapshot().aliases:
+            raise _err(errno.EEXIST, path)
+        self.client.add_alias(filename_to_alias(parts[1]), fp)
+        self.catalog.invalidate()
+
+    # -- removing and renaming ----------------------------------------------------
+
+    def unlink(self, path: str) -> None:
+        self._writable(path, "unlink")
+        parts = self.split(path)
+        attr = self.getattr(path)
+        if stat.S_ISDIR(attr.mode):
+            raise _err(errno.EISDIR, path)
+        if parts[0] == ALIAS_DIR:
+            self.client.delete_alias(filename_to_alias(parts[1]))
+            self.catalog.invalidate()
+        elif parts[0] == IMPORT_DIR and len(parts) == 2:
+            if parts[1] in self.errors:
+                del self.errors[parts[1]]
+            else:
+                upload = self.uploads.pop(parts[1])
+                upload.abort(f"{parts[1]} was removed while being written")
+        elif parts[0] == IMPORT_DIR:
+            folder = self.folders[parts[1]]
+            folder.files.pop(parts[2], None)
+            folder.path(parts[2]).unlink(missing_ok=True)
+        else:  # inside an image folder
+            fp = self._image(parts[1], path).fingerprint
+            if self.scratch.pop((fp, parts[2]), None) is None:
+                # `rm -r` empties a folder before its rmdir: the image goes then, not now.
+                self.hidden.add((fp, parts[2]))
+
+    def rmdir(self, path: str) -> None:
+        self._writable(path, "rmdir")
+        parts = self.split(path)
+        self.getattr(path)
+        if parts[0] == FP_DIR and len(parts) == 2:
+            fp = self._image(parts[1], path).fingerprint
+            self.client.delete_image(fp)
+            log.info("deleted image %s", fp)
+            self.hidden = {k for k in self.hidden if k[0] != fp}
+            self.catalog.invalidate()
+            return
+        if parts[0] == IMPORT_DIR and len(parts) == 2 and parts[1] in self.folders:
+            folder = self.folders[parts[1]]
+            if folder.files:
+                raise _err(errno.ENOTEMPTY, path)
+            folder.remove_spool()
+            del self.folders[parts[1]]
+            return
+        raise self._refuse(errno.EPERM if len(parts) > 1 else errno.EBUSY, "rmdir", path,
+                           "only image folders and import folders can be removed")
+
+    def rename(self, old: str, new: str) -> None:
+        self._writable(old, "rename")
+        src, dst = self.split(old), self.split(new)
+        self.getattr(old)
+        if src[0] == ALIAS_DIR and dst[0] == ALIAS_DIR and len(src) == len(dst) == 2:
+            self._rename_alias(src[1], dst[1], new)
+            return
+        if src[0] == FP_DIR and dst[0] == FP_DIR and len(src) == len(dst) == 3:
+            fp = self._image(src[1], old).fingerprint
+            if self._image(dst[1], new).fingerprint == fp and (fp, src[2]) in self.scratch:
+                if dst[2] == METADATA:  # how sed -i and many editors save: write a copy, rename it over
+                    self.save_record(fp, bytes(self.scratch[(fp, src[2])]))
+                    del self.scratch[(fp, src[2])]
+                else:
+                    self.scratch[(fp, dst[2])] = self.scratch.pop((fp, src[2]))
+                return
+        if src[0] == dst[0] == IMPORT_DIR and len(src) == len(dst) == 2 and src[1] in self.errors:
+            self.errors[dst[1]] = self.errors.pop(src[1])
+            return
+        code = errno.EXDEV if src[0] != dst[0] else errno.EPERM
+        raise self._refuse(code, "rename", old, f"cannot move it to {new}")
+
+    def _rename_alias(self, old_name: str, new_name: str, path: str) -> None:
+        if not fits(new_name):
+            raise _err(errno.ENAMETOOLONG, path)
+        self.catalog.invalidate()
+        aliases = self.catalog.snapshot().aliases
+        old_alias, new_alias = filename_to_alias(old_name), filename_to_alias(new_name)
+        if old_name not in aliases:
+            raise _err(errno.ENOENT, path)
+        if new_name in aliases:  # `mv a b` onto an existing b, and `ln -sfn`: b now points where a did
+            self.client.retarget_alias(new_alias, aliases[old_name])
+            self.client.delete_alias(old_alias)
+        else:
+            self.client.rename_alias(old_alias, new_alias)
+        self.catalog.invalidate()
+
+    # -- attributes ---------------------------------------------------------------
+
+    def save_record(self, fp: str, data: bytes) -> None:
+        """Save metadata.json's editable fields, guarded by the ETag the user's copy came with."""
+        try:
+            new = json.loads(data)
+        except ValueError as e:
+            raise self._refuse(errno.EINVAL, "write", f"{fp}/{METADATA}", f"not valid JSON: {e}") from None
+        if not isinstance(new, dict):
+            raise self._refuse(errno.EINVAL, "write", f"{fp}/{METADATA}", "not a JSON object")
+        current, etag_now = self.client.image_with_etag(fp)
+        record = current.record
+        for key, value in new.items():
+            if key in EDITABLE:
+                continue
+            if key not in record or record[key] != value:
+                raise self._refuse(errno.EINVAL, "write", f"{fp}/{METADATA}",
+                                   f"{key} is read-only (editable: {', '.join(EDITABLE)})")
+        fields = {k: new.get(k, record.get(k)) for k in EDITABLE}
+        if fields == {k: record.get(k) for k in EDITABLE}:
+            return
+        etag = self.etags.pop(fp, etag_now)
+        try:
+            self.client.update_image(fp, fields, etag)
+        except LXDError as e:
+            if e.status == 412:
+                raise self._refuse(errno.ESTALE, "write", f"{fp}/{METADATA}",
+                                   "the record changed since it was read: read it again") from None
+            raise
+        finally:
+            self.catalog.invalidate()
+        log.info("saved %s of image %s", ", ".join(k for k in EDITABLE if k in new), fp)
