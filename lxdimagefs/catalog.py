@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache, TTLCache
 
 from .client import ExportLayout, Image, LXDClient
-from .names import alias_to_filename, fits
+from .names import alias_to_filename, filename_to_alias, fits
 
 MIN_PREFIX = 12
 
@@ -63,6 +63,10 @@ class Catalog:
         """A full fingerprint, or a unique prefix of at least 12 hex digits."""
         snap = self.snapshot()
         image = snap.images.get(name)
+        if image is None and len(name) == 64 and self.client.image_exists(name):
+            # Made a moment ago elsewhere (lxc, another mount): the listing is out of date.
+            self.invalidate()
+            image = self.snapshot().images.get(name)
         if image is not None:
             return image
         if len(name) < MIN_PREFIX or len(name) > 64 or any(c not in "0123456789abcdef" for c in name):
@@ -71,6 +75,14 @@ class Catalog:
         if len(found) != 1:
             raise OSError(errno.ENOENT, "no image, or more than one, has this prefix", name)
         return found[0]
+
+    def alias_target(self, filename: str) -> str | None:
+        """The fingerprint an alias (by its file name) points to, asking LXD on a miss."""
+        fp = self.snapshot().aliases.get(filename)
+        if fp is None and self.client.alias_exists(filename_to_alias(filename)):
+            self.invalidate()
+            fp = self.snapshot().aliases.get(filename)
+        return fp
 
     def layout(self, fingerprint: str) -> ExportLayout:
         layout = self._layouts.get(fingerprint)

@@ -255,6 +255,21 @@ class LXDClient:
     def image(self, fingerprint: str) -> Image:
         return Image.from_record(self._sync("GET", f"/images/{fingerprint}"))
 
+    def image_exists(self, fingerprint: str) -> bool:
+        return self._exists(f"/images/{fingerprint}")
+
+    def alias_exists(self, name: str) -> bool:
+        return self._exists(f"/images/aliases/{_quote(name)}")
+
+    def _exists(self, path: str) -> bool:
+        try:
+            self._sync("GET", path)
+        except LXDError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
     def export_layout(self, fingerprint: str) -> ExportLayout:
         """Learn the export's file names and sizes without downloading it.
 

@@ -10,6 +10,7 @@ multipart upload.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -27,6 +28,7 @@ from .client import LXDClient, LXDError
 log = logging.getLogger(__name__)
 
 SNIFF_BYTES = 512
+_BREAK = b"<break>"  # a queue item that is never data: identity is what counts
 METADATA = "metadata.json"
 
 # First bytes of what LXD accepts as an image file (or part of one).
@@ -103,8 +105,9 @@ class Upload:
             if self.error:
                 raise self.error
             if offset != self.size:
-                raise ImportFailed(errno.ESPIPE, f"{self.name}: imports are written once, in order "
-                                                 f"(write at {offset}, expected {self.size})")
+                self._break(ImportFailed(errno.ESPIPE, f"{self.name}: imports are written once, in "
+                                                       f"order (write at {offset}, expected {self.size})"))
+                raise self.error  # type: ignore[misc]
             self.size += len(data)
             if self._thread is None:
                 self._head += data
@@ -142,6 +145,8 @@ class Upload:
             chunk = self._queue.get()
             if chunk is None:
                 return
+            if chunk is _BREAK:  # cut the body short: LXD sees a broken upload and creates nothing
+                raise self.error or ImportFailed(errno.EIO, "upload broken off")
             yield chunk
 
     def _send(self) -> None:
@@ -179,13 +184,22 @@ class Upload:
     def abort(self, reason: str) -> None:
         """Stop sending: LXD sees a truncated body and creates nothing."""
         with self._lock:
-            if self.error is None:
-                self.error = ImportFailed(errno.EIO, reason)
-        while not self._done.is_set() and self._thread is not None:
+            self._break(ImportFailed(errno.EIO, reason))
+        self._done.wait(self.client.conn.timeout[1])
+
+    def _break(self, error: ImportFailed) -> None:
+        if self.error is None:
+            self.error = error
+        if self._thread is None:
+            self._done.set()
+            return
+        while not self._done.is_set():
             try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                self._done.wait(0.05)
+                self._queue.put(_BREAK, timeout=0.1)  # type: ignore[arg-type]
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()  # make room: these bytes will never be sent
 
 
 class FolderImport:

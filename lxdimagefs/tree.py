@@ -172,6 +172,7 @@ class _EditHandle(_Handle):
 
     def write(self, offset: int, data: bytes) -> int:
         if offset + len(data) > MAX_EDIT:
+            self.on_commit = None  # what was written is not the whole record: never save it
             raise _err(errno.EFBIG, "metadata.json", f"more than {MAX_EDIT} bytes")
         if offset > len(self.data):
             self.data.extend(b"\0" * (offset - len(self.data)))
@@ -314,7 +315,7 @@ class Tree:
     def readlink(self, path: str) -> str:
         parts = self.split(path)
         if len(parts) == 2 and parts[0] == ALIAS_DIR and fits(parts[1]):
-            fp = self.catalog.snapshot().aliases.get(parts[1])
+            fp = self.catalog.alias_target(parts[1])
             if fp is not None:
                 return f"../{FP_DIR}/{fp}"
             raise _err(errno.ENOENT, path)

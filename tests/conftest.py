@@ -127,6 +127,12 @@ def mnt(sandbox: Sandbox, images: Images, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="session")
+def ro_mnt(sandbox: Sandbox, images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    with mounted(sandbox, tmp_path_factory.mktemp("ro") / "mnt", "-o", "ro") as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
 def exported(sandbox: Sandbox, images: Images, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`lxc image export` of every test image, the reference for names and bytes."""
     out = {}

@@ -1,0 +1,330 @@
+"""Changing LXD's images through the mount, checked with LXD's own answers."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import mounted
+from lxd_sandbox import make_split, make_unified
+
+
+def sha(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def lxd_fps(sandbox) -> set[str]:
+    return {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}
+
+
+def lxd_aliases(sandbox) -> dict[str, str]:
+    return {a["name"]: a["target"] for a in sandbox.rest("/1.0/images/aliases?recursion=1")}
+
+
+def write_file(path: Path, data: bytes, chunk: int = 1 << 16) -> None:
+    """open/write/close with every error raised (close is where an import commits)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for i in range(0, len(data), chunk):
+            os.write(fd, data[i:i + chunk])
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture()
+def fresh(sandbox, tmp_path):
+    """An image of the test's own, deleted afterwards if still there."""
+    made: list[str] = []
+
+    def make(alias: str | None = None, **kw) -> str:
+        fp = sandbox.import_image(make_unified(tmp_path / f"own{len(made)}.tar.gz", **kw), alias=alias)
+        made.append(fp)
+        return fp
+
+    yield make
+    for fp in made:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+# -- import ------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".tar.xz", ".tar.gz", ".tar"])
+def test_cp_imports_a_unified_image(mnt, sandbox, tmp_path, suffix):
+    tarball = make_unified(tmp_path / f"new{suffix}", rootfs_bytes=3 << 20)
+    fp = sha(tarball)
+    before = lxd_fps(sandbox)
+    try:
+        subprocess.run(["cp", str(tarball), str(mnt.path / "import")], check=True)
+        assert lxd_fps(sandbox) == before | {fp}
+        assert os.listdir(mnt.path / "import") == []
+        assert fp in os.listdir(mnt.path / "by-fingerprint")  # visible at once
+        assert sandbox.rest(f"/1.0/images/{fp}")["filename"] == tarball.name
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_import_progress_shows_in_ls(mnt, sandbox, tmp_path):
+    tarball = make_unified(tmp_path / "slow.tar", rootfs_bytes=2 << 20)
+    data = tarball.read_bytes()
+    target = mnt.path / "import" / "slow.tar"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+    sizes = []
+    try:
+        for i in range(0, len(data), 512 << 10):
+            os.write(fd, data[i:i + (512 << 10)])
+            sizes.append(os.stat(target).st_size)
+    finally:
+        os.close(fd)
+    try:
+        assert sizes == sorted(sizes) and sizes[0] < sizes[-1] == len(data)
+        assert not target.exists()
+        assert sha(tarball) in lxd_fps(sandbox)
+    finally:
+        sandbox.lxc("image", "delete", sha(tarball), check=False)
+
+
+def _bad_inputs(tmp_path: Path, dup: Path) -> list[tuple[str, bytes, int, str]]:
+    good = make_unified(tmp_path / "good.tar.xz", rootfs_bytes=256 << 10).read_bytes()
+    nometa = tmp_path / "nometa.tar.gz"
+    with tarfile.open(nometa, "w:gz") as tar:
+        info = tarfile.TarInfo("rootfs/hello")
+        info.size = 5
+        tar.addfile(info, __import__("io").BytesIO(b"hello"))
+    return [
+        ("garbage.tar", os.urandom(4096), errno.EINVAL, "is not an image"),
+        ("image.json", json.dumps({"source": {"type": "url"}}).encode(), errno.EINVAL, "is not an image"),
+        ("empty.tar", b"", errno.EINVAL, "is not an image"),
+        # cut before metadata.yaml ends (LXD itself accepts a tarball cut after it)
+        ("truncated.tar.xz", good[:60], errno.EINVAL, ""),
+        ("nometa.tar.gz", nometa.read_bytes(), errno.EINVAL, "metadata.yaml"),
+        ("dup.tar.gz", dup.read_bytes(), errno.EEXIST, "already exists"),
+    ]
+
+
+def test_bad_imports_fail_with_lxds_message_and_leave_nothing(mnt, sandbox, images, tmp_path):
+    dup = images.files["gz"][0]
+    before_images, before_aliases = lxd_fps(sandbox), lxd_aliases(sandbox)
+    for name, data, code, message in _bad_inputs(tmp_path, dup):
+        with pytest.raises(OSError) as e:
+            write_file(mnt.path / "import" / name, data)
+        assert e.value.errno == code, name
+        error_file = mnt.path / "import" / f"{name}.error"
+        assert os.listdir(mnt.path / "import") == [error_file.name], name
+        text = error_file.read_text()
+        assert message.lower() in text.lower(), (name, text)
+        error_file.unlink()
+        assert os.listdir(mnt.path / "import") == []
+        assert lxd_fps(sandbox) == before_images, name
+        assert lxd_aliases(sandbox) == before_aliases
+    assert not [p for p in os.listdir(sandbox.lxd_dir / "images") if not len(p.split(".")[0]) == 64]
+
+
+def test_cp_of_a_json_file_fails_and_never_reaches_lxd(mnt, sandbox, tmp_path):
+    bogus = tmp_path / "request.json"
+    bogus.write_text(json.dumps({"source": {"type": "url", "url": "https://127.0.0.1:1/x"}}))
+    done = subprocess.run(["cp", str(bogus), str(mnt.path / "import")], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "Invalid argument" in done.stderr
+    assert not any("POST /images" in line for line in mnt.log_text().splitlines()[-20:])
+    (mnt.path / "import" / "request.json.error").unlink()
+
+
+def test_writes_out_of_order_are_refused(mnt, tmp_path):
+    data = make_unified(tmp_path / "x.tar", rootfs_bytes=1 << 20).read_bytes()
+    fd = os.open(mnt.path / "import" / "seek.tar", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data[:4096])
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, data[8192:12288], 8192)
+        assert e.value.errno == errno.ESPIPE
+    finally:
+        with pytest.raises(OSError):
+            os.close(fd)  # the upload was broken off: close says so
+    (mnt.path / "import" / "seek.tar.error").unlink()
+    assert os.listdir(mnt.path / "import") == []
+
+
+def test_split_image_from_a_folder(mnt, sandbox, tmp_path):
+    meta, rootfs = make_split(tmp_path / "s", rootfs_bytes=1 << 20)
+    fp = sha(meta, rootfs)
+    try:
+        os.mkdir(mnt.path / "import" / "mysplit")
+        subprocess.run(["cp", str(rootfs), str(meta), str(mnt.path / "import" / "mysplit")], check=True)
+        assert fp in lxd_fps(sandbox)
+        assert os.listdir(mnt.path / "import") == []
+        assert sorted(os.listdir(mnt.path / "by-fingerprint" / fp)) == sorted(
+            ["metadata.json", f"meta-{fp}.tar.xz", f"{fp}.squashfs"])
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_cp_r_copies_an_image_to_another_server(mnt, sandbox, fresh, tmp_path):
+    """The other server is another LXD project: its own images, through its own mount."""
+    fp = fresh(rootfs_bytes=1 << 20)
+    sandbox.rest(f"/1.0/images/{fp}", "PATCH", {"public": True, "properties": {"flavour": "copied"}})
+    sandbox.lxc("project", "create", "other", check=False)
+    try:
+        with mounted(sandbox, tmp_path / "b", "--project", "other") as b:
+            subprocess.run(["cp", "-r", str(mnt.path / "by-fingerprint" / fp), str(b.path / "import")],
+                           check=True)
+            assert os.listdir(b.path / "import") == []
+            copied = sandbox.rest(f"/1.0/images/{fp}?project=other")
+            assert copied["public"] is True
+            assert copied["properties"]["flavour"] == "copied"
+            assert fp in os.listdir(b.path / "by-fingerprint")
+    finally:
+        sandbox.lxc("image", "delete", fp, "--project", "other", check=False)
+        sandbox.lxc("project", "delete", "other", check=False)
+
+
+# -- aliases ---------------------------------------------------------------------
+
+def test_ln_rm_mv_manage_aliases(mnt, sandbox, fresh):
+    a, b = fresh(), fresh()
+    aliases = mnt.path / "by-alias"
+    subprocess.run(["ln", "-s", f"../by-fingerprint/{a}", str(aliases / "one")], check=True)
+    assert lxd_aliases(sandbox)["one"] == a
+    subprocess.run(["ln", "-s", a[:12], str(aliases / "two")], check=True)  # a unique prefix
+    subprocess.run(["ln", "-s", "one", str(aliases / "three")], check=True)  # another alias
+    subprocess.run(["ln", "-s", str(mnt.path / "by-fingerprint" / b), str(aliases / "four")], check=True)
+    subprocess.run(["ln", "-s", f"../by-fingerprint/{b}", str(aliases / "os／12")], check=True)
+    got = lxd_aliases(sandbox)
+    assert (got["two"], got["three"], got["four"], got["os/12"]) == (a, a, b, b)
+    assert os.readlink(aliases / "os／12") == f"../by-fingerprint/{b}"
+
+    subprocess.run(["mv", str(aliases / "two"), str(aliases / "renamed")], check=True)
+    got = lxd_aliases(sandbox)
+    assert "two" not in got and got["renamed"] == a
+    subprocess.run(["mv", "-T", str(aliases / "four"), str(aliases / "one")], check=True)  # onto an alias
+    got = lxd_aliases(sandbox)
+    assert "four" not in got and got["one"] == b
+    subprocess.run(["ln", "-sfn", f"../by-fingerprint/{a}", str(aliases / "one")], check=True)
+    assert lxd_aliases(sandbox)["one"] == a
+    for name in ("one", "three", "renamed", "os／12"):
+        subprocess.run(["rm", str(aliases / name)], check=True)
+    got = lxd_aliases(sandbox)
+    assert not {"one", "three", "renamed", "os/12"} & set(got)
+
+
+@pytest.mark.parametrize("target, code", [
+    ("../by-fingerprint/" + "0" * 64, errno.ENOENT),
+    ("../by-fingerprint/" + "0" * 12, errno.ENOENT),
+    ("no-such-alias", errno.ENOENT),
+    ("/etc/passwd", errno.EINVAL),
+    ("../../etc", errno.EINVAL),
+])
+def test_bad_alias_targets(mnt, sandbox, target, code):
+    before = lxd_aliases(sandbox)
+    with pytest.raises(OSError) as e:
+        os.symlink(target, mnt.path / "by-alias" / "bad")
+    assert e.value.errno == code
+    assert lxd_aliases(sandbox) == before
+
+
+def test_a_taken_alias_name_is_eexist(mnt, sandbox, images, fresh):
+    fp = fresh()
+    with pytest.raises(FileExistsError):
+        os.symlink(f"../by-fingerprint/{fp}", mnt.path / "by-alias" / "xz")
+    assert lxd_aliases(sandbox)["xz"] == images.fps["xz"]
+
+
+# -- attributes --------------------------------------------------------------------
+
+def test_metadata_json_edits_are_saved(mnt, sandbox, fresh):
+    fp = fresh()
+    path = mnt.path / "by-fingerprint" / fp / "metadata.json"
+    record = json.loads(path.read_text())
+    record["public"] = True
+    record["properties"]["color"] = "blue"
+    with open(path, "w") as f:
+        json.dump(record, f)
+    got = sandbox.rest(f"/1.0/images/{fp}")
+    assert got["public"] is True and got["properties"]["color"] == "blue"
+
+    subprocess.run(["sed", "-i", 's/"blue"/"red"/', str(path)], check=True)
+    assert sandbox.rest(f"/1.0/images/{fp}")["properties"]["color"] == "red"
+    assert sorted(os.listdir(path.parent)) == sorted(["metadata.json", f"{fp}.tar.gz"])
+
+    subprocess.run(["sh", "-c", f"echo '{{\"auto_update\": true}}' > {path}"], check=True)
+    got = sandbox.rest(f"/1.0/images/{fp}")
+    assert got["auto_update"] is True and got["properties"]["color"] == "red"  # others kept
+    assert json.loads(path.read_text())["auto_update"] is True
+
+
+@pytest.mark.parametrize("edit, code", [
+    (lambda r: "not json {", errno.EINVAL),
+    (lambda r: json.dumps([1, 2]), errno.EINVAL),
+    (lambda r: json.dumps({**r, "size": 1}), errno.EINVAL),
+    (lambda r: json.dumps({**r, "fingerprint": "0" * 64}), errno.EINVAL),
+    (lambda r: json.dumps({**r, "public": True}) + " " * (2 << 20), errno.EFBIG),
+])
+def test_bad_metadata_edits_change_nothing(mnt, sandbox, fresh, edit, code):
+    fp = fresh()
+    before = sandbox.rest(f"/1.0/images/{fp}")
+    path = mnt.path / "by-fingerprint" / fp / "metadata.json"
+    with pytest.raises(OSError) as e:
+        write_file(path, edit(json.loads(path.read_text())).encode())
+    assert e.value.errno == code
+    assert sandbox.rest(f"/1.0/images/{fp}") == before
+
+
+def test_a_concurrent_edit_is_detected_not_overwritten(mnt, sandbox, fresh):
+    fp = fresh()
+    path = mnt.path / "by-fingerprint" / fp / "metadata.json"
+    record = json.loads(path.read_text())  # the user reads…
+    sandbox.rest(f"/1.0/images/{fp}", "PATCH", {"properties": {"by": "someone else"}})  # …another edits…
+    record["public"] = True
+    with pytest.raises(OSError) as e:  # …the user's save is refused
+        write_file(path, json.dumps(record).encode())
+    assert e.value.errno == errno.ESTALE
+    got = sandbox.rest(f"/1.0/images/{fp}")
+    assert got["properties"]["by"] == "someone else" and got["public"] is False
+
+
+# -- deletion --------------------------------------------------------------------
+
+def test_rm_r_deletes_the_image_and_its_aliases(mnt, sandbox, fresh):
+    fp = fresh(alias="doomed")
+    assert "doomed" in os.listdir(mnt.path / "by-alias")
+    subprocess.run(["rm", "-r", str(mnt.path / "by-fingerprint" / fp)], check=True)
+    assert fp not in lxd_fps(sandbox)
+    assert fp not in os.listdir(mnt.path / "by-fingerprint")
+    assert "doomed" not in os.listdir(mnt.path / "by-alias")
+
+
+def test_rmdir_deletes_the_image(mnt, sandbox, fresh):
+    fp = fresh()
+    os.rmdir(mnt.path / "by-fingerprint" / fp)
+    assert fp not in lxd_fps(sandbox)
+
+
+# -- everything else ------------------------------------------------------------------
+
+@pytest.mark.parametrize("action, code, op", [
+    (lambda m, fp: os.open(m / "by-fingerprint" / fp / f"{fp}.tar.xz", os.O_WRONLY), errno.EACCES, "write"),
+    (lambda m, fp: os.chmod(m / "by-fingerprint" / fp / f"{fp}.tar.xz", 0o644), errno.EPERM, "chmod"),
+    (lambda m, fp: os.mkdir(m / "by-fingerprint" / "new"), errno.EPERM, "mkdir"),
+    (lambda m, fp: os.mkdir(m / "by-alias" / "new"), errno.EPERM, "mkdir"),
+    (lambda m, fp: os.open(m / "by-alias" / "file", os.O_WRONLY | os.O_CREAT), errno.EPERM, "create"),
+    (lambda m, fp: os.open(m / "top", os.O_WRONLY | os.O_CREAT), errno.EPERM, "create"),
+    (lambda m, fp: os.symlink("x", m / "import" / "link"), errno.EPERM, "symlink"),
+    (lambda m, fp: os.rename(m / "by-alias" / "xz", m / "import" / "xz"), errno.EXDEV, "rename"),
+    (lambda m, fp: os.truncate(m / "by-fingerprint" / fp / "metadata.json", 10), errno.EACCES, "truncate"),
+    (lambda m, fp: os.rmdir(m / "by-alias"), errno.EBUSY, "rmdir"),
+])
+def test_other_changes_are_refused_and_logged(mnt, sandbox, images, action, code, op):
+    before = (lxd_fps(sandbox), lxd_aliases(sandbox))
+    with pytest.raises(OSError) as e:
+        action(mnt.path, images.fps["xz"])
+    assert e.value.errno == code
+    assert f"refused {op} " in mnt.log_text()
+    assert (lxd_fps(sandbox), lxd_aliases(sandbox)) == before
