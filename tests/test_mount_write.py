@@ -125,7 +125,7 @@ def test_bad_imports_fail_with_lxds_message_and_leave_nothing(mnt, sandbox, imag
         assert os.listdir(mnt.path / "import") == []
         assert lxd_fps(sandbox) == before_images, name
         assert lxd_aliases(sandbox) == before_aliases
-    assert not [p for p in os.listdir(sandbox.lxd_dir / "images") if not len(p.split(".")[0]) == 64]
+    assert not [p for p in os.listdir(sandbox.lxd_dir / "images") if len(p.split(".")[0]) != 64]
 
 
 def test_cp_of_a_json_file_fails_and_never_reaches_lxd(mnt, sandbox, tmp_path):
