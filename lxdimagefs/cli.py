@@ -197,9 +197,6 @@ def main(argv: list[str] | None = None) -> int:
                 mountpoint=mountpoint)
     if LIBFUSE == 3:  # else libfuse 3.14 warns of an unset thread limit on every mount
         fuse_opts.setdefault("max_threads", 16)
-    # A change made through the mount is visible through it at once: no stale kernel entries.
-    fuse_opts.setdefault("entry_timeout", 0)
-    fuse_opts.setdefault("attr_timeout", 0)
     fuse_opts.setdefault("fsname", "lxdimagefs")
     fuse_opts.setdefault("subtype", "lxdimagefs")
     log.debug("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)

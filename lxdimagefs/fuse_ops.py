@@ -8,11 +8,13 @@ import errno
 import functools
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .client import LXDError
-from .fusebind import Operations, fuse_get_context
+from .fusebind import Operations, fuse_get_context, path_invalidator
 from .tree import Attr, Tree
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,22 @@ class LXDImageOps(Operations):
 
     def init(self, path: str) -> None:
         self.served = True
+        invalidate = path_invalidator()
+        if invalidate is not None:
+            # Names the tree drops as a side effect (an import that landed, the aliases of a
+            # deleted image) must not linger in the kernel's caches: drop them, off the
+            # request threads, since the kernel may hold their directory until we answer.
+            changed: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
+
+            def on_change(path: str, wait: bool = False) -> None:
+                done = threading.Event()
+                changed.put((path, done))
+                if wait:
+                    done.wait(5)
+
+            self.tree.on_change = on_change
+            threading.Thread(target=_drain, args=(changed, invalidate), daemon=True,
+                             name="invalidate").start()
 
     @translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
@@ -205,3 +223,10 @@ class LXDImageOps(Operations):
 
 def _pid() -> int:
     return fuse_get_context()[2]
+
+
+def _drain(changed: queue.Queue[tuple[str, threading.Event]], invalidate: Callable[[str], None]) -> None:
+    while True:
+        path, done = changed.get()
+        invalidate(path)
+        done.set()

@@ -7,7 +7,9 @@ libfuse 2, `LXDIMAGEFS_FUSE=mfusepy2` mfusepy on libfuse 2.
 
 from __future__ import annotations
 
+import ctypes
 import os
+from collections.abc import Callable
 
 BINDING = os.environ.get("LXDIMAGEFS_FUSE", "mfusepy")
 
@@ -23,4 +25,26 @@ else:
 
     LIBFUSE = mfusepy.fuse_version_major
 
-__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context"]
+
+
+def path_invalidator() -> Callable[[str], None] | None:
+    """A function that drops the kernel's cached entry and attributes of a path.
+
+    Only libfuse 3's high-level API has it (`fuse_invalidate_path`); it must be
+    called from inside a FUSE callback first (to learn the session), and the
+    returned function must not be called from a callback that holds the
+    path's directory (it would wait on the kernel, which waits on us).
+    """
+    if LIBFUSE != 3 or BINDING == "fusepy":
+        return None
+    lib = mfusepy._libfuse
+    fuse = lib.fuse_get_context().contents.fuse
+    lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+
+    def invalidate(path: str) -> None:
+        lib.fuse_invalidate_path(fuse, path.encode("utf-8", "surrogateescape"))
+
+    return invalidate
+
+
+__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "path_invalidator"]

@@ -16,13 +16,14 @@ import posixpath
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import Catalog
 from .client import ExportPart, Image, LXDError
 from .importer import FolderImport, ImportFailed, Upload
-from .names import filename_to_alias, fits
+from .names import alias_to_filename, filename_to_alias, fits
 from .reader import BLOCK, BlockCache, IntegrityError, SplitSpool
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,9 @@ class _UploadHandle(_Handle):
             self.tree._finish_upload(self.upload)
 
     def close(self) -> None:
-        if not self.done:  # the opener never flushed (a killed writer): commit what arrived
+        if not self.done:  # the opener never closed it: no telling whether it is whole
             self.done = True
+            self.upload.abort(f"{self.upload.name} was released without its writer closing it")
             with contextlib.suppress(OSError):  # recorded in the .error file
                 self.tree._finish_upload(self.upload)
 
@@ -216,6 +218,9 @@ class Tree:
         self.scratch: dict[tuple[str, str], bytearray] = {}  # editors' temporary files
         self.hidden: set[tuple[str, str]] = set()  # files unlinked by `rm -r` before its rmdir
         self.etags: dict[str, str] = {}  # ETag of the record a user last read, per image
+        # Told of paths that changed behind the caller's back; wait=True where no directory lock
+        # can be held (close), so the caller sees the change when its call returns.
+        self.on_change: Callable[..., None] = lambda path, wait=False: None
 
     # -- lookups ------------------------------------------------------------
 
@@ -517,6 +522,7 @@ class Tree:
         finally:
             if self.uploads.get(upload.name) is upload:
                 del self.uploads[upload.name]
+            self.on_change(f"/{IMPORT_DIR}/{upload.name}", wait=True)
         self.catalog.invalidate()
 
     def _finish_folder(self, folder: FolderImport) -> None:
@@ -530,6 +536,9 @@ class Tree:
             if folder.fingerprint is not None or folder.name + ERROR_SUFFIX in self.errors:
                 folder.remove_spool()
                 self.folders.pop(folder.name, None)
+                for name in folder.files:
+                    self.on_change(f"/{IMPORT_DIR}/{folder.name}/{name}", wait=True)
+                self.on_change(f"/{IMPORT_DIR}/{folder.name}", wait=True)
         self.catalog.invalidate()
 
     def _failed(self, name: str, e: ImportFailed) -> None:
@@ -618,8 +627,12 @@ class Tree:
         parts = self.split(path)
         self.getattr(path)
         if parts[0] == FP_DIR and len(parts) == 2:
-            fp = self._image(parts[1], path).fingerprint
+            image = self._image(parts[1], path)
+            fp = image.fingerprint
             self.client.delete_image(fp)
+            for alias in image.aliases:  # LXD removes them with the image
+                self.on_change(f"/{ALIAS_DIR}/{alias_to_filename(alias)}")
+            self.on_change(f"/{FP_DIR}/{fp}")
             log.info("deleted image %s", fp)
             self.hidden = {k for k in self.hidden if k[0] != fp}
             self.catalog.invalidate()
@@ -702,4 +715,5 @@ class Tree:
             raise
         finally:
             self.catalog.invalidate()
+        self.on_change(f"/{FP_DIR}/{fp}/{METADATA}")
         log.info("saved %s of image %s", ", ".join(k for k in EDITABLE if k in new), fp)
