@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -258,6 +259,18 @@ def test_metadata_json_edits_are_saved(mnt, sandbox, fresh):
     got = sandbox.rest(f"/1.0/images/{fp}")
     assert got["auto_update"] is True and got["properties"]["color"] == "red"  # others kept
     assert json.loads(path.read_text())["auto_update"] is True
+
+
+def test_vim_saves_metadata_json(mnt, sandbox, fresh):
+    vim = shutil.which("vim") or shutil.which("vim.tiny")
+    if not vim:
+        pytest.fail("vim is not installed: scripts/install.sh installs vim-tiny")
+    fp = fresh()
+    path = mnt.path / "by-fingerprint" / fp / "metadata.json"
+    subprocess.run([vim, "-u", "NONE", "-es", "-c", '%s/"public": false/"public": true/', "-c", "wq",
+                    str(path)], check=True, timeout=30)
+    assert sandbox.rest(f"/1.0/images/{fp}")["public"] is True
+    assert sorted(os.listdir(path.parent)) == sorted(["metadata.json", f"{fp}.tar.gz"])
 
 
 @pytest.mark.parametrize("edit, code", [
