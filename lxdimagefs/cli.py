@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
 
     # Imported late: loading libfuse is not needed for --help or a usage error.
+    from .events import EventWatcher
     from .fuse_ops import LXDImageOps
-    from .fusebind import FUSE, LIBFUSE
+    from .fusebind import FUSE
     from .reader import BlockCache, SplitSpool
     from .tree import Tree
 
@@ -195,12 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     blocks = BlockCache(client, capacity=int(own.get("cache_size", 32)) << 20)  # type: ignore[call-overload]
     tree = Tree(catalog, blocks, SplitSpool(client, spool_dir), readonly=bool(fuse_opts.get("ro")),
                 mountpoint=mountpoint)
-    if LIBFUSE == 3:  # else libfuse 3.14 warns of an unset thread limit on every mount
-        fuse_opts.setdefault("max_threads", 16)
     fuse_opts.setdefault("fsname", "lxdimagefs")
     fuse_opts.setdefault("subtype", "lxdimagefs")
     log.debug("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
-    ops = LXDImageOps(tree)
+    events = EventWatcher(client, lambda event: catalog.invalidate(), timeout=conn.timeout[1])
+    ops = LXDImageOps(tree, events)
     try:
         FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)
     except RuntimeError as e:

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import logging
 import re
+import socket
 import ssl
 import urllib.parse
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 import requests
 import requests.adapters
 import requests_unixsocket
+import websocket
 from requests_unixsocket.adapters import UnixHTTPConnectionPool
 from urllib3.connectionpool import HTTPConnectionPool
 
@@ -305,6 +307,33 @@ class LXDClient:
     def export_stream(self, fingerprint: str) -> requests.Response:
         """The whole export as one streaming response (multipart for split images)."""
         return self._request("GET", f"/images/{fingerprint}/export", stream=True)
+
+    # -- events ---------------------------------------------------------------
+
+    def lifecycle_events(self, timeout: float) -> websocket.WebSocket:
+        """A websocket of LXD's lifecycle events for this project (unix socket or HTTPS)."""
+        query = urllib.parse.urlencode({"type": "lifecycle", "project": self.conn.project})
+        try:
+            if self.conn.socket:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(timeout)
+                sock.connect(self.conn.socket)
+                return websocket.create_connection(f"ws://localhost/1.0/events?{query}", socket=sock,
+                                                   timeout=timeout)
+            url = self._base.replace("https://", "wss://", 1) + f"/events?{query}"
+            sslopt: dict[str, Any] = {"certfile": self.conn.cert[0], "keyfile": self.conn.cert[1]} \
+                if self.conn.cert else {}
+            if self.conn.pinned:
+                sslopt.update(cert_reqs=ssl.CERT_NONE, check_hostname=False)
+            ws = websocket.create_connection(url, timeout=timeout, sslopt=sslopt)
+            if self.conn.pinned:
+                der = ws.sock.getpeercert(binary_form=True)
+                if hashlib.sha256(der).hexdigest() != self.conn.pinned.replace(":", "").lower():
+                    ws.close()
+                    raise LXDUnreachable("the event stream's server certificate is not the pinned one")
+            return ws
+        except (OSError, websocket.WebSocketException) as e:
+            raise LXDUnreachable(f"LXD's event stream did not open: {e}") from e
 
     # -- changes ------------------------------------------------------------
 

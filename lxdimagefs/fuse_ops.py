@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .client import LXDError
+from .events import EventWatcher
 from .fusebind import Operations, fuse_get_context, path_invalidator
 from .tree import Attr, Tree
 
@@ -61,12 +62,15 @@ def _stat(attr: Attr, uid: int, gid: int) -> dict[str, int]:
 class LXDImageOps(Operations):
     use_ns = True
 
-    def __init__(self, tree: Tree) -> None:
+    def __init__(self, tree: Tree, events: EventWatcher | None = None) -> None:
         self.tree = tree
+        self.events = events
         self.served = False  # set once the kernel has the mount
 
     def init(self, path: str) -> None:
         self.served = True
+        if self.events is not None:
+            self.events.start()  # threads start here: the daemon has forked by now
         invalidate = path_invalidator()
         if invalidate is not None:
             # Names the tree drops as a side effect (an import that landed, the aliases of a
@@ -126,6 +130,8 @@ class LXDImageOps(Operations):
         return 0
 
     def destroy(self, path: str) -> None:
+        if self.events is not None:
+            self.events.stop()
         self.tree.blocks.close()
         self.tree.spool.remove()
 

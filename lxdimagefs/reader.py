@@ -192,26 +192,31 @@ class BlockCache:
 
     def _fetch(self, fp: str, total: int, a: int, b: int) -> None:
         index, failures = a, 0
+        got: list[bytes] = []  # what arrived of block `index` before a drop
         try:
             while index <= b:
-                pos, end = index * BLOCK, min((b + 1) * BLOCK, total)
-                start = index
+                pos = index * BLOCK + sum(map(len, got))
+                progressed = False
                 try:
                     self.requests += 1
-                    with self.client.export_range(fp, pos, end) as resp:
+                    with self.client.export_range(fp, pos, min((b + 1) * BLOCK, total)) as resp:
                         while index <= b:
                             want = min((index + 1) * BLOCK, total) - index * BLOCK
-                            data = _read_exactly(resp.raw, want)
+                            progressed |= _read_into(resp.raw, got, want)
+                            data = got[0] if len(got) == 1 else b"".join(got)
+                            got.clear()
                             self._check(fp, total, index, data)
                             self._publish(fp, index, data)
                             index += 1
                 except LXDUnreachable as e:
-                    # Resume a stream that dropped after making progress; a server that
-                    # gives nothing fails at once, so a dead LXD costs one timeout, not several.
+                    # Resume a stream that dropped after making progress, from the byte it
+                    # reached; a server that gives nothing fails at once, so a dead LXD costs
+                    # one timeout, not several.
                     failures += 1
-                    if index == start or failures > self.retries:
+                    if not (progressed or got) or failures > self.retries:
                         raise
-                    log.warning("resuming export %s at offset %d after: %s", fp[:12], index * BLOCK, e)
+                    log.warning("resuming export %s at offset %d after: %s", fp[:12],
+                                index * BLOCK + sum(map(len, got)), e)
         except BaseException as e:  # every waiter must hear of the failure
             err = e if isinstance(e, (LXDError, IntegrityError)) else LXDUnreachable(str(e))
             with self._lock:
@@ -221,21 +226,22 @@ class BlockCache:
                     fut.set_exception(err)
 
 
-def _read_exactly(raw, want: int) -> bytes:
-    chunks = []
-    got = 0
+def _read_into(raw, got: list[bytes], want: int) -> bool:
+    """Read until `got` holds `want` bytes; True if anything arrived."""
+    have = sum(map(len, got))
+    start = have
     try:
-        while got < want:
-            chunk = raw.read(want - got, decode_content=False)
+        while have < want:
+            chunk = raw.read(want - have, decode_content=False)
             if not chunk:
-                raise LXDUnreachable(f"the export stream ended {want - got} bytes early")
-            chunks.append(chunk)
-            got += len(chunk)
+                raise LXDUnreachable(f"the export stream ended {want - have} bytes early")
+            got.append(chunk)
+            have += len(chunk)
     except LXDUnreachable:
         raise
     except Exception as e:  # urllib3/http.client errors on a dropped connection
         raise LXDUnreachable(f"the connection to LXD dropped: {e}") from e
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return have > start
 
 
 class Verifier:

@@ -1,0 +1,130 @@
+"""Faults injected between the mount and the real LXD, and LXD's events."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import time
+
+import pytest
+from conftest import mounted
+from faultproxy import FaultProxy, Rule
+from lxd_sandbox import make_unified
+
+
+@pytest.fixture()
+def proxy(sandbox, tmp_path):
+    p = FaultProxy(sandbox.socket, str(tmp_path / "proxy.socket"))
+    yield p
+    p.close()
+
+
+def _export(m, fp):
+    return m.path / "by-fingerprint" / fp / next(
+        n for n in os.listdir(m.path / "by-fingerprint" / fp) if n != "metadata.json")
+
+
+def test_a_read_whose_connection_drops_resumes_with_the_right_bytes(sandbox, images, proxy, tmp_path):
+    fp = images.fps["plain"]
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path) as m:
+        path = _export(m, fp)
+        proxy.add(Rule("/export", cut_after=300_000, times=2))  # inside the first block
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == fp
+        assert len(proxy.applied) == 2
+        assert "resuming export" in m.log_text()
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_an_lxd_error_gives_eio_and_the_next_call_works(sandbox, images, proxy, tmp_path, status):
+    fp = images.fps["plain"]
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "metadata_ttl=0.1") as m:
+        path = _export(m, fp)
+        proxy.add(Rule("/export", status=status, times=-1))  # the kernel retries a failed readahead
+        with open(path, "rb") as f, pytest.raises(OSError) as e:
+            f.read()
+        assert e.value.errno == errno.EIO
+        proxy.clear()
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == fp
+        time.sleep(0.2)
+        proxy.add(Rule("GET /1.0/images?", status=status))
+        with pytest.raises(OSError) as e:
+            os.listdir(m.path / "by-fingerprint")
+        assert e.value.errno == errno.EIO
+        assert fp in os.listdir(m.path / "by-fingerprint")
+
+
+def test_a_slow_lxd_gives_eio_within_the_timeout(sandbox, images, proxy, tmp_path):
+    fp = images.fps["plain"]
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "timeout=1") as m:
+        path = _export(m, fp)
+        proxy.add(Rule("/export", delay=3, times=-1))
+        started = time.monotonic()
+        with open(path, "rb") as f, pytest.raises(OSError) as e:
+            f.read(4096)
+        assert e.value.errno == errno.EIO
+        assert time.monotonic() - started < 2.5
+        proxy.clear()
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == fp
+
+
+def test_an_interrupted_upload_fails_on_close_and_leaves_nothing(sandbox, proxy, tmp_path):
+    tarball = make_unified(tmp_path / "cut.tar", rootfs_bytes=4 << 20)
+    before = {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path) as m:
+        proxy.add(Rule("POST /1.0/images", cut_request_after=1 << 20))
+        done = subprocess.run(["cp", str(tarball), str(m.path / "import")], capture_output=True, text=True)
+        assert done.returncode != 0
+        assert os.listdir(m.path / "import") == ["cut.tar.error"]
+        os.unlink(m.path / "import" / "cut.tar.error")
+        time.sleep(0.5)  # LXD notices the broken body
+        assert {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")} == before
+        leftovers = [n for n in os.listdir(sandbox.lxd_dir / "images") if len(n.split(".")[0]) != 64]
+        assert leftovers == []
+        # and the mount still imports
+        subprocess.run(["cp", str(tarball), str(m.path / "import")], check=True)
+    sandbox.lxc("image", "delete", hashlib.sha256(tarball.read_bytes()).hexdigest())
+
+
+def test_changes_made_with_lxc_show_within_a_second(sandbox, images, tmp_path):
+    fp = images.fps["xz"]
+    with mounted(sandbox, tmp_path / "mnt", "-o", "metadata_ttl=600") as m:
+        os.listdir(m.path / "by-alias")  # the listing is cached for 10 minutes…
+        deadline = time.monotonic() + 10
+        while "listening to LXD's lifecycle events" not in m.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sandbox.lxc("image", "alias", "create", "from-lxc", fp)
+        try:
+            started = time.monotonic()
+            while "from-lxc" not in os.listdir(m.path / "by-alias"):  # …but the event drops it
+                assert time.monotonic() - started < 1, "not visible within 1 s"
+                time.sleep(0.01)
+        finally:
+            sandbox.lxc("image", "alias", "delete", "from-lxc")
+        started = time.monotonic()
+        while "from-lxc" in os.listdir(m.path / "by-alias"):
+            assert time.monotonic() - started < 1, "deletion not visible within 1 s"
+            time.sleep(0.01)
+
+
+def test_events_come_back_after_lxd_restarts(sandbox, images, tmp_path):
+    fp = images.fps["xz"]
+    with mounted(sandbox, tmp_path / "mnt", "-o", "metadata_ttl=600") as m:
+        deadline = time.monotonic() + 10
+        while m.log_text().count("listening to LXD's lifecycle events") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sandbox.halt()
+        sandbox.resume()
+        deadline = time.monotonic() + 40
+        while m.log_text().count("listening to LXD's lifecycle events") < 2:
+            assert time.monotonic() < deadline, "the event stream was not reopened"
+            time.sleep(0.1)
+        sandbox.lxc("image", "alias", "create", "after-restart", fp)
+        try:
+            started = time.monotonic()
+            while "after-restart" not in os.listdir(m.path / "by-alias"):
+                assert time.monotonic() - started < 1
+                time.sleep(0.01)
+        finally:
+            sandbox.lxc("image", "alias", "delete", "after-restart")
