@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         own, fuse_opts = parse_options(args.options)
         mountpoint = check_mountpoint(args.mountpoint)
+        if args.cache_dir and not os.path.isdir(args.cache_dir):
+            raise UsageError(f"cache folder {args.cache_dir} does not exist")
         conn = connection(args, own)
     except UsageError as e:
         print(f"lxdimagefs: {e}", file=sys.stderr)
@@ -191,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     except LXDError as e:
         print(f"lxdimagefs: cannot list images at {conn.describe()}: {e.message}", file=sys.stderr)
         return 1
-    cache_root = args.cache_dir or tempfile.gettempdir()
-    spool_dir = Path(tempfile.mkdtemp(prefix="lxdimagefs-spool-", dir=cache_root))
+    cache_root = Path(args.cache_dir or tempfile.gettempdir())
+    for stale in SplitSpool.sweep(cache_root):
+        log.info("removed %s, left by a daemon that did not unmount", stale)
+    spool_dir = Path(tempfile.mkdtemp(prefix=SplitSpool.PREFIX, dir=cache_root))
     blocks = BlockCache(client, capacity=int(own.get("cache_size", 32)) << 20)  # type: ignore[call-overload]
     tree = Tree(catalog, blocks, SplitSpool(client, spool_dir), readonly=bool(fuse_opts.get("ro")),
                 mountpoint=mountpoint)

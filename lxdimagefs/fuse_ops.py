@@ -69,6 +69,7 @@ class LXDImageOps(Operations):
 
     def init(self, path: str) -> None:
         self.served = True
+        self.tree.spool.claim()
         if self.events is not None:
             self.events.start()  # threads start here: the daemon has forked by now
         invalidate = path_invalidator()

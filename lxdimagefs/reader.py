@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -361,3 +362,40 @@ class SplitSpool:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    PREFIX = "lxdimagefs-spool-"
+
+    def claim(self) -> None:
+        """Mark the spool as this (daemonized) process's, for `sweep` to know it is alive."""
+        (self.directory / "pid").write_text(str(os.getpid()))
+
+    @classmethod
+    def sweep(cls, root: Path, grace: float = 60.0) -> list[Path]:
+        """Remove the spools of daemons that died without unmounting (killed, crashed)."""
+        removed = []
+        for path in root.glob(cls.PREFIX + "*"):
+            try:
+                if path.stat().st_uid != os.getuid():
+                    continue
+                pid = int((path / "pid").read_text())
+            except FileNotFoundError:  # never claimed: a start-up that failed, unless brand new
+                pid = 0
+                if time.time() - path.stat().st_mtime < grace:
+                    continue
+            except (OSError, ValueError):
+                continue
+            if pid and _alive(pid):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

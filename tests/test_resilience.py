@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import subprocess
+import sys
 import time
 
 import pytest
-from conftest import mounted
+from conftest import mounted, unmount, wait_mounted
 from faultproxy import FaultProxy, Rule
-from lxd_sandbox import make_unified
+from lxd_sandbox import make_split, make_unified
 
 
 @pytest.fixture()
@@ -128,3 +130,43 @@ def test_events_come_back_after_lxd_restarts(sandbox, images, tmp_path):
                 time.sleep(0.01)
         finally:
             sandbox.lxc("image", "alias", "delete", "after-restart")
+
+
+def test_a_daemon_killed_mid_upload_leaves_nothing_after_the_next_mount(sandbox, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tarball = make_unified(tmp_path / "big.tar", rootfs_bytes=4 << 20).read_bytes()
+    meta, rootfs = make_split(tmp_path / "s", rootfs_bytes=2 << 20)
+    before = {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}
+    where = tmp_path / "mnt"
+    where.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--socket", sandbox.socket,
+                             "--cache-dir", str(cache), str(where)], stdin=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    fds = []
+    try:
+        wait_mounted(where, proc)
+        fds.append(os.open(where / "import" / "big.tar", os.O_WRONLY | os.O_CREAT, 0o644))
+        os.write(fds[-1], tarball[:2 << 20])
+        os.mkdir(where / "import" / "half")
+        (where / "import" / "half" / "meta.tar.xz").write_bytes(meta.read_bytes())
+        fds.append(os.open(where / "import" / "half" / "rootfs.squashfs", os.O_WRONLY | os.O_CREAT, 0o644))
+        os.write(fds[-1], rootfs.read_bytes()[:1 << 20])
+        assert [p.name for p in cache.iterdir() if p.name.startswith("lxdimagefs-spool-")]
+        proc.kill()
+        proc.wait()
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        unmount(where)
+    time.sleep(0.5)
+    assert {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")} == before
+    assert [n for n in os.listdir(sandbox.lxd_dir / "images") if len(n.split(".")[0]) != 64] == []
+    stale = [p for p in cache.iterdir() if p.name.startswith("lxdimagefs-spool-")]
+    assert len(stale) == 1  # the killed daemon's
+    with mounted(sandbox, tmp_path / "again", "--cache-dir", str(cache)) as m:
+        assert os.listdir(m.path / "import") == []
+        assert not stale[0].exists()
+        assert "left by a daemon that did not unmount" in m.log_text()
+    assert [p for p in cache.iterdir() if p.name.startswith("lxdimagefs-spool-")] == []
