@@ -49,3 +49,12 @@ def filename_to_alias(filename: str) -> str:
 def fits(filename: str) -> bool:
     """Whether a directory entry can hold this name."""
     return 0 < len(filename.encode("utf-8", "surrogateescape")) <= NAME_MAX and "\0" not in filename
+
+
+def valid(name: str) -> bool:
+    """Whether LXD can hold this name: UTF-8 (the kernel hands over any bytes), no control characters."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not any(ord(c) < 32 for c in name)

@@ -23,7 +23,7 @@ from pathlib import Path
 from .catalog import Catalog
 from .client import ExportPart, Image, LXDError
 from .importer import FolderImport, ImportFailed, Upload
-from .names import alias_to_filename, filename_to_alias, fits
+from .names import alias_to_filename, filename_to_alias, fits, valid
 from .reader import BLOCK, BlockCache, IntegrityError, SplitSpool
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ class Tree:
                                 up, used, up)
                 _, part = self._part(image, rest[1], path)
                 return Attr(stat.S_IFREG | 0o444, part.size, up, used, up, blksize=BLOCK)
-        if top == ALIAS_DIR and len(rest) == 1:
+        if top == ALIAS_DIR and len(rest) == 1 and fits(rest[0]) and valid(rest[0]):
             target = self.readlink(path)
             return Attr(stat.S_IFLNK | 0o777, len(target.encode()), self.started, self.started, self.started)
         raise _err(errno.ENOENT, path)
@@ -319,7 +319,7 @@ class Tree:
 
     def readlink(self, path: str) -> str:
         parts = self.split(path)
-        if len(parts) == 2 and parts[0] == ALIAS_DIR and fits(parts[1]):
+        if len(parts) == 2 and parts[0] == ALIAS_DIR and fits(parts[1]) and valid(parts[1]):
             fp = self.catalog.alias_target(parts[1])
             if fp is not None:
                 return f"../{FP_DIR}/{fp}"
@@ -418,9 +418,15 @@ class Tree:
         log.warning("refused %s %s: %s", op, path, why)
         return _err(code, path, why)
 
+    @staticmethod
+    def _valid_name(name: str, path: str) -> None:
+        if not valid(name):
+            raise _err(errno.EINVAL, path, "names must be UTF-8, without control characters")
+
     def create(self, path: str, flags: int, pid: int = 0) -> int:
         self._writable(path, "create")
         parts = self.split(path)
+        self._valid_name(parts[-1], path)
         try:
             self.getattr(path)
             exists = True
@@ -549,6 +555,7 @@ class Tree:
         self._writable(path, "mkdir")
         parts = self.split(path)
         if parts[0] == IMPORT_DIR and len(parts) == 2:
+            self._valid_name(parts[1], path)
             if parts[1] in self.folders or parts[1] in self.uploads or parts[1] in self.errors:
                 raise _err(errno.EEXIST, path)
             if not fits(parts[1]):
@@ -586,6 +593,7 @@ class Tree:
         parts = self.split(path)
         if len(parts) != 2 or parts[0] != ALIAS_DIR:
             raise self._refuse(errno.EPERM, "symlink", path, "symlinks can be made only under by-alias/")
+        self._valid_name(parts[1], path)
         if not fits(parts[1]):
             raise _err(errno.ENAMETOOLONG, path)
         self.catalog.invalidate()
@@ -670,6 +678,7 @@ class Tree:
         raise self._refuse(code, "rename", old, f"cannot move it to {new}")
 
     def _rename_alias(self, old_name: str, new_name: str, path: str) -> None:
+        self._valid_name(new_name, path)
         if not fits(new_name):
             raise _err(errno.ENAMETOOLONG, path)
         self.catalog.invalidate()
