@@ -34,6 +34,12 @@ OWN_OPTIONS = {
 }
 
 
+# lxdimagefs's own -o flags.
+OWN_FLAGS = {
+    "no_events",  # do not listen to LXD's events: rely on metadata_ttl alone
+}
+
+
 class UsageError(Exception):
     pass
 
@@ -66,7 +72,9 @@ def parse_options(values: list[str]) -> tuple[dict[str, object], dict[str, objec
     for value in values:
         for item in filter(None, value.split(",")):
             key, sep, val = item.partition("=")
-            if key in OWN_OPTIONS:
+            if key in OWN_FLAGS and not sep:
+                own[key] = True
+            elif key in OWN_OPTIONS:
                 try:
                     own[key] = OWN_OPTIONS[key](val)
                 except ValueError:
@@ -91,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached; SIGINT/SIGTERM unmount")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="FUSE options (ro, allow_other, ...) and lxdimagefs's own: "
-                        + ", ".join(f"{k}=N" for k in OWN_OPTIONS))
+                        + ", ".join([*(f"{k}=N" for k in OWN_OPTIONS), *OWN_FLAGS]))
     p.add_argument("--log-file",
                    help="log here (default: stderr in the foreground, syslog in the background)")
     p.add_argument("--cache-dir",
@@ -203,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     fuse_opts.setdefault("fsname", "lxdimagefs")
     fuse_opts.setdefault("subtype", "lxdimagefs")
     log.debug("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
-    events = EventWatcher(client, lambda event: catalog.invalidate(), timeout=conn.timeout[1])
+    events = None if own.get("no_events") else EventWatcher(client, lambda event: catalog.invalidate(),
+                                                            timeout=conn.timeout[1])
     ops = LXDImageOps(tree, events)
     try:
         FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)

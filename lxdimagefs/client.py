@@ -226,9 +226,10 @@ class LXDClient:
                  **kwargs: Any) -> requests.Response:
         url = self._url(path, **(params or {}))
         log.debug("%s %s", method, path)
+        kwargs.setdefault("timeout", self.conn.timeout)
         try:
             resp = self._session.request(method, url, stream=stream, headers=headers, verify=self._verify,
-                                         timeout=self.conn.timeout, **kwargs)
+                                         **kwargs)
         except requests.RequestException as e:
             raise LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}") from e
         if resp.status_code >= 400:
@@ -352,7 +353,10 @@ class LXDClient:
     def create_image(self, body: Any, headers: dict[str, str]) -> str:
         """Upload an image (bytes, a file or an iterator of chunks); returns its fingerprint
         once LXD's operation has finished."""
-        op = self._sync_or_async("POST", "/images", data=body, headers=headers)
+        # urllib3 holds a request body to the connect timeout: give it the read timeout, as a
+        # busy LXD may stop reading for a while (the writer's own pauses cost no socket time).
+        read = self.conn.timeout[1]
+        op = self._sync_or_async("POST", "/images", data=body, headers=headers, timeout=(read, read))
         result = self.wait(op)
         return (result or {}).get("fingerprint", "")
 

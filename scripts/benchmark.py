@@ -309,6 +309,38 @@ def bench_import(box: Sandbox, tarball: Path) -> None:
     delete()
 
 
+def bench_freshness(box: Sandbox, fp: str, samples: int = 20) -> None:
+    print("\nA change made with lxc, until the mount shows it", flush=True)
+
+    def measure(opts: tuple[str, ...], n: int) -> list[float]:
+        times = []
+        with mount(box, "mfusepy", *opts) as (where, _proc, log):
+            deadline = time.monotonic() + 10
+            while "no_events" not in opts and "listening to LXD's lifecycle events" not in log.read_text():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            for i in range(n):
+                os.listdir(where / "by-alias")  # the listing is cached now
+                name = f"fresh{i}"
+                box.lxc("image", "alias", "create", name, fp)
+                t = time.perf_counter()
+                while name not in os.listdir(where / "by-alias"):
+                    time.sleep(0.002)
+                times.append(time.perf_counter() - t)
+                box.lxc("image", "alias", "delete", name)
+        return sorted(times)
+
+    def pct(times: list[float], q: float) -> float:
+        return times[min(len(times) - 1, int(q * len(times)))] * 1000
+
+    live = measure(("-o", "metadata_ttl=3"), samples)
+    row("alias made with lxc, visible through the mount (events)",
+        f"p50 {pct(live, 0.5):.0f} ms", f"p95 {pct(live, 0.95):.0f} ms, {samples} changes")
+    fallback = measure(("-o", "metadata_ttl=3,no_events"), samples // 2)
+    row("the same without events (metadata_ttl=3 alone)",
+        f"p50 {pct(fallback, 0.5):.0f} ms", f"p95 {pct(fallback, 0.95):.0f} ms, {samples // 2} changes")
+
+
 def _io_written(pid: int) -> int:
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
         if line.startswith("write_bytes:"):
@@ -336,6 +368,7 @@ def main() -> int:
         tarball.unlink()
         bench_sequential(box, fp, size)
         bench_random(box, fp, size)
+        bench_freshness(box, fp)
         make_many(box, args.many)
         bench_listing(box, args.many)
     finally:

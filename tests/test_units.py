@@ -54,6 +54,7 @@ def test_parse_options_splits_own_from_fuse():
     own, fuse = parse_options(["ro,metadata_ttl=2.5", "allow_other,cache_size=32,max_read=131072"])
     assert own == {"metadata_ttl": 2.5, "cache_size": 32}
     assert fuse == {"ro": True, "allow_other": True, "max_read": "131072"}
+    assert parse_options(["no_events"]) == ({"no_events": True}, {})
     with pytest.raises(UsageError):
         parse_options(["cache_size=x"])
     with pytest.raises(UsageError):
