@@ -1,7 +1,7 @@
 """LXD's lifecycle events keep the mount fresh.
 
-Any image or alias event drops the cached listing, so the next call sees
-LXD's state. LXD sends no alias events when an image is deleted or
+Every image or alias change LXD reports drops the cached listing, so the
+next call sees LXD's state. LXD sends no alias events when an image is deleted or
 refreshed, nor for aliases made during an upload: dropping the whole
 listing on every image event resyncs the aliases too. While the stream is
 down, the metadata lifetime alone bounds staleness; it is reopened with a
@@ -20,6 +20,14 @@ import websocket
 from .client import LXDClient, LXDError
 
 log = logging.getLogger(__name__)
+
+
+# The lifecycle actions that change what the mount shows. Not `image-retrieved`: LXD
+# sends it for every export, so each read would otherwise drop the listing.
+CHANGES = frozenset({
+    "image-created", "image-deleted", "image-updated", "image-refreshed",
+    "image-alias-created", "image-alias-deleted", "image-alias-updated", "image-alias-renamed",
+})
 
 
 class EventWatcher:
@@ -77,7 +85,7 @@ class EventWatcher:
             except ValueError:
                 continue
             action = (event.get("metadata") or {}).get("action", "")
-            if action.startswith("image"):
+            if action in CHANGES:
                 self.received += 1
                 log.debug("event %s %s", action, (event.get("metadata") or {}).get("source", ""))
                 self.on_image_event(event)

@@ -186,48 +186,36 @@ class LXDImageOps(Operations):
 
     @translated
     def utimens(self, path: str, times: Any = None) -> int:
-        self._refuse("utimens", path)
+        self.tree.set_attributes("utimens", path)
         return 0
-
-    def _refuse(self, op: str, path: str) -> None:
-        self.tree.getattr(path)
-        parts = self.tree.split(path)
-        if not self.tree.readonly and (parts[0] == "import" or self.tree.is_scratch(path)
-                                       or parts[-1] == "metadata.json"):
-            return  # cp -p, touch, sed -i, vim keeping modes of what they write: nothing to keep
-        code = errno.EROFS if self.tree.readonly else errno.EPERM
-        log.warning("refused %s %s: %s", op, path, os.strerror(code))
-        raise OSError(code, os.strerror(code))
-
-    @translated
-    def link(self, target: str, source: str) -> int:
-        self._refuse("link", source)
-        return 0
-
-    @translated
-    def mknod(self, path: str, mode: int, dev: int) -> int:
-        log.warning("refused mknod %s", path)
-        raise OSError(errno.EROFS if self.tree.readonly else errno.EPERM, "")
 
     @translated
     def chmod(self, path: str, mode: int) -> int:
-        self._refuse("chmod", path)
+        self.tree.set_attributes("chmod", path)
         return 0
 
     @translated
     def chown(self, path: str, uid: int, gid: int) -> int:
-        self._refuse("chown", path)
+        self.tree.set_attributes("chown", path)
         return 0
 
     @translated
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        self._refuse("setxattr", path)
+        self.tree.set_attributes("setxattr", path)
         return 0
 
     @translated
     def removexattr(self, path: str, name: str) -> int:
-        self._refuse("removexattr", path)
+        self.tree.set_attributes("removexattr", path)
         return 0
+
+    @translated
+    def link(self, target: str, source: str) -> int:
+        raise self.tree.refusal("link", target, "hard links are not supported")
+
+    @translated
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        raise self.tree.refusal("mknod", path, "only regular files can be made, under import/")
 
 
 def _pid() -> int:

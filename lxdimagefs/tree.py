@@ -418,6 +418,24 @@ class Tree:
         log.warning("refused %s %s: %s", op, path, why)
         return _err(code, path, why)
 
+    def refusal(self, op: str, path: str, why: str) -> OSError:
+        """The error for a change the tree never makes: EROFS under -o ro, else EPERM."""
+        return self._refuse(errno.EROFS if self.readonly else errno.EPERM, op, path, why)
+
+    def set_attributes(self, op: str, path: str) -> None:
+        """chmod, chown, utimensat, setxattr: modes and times here are LXD's, not the user's.
+
+        Accepted and ignored on what is being written (imports, editors' scratch
+        files, metadata.json) so that `cp -p`, `touch`, `sed -i` and vim work;
+        refused everywhere else.
+        """
+        self.getattr(path)
+        parts = self.split(path)
+        if not self.readonly and (parts[0] == IMPORT_DIR or self.is_scratch(path) or
+                                  (parts[0] == FP_DIR and parts[-1] == METADATA)):
+            return
+        raise self.refusal(op, path, "modes, owners, times and attributes are LXD's")
+
     @staticmethod
     def _valid_name(name: str, path: str) -> None:
         if not valid(name):

@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ def main() -> int:
     p.add_argument("--readers", type=int, default=16)
     p.add_argument("--images", type=int, default=8)
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # still stop the private LXD
     box = Sandbox.start()
     work = Path(tempfile.mkdtemp(prefix="soak-", dir="/var/tmp"))
     where = work / "mnt"

@@ -170,3 +170,23 @@ def test_a_daemon_killed_mid_upload_leaves_nothing_after_the_next_mount(sandbox,
         assert not stale[0].exists()
         assert "left by a daemon that did not unmount" in m.log_text()
     assert [p for p in cache.iterdir() if p.name.startswith("lxdimagefs-spool-")] == []
+
+
+def test_reading_exports_does_not_drop_the_listing(sandbox, images, tmp_path):
+    """LXD sends an image-retrieved event for every export: it changes nothing."""
+    with mounted(sandbox, tmp_path / "mnt", "-o", "metadata_ttl=600") as m:
+        deadline = time.monotonic() + 10
+        while "listening to LXD's lifecycle events" not in m.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.listdir(m.path / "by-fingerprint")
+
+        def listings() -> int:
+            return sum(1 for line in m.log_text().splitlines() if line.endswith("client: GET /images"))
+
+        before = listings()
+        for role in ("gz", "xz", "plain"):
+            _export(m, images.fps[role]).read_bytes()
+        time.sleep(0.5)
+        os.listdir(m.path / "by-fingerprint")
+        assert "event image-retrieved" not in m.log_text()
+        assert listings() == before
