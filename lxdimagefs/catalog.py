@@ -1,9 +1,10 @@
-"""What images and aliases LXD holds, cached for a short lifetime.
+"""What images and aliases LXD holds, cached.
 
-One `GET /1.0/images?recursion=1` answers every listing and `stat` for a
-whole metadata lifetime: the records carry their aliases, so no request is
-made per image. Export layouts (file names and sizes) are fixed by the
-fingerprint, so they are cached for good.
+One `GET /1.0/images?recursion=1` answers every listing and `stat`: the
+records carry their aliases, so no request is made per image. While LXD's
+event stream is live the listing is kept until an event says it changed;
+while it is down, for the metadata lifetime only. Export layouts (file
+names and sizes) are fixed by the fingerprint, so they are cached for good.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache
 
 from .client import ExportLayout, Image, LXDClient
 from .names import alias_to_filename, filename_to_alias, fits
@@ -29,22 +31,28 @@ class Snapshot:
 
 
 class Catalog:
-    def __init__(self, client: LXDClient, ttl: float = 3.0, clock=None) -> None:
+    def __init__(self, client: LXDClient, ttl: float = 3.0, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
         self.client = client
-        kwargs = {"timer": clock} if clock else {}
-        self._snapshots: TTLCache[str, Snapshot] = TTLCache(maxsize=1, ttl=ttl, **kwargs)
+        self.ttl = ttl
+        self.events_live: Callable[[], bool] = lambda: False  # set by whoever follows LXD's events
+        self._snap: Snapshot | None = None
         self._layouts: LRUCache[str, ExportLayout] = LRUCache(maxsize=100_000)
         self._lock = threading.Lock()
         self._layout_locks: dict[str, threading.Lock] = {}
-        self._clock = clock or time.monotonic
+        self._clock = clock
 
     def snapshot(self) -> Snapshot:
         with self._lock:  # one fill at a time: a burst of stat() makes one request
-            snap = self._snapshots.get("s")
-            if snap is None:
-                snap = self._build(self.client.images())
-                self._snapshots["s"] = snap
+            snap = self._snap
+            if snap is None or (not self.events_live() and self._clock() - snap.taken_at >= self.ttl):
+                snap = self._snap = self._build(self.client.images())
             return snap
+
+    def refresh(self) -> None:
+        """Fetch the listing now (from a background thread, so that no call waits for it)."""
+        with self._lock:
+            self._snap = self._build(self.client.images())
 
     def _build(self, images: list[Image]) -> Snapshot:
         aliases: dict[str, str] = {}
@@ -57,7 +65,7 @@ class Catalog:
 
     def invalidate(self) -> None:
         with self._lock:
-            self._snapshots.clear()
+            self._snap = None
 
     def resolve(self, name: str) -> Image:
         """A full fingerprint, or a unique prefix of at least 12 hex digits."""

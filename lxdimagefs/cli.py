@@ -211,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     fuse_opts.setdefault("fsname", "lxdimagefs")
     fuse_opts.setdefault("subtype", "lxdimagefs")
     log.debug("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
-    events = None if own.get("no_events") else EventWatcher(client, lambda event: catalog.invalidate(),
-                                                            timeout=conn.timeout[1])
+    events = None
+    if not own.get("no_events"):
+        events = EventWatcher(client, lambda event: catalog.invalidate(), catalog.refresh,
+                              timeout=conn.timeout[1])
+        catalog.events_live = events.live.is_set
     ops = LXDImageOps(tree, events)
     try:
         FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)

@@ -1,7 +1,9 @@
 """LXD's lifecycle events keep the mount fresh.
 
 Every image or alias change LXD reports drops the cached listing, so the
-next call sees LXD's state. LXD sends no alias events when an image is deleted or
+next call sees LXD's state; while the stream is live, nothing else expires
+it. Each time the stream opens, the listing is fetched again at once, in
+the background, for what changed while it was closed. LXD sends no alias events when an image is deleted or
 refreshed, nor for aliases made during an upload: dropping the whole
 listing on every image event resyncs the aliases too. While the stream is
 down, the metadata lifetime alone bounds staleness; it is reopened with a
@@ -34,12 +36,14 @@ class EventWatcher:
     MAX_BACKOFF = 30.0
 
     def __init__(self, client: LXDClient, on_image_event: Callable[[dict], None],
-                 timeout: float = 30.0) -> None:
+                 on_connect: Callable[[], None], timeout: float = 30.0) -> None:
         self.client = client
         self.on_image_event = on_image_event
+        self.on_connect = on_connect
         self.timeout = timeout
         self.live = threading.Event()  # set while the stream is open
         self.received = 0
+        self.connections = 0
         self._stop = threading.Event()
         self._ws: websocket.WebSocket | None = None
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
@@ -60,7 +64,8 @@ class EventWatcher:
                 self._ws = self.client.lifecycle_events(self.timeout)
                 self._ws.settimeout(None)  # events come when they come; pings keep it honest
                 self.live.set()
-                self.on_image_event({})  # whatever happened while it was down
+                self.on_connect()  # whatever changed before the stream opened
+                self.connections += 1
                 log.info("listening to LXD's lifecycle events")
                 backoff = 0.5
                 self._listen(self._ws)

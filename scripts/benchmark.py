@@ -238,17 +238,22 @@ def bench_listing(box: Sandbox, count: int) -> None:
     row("lxc image list --format csv", f"{t_lxc * 1000:.0f} ms", "")
     t_py = best(3, lambda: pylxd.Client(endpoint=box.socket).images.all())
     row("pylxd client.images.all()", f"{t_py * 1000:.0f} ms", "")
-    with mount(box, "mfusepy", "-o", "metadata_ttl=60") as (where, _proc, log):
+    with mount(box, "mfusepy", "-o", "metadata_ttl=2") as (where, _proc, log):
+        def listings() -> int:
+            return sum(1 for line in log.read_text().splitlines()
+                       if "lxdimagefs.client: GET" in line and line.endswith("GET /images"))
+
+        time.sleep(2.1)  # the listing made at mount time has expired: this ls pays for one
+        before = listings()
         t = time.perf_counter()
         sh("ls", "-l", str(where / "by-fingerprint"))
         t_cold = time.perf_counter() - t
-        listings = sum(1 for line in log.read_text().splitlines()
-                       if "lxdimagefs.client: GET" in line and line.endswith("GET /images"))
-        row("ls -l by-fingerprint (cold mount)", f"{t_cold * 1000:.0f} ms",
-            f"{t_lxc / t_cold:.1f}x faster than lxc; {listings} listing request(s) since mounting")
+        row("ls -l by-fingerprint, listing not cached", f"{t_cold * 1000:.0f} ms",
+            f"{t_lxc / t_cold:.2f}x lxc's speed; {listings() - before} listing request(s)")
         t_warm = best(3, lambda: sh("ls", "-l", str(where / "by-fingerprint")))
-        row("ls -l by-fingerprint (warm)", f"{t_warm * 1000:.0f} ms",
+        row("ls -l by-fingerprint, listing cached (metadata_ttl)", f"{t_warm * 1000:.0f} ms",
             f"{t_lxc / t_warm:.1f}x faster than lxc")
+    with mount(box, "mfusepy", "-o", "metadata_ttl=60") as (where, _proc, log):
         lines_before = len(log.read_text().splitlines())
         t = time.perf_counter()
         sh("find", str(where / "by-fingerprint"), "-mindepth", "2", "-printf", "%s\n")
@@ -256,9 +261,9 @@ def bench_listing(box: Sandbox, count: int) -> None:
         new = log.read_text().splitlines()[lines_before:]
         ours = [line for line in new if "lxdimagefs.client: GET" in line]
         probes = sum(1 for line in ours if line.endswith("/export"))
-        listings = sum(1 for line in ours if line.endswith("GET /images"))
+        n_listings = sum(1 for line in ours if line.endswith("GET /images"))
         row("stat every file (find -printf %s), first time", f"{t_find * 1000:.0f} ms",
-            f"{probes} layout probes, {listings} listing requests")
+            f"{probes} layout probes, {n_listings} listing requests")
         t_find2 = best(3, lambda: sh("find", str(where / "by-fingerprint"), "-mindepth", "2",
                                      "-printf", "%s\n"))
         row("stat every file, again", f"{t_find2 * 1000:.0f} ms", "layouts cached: no request")

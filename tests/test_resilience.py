@@ -41,7 +41,8 @@ def test_a_read_whose_connection_drops_resumes_with_the_right_bytes(sandbox, ima
 @pytest.mark.parametrize("status", [500, 503])
 def test_an_lxd_error_gives_eio_and_the_next_call_works(sandbox, images, proxy, tmp_path, status):
     fp = images.fps["plain"]
-    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "metadata_ttl=0.1") as m:
+    # no_events: with a live stream the listing would not be fetched again at all
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "metadata_ttl=0.1,no_events") as m:
         path = _export(m, fp)
         proxy.add(Rule("/export", status=status, times=-1))  # the kernel retries a failed readahead
         with open(path, "rb") as f, pytest.raises(OSError) as e:
@@ -190,3 +191,18 @@ def test_reading_exports_does_not_drop_the_listing(sandbox, images, tmp_path):
         os.listdir(m.path / "by-fingerprint")
         assert "event image-retrieved" not in m.log_text()
         assert listings() == before
+
+
+def test_without_events_the_metadata_lifetime_bounds_staleness(sandbox, images, tmp_path):
+    fp = images.fps["xz"]
+    with mounted(sandbox, tmp_path / "mnt", "-o", "no_events,metadata_ttl=1") as m:
+        os.listdir(m.path / "by-alias")
+        sandbox.lxc("image", "alias", "create", "from-lxc-ttl", fp)
+        try:
+            started = time.monotonic()
+            while "from-lxc-ttl" not in os.listdir(m.path / "by-alias"):
+                assert time.monotonic() - started < 1.5, "not visible within the metadata lifetime"
+                time.sleep(0.02)
+        finally:
+            sandbox.lxc("image", "alias", "delete", "from-lxc-ttl")
+        assert "listening to LXD's lifecycle events" not in m.log_text()
