@@ -28,7 +28,7 @@ from .client import LXDClient, LXDError
 log = logging.getLogger(__name__)
 
 SNIFF_BYTES = 512
-_BREAK = b"<break>"  # a queue item that is never data: identity is what counts
+_BREAK = object()  # a queue item that is never data
 METADATA = "metadata.json"
 
 # First bytes of what LXD accepts as an image file (or part of one).
@@ -66,7 +66,7 @@ def _failure(e: BaseException) -> ImportFailed:
         return e
     if isinstance(e, LXDError):
         code = e.errno if e.status else errno.EIO
-        if code == errno.ENOENT or (e.status == 400 and code == errno.EIO):
+        if code == errno.ENOENT:  # LXD looked for something in the upload that is not there
             code = errno.EINVAL
         return ImportFailed(code, e.message)
     return ImportFailed(errno.EIO, str(e))
@@ -94,7 +94,7 @@ class Upload:
         self.fingerprint: str | None = None
         self.error: ImportFailed | None = None
         self._head = bytearray()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_CHUNKS)
+        self._queue: queue.Queue[bytes | object | None] = queue.Queue(self.QUEUE_CHUNKS)
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -195,7 +195,7 @@ class Upload:
             return
         while not self._done.is_set():
             try:
-                self._queue.put(_BREAK, timeout=0.1)  # type: ignore[arg-type]
+                self._queue.put(_BREAK, timeout=0.1)
                 return
             except queue.Full:
                 with contextlib.suppress(queue.Empty):

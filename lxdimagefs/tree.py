@@ -6,7 +6,6 @@ system call should return.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from .catalog import Catalog
 from .client import ExportPart, Image, LXDError
+from .handles import BytesHandle, EditHandle, FileHandle, Handle, UnifiedHandle, UploadHandle, fs_error
 from .importer import FolderImport, ImportFailed, Upload
 from .names import alias_to_filename, filename_to_alias, fits, valid
 from .reader import BLOCK, BlockCache, IntegrityError, SplitSpool
@@ -34,7 +34,6 @@ IMPORT_DIR = "import"
 METADATA = "metadata.json"
 ERROR_SUFFIX = ".error"
 EDITABLE = ("auto_update", "expires_at", "profiles", "properties", "public")
-MAX_EDIT = 1 << 20  # bytes a metadata.json (or an editor's temporary file) may hold
 
 
 @dataclass(frozen=True)
@@ -53,148 +52,6 @@ def render_metadata(image: Image) -> bytes:
     return (json.dumps(image.record, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def _err(code: int, path: str, message: str | None = None) -> OSError:
-    return OSError(code, message or os.strerror(code), path)
-
-
-class _Handle:
-    """An open file. Subclasses implement what their file allows."""
-
-    opener = 0  # pid of the process that opened it: its flush commits
-
-    def read(self, offset: int, size: int) -> bytes:
-        raise _err(errno.EBADF, "read")
-
-    def write(self, offset: int, data: bytes) -> int:
-        raise _err(errno.EBADF, "write")
-
-    def truncate(self, length: int) -> None:
-        raise _err(errno.EINVAL, "truncate")
-
-    def flush(self, pid: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _BytesHandle(_Handle):
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.data[offset:offset + size]
-
-
-class _UnifiedHandle(_Handle):
-    """One open unified export: grows its prefetch window while reads are sequential."""
-
-    MAX_AHEAD_BYTES = 16 << 20
-
-    def __init__(self, blocks: BlockCache, fp: str, size: int) -> None:
-        self.blocks, self.fp, self.size = blocks, fp, size
-        self._next = 0
-        self._ahead = 0
-        self._max_ahead = max(1, min(self.MAX_AHEAD_BYTES, blocks.capacity // 4) // BLOCK)
-
-    def read(self, offset: int, size: int) -> bytes:
-        # The kernel's readahead may skip a little ahead of the reader: still sequential.
-        if offset == self._next or (self._next and 0 < offset - self._next <= 4 * BLOCK):
-            self._ahead = min(max(1, self._ahead * 2), self._max_ahead)
-        else:
-            self._ahead = 0
-        data = self.blocks.read(self.fp, self.size, offset, size, self._ahead)
-        self._next = max(self._next, offset + len(data))
-        return data
-
-
-class _FileHandle(_Handle):
-    """A local file: a split image's spooled part, or a part being written into an import folder."""
-
-    def __init__(self, path: str, flags: int = os.O_RDONLY, on_close=None) -> None:
-        self.fd = os.open(path, flags, 0o600)
-        self._on_close = on_close
-
-    def read(self, offset: int, size: int) -> bytes:
-        return os.pread(self.fd, size, offset)
-
-    def write(self, offset: int, data: bytes) -> int:
-        return os.pwrite(self.fd, data, offset)
-
-    def truncate(self, length: int) -> None:
-        os.ftruncate(self.fd, length)
-
-    def flush(self, pid: int) -> None:
-        if pid == self.opener and self._on_close:
-            on_close, self._on_close = self._on_close, None
-            on_close()
-
-    def close(self) -> None:
-        os.close(self.fd)
-        if self._on_close:
-            self._on_close()
-
-
-class _UploadHandle(_Handle):
-    def __init__(self, tree: Tree, upload: Upload) -> None:
-        self.tree, self.upload = tree, upload
-        self.opener = upload.opener_pid
-        self.done = False
-
-    def write(self, offset: int, data: bytes) -> int:
-        return self.upload.write(offset, data)
-
-    def truncate(self, length: int) -> None:
-        if length != self.upload.size:
-            raise _err(errno.ESPIPE, self.upload.name, "an import cannot be truncated once written")
-
-    def flush(self, pid: int) -> None:
-        if pid == self.opener and not self.done:
-            self.done = True
-            self.tree._finish_upload(self.upload)
-
-    def close(self) -> None:
-        if not self.done:  # the opener never closed it: no telling whether it is whole
-            self.done = True
-            self.upload.abort(f"{self.upload.name} was released without its writer closing it")
-            with contextlib.suppress(OSError):  # recorded in the .error file
-                self.tree._finish_upload(self.upload)
-
-
-class _EditHandle(_Handle):
-    """metadata.json opened for writing, or an editor's temporary file beside it."""
-
-    def __init__(self, data: bytearray, on_commit=None) -> None:
-        self.data = data
-        self.on_commit = on_commit
-        self.dirty = False
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self.data[offset:offset + size])
-
-    def write(self, offset: int, data: bytes) -> int:
-        if offset + len(data) > MAX_EDIT:
-            self.on_commit = None  # what was written is not the whole record: never save it
-            raise _err(errno.EFBIG, "metadata.json", f"more than {MAX_EDIT} bytes")
-        if offset > len(self.data):
-            self.data.extend(b"\0" * (offset - len(self.data)))
-        self.data[offset:offset + len(data)] = data
-        self.dirty = True
-        return len(data)
-
-    def truncate(self, length: int) -> None:
-        if length > MAX_EDIT:
-            raise _err(errno.EFBIG, "metadata.json")
-        del self.data[length:]
-        self.data.extend(b"\0" * (length - len(self.data)))
-        self.dirty = True
-
-    def flush(self, pid: int) -> None:
-        if pid == self.opener and self.dirty and self.on_commit:
-            self.dirty = False
-            self.on_commit(bytes(self.data))
-
-
 class Tree:
     def __init__(self, catalog: Catalog, blocks: BlockCache, spool: SplitSpool,
                  uid: int | None = None, gid: int | None = None, readonly: bool = True,
@@ -208,7 +65,7 @@ class Tree:
         self.readonly = readonly
         self.mountpoint = mountpoint.rstrip("/")
         self.started = time.time()
-        self._handles: dict[int, _Handle] = {}
+        self._handles: dict[int, Handle] = {}
         self._next_fh = itertools.count(1)
         self._lock = threading.Lock()
         # What writes under import/ and inside image folders hold while they last.
@@ -232,14 +89,14 @@ class Tree:
         try:
             return self.catalog.resolve(name)
         except OSError as e:
-            raise _err(e.errno or errno.ENOENT, path) from None
+            raise fs_error(e.errno or errno.ENOENT, path) from None
 
     def _part(self, image: Image, name: str, path: str) -> tuple[int, ExportPart]:
         if (image.fingerprint, name) not in self.hidden:
             for i, part in enumerate(self.catalog.layout(image.fingerprint).parts):
                 if part.name == name:
                     return i, part
-        raise _err(errno.ENOENT, path)
+        raise fs_error(errno.ENOENT, path)
 
     def _mode(self, writable: int, readonly: int) -> int:
         return readonly if self.readonly else writable
@@ -279,7 +136,7 @@ class Tree:
         if top == ALIAS_DIR and len(rest) == 1 and fits(rest[0]) and valid(rest[0]):
             target = self.readlink(path)
             return Attr(stat.S_IFLNK | 0o777, len(target.encode()), self.started, self.started, self.started)
-        raise _err(errno.ENOENT, path)
+        raise fs_error(errno.ENOENT, path)
 
     def _import_attr(self, rest: list[str], path: str) -> Attr:
         now = time.time()
@@ -295,7 +152,7 @@ class Tree:
                 return self._dir(now, writable=True)
         if len(rest) == 2 and name in self.folders and rest[1] in self.folders[name].files:
             return Attr(stat.S_IFREG | 0o644, self.folders[name].files[rest[1]], now, now, now)
-        raise _err(errno.ENOENT, path)
+        raise fs_error(errno.ENOENT, path)
 
     def readdir(self, path: str) -> list[str]:
         parts = self.split(path)
@@ -315,7 +172,7 @@ class Tree:
             return [n for n in names if (fp, n) not in self.hidden] + sorted(
                 name for key, name in self.scratch if key == fp)
         attr = self.getattr(path)  # ENOENT for what is not there, ENOTDIR for the rest
-        raise _err(errno.ENOTDIR if not stat.S_ISDIR(attr.mode) else errno.ENOENT, path)
+        raise fs_error(errno.ENOTDIR if not stat.S_ISDIR(attr.mode) else errno.ENOENT, path)
 
     def readlink(self, path: str) -> str:
         parts = self.split(path)
@@ -323,30 +180,30 @@ class Tree:
             fp = self.catalog.alias_target(parts[1])
             if fp is not None:
                 return f"../{FP_DIR}/{fp}"
-            raise _err(errno.ENOENT, path)
+            raise fs_error(errno.ENOENT, path)
         self.getattr(path)
-        raise _err(errno.EINVAL, path)
+        raise fs_error(errno.EINVAL, path)
 
     # -- opening and reading ------------------------------------------------
 
-    def _add(self, handle: _Handle, pid: int) -> int:
+    def _add(self, handle: Handle, pid: int) -> int:
         handle.opener = pid
         fh = next(self._next_fh)
         with self._lock:
             self._handles[fh] = handle
         return fh
 
-    def _handle(self, fh: int) -> _Handle:
+    def _handle(self, fh: int) -> Handle:
         handle = self._handles.get(fh)
         if handle is None:
-            raise _err(errno.EBADF, str(fh))
+            raise fs_error(errno.EBADF, str(fh))
         return handle
 
     def open(self, path: str, flags: int, pid: int = 0) -> int:
         writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
         attr = self.getattr(path)
         if stat.S_ISDIR(attr.mode):
-            raise _err(errno.EISDIR, path)
+            raise fs_error(errno.EISDIR, path)
         if writing:
             self._writable(path, "open for writing")
             return self._add(self._open_for_writing(path, flags), pid)
@@ -356,15 +213,15 @@ class Tree:
         image = self._image(parts[1], path)
         key = (image.fingerprint, parts[2])
         if key in self.scratch:
-            return self._add(_EditHandle(self.scratch[key]), pid)
+            return self._add(EditHandle(self.scratch[key]), pid)
         if parts[2] == METADATA:
-            return self._add(_BytesHandle(self._read_record(image)), pid)
+            return self._add(BytesHandle(self._read_record(image)), pid)
         if image.fingerprint in self.blocks.corrupt:
             raise IntegrityError(image.fingerprint)
         index, part = self._part(image, parts[2], path)
         if self.catalog.layout(image.fingerprint).split:
-            return self._add(_FileHandle(str(self.spool.paths(image.fingerprint)[index])), pid)
-        return self._add(_UnifiedHandle(self.blocks, image.fingerprint, part.size), pid)
+            return self._add(FileHandle(str(self.spool.paths(image.fingerprint)[index])), pid)
+        return self._add(UnifiedHandle(self.blocks, image.fingerprint, part.size), pid)
 
     def _read_record(self, image: Image) -> bytes:
         """A fresh record with its ETag, so that a later write detects a change made in between."""
@@ -374,12 +231,12 @@ class Tree:
         self.etags[image.fingerprint] = etag
         return render_metadata(fresh)
 
-    def _open_import_for_reading(self, parts: list[str], path: str) -> _Handle:
+    def _open_import_for_reading(self, parts: list[str], path: str) -> Handle:
         if len(parts) == 2 and parts[1] in self.errors:
-            return _BytesHandle(self.errors[parts[1]])
+            return BytesHandle(self.errors[parts[1]])
         if len(parts) == 3 and parts[1] in self.folders:
-            return _FileHandle(str(self.folders[parts[1]].path(parts[2])))
-        raise _err(errno.EACCES, path, "an import in progress cannot be read")
+            return FileHandle(str(self.folders[parts[1]].path(parts[2])))
+        raise fs_error(errno.EACCES, path, "an import in progress cannot be read")
 
     def is_scratch(self, path: str) -> bool:
         parts = self.split(path)
@@ -412,11 +269,11 @@ class Tree:
     def _writable(self, path: str, op: str) -> None:
         if self.readonly:
             log.warning("refused %s %s: read-only mount", op, path)
-            raise _err(errno.EROFS, path)
+            raise fs_error(errno.EROFS, path)
 
     def _refuse(self, code: int, op: str, path: str, why: str) -> OSError:
         log.warning("refused %s %s: %s", op, path, why)
-        return _err(code, path, why)
+        return fs_error(code, path, why)
 
     def refusal(self, op: str, path: str, why: str) -> OSError:
         """The error for a change the tree never makes: EROFS under -o ro, else EPERM."""
@@ -439,7 +296,7 @@ class Tree:
     @staticmethod
     def _valid_name(name: str, path: str) -> None:
         if not valid(name):
-            raise _err(errno.EINVAL, path, "names must be UTF-8, without control characters")
+            raise fs_error(errno.EINVAL, path, "names must be UTF-8, without control characters")
 
     def create(self, path: str, flags: int, pid: int = 0) -> int:
         self._writable(path, "create")
@@ -454,14 +311,14 @@ class Tree:
             exists = False
         if exists:
             if flags & os.O_EXCL:
-                raise _err(errno.EEXIST, path)
+                raise fs_error(errno.EEXIST, path)
             return self.open(path, flags | os.O_WRONLY, pid)
         if not fits(parts[-1]):
-            raise _err(errno.ENAMETOOLONG, path)
+            raise fs_error(errno.ENAMETOOLONG, path)
         if parts[0] == IMPORT_DIR and len(parts) == 2:
             self.errors.pop(parts[1] + ERROR_SUFFIX, None)
             upload = self.uploads[parts[1]] = Upload(self.client, parts[1], pid)
-            return self._add(_UploadHandle(self, upload), pid)
+            return self._add(UploadHandle(upload, self._finish_upload), pid)
         if parts[0] == IMPORT_DIR and len(parts) == 3 and parts[1] in self.folders:
             folder = self.folders[parts[1]]
             folder.files[parts[2]] = 0
@@ -470,18 +327,18 @@ class Tree:
         if parts[0] == FP_DIR and len(parts) == 3:
             fp = self._image(parts[1], path).fingerprint
             data = self.scratch[(fp, parts[2])] = bytearray()
-            return self._add(_EditHandle(data), pid)
+            return self._add(EditHandle(data), pid)
         raise self._refuse(errno.EPERM, "create", path, "files can be created only under import/")
 
-    def _folder_file(self, folder: FolderImport, name: str, flags: int) -> _FileHandle:
+    def _folder_file(self, folder: FolderImport, name: str, flags: int) -> FileHandle:
         def closed() -> None:
             folder.files[name] = folder.path(name).stat().st_size
             folder.open_files.discard(name)
             if folder.fingerprint is None and folder.ready():
                 self._finish_folder(folder)
-        return _FileHandle(str(folder.path(name)), flags, on_close=closed)
+        return FileHandle(str(folder.path(name)), flags, on_close=closed)
 
-    def _open_for_writing(self, path: str, flags: int) -> _Handle:
+    def _open_for_writing(self, path: str, flags: int) -> Handle:
         parts = self.split(path)
         if parts[0] == FP_DIR and len(parts) == 3:
             image = self._image(parts[1], path)
@@ -489,12 +346,12 @@ class Tree:
             if key in self.scratch:
                 if flags & os.O_TRUNC:
                     self.scratch[key].clear()
-                return _EditHandle(self.scratch[key])
+                return EditHandle(self.scratch[key])
             if parts[2] == METADATA:
                 data = bytearray() if flags & os.O_TRUNC else bytearray(self._read_record(image))
                 if image.fingerprint not in self.etags:
                     self.etags[image.fingerprint] = self.client.image_with_etag(image.fingerprint)[1]
-                handle = _EditHandle(data, lambda new, fp=image.fingerprint: self.save_record(fp, new))
+                handle = EditHandle(data, lambda new, fp=image.fingerprint: self.save_record(fp, new))
                 handle.dirty = bool(flags & os.O_TRUNC)
                 return handle
             raise self._refuse(errno.EACCES, "write", path, "an export's bytes are LXD's: read-only")
@@ -519,7 +376,7 @@ class Tree:
         if parts[0] == FP_DIR and len(parts) == 3:
             key = (self._image(parts[1], path).fingerprint, parts[2])
             if key in self.scratch:
-                _EditHandle(self.scratch[key]).truncate(length)
+                EditHandle(self.scratch[key]).truncate(length)
                 return
             if parts[2] == METADATA and length == 0:
                 return  # `> metadata.json`: the write that follows carries the new record
@@ -575,9 +432,9 @@ class Tree:
         if parts[0] == IMPORT_DIR and len(parts) == 2:
             self._valid_name(parts[1], path)
             if parts[1] in self.folders or parts[1] in self.uploads or parts[1] in self.errors:
-                raise _err(errno.EEXIST, path)
+                raise fs_error(errno.EEXIST, path)
             if not fits(parts[1]):
-                raise _err(errno.ENAMETOOLONG, path)
+                raise fs_error(errno.ENAMETOOLONG, path)
             spool = Path(self.spool.directory) / "import" / parts[1]
             spool.mkdir(parents=True, mode=0o700)
             self.folders[parts[1]] = FolderImport(self.client, parts[1], spool)
@@ -603,7 +460,7 @@ class Tree:
                 return fp
             if "/" not in content:  # `ln -s <fingerprint> by-alias/NAME`
                 return self._image(content, path).fingerprint
-            raise _err(errno.ENOENT, path, f"no alias {parts[1]}")
+            raise fs_error(errno.ENOENT, path, f"no alias {parts[1]}")
         raise self._refuse(errno.EINVAL, "symlink", path, f"target {content} is not an image of the mount")
 
     def symlink(self, path: str, content: str) -> None:
@@ -613,11 +470,11 @@ class Tree:
             raise self._refuse(errno.EPERM, "symlink", path, "symlinks can be made only under by-alias/")
         self._valid_name(parts[1], path)
         if not fits(parts[1]):
-            raise _err(errno.ENAMETOOLONG, path)
+            raise fs_error(errno.ENAMETOOLONG, path)
         self.catalog.invalidate()
         fp = self._alias_target(content, path)
         if parts[1] in self.catalog.snapshot().aliases:
-            raise _err(errno.EEXIST, path)
+            raise fs_error(errno.EEXIST, path)
         self.client.add_alias(filename_to_alias(parts[1]), fp)
         self.catalog.invalidate()
 
@@ -628,7 +485,7 @@ class Tree:
         parts = self.split(path)
         attr = self.getattr(path)
         if stat.S_ISDIR(attr.mode):
-            raise _err(errno.EISDIR, path)
+            raise fs_error(errno.EISDIR, path)
         if parts[0] == ALIAS_DIR:
             self.client.delete_alias(filename_to_alias(parts[1]))
             self.catalog.invalidate()
@@ -666,7 +523,7 @@ class Tree:
         if parts[0] == IMPORT_DIR and len(parts) == 2 and parts[1] in self.folders:
             folder = self.folders[parts[1]]
             if folder.files:
-                raise _err(errno.ENOTEMPTY, path)
+                raise fs_error(errno.ENOTEMPTY, path)
             folder.remove_spool()
             del self.folders[parts[1]]
             return
@@ -698,12 +555,12 @@ class Tree:
     def _rename_alias(self, old_name: str, new_name: str, path: str) -> None:
         self._valid_name(new_name, path)
         if not fits(new_name):
-            raise _err(errno.ENAMETOOLONG, path)
+            raise fs_error(errno.ENAMETOOLONG, path)
         self.catalog.invalidate()
         aliases = self.catalog.snapshot().aliases
         old_alias, new_alias = filename_to_alias(old_name), filename_to_alias(new_name)
         if old_name not in aliases:
-            raise _err(errno.ENOENT, path)
+            raise fs_error(errno.ENOENT, path)
         if new_name in aliases:  # `mv a b` onto an existing b, and `ln -sfn`: b now points where a did
             self.client.retarget_alias(new_alias, aliases[old_name])
             self.client.delete_alias(old_alias)
