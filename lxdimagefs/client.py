@@ -291,7 +291,7 @@ class LXDClient:
                 return ExportLayout(False, (ExportPart(name, size),))
             from .multipart import first_part_and_next_name
 
-            meta_name, meta_size, rootfs_name = first_part_and_next_name(ctype, self._chunks(resp))
+            meta_name, meta_size, rootfs_name = first_part_and_next_name(ctype, self.iter_chunks(resp))
         image = self.image(fingerprint)
         return ExportLayout(True, (ExportPart(meta_name, meta_size),
                                    ExportPart(rootfs_name, image.size - meta_size)))
@@ -398,7 +398,7 @@ class LXDClient:
                 raise LXDError(meta.get("err") or f"LXD's operation {op_id} failed", 400)
 
     @staticmethod
-    def _chunks(resp: requests.Response, size: int = 1 << 20) -> Iterator[bytes]:
+    def iter_chunks(resp: requests.Response, size: int = 1 << 20) -> Iterator[bytes]:
         try:
             yield from resp.iter_content(size)
         except requests.RequestException as e:

@@ -42,8 +42,6 @@ class EventWatcher:
         self.on_connect = on_connect
         self.timeout = timeout
         self.live = threading.Event()  # set while the stream is open
-        self.received = 0
-        self.connections = 0
         self._stop = threading.Event()
         self._ws: websocket.WebSocket | None = None
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
@@ -65,7 +63,6 @@ class EventWatcher:
                 self._ws.settimeout(None)  # events come when they come; pings keep it honest
                 self.live.set()
                 self.on_connect()  # whatever changed before the stream opened
-                self.connections += 1
                 log.info("listening to LXD's lifecycle events")
                 backoff = 0.5
                 self._listen(self._ws)
@@ -91,6 +88,5 @@ class EventWatcher:
                 continue
             action = (event.get("metadata") or {}).get("action", "")
             if action in CHANGES:
-                self.received += 1
                 log.debug("event %s %s", action, (event.get("metadata") or {}).get("source", ""))
                 self.on_image_event(event)

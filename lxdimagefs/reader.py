@@ -345,7 +345,7 @@ class SplitSpool:
             resp = self.client.export_stream(fp)
             with resp:
                 PartStream(resp.headers.get("Content-Type", ""), begin, data,
-                           lambda: files[-1].flush()).feed(LXDClient._chunks(resp))
+                           lambda: files[-1].flush()).feed(LXDClient.iter_chunks(resp))
             for f in files:
                 f.close()
             if len(files) != 2:

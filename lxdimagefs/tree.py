@@ -74,7 +74,7 @@ class Tree:
         self.folders: dict[str, FolderImport] = {}
         self.scratch: dict[tuple[str, str], bytearray] = {}  # editors' temporary files
         self.hidden: set[tuple[str, str]] = set()  # files unlinked by `rm -r` before its rmdir
-        self.etags: dict[str, str] = {}  # ETag of the record a user last read, per image
+        self.read_records: dict[str, dict] = {}  # the record a user last read, per image
         # Told of paths that changed behind the caller's back; wait=True where no directory lock
         # can be held (close), so the caller sees the change when its call returns.
         self.on_change: Callable[..., None] = lambda path, wait=False: None
@@ -224,12 +224,10 @@ class Tree:
         return self._add(UnifiedHandle(self.blocks, image.fingerprint, part.size), pid)
 
     def _read_record(self, image: Image) -> bytes:
-        """A fresh record with its ETag, so that a later write detects a change made in between."""
-        if self.readonly:
-            return render_metadata(image)
-        fresh, etag = self.client.image_with_etag(image.fingerprint)
-        self.etags[image.fingerprint] = etag
-        return render_metadata(fresh)
+        """The record as listed; remembered, so that a later save detects a change made since."""
+        if not self.readonly:
+            self.read_records[image.fingerprint] = image.record
+        return render_metadata(image)
 
     def _open_import_for_reading(self, parts: list[str], path: str) -> Handle:
         if len(parts) == 2 and parts[1] in self.errors:
@@ -349,8 +347,7 @@ class Tree:
                 return EditHandle(self.scratch[key])
             if parts[2] == METADATA:
                 data = bytearray() if flags & os.O_TRUNC else bytearray(self._read_record(image))
-                if image.fingerprint not in self.etags:
-                    self.etags[image.fingerprint] = self.client.image_with_etag(image.fingerprint)[1]
+                self.read_records.setdefault(image.fingerprint, image.record)
                 handle = EditHandle(data, lambda new, fp=image.fingerprint: self.save_record(fp, new))
                 handle.dirty = bool(flags & os.O_TRUNC)
                 return handle
@@ -571,25 +568,31 @@ class Tree:
     # -- attributes ---------------------------------------------------------------
 
     def save_record(self, fp: str, data: bytes) -> None:
-        """Save metadata.json's editable fields, guarded by the ETag the user's copy came with."""
+        """Save metadata.json's editable fields, unless LXD's changed since the user read them.
+
+        The user's copy is compared with the record they read (no request per
+        read), and the save itself carries LXD's ETag, so a change made while
+        it is in flight is refused by LXD too.
+        """
         try:
             new = json.loads(data)
         except ValueError as e:
             raise self._refuse(errno.EINVAL, "write", f"{fp}/{METADATA}", f"not valid JSON: {e}") from None
         if not isinstance(new, dict):
             raise self._refuse(errno.EINVAL, "write", f"{fp}/{METADATA}", "not a JSON object")
-        current, etag_now = self.client.image_with_etag(fp)
+        current, etag = self.client.image_with_etag(fp)
         record = current.record
+        read = self.read_records.pop(fp, record)
         for key, value in new.items():
-            if key in EDITABLE:
-                continue
-            if key not in record or record[key] != value:
+            if key not in EDITABLE and value not in (record.get(key, ...), read.get(key, ...)):
                 raise self._refuse(errno.EINVAL, "write", f"{fp}/{METADATA}",
                                    f"{key} is read-only (editable: {', '.join(EDITABLE)})")
         fields = {k: new.get(k, record.get(k)) for k in EDITABLE}
         if fields == {k: record.get(k) for k in EDITABLE}:
             return
-        etag = self.etags.pop(fp, etag_now)
+        if any(read.get(k) != record.get(k) for k in EDITABLE):
+            raise self._refuse(errno.ESTALE, "write", f"{fp}/{METADATA}",
+                               "the record changed since it was read: read it again")
         try:
             self.client.update_image(fp, fields, etag)
         except LXDError as e:
