@@ -27,7 +27,10 @@ else
   .venv/bin/lxdimagefs --socket "$LXD_DIR/unix.socket" "$MNT"
   echo "No system LXD answered: mounted a private sandbox LXD (LXD_DIR=$LXD_DIR) with sample images at $MNT"
 fi
-fp=$(ls "$MNT/by-fingerprint" | head -n 1)
+fp=""
+for d in "$MNT"/by-fingerprint/*/; do  # a unified image: its one export hashes to its fingerprint
+  if [ "$(ls "$d" | wc -l)" -eq 2 ]; then fp=$(basename "$d"); break; fi
+done
 cat <<TIPS
 
 Try:
