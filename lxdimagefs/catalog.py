@@ -4,20 +4,25 @@ One `GET /1.0/images?recursion=1` answers every listing and `stat`: the
 records carry their aliases, so no request is made per image. While LXD's
 event stream is live the listing is kept until an event says it changed;
 while it is down, for the metadata lifetime only. Export layouts (file
-names and sizes) are fixed by the fingerprint, so they are cached for good.
+names and sizes) are fixed by the fingerprint, so they are cached for good,
+and journaled for the next mount.
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from cachetools import LRUCache
 
-from .client import ExportLayout, Image, LXDClient
+from .client import ExportLayout, ExportPart, Image, LXDClient
 from .names import alias_to_filename, filename_to_alias, fits
 
 MIN_PREFIX = 12
@@ -30,14 +35,65 @@ class Snapshot:
     taken_at: float
 
 
+class LayoutJournal:
+    """Export layouts learned by earlier mounts: a fingerprint's layout never changes.
+
+    One JSON line per image, appended as layouts are learned, in a file only
+    its owner can write; a file that is not ours, or a line that does not
+    parse, is ignored. Without it, a new mount asks LXD once per image again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def _open(self, flags: int) -> int | None:
+        try:
+            fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return fd
+
+    def load(self) -> dict[str, ExportLayout]:
+        fd = self._open(os.O_RDONLY)
+        if fd is None:
+            return {}
+        layouts = {}
+        with os.fdopen(fd, "rb") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    layouts[entry["fp"]] = ExportLayout(
+                        bool(entry["split"]), tuple(ExportPart(str(n), int(z)) for n, z in entry["parts"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return layouts
+
+    def add(self, fingerprint: str, layout: ExportLayout) -> None:
+        line = json.dumps({"fp": fingerprint, "split": layout.split,
+                           "parts": [[p.name, p.size] for p in layout.parts]}) + "\n"
+        with self._lock:
+            fd = self._open(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            if fd is not None:
+                with os.fdopen(fd, "ab") as f:
+                    f.write(line.encode())
+
+
 class Catalog:
-    def __init__(self, client: LXDClient, ttl: float = 3.0, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(self, client: LXDClient, ttl: float = 3.0, clock: Callable[[], float] = time.monotonic,
+                 journal: LayoutJournal | None = None) -> None:
         self.client = client
+        self.journal = journal
         self.ttl = ttl
         self.events_live: Callable[[], bool] = lambda: False  # set by whoever follows LXD's events
         self._snap: Snapshot | None = None
         self._layouts: LRUCache[str, ExportLayout] = LRUCache(maxsize=100_000)
+        if journal is not None:
+            self._layouts.update(journal.load())
         self._lock = threading.Lock()
         self._layout_locks: dict[str, threading.Lock] = {}
         self._clock = clock
@@ -103,6 +159,8 @@ class Catalog:
             if layout is None:
                 layout = self.client.export_layout(fingerprint)
                 self._layouts[fingerprint] = layout
+                if self.journal is not None:
+                    self.journal.add(fingerprint, layout)
         with self._lock:
             self._layout_locks.pop(fingerprint, None)
         return layout

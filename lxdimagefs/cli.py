@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .catalog import Catalog
+from .catalog import Catalog, LayoutJournal
 from .client import Connection, LXDClient, LXDError, certificate_fingerprint
 
 log = logging.getLogger("lxdimagefs")
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file",
                    help="log here (default: stderr in the foreground, syslog in the background)")
     p.add_argument("--cache-dir",
-                   help="where split images are spooled (default: a private folder in $TMPDIR)")
+                   help="where split images are spooled and export layouts remembered (default: $TMPDIR)")
     p.add_argument("--debug", action="store_true", help="log every request")
     p.add_argument("--version", action="version", version=f"lxdimagefs {__version__}")
     return p
@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     from .tree import Tree
 
     client = LXDClient(conn)
-    catalog = Catalog(client, ttl=float(own.get("metadata_ttl", 3.0)))  # type: ignore[arg-type]
+    cache_root = Path(args.cache_dir or tempfile.gettempdir())
+    journal = LayoutJournal(cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl")
+    catalog = Catalog(client, ttl=float(own.get("metadata_ttl", 3.0)), journal=journal)  # type: ignore[arg-type]
     try:
         catalog.snapshot()  # reachable, and the project exists
         if client.server_info().get("auth") != "trusted":
@@ -201,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     except LXDError as e:
         print(f"lxdimagefs: cannot list images at {conn.describe()}: {e.message}", file=sys.stderr)
         return 1
-    cache_root = Path(args.cache_dir or tempfile.gettempdir())
     for stale in SplitSpool.sweep(cache_root):
         log.info("removed %s, left by a daemon that did not unmount", stale)
     spool_dir = Path(tempfile.mkdtemp(prefix=SplitSpool.PREFIX, dir=cache_root))

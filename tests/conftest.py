@@ -105,6 +105,8 @@ def mounted(sandbox: Sandbox, where: Path, *args: str) -> Iterator[Mount]:
     """lxdimagefs in the foreground, as a child we own and stop by its pid."""
     where.mkdir(parents=True, exist_ok=True)
     log = where.parent / f"{where.name}.log"
+    if "--cache-dir" not in args:  # spools and the layout journal go with the test's own files
+        args = ("--cache-dir", str(where.parent), *args)
     proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--debug", "--socket", sandbox.socket,
                              "--log-file", str(log), *args, str(where)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -135,3 +135,21 @@ def test_listing_makes_one_request_per_lifetime(sandbox, images, tmp_path):
         for fp in images.fps.values():
             os.stat(m.path / "by-fingerprint" / fp / "metadata.json")
         assert m.log_text().count("GET /images") == before
+
+
+def test_a_new_mount_remembers_export_layouts(sandbox, images, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def probes(m) -> int:
+        return sum(1 for line in m.log_text().splitlines()
+                   if "client: GET" in line and line.endswith("/export"))
+
+    with mounted(sandbox, tmp_path / "a", "--cache-dir", str(cache)) as m:
+        for fp in images.fps.values():
+            os.listdir(m.path / "by-fingerprint" / fp)
+        assert probes(m) >= len(images.fps)
+    with mounted(sandbox, tmp_path / "b", "--cache-dir", str(cache)) as m:
+        for fp in images.fps.values():
+            assert os.listdir(m.path / "by-fingerprint" / fp)
+        assert probes(m) == 0

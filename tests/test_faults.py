@@ -79,7 +79,8 @@ def test_split_bytes_that_do_not_match_the_fingerprint_give_eio(sandbox, tmp_pat
             with pytest.raises(OSError) as e:
                 open(path, "rb").close()
             assert e.value.errno == errno.EIO
-            assert not [p for p in os.listdir(tmp_path) if p.startswith("lxdimagefs-spool")]
+            spooled = [f for d in tmp_path.glob("lxdimagefs-spool-*") for f in os.listdir(d) if f != "pid"]
+            assert spooled == []  # the failed download left nothing behind
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
 

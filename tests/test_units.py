@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lxdimagefs.catalog import LayoutJournal
 from lxdimagefs.cli import UsageError, parse_options
-from lxdimagefs.client import parse_time
+from lxdimagefs.client import ExportLayout, ExportPart, parse_time
 from lxdimagefs.multipart import PartStream, first_part_and_next_name
 from lxdimagefs.names import alias_to_filename, filename_to_alias, fits
 from lxdimagefs.reader import IntegrityError, Verifier
@@ -110,3 +112,24 @@ def test_verifier_gives_up_quietly_on_partial_or_scattered_reads():
     v.feed(4000, data[4000:4400])  # more than the 1000-byte window held
     assert v.state == "unchecked"
     v.feed(0, b"wrong")  # no longer checked: no false alarm
+
+
+def test_layout_journal_round_trip_and_distrust(tmp_path):
+    path = tmp_path / "layouts.jsonl"
+    journal = LayoutJournal(path)
+    unified = ExportLayout(False, (ExportPart("a" * 64 + ".tar.xz", 123),))
+    split = ExportLayout(True, (ExportPart("meta-b.tar.xz", 10), ExportPart("b.squashfs", 4096)))
+    journal.add("a" * 64, unified)
+    journal.add("b" * 64, split)
+    with open(path, "a") as f:
+        f.write("not json\n{\"fp\": 1}\n")
+    assert journal.load() == {"a" * 64: unified, "b" * 64: split}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    os.chmod(path, 0o666)  # anyone could have written it: not trusted, not written to
+    assert journal.load() == {}
+    journal.add("c" * 64, unified)
+    os.chmod(path, 0o600)
+    assert "c" * 64 not in journal.load()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(path)
+    assert LayoutJournal(link).load() == {}
