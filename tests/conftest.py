@@ -30,6 +30,12 @@ def _have_lxd() -> str | None:
     return None
 
 
+@pytest.fixture(autouse=True)
+def private_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mounts a test starts keep their spools and layout journal among the test's own files."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 @dataclass
 class Images:
     """The images the tests made, by role, with the files they came from."""
