@@ -202,7 +202,7 @@ def bench_random(box: Sandbox, fp: str, size: int) -> None:
                      if "lxdimagefs.client: GET" in line and line.endswith(f"/images/{fp}/export"))
     row(f"4 KiB at {offset >> 20} MiB: the read itself", f"{(t_read - t_open) * 1000:.1f} ms", "")
     row(f"4 KiB at {offset >> 20} MiB: lookup + open + read, cold mount", f"{(t_read - t) * 1000:.1f} ms",
-        f"{ranged} export requests (1 layout probe + 1 Range)")
+        f"{ranged} export request(s): the Range request, plus a layout probe unless journaled")
 
 
 def make_many(box: Sandbox, count: int) -> None:
