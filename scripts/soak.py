@@ -61,7 +61,8 @@ def main() -> int:
             fps.append(box.import_image(tarball, alias=f"soak/{i}"))
             tarball.unlink()
         proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--socket", box.socket,
-                                 "--log-file", str(work / "daemon.log"), str(where)],
+                                 "--cache-dir", str(work), "--log-file", str(work / "daemon.log"),
+                                 str(where)],
                                 stdin=subprocess.DEVNULL)
         while not os.path.ismount(where):
             time.sleep(0.05)
