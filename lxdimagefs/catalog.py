@@ -105,6 +105,10 @@ class Catalog:
                 snap = self._snap = self._build(self.client.images())
             return snap
 
+    def cached(self) -> Snapshot | None:
+        """The listing held now, if any, without asking LXD."""
+        return self._snap
+
     def refresh(self) -> None:
         """Fetch the listing now (from a background thread, so that no call waits for it)."""
         with self._lock:

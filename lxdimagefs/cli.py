@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     log.debug("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
     events = None
     if not own.get("no_events"):
-        events = EventWatcher(client, lambda event: catalog.invalidate(), catalog.refresh,
-                              timeout=conn.timeout[1])
+        events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1])
         catalog.events_live = events.live.is_set
     ops = LXDImageOps(tree, events)
     try:

@@ -15,6 +15,7 @@ import posixpath
 import stat
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,23 @@ class Tree:
             raise fs_error(errno.ENOENT, path)
         self.getattr(path)
         raise fs_error(errno.EINVAL, path)
+
+    def changed_elsewhere(self, event: dict) -> None:
+        """An LXD event: drop the listing, and the kernel's entries for what the event names."""
+        source = urllib.parse.urlsplit((event.get("metadata") or {}).get("source", "")).path
+        before = self.catalog.cached()
+        self.catalog.invalidate()
+        paths = []
+        if source.startswith("/1.0/images/aliases/"):
+            name = urllib.parse.unquote(source.removeprefix("/1.0/images/aliases/"))
+            paths.append(f"/{ALIAS_DIR}/{alias_to_filename(name)}")
+        elif source.startswith("/1.0/images/"):
+            fp = source.removeprefix("/1.0/images/")
+            paths += [f"/{FP_DIR}/{fp}/{METADATA}", f"/{FP_DIR}/{fp}"]
+            image = before.images.get(fp) if before else None
+            paths += [f"/{ALIAS_DIR}/{alias_to_filename(a)}" for a in (image.aliases if image else ())]
+        for path in paths:
+            self.on_change(path)
 
     # -- opening and reading ------------------------------------------------
 

@@ -206,3 +206,23 @@ def test_without_events_the_metadata_lifetime_bounds_staleness(sandbox, images, 
         finally:
             sandbox.lxc("image", "alias", "delete", "from-lxc-ttl")
         assert "listening to LXD's lifecycle events" not in m.log_text()
+
+
+def test_a_deletion_made_with_lxc_drops_the_kernels_cached_entry(sandbox, images, tmp_path):
+    fp = images.fps["xz"]
+    with mounted(sandbox, tmp_path / "mnt", "-o", "metadata_ttl=600") as m:
+        deadline = time.monotonic() + 10
+        while "listening to LXD's lifecycle events" not in m.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sandbox.lxc("image", "alias", "create", "short-lived", fp)
+        link = m.path / "by-alias" / "short-lived"
+        started = time.monotonic()
+        while not os.path.lexists(link):
+            assert time.monotonic() - started < 1
+            time.sleep(0.01)
+        os.lstat(link)  # now in the kernel's entry and attribute caches for 1 s
+        sandbox.lxc("image", "alias", "delete", "short-lived")
+        started = time.monotonic()
+        while os.path.lexists(link):
+            assert time.monotonic() - started < 0.5, "the kernel kept the deleted alias"
+            time.sleep(0.01)
