@@ -112,8 +112,7 @@ class BlockCache:
             if fut is None:
                 self._schedule(fp, total, index, index)
                 continue
-            data = fut.result()
-            return data
+            return fut.result()
 
     def _prefetch(self, fp: str, total: int, first: int, last: int) -> None:
         """Refill the window [first, last] in one request once half of it is used up.

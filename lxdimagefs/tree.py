@@ -338,7 +338,6 @@ class Tree:
         if parts[0] == IMPORT_DIR and len(parts) == 3 and parts[1] in self.folders:
             folder = self.folders[parts[1]]
             folder.files[parts[2]] = 0
-            folder.open_files.add(parts[2])
             return self._add(self._folder_file(folder, parts[2], os.O_RDWR | os.O_CREAT | os.O_TRUNC), pid)
         if parts[0] == FP_DIR and len(parts) == 3:
             fp = self._image(parts[1], path).fingerprint
@@ -347,6 +346,8 @@ class Tree:
         raise self._refuse(errno.EPERM, "create", path, "files can be created only under import/")
 
     def _folder_file(self, folder: FolderImport, name: str, flags: int) -> FileHandle:
+        folder.open_files.add(name)
+
         def closed() -> None:
             folder.files[name] = folder.path(name).stat().st_size
             folder.open_files.discard(name)
@@ -364,16 +365,15 @@ class Tree:
                     self.scratch[key].clear()
                 return EditHandle(self.scratch[key])
             if parts[2] == METADATA:
-                data = bytearray() if flags & os.O_TRUNC else bytearray(self._read_record(image))
+                # The base for detecting others' changes stays the record the user last read.
+                data = bytearray() if flags & os.O_TRUNC else bytearray(render_metadata(image))
                 self.read_records.setdefault(image.fingerprint, image.record)
                 handle = EditHandle(data, lambda new, fp=image.fingerprint: self.save_record(fp, new))
                 handle.dirty = bool(flags & os.O_TRUNC)
                 return handle
             raise self._refuse(errno.EACCES, "write", path, "an export's bytes are LXD's: read-only")
         if parts[0] == IMPORT_DIR and len(parts) == 3 and parts[1] in self.folders:
-            folder = self.folders[parts[1]]
-            folder.open_files.add(parts[2])
-            return self._folder_file(folder, parts[2], os.O_RDWR | (flags & os.O_TRUNC))
+            return self._folder_file(self.folders[parts[1]], parts[2], os.O_RDWR | (flags & os.O_TRUNC))
         if parts[0] == IMPORT_DIR and len(parts) == 2 and parts[1] in self.uploads:
             raise self._refuse(errno.EBUSY, "open", path, "this import is being written already")
         raise self._refuse(errno.EACCES, "write", path, "read-only file")
