@@ -17,7 +17,8 @@ from pathlib import Path
 
 from . import __version__
 from .catalog import Catalog, LayoutJournal
-from .client import Connection, LXDClient, LXDError, certificate_fingerprint
+from .client import Connection, LXDClient, certificate_fingerprint
+from .errors import LXDError
 
 log = logging.getLogger("lxdimagefs")
 
@@ -31,12 +32,14 @@ OWN_OPTIONS = {
     "metadata_ttl": float,  # seconds a listing of LXD's images is trusted
     "cache_size": int,  # MiB of export blocks held in memory, for the whole daemon
     "timeout": float,  # seconds to wait for LXD before a call fails with EIO
+    "readahead_kb": int,  # with page_cache: the kernel's readahead for the mount, where permitted (root)
 }
 
 
 # lxdimagefs's own -o flags.
 OWN_FLAGS = {
     "no_events",  # do not listen to LXD's events: rely on metadata_ttl alone
+    "page_cache",  # exports through the kernel's page cache (mmap, fast re-reads) instead of direct_io
 }
 
 
@@ -188,13 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     from .events import EventWatcher
     from .fuse_ops import LXDImageOps
     from .fusebind import FUSE
-    from .reader import BlockCache, SplitSpool
+    from .reader import Exports
+    from .spool import SplitSpool
     from .tree import Tree
 
     client = LXDClient(conn)
     cache_root = Path(args.cache_dir or tempfile.gettempdir())
     journal = LayoutJournal(cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl")
     catalog = Catalog(client, ttl=float(own.get("metadata_ttl", 3.0)), journal=journal)  # type: ignore[arg-type]
+    client.patience = 0.0
     try:
         catalog.snapshot()  # reachable, and the project exists
         if client.server_info().get("auth") != "trusted":
@@ -203,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     except LXDError as e:
         print(f"lxdimagefs: cannot list images at {conn.describe()}: {e.message}", file=sys.stderr)
         return 1
+    client.patience = conn.timeout[1]
     for stale in SplitSpool.sweep(cache_root):
         log.info("removed %s, left by a daemon that did not unmount", stale)
     spool_dir = Path(tempfile.mkdtemp(prefix=SplitSpool.PREFIX, dir=cache_root))
-    blocks = BlockCache(client, capacity=int(own.get("cache_size", 32)) << 20)  # type: ignore[call-overload]
-    tree = Tree(catalog, blocks, SplitSpool(client, spool_dir), readonly=bool(fuse_opts.get("ro")),
-                mountpoint=mountpoint)
+    exports = Exports(client, spool_dir, capacity=int(own.get("cache_size", 32)) << 20)  # type: ignore[call-overload]
+    tree = Tree(catalog, exports, readonly=bool(fuse_opts.get("ro")), mountpoint=mountpoint)
     fuse_opts.setdefault("fsname", "lxdimagefs")
     fuse_opts.setdefault("subtype", "lxdimagefs")
     log.debug("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
@@ -216,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if not own.get("no_events"):
         events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1])
         catalog.events_live = events.live.is_set
-    ops = LXDImageOps(tree, events)
+    ops = LXDImageOps(tree, events, page_cache=bool(own.get("page_cache")),
+                      readahead_kb=int(own.get("readahead_kb", 1024)))  # type: ignore[call-overload]
     try:
         FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)
     except RuntimeError as e:

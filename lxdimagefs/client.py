@@ -6,12 +6,16 @@ message; no other module builds a URL.
 
 from __future__ import annotations
 
-import errno
 import hashlib
+import http.client
+import json
 import logging
+import random
 import re
 import socket
 import ssl
+import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,48 +25,17 @@ from typing import Any
 import requests
 import requests.adapters
 import requests_unixsocket
+import urllib3.exceptions
 import websocket
 from requests_unixsocket.adapters import UnixHTTPConnectionPool
 from urllib3.connectionpool import HTTPConnectionPool
 
+from .errors import LXDError, LXDUnreachable
+from .multipart import first_part_and_next_name
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
-
-# LXD's HTTP status -> the errno a file operation reports for it.
-_STATUS_ERRNO = {
-    400: errno.EINVAL,
-    403: errno.EACCES,
-    404: errno.ENOENT,
-    409: errno.EEXIST,
-    412: errno.ESTALE,
-    507: errno.ENOSPC,
-}
-
-
-class LXDError(Exception):
-    """A refusal or failure from LXD, with LXD's own message."""
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-    @property
-    def errno(self) -> int:
-        text = self.message.lower()
-        if "no space left" in text:
-            return errno.ENOSPC
-        if "already exists" in text:  # LXD says so with 400 or 409 depending on the call
-            return errno.EEXIST
-        return _STATUS_ERRNO.get(self.status, errno.EIO)
-
-
-class LXDUnreachable(LXDError):
-    """LXD did not answer: refused, timed out, or the connection dropped."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 0)
 
 
 _ZERO_TIME = 0.0
@@ -213,35 +186,57 @@ class LXDClient:
         else:
             raise ValueError("either a socket or a URL is needed")
         self._base = root + "/1.0"
+        self._raw = RawConnections(conn, pool_size)
+        # Seconds to ride out an outage before failing (none while mounting: say so at once).
+        self.patience = conn.timeout[1]
         self._session.headers["User-Agent"] = "lxdimagefs"
 
     # -- plumbing ---------------------------------------------------------
 
     def _url(self, path: str, **params: str) -> str:
-        query = {"project": self.conn.project, **params}
-        return f"{self._base}{path}?{urllib.parse.urlencode(query)}"
+        return f"{self._base}{path}?{self._query(params)}"
+
+    def _target(self, path: str, **params: str) -> str:
+        """The request target (path and query) for raw connections."""
+        return f"{urllib.parse.urlsplit(self._base).path}{path}?{self._query(params)}"
+
+    def _query(self, params: dict[str, str]) -> str:
+        return urllib.parse.urlencode({"project": self.conn.project, **params})
 
     def _request(self, method: str, path: str, *, stream: bool = False,
                  headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
-                 **kwargs: Any) -> requests.Response:
+                 retry: str = "", **kwargs: Any) -> requests.Response:
+        """One request, retried through an outage shorter than the timeout.
+
+        `retry`: "all" (the default for GET) retries refused or dropped
+        connections and 502/503/504; "connect" (other methods) only failures
+        to connect, where the request cannot have reached LXD; "none".
+        """
+        retry = retry or ("all" if method == "GET" else "connect")
         url = self._url(path, **(params or {}))
-        log.debug("%s %s", method, path)
-        kwargs.setdefault("timeout", self.conn.timeout)
-        try:
-            resp = self._session.request(method, url, stream=stream, headers=headers, verify=self._verify,
-                                         **kwargs)
-        except requests.RequestException as e:
-            raise LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}") from e
-        if resp.status_code >= 400:
-            raise _error_from(resp)
-        return resp
+        backoff = Backoff(self.patience)
+        while True:
+            log.debug("%s %s", method, path)
+            kwargs["timeout"] = backoff.clamp(kwargs.get("timeout") or self.conn.timeout)
+            try:
+                resp = self._session.request(method, url, stream=stream, headers=headers,
+                                             verify=self._verify, **kwargs)
+            except requests.RequestException as e:
+                err = LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}")
+                if retry == "all" or (retry == "connect" and _not_connected(e)):
+                    backoff.pause(err, f"{method} {path}")
+                    continue
+                raise err from e
+            if resp.status_code < 400:
+                return resp
+            err = _error_from(resp)
+            if retry == "all" and err.transient:
+                backoff.pause(err, f"{method} {path}")
+                continue
+            raise err
 
     def _sync(self, method: str, path: str, **kwargs: Any) -> Any:
-        resp = self._request(method, path, **kwargs)
-        try:
-            body = resp.json()
-        except ValueError as e:
-            raise LXDError(f"LXD sent a response that is not JSON for {path}", resp.status_code) from e
+        body = _json(self._request(method, path, **kwargs), path)
         if body.get("type") == "error":
             raise LXDError(body.get("error") or "unknown LXD error", body.get("error_code") or 500)
         return body.get("metadata")
@@ -289,21 +284,30 @@ class LXDClient:
                 total = resp.headers.get("Content-Range", "").rpartition("/")[2]
                 size = int(total) if total.isdigit() else int(resp.headers.get("Content-Length", 0))
                 return ExportLayout(False, (ExportPart(name, size),))
-            from .multipart import first_part_and_next_name
-
             meta_name, meta_size, rootfs_name = first_part_and_next_name(ctype, self.iter_chunks(resp))
         image = self.image(fingerprint)
         return ExportLayout(True, (ExportPart(meta_name, meta_size),
                                    ExportPart(rootfs_name, image.size - meta_size)))
 
-    def export_range(self, fingerprint: str, start: int, end: int) -> requests.Response:
-        """A streaming response for bytes [start, end) of a unified export."""
-        resp = self._request("GET", f"/images/{fingerprint}/export", stream=True,
-                             headers={"Range": f"bytes={start}-{end - 1}"})
-        if resp.status_code != 206:
-            resp.close()
-            raise LXDError(f"LXD did not honour a Range request for image {fingerprint}", resp.status_code)
-        return resp
+    def open_export(self, fingerprint: str, start: int, end: int | None = None,
+                    backoff: Backoff | None = None) -> ExportStream:
+        """Bytes [start, end) of a unified export (to its end if `end` is None), as a raw stream.
+
+        The data path bypasses requests: the body is read with `readinto`
+        straight into the caller's buffers. Retried like a GET.
+        """
+        target = self._target(f"/images/{fingerprint}/export")
+        rng = f"bytes={start}-{'' if end is None else end - 1}"
+        backoff = backoff or Backoff(self.patience)
+        while True:
+            log.debug("GET /images/%s/export %s", fingerprint, rng)
+            try:
+                return self._raw.open(target, {"Range": rng, "User-Agent": "lxdimagefs"}, start, end,
+                                      backoff.clamp(self.conn.timeout))
+            except LXDError as e:
+                if not e.transient:
+                    raise
+                backoff.pause(e, f"export of {fingerprint[:12]}")
 
     def export_stream(self, fingerprint: str) -> requests.Response:
         """The whole export as one streaming response (multipart for split images)."""
@@ -327,11 +331,9 @@ class LXDClient:
             if self.conn.pinned:
                 sslopt.update(cert_reqs=ssl.CERT_NONE, check_hostname=False)
             ws = websocket.create_connection(url, timeout=timeout, sslopt=sslopt)
-            if self.conn.pinned:
-                der = ws.sock.getpeercert(binary_form=True)
-                if hashlib.sha256(der).hexdigest() != self.conn.pinned.replace(":", "").lower():
-                    ws.close()
-                    raise LXDUnreachable("the event stream's server certificate is not the pinned one")
+            if self.conn.pinned and not pin_matches(ws.sock.getpeercert(binary_form=True), self.conn.pinned):
+                ws.close()
+                raise LXDUnreachable("the event stream's server certificate is not the pinned one")
             return ws
         except (OSError, websocket.WebSocketException) as e:
             raise LXDUnreachable(f"LXD's event stream did not open: {e}") from e
@@ -356,7 +358,8 @@ class LXDClient:
         # urllib3 holds a request body to the connect timeout: give it the read timeout, as a
         # busy LXD may stop reading for a while (the writer's own pauses cost no socket time).
         read = self.conn.timeout[1]
-        op = self._sync_or_async("POST", "/images", data=body, headers=headers, timeout=(read, read))
+        op = self._sync_or_async("POST", "/images", data=body, headers=headers, timeout=(read, read),
+                                 retry="none")  # the body is a stream: it cannot be sent twice
         result = self.wait(op)
         return (result or {}).get("fingerprint", "")
 
@@ -376,11 +379,7 @@ class LXDClient:
 
     def _sync_or_async(self, method: str, path: str, **kwargs: Any) -> str | None:
         """Send a request that may start an operation; returns the operation's path."""
-        resp = self._request(method, path, **kwargs)
-        try:
-            body = resp.json()
-        except ValueError as e:
-            raise LXDError(f"LXD sent a response that is not JSON for {path}", resp.status_code) from e
+        body = _json(self._request(method, path, **kwargs), path)
         return body.get("operation") or None if body.get("type") == "async" else None
 
     def wait(self, operation: str | None) -> dict[str, Any] | None:
@@ -417,3 +416,197 @@ def _error_from(resp: requests.Response) -> LXDError:
         message = resp.text.strip() or resp.reason
     resp.close()
     return LXDError(message, resp.status_code)
+
+
+def _json(resp: requests.Response, path: str) -> dict[str, Any]:
+    try:
+        body = resp.json()
+    except ValueError as e:
+        raise LXDError(f"LXD sent a response that is not JSON for {path}", resp.status_code) from e
+    if not isinstance(body, dict):
+        raise LXDError(f"LXD sent a response that is not a JSON object for {path}", resp.status_code)
+    return body
+
+
+def _not_connected(exc: BaseException) -> bool:
+    """Whether a request failed before reaching LXD (so any request may be sent again)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionRefusedError, FileNotFoundError, requests.ConnectTimeout,
+                             urllib3.exceptions.NewConnectionError)):
+            return True
+        nested = [a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)]
+        seen = nested[0] if nested else (seen.__cause__ or seen.__context__)
+    return False
+
+
+class Backoff:
+    """Exponential backoff with jitter, for as long as a time budget lasts.
+
+    An LXD that restarts (a snap refresh, a cluster member failing over)
+    refuses connections or answers 503 for a few seconds: callers wait that
+    out instead of failing. Past the budget the last error is raised.
+    """
+
+    FIRST, MOST = 0.1, 2.0
+
+    def __init__(self, budget: float) -> None:
+        self.deadline = time.monotonic() + budget
+        self.delay = self.FIRST
+        self.tries = 0
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def clamp(self, timeout: tuple[float, float]) -> tuple[float, float]:
+        """A (connect, read) timeout that ends no later than the budget (a frozen LXD: one timeout)."""
+        left = max(self.left(), 0.1)
+        return min(timeout[0], left), min(timeout[1], left)
+
+    def pause(self, err: LXDError, what: str) -> None:
+        left = self.left()
+        if left <= 0:
+            raise err
+        if self.tries == 0:
+            log.warning("%s: %s; retrying for up to %.0f s", what, err.message, left)
+        self.tries += 1
+        time.sleep(min(self.delay * random.uniform(0.5, 1.0), left))
+        self.delay = min(self.delay * 2, self.MOST)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: tuple[float, float]) -> None:
+        super().__init__("localhost", timeout=timeout[0])
+        self._path, self._read_timeout = path, timeout[1]
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(self._read_timeout)
+        self.sock = sock
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int | None, context: ssl.SSLContext, pinned: str | None,
+                 timeout: tuple[float, float]) -> None:
+        super().__init__(host, port, timeout=timeout[0], context=context)
+        self._pinned, self._read_timeout = pinned, timeout[1]
+
+    def connect(self) -> None:
+        super().connect()
+        if self._pinned and not pin_matches(self.sock.getpeercert(binary_form=True), self._pinned):
+            self.close()
+            raise ssl.SSLError("the server's certificate is not the pinned one")
+        self.sock.settimeout(self._read_timeout)
+
+
+def pin_matches(der: bytes | None, pinned: str) -> bool:
+    return der is not None and hashlib.sha256(der).hexdigest() == pinned.replace(":", "").lower()
+
+
+class RawConnections:
+    """http.client connections for the export data path, kept alive and reused when idle."""
+
+    def __init__(self, conn: Connection, size: int) -> None:
+        self.conn = conn
+        self._idle: list[http.client.HTTPConnection] = []
+        self._size = size
+        self._lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
+        if conn.url:
+            ctx = ssl.create_default_context()
+            if conn.cert:
+                ctx.load_cert_chain(*conn.cert)
+            if conn.pinned:  # like lxc: exactly the server certificate given, whatever name it bears
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._context = ctx
+
+    def _new(self, timeout: tuple[float, float]) -> http.client.HTTPConnection:
+        if self.conn.socket:
+            return _UnixConnection(self.conn.socket, timeout)
+        url = urllib.parse.urlsplit(self.conn.url or "")
+        assert self._context is not None
+        return _TLSConnection(url.hostname or "", url.port, self._context, self.conn.pinned, timeout)
+
+    def open(self, target: str, headers: dict[str, str], start: int, end: int | None,
+             timeout: tuple[float, float]) -> ExportStream:
+        with self._lock:
+            http_conn = self._idle.pop() if self._idle else None
+        fresh = http_conn is None
+        if http_conn is None:
+            http_conn = self._new(timeout)
+        elif http_conn.sock is not None:
+            http_conn.sock.settimeout(timeout[1])
+        try:
+            http_conn.request("GET", target, headers=headers)
+            resp = http_conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            http_conn.close()
+            if not fresh:  # an idle connection the server had closed: try once on a new one
+                return self.open(target, headers, start, end, timeout)
+            raise LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}") from e
+        if resp.status != 206:
+            body = resp.read(1 << 16)
+            http_conn.close()
+            raise _raw_error(resp.status, resp.reason, body)
+        total = resp.getheader("Content-Range", "").rpartition("/")[2]
+        return ExportStream(self, http_conn, resp, start, end if end is not None else int(total))
+
+    def give_back(self, http_conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self._size:
+                self._idle.append(http_conn)
+                return
+        http_conn.close()
+
+
+class ExportStream:
+    """Bytes [start, end) of an export, read with `readinto` into the caller's buffers."""
+
+    def __init__(self, pool: RawConnections, http_conn: http.client.HTTPConnection,
+                 resp: http.client.HTTPResponse, start: int, end: int) -> None:
+        self._pool, self._conn, self._resp = pool, http_conn, resp
+        self.pos, self.end = start, end
+
+    def readinto(self, view: memoryview) -> int:
+        """Fills `view` (or up to the end); raises LXDUnreachable if the stream breaks first."""
+        want = min(len(view), self.end - self.pos)
+        got = 0
+        try:
+            while got < want:
+                n = self._resp.readinto(view[got:want])
+                if not n:
+                    raise LXDUnreachable(f"the export stream ended {self.end - self.pos - got} bytes early")
+                got += n
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise LXDUnreachable(f"the connection to LXD dropped: {e}") from e
+        finally:
+            self.pos += got
+        return got
+
+    def close(self) -> None:
+        if self.pos >= self.end and self._resp.isclosed() and not self._resp.will_close:
+            self._pool.give_back(self._conn)  # read to its end: the connection can serve again
+        else:
+            self._conn.close()  # an open-ended stream left midway: LXD stops when the socket closes
+        self._conn = None  # type: ignore[assignment]
+
+    def __enter__(self) -> ExportStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _raw_error(status: int, reason: str, body: bytes) -> LXDError:
+    try:
+        message = json.loads(body).get("error") or reason
+    except (ValueError, AttributeError):
+        message = body.decode("utf-8", "replace").strip() or reason
+    return LXDError(message, status)

@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import websocket
 
-from .client import LXDClient, LXDError
+from .client import LXDClient
+from .errors import LXDError
 
 log = logging.getLogger(__name__)
 

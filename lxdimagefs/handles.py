@@ -7,15 +7,11 @@ import errno
 import os
 from collections.abc import Callable
 
+from .errors import fs_error
 from .importer import Upload
-from .reader import BLOCK, BlockCache
+from .prefetch import Prefetcher
 
 MAX_EDIT = 1 << 20  # bytes a metadata.json (or an editor's temporary file) may hold
-
-
-def fs_error(code: int, what: str, message: str | None = None) -> OSError:
-    """An OSError carrying the errno the system call should return."""
-    return OSError(code, message or os.strerror(code), what)
 
 
 class Handle:
@@ -23,7 +19,7 @@ class Handle:
 
     opener = 0  # pid of the process that opened it: its flush commits
 
-    def read(self, offset: int, size: int) -> bytes:
+    def read(self, offset: int, size: int) -> memoryview | bytes:
         raise fs_error(errno.EBADF, "read")
 
     def write(self, offset: int, data: bytes) -> int:
@@ -48,25 +44,16 @@ class BytesHandle(Handle):
 
 
 class UnifiedHandle(Handle):
-    """One open unified export: grows its prefetch window while reads are sequential."""
+    """One open unified export, read through its own read-ahead."""
 
-    MAX_AHEAD_BYTES = 16 << 20
+    def __init__(self, prefetcher: Prefetcher) -> None:
+        self.prefetcher = prefetcher
 
-    def __init__(self, blocks: BlockCache, fp: str, size: int) -> None:
-        self.blocks, self.fp, self.size = blocks, fp, size
-        self._next = 0
-        self._ahead = 0
-        self._max_ahead = max(1, min(self.MAX_AHEAD_BYTES, blocks.capacity // 4) // BLOCK)
+    def read(self, offset: int, size: int) -> memoryview | bytes:
+        return self.prefetcher.read(offset, size)
 
-    def read(self, offset: int, size: int) -> bytes:
-        # The kernel's readahead may skip a little ahead of the reader: still sequential.
-        if offset == self._next or (self._next and 0 < offset - self._next <= 4 * BLOCK):
-            self._ahead = min(max(1, self._ahead * 2), self._max_ahead)
-        else:
-            self._ahead = 0
-        data = self.blocks.read(self.fp, self.size, offset, size, self._ahead)
-        self._next = max(self._next, offset + len(data))
-        return data
+    def close(self) -> None:
+        self.prefetcher.close()
 
 
 class FileHandle(Handle):

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from requests_toolbelt import MultipartEncoder
 
-from .client import LXDClient, LXDError
+from .client import LXDClient
+from .errors import ImportFailed, LXDError
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,6 @@ def sniff(head: bytes) -> str | None:
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "tar"
     return None
-
-
-class ImportFailed(OSError):
-    """An import LXD refused or that could not be sent; carries the message for the .error file."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(code, message)
-        self.message = message
 
 
 def _failure(e: BaseException) -> ImportFailed:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .client import LXDError
+from .errors import LXDError
 
 
 class _Stop(Exception):

@@ -20,12 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .blocks import BLOCK
 from .catalog import Catalog
-from .client import ExportPart, Image, LXDError
-from .handles import BytesHandle, EditHandle, FileHandle, Handle, UnifiedHandle, UploadHandle, fs_error
-from .importer import FolderImport, ImportFailed, Upload
+from .client import ExportPart, Image
+from .errors import ImportFailed, LXDError, fs_error
+from .handles import BytesHandle, EditHandle, FileHandle, Handle, UnifiedHandle, UploadHandle
+from .importer import FolderImport, Upload
 from .names import alias_to_filename, filename_to_alias, fits, valid
-from .reader import BLOCK, BlockCache, IntegrityError, SplitSpool
+from .reader import Exports
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +56,13 @@ def render_metadata(image: Image) -> bytes:
 
 
 class Tree:
-    def __init__(self, catalog: Catalog, blocks: BlockCache, spool: SplitSpool,
+    def __init__(self, catalog: Catalog, exports: Exports,
                  uid: int | None = None, gid: int | None = None, readonly: bool = True,
                  mountpoint: str = "") -> None:
         self.catalog = catalog
         self.client = catalog.client
-        self.blocks = blocks
-        self.spool = spool
+        self.exports = exports
+        self.spool = exports.spool
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.readonly = readonly
@@ -234,12 +236,10 @@ class Tree:
             return self._add(EditHandle(self.scratch[key]), pid)
         if parts[2] == METADATA:
             return self._add(BytesHandle(self._read_record(image)), pid)
-        if image.fingerprint in self.blocks.corrupt:
-            raise IntegrityError(image.fingerprint)
         index, part = self._part(image, parts[2], path)
         if self.catalog.layout(image.fingerprint).split:
             return self._add(FileHandle(str(self.spool.paths(image.fingerprint)[index])), pid)
-        return self._add(UnifiedHandle(self.blocks, image.fingerprint, part.size), pid)
+        return self._add(UnifiedHandle(self.exports.unified(image.fingerprint, part.size)), pid)
 
     def _read_record(self, image: Image) -> bytes:
         """The record as listed; remembered, so that a later save detects a change made since."""
@@ -264,7 +264,7 @@ class Tree:
         return (len(parts) == 3 and parts[0] == FP_DIR and parts[2] != METADATA
                 and not self.is_scratch(path))
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
+    def read(self, fh: int, offset: int, size: int) -> memoryview | bytes:
         return self._handle(fh).read(offset, size)
 
     def release(self, fh: int) -> None:

@@ -9,20 +9,20 @@ import threading
 
 import pytest
 
+from lxdimagefs.blocks import BLOCK
 from lxdimagefs.catalog import Catalog
-from lxdimagefs.client import Connection, LXDClient, LXDError
-from lxdimagefs.reader import BLOCK, BlockCache, SplitSpool
+from lxdimagefs.client import Connection, LXDClient
+from lxdimagefs.errors import LXDError
+from lxdimagefs.reader import Exports
 from lxdimagefs.tree import Tree
 
 
 @pytest.fixture()
 def tree(sandbox, images, tmp_path):
     client = LXDClient(Connection(socket=sandbox.socket))
-    t = Tree(Catalog(client, ttl=30), BlockCache(client, capacity=8 << 20),
-             SplitSpool(client, tmp_path / "s"))
+    t = Tree(Catalog(client, ttl=30), Exports(client, tmp_path / "s", capacity=8 << 20))
     yield t
-    t.blocks.close()
-    t.spool.remove()
+    t.exports.close()
 
 
 def test_client_turns_lxd_refusals_into_errors_with_lxds_message(sandbox):
@@ -71,14 +71,14 @@ def test_concurrent_readers_share_fetches_and_get_the_right_bytes(tree, images):
     assert results == [fp] * 6
     blocks = (size + BLOCK - 1) // BLOCK
     # Shared: six readers of `blocks` blocks cost far fewer than six full downloads of requests.
-    assert tree.blocks.requests <= blocks + 2
+    assert tree.exports.fetcher.requests <= blocks + 2
 
 
 def test_a_4k_read_far_in_fetches_one_block(tree, images):
     fp = images.fps["plain"]
     fh = tree.open(f"/by-fingerprint/{fp}/{fp}.tar", 0)
     assert len(tree.read(fh, 4 << 20, 4096)) == 4096
-    assert tree.blocks.requests == 1
+    assert tree.exports.fetcher.requests == 1
     tree.release(fh)
 
 

@@ -38,24 +38,48 @@ def test_a_read_whose_connection_drops_resumes_with_the_right_bytes(sandbox, ima
         assert "resuming export" in m.log_text()
 
 
-@pytest.mark.parametrize("status", [500, 503])
-def test_an_lxd_error_gives_eio_and_the_next_call_works(sandbox, images, proxy, tmp_path, status):
+def test_an_lxd_error_gives_eio_and_the_next_call_works(sandbox, images, proxy, tmp_path):
     fp = images.fps["plain"]
     # no_events: with a live stream the listing would not be fetched again at all
     with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "metadata_ttl=0.1,no_events") as m:
         path = _export(m, fp)
-        proxy.add(Rule("/export", status=status, times=-1))  # the kernel retries a failed readahead
+        proxy.add(Rule("/export", status=500, times=-1))  # the kernel retries a failed readahead
         with open(path, "rb") as f, pytest.raises(OSError) as e:
             f.read()
         assert e.value.errno == errno.EIO
         proxy.clear()
         assert hashlib.sha256(path.read_bytes()).hexdigest() == fp
         time.sleep(0.2)
-        proxy.add(Rule("GET /1.0/images?", status=status))
+        proxy.add(Rule("GET /1.0/images?", status=500))
         with pytest.raises(OSError) as e:
             os.listdir(m.path / "by-fingerprint")
         assert e.value.errno == errno.EIO
         assert fp in os.listdir(m.path / "by-fingerprint")
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_a_passing_503_is_retried_and_invisible(sandbox, images, proxy, tmp_path, status):
+    fp = images.fps["plain"]
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "metadata_ttl=0.1,no_events") as m:
+        path = _export(m, fp)
+        proxy.add(Rule("/export", status=status, times=3))
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == fp
+        time.sleep(0.2)
+        proxy.add(Rule("GET /1.0/images?", status=status, times=2))
+        assert fp in os.listdir(m.path / "by-fingerprint")
+        assert len(proxy.applied) == 5
+
+
+def test_a_lasting_503_gives_eio_after_the_timeout(sandbox, images, proxy, tmp_path):
+    fp = images.fps["plain"]
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "timeout=1.5") as m:
+        path = _export(m, fp)
+        proxy.add(Rule("/export", status=503, times=-1))
+        started = time.monotonic()
+        with open(path, "rb") as f, pytest.raises(OSError) as e:
+            f.read(4096)
+        assert e.value.errno == errno.EIO
+        assert 1.0 < time.monotonic() - started < 4
 
 
 def test_a_slow_lxd_gives_eio_within_the_timeout(sandbox, images, proxy, tmp_path):

@@ -9,12 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lxdimagefs.blocks import BLOCK, BlockCache
 from lxdimagefs.catalog import LayoutJournal
 from lxdimagefs.cli import UsageError, parse_options
 from lxdimagefs.client import ExportLayout, ExportPart, parse_time
+from lxdimagefs.errors import IntegrityError
 from lxdimagefs.multipart import PartStream, first_part_and_next_name
 from lxdimagefs.names import alias_to_filename, filename_to_alias, fits
-from lxdimagefs.reader import IntegrityError, Verifier
+from lxdimagefs.verify import Verification
 
 ODD = st.sampled_from(["/", "／", "‛", ".", "．", "a", " ", "é", "\n"])
 
@@ -83,35 +85,67 @@ def test_part_stream_splits_parts_across_chunk_boundaries():
     assert first_part_and_next_name(ctype, [body]) == ("meta-x.tar.xz", len(meta), "x.squashfs")
 
 
-def _verifier(data):
-    return Verifier(hashlib.sha256(data).hexdigest(), len(data), window=1000)
+def _verification(data: bytes, stored: bytes | None = None):
+    """A Verification over `data`'s fingerprint, whose refetches return `stored` (LXD's bytes)."""
+    stored = data if stored is None else stored
+    cache = BlockCache(capacity=2 * BLOCK)
+    fetched: list[int] = []
+
+    def fetch(fp, total, index):
+        fetched.append(index)
+        block = bytearray(stored[index * BLOCK:(index + 1) * BLOCK])
+        cache.publish(fp, index, block)
+        v.published(fp, total, index, block)
+        return block
+
+    v = Verification(cache, fetch)
+    return v, hashlib.sha256(data).hexdigest(), fetched
 
 
-def test_verifier_accepts_in_order_and_reordered_reads():
-    data = bytes(range(256)) * 10
-    v = _verifier(data)
-    for off in (0, 512, 256, 1024, 768, 1280, 1536, 1792, 2048, 2304):
-        v.feed(off, data[off:off + 256])
-    assert v.state == "ok"
+def _serve(v, fp, stored, index):
+    """What a fetch followed by a reader's read of one whole block does."""
+    block = bytearray(stored[index * BLOCK:(index + 1) * BLOCK])
+    v.cache.publish(fp, index, block)
+    v.published(fp, len(stored), index, block)
+    v.served(fp, len(stored), index * BLOCK, index * BLOCK + len(block))
 
 
-def test_verifier_rejects_wrong_bytes_and_stays_rejecting():
-    data = b"x" * 1000
-    v = _verifier(data)
-    v.feed(0, data[:500])
+DATA = os.urandom(4 * BLOCK + 1234)
+
+
+def test_a_whole_read_in_order_is_verified():
+    v, fp, fetched = _verification(DATA)
+    for i in range(5):
+        _serve(v, fp, DATA, i)
+    assert fp in v.verified and not fetched
+
+
+@pytest.mark.parametrize("order", [[4, 0, 1, 2, 3], [3, 1, 4, 0, 2], [2, 3, 4, 1, 0]])
+def test_a_corrupt_image_read_in_any_order_fails_on_the_read_that_completes_it(order):
+    corrupt = DATA[:2 * BLOCK + 7] + b"X" + DATA[2 * BLOCK + 8:]
+    v, fp, _ = _verification(DATA, corrupt)
+    for i in order[:-1]:
+        _serve(v, fp, corrupt, i)
     with pytest.raises(IntegrityError):
-        v.feed(500, b"y" * 500)
-    with pytest.raises(IntegrityError):
-        v.feed(0, data[:10])
+        _serve(v, fp, corrupt, order[-1])
+    assert fp in v.corrupt
+    with pytest.raises(IntegrityError):  # sticky: the kernel retries failed reads
+        v.served(fp, len(DATA), 0, 10)
 
 
-def test_verifier_gives_up_quietly_on_partial_or_scattered_reads():
-    data = b"z" * 5000
-    v = _verifier(data)
-    v.feed(3000, data[3000:3800])
-    v.feed(4000, data[4000:4400])  # more than the 1000-byte window held
-    assert v.state == "unchecked"
-    v.feed(0, b"wrong")  # no longer checked: no false alarm
+def test_blocks_dropped_from_the_cache_are_fetched_again_for_the_check():
+    v, fp, fetched = _verification(DATA)
+    for i in (4, 3, 2, 1, 0):  # the cache holds two blocks: 4 and 3 are gone when 0 comes
+        _serve(v, fp, DATA, i)
+    assert fp in v.verified
+    assert set(fetched) <= {2, 3, 4} and fetched
+
+
+def test_partial_reads_are_not_checked_and_hold_no_data():
+    v, fp, fetched = _verification(DATA)
+    v.served(fp, len(DATA), 5, 4096)
+    v.served(fp, len(DATA), 3 * BLOCK, 3 * BLOCK + 10)
+    assert fp not in v.verified and fp not in v.corrupt and not fetched
 
 
 def test_layout_journal_round_trip_and_distrust(tmp_path):

@@ -1,0 +1,86 @@
+"""Export blocks held in memory: one LRU for the whole daemon, bounded in bytes.
+
+A block being fetched is *claimed*: it has a Future that every reader who
+wants it waits on, so concurrent readers share one fetch.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+from cachetools import LRUCache
+
+BLOCK = 1 << 20
+
+Key = tuple[str, int]  # (fingerprint, block index)
+
+
+class BlockCache:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lru: LRUCache[Key, bytearray] = LRUCache(maxsize=capacity, getsizeof=len)
+        self._pending: dict[Key, Future[bytearray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Key) -> bytearray | None:
+        with self._lock:
+            return self._lru.get(key)
+
+    def lookup(self, key: Key) -> bytearray | Future[bytearray] | None:
+        """The block, the Future of its fetch, or None if nobody has it."""
+        with self._lock:
+            found = self._lru.get(key)
+            return found if found is not None else self._pending.get(key)
+
+    def missing(self, key: Key) -> bool:
+        with self._lock:
+            return key not in self._lru and key not in self._pending
+
+    def claim(self, fp: str, first: int, last: int, stop_at_present: bool = False) -> list[tuple[int, int]]:
+        """Claim the missing blocks of [first, last] for fetching; returns the runs claimed.
+
+        With `stop_at_present`, claiming ends at the first block someone else
+        holds or fetches (a stream cannot skip bytes, so it stops there).
+        """
+        runs: list[tuple[int, int]] = []
+        with self._lock:
+            start = None
+            for index in range(first, last + 1):
+                key = (fp, index)
+                if key not in self._lru and key not in self._pending:
+                    self._pending[key] = Future()
+                    start = index if start is None else start
+                    continue
+                if start is not None:
+                    runs.append((start, index - 1))
+                    start = None
+                if stop_at_present:
+                    break
+            if start is not None:
+                runs.append((start, last))
+        return runs
+
+    def publish(self, fp: str, index: int, data: bytearray) -> None:
+        with self._lock:
+            fut = self._pending.pop((fp, index), None)
+            self._lru[(fp, index)] = data
+        if fut is not None:
+            fut.set_result(data)
+
+    def fail(self, fp: str, indices: range, err: BaseException) -> None:
+        """Every waiter on these claimed blocks hears of the failure; the claims are dropped."""
+        with self._lock:
+            futs = [self._pending.pop((fp, i), None) for i in indices]
+        for fut in futs:
+            if fut is not None:
+                fut.set_exception(err)
+
+    def forget(self, fp: str) -> None:
+        with self._lock:
+            for key in [k for k in self._lru if k[0] == fp]:
+                del self._lru[key]
+
+    def size(self) -> int:
+        with self._lock:
+            return int(self._lru.currsize)
