@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import mounted
@@ -69,6 +71,63 @@ def test_unified_bytes_that_do_not_match_the_fingerprint_give_eio(sandbox, tmp_p
             assert sorted(os.listdir(m.path))  # still serving
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
+
+
+@pytest.mark.parametrize("order", ["tail-then-cat", "random", "concurrent"])
+def test_a_corrupt_image_is_eio_whatever_order_it_is_read_in(sandbox, tmp_path, order):
+    fp = sandbox.import_image(make_unified(tmp_path / "bad.tar", rootfs_bytes=6 << 20))
+    try:
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            path = _export_path(m, fp)
+            size = os.path.getsize(path)
+            _corrupt(sandbox.lxd_dir / "images" / fp, size // 2)  # same size, a byte changed mid-file
+            if order == "tail-then-cat":
+                assert subprocess.run(["tail", "-c", "100", path], capture_output=True).returncode == 0
+                runs = [subprocess.run(["cat", path], capture_output=True) for _ in range(2)]
+            elif order == "random":
+                offsets = list(range(0, size, 256 << 10))
+                random.Random(7).shuffle(offsets)
+                fd = os.open(path, os.O_RDONLY)
+                with pytest.raises(OSError) as e:
+                    for off in offsets:
+                        os.pread(fd, 256 << 10, off)
+                os.close(fd)
+                assert e.value.errno == errno.EIO
+                runs = [subprocess.run(["cat", path], capture_output=True)]
+            else:
+                procs = [subprocess.Popen(["cat", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         for _ in range(4)]
+                runs = [subprocess.CompletedProcess(p.args, p.wait(), b"", p.stderr.read()) for p in procs]
+            for run in runs:  # every whole read fails, the later ones too (sticky)
+                assert run.returncode != 0 and b"Input/output error" in run.stderr
+            assert "do not hash to its fingerprint" in m.log_text()
+            assert sorted(os.listdir(m.path))  # still serving
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_scattered_reads_over_many_images_stay_within_the_memory_bound(sandbox, tmp_path):
+    fps = [sandbox.import_image(make_unified(tmp_path / f"many{i}.tar", rootfs_bytes=24 << 20))
+           for i in range(12)]
+    try:
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            paths = [_export_path(m, fp) for fp in fps]
+            fds = [os.open(p, os.O_RDONLY) for p in paths]
+            rng = random.Random(3)
+            for _ in range(3):  # every block of every image, in a scattered order
+                blocks = [(fd, b) for fd in fds for b in range(24)]
+                rng.shuffle(blocks)
+                for fd, b in blocks:
+                    os.pread(fd, 1 << 20, b << 20)
+            for fd in fds:
+                os.close(fd)
+            status = (Path("/proc") / str(m.proc.pid) / "status").read_text()
+            peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+            assert peak_kib < 100 << 10, f"peak RSS {peak_kib} KiB"
+            assert "fingerprint" not in m.log_text()  # every image was covered, checked, and matched
+    finally:
+        for fp in fps:
+            sandbox.lxc("image", "delete", fp, check=False)
 
 
 def test_split_bytes_that_do_not_match_the_fingerprint_give_eio(sandbox, tmp_path):
