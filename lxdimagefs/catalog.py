@@ -53,7 +53,9 @@ class LayoutJournal:
         except OSError:
             return None
         st = os.fstat(fd)
-        if st.st_uid != os.getuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
+        # Ours alone: not a link to another file (hard links survive O_NOFOLLOW), nobody else's.
+        if (st.st_uid != os.getuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode)
+                or st.st_nlink != 1):
             os.close(fd)
             return None
         return fd
@@ -95,6 +97,7 @@ class Catalog:
         if journal is not None:
             self._layouts.update(journal.load())
         self._lock = threading.Lock()
+        self._layouts_lock = threading.Lock()
         self._layout_locks: dict[str, threading.Lock] = {}
         self._clock = clock
 
@@ -153,16 +156,19 @@ class Catalog:
         return fp
 
     def layout(self, fingerprint: str) -> ExportLayout:
-        layout = self._layouts.get(fingerprint)
+        with self._layouts_lock:  # an LRU reorders itself on every get: not thread-safe alone
+            layout = self._layouts.get(fingerprint)
         if layout is not None:
             return layout
         with self._lock:
             lock = self._layout_locks.setdefault(fingerprint, threading.Lock())
         with lock:  # concurrent lookups of one image share one probe
-            layout = self._layouts.get(fingerprint)
+            with self._layouts_lock:
+                layout = self._layouts.get(fingerprint)
             if layout is None:
                 layout = self.client.export_layout(fingerprint)
-                self._layouts[fingerprint] = layout
+                with self._layouts_lock:
+                    self._layouts[fingerprint] = layout
                 if self.journal is not None:
                     self.journal.add(fingerprint, layout)
         with self._lock:

@@ -125,6 +125,8 @@ def connection(args: argparse.Namespace, own: dict[str, object]) -> Connection:
         pair = (args.cert, args.key) if args.cert else lxc_client_pair()
         if pair is None:
             raise UsageError("no client certificate: give --cert and --key")
+        # The daemon leaves this folder, and TLS opens the files again for each connection.
+        pair = (os.path.abspath(pair[0]), os.path.abspath(pair[1]))
         for f in pair + ((args.server_cert,) if args.server_cert else ()):
             if not os.access(f, os.R_OK):
                 raise UsageError(f"cannot read {f}")
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     log.debug("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
     events = None
     if not own.get("no_events"):
-        events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1])
+        events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1],
+                              ping=min(10.0, conn.timeout[1]))
         catalog.events_live = events.live.is_set
     ops = LXDImageOps(tree, events, page_cache=bool(own.get("page_cache")),
                       readahead_kb=int(own.get("readahead_kb", 1024)))  # type: ignore[call-overload]

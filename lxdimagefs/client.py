@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -352,7 +352,7 @@ class LXDClient:
     def delete_image(self, fingerprint: str) -> None:
         self.wait(self._sync_or_async("DELETE", f"/images/{fingerprint}"))
 
-    def create_image(self, body: Any, headers: dict[str, str]) -> str:
+    def create_image(self, body: Any, headers: Mapping[str, str | bytes]) -> str:
         """Upload an image (bytes, a file or an iterator of chunks); returns its fingerprint
         once LXD's operation has finished."""
         # urllib3 holds a request body to the connect timeout: give it the read timeout, as a

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import websocket
 
 from .client import LXDClient
-from .errors import LXDError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,11 @@ class EventWatcher:
     MAX_BACKOFF = 30.0
 
     def __init__(self, client: LXDClient, on_image_event: Callable[[dict], None],
-                 on_connect: Callable[[], None], timeout: float = 30.0) -> None:
+                 on_connect: Callable[[], None], timeout: float = 30.0, ping: float = 10.0) -> None:
         self.client = client
         self.on_image_event = on_image_event
         self.on_connect = on_connect
+        self.ping = ping  # seconds of silence before a ping; twice that unanswered ends the stream
         self.timeout = timeout
         self.live = threading.Event()  # set while the stream is open
         self._stop = threading.Event()
@@ -61,13 +62,13 @@ class EventWatcher:
         while not self._stop.is_set():
             try:
                 self._ws = self.client.lifecycle_events(self.timeout)
-                self._ws.settimeout(None)  # events come when they come; pings keep it honest
+                self._ws.settimeout(self.ping)  # events come when they come; pings keep it honest
                 self.live.set()
                 self.on_connect()  # whatever changed before the stream opened
                 log.info("listening to LXD's lifecycle events")
                 backoff = 0.5
                 self._listen(self._ws)
-            except (LXDError, OSError, websocket.WebSocketException) as e:
+            except Exception as e:  # whatever happens, the thread lives on and reconnects
                 if not self._stop.is_set():
                     log.warning("LXD's event stream is down (%s); retrying in %.1f s", e, backoff)
             finally:
@@ -79,15 +80,39 @@ class EventWatcher:
             backoff = min(backoff * 2, self.MAX_BACKOFF)
 
     def _listen(self, ws: websocket.WebSocket) -> None:
+        """Hand image events on; a stream silent past two pings is taken as dropped.
+
+        A remote host gone or a NAT that dropped its state leaves a socket that
+        never says it closed: without this, the listing would never expire.
+        """
+        heard = time.monotonic()
         while not self._stop.is_set():
-            message = ws.recv()
-            if not message:
-                raise websocket.WebSocketConnectionClosedException("LXD closed the event stream")
             try:
-                event = json.loads(message)
-            except ValueError:
+                opcode, frame = ws.recv_data_frame(control_frame=True)
+            except websocket.WebSocketTimeoutException:
+                if time.monotonic() - heard > 2 * self.ping:
+                    raise websocket.WebSocketConnectionClosedException(
+                        f"no answer from LXD's event stream for {2 * self.ping:.0f} s") from None
+                ws.ping()
                 continue
-            action = (event.get("metadata") or {}).get("action", "")
-            if action in CHANGES:
-                log.debug("event %s %s", action, (event.get("metadata") or {}).get("source", ""))
+            heard = time.monotonic()
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise websocket.WebSocketConnectionClosedException("LXD closed the event stream")
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                self._dispatch(frame.data)
+
+    def _dispatch(self, message: bytes | str) -> None:
+        """One message; a bad one is logged and skipped, never the end of the stream."""
+        try:
+            event = json.loads(message)
+            meta = event.get("metadata") or {}
+            action = meta.get("action", "")
+        except (ValueError, AttributeError, TypeError):
+            log.warning("ignored an event that is not an LXD event: %.200r", message)
+            return
+        if action in CHANGES:
+            log.debug("event %s %s", action, meta.get("source", ""))
+            try:
                 self.on_image_event(event)
+            except Exception:
+                log.exception("handling event %s failed", action)

@@ -196,7 +196,7 @@ class LXDImageOps(Operations):
 
     @translated
     def rename(self, old: str, new: str) -> int:
-        self.tree.rename(old, new)
+        self.tree.rename(old, new, _pid())
         return 0
 
     @translated

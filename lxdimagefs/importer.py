@@ -66,8 +66,10 @@ def _failure(e: BaseException) -> ImportFailed:
 
 
 def upload_headers(name: str, public: bool = False, properties: dict[str, str] | None = None
-                   ) -> dict[str, str]:
-    headers = {"Content-Type": "application/octet-stream", "X-LXD-filename": name,
+                   ) -> dict[str, str | bytes]:
+    # As lxc sends it: the name's UTF-8 bytes (Python would encode a str as Latin-1, or fail).
+    headers: dict[str, str | bytes] = {"Content-Type": "application/octet-stream",
+                                       "X-LXD-filename": name.encode("utf-8", "surrogateescape"),
                "X-LXD-public": "1" if public else "0"}
     if properties:
         headers["X-LXD-properties"] = urllib.parse.urlencode(properties)
@@ -212,6 +214,8 @@ class FolderImport:
         self.files: dict[str, int] = {}  # name -> size written
         self.open_files: set[str] = set()
         self.fingerprint: str | None = None
+        self.lock = threading.Lock()
+        self.finishing = False  # one close, of however many at once, finishes the folder
 
     def path(self, name: str) -> Path:
         return self.spool / name
@@ -234,11 +238,7 @@ class FolderImport:
                 raise ImportFailed(errno.EINVAL, f"{self.name}/{n} is not an image file")
         public, properties = False, None
         if METADATA in self.files:
-            try:
-                record = json.loads(self.path(METADATA).read_bytes())
-                public, properties = bool(record.get("public")), record.get("properties") or None
-            except ValueError as e:
-                raise ImportFailed(errno.EINVAL, f"{self.name}/metadata.json is not JSON: {e}") from None
+            public, properties = _copied_record(self.name, self.path(METADATA).read_bytes())
         headers = upload_headers(self.name, public, properties)
         try:
             if len(parts) == 1:
@@ -263,6 +263,23 @@ class FolderImport:
 
     def remove_spool(self) -> None:
         shutil.rmtree(self.spool, ignore_errors=True)
+
+
+def _copied_record(folder: str, data: bytes) -> tuple[bool, dict[str, str] | None]:
+    """The public flag and properties of a copied image folder's metadata.json, checked as LXD would."""
+    try:
+        record = json.loads(data)
+    except ValueError as e:
+        raise ImportFailed(errno.EINVAL, f"{folder}/metadata.json is not JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise ImportFailed(errno.EINVAL, f"{folder}/metadata.json: json: cannot unmarshal "
+                                         f"{type(record).__name__} into an image record")
+    properties = record.get("properties") or None
+    if properties is not None and (not isinstance(properties, dict)
+                                   or not all(isinstance(v, str) for v in properties.values())):
+        raise ImportFailed(errno.EINVAL, f"{folder}/metadata.json: properties must be an object "
+                                         "of strings")
+    return bool(record.get("public")), properties
 
 
 def _is_fingerprint(name: str) -> bool:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cachetools import LRUCache
+
 from .blocks import BLOCK
 from .catalog import Catalog
 from .client import ExportPart, Image
@@ -77,7 +79,8 @@ class Tree:
         self.folders: dict[str, FolderImport] = {}
         self.scratch: dict[tuple[str, str], bytearray] = {}  # editors' temporary files
         self.hidden: set[tuple[str, str]] = set()  # files unlinked by `rm -r` before its rmdir
-        self.read_records: dict[str, dict] = {}  # the record a user last read, per image
+        # The record each process last read, per image: the base its save is compared with.
+        self.read_records: LRUCache[tuple[str, int], dict] = LRUCache(maxsize=4096)
         # Told of paths that changed behind the caller's back; wait=True where no directory lock
         # can be held (close), so the caller sees the change when its call returns.
         self.on_change: Callable[..., None] = lambda path, wait=False: None
@@ -226,7 +229,7 @@ class Tree:
             raise fs_error(errno.EISDIR, path)
         if writing:
             self._writable(path, "open for writing")
-            return self._add(self._open_for_writing(path, flags), pid)
+            return self._add(self._open_for_writing(path, flags, pid), pid)
         parts = self.split(path)
         if parts[0] == IMPORT_DIR:
             return self._add(self._open_import_for_reading(parts, path), pid)
@@ -235,16 +238,17 @@ class Tree:
         if key in self.scratch:
             return self._add(EditHandle(self.scratch[key]), pid)
         if parts[2] == METADATA:
-            return self._add(BytesHandle(self._read_record(image)), pid)
+            return self._add(BytesHandle(self._read_record(image, pid)), pid)
         index, part = self._part(image, parts[2], path)
         if self.catalog.layout(image.fingerprint).split:
             return self._add(FileHandle(str(self.spool.paths(image.fingerprint)[index])), pid)
         return self._add(UnifiedHandle(self.exports.unified(image.fingerprint, part.size)), pid)
 
-    def _read_record(self, image: Image) -> bytes:
+    def _read_record(self, image: Image, pid: int) -> bytes:
         """The record as listed; remembered, so that a later save detects a change made since."""
         if not self.readonly:
-            self.read_records[image.fingerprint] = image.record
+            with self._lock:
+                self.read_records[(image.fingerprint, pid)] = image.record
         return render_metadata(image)
 
     def _open_import_for_reading(self, parts: list[str], path: str) -> Handle:
@@ -349,13 +353,16 @@ class Tree:
         folder.open_files.add(name)
 
         def closed() -> None:
-            folder.files[name] = folder.path(name).stat().st_size
-            folder.open_files.discard(name)
-            if folder.fingerprint is None and folder.ready():
+            with folder.lock:
+                folder.files[name] = folder.path(name).stat().st_size
+                folder.open_files.discard(name)
+                go = not folder.finishing and folder.ready()
+                folder.finishing |= go
+            if go:
                 self._finish_folder(folder)
         return FileHandle(str(folder.path(name)), flags, on_close=closed)
 
-    def _open_for_writing(self, path: str, flags: int) -> Handle:
+    def _open_for_writing(self, path: str, flags: int, pid: int) -> Handle:
         parts = self.split(path)
         if parts[0] == FP_DIR and len(parts) == 3:
             image = self._image(parts[1], path)
@@ -367,8 +374,9 @@ class Tree:
             if parts[2] == METADATA:
                 # The base for detecting others' changes stays the record the user last read.
                 data = bytearray() if flags & os.O_TRUNC else bytearray(render_metadata(image))
-                self.read_records.setdefault(image.fingerprint, image.record)
-                handle = EditHandle(data, lambda new, fp=image.fingerprint: self.save_record(fp, new))
+                with self._lock:
+                    self.read_records.setdefault((image.fingerprint, pid), image.record)
+                handle = EditHandle(data, lambda new, fp=image.fingerprint: self.save_record(fp, new, pid))
                 handle.dirty = bool(flags & os.O_TRUNC)
                 return handle
             raise self._refuse(errno.EACCES, "write", path, "an export's bytes are LXD's: read-only")
@@ -518,7 +526,8 @@ class Tree:
             fp = self._image(parts[1], path).fingerprint
             if self.scratch.pop((fp, parts[2]), None) is None:
                 # `rm -r` empties a folder before its rmdir: the image goes then, not now.
-                self.hidden.add((fp, parts[2]))
+                with self._lock:
+                    self.hidden.add((fp, parts[2]))
 
     def rmdir(self, path: str) -> None:
         self._writable(path, "rmdir")
@@ -532,7 +541,8 @@ class Tree:
                 self.on_change(f"/{ALIAS_DIR}/{alias_to_filename(alias)}")
             self.on_change(f"/{FP_DIR}/{fp}")
             log.info("deleted image %s", fp)
-            self.hidden = {k for k in self.hidden if k[0] != fp}
+            with self._lock:
+                self.hidden.difference_update([k for k in self.hidden if k[0] == fp])
             self.catalog.invalidate()
             return
         if parts[0] == IMPORT_DIR and len(parts) == 2 and parts[1] in self.folders:
@@ -545,7 +555,7 @@ class Tree:
         raise self._refuse(errno.EPERM if len(parts) > 1 else errno.EBUSY, "rmdir", path,
                            "only image folders and import folders can be removed")
 
-    def rename(self, old: str, new: str) -> None:
+    def rename(self, old: str, new: str, pid: int = 0) -> None:
         self._writable(old, "rename")
         src, dst = self.split(old), self.split(new)
         self.getattr(old)
@@ -556,7 +566,7 @@ class Tree:
             fp = self._image(src[1], old).fingerprint
             if self._image(dst[1], new).fingerprint == fp and (fp, src[2]) in self.scratch:
                 if dst[2] == METADATA:  # how sed -i and many editors save: write a copy, rename it over
-                    self.save_record(fp, bytes(self.scratch[(fp, src[2])]))
+                    self.save_record(fp, bytes(self.scratch[(fp, src[2])]), pid)
                     del self.scratch[(fp, src[2])]
                 else:
                     self.scratch[(fp, dst[2])] = self.scratch.pop((fp, src[2]))
@@ -585,7 +595,7 @@ class Tree:
 
     # -- attributes ---------------------------------------------------------------
 
-    def save_record(self, fp: str, data: bytes) -> None:
+    def save_record(self, fp: str, data: bytes, pid: int = 0) -> None:
         """Save metadata.json's editable fields, unless LXD's changed since the user read them.
 
         The user's copy is compared with the record they read (no request per
@@ -600,7 +610,8 @@ class Tree:
             raise self._refuse(errno.EINVAL, "write", f"{fp}/{METADATA}", "not a JSON object")
         current, etag = self.client.image_with_etag(fp)
         record = current.record
-        read = self.read_records.pop(fp, record)
+        with self._lock:
+            read = self.read_records.get((fp, pid), record)
         for key, value in new.items():
             if key not in EDITABLE and value not in (record.get(key, ...), read.get(key, ...)):
                 raise self._refuse(errno.EINVAL, "write", f"{fp}/{METADATA}",
@@ -620,5 +631,7 @@ class Tree:
             raise
         finally:
             self.catalog.invalidate()
+        with self._lock:  # saved: the next save by this process starts from what it saved
+            self.read_records.pop((fp, pid), None)
         self.on_change(f"/{FP_DIR}/{fp}/{METADATA}")
         log.info("saved %s of image %s", ", ".join(k for k in EDITABLE if k in new), fp)

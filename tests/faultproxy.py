@@ -36,6 +36,7 @@ class FaultProxy:
         self._server.bind(path)
         self._server.listen(64)
         self._stop = threading.Event()
+        self.frozen = threading.Event()  # while set, no byte passes either way: a half-open link
         threading.Thread(target=self._accept, daemon=True).start()
 
     def add(self, rule: Rule) -> None:
@@ -82,6 +83,8 @@ class FaultProxy:
         def upstream() -> None:  # client -> LXD, noting each request line
             try:
                 while data := client.recv(1 << 16):
+                    while self.frozen.is_set():
+                        time.sleep(0.05)
                     head = data[:200].decode("latin-1")
                     if head.split(" ", 1)[0] in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"):
                         rule = self._take(head.split("\r\n", 1)[0])
@@ -110,6 +113,8 @@ class FaultProxy:
         threading.Thread(target=upstream, daemon=True).start()
         try:
             while data := server.recv(1 << 16):
+                while self.frozen.is_set():
+                    time.sleep(0.05)
                 rule: Rule | None = state["rule"]
                 if rule is not None and rule.delay and state["sent"] == 0:
                     time.sleep(rule.delay)

@@ -118,9 +118,7 @@ def test_changes_made_with_lxc_show_within_a_second(sandbox, images, tmp_path):
     fp = images.fps["xz"]
     with mounted(sandbox, tmp_path / "mnt", "-o", "metadata_ttl=600") as m:
         os.listdir(m.path / "by-alias")  # the listing is cached for 10 minutes…
-        deadline = time.monotonic() + 10
-        while "listening to LXD's lifecycle events" not in m.log_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for_log(m, "listening to LXD's lifecycle events")
         sandbox.lxc("image", "alias", "create", "from-lxc", fp)
         try:
             started = time.monotonic()
@@ -138,15 +136,10 @@ def test_changes_made_with_lxc_show_within_a_second(sandbox, images, tmp_path):
 def test_events_come_back_after_lxd_restarts(sandbox, images, tmp_path):
     fp = images.fps["xz"]
     with mounted(sandbox, tmp_path / "mnt", "-o", "metadata_ttl=600") as m:
-        deadline = time.monotonic() + 10
-        while m.log_text().count("listening to LXD's lifecycle events") < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for_log(m, "listening to LXD's lifecycle events")
         sandbox.halt()
         sandbox.resume()
-        deadline = time.monotonic() + 40
-        while m.log_text().count("listening to LXD's lifecycle events") < 2:
-            assert time.monotonic() < deadline, "the event stream was not reopened"
-            time.sleep(0.1)
+        _wait_for_log(m, "listening to LXD's lifecycle events", count=2, timeout=40)
         sandbox.lxc("image", "alias", "create", "after-restart", fp)
         try:
             started = time.monotonic()
@@ -155,6 +148,34 @@ def test_events_come_back_after_lxd_restarts(sandbox, images, tmp_path):
                 time.sleep(0.01)
         finally:
             sandbox.lxc("image", "alias", "delete", "after-restart")
+
+
+def _wait_for_log(m, text: str, count: int = 1, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while m.log_text().count(text) < count:
+        assert time.monotonic() < deadline, f"the log never said {text!r} {count} times"
+        time.sleep(0.05)
+
+
+def test_a_silent_event_stream_is_taken_as_dropped_and_reopened(sandbox, images, proxy, tmp_path):
+    """A half-open link (a host gone, a NAT that forgot it) says nothing: pings find it out."""
+    fp = images.fps["xz"]
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "timeout=2,metadata_ttl=0.5") as m:
+        _wait_for_log(m, "listening to LXD's lifecycle events")
+        proxy.frozen.set()
+        try:
+            _wait_for_log(m, "no answer from LXD's event stream", timeout=10)
+        finally:
+            proxy.frozen.clear()
+        _wait_for_log(m, "listening to LXD's lifecycle events", count=2, timeout=40)
+        sandbox.lxc("image", "alias", "create", "after-silence", fp)
+        try:
+            started = time.monotonic()
+            while "after-silence" not in os.listdir(m.path / "by-alias"):
+                assert time.monotonic() - started < 1
+                time.sleep(0.01)
+        finally:
+            sandbox.lxc("image", "alias", "delete", "after-silence")
 
 
 def test_a_daemon_killed_mid_upload_leaves_nothing_after_the_next_mount(sandbox, tmp_path):

@@ -14,6 +14,7 @@ from lxdimagefs.catalog import LayoutJournal
 from lxdimagefs.cli import UsageError, parse_options
 from lxdimagefs.client import ExportLayout, ExportPart, parse_time
 from lxdimagefs.errors import IntegrityError
+from lxdimagefs.events import EventWatcher
 from lxdimagefs.multipart import PartStream, first_part_and_next_name
 from lxdimagefs.names import alias_to_filename, filename_to_alias, fits
 from lxdimagefs.verify import Verification
@@ -167,3 +168,21 @@ def test_layout_journal_round_trip_and_distrust(tmp_path):
     link = tmp_path / "link.jsonl"
     link.symlink_to(path)
     assert LayoutJournal(link).load() == {}
+
+
+@pytest.mark.parametrize("message", [b"[1, 2]", b"null", b"\"text\"", b"{\"metadata\": 3}", b"not json"])
+def test_a_bad_event_message_is_skipped_and_the_stream_goes_on(message):
+    seen = []
+    watcher = EventWatcher(None, seen.append, lambda: None)  # type: ignore[arg-type]
+    watcher._dispatch(message)
+    good = b'{"metadata": {"action": "image-created", "source": "/1.0/images/ab"}}'
+    watcher._dispatch(good)
+    assert len(seen) == 1
+
+
+def test_an_event_handler_that_fails_does_not_end_the_stream():
+    def boom(event):
+        raise RuntimeError("a bug")
+
+    watcher = EventWatcher(None, boom, lambda: None)  # type: ignore[arg-type]
+    watcher._dispatch(b'{"metadata": {"action": "image-deleted", "source": "/1.0/images/ab"}}')
