@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -24,6 +25,7 @@ class Rule:
     status: int | None = None  # answer this instead of forwarding
     cut_request_after: int | None = None  # request bytes to pass (an upload) before closing both
     times: int = 1  # how many requests it applies to (-1: until cleared)
+    before: Callable[[], object] | None = None  # run before the request is forwarded
 
 
 class FaultProxy:
@@ -89,6 +91,8 @@ class FaultProxy:
                     if head.split(" ", 1)[0] in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"):
                         rule = self._take(head.split("\r\n", 1)[0])
                         state["rule"], state["sent"], state["up"] = rule, 0, 0
+                        if rule is not None and rule.before is not None:
+                            rule.before()
                         if rule is not None and rule.status is not None:
                             body = b'{"type":"error","error":"injected fault","error_code":%d}' % rule.status
                             client.sendall(b"HTTP/1.1 %d Injected\r\nContent-Type: application/json\r\n"

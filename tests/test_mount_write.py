@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -301,6 +303,89 @@ def test_a_concurrent_edit_is_detected_not_overwritten(mnt, sandbox, fresh):
     assert e.value.errno == errno.ESTALE
     got = sandbox.rest(f"/1.0/images/{fp}")
     assert got["properties"]["by"] == "someone else" and got["public"] is False
+
+
+def test_another_process_reading_does_not_reset_a_writers_base(mnt, sandbox, fresh):
+    fp = fresh()
+    path = mnt.path / "by-fingerprint" / fp / "metadata.json"
+    record = json.loads(path.read_text())  # this process reads…
+    sandbox.rest(f"/1.0/images/{fp}", "PATCH", {"properties": {"by": "someone else"}})  # …lxc edits…
+    subprocess.run(["cat", str(path)], check=True, capture_output=True)  # …a third process reads…
+    record["public"] = True
+    for _ in range(2):  # …and this process's save is refused, a retry too
+        with pytest.raises(OSError) as e:
+            write_file(path, json.dumps(record).encode())
+        assert e.value.errno == errno.ESTALE
+    assert sandbox.rest(f"/1.0/images/{fp}")["public"] is False
+    record = json.loads(path.read_text())  # read again: now it saves
+    record["public"] = True
+    write_file(path, json.dumps(record).encode())
+    assert sandbox.rest(f"/1.0/images/{fp}")["public"] is True
+
+
+@pytest.mark.parametrize("name", ["日本.tar.gz", "café.tar", "debian／12.tar"])
+def test_import_names_outside_latin1_reach_lxd_as_lxc_sends_them(mnt, sandbox, tmp_path, name):
+    tarball = make_unified(tmp_path / ("x" + name[-7:].replace("／", "")))
+    fp = sha(tarball)
+    try:
+        shutil.copyfile(tarball, mnt.path / "import" / name)
+        assert sandbox.rest(f"/1.0/images/{fp}")["filename"] == name
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+@pytest.mark.parametrize("record", [b"[1, 2]", b'{"properties": [1]}', b'{"properties": {"a": 1}}'])
+def test_a_copied_folder_with_a_bad_record_is_einval_and_leaves_nothing(mnt, sandbox, tmp_path, record):
+    tarball = make_unified(tmp_path / "copy.tar")
+    fp = sha(tarball)
+    folder = mnt.path / "import" / fp
+    folder.mkdir()
+    write_file(folder / "metadata.json", record)
+    with pytest.raises(OSError) as e:
+        write_file(folder / f"{fp}.tar", tarball.read_bytes())
+    assert e.value.errno == errno.EINVAL
+    assert os.listdir(mnt.path / "import") == [f"{fp}.error"]
+    assert "metadata.json" in (mnt.path / "import" / f"{fp}.error").read_text()
+    os.unlink(mnt.path / "import" / f"{fp}.error")
+    assert fp not in lxd_fps(sandbox)
+    assert not list(Path(mnt.log.parent).glob("lxdimagefs-spool-*/import/*"))
+
+
+def test_two_parts_closed_at_once_make_one_image(mnt, sandbox, tmp_path):
+    meta, rootfs = make_split(tmp_path / "race", rootfs_bytes=1 << 20)
+    folder = mnt.path / "import" / "race"
+    folder.mkdir()
+    fds = []
+    for src in (meta, rootfs):
+        fds.append(os.open(folder / src.name, os.O_WRONLY | os.O_CREAT, 0o644))
+        os.write(fds[-1], src.read_bytes())
+    errors: list[OSError] = []
+
+    def close(fd: int) -> None:
+        try:
+            os.close(fd)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=close, args=(fd,)) for fd in fds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fp = sha(meta, rootfs)
+    try:
+        assert errors == []
+        # Closed by threads other than the opener: the commit comes with the (asynchronous) release.
+        deadline = time.monotonic() + 20
+        while fp not in lxd_fps(sandbox):
+            assert time.monotonic() < deadline, os.listdir(mnt.path / "import")
+            time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while os.listdir(mnt.path / "import"):  # no .error: one upload, no false EEXIST
+            assert time.monotonic() < deadline, os.listdir(mnt.path / "import")
+            time.sleep(0.05)
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
 
 
 # -- deletion --------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -57,8 +58,6 @@ def test_https_with_a_client_certificate_and_a_pinned_server(remote, images, tmp
         assert set(images.fps.values()) <= set(os.listdir(f"{where}/by-fingerprint"))
         fp = images.fps["plain"]
         data = open(f"{where}/by-fingerprint/{fp}/{fp}.tar", "rb").read()  # noqa: SIM115
-        import hashlib
-
         assert hashlib.sha256(data).hexdigest() == fp
     finally:
         unmount(tmp_path / "mnt")
@@ -66,6 +65,23 @@ def test_https_with_a_client_certificate_and_a_pinned_server(remote, images, tmp
     key_body = "".join(open(remote["key"]).read().splitlines()[1:-1])  # noqa: SIM115
     assert key_body[:40] not in log
     assert "BEGIN" not in log
+
+
+def test_relative_certificate_paths_work_after_the_daemon_leaves_its_folder(remote, images, tmp_path):
+    folder = os.path.dirname(remote["cert"])
+    where = tmp_path / "mnt"
+    where.mkdir()
+    relative = ["--cert", os.path.basename(remote["cert"]), "--key", os.path.basename(remote["key"])]
+    done = subprocess.run([sys.executable, "-m", "lxdimagefs", "--url", remote["url"], *relative,
+                           "--server-cert", os.path.relpath(remote["server_cert"], folder), str(where)],
+                          capture_output=True, text=True, timeout=60, cwd=folder, stdin=subprocess.DEVNULL)
+    try:
+        assert done.returncode == 0, done.stderr
+        fp = images.fps["plain"]
+        with open(where / "by-fingerprint" / fp / f"{fp}.tar", "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == fp
+    finally:
+        unmount(where)
 
 
 def test_https_is_verified_by_default(remote, tmp_path):

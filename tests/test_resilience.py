@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -148,6 +149,27 @@ def test_events_come_back_after_lxd_restarts(sandbox, images, tmp_path):
                 time.sleep(0.01)
         finally:
             sandbox.lxc("image", "alias", "delete", "after-restart")
+
+
+def test_lxds_412_on_a_save_is_estale(sandbox, proxy, tmp_path):
+    fp = sandbox.import_image(make_unified(tmp_path / "etag.tar"))
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path) as m:
+            path = m.path / "by-fingerprint" / fp / "metadata.json"
+            record = json.loads(path.read_text())
+            record["public"] = True
+            # Someone else's change lands between lxdimagefs's check and its PUT: only LXD's
+            # If-Match can catch it.
+            proxy.add(Rule("PUT /1.0/images/", before=lambda: sandbox.rest(
+                f"/1.0/images/{fp}", "PATCH", {"properties": {"by": "in between"}})))
+            with pytest.raises(OSError) as e:
+                path.write_text(json.dumps(record))
+            assert e.value.errno == errno.ESTALE
+            assert len(proxy.applied) == 1
+        got = sandbox.rest(f"/1.0/images/{fp}")
+        assert got["properties"]["by"] == "in between" and got["public"] is False
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
 
 
 def _wait_for_log(m, text: str, count: int = 1, timeout: float = 10) -> None:

@@ -186,3 +186,13 @@ def test_an_event_handler_that_fails_does_not_end_the_stream():
 
     watcher = EventWatcher(None, boom, lambda: None)  # type: ignore[arg-type]
     watcher._dispatch(b'{"metadata": {"action": "image-deleted", "source": "/1.0/images/ab"}}')
+
+
+def test_layout_journal_refuses_a_hard_linked_file(tmp_path):
+    path = tmp_path / "layouts.jsonl"
+    journal = LayoutJournal(path)
+    journal.add("a" * 64, ExportLayout(False, (ExportPart("a.tar", 1),)))
+    os.link(path, tmp_path / "elsewhere")  # root writing through a planted hard link
+    assert journal.load() == {}
+    journal.add("b" * 64, ExportLayout(False, (ExportPart("b.tar", 1),)))
+    assert "b" * 64 not in (tmp_path / "elsewhere").read_text()
