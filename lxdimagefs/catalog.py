@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -23,7 +24,8 @@ from pathlib import Path
 from cachetools import LRUCache
 
 from .client import ExportLayout, ExportPart, Image, LXDClient
-from .names import alias_to_filename, filename_to_alias, fits
+from .multipart import first_part_and_next_name
+from .names import alias_to_filename, filename_to_alias, fits, is_fingerprint
 
 MIN_PREFIX = 12
 
@@ -140,7 +142,7 @@ class Catalog:
             image = self.snapshot().images.get(name)
         if image is not None:
             return image
-        if len(name) < MIN_PREFIX or len(name) > 64 or any(c not in "0123456789abcdef" for c in name):
+        if not is_fingerprint(name, MIN_PREFIX):
             raise OSError(errno.ENOENT, "no such image", name)
         found = [img for fp, img in snap.images.items() if fp.startswith(name)]
         if len(found) != 1:
@@ -166,7 +168,7 @@ class Catalog:
             with self._layouts_lock:
                 layout = self._layouts.get(fingerprint)
             if layout is None:
-                layout = self.client.export_layout(fingerprint)
+                layout = probe_layout(self.client, fingerprint)
                 with self._layouts_lock:
                     self._layouts[fingerprint] = layout
                 if self.journal is not None:
@@ -174,3 +176,30 @@ class Catalog:
         with self._lock:
             self._layout_locks.pop(fingerprint, None)
         return layout
+
+
+def probe_layout(client: LXDClient, fingerprint: str) -> ExportLayout:
+    """Learn an export's file names and sizes without downloading it.
+
+    A unified export answers a one-byte Range request with its name and
+    total size. A split export ignores Range and streams multipart; its
+    metadata part is read to learn its size, then the stream is dropped.
+    """
+    with client.export_probe(fingerprint) as resp:
+        ctype = resp.headers.get("Content-Type", "")
+        if not ctype.startswith("multipart/"):
+            name = _filename(resp.headers.get("Content-Disposition")) or fingerprint
+            total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+            size = int(total) if total.isdigit() else int(resp.headers.get("Content-Length", 0))
+            return ExportLayout(False, (ExportPart(name, size),))
+        meta_name, meta_size, rootfs_name = first_part_and_next_name(ctype, client.iter_chunks(resp))
+    image = client.image(fingerprint)
+    return ExportLayout(True, (ExportPart(meta_name, meta_size),
+                               ExportPart(rootfs_name, image.size - meta_size)))
+
+
+def _filename(disposition: str | None) -> str | None:
+    if not disposition:
+        return None
+    m = re.search(r'filename="?([^";]+)"?', disposition)
+    return m.group(1) if m else None

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lxdimagefs: mounting {mountpoint} failed (libfuse said {e}; see above)", file=sys.stderr)
             return 1
     finally:
-        tree.spool.remove()
+        exports.spool.remove()
     log.info("unmounted %s", mountpoint)
     return 0
 

@@ -16,7 +16,9 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import websocket
 
@@ -33,10 +35,36 @@ CHANGES = frozenset({
 })
 
 
+ALIASES, IMAGES = "/1.0/images/aliases/", "/1.0/images/"
+
+
+@dataclass(frozen=True)
+class EventSubject:
+    """What an image or alias event names: an alias, an image, or neither (a whole-listing change)."""
+
+    action: str
+    alias: str | None = None
+    fingerprint: str | None = None
+
+    @classmethod
+    def of(cls, event: dict) -> EventSubject | None:
+        """The subject of an LXD lifecycle event that changes what the mount shows, else None."""
+        meta = event.get("metadata")
+        if not isinstance(meta, dict) or meta.get("action") not in CHANGES:
+            return None
+        source = urllib.parse.urlsplit(str(meta.get("source", ""))).path
+        if source.startswith(ALIASES):
+            return cls(meta["action"], alias=urllib.parse.unquote(source.removeprefix(ALIASES)))
+        if source.startswith(IMAGES):
+            return cls(meta["action"], fingerprint=source.removeprefix(IMAGES))
+        return cls(meta["action"])
+
+
+
 class EventWatcher:
     MAX_BACKOFF = 30.0
 
-    def __init__(self, client: LXDClient, on_image_event: Callable[[dict], None],
+    def __init__(self, client: LXDClient, on_image_event: Callable[[EventSubject], None],
                  on_connect: Callable[[], None], timeout: float = 30.0, ping: float = 10.0) -> None:
         self.client = client
         self.on_image_event = on_image_event
@@ -105,14 +133,13 @@ class EventWatcher:
         """One message; a bad one is logged and skipped, never the end of the stream."""
         try:
             event = json.loads(message)
-            meta = event.get("metadata") or {}
-            action = meta.get("action", "")
+            subject = EventSubject.of(event) if isinstance(event, dict) else None
         except (ValueError, AttributeError, TypeError):
             log.warning("ignored an event that is not an LXD event: %.200r", message)
             return
-        if action in CHANGES:
-            log.debug("event %s %s", action, meta.get("source", ""))
+        if subject is not None:
+            log.debug("event %s", subject)
             try:
-                self.on_image_event(event)
+                self.on_image_event(subject)
             except Exception:
-                log.exception("handling event %s failed", action)
+                log.exception("handling event %s failed", subject.action)

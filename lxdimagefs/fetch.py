@@ -18,8 +18,9 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .blocks import BLOCK, BlockCache
-from .client import Backoff, ExportStream, LXDClient
+from .client import LXDClient
 from .errors import LXDError, LXDUnreachable
+from .transport import Backoff, ExportStream
 from .verify import Verification
 
 log = logging.getLogger(__name__)

@@ -75,7 +75,7 @@ class LXDImageOps(Operations):
 
     def init(self, path: str) -> None:
         self.served = True
-        self.tree.spool.claim()
+        self.tree.exports.spool.claim()
         if self.readahead_kb:  # the kernel sets its own when init returns: set ours after that
             threading.Thread(target=set_readahead, args=(self.tree.mountpoint, self.readahead_kb),
                              daemon=True, name="readahead").start()
@@ -94,7 +94,7 @@ class LXDImageOps(Operations):
                 if wait:
                     done.wait(5)
 
-            self.tree.on_change = on_change
+            self.tree.ctx.on_change = on_change
             threading.Thread(target=_drain, args=(changed, invalidate), daemon=True,
                              name="invalidate").start()
 

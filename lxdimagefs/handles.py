@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
+import threading
 from collections.abc import Callable
 
 from .errors import fs_error
@@ -14,10 +16,41 @@ from .prefetch import Prefetcher
 MAX_EDIT = 1 << 20  # bytes a metadata.json (or an editor's temporary file) may hold
 
 
+class HandleTable:
+    """Open files by the number FUSE knows them by."""
+
+    def __init__(self) -> None:
+        self._handles: dict[int, Handle] = {}
+        self._next = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def add(self, handle: Handle) -> int:
+        fh = next(self._next)
+        with self._lock:
+            self._handles[fh] = handle
+        return fh
+
+    def has(self, fh: int) -> bool:
+        return fh in self._handles
+
+    def get(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise fs_error(errno.EBADF, str(fh))
+        return handle
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.close()
+
+
 class Handle:
     """An open file. Subclasses implement what their file allows."""
 
-    opener = 0  # pid of the process that opened it: its flush commits
+    def __init__(self, opener: int = 0) -> None:
+        self.opener = opener  # pid of the process that opened it: its flush commits
 
     def read(self, offset: int, size: int) -> memoryview | bytes:
         raise fs_error(errno.EBADF, "read")
@@ -36,7 +69,8 @@ class Handle:
 
 
 class BytesHandle(Handle):
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, opener: int = 0) -> None:
+        super().__init__(opener)
         self.data = data
 
     def read(self, offset: int, size: int) -> bytes:
@@ -46,7 +80,8 @@ class BytesHandle(Handle):
 class UnifiedHandle(Handle):
     """One open unified export, read through its own read-ahead."""
 
-    def __init__(self, prefetcher: Prefetcher) -> None:
+    def __init__(self, prefetcher: Prefetcher, opener: int = 0) -> None:
+        super().__init__(opener)
         self.prefetcher = prefetcher
 
     def read(self, offset: int, size: int) -> memoryview | bytes:
@@ -59,7 +94,9 @@ class UnifiedHandle(Handle):
 class FileHandle(Handle):
     """A local file: a split image's spooled part, or a part being written into an import folder."""
 
-    def __init__(self, path: str, flags: int = os.O_RDONLY, on_close=None) -> None:
+    def __init__(self, path: str, flags: int = os.O_RDONLY, on_close: Callable[[], None] | None = None,
+                 opener: int = 0) -> None:
+        super().__init__(opener)
         self.fd = os.open(path, flags, 0o600)
         self._on_close = on_close
 
@@ -85,8 +122,8 @@ class FileHandle(Handle):
 
 class UploadHandle(Handle):
     def __init__(self, upload: Upload, finish: Callable[[Upload], None]) -> None:
+        super().__init__(upload.opener_pid)
         self.upload, self.finish = upload, finish
-        self.opener = upload.opener_pid
         self.done = False
 
     def write(self, offset: int, data: bytes) -> int:
@@ -112,7 +149,9 @@ class UploadHandle(Handle):
 class EditHandle(Handle):
     """metadata.json opened for writing, or an editor's temporary file beside it."""
 
-    def __init__(self, data: bytearray, on_commit=None) -> None:
+    def __init__(self, data: bytearray, on_commit: Callable[[bytes], None] | None = None,
+                 opener: int = 0) -> None:
+        super().__init__(opener)
         self.data = data
         self.on_commit = on_commit
         self.dirty = False

@@ -25,12 +25,12 @@ from requests_toolbelt import MultipartEncoder
 
 from .client import LXDClient
 from .errors import ImportFailed, LXDError
+from .names import METADATA, is_fingerprint
 
 log = logging.getLogger(__name__)
 
 SNIFF_BYTES = 512
 _BREAK = object()  # a queue item that is never data
-METADATA = "metadata.json"
 
 # First bytes of what LXD accepts as an image file (or part of one).
 _MAGIC = (
@@ -223,7 +223,7 @@ class FolderImport:
     def ready(self) -> bool:
         closed = [n for n in self.files if n not in self.open_files]
         images = [n for n in closed if n != METADATA]
-        if _is_fingerprint(self.name):  # a copied image folder: its record comes with it
+        if is_fingerprint(self.name):  # a copied image folder: its record comes with it
             expected = 2 if any(n.startswith("meta-") for n in self.files) else 1
             return METADATA in closed and len(images) >= expected
         return len(images) >= 2
@@ -280,7 +280,3 @@ def _copied_record(folder: str, data: bytes) -> tuple[bool, dict[str, str] | Non
         raise ImportFailed(errno.EINVAL, f"{folder}/metadata.json: properties must be an object "
                                          "of strings")
     return bool(record.get("public")), properties
-
-
-def _is_fingerprint(name: str) -> bool:
-    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)

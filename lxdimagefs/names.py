@@ -15,6 +15,13 @@ DOT_SHOWN = "\uff0e"  # ．
 ESCAPE = "\u201b"  # ‛
 
 NAME_MAX = 255  # bytes, as Linux file names
+METADATA = "metadata.json"  # an image's record, in its folder
+HEX = frozenset("0123456789abcdef")
+
+
+def is_fingerprint(name: str, min_length: int = 64) -> bool:
+    """A full fingerprint, or with `min_length`, a prefix of one (lowercase hex, as LXD writes them)."""
+    return min_length <= len(name) <= 64 and not set(name) - HEX
 
 
 def alias_to_filename(alias: str) -> str:

@@ -208,7 +208,7 @@ def bench_random(box: Sandbox, fp: str, size: int) -> None:
         os.close(fd)
         assert len(data) == 4096
         ranged = sum(1 for line in log.read_text().splitlines()
-                     if "lxdimagefs.client: GET" in line and line.endswith(f"/images/{fp}/export"))
+                     if f"lxdimagefs.client: GET /images/{fp}/export" in line)
     row(f"4 KiB at {offset >> 20} MiB: the read itself", f"{(t_read - t_open) * 1000:.1f} ms", "")
     row(f"4 KiB at {offset >> 20} MiB: lookup + open + read, cold mount", f"{(t_read - t) * 1000:.1f} ms",
         f"{ranged} export request(s): the Range request, plus a layout probe unless journaled")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from lxd_sandbox import Sandbox, make_split, make_unified  # noqa: E402
+from mounts import Mount, mounted  # noqa: E402
 
 
 def _have_lxd() -> str | None:
@@ -76,56 +75,6 @@ def images(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Images
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "8M"], check=True)
         add("vm", meta, disk, alias="vm")
     return made
-
-
-@dataclass
-class Mount:
-    path: Path
-    proc: subprocess.Popen
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text()
-
-
-def wait_mounted(path: Path, proc: subprocess.Popen | None = None, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.ismount(path):
-            return
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"lxdimagefs exited with {proc.returncode} before mounting")
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} was not mounted within {timeout}s")
-
-
-def unmount(path: Path) -> None:
-    if os.path.ismount(path):
-        subprocess.run(["fusermount", "-u", str(path)], check=False)
-        if os.path.ismount(path):
-            subprocess.run(["fusermount", "-uz", str(path)], check=False)
-
-
-@contextlib.contextmanager
-def mounted(sandbox: Sandbox, where: Path, *args: str) -> Iterator[Mount]:
-    """lxdimagefs in the foreground, as a child we own and stop by its pid."""
-    where.mkdir(parents=True, exist_ok=True)
-    log = where.parent / f"{where.name}.log"
-    if "--cache-dir" not in args:  # spools and the layout journal go with the test's own files
-        args = ("--cache-dir", str(where.parent), *args)
-    proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--debug", "--socket", sandbox.socket,
-                             "--log-file", str(log), *args, str(where)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_mounted(where, proc)
-        yield Mount(where, proc, log)
-    finally:
-        unmount(where)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import mounted, unmount, wait_mounted
+from mounts import mounted, unmount, wait_mounted
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
 CLI = [sys.executable, "-m", "lxdimagefs"]
 

@@ -16,6 +16,8 @@ from lxdimagefs.errors import LXDError
 from lxdimagefs.reader import Exports
 from lxdimagefs.tree import Tree
 
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
 
 @pytest.fixture()
 def tree(sandbox, images, tmp_path):
@@ -95,4 +97,4 @@ def test_split_image_is_downloaded_once_for_all_readers(tree, images):
     for fh in fhs:
         tree.release(fh)
     assert whole.hexdigest() == fp
-    assert tree.spool.downloads == 1
+    assert tree.exports.spool.downloads == 1

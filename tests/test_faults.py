@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import mounted
 from lxd_sandbox import make_split, make_unified
+from mounts import mounted
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
 
 def _export_path(mount, fp: str) -> str:

@@ -10,7 +10,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import mounted
+from mounts import mounted
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
 
 def state(sandbox):

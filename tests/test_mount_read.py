@@ -15,6 +15,8 @@ import pytest
 
 from lxdimagefs.names import alias_to_filename
 
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
 PYLXD_ATTRIBUTES = ("aliases", "auto_update", "architecture", "cached", "created_at", "expires_at",
                     "filename", "fingerprint", "last_used_at", "properties", "public", "size",
                     "uploaded_at", "update_source")

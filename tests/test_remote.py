@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import unmount
+from mounts import unmount
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
 
 def _free_port() -> int:

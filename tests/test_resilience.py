@@ -12,9 +12,11 @@ import sys
 import time
 
 import pytest
-from conftest import mounted, unmount, wait_mounted
 from faultproxy import FaultProxy, Rule
 from lxd_sandbox import make_split, make_unified
+from mounts import mounted, unmount, wait_mounted
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
 
 @pytest.fixture()

@@ -17,6 +17,8 @@ from lxd_sandbox import make_unified
 
 from lxdimagefs.names import alias_to_filename
 
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
 NAMES = st.sampled_from(["a", "b", "deb/12", "c.d", "..", "x y"])
 _seq = itertools.count()
 
