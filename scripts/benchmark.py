@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -54,13 +57,14 @@ def sh(*args: str, env: dict | None = None) -> None:
 
 
 @contextlib.contextmanager
-def mount(box: Sandbox, binding: str = "mfusepy", *opts: str
+def mount(box: Sandbox, binding: str = "mfusepy", *opts: str, server: tuple[str, ...] = ()
           ) -> Iterator[tuple[Path, subprocess.Popen, Path]]:
     where = Path(tempfile.mkdtemp(prefix="bench-mnt-"))
     log = where.with_suffix(".log")
     env = {**os.environ, "LXDIMAGEFS_FUSE": binding}
     proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--debug", "--log-file", str(log),
-                             "--socket", box.socket, "--cache-dir", str(CACHE_DIR), *opts, str(where)],
+                             *(server or ("--socket", box.socket)), "--cache-dir", str(CACHE_DIR), *opts,
+                             str(where)],
                             env=env,
                             stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -212,6 +216,78 @@ def bench_random(box: Sandbox, fp: str, size: int) -> None:
     row(f"4 KiB at {offset >> 20} MiB: the read itself", f"{(t_read - t_open) * 1000:.1f} ms", "")
     row(f"4 KiB at {offset >> 20} MiB: lookup + open + read, cold mount", f"{(t_read - t) * 1000:.1f} ms",
         f"{ranged} export request(s): the Range request, plus a layout probe unless journaled")
+
+
+def bench_https(box: Sandbox, fp: str, size: int, work: Path) -> None:
+    """The same image from the same LXD over HTTPS with a client certificate, on loopback."""
+    print("\nSequential read over HTTPS (127.0.0.1, TLS client certificate), server-warm", flush=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    crt, key = work / "client.crt", work / "client.key"
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+       "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=bench")
+    box.lxc("config", "set", "core.https_address", f"127.0.0.1:{port}")
+    box.lxc("config", "trust", "add", str(crt))
+    base = f"https://127.0.0.1:{port}"
+    gib = size / (1 << 30)
+    sh("cat", str(box.lxd_dir / "images" / fp))
+    t_curl = best(3, lambda: sh("curl", "-sfk", "--cert", str(crt), "--key", str(key),
+                                f"{base}/1.0/images/{fp}/export", "-o", "/dev/null"))
+    row("curl, HTTPS with the client certificate", f"{gib / t_curl:.2f} GiB/s", f"{t_curl:.2f} s")
+    server = ("--url", base, "--cert", str(crt), "--key", str(key),
+              "--server-cert", str(box.lxd_dir / "server.crt"))
+    times, cpu = [], []
+    for _ in range(3):
+        with mount(box, "mfusepy", server=server) as (where, proc, _log):
+            path = export_file(where, fp)
+            t = time.perf_counter()
+            sh("cat", str(path))
+            times.append(time.perf_counter() - t)
+            cpu.append(_cpu_seconds(proc.pid))
+    t = min(times)
+    row("lxdimagefs over HTTPS, cat", f"{gib / t:.2f} GiB/s",
+        f"{t:.2f} s, {t_curl / t:.2f}x curl, daemon CPU {min(cpu) / gib:.2f} s/GiB")
+    box.lxc("config", "unset", "core.https_address")
+
+
+def bench_split(box: Sandbox, work: Path, size_mib: int = 512) -> None:
+    """A split image: the first read fills the spool from LXD's multipart stream."""
+    print(f"\nSplit image ({size_mib} MiB squashfs rootfs), server-warm", flush=True)
+    tree = work / "split" / "rootfs"
+    tree.mkdir(parents=True)
+    with open(tree / "blob", "wb") as f:
+        for _ in range(size_mib):
+            f.write(os.urandom(1 << 20))
+    squash, meta = work / "split" / "rootfs.squashfs", work / "split" / "meta.tar.xz"
+    sh("mksquashfs", str(tree), str(squash), "-noappend", "-quiet", "-noI", "-noD", "-noF", "-noX")
+    shutil.rmtree(tree)
+    with tarfile.open(meta, "w:xz") as tar:
+        data = b"architecture: x86_64\ncreation_date: 1700000000\nproperties:\n  description: split bench\n"
+        info = tarfile.TarInfo("metadata.yaml")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    fp = box.import_image(meta, squash, alias="split-bench")
+    squash.unlink()
+    for p in (box.lxd_dir / "images").glob(fp + "*"):
+        sh("cat", str(p))
+    gib = (size_mib << 20) / (1 << 30)
+    t_curl = best(3, lambda: sh("curl", "-sf", "--unix-socket", box.socket,
+                                f"lxd/1.0/images/{fp}/export", "-o", "/dev/null"))
+    row("curl --unix-socket, the multipart export", f"{gib / t_curl:.2f} GiB/s", f"{t_curl:.2f} s")
+    firsts, agains = [], []
+    for _ in range(3):
+        with mount(box) as (where, _proc, _log):
+            path = next(p for p in (where / "by-fingerprint" / fp).iterdir() if p.suffix == ".squashfs")
+            t = time.perf_counter()
+            sh("cat", str(path))
+            firsts.append(time.perf_counter() - t)
+            agains.append(best(1, lambda p=path: sh("cat", str(p))))
+    t = min(firsts)
+    row("lxdimagefs, first cat of the rootfs (spool filled, verified)", f"{gib / t:.2f} GiB/s",
+        f"{t:.2f} s, {t_curl / t:.2f}x curl")
+    row("lxdimagefs, cat again (from the spool)", f"{gib / min(agains):.2f} GiB/s", f"{min(agains):.2f} s")
+    box.lxc("image", "delete", fp)
 
 
 def make_many(box: Sandbox, count: int) -> None:
@@ -402,6 +478,8 @@ def main() -> int:
         tarball.unlink()
         bench_sequential(box, fp, size)
         bench_random(box, fp, size)
+        bench_https(box, fp, size, work)
+        bench_split(box, work)
         if not args.reads_only:
             bench_freshness(box, fp)
             make_many(box, args.many)
