@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     exports = Exports(client, spool_dir, capacity=int(own.get("cache_size", 32)) << 20)  # type: ignore[call-overload]
     tree = Tree(catalog, exports, readonly=bool(fuse_opts.get("ro")), mountpoint=mountpoint)
     fuse_opts.setdefault("fsname", "lxdimagefs")
+    # Unlink an open file for real (libfuse would rename it to .fuse_hidden*, which import/ refuses):
+    # removing an import being written is how a user breaks it off.
+    fuse_opts.setdefault("hard_remove", True)
     fuse_opts.setdefault("subtype", "lxdimagefs")
     log.debug("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
     events = None

@@ -174,7 +174,10 @@ class ImportsNode(Node):
         try:
             upload.commit()
         except ImportFailed as e:
-            self._failed(upload.name, e)
+            with self._lock:
+                removed = self._uploads.get(upload.name) is not upload
+            if not removed:  # an import the user removed needs no note of why it failed
+                self._failed(upload.name, e)
             raise
         finally:
             with self._lock:

@@ -69,11 +69,11 @@ def images(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Images
     # Several blocks long, uncompressed, for random reads and prefetch.
     add("plain", make_unified(work / "c.tar", rootfs_bytes=5 << 20 | 12345), alias="plain")
     add("split", *make_split(work / "split", rootfs_bytes=3 << 20), alias="split")
-    if shutil.which("qemu-img"):
-        meta = make_unified(work / "vm-meta.tar", rootfs_bytes=0, description="vm image")
-        disk = work / "disk.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "8M"], check=True)
-        add("vm", meta, disk, alias="vm")
+    # A VM image: qemu-img comes with scripts/install.sh (qemu-utils); without it this fails.
+    meta = make_unified(work / "vm-meta.tar", rootfs_bytes=0, description="vm image")
+    disk = work / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "8M"], check=True)
+    add("vm", meta, disk, alias="vm")
     return made
 
 

@@ -98,22 +98,22 @@ def _dead_socket(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make_args, message", [
-    (lambda t, sb: ["--socket", str(t / "nothing.socket"), str(t / "mnt")], "no LXD socket at"),
-    (lambda t, sb: ["--socket", str(_dead_socket(t / "dead.socket")), str(t / "mnt")], "did not answer"),
-    (lambda t, sb: ["--socket", sb.socket, str(t / "missing")], "does not exist"),
-    (lambda t, sb: ["--socket", sb.socket, str(t / "file")], "is not a directory"),
-    (lambda t, sb: ["--socket", sb.socket, "-o", "cache_size=lots", str(t / "mnt")], "needs a number"),
-    (lambda t, sb: ["--socket", sb.socket, "-o", "timeout=0", str(t / "mnt")], "must be positive"),
-    (lambda t, sb: ["--socket", sb.socket, "--project", "nope", str(t / "mnt")], "not found"),
-    (lambda t, sb: ["--url", "http://example.invalid:8443", str(t / "mnt")], "https://"),
-    (lambda t, sb: ["--socket", sb.socket, "-o", "no_such_fuse_option", str(t / "mnt")], "failed"),
+@pytest.mark.parametrize("make_args, message, code", [
+    (lambda t, sb: ["--socket", str(t / "nothing.socket"), str(t / "mnt")], "no LXD socket at", 2),
+    (lambda t, sb: ["--socket", str(_dead_socket(t / "dead.socket")), str(t / "mnt")], "did not answer", 1),
+    (lambda t, sb: ["--socket", sb.socket, str(t / "missing")], "does not exist", 2),
+    (lambda t, sb: ["--socket", sb.socket, str(t / "file")], "is not a directory", 2),
+    (lambda t, sb: ["--socket", sb.socket, "-o", "cache_size=lots", str(t / "mnt")], "needs a number", 2),
+    (lambda t, sb: ["--socket", sb.socket, "-o", "timeout=0", str(t / "mnt")], "must be positive", 2),
+    (lambda t, sb: ["--socket", sb.socket, "--project", "nope", str(t / "mnt")], "not found", 1),
+    (lambda t, sb: ["--url", "http://example.invalid:8443", str(t / "mnt")], "https://", 2),
+    (lambda t, sb: ["--socket", sb.socket, "-o", "no_such_fuse_option", str(t / "mnt")], "failed", 1),
 ])
-def test_failures_are_one_clear_line_and_leave_nothing_mounted(sandbox, tmp_path, make_args, message):
+def test_failures_are_one_clear_line_and_leave_nothing_mounted(sandbox, tmp_path, make_args, message, code):
     (tmp_path / "mnt").mkdir()
     (tmp_path / "file").write_text("")
     done = run(*make_args(tmp_path, sandbox))
-    assert done.returncode != 0
+    assert done.returncode == code  # 2: the command's words are wrong; 1: mounting failed
     lines = [line for line in done.stderr.splitlines() if line.startswith("lxdimagefs:")]
     assert len(lines) == 1, done.stderr
     assert message in lines[0]
@@ -124,7 +124,7 @@ def test_failures_are_one_clear_line_and_leave_nothing_mounted(sandbox, tmp_path
 def test_busy_mountpoint_is_refused(sandbox, images, tmp_path):
     with mounted(sandbox, tmp_path / "mnt") as m:
         done = run("--socket", sandbox.socket, str(m.path))
-        assert done.returncode != 0
+        assert done.returncode == 2
         assert "busy" in done.stderr
         assert os.listdir(m.path / "by-fingerprint")
 

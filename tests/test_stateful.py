@@ -121,6 +121,9 @@ def machine(mnt, sandbox):
 
 
 def test_random_changes_keep_the_mount_and_lxd_in_step(machine):
-    machine.TestCase.settings = settings(max_examples=12, stateful_step_count=10, deadline=None,
-                                         suppress_health_check=list(HealthCheck))
+    # Each step is real LXD work (imports, alias calls): slow by hypothesis's measure, and the
+    # machine is a session fixture; every other health check stays on.
+    machine.TestCase.settings = settings(max_examples=30, stateful_step_count=10, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
     machine.TestCase().runTest()

@@ -180,12 +180,18 @@ def test_a_bad_event_message_is_skipped_and_the_stream_goes_on(message):
     assert len(seen) == 1
 
 
-def test_an_event_handler_that_fails_does_not_end_the_stream():
-    def boom(event):
+def test_an_event_handler_that_fails_does_not_end_the_stream(caplog):
+    calls = []
+
+    def boom(subject):
+        calls.append(subject)
         raise RuntimeError("a bug")
 
     watcher = EventWatcher(None, boom, lambda: None)  # type: ignore[arg-type]
-    watcher._dispatch(b'{"metadata": {"action": "image-deleted", "source": "/1.0/images/ab"}}')
+    for _ in range(2):  # raises nothing, and the next event is still handled
+        watcher._dispatch(b'{"metadata": {"action": "image-deleted", "source": "/1.0/images/ab"}}')
+    assert [c.fingerprint for c in calls] == ["ab", "ab"]
+    assert "handling event image-deleted failed" in caplog.text
 
 
 def test_layout_journal_refuses_a_hard_linked_file(tmp_path):
