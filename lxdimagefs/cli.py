@@ -40,6 +40,7 @@ OWN_OPTIONS = {
 OWN_FLAGS = {
     "no_events",  # do not listen to LXD's events: rely on metadata_ttl alone
     "page_cache",  # exports through the kernel's page cache (mmap, fast re-reads) instead of direct_io
+    "nocontents",  # leave out contents/ (what is inside images), e.g. for backups of the whole mount
 }
 
 
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
 
     # Imported late: loading libfuse is not needed for --help or a usage error.
+    from .archives import IndexFolder
     from .events import EventWatcher
     from .fuse_ops import LXDImageOps
     from .fusebind import FUSE
@@ -215,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("removed %s, left by a daemon that did not unmount", stale)
     spool_dir = Path(tempfile.mkdtemp(prefix=SplitSpool.PREFIX, dir=cache_root))
     exports = Exports(client, spool_dir, capacity=int(own.get("cache_size", 32)) << 20)  # type: ignore[call-overload]
-    tree = Tree(catalog, exports, readonly=bool(fuse_opts.get("ro")), mountpoint=mountpoint)
+    index = None if own.get("nocontents") else IndexFolder(cache_root / f"lxdimagefs-index-{os.getuid()}")
+    tree = Tree(catalog, exports, readonly=bool(fuse_opts.get("ro")), mountpoint=mountpoint, index=index)
+    if fuse_opts.get("allow_other"):  # other users get the image's own modes, not the mounter's reach
+        fuse_opts.setdefault("default_permissions", True)
     fuse_opts.setdefault("fsname", "lxdimagefs")
     # Unlink an open file for real (libfuse would rename it to .fuse_hidden*, which import/ refuses):
     # removing an import being written is how a user breaks it off.

@@ -55,7 +55,8 @@ def _stat(attr: Attr, uid: int, gid: int) -> dict[str, int]:
     ns = 1_000_000_000
     return {
         "st_mode": attr.mode, "st_size": attr.size, "st_nlink": attr.nlink,
-        "st_uid": uid, "st_gid": gid, "st_blksize": attr.blksize,
+        "st_uid": uid if attr.uid is None else attr.uid, "st_gid": gid if attr.gid is None else attr.gid,
+        "st_blksize": attr.blksize,
         "st_blocks": (attr.size + 511) // 512,
         "st_mtime": int(attr.mtime * ns), "st_atime": int(attr.atime * ns),
         "st_ctime": int(attr.ctime * ns),

@@ -30,6 +30,8 @@ class Attr:
     ctime: float
     nlink: int = 1
     blksize: int = 4096
+    uid: int | None = None  # None: the user who mounted
+    gid: int | None = None
 
 
 @dataclass
@@ -75,6 +77,8 @@ def check_name(name: str, path: str) -> None:
 
 class Node:
     """One subtree. `rest` is the list of path components below the node's own name."""
+
+    read_only = False  # True: every change is EROFS, whatever the mount's options
 
     def __init__(self, ctx: Context, name: str) -> None:
         self.ctx = ctx

@@ -27,11 +27,12 @@ class Exports:
     def verification(self):
         return self.fetcher.verification
 
-    def unified(self, fp: str, size: int) -> Prefetcher:
+    def unified(self, fp: str, size: int, max_window: int | None = None) -> Prefetcher:
         """A reader for one open unified export; refused if the image already failed its check."""
         if fp in self.verification.corrupt:
             raise IntegrityError(fp)
-        return Prefetcher(self.fetcher, fp, size, max_window=self.cache.capacity // 4)
+        window = self.cache.capacity // 4
+        return Prefetcher(self.fetcher, fp, size, max_window=min(window, max_window or window))
 
     def close(self) -> None:
         self.fetcher.close()

@@ -43,6 +43,37 @@ class SplitSpool:
                 self._download(fp, final)
         return final
 
+    def unified(self, fp: str, size: int) -> Path:
+        """A unified export as a local file, for readers that need a file descriptor of their own."""
+        final = self.directory / f"{fp}.whole"
+        with self._lock:
+            lock = self._locks.setdefault(fp, threading.Lock())
+        with lock:
+            if not final.exists():
+                self._download_unified(fp, size, final)
+        return final
+
+    def _download_unified(self, fp: str, size: int, final: Path) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = final.with_suffix(".part")
+        writer = PartWriter()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.downloads += 1
+        try:
+            writer.start(fd)
+            with self.client.open_export(fp, 0, size) as stream:
+                while stream.pos < size:
+                    chunk = bytearray(min(PartWriter.BATCH, size - stream.pos))
+                    stream.readinto(memoryview(chunk))
+                    writer.add(memoryview(bytes(chunk)))
+            if writer.finish() != fp:
+                raise IntegrityError(fp)
+            os.replace(tmp, final)
+        finally:
+            writer.close()
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+
     def _download(self, fp: str, final: list[Path]) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = [p.with_suffix(p.suffix + ".part") for p in final]

@@ -15,8 +15,10 @@ import stat
 from pathlib import Path
 
 from .aliases import ALIAS_DIR, AliasesNode
+from .archives import IndexFolder
 from .blocks import BLOCK
 from .catalog import Catalog
+from .contents import CONTENTS_DIR, ContentsNode
 from .errors import fs_error
 from .events import EventSubject
 from .handles import HandleTable
@@ -29,7 +31,8 @@ from .reader import Exports
 
 class Tree:
     def __init__(self, catalog: Catalog, exports: Exports, uid: int | None = None, gid: int | None = None,
-                 readonly: bool = True, mountpoint: str = "", spool_dir: Path | None = None) -> None:
+                 readonly: bool = True, mountpoint: str = "", spool_dir: Path | None = None,
+                 index: IndexFolder | None = None) -> None:
         self.catalog = catalog
         self.exports = exports
         self.uid = os.getuid() if uid is None else uid
@@ -41,6 +44,8 @@ class Tree:
             ALIAS_DIR: AliasesNode(self.ctx, catalog, self.images),
             IMPORT_DIR: ImportsNode(self.ctx, catalog, spool_dir or exports.spool.directory),
         }
+        if index is not None:  # what is inside images; `-o nocontents` leaves it out
+            self.nodes[CONTENTS_DIR] = ContentsNode(self.ctx, catalog, exports, self.images, index)
         self.handles = HandleTable()
 
     @property
@@ -81,10 +86,10 @@ class Tree:
     def open(self, path: str, flags: int, pid: int = 0) -> int:
         if stat.S_ISDIR(self.getattr(path).mode):
             raise fs_error(errno.EISDIR, path)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            self.ctx.writable(path, "open for writing")
         node, rest = self._node(path)
         assert node is not None
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            self._changing(path, "open for writing")
         return self.handles.add(node.open(rest, flags, pid))
 
     def read(self, fh: int, offset: int, size: int) -> memoryview | bytes:
@@ -117,6 +122,8 @@ class Tree:
         if node is None:
             raise self.ctx.refuse(errno.EPERM if op != "rmdir" else errno.EBUSY, op, path,
                                   "the root is the mount's own")
+        if node.read_only:
+            raise self.ctx.refuse(errno.EROFS, op, path, f"{node.name}/ is read-only")
         return node, rest
 
     def create(self, path: str, flags: int, pid: int = 0) -> int:
@@ -177,6 +184,8 @@ class Tree:
         """
         self.getattr(path)
         node, rest = self._node(path)
+        if node is not None and node.read_only:
+            raise self.ctx.refuse(errno.EROFS, op, path, f"{node.name}/ is read-only")
         if not self.ctx.readonly and node is not None and rest and node.accepts_attributes(rest):
             return
         raise self.ctx.refusal(op, path, "modes, owners, times and attributes are LXD's")

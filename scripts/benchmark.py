@@ -290,6 +290,100 @@ def bench_split(box: Sandbox, work: Path, size_mib: int = 512) -> None:
     box.lxc("image", "delete", fp)
 
 
+def _contents_images(box: Sandbox, work: Path, size_mib: int) -> dict[str, str]:
+    """Images of `size_mib` MiB whose rootfs/etc/os-release comes after a large file."""
+    tree = work / "inside"
+    (tree / "rootfs/etc").mkdir(parents=True)
+    (tree / "metadata.yaml").write_bytes(b"architecture: x86_64\ncreation_date: 1700000000\n")
+    with open(tree / "rootfs/blob", "wb") as f:
+        for _ in range(size_mib):
+            f.write(os.urandom(1 << 20))
+    (tree / "rootfs/etc/os-release").write_text('PRETTY_NAME="Bench OS"\n')
+    for i in range(2000):  # a few thousand entries, as an image has
+        (tree / "rootfs/etc" / f"f{i}").write_text(str(i))
+    plain = work / "inside.tar"
+    sh("tar", "-C", str(tree), "-cf", str(plain), "metadata.yaml", "rootfs/blob", "rootfs/etc")
+    sh("sh", "-c", f"gzip -1 -c {plain} > {plain}.gz")
+    sh("sh", "-c", f"xz -0 -T1 -c {plain} > {plain}.xz")  # one block: xz's own default layout
+    squash = work / "inside.squashfs"
+    sh("mksquashfs", str(tree / "rootfs"), str(squash), "-noappend", "-quiet", "-noI", "-noD", "-noF", "-noX")
+    meta = work / "inside-meta.tar"
+    sh("tar", "-C", str(tree), "-cf", str(meta), "metadata.yaml")
+    shutil.rmtree(tree)
+    fps = {"tar": box.import_image(plain), "tar.gz": box.import_image(Path(f"{plain}.gz")),
+           "tar.xz": box.import_image(Path(f"{plain}.xz")),
+           "squashfs (split)": box.import_image(meta, squash)}
+    for p in (plain, Path(f"{plain}.gz"), Path(f"{plain}.xz"), squash, meta):
+        p.unlink()
+    return fps
+
+
+def bench_contents(box: Sandbox, work: Path, size_mib: int = 512) -> None:
+    """contents/: one small file behind a large one, and a whole listing, against the alternatives."""
+    print(f"\nInside images ({size_mib} MiB, rootfs/etc/os-release after a {size_mib} MiB file)", flush=True)
+    import ratarmountcore.mountsource.factory as rmc
+
+    fps = _contents_images(box, work, size_mib)
+    index = work / "contents-cache"
+    index.mkdir()
+    for kind, fp in fps.items():
+        for p in (box.lxd_dir / "images").glob(fp + "*"):
+            sh("cat", str(p))  # LXD's copy warm, for every tool alike
+        times, received = [], []
+        for _ in range(2):  # a fresh mount each time; the second has the first's index
+            with mount(box, "mfusepy", "--cache-dir", str(index)) as (where, proc, _log):
+                before = _rchar(proc.pid)
+                t = time.perf_counter()
+                sh("cat", str(where / "contents/by-fingerprint" / fp / "rootfs/etc/os-release"))
+                times.append(time.perf_counter() - t)
+                received.append((_rchar(proc.pid) - before) / (1 << 20))
+                if len(times) == 2:
+                    t = time.perf_counter()
+                    listing = f"find {where}/contents/by-fingerprint/{fp}/rootfs | wc -l"
+                    out = subprocess.run(listing, shell=True, capture_output=True, text=True,
+                                         check=True).stdout.strip()
+                    t_find = time.perf_counter() - t
+                    peak = peak_rss_mib(proc.pid)
+        with tempfile.TemporaryDirectory(dir="/var/tmp") as out_dir:
+            t = time.perf_counter()
+            sh("lxc", "image", "export", fp, out_dir + "/", env=box.env())
+            t_export = time.perf_counter() - t
+            exported = sorted(Path(out_dir).iterdir(), key=lambda p: p.stat().st_size)[-1]
+            t = time.perf_counter()
+            if kind.startswith("squashfs"):
+                sh("unsquashfs", "-q", "-d", out_dir + "/x", str(exported), "etc/os-release")
+            else:
+                sh("tar", "-xf", str(exported), "-C", out_dir, "rootfs/etc/os-release")
+            t_extract = time.perf_counter() - t
+            t = time.perf_counter()
+            with rmc.open_mount_source(str(exported)) as source:
+                inner = "/etc/os-release" if kind.startswith("squashfs") else "/rootfs/etc/os-release"
+                with source.open(source.lookup(inner)) as f:
+                    f.read()
+            t_rmc = time.perf_counter() - t
+            t = time.perf_counter()
+            if not kind.startswith("squashfs"):
+                sh("sh", "-c", f"tar -tf {exported} | wc -l")
+            t_list = time.perf_counter() - t
+        row(f"cat os-release, {kind}: fresh mount, first time", f"{times[0] * 1000:.0f} ms",
+            f"{received[0]:.1f} MiB received")
+        row(f"cat os-release, {kind}: fresh mount, index kept", f"{times[1] * 1000:.0f} ms",
+            f"{received[1]:.1f} MiB received; daemon peak RSS {peak:.0f} MiB")
+        row(f"  lxc image export + extract that file, {kind}", f"{(t_export + t_extract) * 1000:.0f} ms",
+            f"ratarmountcore on the exported file: +{t_rmc * 1000:.0f} ms after the export")
+        row(f"  find contents/…/rootfs | wc -l ({out} entries), {kind}", f"{t_find * 1000:.0f} ms",
+            "" if kind.startswith("squashfs") else f"tar -tf of the export: {t_list * 1000:.0f} ms")
+    for fp in fps.values():
+        box.lxc("image", "delete", fp)
+
+
+def _rchar(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
 def make_many(box: Sandbox, count: int) -> None:
     import pylxd
 
@@ -457,6 +551,7 @@ def main() -> int:
     p.add_argument("--many", type=int, default=1000, help="images for the listing benchmark")
     p.add_argument("--size-mib", type=int, default=1024, help="size of the large image")
     p.add_argument("--reads-only", action="store_true", help="only the sequential and random reads")
+    p.add_argument("--contents-only", action="store_true", help="only what is inside images")
     args = p.parse_args()
     print(f"lxdimagefs benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.cpu_count()} cores, kernel {os.uname().release}")
@@ -467,23 +562,10 @@ def main() -> int:
     CACHE_DIR = work / "cache"
     CACHE_DIR.mkdir()
     try:
-        tarball = make_unified(work / "big.tar", rootfs_bytes=(args.size_mib << 20) - (16 << 10),
-                               description="benchmark image")
-        fp = setup_image(box, tarball)
-        size = (box.lxd_dir / "images" / fp).stat().st_size
-        if not args.reads_only:
-            box.lxc("image", "delete", fp)
-            bench_import(box, tarball)
-            fp = box.import_image(tarball, alias="big")
-        tarball.unlink()
-        bench_sequential(box, fp, size)
-        bench_random(box, fp, size)
-        bench_https(box, fp, size, work)
-        bench_split(box, work)
-        if not args.reads_only:
-            bench_freshness(box, fp)
-            make_many(box, args.many)
-            bench_listing(box, args.many)
+        if args.contents_only:
+            bench_contents(box, work)
+        else:
+            run_all(box, work, args)
     finally:
         box.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -491,6 +573,27 @@ def main() -> int:
     for what, value, note in ROWS:
         print(f"| {what.strip()} | {value} | {note} |")
     return 0
+
+
+def run_all(box: Sandbox, work: Path, args: argparse.Namespace) -> None:
+    tarball = make_unified(work / "big.tar", rootfs_bytes=(args.size_mib << 20) - (16 << 10),
+                           description="benchmark image")
+    fp = setup_image(box, tarball)
+    size = (box.lxd_dir / "images" / fp).stat().st_size
+    if not args.reads_only:
+        box.lxc("image", "delete", fp)
+        bench_import(box, tarball)
+        fp = box.import_image(tarball, alias="big")
+    tarball.unlink()
+    bench_sequential(box, fp, size)
+    bench_random(box, fp, size)
+    bench_https(box, fp, size, work)
+    bench_split(box, work)
+    bench_contents(box, work)
+    if not args.reads_only:
+        bench_freshness(box, fp)
+        make_many(box, args.many)
+        bench_listing(box, args.many)
 
 
 if __name__ == "__main__":

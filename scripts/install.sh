@@ -3,7 +3,7 @@
 # Debian's lxd, fuse3 and libfuse2, the tools the tests make images with, and a virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES=(lxd lxd-client fuse3 libfuse2 libfuse3-3 squashfs-tools qemu-utils xz-utils curl openssl vim-tiny python3 python3-venv)
+APT_PACKAGES=(lxd lxd-client fuse3 libfuse2 libfuse3-3 squashfs-tools qemu-utils xz-utils zstd curl openssl vim-tiny python3 python3-venv)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -31,7 +31,7 @@ def lxd_images(sandbox) -> dict[str, dict]:
 
 
 def test_top_level(mnt):
-    assert sorted(os.listdir(mnt.path)) == ["by-alias", "by-fingerprint", "import"]
+    assert sorted(os.listdir(mnt.path)) == ["by-alias", "by-fingerprint", "contents", "import"]
     assert os.listdir(mnt.path / "import") == []
 
 
