@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .client import ExportLayout
+from .names import fits
 from .prefetch import Prefetcher
 from .reader import Exports
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 ROOTFS = "rootfs"
 NEEDS_A_FILE = (".tar.zst", ".tar.zstd")
+# indexed_gzip over rapidgzip: the same seek points for far less memory (rapidgzip decodes in
+# parallel chunks, which a daemon sharing 2 cores with its readers does not want).
+PREFERRED = ["indexed_gzip"]
 UNSEEKABLE = (".tar.lzma",)
 
 
@@ -118,7 +122,7 @@ class ImageArchive:
             raw = ExportFile(exports.unified(fp, size, max_window=4 << 20), size)
             self._top: MountSource = SQLiteIndexedTar(
                 fileObject=io.BufferedReader(raw, 1 << 16), tarFileName=fp, indexFilePath=index,
-                writeIndex=True)
+                writeIndex=True, prioritizedBackends=PREFERRED)
             return
         meta, rootfs = exports.spool.paths(fp)
         self._top = SQLiteIndexedTar(str(meta), indexFilePath=str(index_dir / f"{fp}.meta.sqlite"),
@@ -159,7 +163,7 @@ class ImageArchive:
             found = source.list(inner) if source else None
         if found is None:
             return []
-        names = [n for n in found if n not in (".", "..") and "/" not in n and "\0" not in n and n]
+        names = [n for n in found if n not in (".", "..") and "/" not in n and fits(n)]
         if path == "/" and self._rootfs is not None and ROOTFS not in names:
             names.append(ROOTFS)
         return sorted(names)

@@ -153,6 +153,7 @@ class Fetcher:
                             self._finish(stream)
                         return
                 data = self._read_block(stream, index)
+                log.debug("block %d of %s in (%d bytes)", index, stream.fp, len(data))
                 self.cache.publish(stream.fp, index, data)
                 self.verification.published(stream.fp, stream.total, index, data)
                 with stream.lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import queue
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 from .client import LXDClient
 from .errors import IntegrityError, LXDError
 from .multipart import PartStream
+
+log = logging.getLogger(__name__)
 
 
 class SplitSpool:
@@ -69,6 +72,7 @@ class SplitSpool:
             if writer.finish() != fp:
                 raise IntegrityError(fp)
             os.replace(tmp, final)
+            log.debug("spooled %s (%d bytes)", fp, size)
         finally:
             writer.close()
             os.close(fd)
@@ -98,6 +102,7 @@ class SplitSpool:
                 raise IntegrityError(fp)
             for t, f in zip(tmp, final, strict=True):
                 os.replace(t, f)
+            log.debug("spooled %s (%d bytes)", fp, sum(f.stat().st_size for f in final))
         finally:
             writer.close()
             for fd in fds:

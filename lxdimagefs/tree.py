@@ -191,6 +191,10 @@ class Tree:
         raise self.ctx.refusal(op, path, "modes, owners, times and attributes are LXD's")
 
     def refusal(self, op: str, path: str, why: str) -> OSError:
+        """A change no subtree makes (link, mknod): EROFS where the subtree or mount is read-only."""
+        node, _ = self._node(path)
+        if node is not None and node.read_only:
+            return self.ctx.refuse(errno.EROFS, op, path, f"{node.name}/ is read-only")
         return self.ctx.refusal(op, path, why)
 
     # -- what LXD's events mean here ---------------------------------------------------
