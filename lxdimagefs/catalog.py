@@ -145,6 +145,9 @@ class Catalog:
         if not is_fingerprint(name, MIN_PREFIX):
             raise OSError(errno.ENOENT, "no such image", name)
         found = [img for fp, img in snap.images.items() if fp.startswith(name)]
+        if not found and len(name) < 64:  # perhaps made a moment ago, before its event arrived
+            self.invalidate()
+            found = [img for fp, img in self.snapshot().images.items() if fp.startswith(name)]
         if len(found) != 1:
             raise OSError(errno.ENOENT, "no image, or more than one, has this prefix", name)
         return found[0]

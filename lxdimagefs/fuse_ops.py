@@ -78,7 +78,7 @@ class LXDImageOps(Operations):
         self.served = True
         self.tree.exports.spool.claim()
         if self.readahead_kb:  # the kernel sets its own when init returns: set ours after that
-            threading.Thread(target=set_readahead, args=(self.tree.mountpoint, self.readahead_kb),
+            threading.Thread(target=set_readahead, args=(self.tree.ctx.mountpoint, self.readahead_kb),
                              daemon=True, name="readahead").start()
         if self.events is not None:
             self.events.start()  # threads start here: the daemon has forked by now

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import subprocess
@@ -105,3 +106,12 @@ def test_errno_for_a_full_disk():
 
     assert LXDError("write /var/lib/lxd/images/x: no space left on device", 500).errno == errno.ENOSPC
     assert LXDError("Storage full", 507).errno == errno.ENOSPC
+
+
+def test_page_cache_mode_reads_the_right_bytes(sandbox, images, tmp_path):
+    fp = images.fps["plain"]
+    with mounted(sandbox, tmp_path / "mnt", "-o", "page_cache") as m:
+        path = m.path / "by-fingerprint" / fp / f"{fp}.tar"
+        for _ in range(2):  # from LXD, then from the kernel's page cache
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == fp
+        assert "Traceback" not in m.log_text()
