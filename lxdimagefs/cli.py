@@ -32,14 +32,13 @@ OWN_OPTIONS = {
     "metadata_ttl": float,  # seconds a listing of LXD's images is trusted
     "cache_size": int,  # MiB of export blocks held in memory, for the whole daemon
     "timeout": float,  # seconds to wait for LXD before a call fails with EIO
-    "readahead_kb": int,  # with page_cache: the kernel's readahead for the mount, where permitted (root)
+    "readahead_kb": int,  # the kernel's readahead for the mount, where permitted (root); default 1024
 }
 
 
 # lxdimagefs's own -o flags.
 OWN_FLAGS = {
     "no_events",  # do not listen to LXD's events: rely on metadata_ttl alone
-    "page_cache",  # exports through the kernel's page cache (mmap, fast re-reads) instead of direct_io
     "nocontents",  # leave out contents/ (what is inside images), e.g. for backups of the whole mount
 }
 
@@ -232,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1],
                               ping=min(10.0, conn.timeout[1]))
         catalog.events_live = events.live.is_set
-    ops = LXDImageOps(tree, events, page_cache=bool(own.get("page_cache")),
-                      readahead_kb=int(own.get("readahead_kb", 1024)))  # type: ignore[call-overload]
+    ops = LXDImageOps(tree, events, readahead_kb=int(own.get("readahead_kb", 1024)))  # type: ignore[call-overload]
     try:
         FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)
     except RuntimeError as e:

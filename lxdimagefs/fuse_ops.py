@@ -66,12 +66,10 @@ def _stat(attr: Attr, uid: int, gid: int) -> dict[str, int]:
 class LXDImageOps(Operations):
     use_ns = True
 
-    def __init__(self, tree: Tree, events: EventWatcher | None = None, page_cache: bool = False,
-                 readahead_kb: int = 0) -> None:
+    def __init__(self, tree: Tree, events: EventWatcher | None = None, readahead_kb: int = 0) -> None:
         self.tree = tree
         self.events = events
-        self.page_cache = page_cache
-        self.readahead_kb = readahead_kb if page_cache else 0
+        self.readahead_kb = readahead_kb
         self.served = False  # set once the kernel has the mount
 
     def init(self, path: str) -> None:
@@ -114,13 +112,13 @@ class LXDImageOps(Operations):
     @translated
     def open(self, path: str, fi: Any) -> int:
         fi.fh = self.tree.open(path, fi.flags, _pid())
-        if self.tree.is_export(path) and self.page_cache:
-            fi.keep_cache = 1  # named by their hash: the bytes never change
+        if self.tree.is_export(path):
+            # Named by their hash, the bytes never change: the kernel keeps them, so re-reads and
+            # mmap cost nothing (`-o direct_io`, libfuse's own, trades that for a faster first
+            # read; docs/PERFORMANCE.md has both).
+            fi.keep_cache = 1
         else:
-            # Exports: 1 MiB requests straight into the reader's buffer, faster for a first read
-            # than the page cache's 128 KiB ones (docs/PERFORMANCE.md). metadata.json changes
-            # with the record: never serve it stale.
-            fi.direct_io = 1
+            fi.direct_io = 1  # metadata.json changes with the record: never serve it stale
         return 0
 
     @translated

@@ -44,6 +44,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=120)
     p.add_argument("--readers", type=int, default=16)
     p.add_argument("--images", type=int, default=8)
+    p.add_argument("-o", dest="options", default="", help="mount options, as lxdimagefs takes them")
+    p.add_argument("--log", help="keep the daemon's debug log here")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # still stop the private LXD
     box = Sandbox.start()
@@ -60,8 +62,10 @@ def main() -> int:
             tarball = make_unified(work / f"img{i}.tar", rootfs_bytes=(4 + 3 * i) << 20)
             fps.append(box.import_image(tarball, alias=f"soak/{i}"))
             tarball.unlink()
-        proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--socket", box.socket,
-                                 "--cache-dir", str(work), "--log-file", str(work / "daemon.log"),
+        opts = ["-o", args.options] if args.options else []
+        proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--debug", *opts,
+                                 "--socket", box.socket,
+                                 "--cache-dir", str(work), "--log-file", args.log or str(work / "daemon.log"),
                                  str(where)],
                                 stdin=subprocess.DEVNULL)
         while not os.path.ismount(where):
@@ -155,9 +159,13 @@ def main() -> int:
               f"{warm['threads']} threads")
         print(f"  daemon after:  RSS {after['rss_kib'] / 1024:.0f} MiB, {after['fds']} fds, "
               f"{after['threads']} threads")
+        log = Path(args.log or work / "daemon.log").read_text()
+        print(f"  export requests: {log.count('/export bytes=')}, blocks received: {log.count(' in (')}")
         print(f"  errors: {len(errors)}")
         for e in errors[:10]:
             print(f"    {e}")
+        for line in [x for x in log.splitlines() if " ERROR " in x or " WARNING " in x][:10]:
+            print(f"    log: {line}")
         return 1 if errors else 0
     finally:
         if proc is not None:

@@ -141,14 +141,7 @@ def test_events_come_back_after_lxd_restarts(sandbox, images, tmp_path):
         sandbox.halt()
         sandbox.resume()
         _wait_for_log(m, "listening to LXD's lifecycle events", count=2, timeout=40)
-        sandbox.lxc("image", "alias", "create", "after-restart", fp)
-        try:
-            started = time.monotonic()
-            while "after-restart" not in os.listdir(m.path / "by-alias"):
-                assert time.monotonic() - started < 1
-                time.sleep(0.01)
-        finally:
-            sandbox.lxc("image", "alias", "delete", "after-restart")
+        _an_lxc_alias_shows_within_a_second(sandbox, m, fp, "after-restart")
 
 
 def test_lxds_412_on_a_save_is_estale(sandbox, proxy, tmp_path):
@@ -172,6 +165,17 @@ def test_lxds_412_on_a_save_is_estale(sandbox, proxy, tmp_path):
         sandbox.lxc("image", "delete", fp, check=False)
 
 
+def _an_lxc_alias_shows_within_a_second(sandbox, m, fp: str, name: str) -> None:
+    sandbox.lxc("image", "alias", "create", name, fp)
+    try:
+        started = time.monotonic()
+        while name not in os.listdir(m.path / "by-alias"):
+            assert time.monotonic() - started < 1, f"{name} not visible within 1 s"
+            time.sleep(0.01)
+    finally:
+        sandbox.lxc("image", "alias", "delete", name)
+
+
 def _wait_for_log(m, text: str, count: int = 1, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while m.log_text().count(text) < count:
@@ -190,14 +194,7 @@ def test_a_silent_event_stream_is_taken_as_dropped_and_reopened(sandbox, images,
         finally:
             proxy.frozen.clear()
         _wait_for_log(m, "listening to LXD's lifecycle events", count=2, timeout=40)
-        sandbox.lxc("image", "alias", "create", "after-silence", fp)
-        try:
-            started = time.monotonic()
-            while "after-silence" not in os.listdir(m.path / "by-alias"):
-                assert time.monotonic() - started < 1
-                time.sleep(0.01)
-        finally:
-            sandbox.lxc("image", "alias", "delete", "after-silence")
+        _an_lxc_alias_shows_within_a_second(sandbox, m, fp, "after-silence")
 
 
 def test_a_daemon_killed_mid_upload_leaves_nothing_after_the_next_mount(sandbox, tmp_path):
