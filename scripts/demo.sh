@@ -39,6 +39,7 @@ Try:
   cat $MNT/by-fingerprint/${fp:-<fp>}/metadata.json
   sha256sum $MNT/by-fingerprint/${fp:-<fp>}/*.tar*      # prints the fingerprint itself
   tar -tvf $MNT/by-fingerprint/${fp:-<fp>}/*.tar*
+  cat $MNT/contents/by-fingerprint/${fp:-<fp>}/rootfs/etc/hostname       # inside the image, not unpacked
 When done:
   scripts/demo.sh stop $MNT
 TIPS
