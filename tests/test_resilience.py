@@ -106,7 +106,7 @@ def test_an_interrupted_upload_fails_on_close_and_leaves_nothing(sandbox, proxy,
         assert done.returncode != 0
         assert os.listdir(m.path / "import") == ["cut.tar.error"]
         os.unlink(m.path / "import" / "cut.tar.error")
-        time.sleep(0.5)  # LXD notices the broken body
+        _lxd_idle(sandbox)  # LXD has finished with the broken body
         assert {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")} == before
         leftovers = [n for n in os.listdir(sandbox.lxd_dir / "images") if len(n.split(".")[0]) != 64]
         assert leftovers == []
@@ -176,6 +176,14 @@ def _an_lxc_alias_shows_within_a_second(sandbox, m, fp: str, name: str) -> None:
         sandbox.lxc("image", "alias", "delete", name)
 
 
+def _lxd_idle(sandbox, timeout: float = 10) -> None:
+    """Wait until LXD runs no operation (what it does with a broken upload is done by then)."""
+    deadline = time.monotonic() + timeout
+    while sandbox.rest("/1.0/operations?recursion=1").get("running"):
+        assert time.monotonic() < deadline, "LXD still has operations running"
+        time.sleep(0.05)
+
+
 def _wait_for_log(m, text: str, count: int = 1, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while m.log_text().count(text) < count:
@@ -225,7 +233,7 @@ def test_a_daemon_killed_mid_upload_leaves_nothing_after_the_next_mount(sandbox,
             with contextlib.suppress(OSError):
                 os.close(fd)
         unmount(where)
-    time.sleep(0.5)
+    _lxd_idle(sandbox)
     assert {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")} == before
     assert [n for n in os.listdir(sandbox.lxd_dir / "images") if len(n.split(".")[0]) != 64] == []
     stale = [p for p in cache.iterdir() if p.name.startswith("lxdimagefs-spool-")]
@@ -251,10 +259,16 @@ def test_reading_exports_does_not_drop_the_listing(sandbox, images, tmp_path):
         before = listings()
         for role in ("gz", "xz", "plain"):
             _export(m, images.fps[role]).read_bytes()
-        time.sleep(0.5)
         os.listdir(m.path / "by-fingerprint")
-        assert "event image-retrieved" not in m.log_text()
-        assert listings() == before
+        # A marker event: LXD's events arrive in order, so any the reads caused came before it.
+        sandbox.lxc("image", "alias", "create", "marker", images.fps["gz"])
+        try:
+            _wait_for_log(m, "alias='marker'")
+        finally:
+            sandbox.lxc("image", "alias", "delete", "marker")
+        upto = m.log_text().index("alias='marker'")
+        assert "image-retrieved" not in m.log_text()[:upto]
+        assert m.log_text()[:upto].count("client: GET /images\n") == before
 
 
 def test_without_events_the_metadata_lifetime_bounds_staleness(sandbox, images, tmp_path):
