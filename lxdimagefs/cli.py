@@ -32,7 +32,6 @@ OWN_OPTIONS = {
     "metadata_ttl": float,  # seconds a listing of LXD's images is trusted
     "cache_size": int,  # MiB of export blocks held in memory, for the whole daemon
     "timeout": float,  # seconds to wait for LXD before a call fails with EIO
-    "readahead_kb": int,  # the kernel's readahead for the mount, where permitted (root); default 1024
 }
 
 
@@ -231,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1],
                               ping=min(10.0, conn.timeout[1]))
         catalog.events_live = events.live.is_set
-    ops = LXDImageOps(tree, events, readahead_kb=int(own.get("readahead_kb", 1024)))  # type: ignore[call-overload]
+    ops = LXDImageOps(tree, events)
     try:
         FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)
     except RuntimeError as e:

@@ -11,9 +11,7 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import LXDError
@@ -66,18 +64,14 @@ def _stat(attr: Attr, uid: int, gid: int) -> dict[str, int]:
 class LXDImageOps(Operations):
     use_ns = True
 
-    def __init__(self, tree: Tree, events: EventWatcher | None = None, readahead_kb: int = 0) -> None:
+    def __init__(self, tree: Tree, events: EventWatcher | None = None) -> None:
         self.tree = tree
         self.events = events
-        self.readahead_kb = readahead_kb
         self.served = False  # set once the kernel has the mount
 
     def init(self, path: str) -> None:
         self.served = True
         self.tree.exports.spool.claim()
-        if self.readahead_kb:  # the kernel sets its own when init returns: set ours after that
-            threading.Thread(target=set_readahead, args=(self.tree.ctx.mountpoint, self.readahead_kb),
-                             daemon=True, name="readahead").start()
         if self.events is not None:
             self.events.start()  # threads start here: the daemon has forked by now
         invalidate = path_invalidator()
@@ -112,13 +106,10 @@ class LXDImageOps(Operations):
     @translated
     def open(self, path: str, fi: Any) -> int:
         fi.fh = self.tree.open(path, fi.flags, _pid())
-        if self.tree.is_export(path):
-            # Named by their hash, the bytes never change: the kernel keeps them, so re-reads and
-            # mmap cost nothing (`-o direct_io`, libfuse's own, trades that for a faster first
-            # read; docs/PERFORMANCE.md has both).
-            fi.keep_cache = 1
-        else:
-            fi.direct_io = 1  # metadata.json changes with the record: never serve it stale
+        # Every read of an export comes here (docs/SEMANTICS.md, "direct_io"): in the page cache
+        # the kernel's readahead can take the EIO of a failed fingerprint check while the reader
+        # is served pages it already holds. metadata.json changes with the record: never stale.
+        fi.direct_io = 1
         return 0
 
     @translated
@@ -230,27 +221,6 @@ class LXDImageOps(Operations):
     @translated
     def mknod(self, path: str, mode: int, dev: int) -> int:
         raise self.tree.refusal("mknod", path, "only regular files can be made, under import/")
-
-
-def set_readahead(mountpoint: str, kib: int) -> None:
-    """Let the kernel read ahead `kib` in one request instead of its default 128 KiB.
-
-    In page-cache mode each kernel request costs a trip through the binding,
-    so fewer, larger ones make a first read faster. The knob is the mount's
-    own (its backing device's readahead in sysfs); only root may turn it.
-    """
-    try:
-        with open("/proc/self/mountinfo") as f:
-            dev = next(line.split()[2] for line in f if line.split()[4] == mountpoint)
-        knob = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
-        for _ in range(50):
-            time.sleep(0.1)
-            knob.write_text(str(kib))
-            if knob.read_text().strip() == str(kib):
-                log.debug("readahead of %s set to %d KiB", mountpoint, kib)
-                return
-    except (OSError, StopIteration) as e:
-        log.debug("readahead of %s left as the kernel's: %s", mountpoint, e)
 
 
 def _pid() -> int:

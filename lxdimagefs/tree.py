@@ -47,6 +47,11 @@ class Tree:
         if index is not None:  # what is inside images; `-o nocontents` leaves it out
             self.nodes[CONTENTS_DIR] = ContentsNode(self.ctx, catalog, exports, self.images, index)
         self.handles = HandleTable()
+        exports.verification.on_corrupt = self._corrupt
+
+    def _corrupt(self, fp: str) -> None:
+        for part in self.catalog.layout(fp).parts:
+            self.ctx.on_change(f"/{FP_DIR}/{fp}/{part.name}")
 
     @property
     def readonly(self) -> bool:
