@@ -8,6 +8,8 @@ a non-zero exit, with nothing left mounted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import logging
 import logging.handlers
 import os
@@ -175,6 +177,17 @@ def setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Keep glibc from giving each of the daemon's threads its own malloc arena.
+
+    1 MiB blocks are allocated on fetch threads and freed on others; with an
+    arena per thread, freed blocks linger in each. Measured with the soak:
+    RSS 135-139 MiB with glibc's default, 97-107 MiB with two arenas.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator has its own policy
+        ctypes.CDLL(None).mallopt(-8, arenas)  # M_ARENA_MAX
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -187,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lxdimagefs: {e}", file=sys.stderr)
         return 2
     setup_logging(args)
+    limit_malloc_arenas()
 
     # Imported late: loading libfuse is not needed for --help or a usage error.
     from .archives import IndexFolder
