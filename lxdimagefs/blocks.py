@@ -16,6 +16,11 @@ BLOCK = 1 << 20
 Key = tuple[str, int]  # (fingerprint, block index)
 
 
+def last_block(total: int) -> int:
+    """The index of a file's last block."""
+    return (total - 1) // BLOCK
+
+
 class BlockCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -80,7 +85,3 @@ class BlockCache:
         with self._lock:
             for key in [k for k in self._lru if k[0] == fp]:
                 del self._lru[key]
-
-    def size(self) -> int:
-        with self._lock:
-            return int(self._lru.currsize)

@@ -26,7 +26,7 @@ from requests_unixsocket.adapters import UnixHTTPConnectionPool
 from urllib3.connectionpool import HTTPConnectionPool
 
 from .errors import LXDError, LXDUnreachable
-from .transport import Backoff, Connection, ExportStream, RawConnections, pin_matches
+from .transport import Backoff, Connection, ExportStream, RawConnections, error_from_body, pin_matches
 
 log = logging.getLogger(__name__)
 
@@ -363,13 +363,9 @@ def _quote(name: str) -> str:
 
 
 def _error_from(resp: requests.Response) -> LXDError:
-    try:
-        body = resp.json()
-        message = body.get("error") or resp.reason
-    except ValueError:
-        message = resp.text.strip() or resp.reason
+    err = error_from_body(resp.status_code, resp.reason, resp.content)
     resp.close()
-    return LXDError(message, resp.status_code)
+    return err
 
 
 def _json(resp: requests.Response, path: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .blocks import BLOCK, BlockCache
+from .blocks import BLOCK, BlockCache, last_block
 from .client import LXDClient
 from .errors import LXDError, LXDUnreachable
 from .transport import Backoff, ExportStream
@@ -42,7 +42,7 @@ class Stream:
 
     @property
     def last_block(self) -> int:
-        return (self.total - 1) // BLOCK
+        return last_block(self.total)
 
     def ahead(self) -> int:
         return max(0, self.claimed - self.consumer)
@@ -83,7 +83,7 @@ class Fetcher:
 
     def fetch(self, fp: str, total: int, first: int, last: int) -> None:
         """Fetch the missing blocks of [first, last], each run in one bounded request."""
-        for a, b in self.cache.claim(fp, first, min(last, (total - 1) // BLOCK)):
+        for a, b in self.cache.claim(fp, first, min(last, last_block(total))):
             stream = Stream(fp, total, a, open_ended=False)
             stream.claimed = b + 1
             self._start(stream)
@@ -109,10 +109,8 @@ class Fetcher:
                     stream.closing = True
                     self._finish(stream)
                     return False
-            if stream.running or stream.next >= stream.claimed:
-                return True
-            stream.running = True
-        self._executor().submit(self._drain, stream)
+            if not stream.running and stream.next < stream.claimed:
+                self._start(stream)
         return True
 
     def room(self, stream: Stream) -> int:
@@ -131,6 +129,7 @@ class Fetcher:
     # -- the fetching itself ------------------------------------------------------
 
     def _start(self, stream: Stream) -> None:
+        """Drain the stream on a worker (called with its lock held, or before anyone shares it)."""
         stream.running = True
         self._executor().submit(self._drain, stream)
 

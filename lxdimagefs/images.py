@@ -88,9 +88,6 @@ class ImagesNode(Node):
             return [n for n in names if (fp, n) not in self._hidden] + sorted(
                 name for key, name in self._scratch if key == fp)
 
-    def is_export(self, rest: list[str]) -> bool:
-        return len(rest) == 2 and rest[1] != METADATA and not self._is_scratch(rest)
-
     def _is_scratch(self, rest: list[str]) -> bool:
         with self._lock:
             return len(rest) == 2 and any(k[1] == rest[1] and k[0].startswith(rest[0]) for k in self._scratch)

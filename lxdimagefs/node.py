@@ -102,10 +102,6 @@ class Node:
     def open(self, rest: list[str], flags: int, pid: int) -> Handle:
         raise NotImplementedError
 
-    def is_export(self, rest: list[str]) -> bool:
-        """Whether this file holds an image's bytes, which never change."""
-        return False
-
     # -- changes: refused unless the node accepts them ---------------------------
 
     def create(self, rest: list[str], flags: int, pid: int) -> Handle:

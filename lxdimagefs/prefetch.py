@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 
-from .blocks import BLOCK
+from .blocks import BLOCK, last_block
 from .fetch import Fetcher, Stream
 
 SLACK = 4 * BLOCK  # how far a read may land from the last one and still count as sequential
@@ -70,7 +70,7 @@ class Prefetcher:
         if stream is not None:
             self.fetcher.drop(stream)
         self._stream = None
-        start = next((i for i in range(first, min(target, (self.total - 1) // BLOCK) + 1)
+        start = next((i for i in range(first, min(target, last_block(self.total)) + 1)
                       if self.fetcher.cache.missing((self.fp, i))), None)
         if start is None:
             return  # all there or on its way: another reader's stream is ahead of this one

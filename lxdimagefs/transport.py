@@ -156,7 +156,7 @@ class RawConnections:
         if resp.status != 206:
             body = resp.read(1 << 16)
             http_conn.close()
-            raise _raw_error(resp.status, resp.reason, body)
+            raise error_from_body(resp.status, resp.reason, body)
         total = resp.getheader("Content-Range", "").rpartition("/")[2]
         return ExportStream(self, http_conn, resp, start, end if end is not None else int(total))
 
@@ -206,7 +206,8 @@ class ExportStream:
         self.close()
 
 
-def _raw_error(status: int, reason: str, body: bytes) -> LXDError:
+def error_from_body(status: int, reason: str, body: bytes) -> LXDError:
+    """LXD's refusal from a response body: its JSON "error", else the text, else the reason."""
     try:
         message = json.loads(body).get("error") or reason
     except (ValueError, AttributeError):

@@ -47,11 +47,6 @@ class Tree:
         if index is not None:  # what is inside images; `-o nocontents` leaves it out
             self.nodes[CONTENTS_DIR] = ContentsNode(self.ctx, catalog, exports, self.images, index)
         self.handles = HandleTable()
-        exports.verification.on_corrupt = self._corrupt
-
-    def _corrupt(self, fp: str) -> None:
-        for part in self.catalog.layout(fp).parts:
-            self.ctx.on_change(f"/{FP_DIR}/{fp}/{part.name}")
 
     @property
     def readonly(self) -> bool:
@@ -83,10 +78,6 @@ class Tree:
         if node is None:
             raise fs_error(errno.EINVAL, path)
         return node.readlink(rest)
-
-    def is_export(self, path: str) -> bool:
-        node, rest = self._node(path)
-        return node is not None and node.is_export(rest)
 
     def open(self, path: str, flags: int, pid: int = 0) -> int:
         if stat.S_ISDIR(self.getattr(path).mode):

@@ -99,9 +99,6 @@ class Verification:
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[Verifier, bytearray, bool]] = queue.Queue(self.QUEUE_BLOCKS)
         self._thread: threading.Thread | None = None
-        # Told of an image that failed: pages the kernel already holds must go, or reads it
-        # serves from them (after its readahead took the EIO) would never see the failure.
-        self.on_corrupt: Callable[[str], None] = lambda fp: None
 
     def _verifier(self, fp: str, total: int) -> Verifier:
         with self._lock:
@@ -177,4 +174,3 @@ class Verification:
             log.error("image %s: the bytes LXD sent do not hash to its fingerprint; it reads as EIO "
                       "from now on", v.fp)
             self.cache.forget(v.fp)
-            self.on_corrupt(v.fp)
