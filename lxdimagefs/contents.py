@@ -113,9 +113,12 @@ class ContentsNode(Node):
             return sorted(self.catalog.snapshot().images)
         if rest == [ALIASES]:
             return sorted(self.catalog.snapshot().aliases)
-        if not stat.S_ISDIR(self.getattr(rest).mode):
+        if rest[0] != FP_DIR or len(rest) < 2:
+            self.getattr(rest)
             raise fs_error(errno.ENOTDIR, self.path(rest))
-        archive, _ = self._entry(rest)
+        archive, entry = self._entry(rest)  # one lookup serves the check and the listing
+        if not stat.S_ISDIR(entry.info.mode):
+            raise fs_error(errno.ENOTDIR, self.path(rest))
         return _guarded(archive.fp, lambda: archive.list("/" + "/".join(rest[2:])))
 
     def readlink(self, rest: list[str]) -> str:
