@@ -21,13 +21,9 @@ from . import __version__
 from .catalog import Catalog, LayoutJournal
 from .client import Connection, LXDClient, certificate_fingerprint
 from .errors import LXDError
+from .remotes import Remote, RemoteError, resolve
 
 log = logging.getLogger("lxdimagefs")
-
-SOCKET_CANDIDATES = (
-    "/var/snap/lxd/common/lxd/unix.socket",
-    "/var/lib/lxd/unix.socket",
-)
 
 # lxdimagefs's own -o options and how to read them; every other -o goes to FUSE.
 OWN_OPTIONS = {
@@ -44,29 +40,12 @@ OWN_FLAGS = {
 }
 
 
+# Options fstab and systemd give mount(8), which mount.fuse3 hands on and libfuse would refuse.
+MOUNT_ONLY = {"_netdev", "nofail", "user", "users", "nouser", "auto", "noauto", "defaults"}
+
+
 class UsageError(Exception):
     pass
-
-
-def find_socket() -> str | None:
-    """The first LXD socket that exists, in the order the lxc client looks."""
-    candidates = []
-    if os.environ.get("LXD_SOCKET"):
-        candidates.append(os.environ["LXD_SOCKET"])
-    if os.environ.get("LXD_DIR"):
-        candidates.append(os.path.join(os.environ["LXD_DIR"], "unix.socket"))
-    candidates.extend(SOCKET_CANDIDATES)
-    return next((c for c in candidates if os.path.exists(c)), None)
-
-
-def lxc_client_pair() -> tuple[str, str] | None:
-    """The certificate pair the lxc client keeps, where it keeps one."""
-    home = Path.home()
-    for conf in (Path(os.environ.get("LXD_CONF", home / ".config/lxc")), home / "snap/lxd/common/config"):
-        crt, key = conf / "client.crt", conf / "client.key"
-        if crt.exists() and key.exists():
-            return str(crt), str(key)
-    return None
 
 
 def parse_options(values: list[str]) -> tuple[dict[str, object], dict[str, object]]:
@@ -76,6 +55,8 @@ def parse_options(values: list[str]) -> tuple[dict[str, object], dict[str, objec
     for value in values:
         for item in filter(None, value.split(",")):
             key, sep, val = item.partition("=")
+            if key in MOUNT_ONLY or key.startswith("x-"):
+                continue
             if key in OWN_FLAGS and not sep:
                 own[key] = True
             elif key in OWN_OPTIONS:
@@ -90,57 +71,125 @@ def parse_options(values: list[str]) -> tuple[dict[str, object], dict[str, objec
     return own, fuse
 
 
+HELP_EPILOG = """\
+SOURCE is `local` (the default: LXD's socket, else Incus's), the name of a
+remote in the lxc or incus client's configuration (its address and
+certificates are read from config.yml), unix:///path/to/unix.socket, or
+https://HOST:PORT. --socket and --url say the same in long form.
+
+the tree:
+  by-fingerprint/<fp>/          metadata.json and the export file(s), named
+                                as `lxc image export` names them
+  by-alias/<name>               symlinks to ../by-fingerprint/<fp>
+                                (ln -s creates, rm deletes, mv renames)
+  import/                       cp an image here to create it; a folder of
+                                two parts makes a split image
+  contents/by-fingerprint/<fp>/ what is inside each image, read-only
+
+  Extended attributes user.lxd.* on image folders and files show (and for
+  public, auto_update and properties.KEY, save) the image's record.
+
+options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
+  metadata_ttl=SECONDS  how long a listing of images is trusted (default 3)
+  cache_size=MiB        export blocks held in memory, whole daemon (default 32)
+  timeout=SECONDS       how long to ride out an unreachable server before
+                        a call fails with EIO (default 30)
+  no_events             do not follow the server's event stream
+  nocontents            leave out contents/ (backups of the whole mount)
+  _netdev, nofail, user, users, auto, noauto, defaults, x-*
+                        fstab's and systemd's: accepted and ignored
+
+fstab:
+  local  /srv/images  fuse.lxdimagefs  _netdev,nofail,allow_other  0 0
+
+exit status: 0 once the mount is live (or, with -f, after a clean unmount);
+1 when the server cannot be reached or FUSE refuses the mount; 2 for a
+usage error. Unmount with `fusermount -u MOUNTPOINT` or `umount`.
+
+docs/SEMANTICS.md says what every system call does and which errno each
+refusal gives.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lxdimagefs", description="Mount the images of an LXD server as files.")
-    p.add_argument("mountpoint")
+    p = argparse.ArgumentParser(prog="lxdimagefs", description="Mount the images of an LXD or Incus server "
+                                "as files.", epilog=HELP_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", nargs="?", metavar="SOURCE",
+                   help="local (default), a remote's name, unix:///path or https://HOST:PORT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty folder this user can write")
     server = p.add_argument_group("server")
-    server.add_argument("--socket", help="LXD's unix socket (default: found as lxc finds it)")
-    server.add_argument("--url", help="a remote LXD, https://HOST:PORT")
-    server.add_argument("--cert", help="TLS client certificate (default: the lxc client's)")
-    server.add_argument("--key", help="TLS client key (default: the lxc client's)")
-    server.add_argument("--server-cert", help="pin the server's certificate (default: the system's CAs)")
-    server.add_argument("--project", default="default")
+    server.add_argument("--socket", metavar="PATH",
+                        help="the server's unix socket (default: $LXD_SOCKET, $LXD_DIR/unix.socket, "
+                             "the snap's and Debian's, then Incus's)")
+    server.add_argument("--url", metavar="https://HOST:PORT", help="a remote server (or cluster)")
+    server.add_argument("--cert", metavar="FILE",
+                        help="TLS client certificate (default: the lxc, else the incus client's)")
+    server.add_argument("--key", metavar="FILE", help="TLS client key (default: the client's)")
+    server.add_argument("--server-cert", metavar="FILE",
+                        help="trust exactly this server certificate (default: the remote's, as "
+                             "`lxc remote add` kept it, else the system's CAs)")
+    server.add_argument("--project", default="default", metavar="NAME", help="default: default")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached; SIGINT/SIGTERM unmount")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="FUSE options (ro, allow_other, ...) and lxdimagefs's own: "
-                        + ", ".join([*(f"{k}=N" for k in OWN_OPTIONS), *OWN_FLAGS]))
-    p.add_argument("--log-file",
+                   help="FUSE's options and lxdimagefs's own (below)")
+    p.add_argument("--log-file", metavar="FILE",
                    help="log here (default: stderr in the foreground, syslog in the background)")
-    p.add_argument("--cache-dir",
-                   help="where split images are spooled and export layouts remembered (default: $TMPDIR)")
-    p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where split images are spooled, export layouts remembered and contents "
+                        "indexed (default: $TMPDIR)")
+    p.add_argument("--debug", action="store_true", help="log every request (never a credential)")
     p.add_argument("--version", action="version", version=f"lxdimagefs {__version__}")
     return p
 
 
-def connection(args: argparse.Namespace, own: dict[str, object]) -> Connection:
+def server(args: argparse.Namespace) -> Remote:
+    """The server the arguments name: SOURCE, or --socket/--url, else the local socket."""
+    if args.source and (args.socket or args.url):
+        raise UsageError("give SOURCE or --socket/--url, not both")
+    if args.socket and args.url:
+        raise UsageError("give either --socket or --url, not both")
+    if args.url and not args.url.startswith("https://"):
+        raise UsageError("--url must start with https://")
+    try:
+        if args.socket or args.url:
+            return resolve("unix://" + os.path.abspath(args.socket) if args.socket else args.url)
+        return resolve(args.source)
+    except RemoteError as e:
+        raise UsageError(str(e)) from None
+
+
+def source_name(args: argparse.Namespace) -> str:
+    return args.source or args.url or (args.socket and "unix://" + os.path.abspath(args.socket)) or "local"
+
+
+def connection(remote: Remote, args: argparse.Namespace, own: dict[str, object]) -> Connection:
     timeout = float(own.get("timeout", 30.0))  # type: ignore[arg-type]
     common = {"project": args.project, "timeout": (min(5.0, timeout), timeout)}
-    if args.url:
-        if args.socket:
-            raise UsageError("give either --socket or --url, not both")
-        if not args.url.startswith("https://"):
-            raise UsageError("--url must start with https://")
+    if remote.simplestreams:
+        raise UsageError(f"{remote.name} is a simplestreams server: mount it with --remote {remote.name}")
+    if remote.url:
         if bool(args.cert) != bool(args.key):
             raise UsageError("--cert and --key go together")
-        pair = (args.cert, args.key) if args.cert else lxc_client_pair()
+        pair = (args.cert, args.key) if args.cert else remote.client_pair()
         if pair is None:
             raise UsageError("no client certificate: give --cert and --key")
         # The daemon leaves this folder, and TLS opens the files again for each connection.
         pair = (os.path.abspath(pair[0]), os.path.abspath(pair[1]))
-        for f in pair + ((args.server_cert,) if args.server_cert else ()):
+        server_cert = args.server_cert or remote.server_cert()
+        for f in pair + ((server_cert,) if server_cert else ()):
             if not os.access(f, os.R_OK):
                 raise UsageError(f"cannot read {f}")
         pinned = None
-        if args.server_cert:
+        if server_cert:
             try:
-                pinned = certificate_fingerprint(args.server_cert)
+                pinned = certificate_fingerprint(server_cert)
             except (OSError, ValueError) as e:
-                raise UsageError(f"cannot read the server certificate {args.server_cert}: {e}") from None
-        return Connection(url=args.url, cert=pair, pinned=pinned, **common)
-    sock = args.socket or find_socket()
+                raise UsageError(f"cannot read the server certificate {server_cert}: {e}") from None
+        return Connection(url=remote.url, cert=pair, pinned=pinned, **common)
+    sock = remote.socket
     if not sock:
-        raise UsageError("no LXD socket found: give --socket or --url, or set LXD_DIR")
+        raise UsageError("no LXD or Incus socket found: give SOURCE, --socket or --url, or set LXD_DIR")
     if not os.path.exists(sock):
         raise UsageError(f"no LXD socket at {sock}")
     return Connection(socket=sock, **common)
@@ -195,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         mountpoint = check_mountpoint(args.mountpoint)
         if args.cache_dir and not os.path.isdir(args.cache_dir):
             raise UsageError(f"cache folder {args.cache_dir} does not exist")
-        conn = connection(args, own)
+        conn = connection(server(args), args, own)
     except UsageError as e:
         print(f"lxdimagefs: {e}", file=sys.stderr)
         return 2
@@ -233,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     tree = Tree(catalog, exports, readonly=bool(fuse_opts.get("ro")), mountpoint=mountpoint, index=index)
     if fuse_opts.get("allow_other"):  # other users get the image's own modes, not the mounter's reach
         fuse_opts.setdefault("default_permissions", True)
-    fuse_opts.setdefault("fsname", "lxdimagefs")
+    # The SOURCE as fstab names it, so `mount -a` sees the line is mounted already.
+    fuse_opts.setdefault("fsname", source_name(args).replace(",", "\\,"))
     # Unlink an open file for real (libfuse would rename it to .fuse_hidden*, which import/ refuses):
     # removing an import being written is how a user breaks it off.
     fuse_opts.setdefault("hard_remove", True)

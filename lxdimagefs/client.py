@@ -160,6 +160,7 @@ class LXDClient:
         # Seconds to ride out an outage before failing (none while mounting: say so at once).
         self.patience = conn.timeout[1]
         self._session.headers["User-Agent"] = "lxdimagefs"
+        self._product: str | None = None
 
     # -- plumbing ---------------------------------------------------------
 
@@ -214,7 +215,28 @@ class LXDClient:
     # -- images -----------------------------------------------------------
 
     def server_info(self) -> dict[str, Any]:
-        return self._sync("GET", "")
+        info = self._sync("GET", "")
+        self._product = (info.get("environment") or {}).get("server") or self._product
+        return info
+
+    @property
+    def product(self) -> str:
+        """"lxd" or "incus": Incus speaks LXD's API, with its own name in headers."""
+        if self._product is None:
+            self.server_info()
+        return self._product or "lxd"
+
+    def upload_headers(self, name: str, public: bool = False,
+                       properties: dict[str, str] | None = None) -> dict[str, str | bytes]:
+        """The headers of an image upload, as the server's own client sends them."""
+        prefix = "X-Incus-" if self.product == "incus" else "X-LXD-"
+        # The name's UTF-8 bytes, as lxc sends it (Python would encode a str as Latin-1, or fail).
+        headers: dict[str, str | bytes] = {"Content-Type": "application/octet-stream",
+                                           prefix + "filename": name.encode("utf-8", "surrogateescape"),
+                                           prefix + "public": "1" if public else "0"}
+        if properties:
+            headers[prefix + "properties"] = urllib.parse.urlencode(properties)
+        return headers
 
     def images(self) -> list[Image]:
         """Every image of the project, in one request."""
@@ -266,6 +288,24 @@ class LXDClient:
     def export_stream(self, fingerprint: str) -> requests.Response:
         """The whole export as one streaming response (multipart for split images)."""
         return self._request("GET", f"/images/{fingerprint}/export", stream=True)
+
+    # -- storage (what df reports) ------------------------------------------------
+
+    def pool_resources(self, pool: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A storage pool's (space, inodes): each with total and used."""
+        res = self._sync("GET", f"/storage-pools/{_quote(pool)}/resources") or {}
+        return res.get("space") or {}, res.get("inodes") or {}
+
+    def default_root_pool(self) -> str | None:
+        """The pool of the default profile's root disk, if it has one."""
+        try:
+            devices = (self._sync("GET", "/profiles/default") or {}).get("devices") or {}
+        except LXDError as e:
+            if e.status in (403, 404):
+                return None
+            raise
+        roots = [d.get("pool") for d in devices.values() if d.get("type") == "disk" and d.get("path") == "/"]
+        return roots[0] if roots else None
 
     # -- events ---------------------------------------------------------------
 

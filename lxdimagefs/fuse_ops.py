@@ -205,13 +205,21 @@ class LXDImageOps(Operations):
         return 0
 
     @translated
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return self.tree.getxattr(path, name)
+
+    @translated
+    def listxattr(self, path: str) -> list[str]:
+        return list(self.tree.listxattrs(path))
+
+    @translated
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        self.tree.set_attributes("setxattr", path)
+        self.tree.setxattr(path, name, bytes(value), options)
         return 0
 
     @translated
     def removexattr(self, path: str, name: str) -> int:
-        self.tree.set_attributes("removexattr", path)
+        self.tree.setxattr(path, name, None)
         return 0
 
     @translated

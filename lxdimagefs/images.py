@@ -13,6 +13,7 @@ import stat
 import threading
 import time
 
+from . import xattrs
 from .blocks import BLOCK
 from .catalog import Catalog
 from .client import ExportPart, Image
@@ -190,6 +191,31 @@ class ImagesNode(Node):
                     self._scratch.pop((fp, src[1]), None)
                 return
         super().rename(src, dst, pid)
+
+    # -- extended attributes: the record, on the image's folder and files -------------------
+
+    def xattrs(self, rest: list[str]) -> dict[str, bytes]:
+        self.getattr(rest)
+        if not rest or self._is_scratch(rest):
+            return {}
+        return xattrs.attributes(self.image(rest[0], self.path(rest)))
+
+    def set_xattr(self, rest: list[str], name: str, value: bytes | None, flags: int) -> bool:
+        if not rest or self._is_scratch(rest):
+            return False  # an editor's scratch file takes (and drops) what its editor copies
+        path = self.path(rest)
+        image = self.image(rest[0], path)
+        try:
+            self.records.update(image.fingerprint, xattrs.change(image, name, value, flags, path), name)
+        except OSError as e:
+            log.log(logging.DEBUG if e.errno == errno.ENODATA else logging.WARNING,
+                    "refused %s %s on %s: %s", "setxattr" if value is not None else "removexattr",
+                    name, path, e.strerror)
+            raise
+        finally:
+            self.catalog.invalidate()
+        self.ctx.on_change(f"/{FP_DIR}/{image.fingerprint}/{METADATA}")
+        return True
 
     def accepts_attributes(self, rest: list[str]) -> bool:
         return len(rest) == 2 and (rest[1] == METADATA or self._is_scratch(rest))

@@ -17,7 +17,6 @@ import logging
 import queue
 import shutil
 import threading
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,17 +62,6 @@ def _failure(e: BaseException) -> ImportFailed:
             code = errno.EINVAL
         return ImportFailed(code, e.message)
     return ImportFailed(errno.EIO, str(e))
-
-
-def upload_headers(name: str, public: bool = False, properties: dict[str, str] | None = None
-                   ) -> dict[str, str | bytes]:
-    # As lxc sends it: the name's UTF-8 bytes (Python would encode a str as Latin-1, or fail).
-    headers: dict[str, str | bytes] = {"Content-Type": "application/octet-stream",
-                                       "X-LXD-filename": name.encode("utf-8", "surrogateescape"),
-               "X-LXD-public": "1" if public else "0"}
-    if properties:
-        headers["X-LXD-properties"] = urllib.parse.urlencode(properties)
-    return headers
 
 
 class Upload:
@@ -146,7 +134,7 @@ class Upload:
 
     def _send(self) -> None:
         try:
-            self.fingerprint = self.client.create_image(self._body(), upload_headers(self.name))
+            self.fingerprint = self.client.create_image(self._body(), self.client.upload_headers(self.name))
         except BaseException as e:
             self.error = _failure(e)
         finally:
@@ -239,7 +227,7 @@ class FolderImport:
         public, properties = False, None
         if METADATA in self.files:
             public, properties = _copied_record(self.name, self.path(METADATA).read_bytes())
-        headers = upload_headers(self.name, public, properties)
+        headers = self.client.upload_headers(self.name, public, properties)
         try:
             if len(parts) == 1:
                 with open(self.path(parts[0]), "rb") as f:

@@ -102,6 +102,11 @@ class Node:
     def open(self, rest: list[str], flags: int, pid: int) -> Handle:
         raise NotImplementedError
 
+    def xattrs(self, rest: list[str]) -> dict[str, bytes]:
+        """Extended attributes, by full name: none but on images."""
+        self.getattr(rest)
+        return {}
+
     # -- changes: refused unless the node accepts them ---------------------------
 
     def create(self, rest: list[str], flags: int, pid: int) -> Handle:
@@ -127,6 +132,10 @@ class Node:
 
     def truncate(self, rest: list[str], length: int) -> None:
         raise self.ctx.refuse(errno.EPERM, "truncate", self.path(rest), "cannot change this file's size")
+
+    def set_xattr(self, rest: list[str], name: str, value: bytes | None, flags: int) -> bool:
+        """Save an extended attribute (None: remove it); False where this node keeps none."""
+        return False
 
     def accepts_attributes(self, rest: list[str]) -> bool:
         """Whether chmod, chown, utimensat and xattrs are taken (and ignored) here: files being written."""

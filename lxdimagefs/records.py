@@ -7,10 +7,13 @@ ETag, so a change made elsewhere in between is refused, not overwritten.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from cachetools import LRUCache
 
@@ -79,6 +82,22 @@ class Records:
         with self._lock:  # saved: this process's next save starts from what it saved
             self._read.pop((fp, pid), None)
         log.info("saved %s of image %s", ", ".join(k for k in EDITABLE if k in new), fp)
+
+    def update(self, fp: str, change: Callable[[dict[str, Any]], None], what: str) -> None:
+        """Change editable fields of the record as it is now (an xattr set), guarded by its ETag."""
+        current, etag = self.client.image_with_etag(fp)
+        before = {k: current.record.get(k) for k in EDITABLE}
+        fields = copy.deepcopy(before)
+        change(fields)
+        if fields == before:
+            return
+        try:
+            self.client.update_image(fp, fields, etag)
+        except LXDError as e:
+            if e.status == 412:
+                raise self._stale(f"{fp} ({what})") from None
+            raise
+        log.info("saved %s of image %s", what, fp)
 
     def _stale(self, where: str) -> OSError:
         return self.ctx.refuse(errno.ESTALE, "write", where,

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from .aliases import ALIAS_DIR, AliasesNode
 from .archives import IndexFolder
-from .blocks import BLOCK
 from .catalog import Catalog
 from .contents import CONTENTS_DIR, ContentsNode
 from .errors import fs_error
@@ -27,6 +26,7 @@ from .imports import IMPORT_DIR, ImportsNode
 from .names import METADATA, alias_to_filename
 from .node import Attr, Context, Node
 from .reader import Exports
+from .space import Space
 
 
 class Tree:
@@ -47,6 +47,7 @@ class Tree:
         if index is not None:  # what is inside images; `-o nocontents` leaves it out
             self.nodes[CONTENTS_DIR] = ContentsNode(self.ctx, catalog, exports, self.images, index)
         self.handles = HandleTable()
+        self.space = Space(catalog.client)
 
     @property
     def readonly(self) -> bool:
@@ -101,11 +102,7 @@ class Tree:
         self.handles.release(fh)
 
     def statfs(self) -> dict[str, int]:
-        snap = self.catalog.snapshot()
-        used = sum(i.size for i in snap.images.values())
-        return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": (used + BLOCK - 1) // BLOCK,
-                "f_bfree": 0, "f_bavail": 0, "f_files": len(snap.images), "f_ffree": 0,
-                "f_namemax": 255}
+        return self.space.usage().statfs()
 
     # -- changes ----------------------------------------------------------------------
 
@@ -185,6 +182,27 @@ class Tree:
         if not self.ctx.readonly and node is not None and rest and node.accepts_attributes(rest):
             return
         raise self.ctx.refusal(op, path, "modes, owners, times and attributes are LXD's")
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        value = self.listxattrs(path).get(name)
+        if value is None:
+            raise fs_error(errno.ENODATA, path)
+        return value
+
+    def listxattrs(self, path: str) -> dict[str, bytes]:
+        node, rest = self._node(path)
+        if node is None:
+            return {}
+        return node.xattrs(rest)
+
+    def setxattr(self, path: str, name: str, value: bytes | None, flags: int = 0) -> None:
+        """Set (value None: remove) an extended attribute, where a node keeps them; else as chmod."""
+        self.getattr(path)
+        node, rest = self._node(path)
+        if node is not None and not node.read_only and not self.readonly \
+                and node.set_xattr(rest, name, value, flags):
+            return
+        self.set_attributes("setxattr" if value is not None else "removexattr", path)
 
     def refusal(self, op: str, path: str, why: str) -> OSError:
         """A change no subtree makes (link, mknod): EROFS where the subtree or mount is read-only."""
