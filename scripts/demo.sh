@@ -19,7 +19,7 @@ if mountpoint -q "$MNT"; then
   echo "$MNT is already mounted; run: scripts/demo.sh stop $MNT" >&2
   exit 1
 fi
-if env -u LXD_DIR -u LXD_SOCKET .venv/bin/lxdimagefs "$MNT" 2>/dev/null; then
+if env -u LXD_DIR -u LXD_SOCKET -u INCUS_DIR -u INCUS_SOCKET .venv/bin/lxdimagefs "$MNT" 2>/dev/null; then
   echo "Mounted the system's LXD at $MNT"
 else
   eval "$(.venv/bin/python scripts/lxd_sandbox.py start --seed)"
@@ -39,6 +39,8 @@ Try:
   cat $MNT/by-fingerprint/${fp:-<fp>}/metadata.json
   sha256sum $MNT/by-fingerprint/${fp:-<fp>}/*.tar*      # prints the fingerprint itself
   tar -tvf $MNT/by-fingerprint/${fp:-<fp>}/*.tar*
+  getfattr -d $MNT/by-fingerprint/${fp:-<fp>}                # the record as user.lxd.* attributes
+  df -h $MNT                                                # the storage LXD keeps images on
   cat $MNT/contents/by-fingerprint/${fp:-<fp>}/rootfs/etc/hostname       # inside the image, not unpacked
 When done:
   scripts/demo.sh stop $MNT

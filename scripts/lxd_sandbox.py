@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""A private LXD for tests, benchmarks and the demo, and images to put in it.
+"""A private LXD (or Incus) for tests, benchmarks and the demo, and images to put in it.
 
 The daemon is Debian's real `lxd`, with its own LXD_DIR in a temporary
 folder, started as `lxd --group root`, awaited with `lxd waitready`, and
-stopped by its process id. Nothing here touches a system LXD.
+stopped by its process id; Incus the same way (`incusd`, INCUS_DIR,
+`incus admin waitready`). Nothing here touches a system LXD or Incus.
 
-    scripts/lxd_sandbox.py start [--seed]   prints LXD_DIR and the pid
-    scripts/lxd_sandbox.py stop LXD_DIR
+    scripts/lxd_sandbox.py start [--seed] [--incus]   prints the folder and the pid
+    scripts/lxd_sandbox.py stop SANDBOX
 """
 
 from __future__ import annotations
@@ -36,10 +37,25 @@ properties:
 """
 
 
+@dataclass(frozen=True)
+class Product:
+    daemon: str
+    client: str
+    dir_var: str
+    waitready: tuple[str, ...]
+
+
+PRODUCTS = {
+    "lxd": Product("lxd", "lxc", "LXD_DIR", ("lxd", "waitready")),
+    "incus": Product("/usr/libexec/incus/incusd", "incus", "INCUS_DIR", ("incus", "admin", "waitready")),
+}
+
+
 @dataclass
 class Sandbox:
-    root: Path  # holds lxd/ (the LXD_DIR) and pid
+    root: Path  # holds lxd/ (the LXD_DIR, or INCUS_DIR), pid and product
     pid: int
+    product: str = "lxd"
 
     @property
     def lxd_dir(self) -> Path:
@@ -49,11 +65,17 @@ class Sandbox:
     def socket(self) -> str:
         return str(self.lxd_dir / "unix.socket")
 
+    @property
+    def kind(self) -> Product:
+        return PRODUCTS[self.product]
+
     def env(self) -> dict[str, str]:
-        return {**os.environ, "LXD_DIR": str(self.lxd_dir)}
+        return {**os.environ, self.kind.dir_var: str(self.lxd_dir)}
 
     def lxc(self, *args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(["lxc", *args], env=self.env(), check=check, capture_output=True, input=input)
+        """The server's own client: lxc, or incus."""
+        return subprocess.run([self.kind.client, *args], env=self.env(), check=check, capture_output=True,
+                              input=input)
 
     def rest(self, path: str, method: str = "GET", data: dict | None = None) -> dict:
         """LXD's own answer, through `lxc query`, to check the mount against."""
@@ -71,11 +93,12 @@ class Sandbox:
         return out.strip().rsplit(" ", 1)[-1]
 
     @classmethod
-    def start(cls, base: str | None = None, timeout: float = 90) -> Sandbox:
-        root = Path(tempfile.mkdtemp(prefix="lxdimagefs-lxd-", dir=base))
+    def start(cls, base: str | None = None, timeout: float = 90, product: str = "lxd") -> Sandbox:
+        root = Path(tempfile.mkdtemp(prefix=f"lxdimagefs-{product}-", dir=base))
         os.chmod(root, 0o755)
         (root / "lxd").mkdir()
-        sandbox = cls(root, 0)
+        (root / "product").write_text(product)
+        sandbox = cls(root, 0, product)
         try:
             sandbox.resume(timeout)
         except BaseException:
@@ -86,15 +109,15 @@ class Sandbox:
     def resume(self, timeout: float = 90) -> None:
         """Start the daemon on this sandbox's LXD_DIR and wait until it is ready."""
         with open(self.root / "daemon.log", "ab") as log:
-            proc = subprocess.Popen(["lxd", "--group", "root", "--logfile", str(self.root / "lxd.log")],
+            proc = subprocess.Popen([self.kind.daemon, "--group", "root", "--logfile", str(self.root / "lxd.log")],
                                     env=self.env(), stdout=log, stderr=log,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid = proc.pid
         (self.root / "pid").write_text(str(proc.pid))
-        ready = subprocess.run(["lxd", "waitready", "--timeout", str(int(timeout))], env=self.env(),
+        ready = subprocess.run([*self.kind.waitready, "--timeout", str(int(timeout))], env=self.env(),
                                capture_output=True)
         if ready.returncode != 0:
-            raise RuntimeError(f"private LXD did not start: {ready.stderr.decode().strip()}")
+            raise RuntimeError(f"private {self.product} did not start: {ready.stderr.decode().strip()}")
 
     def halt(self, timeout: float = 60) -> None:
         """Stop the daemon by its pid, keeping its LXD_DIR for `resume`."""
@@ -229,22 +252,24 @@ def main() -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     start = sub.add_parser("start")
     start.add_argument("--seed", action="store_true", help="import sample images")
+    start.add_argument("--incus", action="store_true", help="Incus instead of LXD")
     stop = sub.add_parser("stop")
     stop.add_argument("root", help="the folder `start` printed as SANDBOX")
     args = p.parse_args()
     if args.cmd == "start":
-        sandbox = Sandbox.start()
+        sandbox = Sandbox.start(product="incus" if args.incus else "lxd")
         if args.seed:
             with tempfile.TemporaryDirectory() as tmp:
                 for alias, fp in sandbox.seed(Path(tmp)).items():
                     print(f"image {alias} {fp}", file=sys.stderr)
-        print(f"SANDBOX={sandbox.root} LXD_DIR={sandbox.lxd_dir} LXD_PID={sandbox.pid}")
+        print(f"SANDBOX={sandbox.root} {sandbox.kind.dir_var}={sandbox.lxd_dir} PID={sandbox.pid}")
         return 0
     root = Path(args.root)
     if not (root / "pid").exists():
         print(f"no private LXD at {root}", file=sys.stderr)
         return 1
-    Sandbox(root, int((root / "pid").read_text())).stop()
+    product = (root / "product").read_text() if (root / "product").exists() else "lxd"
+    Sandbox(root, int((root / "pid").read_text()), product).stop()
     return 0
 
 
