@@ -109,8 +109,8 @@ class Sandbox:
     def resume(self, timeout: float = 90) -> None:
         """Start the daemon on this sandbox's LXD_DIR and wait until it is ready."""
         with open(self.root / "daemon.log", "ab") as log:
-            proc = subprocess.Popen([self.kind.daemon, "--group", "root", "--logfile", str(self.root / "lxd.log")],
-                                    env=self.env(), stdout=log, stderr=log,
+            proc = subprocess.Popen([self.kind.daemon, "--group", "root", "--logfile",
+                                     str(self.root / "lxd.log")], env=self.env(), stdout=log, stderr=log,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid = proc.pid
         (self.root / "pid").write_text(str(proc.pid))

@@ -86,7 +86,8 @@ def test_an_fstab_line_mounts_a_remote_by_name(sandbox, images, tmp_path, on_sys
     where = tmp_path / "mnt"
     where.mkdir()
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"# a test fstab\nsandbox {where} fuse.lxdimagefs _netdev,nofail,ro,x-systemd.automount 0 0\n")
+    options = "_netdev,nofail,ro,x-systemd.automount"
+    fstab.write_text(f"# a test fstab\nsandbox {where} fuse.lxdimagefs {options} 0 0\n")
     with _umounted_after(where):
         done = subprocess.run(["mount", "-T", str(fstab), str(where)], capture_output=True, text=True,
                               timeout=60)
@@ -97,7 +98,8 @@ def test_an_fstab_line_mounts_a_remote_by_name(sandbox, images, tmp_path, on_sys
         with pytest.raises(OSError) as e:
             (where / "by-alias" / "x").symlink_to("../by-fingerprint/" + images.fps["gz"])
         assert e.value.errno == errno.EROFS  # the line's `ro` reached FUSE
-        again = subprocess.run(["mount", "-T", str(fstab), "--all"], capture_output=True, text=True, timeout=30)
+        again = subprocess.run(["mount", "-T", str(fstab), "--all"], capture_output=True, text=True,
+                               timeout=30)
         assert again.returncode == 0 and "already mounted" not in again.stderr
 
 
@@ -152,13 +154,13 @@ def test_df_reports_the_pool_of_storage_images_volume(tmp_path):
 # -- extended attributes -------------------------------------------------------------------------
 
 def _getfattr(path: Path) -> dict[str, str]:
-    out = subprocess.run(["getfattr", "-d", "--absolute-names", "-e", "text", str(path)], check=True,
+    out = subprocess.run(["getfattr", "-d", "--absolute-names", "-e", "hex", str(path)], check=True,
                          capture_output=True, text=True).stdout
     attrs = {}
     for line in out.splitlines():
         if "=" in line and not line.startswith("#"):
             name, _, value = line.partition("=")
-            attrs[name] = json.loads(value)  # getfattr quotes text values like JSON strings
+            attrs[name] = bytes.fromhex(value.removeprefix("0x")).decode()
     return attrs
 
 

@@ -165,6 +165,24 @@ def test_lxds_412_on_a_save_is_estale(sandbox, proxy, tmp_path):
         sandbox.lxc("image", "delete", fp, check=False)
 
 
+def test_lxds_412_on_an_xattr_save_is_estale(sandbox, proxy, tmp_path):
+    fp = sandbox.import_image(make_unified(tmp_path / "etag-x.tar"))
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path) as m:
+            folder = m.path / "by-fingerprint" / fp
+            proxy.add(Rule("PUT /1.0/images/", before=lambda: sandbox.rest(
+                f"/1.0/images/{fp}", "PATCH", {"properties": {"by": "in between"}})))
+            # LXD refuses the first PUT (412): ESTALE, which the kernel retries once by itself for
+            # setxattr(2). The retry sets the one attribute on the record as it is now.
+            os.setxattr(folder, "user.lxd.public", b"true")
+            assert len(proxy.applied) == 1
+            assert "refused setxattr user.lxd.public" in m.log_text()
+        got = sandbox.rest(f"/1.0/images/{fp}")
+        assert got["properties"]["by"] == "in between" and got["public"] is True  # both changes kept
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
 def _an_lxc_alias_shows_within_a_second(sandbox, m, fp: str, name: str) -> None:
     sandbox.lxc("image", "alias", "create", name, fp)
     try:
