@@ -202,3 +202,68 @@ def test_layout_journal_refuses_a_hard_linked_file(tmp_path):
     assert journal.load() == {}
     journal.add("b" * 64, ExportLayout(False, (ExportPart("b.tar", 1),)))
     assert "b" * 64 not in (tmp_path / "elsewhere").read_text()
+
+
+def test_mount_and_systemd_options_are_dropped():
+    own, fuse = parse_options(["_netdev,nofail,ro,x-systemd.automount,users,noauto,defaults,metadata_ttl=2"])
+    assert own == {"metadata_ttl": 2.0} and fuse == {"ro": True}
+
+
+def _config(folder, text):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yml").write_text(text)
+
+
+def test_remotes_come_from_the_lxc_and_incus_configs(tmp_path, monkeypatch):
+    from lxdimagefs.remotes import RemoteError, all_remotes, resolve
+    lxc, incus = tmp_path / "lxc", tmp_path / "incus"
+    monkeypatch.setenv("LXD_CONF", str(lxc))
+    monkeypatch.setenv("INCUS_CONF", str(incus))
+    _config(lxc, "remotes:\n  a:\n    addr: https://a:8443\n  shared:\n    addr: https://lxc-one:8443\n"
+                 "  img:\n    addr: https://img.example\n    protocol: simplestreams\n    public: true\n")
+    _config(incus, "remotes:\n  b:\n    addr: unix:///run/b.socket\n  shared:\n    addr: https://incus-one:8443\n")
+    (lxc / "servercerts").mkdir()
+    (lxc / "servercerts" / "a.crt").write_text("pem")
+    a = resolve("a")
+    assert a.url == "https://a:8443" and a.server_cert() == str(lxc / "servercerts/a.crt")
+    assert resolve("https://a:8443") == a  # an address a client knows comes with its certificates
+    assert resolve("b").socket == "/run/b.socket" and resolve("b").protocol == "incus"
+    assert resolve("shared").addr == "https://lxc-one:8443"  # lxc's wins
+    assert resolve("img").simplestreams and resolve("img").public
+    assert resolve("ubuntu").simplestreams  # lxc's built-in, not in config.yml
+    assert [r.name for r in all_remotes()] == ["local", "a", "b", "img", "shared"]
+    with pytest.raises(RemoteError, match="no remote named 'nope'"):
+        resolve("nope")
+    with pytest.raises(RemoteError, match="never plain HTTP"):
+        resolve("http://a:8443")
+
+
+def test_xattr_changes_and_refusals():
+    import errno
+
+    from lxdimagefs.client import Image
+    from lxdimagefs.xattrs import XATTR_CREATE, XATTR_REPLACE, attributes, change
+    rec = {"fingerprint": "f" * 64, "public": False, "auto_update": True, "properties": {"os": "x"},
+           "aliases": [{"name": "a/b"}, {"name": "c"}], "type": "container", "architecture": "x86_64"}
+    image = Image.from_record(rec)
+    attrs = attributes(image)
+    assert attrs["user.lxd.aliases"] == b"a/b\nc" and attrs["user.lxd.auto_update"] == b"true"
+    fields = {"public": False, "properties": {"os": "x"}}
+    change(image, "user.lxd.public", b"1", 0, "p")(fields)
+    change(image, "user.lxd.properties.new", "é".encode(), 0, "p")(fields)
+    change(image, "user.lxd.properties.os", None, 0, "p")(fields)
+    assert fields == {"public": True, "properties": {"new": "é"}}
+    assert rec["properties"] == {"os": "x"}  # the record itself is untouched
+
+    def code(name, value, flags=0):
+        with pytest.raises(OSError) as e:
+            change(image, name, value, flags, "p")
+        return e.value.errno
+
+    assert code("user.lxd.fingerprint", b"x") == errno.EPERM
+    assert code("user.lxd.public", b"yes") == errno.EINVAL
+    assert code("user.lxd.properties.k", b"\xff") == errno.EINVAL
+    assert code("security.selinux", b"x") == errno.ENOTSUP
+    assert code("user.lxd.properties.os", b"y", XATTR_CREATE) == errno.EEXIST
+    assert code("user.lxd.properties.none", b"y", XATTR_REPLACE) == errno.ENODATA
+    assert code("user.lxd.properties.none", None) == errno.ENODATA
