@@ -107,7 +107,7 @@ class Catalog:
         with self._lock:  # one fill at a time: a burst of stat() makes one request
             snap = self._snap
             if snap is None or (not self.events_live() and self._clock() - snap.taken_at >= self.ttl):
-                snap = self._snap = self._build(self.client.images())
+                snap = self._snap = self._build(self._fetch())
             return snap
 
     def cached(self) -> Snapshot | None:
@@ -117,7 +117,10 @@ class Catalog:
     def refresh(self) -> None:
         """Fetch the listing now (from a background thread, so that no call waits for it)."""
         with self._lock:
-            self._snap = self._build(self.client.images())
+            self._snap = self._build(self._fetch())
+
+    def _fetch(self) -> list[Image]:
+        return self.client.images()
 
     def _build(self, images: list[Image]) -> Snapshot:
         aliases: dict[str, str] = {}

@@ -18,10 +18,9 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .catalog import Catalog, LayoutJournal
-from .client import Connection, LXDClient, certificate_fingerprint
+from .client import Connection, certificate_fingerprint
 from .errors import LXDError
-from .remotes import Remote, RemoteError, resolve
+from .remotes import Remote, RemoteError, all_remotes, resolve
 
 log = logging.getLogger("lxdimagefs")
 
@@ -130,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trust exactly this server certificate (default: the remote's, as "
                              "`lxc remote add` kept it, else the system's CAs)")
     server.add_argument("--project", default="default", metavar="NAME", help="default: default")
+    server.add_argument("--remote", action="append", default=[], metavar="NAME",
+                        help="a remote of the lxc or incus client; repeat it to mount several, "
+                             "one folder each")
+    server.add_argument("--all-remotes", action="store_true",
+                        help="every remote in the clients' config.yml, one folder each")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached; SIGINT/SIGTERM unmount")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="FUSE's options and lxdimagefs's own (below)")
@@ -160,6 +164,8 @@ def server(args: argparse.Namespace) -> Remote:
 
 
 def source_name(args: argparse.Namespace) -> str:
+    if args.all_remotes or args.remote:
+        return "remotes:" + ("all" if args.all_remotes else "+".join(args.remote))
     return args.source or args.url or (args.socket and "unix://" + os.path.abspath(args.socket)) or "local"
 
 
@@ -167,7 +173,9 @@ def connection(remote: Remote, args: argparse.Namespace, own: dict[str, object])
     timeout = float(own.get("timeout", 30.0))  # type: ignore[arg-type]
     common = {"project": args.project, "timeout": (min(5.0, timeout), timeout)}
     if remote.simplestreams:
-        raise UsageError(f"{remote.name} is a simplestreams server: mount it with --remote {remote.name}")
+        if not remote.url:
+            raise UsageError(f"simplestreams remote {remote.name} needs an https:// address")
+        return Connection(url=remote.url, **common)  # public: no client certificate
     if remote.url:
         if bool(args.cert) != bool(args.key):
             raise UsageError("--cert and --key go together")
@@ -237,6 +245,29 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL(None).mallopt(-8, arenas)  # M_ARENA_MAX
 
 
+def servers(args: argparse.Namespace, own: dict[str, object]) -> list[tuple[Remote, Connection]]:
+    """The servers to mount, each with its connection: SOURCE, --remote NAME…, or --all-remotes."""
+    if (args.remote or args.all_remotes) and (args.source or args.socket or args.url):
+        raise UsageError("give SOURCE (or --socket/--url), or --remote/--all-remotes, not both")
+    try:
+        remotes = all_remotes() if args.all_remotes else [resolve(n) for n in args.remote] or [server(args)]
+    except RemoteError as e:
+        raise UsageError(str(e)) from None
+    if len({r.name for r in remotes}) != len(remotes):
+        raise UsageError("a remote is named twice")
+    if not args.all_remotes:
+        return [(r, connection(r, args, own)) for r in remotes]
+    chosen = []
+    for remote in remotes:  # every remote the clients know: one that cannot be used is left out, said once
+        try:
+            chosen.append((remote, connection(remote, args, own)))
+        except UsageError as e:
+            print(f"lxdimagefs: leaving out remote {remote.name}: {e}", file=sys.stderr)
+    if not chosen:
+        raise UsageError("no remote can be mounted")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -244,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         mountpoint = check_mountpoint(args.mountpoint)
         if args.cache_dir and not os.path.isdir(args.cache_dir):
             raise UsageError(f"cache folder {args.cache_dir} does not exist")
-        conn = connection(server(args), args, own)
+        chosen = servers(args, own)
     except UsageError as e:
         print(f"lxdimagefs: {e}", file=sys.stderr)
         return 2
@@ -252,34 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas()
 
     # Imported late: loading libfuse is not needed for --help or a usage error.
-    from .archives import IndexFolder
-    from .events import EventWatcher
+    from .assemble import Settings, assemble
     from .fuse_ops import LXDImageOps
     from .fusebind import FUSE
-    from .reader import Exports
-    from .spool import SplitSpool
-    from .tree import Tree
 
-    client = LXDClient(conn)
-    cache_root = Path(args.cache_dir or tempfile.gettempdir())
-    journal = LayoutJournal(cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl")
-    catalog = Catalog(client, ttl=float(own.get("metadata_ttl", 3.0)), journal=journal)  # type: ignore[arg-type]
-    client.patience = 0.0
+    settings = Settings(mountpoint=mountpoint, cache_root=Path(args.cache_dir or tempfile.gettempdir()),
+                        readonly=bool(fuse_opts.get("ro")),
+                        metadata_ttl=float(own.get("metadata_ttl", 3.0)),  # type: ignore[arg-type]
+                        cache_bytes=int(own.get("cache_size", 32)) << 20,  # type: ignore[call-overload]
+                        events=not own.get("no_events"), contents=not own.get("nocontents"))
+    forest = args.all_remotes or len(args.remote) > 1
     try:
-        catalog.snapshot()  # reachable, and the project exists
-        if client.server_info().get("auth") != "trusted":
-            log.warning("LXD at %s does not trust this client: only its public images are visible",
-                        conn.describe())
+        root, built = assemble(chosen, settings, forest)
     except LXDError as e:
-        print(f"lxdimagefs: cannot list images at {conn.describe()}: {e.message}", file=sys.stderr)
+        print(f"lxdimagefs: cannot list images at {chosen[0][1].describe()}: {e.message}", file=sys.stderr)
         return 1
-    client.patience = conn.timeout[1]
-    for stale in SplitSpool.sweep(cache_root):
-        log.info("removed %s, left by a daemon that did not unmount", stale)
-    spool_dir = Path(tempfile.mkdtemp(prefix=SplitSpool.PREFIX, dir=cache_root))
-    exports = Exports(client, spool_dir, capacity=int(own.get("cache_size", 32)) << 20)  # type: ignore[call-overload]
-    index = None if own.get("nocontents") else IndexFolder(cache_root / f"lxdimagefs-index-{os.getuid()}")
-    tree = Tree(catalog, exports, readonly=bool(fuse_opts.get("ro")), mountpoint=mountpoint, index=index)
     if fuse_opts.get("allow_other"):  # other users get the image's own modes, not the mounter's reach
         fuse_opts.setdefault("default_permissions", True)
     # The SOURCE as fstab names it, so `mount -a` sees the line is mounted already.
@@ -288,13 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     # removing an import being written is how a user breaks it off.
     fuse_opts.setdefault("hard_remove", True)
     fuse_opts.setdefault("subtype", "lxdimagefs")
-    log.debug("mounting %s (project %s) on %s", conn.describe(), conn.project, mountpoint)
-    events = None
-    if not own.get("no_events"):
-        events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1],
-                              ping=min(10.0, conn.timeout[1]))
-        catalog.events_live = events.live.is_set
-    ops = LXDImageOps(tree, events)
+    log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
+    ops = LXDImageOps(root, [b.events for b in built if b.events is not None])
     try:
         FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)
     except RuntimeError as e:
@@ -303,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lxdimagefs: mounting {mountpoint} failed (libfuse said {e}; see above)", file=sys.stderr)
             return 1
     finally:
-        exports.spool.remove()
+        for b in built:
+            b.tree.exports.spool.remove()
     log.info("unmounted %s", mountpoint)
     return 0
 

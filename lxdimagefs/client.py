@@ -78,6 +78,7 @@ class ExportPart:
 
     name: str
     size: int
+    key: str | None = None  # the file's own sha256, where it is read on its own (simplestreams)
 
 
 @dataclass(frozen=True)
@@ -356,6 +357,40 @@ class LXDClient:
                                  retry="none")  # the body is a stream: it cannot be sent twice
         result = self.wait(op)
         return (result or {}).get("fingerprint", "")
+
+    def create_from_source(self, source: dict[str, Any], aliases: list[str], public: bool = False) -> str:
+        """Have the server fetch an image itself (pylxd's create_from_*, Image.copy); its fingerprint."""
+        body = {"source": source, "public": public, "aliases": [{"name": a} for a in aliases]}
+        result = self.wait(self._sync_or_async("POST", "/images", json=body))
+        return (result or {}).get("fingerprint", "")
+
+    def refresh_image(self, fingerprint: str) -> bool:
+        """`lxc image refresh`: whether a newer image replaced this one."""
+        result = self.wait(self._sync_or_async("POST", f"/images/{fingerprint}/refresh"))
+        return bool((result or {}).get("refreshed"))
+
+    def image_secret(self, fingerprint: str) -> str:
+        """A one-time secret another server uses to pull this private image."""
+        body = _json(self._request("POST", f"/images/{fingerprint}/secret", json={}), "secret")
+        return ((body.get("metadata") or {}).get("metadata") or {}).get("secret", "")
+
+    def https_address(self) -> str | None:
+        """Where other servers reach this one: the URL it is reached on, else its core.https_address."""
+        if self.conn.url:
+            return self.conn.url.rstrip("/")
+        addresses = (self.server_info().get("environment") or {}).get("addresses") or []
+        return f"https://{addresses[0]}" if addresses else None
+
+    def server_certificate(self) -> str:
+        return (self.server_info().get("environment") or {}).get("certificate", "")
+
+    def reachable(self) -> bool:
+        """One quick try, no retries: for a remote marked away."""
+        try:
+            self._request("GET", "", retry="none", timeout=(self.conn.timeout[0], self.conn.timeout[0]))
+        except LXDError:
+            return False
+        return True
 
     def add_alias(self, name: str, target: str, description: str = "") -> None:
         self._sync("POST", "/images/aliases", json={"name": name, "target": target,

@@ -19,6 +19,9 @@ STATUS_ERRNO = {
     507: errno.ENOSPC,
 }
 
+# What LXD says when the server it was told to pull from does not answer.
+_UNREACHABLE = ("unable to connect", "connection refused", "no such host", "no route to host")
+
 # Statuses a proxy or a restarting server answers with for a moment: worth a retry.
 TRANSIENT_STATUS = frozenset({502, 503, 504})
 
@@ -38,6 +41,8 @@ class LXDError(Exception):
             return errno.ENOSPC
         if "already exists" in text:  # LXD says so with 400 or 409 depending on the call
             return errno.EEXIST
+        if any(w in text for w in _UNREACHABLE):  # a server-side pull whose source the server cannot reach
+            return errno.EHOSTUNREACH
         return STATUS_ERRNO.get(self.status, errno.EIO)
 
     @property

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from .errors import LXDError
 from .events import EventWatcher
+from .forest import Forest
 from .fusebind import Operations, fuse_get_context, path_invalidator
 from .tree import Attr, Tree
 
@@ -64,18 +65,19 @@ def _stat(attr: Attr, uid: int, gid: int) -> dict[str, int]:
 class LXDImageOps(Operations):
     use_ns = True
 
-    def __init__(self, tree: Tree, events: EventWatcher | None = None) -> None:
+    def __init__(self, tree: Tree | Forest, events: list[EventWatcher] | None = None) -> None:
         self.tree = tree
-        self.events = events
+        self.events = events or []
         self.served = False  # set once the kernel has the mount
 
     def init(self, path: str) -> None:
         self.served = True
-        self.tree.exports.spool.claim()
-        if self.events is not None:
-            self.events.start()  # threads start here: the daemon has forked by now
+        for watcher in self.events:
+            watcher.start()  # threads start here: the daemon has forked by now
         invalidate = path_invalidator()
-        if invalidate is not None:
+        if invalidate is None:
+            self.tree.started(lambda path, wait=False: None)
+        else:
             # Names the tree drops as a side effect (an import that landed, the aliases of a
             # deleted image) must not linger in the kernel's caches: drop them, off the
             # request threads, since the kernel may hold their directory until we answer.
@@ -87,9 +89,9 @@ class LXDImageOps(Operations):
                 if wait:
                     done.wait(5)
 
-            self.tree.ctx.on_change = on_change
             threading.Thread(target=_drain, args=(changed, invalidate), daemon=True,
                              name="invalidate").start()
+            self.tree.started(on_change)
 
     @translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
@@ -127,7 +129,7 @@ class LXDImageOps(Operations):
 
     @translated
     def statfs(self, path: str) -> dict[str, int]:
-        return self.tree.statfs()
+        return self.tree.statfs(path)
 
     @translated
     def access(self, path: str, amode: int) -> int:
@@ -137,9 +139,9 @@ class LXDImageOps(Operations):
         return 0
 
     def destroy(self, path: str) -> None:
-        if self.events is not None:
-            self.events.stop()
-        self.tree.exports.close()
+        for watcher in self.events:
+            watcher.stop()
+        self.tree.close()
 
     # Changes: the tree decides; here only the caller's pid is looked up.
 

@@ -107,6 +107,8 @@ class ImagesNode(Node):
         if rest[1] == METADATA:
             return BytesHandle(self.records.read(image, pid), opener=pid)
         index, part = self._part(image, rest[1], path)
+        if part.key is not None:  # a file read on its own, checked against its own sha256
+            return UnifiedHandle(self.exports.unified(part.key, part.size), opener=pid)
         if self.catalog.layout(image.fingerprint).split:
             return FileHandle(str(self.exports.spool.paths(image.fingerprint)[index]), opener=pid)
         return UnifiedHandle(self.exports.unified(image.fingerprint, part.size), opener=pid)
@@ -215,6 +217,25 @@ class ImagesNode(Node):
         finally:
             self.catalog.invalidate()
         self.ctx.on_change(f"/{FP_DIR}/{image.fingerprint}/{METADATA}")
+        return True
+
+    def touch(self, rest: list[str]) -> bool:
+        """`touch by-fingerprint/<fp>`: `lxc image refresh`, for an image LXD keeps up to date."""
+        if len(rest) != 1:
+            return False
+        path = self.path(rest)
+        image = self.image(rest[0], path)
+        if not image.record.get("auto_update"):
+            raise self.ctx.refuse(errno.EPERM, "utimens", path,
+                                  "refresh is for images with auto_update on (set user.lxd.auto_update)")
+        try:
+            refreshed = self.catalog.client.refresh_image(image.fingerprint)
+        finally:
+            self.catalog.invalidate()
+        log.info("refreshed %s: %s", image.fingerprint, "replaced by a newer one" if refreshed else "current")
+        for alias in image.aliases:  # a refresh moves them to the new image
+            self.ctx.on_change(f"/by-alias/{alias_to_filename(alias)}")
+        self.ctx.on_change(f"/{FP_DIR}/{image.fingerprint}")
         return True
 
     def accepts_attributes(self, rest: list[str]) -> bool:

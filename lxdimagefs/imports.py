@@ -11,15 +11,18 @@ import time
 from pathlib import Path
 
 from .catalog import Catalog
-from .errors import ImportFailed, fs_error
+from .errors import ImportFailed, LXDError, fs_error
 from .handles import BytesHandle, FileHandle, Handle, UploadHandle
 from .importer import FolderImport, Upload
+from .names import filename_to_alias, is_fingerprint
 from .node import Attr, Context, Node, check_name
+from .pull import Source, from_url
 
 log = logging.getLogger(__name__)
 
 IMPORT_DIR = "import"
 ERROR_SUFFIX = ".error"
+PULLED_SHOWN = 1.0  # seconds a link that became an image still answers a lookup
 
 
 class ImportsNode(Node):
@@ -32,9 +35,13 @@ class ImportsNode(Node):
         self._uploads: dict[str, Upload] = {}
         self._errors: dict[str, bytes] = {}  # <name>.error -> LXD's message
         self._folders: dict[str, FolderImport] = {}
+        self._pulled: dict[str, tuple[str, float]] = {}  # link -> (target, until): see `pull`
 
     def getattr(self, rest: list[str]) -> Attr:
         now = time.time()
+        pulled = self._pulled_link(rest)
+        if pulled is not None:
+            return Attr(stat.S_IFLNK | 0o777, len(pulled.encode()), now, now, now)
         if not rest:
             return self.ctx.dir(self.ctx.started, 2 + len(self._folders), writable=True)
         name = rest[0]
@@ -122,6 +129,8 @@ class ImportsNode(Node):
 
     def unlink(self, rest: list[str]) -> None:
         with self._lock:
+            if len(rest) == 1 and self._pulled.pop(rest[0], None) is not None:
+                return
             if len(rest) == 2:
                 folder = self._folders[rest[0]]
             elif self._errors.pop(rest[0], None) is not None:
@@ -167,6 +176,56 @@ class ImportsNode(Node):
 
     def accepts_attributes(self, rest: list[str]) -> bool:
         return True  # what is being imported: `cp -p` and `touch` must work
+
+    # -- server-side creation: ln -s -------------------------------------------------------
+
+    def symlink(self, rest: list[str], target: str) -> None:
+        """`ln -s https://… import/NAME`: the server fetches the image from the URL itself."""
+        if len(rest) != 1 or not target.startswith("https://"):
+            raise self.ctx.refuse(errno.EINVAL, "symlink", self.path(rest),
+                                  "link an https:// URL, or an image folder of another remote in the mount")
+        self.pull(rest, from_url(target))
+
+    def pull(self, rest: list[str], source: Source) -> None:
+        """Have the server hold `source`'s image; NAME, unless a fingerprint, becomes its alias."""
+        path = self.path(rest)
+        if len(rest) != 1:
+            raise self.ctx.refuse(errno.EPERM, "symlink", path, "links go straight under import/")
+        name = rest[0]
+        check_name(name, path)
+        with self._lock:
+            if name in self._uploads or name in self._folders:
+                raise fs_error(errno.EEXIST, path)
+            self._errors.pop(name + ERROR_SUFFIX, None)
+        aliases = [] if is_fingerprint(name, 12) else [filename_to_alias(name)]
+        try:
+            fp = source.create(self.client, aliases)
+        except LXDError as e:
+            failure = ImportFailed(e.errno if e.status else errno.EIO, e.message)
+            self._failed(name, failure)
+            raise fs_error(failure.errno, path, e.message) from None
+        finally:
+            self.catalog.invalidate()
+        log.info("%s: the server now holds %s as %s", path, source.describe, fp)
+        # The kernel looks the new link up once symlink(2) succeeds: it answers for a moment,
+        # then is gone, as an upload's file is once closed.
+        with self._lock:
+            self._pulled[name] = (source.describe, time.monotonic() + PULLED_SHOWN)
+
+    def _pulled_link(self, rest: list[str]) -> str | None:
+        if len(rest) != 1:
+            return None
+        with self._lock:
+            target, until = self._pulled.get(rest[0], ("", 0.0))
+            if until and time.monotonic() >= until:
+                del self._pulled[rest[0]]
+        return target if time.monotonic() < until else None
+
+    def readlink(self, rest: list[str]) -> str:
+        pulled = self._pulled_link(rest)
+        if pulled is None:
+            return super().readlink(rest)
+        return pulled
 
     # -- finishing --------------------------------------------------------------------
 

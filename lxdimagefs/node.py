@@ -137,6 +137,10 @@ class Node:
         """Save an extended attribute (None: remove it); False where this node keeps none."""
         return False
 
+    def touch(self, rest: list[str]) -> bool:
+        """`touch` (utimensat) as a request, where the node takes it as one (refresh)."""
+        return False
+
     def accepts_attributes(self, rest: list[str]) -> bool:
         """Whether chmod, chown, utimensat and xattrs are taken (and ignored) here: files being written."""
         return False

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from .blocks import BLOCK
+from .catalog import Catalog
 from .client import LXDClient
 from .errors import LXDError
 
@@ -59,8 +60,9 @@ def pool_usage(client: LXDClient, pool: str) -> Usage:
 class Space:
     """The usage of the server's image storage, asked at most every `ttl` seconds."""
 
-    def __init__(self, client: LXDClient, ttl: float = 5.0) -> None:
-        self.client = client
+    def __init__(self, catalog: Catalog, ttl: float = 5.0) -> None:
+        self.catalog = catalog
+        self.client: LXDClient = catalog.client
         self.ttl = ttl
         self._lock = threading.Lock()
         self._last = Usage()
@@ -77,6 +79,9 @@ class Space:
             return self._last
 
     def _measure(self) -> Usage:
+        if self.client.product == "simplestreams":  # read-only: its images fill it, as a squashfs is full
+            total = sum(i.size for i in self.catalog.snapshot().images.values())
+            return Usage(total, 0, 0, where="simplestreams")
         volume = (self.client.server_info().get("config") or {}).get("storage.images_volume")
         if volume:
             return pool_usage(self.client, volume.split("/", 1)[0])

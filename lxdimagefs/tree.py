@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from .aliases import ALIAS_DIR, AliasesNode
@@ -23,8 +24,9 @@ from .events import EventSubject
 from .handles import HandleTable
 from .images import FP_DIR, ImagesNode
 from .imports import IMPORT_DIR, ImportsNode
-from .names import METADATA, alias_to_filename
+from .names import METADATA, alias_to_filename, filename_to_alias
 from .node import Attr, Context, Node
+from .pull import Source
 from .reader import Exports
 from .space import Space
 
@@ -32,7 +34,8 @@ from .space import Space
 class Tree:
     def __init__(self, catalog: Catalog, exports: Exports, uid: int | None = None, gid: int | None = None,
                  readonly: bool = True, mountpoint: str = "", spool_dir: Path | None = None,
-                 index: IndexFolder | None = None) -> None:
+                 index: IndexFolder | None = None, imports: bool = True,
+                 handles: HandleTable | None = None) -> None:
         self.catalog = catalog
         self.exports = exports
         self.uid = os.getuid() if uid is None else uid
@@ -42,16 +45,26 @@ class Tree:
         self.nodes: dict[str, Node] = {
             FP_DIR: self.images,
             ALIAS_DIR: AliasesNode(self.ctx, catalog, self.images),
-            IMPORT_DIR: ImportsNode(self.ctx, catalog, spool_dir or exports.spool.directory),
         }
+        if imports:  # a server that takes images (a simplestreams server does not)
+            self.imports = ImportsNode(self.ctx, catalog, spool_dir or exports.spool.directory)
+            self.nodes[IMPORT_DIR] = self.imports
         if index is not None:  # what is inside images; `-o nocontents` leaves it out
             self.nodes[CONTENTS_DIR] = ContentsNode(self.ctx, catalog, exports, self.images, index)
-        self.handles = HandleTable()
-        self.space = Space(catalog.client)
+        self.handles = handles or HandleTable()
+        self.space = Space(catalog)
 
     @property
     def readonly(self) -> bool:
         return self.ctx.readonly
+
+    def started(self, on_change) -> None:
+        """The mount is live (the daemon has forked): paths that change are told to `on_change`."""
+        self.ctx.on_change = on_change
+        self.exports.spool.claim()
+
+    def close(self) -> None:
+        self.exports.close()
 
     def _node(self, path: str) -> tuple[Node | None, list[str]]:
         parts = [p for p in path.split("/") if p]
@@ -101,8 +114,17 @@ class Tree:
     def release(self, fh: int) -> None:
         self.handles.release(fh)
 
-    def statfs(self) -> dict[str, int]:
+    def statfs(self, path: str = "/") -> dict[str, int]:
         return self.space.usage().statfs()
+
+    def source_of(self, folder: str, name: str, make: Callable[[str, str | None], Source]) -> Source:
+        """How another server gets the image `by-alias/NAME` or `by-fingerprint/FP` names here."""
+        if folder == ALIAS_DIR:
+            fp = self.catalog.alias_target(name)
+            if fp is None:
+                raise fs_error(errno.ENOENT, f"/{folder}/{name}")
+            return make(fp, filename_to_alias(name))
+        return make(self.images.image(name, f"/{folder}/{name}").fingerprint, None)
 
     # -- changes ----------------------------------------------------------------------
 
@@ -180,6 +202,8 @@ class Tree:
         if node is not None and node.read_only:
             raise self.ctx.refuse(errno.EROFS, op, path, f"{node.name}/ is read-only")
         if not self.ctx.readonly and node is not None and rest and node.accepts_attributes(rest):
+            return
+        if op == "utimens" and not self.ctx.readonly and node is not None and node.touch(rest):
             return
         raise self.ctx.refusal(op, path, "modes, owners, times and attributes are LXD's")
 
