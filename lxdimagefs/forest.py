@@ -180,7 +180,7 @@ class Forest:
         self._in(old, "rename", sub, pid)
 
     def set_attributes(self, op: str, path: str) -> None:
-        self._in(path, "set_attributes", op)
+        self._in(path, "set_attributes_at", op)
 
     def setxattr(self, path: str, name: str, value: bytes | None, flags: int = 0) -> None:
         self._in(path, "setxattr", name, value, flags)

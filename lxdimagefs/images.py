@@ -20,7 +20,7 @@ from .client import ExportPart, Image
 from .errors import fs_error
 from .handles import BytesHandle, EditHandle, FileHandle, Handle, UnifiedHandle
 from .names import METADATA, alias_to_filename
-from .node import Attr, Context, Node, check_name
+from .node import Attr, Context, Fading, Node, check_name
 from .reader import Exports
 from .records import Records, render
 
@@ -38,6 +38,7 @@ class ImagesNode(Node):
         self._lock = threading.Lock()
         self._scratch: dict[tuple[str, str], bytearray] = {}  # editors' temporary files
         self._hidden: set[tuple[str, str]] = set()  # files unlinked by `rm -r` before its rmdir
+        self._replaced = Fading()  # image folders a refresh just replaced
 
     # -- lookups ----------------------------------------------------------------
 
@@ -59,6 +60,8 @@ class ImagesNode(Node):
         if not rest:
             newest = max((i.uploaded_at for i in snap.images.values()), default=self.ctx.started)
             return self.ctx.dir(newest, 2 + len(snap.images))
+        if len(rest) == 1 and rest[0] not in snap.images and self._replaced.get(rest[0]):
+            return self.ctx.dir(time.time())
         image = self.image(rest[0], self.path(rest))
         up = image.uploaded_at
         used = image.last_used_at or up
@@ -233,6 +236,8 @@ class ImagesNode(Node):
         finally:
             self.catalog.invalidate()
         log.info("refreshed %s: %s", image.fingerprint, "replaced by a newer one" if refreshed else "current")
+        if refreshed:
+            self._replaced.add(image.fingerprint, True)
         for alias in image.aliases:  # a refresh moves them to the new image
             self.ctx.on_change(f"/by-alias/{alias_to_filename(alias)}")
         self.ctx.on_change(f"/{FP_DIR}/{image.fingerprint}")

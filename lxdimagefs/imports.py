@@ -15,14 +15,13 @@ from .errors import ImportFailed, LXDError, fs_error
 from .handles import BytesHandle, FileHandle, Handle, UploadHandle
 from .importer import FolderImport, Upload
 from .names import filename_to_alias, is_fingerprint
-from .node import Attr, Context, Node, check_name
+from .node import Attr, Context, Fading, Node, check_name
 from .pull import Source, from_url
 
 log = logging.getLogger(__name__)
 
 IMPORT_DIR = "import"
 ERROR_SUFFIX = ".error"
-PULLED_SHOWN = 1.0  # seconds a link that became an image still answers a lookup
 
 
 class ImportsNode(Node):
@@ -35,7 +34,7 @@ class ImportsNode(Node):
         self._uploads: dict[str, Upload] = {}
         self._errors: dict[str, bytes] = {}  # <name>.error -> LXD's message
         self._folders: dict[str, FolderImport] = {}
-        self._pulled: dict[str, tuple[str, float]] = {}  # link -> (target, until): see `pull`
+        self._pulled = Fading()  # links that became images: name -> what they named
 
     def getattr(self, rest: list[str]) -> Attr:
         now = time.time()
@@ -129,7 +128,7 @@ class ImportsNode(Node):
 
     def unlink(self, rest: list[str]) -> None:
         with self._lock:
-            if len(rest) == 1 and self._pulled.pop(rest[0], None) is not None:
+            if len(rest) == 1 and self._pulled.discard(rest[0]):
                 return
             if len(rest) == 2:
                 folder = self._folders[rest[0]]
@@ -207,19 +206,10 @@ class ImportsNode(Node):
         finally:
             self.catalog.invalidate()
         log.info("%s: the server now holds %s as %s", path, source.describe, fp)
-        # The kernel looks the new link up once symlink(2) succeeds: it answers for a moment,
-        # then is gone, as an upload's file is once closed.
-        with self._lock:
-            self._pulled[name] = (source.describe, time.monotonic() + PULLED_SHOWN)
+        self._pulled.add(name, source.describe)  # gone once looked up, as a closed upload's file is
 
     def _pulled_link(self, rest: list[str]) -> str | None:
-        if len(rest) != 1:
-            return None
-        with self._lock:
-            target, until = self._pulled.get(rest[0], ("", 0.0))
-            if until and time.monotonic() >= until:
-                del self._pulled[rest[0]]
-        return target if time.monotonic() < until else None
+        return self._pulled.get(rest[0]) if len(rest) == 1 else None  # type: ignore[return-value]
 
     def readlink(self, rest: list[str]) -> str:
         pulled = self._pulled_link(rest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,38 @@ class Context:
     def refusal(self, op: str, path: str, why: str) -> OSError:
         """The error for a change the tree never makes: EROFS under -o ro, else EPERM."""
         return self.refuse(errno.EROFS if self.readonly else errno.EPERM, op, path, why)
+
+
+class Fading:
+    """Names that still answer a lookup for a moment after they are gone.
+
+    The kernel looks an entry up once the call that made or changed it
+    returns (libfuse replies to symlink and utimens with the entry's
+    attributes): a link in import/ that became an image, or an image folder
+    a refresh replaced, must answer that one lookup, then be gone.
+    """
+
+    SHOWN = 1.0  # seconds: about the kernel's entry lifetime
+
+    def __init__(self) -> None:
+        self._until: dict[str, tuple[object, float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, value: object) -> None:
+        with self._lock:
+            self._until[name] = (value, time.monotonic() + self.SHOWN)
+
+    def get(self, name: str) -> object | None:
+        with self._lock:
+            value, until = self._until.get(name, (None, 0.0))
+            if until and time.monotonic() >= until:
+                del self._until[name]
+                return None
+        return value
+
+    def discard(self, name: str) -> bool:
+        with self._lock:
+            return self._until.pop(name, None) is not None
 
 
 def check_name(name: str, path: str) -> None:

@@ -207,6 +207,10 @@ class Tree:
             return
         raise self.ctx.refusal(op, path, "modes, owners, times and attributes are LXD's")
 
+    def set_attributes_at(self, path: str, op: str) -> None:
+        """set_attributes with the path first, as the forest hands every call on."""
+        self.set_attributes(op, path)
+
     def getxattr(self, path: str, name: str) -> bytes:
         value = self.listxattrs(path).get(name)
         if value is None:

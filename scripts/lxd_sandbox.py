@@ -25,7 +25,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 METADATA_YAML = """architecture: x86_64
@@ -56,6 +56,7 @@ class Sandbox:
     root: Path  # holds lxd/ (the LXD_DIR, or INCUS_DIR), pid and product
     pid: int
     product: str = "lxd"
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. SSL_CERT_FILE, to trust a test CA
 
     @property
     def lxd_dir(self) -> Path:
@@ -70,7 +71,7 @@ class Sandbox:
         return PRODUCTS[self.product]
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, self.kind.dir_var: str(self.lxd_dir)}
+        return {**os.environ, **self.extra_env, self.kind.dir_var: str(self.lxd_dir)}
 
     def lxc(self, *args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
         """The server's own client: lxc, or incus."""
@@ -93,12 +94,13 @@ class Sandbox:
         return out.strip().rsplit(" ", 1)[-1]
 
     @classmethod
-    def start(cls, base: str | None = None, timeout: float = 90, product: str = "lxd") -> Sandbox:
+    def start(cls, base: str | None = None, timeout: float = 90, product: str = "lxd",
+              extra_env: dict[str, str] | None = None) -> Sandbox:
         root = Path(tempfile.mkdtemp(prefix=f"lxdimagefs-{product}-", dir=base))
         os.chmod(root, 0o755)
         (root / "lxd").mkdir()
         (root / "product").write_text(product)
-        sandbox = cls(root, 0, product)
+        sandbox = cls(root, 0, product, dict(extra_env or {}))
         try:
             sandbox.resume(timeout)
         except BaseException:

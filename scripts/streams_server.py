@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 @dataclass
-class TestCA:
+class LoopbackCA:
     folder: Path
 
     @property
@@ -39,7 +39,7 @@ class TestCA:
         return self.folder / "bundle.crt"
 
     @classmethod
-    def make(cls, folder: Path) -> TestCA:
+    def make(cls, folder: Path) -> LoopbackCA:
         folder.mkdir(parents=True, exist_ok=True)
         ca = cls(folder)
         _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
@@ -59,8 +59,9 @@ class TestCA:
                  "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
         ext = self.folder / f"{name}.ext"
         ext.write_text(f"subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\n")
-        _openssl("x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.folder / "ca.key"),
-                 "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext))
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(self.cert),
+                 "-CAkey", str(self.folder / "ca.key"), "-CAcreateserial", "-out", str(crt),
+                 "-days", "2", "-extfile", str(ext))
         return crt, key
 
 
@@ -150,20 +151,32 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     server: _Server
 
     def log_message(self, fmt: str, *args: object) -> None:
-        self.server.requests.append(self.requestline)
+        headers = getattr(self, "headers", None) or {}
+        self.server.requests.append(f"{self.requestline} range={headers.get('Range', '')} "
+                                    f"agent={headers.get('User-Agent', '')}")
 
-    def do_GET(self) -> None:  # noqa: N802
+    def _url_source(self) -> bool:
+        """LXD's "url" source (it asks with HEAD): the headers name the image and where its file is."""
         m = re.match(r"^/url/(.+)$", self.path)
-        if m:  # LXD's "url" source: the answer's headers name the image and where its file is
-            fp, _, file = self.server.urls.get(m.group(1), ("", "", ""))
-            if not fp:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("LXD-Image-Hash", fp)
-            self.send_header("LXD-Image-URL", f"{self.server.base}/{file}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+        if not m:
+            return False
+        fp, _, file = self.server.urls.get(m.group(1), ("", "", ""))
+        if not fp:
+            self.send_error(404)
+            return True
+        self.send_response(200)
+        self.send_header("LXD-Image-Hash", fp)
+        self.send_header("LXD-Image-URL", f"{self.server.base}/{file}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
+    def do_HEAD(self) -> None:
+        if not self._url_source():
+            super().do_HEAD()
+
+    def do_GET(self) -> None:
+        if self._url_source():
             return
         path = Path(self.translate_path(self.path))
         rng = re.match(r"^bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
@@ -203,7 +216,7 @@ class _Server(http.server.ThreadingHTTPServer):
 @dataclass
 class StreamsServer:
     root: Path
-    ca: TestCA
+    ca: LoopbackCA
     port: int = 0
     requests: list[str] = field(default_factory=list)
     urls: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # name -> (fp, _, file path)
