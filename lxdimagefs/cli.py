@@ -74,7 +74,10 @@ HELP_EPILOG = """\
 SOURCE is `local` (the default: LXD's socket, else Incus's), the name of a
 remote in the lxc or incus client's configuration (its address and
 certificates are read from config.yml), unix:///path/to/unix.socket, or
-https://HOST:PORT. --socket and --url say the same in long form.
+https://HOST:PORT. --socket and --url say the same in long form. A
+simplestreams remote (images:, ubuntu:) is read from its index, read-only.
+--remote NAME (repeated) or --all-remotes mount one folder per remote; one
+that does not answer is an empty folder until it does.
 
 the tree:
   by-fingerprint/<fp>/          metadata.json and the export file(s), named
@@ -82,11 +85,14 @@ the tree:
   by-alias/<name>               symlinks to ../by-fingerprint/<fp>
                                 (ln -s creates, rm deletes, mv renames)
   import/                       cp an image here to create it; a folder of
-                                two parts makes a split image
+                                two parts makes a split image; ln -s an
+                                https:// URL, or another remote's image
+                                folder, and the server fetches it itself
   contents/by-fingerprint/<fp>/ what is inside each image, read-only
 
   Extended attributes user.lxd.* on image folders and files show (and for
   public, auto_update and properties.KEY, save) the image's record.
+  `touch by-fingerprint/<fp>` refreshes an image whose auto_update is on.
 
 options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
   metadata_ttl=SECONDS  how long a listing of images is trusted (default 3)
@@ -269,7 +275,7 @@ def servers(args: argparse.Namespace, own: dict[str, object]) -> list[tuple[Remo
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # SOURCE may stand apart from MOUNTPOINT
     try:
         own, fuse_opts = parse_options(args.options)
         mountpoint = check_mountpoint(args.mountpoint)

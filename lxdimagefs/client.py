@@ -6,6 +6,7 @@ message; no other module builds a URL.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -34,6 +35,7 @@ _ZERO_TIME = 0.0
 _TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_time(value: str | None) -> float:
     """RFC 3339 (with LXD's nanoseconds) to a POSIX timestamp; 0 for unset."""
     if not value:
@@ -273,18 +275,8 @@ class LXDClient:
         The data path bypasses requests: the body is read with `readinto`
         straight into the caller's buffers. Retried like a GET.
         """
-        target = self._target(f"/images/{fingerprint}/export")
-        rng = f"bytes={start}-{'' if end is None else end - 1}"
-        backoff = backoff or Backoff(self.patience)
-        while True:
-            log.debug("GET /images/%s/export %s", fingerprint, rng)
-            try:
-                return self._raw.open(target, {"Range": rng, "User-Agent": "lxdimagefs"}, start, end,
-                                      backoff.clamp(self.conn.timeout))
-            except LXDError as e:
-                if not e.transient:
-                    raise
-                backoff.pause(e, f"export of {fingerprint[:12]}")
+        return self._raw.open_range(self._target(f"/images/{fingerprint}/export"), start, end,
+                                    backoff or Backoff(self.patience), f"/images/{fingerprint}/export")
 
     def export_stream(self, fingerprint: str) -> requests.Response:
         """The whole export as one streaming response (multipart for split images)."""

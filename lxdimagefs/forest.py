@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import LXDUnreachable, fs_error
-from .handles import HandleTable
+from .handles import HandleTable, OpenFiles
 from .node import Attr, Context
 from .pull import Source
 from .tree import Tree
@@ -64,7 +64,7 @@ class Slot:
             self._retry_at = time.monotonic() + self.RETRY
 
 
-class Forest:
+class Forest(OpenFiles):
     def __init__(self, slots: list[Slot], handles: HandleTable, readonly: bool, mountpoint: str) -> None:
         self.slots = {s.name: s for s in slots}
         self.handles = handles
@@ -146,18 +146,6 @@ class Forest:
 
     def create(self, path: str, flags: int, pid: int = 0) -> int:
         return self._in(path, "create", flags, pid)
-
-    def read(self, fh: int, offset: int, size: int) -> memoryview | bytes:
-        return self.handles.get(fh).read(offset, size)
-
-    def write(self, fh: int, offset: int, data: bytes) -> int:
-        return self.handles.get(fh).write(offset, data)
-
-    def flush(self, fh: int, pid: int) -> None:
-        self.handles.get(fh).flush(pid)
-
-    def release(self, fh: int) -> None:
-        self.handles.release(fh)
 
     # -- changes ----------------------------------------------------------------------
 

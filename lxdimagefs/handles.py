@@ -46,6 +46,24 @@ class HandleTable:
             handle.close()
 
 
+class OpenFiles:
+    """What a root does with open files: hand each call to its handle (the tree's and the forest's)."""
+
+    handles: HandleTable
+
+    def read(self, fh: int, offset: int, size: int) -> memoryview | bytes:
+        return self.handles.get(fh).read(offset, size)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return self.handles.get(fh).write(offset, data)
+
+    def flush(self, fh: int, pid: int) -> None:
+        self.handles.get(fh).flush(pid)
+
+    def release(self, fh: int) -> None:
+        self.handles.release(fh)
+
+
 class Handle:
     """An open file. Subclasses implement what their file allows."""
 

@@ -11,6 +11,7 @@ block cache.
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import ssl
@@ -131,18 +132,8 @@ class StreamsClient:
             path = self._paths.get(key)
         if path is None:
             raise LXDError(f"no file with sha256 {key} in {self.base}'s index", 404)
-        target = f"{_path_of(self.base)}/{path}"
-        rng = f"bytes={start}-{'' if end is None else end - 1}"
-        backoff = backoff or Backoff(self.patience)
-        while True:
-            log.debug("GET %s %s", path, rng)
-            try:
-                return self._raw.open(target, {"Range": rng, "User-Agent": "lxdimagefs"}, start, end,
-                                      backoff.clamp(self.conn.timeout))
-            except LXDError as e:
-                if not e.transient:
-                    raise
-                backoff.pause(e, f"{path}")
+        return self._raw.open_range(f"{_path_of(self.base)}/{path}", start, end,
+                                    backoff or Backoff(self.patience), path)
 
 
 def _path_of(url: str) -> str:
@@ -150,16 +141,19 @@ def _path_of(url: str) -> str:
     return "/" + after_host.split("/", 1)[1].strip("/") if "/" in after_host else ""
 
 
+@functools.lru_cache(maxsize=1024)  # a server's versions share a few dates
 def _time(serial: str) -> str:
+    """A version's date (its name starts YYYYMMDD, as LXD reads it) in RFC 3339; "" if it does not."""
     try:
-        return datetime.strptime(serial[:8], "%Y%m%d").replace(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        day = datetime(int(serial[:4]), int(serial[4:6]), int(serial[6:8]), tzinfo=UTC)
     except ValueError:
         return ""
+    return day.strftime("%Y-%m-%dT%H:%M:%SZ") if serial[:8].isdigit() else ""
 
 
 def parse_products(products: dict[str, Any]) -> Listing:
     """Image records, export layouts and file paths from a products file's `products`."""
-    found: list[tuple[str, dict[str, Any], Image, ExportLayout]] = []
+    found: list[tuple[str, dict[str, Any], dict[str, Any], ExportLayout]] = []
     paths: dict[str, str] = {}
     for product in products.values():
         arch = ARCHES.get(product.get("arch", ""), product.get("arch", ""))
@@ -186,11 +180,11 @@ def parse_products(products: dict[str, Any]) -> Listing:
 
 
 def _image(product: dict[str, Any], arch: str, serial: str, created: str, version: dict[str, Any],
-           meta: dict[str, Any], root: dict[str, Any] | None) -> tuple[Image, ExportLayout] | None:
+           meta: dict[str, Any], root: dict[str, Any] | None) -> tuple[dict[str, Any], ExportLayout] | None:
     fp = meta.get("sha256", "") if root is None else meta.get(ROOT_TYPES[root["ftype"]][0], "")
     if not is_fingerprint(fp, 64) or not meta.get("sha256") or (root is not None and not root.get("sha256")):
         return None
-    meta_ext = meta["path"].rsplit("/", 1)[-1].split(".", 1)[-1] if "." in meta["path"] else "tar.xz"
+    meta_ext = meta["ftype"].split(".", 1)[1]  # lxd.tar.xz, lxd_combined.tar.gz: what the bytes are
     if root is None:
         layout = ExportLayout(False, (ExportPart(f"{fp}.{meta_ext}", int(meta["size"]), meta["sha256"]),))
     else:
@@ -215,28 +209,28 @@ def _image(product: dict[str, Any], arch: str, serial: str, created: str, versio
         "type": "virtual-machine" if root is not None and root["ftype"] in VM_TYPES else "container",
         "uploaded_at": created,
     }
-    return Image.from_record(record), layout
+    return record, layout
 
 
-def _with_aliases(found: list[tuple[str, dict[str, Any], Image, ExportLayout]],
+def _with_aliases(found: list[tuple[str, dict[str, Any], dict[str, Any], ExportLayout]],
                   paths: dict[str, str]) -> Listing:
     """Aliases as LXD's client gives them: newest image first; the plain name for this machine's
     architecture, `NAME/ARCH` for every one; containers before VMs take a shared name."""
     found.sort(key=lambda f: f[0], reverse=True)
-    found.sort(key=lambda f: f[2].record["type"] != "container")
+    found.sort(key=lambda f: f[2]["type"] != "container")
     taken: set[str] = set()
     images, layouts = [], {}
     native = native_arch()
-    for _, product, image, layout in found:
+    for _, product, record, layout in found:
         names = []
         for alias in filter(None, (product.get("aliases") or "").split(",")):
-            wanted = [alias] if image.record["architecture"] == native else []
+            wanted = [alias] if record["architecture"] == native else []
             wanted.append(f"{alias}/{product.get('arch', '')}")
             names += [n for n in wanted if n not in taken]
             taken.update(wanted)
-        record = {**image.record, "aliases": [{"name": n, "description": ""} for n in names]}
+        record["aliases"] = [{"name": n, "description": ""} for n in names]
         images.append(Image.from_record(record))
-        layouts[image.fingerprint] = layout
+        layouts[record["fingerprint"]] = layout
     return Listing(images, layouts, paths)
 
 

@@ -160,6 +160,20 @@ class RawConnections:
         total = resp.getheader("Content-Range", "").rpartition("/")[2]
         return ExportStream(self, http_conn, resp, start, end if end is not None else int(total))
 
+    def open_range(self, target: str, start: int, end: int | None, backoff: Backoff, label: str
+                   ) -> ExportStream:
+        """Bytes [start, end) of `target` (to its end if `end` is None), through transient refusals."""
+        rng = f"bytes={start}-{'' if end is None else end - 1}"
+        while True:
+            log.debug("GET %s %s", label, rng)
+            try:
+                return self.open(target, {"Range": rng, "User-Agent": "lxdimagefs"}, start, end,
+                                 backoff.clamp(self.conn.timeout))
+            except LXDError as e:
+                if not e.transient:
+                    raise
+                backoff.pause(e, label)
+
     def give_back(self, http_conn: http.client.HTTPConnection) -> None:
         with self._lock:
             if len(self._idle) < self._size:

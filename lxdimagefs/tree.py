@@ -21,7 +21,7 @@ from .catalog import Catalog
 from .contents import CONTENTS_DIR, ContentsNode
 from .errors import fs_error
 from .events import EventSubject
-from .handles import HandleTable
+from .handles import HandleTable, OpenFiles
 from .images import FP_DIR, ImagesNode
 from .imports import IMPORT_DIR, ImportsNode
 from .names import METADATA, alias_to_filename, filename_to_alias
@@ -31,7 +31,7 @@ from .reader import Exports
 from .space import Space
 
 
-class Tree:
+class Tree(OpenFiles):
     def __init__(self, catalog: Catalog, exports: Exports, uid: int | None = None, gid: int | None = None,
                  readonly: bool = True, mountpoint: str = "", spool_dir: Path | None = None,
                  index: IndexFolder | None = None, imports: bool = True,
@@ -101,18 +101,6 @@ class Tree:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             self._changing(path, "open for writing")
         return self.handles.add(node.open(rest, flags, pid))
-
-    def read(self, fh: int, offset: int, size: int) -> memoryview | bytes:
-        return self.handles.get(fh).read(offset, size)
-
-    def write(self, fh: int, offset: int, data: bytes) -> int:
-        return self.handles.get(fh).write(offset, data)
-
-    def flush(self, fh: int, pid: int) -> None:
-        self.handles.get(fh).flush(pid)
-
-    def release(self, fh: int) -> None:
-        self.handles.release(fh)
 
     def statfs(self, path: str = "/") -> dict[str, int]:
         return self.space.usage().statfs()

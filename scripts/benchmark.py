@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from lxd_sandbox import Sandbox, make_unified
 
 ROWS: list[tuple[str, str, str]] = []
@@ -57,11 +58,11 @@ def sh(*args: str, env: dict | None = None) -> None:
 
 
 @contextlib.contextmanager
-def mount(box: Sandbox, binding: str = "mfusepy", *opts: str, server: tuple[str, ...] = ()
-          ) -> Iterator[tuple[Path, subprocess.Popen, Path]]:
+def mount(box: Sandbox, binding: str = "mfusepy", *opts: str, server: tuple[str, ...] = (),
+          env_extra: dict[str, str] | None = None) -> Iterator[tuple[Path, subprocess.Popen, Path]]:
     where = Path(tempfile.mkdtemp(prefix="bench-mnt-"))
     log = where.with_suffix(".log")
-    env = {**os.environ, "LXDIMAGEFS_FUSE": binding}
+    env = {**os.environ, "LXDIMAGEFS_FUSE": binding, **(env_extra or {})}
     proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--debug", "--log-file", str(log),
                              *(server or ("--socket", box.socket)), "--cache-dir", str(CACHE_DIR), *opts,
                              str(where)],
@@ -548,12 +549,151 @@ def _io_written(pid: int) -> int:
     return 0
 
 
+def bench_remotes(work: Path, size_mib: int, products: int = 1200) -> None:
+    """Server-side copies between two LXDs, and listing a large simplestreams index."""
+    from streams_server import Entry, LoopbackCA, StreamsServer, write_index
+
+    print(f"\nRemotes: a {size_mib} MiB image copied between two private LXDs; a simplestreams index "
+          f"of {products} products", flush=True)
+    ca = LoopbackCA.make(work / "ca")
+    small = make_unified(work / "small.tar.gz")
+    write_index(work / "www", [Entry("small:1:amd64:default", "amd64", "20261101_00:00", "small", (small,))],
+                fake_products=products)
+    streams = StreamsServer(work / "www", ca).start()
+    trust = {"SSL_CERT_FILE": str(ca.bundle)}
+    a = b = None
+    try:
+        a, b = Sandbox.start(extra_env=trust), Sandbox.start(extra_env=trust)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        b.lxc("config", "set", "core.https_address", f"127.0.0.1:{port}")
+        b.lxc("config", "set", "core.trust_password", "bench")
+        a_port = port + 1 if port < 65000 else port - 1
+        a.lxc("config", "set", "core.https_address", f"127.0.0.1:{a_port}")
+        a.lxc("config", "set", "core.trust_password", "bench")
+        env = {**os.environ, **trust, "LXD_CONF": str(work / "lxc-conf"), "INCUS_CONF": str(work / "none"),
+               "LXD_DIR": str(a.lxd_dir)}
+        for name, url in (("a", f"https://127.0.0.1:{a_port}"), ("b", f"https://127.0.0.1:{port}")):
+            sh("lxc", "remote", "add", name, url, "--accept-certificate", "--password", "bench", env=env)
+        sh("lxc", "remote", "add", "sst", streams.url, "--protocol", "simplestreams", "--public", env=env)
+        sh("lxc", "remote", "remove", "images", env=env)
+        big = make_unified(work / "copy.tar", rootfs_bytes=(size_mib << 20) - (16 << 10))
+        fp = b.import_image(big)
+        big.unlink()
+
+        def timed(copy: Callable[[], object]) -> float:
+            t = time.perf_counter()
+            copy()
+            spent = time.perf_counter() - t
+            a.lxc("image", "delete", fp)
+            return spent
+
+        sh("cat", str(b.lxd_dir / "images" / fp))  # the source's file in the page cache for every run
+        t_lxc, t_ln = [], []
+        with mount(a, "mfusepy", server=("--all-remotes",), env_extra=env) as (where, _proc, _log):
+            for i in range(2):  # alternated, so that neither gains from the other's warm caches
+                t_lxc.append(timed(lambda: sh("lxc", "image", "copy", f"b:{fp}", "a:", env=env)))
+                t_ln.append(timed(lambda i=i: os.symlink(f"../../b/by-fingerprint/{fp}",
+                                                         where / "a" / "import" / f"c{i}")))
+            t_cp = timed(lambda: sh("cp", "-r", str(where / "b" / "by-fingerprint" / fp),
+                                    str(where / "a" / "import") + "/"))
+        row(f"lxc image copy b: a: ({size_mib} MiB)", f"{min(t_lxc):.2f} s",
+            f"the target pulls it; runs {', '.join(f'{t:.2f}' for t in t_lxc)} s")
+        row("lxdimagefs: ln -s b/by-fingerprint/FP a/import/ (server-side)", f"{min(t_ln):.2f} s",
+            f"{min(t_lxc) / min(t_ln):.2f}x lxc image copy; runs {', '.join(f'{t:.2f}' for t in t_ln)} s")
+        row("lxdimagefs: cp -r b/by-fingerprint/FP a/import/ (through the mount)", f"{t_cp:.2f} s",
+            f"{min(t_lxc) / t_cp:.2f}x lxc image copy, {t_cp / min(t_ln):.1f}x the server-side copy's time")
+
+        first_ls = []
+
+        def ls_mount() -> None:
+            with mount(a, "mfusepy", server=("sst",), env_extra=env) as (where, _p, _l):
+                t = time.perf_counter()  # the first listing: the index fetched and parsed
+                count = len(os.listdir(where / "by-alias"))
+                first_ls.append(time.perf_counter() - t)
+                assert count >= products, count
+        t_ours = best(3, ls_mount)
+
+        def lxc_list() -> None:  # as cold as the mount's first listing: without lxc's own cache
+            shutil.rmtree(work / "lxc-conf" / "cache", ignore_errors=True)
+            sh("lxc", "image", "list", "sst:", "--format", "csv", env=env)
+        t_lxc_list = best(3, lxc_list)
+        row(f"lxc image list sst: ({products} products)", f"{t_lxc_list:.2f} s", "lxc's simplestreams client")
+        from lxdimagefs.simplestreams import StreamsCatalog, StreamsClient
+        from lxdimagefs.transport import Connection
+
+        def fetch_and_parse() -> None:  # what the daemon does for a listing once the index is stale
+            os.environ["SSL_CERT_FILE"] = str(ca.bundle)
+            StreamsCatalog(StreamsClient(Connection(url=streams.url)), ttl=0).snapshot()
+        t_parse = best(3, fetch_and_parse)
+        row("lxdimagefs: the index fetched and parsed into a listing", f"{t_parse:.3f} s",
+            f"{t_lxc_list / t_parse:.2f}x lxc image list; the daemon's share of a stale listing")
+        row("lxdimagefs sst: first ls by-alias/ of a new mount", f"{min(first_ls):.3f} s",
+            "the listing the mount made as it started")
+        row("lxdimagefs sst: mount + ls by-alias/ + unmount", f"{t_ours:.2f} s",
+            f"{t_lxc_list / t_ours:.2f}x lxc image list (the daemon's start-up included)")
+    finally:
+        streams.stop()
+        for box in (a, b):
+            if box is not None:
+                box.stop()
+
+
+def bench_incus(work: Path, size_mib: int) -> None:
+    """Incus mounted as LXD is: a sequential read against curl on its socket; attributes and df."""
+    print(f"\nIncus 6.0: a {size_mib} MiB image, read and described", flush=True)
+    box = Sandbox.start(product="incus")
+    try:
+        tarball = make_unified(work / "incus.tar", rootfs_bytes=(size_mib << 20) - (16 << 10))
+        fp = box.import_image(tarball)
+        tarball.unlink()
+        size = (box.lxd_dir / "images" / fp).stat().st_size
+        gib = size / (1 << 30)
+        sh("cat", str(box.lxd_dir / "images" / fp))  # Incus's copy in the page cache for every tool
+        t_curl = best(3, lambda: sh("curl", "-sf", "--unix-socket", box.socket,
+                                    f"http://incus/1.0/images/{fp}/export", "-o", "/dev/null"))
+        row("curl on Incus's socket", f"{gib / t_curl:.2f} GiB/s", f"{t_curl:.2f} s")
+        out = work / "incus-export"
+        out.mkdir()
+
+        def export() -> None:
+            sh("incus", "image", "export", fp, str(out) + "/", env=box.env())
+            for f in out.iterdir():
+                f.unlink()
+        t_export = best(2, export)
+        row("incus image export", f"{gib / t_export:.2f} GiB/s", f"{t_export:.2f} s")
+        times = []
+        for _ in range(3):
+            with mount(box, "mfusepy") as (where, _proc, _log):
+                path = export_file(where, fp)
+                t = time.perf_counter()
+                sh("cat", str(path))
+                times.append(time.perf_counter() - t)
+        t = min(times)
+        row("lxdimagefs on Incus, cat (first read of a fresh mount)", f"{gib / t:.2f} GiB/s",
+            f"{t:.2f} s, {t_curl / t:.2f}x curl, {t_export / t:.2f}x incus image export")
+        with mount(box, "mfusepy") as (where, _proc, _log):
+            folder = where / "by-fingerprint" / fp
+            sh("getfattr", "-d", str(folder))
+            t_attr = best(5, lambda: sh("getfattr", "-d", str(folder)))
+            t_show = best(5, lambda: sh("incus", "image", "show", fp, env=box.env()))
+            row("getfattr -d by-fingerprint/FP (the record as user.lxd.*)", f"{t_attr * 1000:.1f} ms",
+                f"incus image show: {t_show * 1000:.1f} ms, {t_show / t_attr:.1f}x")
+            t_df = best(5, lambda: sh("df", str(where)))
+            row("df on the mount (the image folder's filesystem, cached 5 s)", f"{t_df * 1000:.1f} ms", "")
+    finally:
+        box.stop()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--many", type=int, default=1000, help="images for the listing benchmark")
     p.add_argument("--size-mib", type=int, default=1024, help="size of the large image")
     p.add_argument("--reads-only", action="store_true", help="only the sequential and random reads")
     p.add_argument("--contents-only", action="store_true", help="only what is inside images")
+    p.add_argument("--remotes-only", action="store_true",
+                   help="only copies between servers, simplestreams, and Incus")
     args = p.parse_args()
     print(f"lxdimagefs benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.cpu_count()} cores, kernel {os.uname().release}")
@@ -566,6 +706,9 @@ def main() -> int:
     try:
         if args.contents_only:
             bench_contents(box, work)
+        elif args.remotes_only:
+            bench_remotes(work, args.size_mib)
+            bench_incus(work, args.size_mib)
         else:
             run_all(box, work, args)
     finally:
@@ -596,6 +739,8 @@ def run_all(box: Sandbox, work: Path, args: argparse.Namespace) -> None:
         bench_freshness(box, fp)
         make_many(box, args.many)
         bench_listing(box, args.many)
+        bench_remotes(work, args.size_mib)
+        bench_incus(work, args.size_mib)
 
 
 if __name__ == "__main__":

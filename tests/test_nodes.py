@@ -59,7 +59,9 @@ def test_refusals_across_and_within_subtrees(tree, lxd):
     assert code(tree.rename, f"/by-fingerprint/{fp}", "/by-fingerprint/x" * 1) == errno.EPERM
     assert code(tree.mkdir, "/by-alias/x") == errno.EPERM
     assert code(tree.rmdir, "/by-alias") == errno.EBUSY
-    assert code(tree.symlink, "/import/x", "../by-fingerprint/" + fp) == errno.EPERM
+    # import/ takes links to URLs and to other remotes' images only: this names the same server's
+    assert code(tree.symlink, "/import/x", "../by-fingerprint/" + fp) == errno.EINVAL
+    assert code(tree.symlink, f"/by-fingerprint/{fp}/x", "a") == errno.EPERM
     assert code(tree.unlink, "/by-fingerprint") == errno.EISDIR
     assert code(tree.readdir, f"/by-fingerprint/{fp}/metadata.json") == errno.ENOTDIR
     assert code(tree.open, f"/by-fingerprint/{fp}/{fp}.tar", os.O_WRONLY) == errno.EACCES

@@ -267,3 +267,45 @@ def test_xattr_changes_and_refusals():
     assert code("user.lxd.properties.os", b"y", XATTR_CREATE) == errno.EEXIST
     assert code("user.lxd.properties.none", b"y", XATTR_REPLACE) == errno.ENODATA
     assert code("user.lxd.properties.none", None) == errno.ENODATA
+
+
+def test_simplestreams_products_become_lxds_records():
+    from lxdimagefs.simplestreams import native_arch, parse_products
+    native = {"x86_64": "amd64", "aarch64": "arm64"}[native_arch()]
+    foreign = "arm64" if native == "amd64" else "amd64"
+
+    def h(label: str) -> str:
+        return hashlib.sha256(label.encode()).hexdigest()
+
+    def item(ftype, sha, size, **extra):
+        return {"ftype": ftype, "path": f"images/x/{sha[:4]}.{ftype}", "sha256": sha, "size": size, **extra}
+
+    def product(arch, serials):
+        return {"aliases": "deb/12,deb", "arch": arch, "os": "Debian", "release": "12", "release_title": "12",
+                "variant": "default", "versions": {s: {"items": {
+                    "lxd.tar.xz": item("lxd.tar.xz", h(f"m{s}{arch}"), 10,
+                                       combined_squashfs_sha256=h(f"c{s}{arch}")),
+                    "squashfs": item("squashfs", h(f"r{s}{arch}"), 90)}} for s in serials}}
+
+    old, new = "20260101_00:00", "20260202_00:00"
+    listing = parse_products({
+        "native": product(native, [old, new]),
+        "foreign": product(foreign, [new]),
+        "combined": {"aliases": "one", "arch": native, "os": "X", "release": "1", "versions": {
+            "20260303": {"items": {"c": item("lxd_combined.tar.gz", h("combined"), 5)}}}},
+        "broken": {"aliases": "b", "arch": native, "versions": {"nodate": {"items": {}}}},
+    })
+    by_fp = {i.fingerprint: i for i in listing.images}
+    newest = h(f"c{new}{native}")
+    assert set(by_fp) == {newest, h(f"c{old}{native}"), h(f"c{new}{foreign}"), h("combined")}
+    assert by_fp[newest].aliases == ("deb/12", f"deb/12/{native}", "deb", f"deb/{native}")
+    assert by_fp[h(f"c{old}{native}")].aliases == ()  # the newer version holds the names
+    assert by_fp[h(f"c{new}{foreign}")].aliases == (f"deb/12/{foreign}", f"deb/{foreign}")
+    rec = by_fp[newest].record
+    assert rec["size"] == 100 and rec["type"] == "container" and rec["public"] is True
+    assert rec["properties"]["serial"] == new and rec["created_at"] == "2026-02-02T00:00:00Z"
+    layout = listing.layouts[newest]
+    assert layout.split and [p.name for p in layout.parts] == [f"meta-{newest}.tar.xz", f"{newest}.squashfs"]
+    assert [p.key for p in layout.parts] == [h(f"m{new}{native}"), h(f"r{new}{native}")]
+    assert listing.layouts[h("combined")].parts[0].name == f"{h('combined')}.tar.gz"
+    assert listing.paths[h(f"r{new}{native}")].endswith(".squashfs")
