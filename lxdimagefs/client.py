@@ -27,7 +27,15 @@ from requests_unixsocket.adapters import UnixHTTPConnectionPool
 from urllib3.connectionpool import HTTPConnectionPool
 
 from .errors import LXDError, LXDUnreachable
-from .transport import Backoff, Connection, ExportStream, RawConnections, error_from_body, pin_matches
+from .transport import (
+    Backoff,
+    Connection,
+    ContextAdapter,
+    ExportStream,
+    RawConnections,
+    error_from_body,
+    pin_matches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +152,7 @@ class LXDClient:
         self.conn = conn
         self._session = requests.Session()
         self._verify: bool | None = None  # None: requests' default, the system's CAs
+        self._raw = RawConnections(conn, pool_size)
         if conn.socket:
             root = "http+unix://" + urllib.parse.quote(conn.socket, safe="")
             self._session.mount("http+unix://", _SocketAdapter(pool_size))
@@ -155,11 +164,10 @@ class LXDClient:
                 self._verify = False
                 self._session.mount("https://", _PinnedAdapter(conn.pinned, pool_maxsize=pool_size))
             else:
-                self._session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=pool_size))
+                self._session.mount("https://", ContextAdapter(self._raw.context, pool_maxsize=pool_size))
         else:
             raise ValueError("either a socket or a URL is needed")
         self._base = root + "/1.0"
-        self._raw = RawConnections(conn, pool_size)
         # Seconds to ride out an outage before failing (none while mounting: say so at once).
         self.patience = conn.timeout[1]
         self._session.headers["User-Agent"] = "lxdimagefs"

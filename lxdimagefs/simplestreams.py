@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import platform
-import ssl
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +25,7 @@ from .catalog import Catalog
 from .client import ExportLayout, ExportPart, Image
 from .errors import LXDError, LXDUnreachable
 from .names import is_fingerprint
-from .transport import Backoff, Connection, ExportStream, RawConnections
+from .transport import Backoff, Connection, ContextAdapter, ExportStream, RawConnections
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +57,6 @@ class Listing:
     paths: dict[str, str]  # a file's sha256 -> its path on the server
 
 
-def ca_bundle() -> str | bool:
-    """The CA bundle OpenSSL would use (honouring SSL_CERT_FILE), for requests as for http.client."""
-    paths = ssl.get_default_verify_paths()
-    return paths.cafile or True
-
-
 class StreamsClient:
     """Reads one simplestreams server; the reader's data path uses it as it uses LXDClient."""
 
@@ -72,9 +65,10 @@ class StreamsClient:
         self.conn = conn
         self.base = conn.url.rstrip("/")
         self.patience = conn.timeout[1]
+        self._raw = RawConnections(conn, 8)
         self._session = requests.Session()
         self._session.headers["User-Agent"] = "lxdimagefs"
-        self._raw = RawConnections(conn, 8)
+        self._session.mount("https://", ContextAdapter(self._raw.context))
         self._paths: dict[str, str] = {}
         self._lock = threading.Lock()
         self.product = "simplestreams"
@@ -84,7 +78,7 @@ class StreamsClient:
         while True:
             log.debug("GET %s/%s", self.base, path)
             try:
-                resp = self._session.get(f"{self.base}/{path}", timeout=self.conn.timeout, verify=ca_bundle())
+                resp = self._session.get(f"{self.base}/{path}", timeout=self.conn.timeout)
             except requests.RequestException as e:
                 backoff.pause(LXDUnreachable(f"{self.base} did not answer: {e}"), f"GET {path}")
                 continue
@@ -100,7 +94,7 @@ class StreamsClient:
 
     def reachable(self) -> bool:
         try:
-            self._session.head(f"{self.base}/{INDEX}", timeout=self.conn.timeout[0], verify=ca_bundle())
+            self._session.head(f"{self.base}/{INDEX}", timeout=self.conn.timeout[0])
         except requests.RequestException:
             return False
         return True

@@ -19,6 +19,9 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+from typing import Any
+
+import requests.adapters
 
 from .errors import LXDError, LXDUnreachable
 
@@ -111,6 +114,19 @@ def pin_matches(der: bytes | None, pinned: str) -> bool:
     return der is not None and hashlib.sha256(der).hexdigest() == pinned.replace(":", "").lower()
 
 
+class ContextAdapter(requests.adapters.HTTPAdapter):
+    """requests with the data path's TLS context: the system's CAs (SSL_CERT_FILE honoured, as
+    Go's LXD honours it; not certifi's bundle), loaded once instead of once per connection."""
+
+    def __init__(self, context: ssl.SSLContext | None, **kwargs: Any) -> None:
+        self._context = context
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+
 class RawConnections:
     """http.client connections for the export data path, kept alive and reused when idle."""
 
@@ -119,7 +135,7 @@ class RawConnections:
         self._idle: list[http.client.HTTPConnection] = []
         self._size = size
         self._lock = threading.Lock()
-        self._context: ssl.SSLContext | None = None
+        self.context: ssl.SSLContext | None = None
         if conn.url:
             ctx = ssl.create_default_context()
             if conn.cert:
@@ -127,14 +143,14 @@ class RawConnections:
             if conn.pinned:  # like lxc: exactly the server certificate given, whatever name it bears
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
-            self._context = ctx
+            self.context = ctx
 
     def _new(self, timeout: tuple[float, float]) -> http.client.HTTPConnection:
         if self.conn.socket:
             return _UnixConnection(self.conn.socket, timeout)
         url = urllib.parse.urlsplit(self.conn.url or "")
-        assert self._context is not None
-        return _TLSConnection(url.hostname or "", url.port, self._context, self.conn.pinned, timeout)
+        assert self.context is not None
+        return _TLSConnection(url.hostname or "", url.port, self.context, self.conn.pinned, timeout)
 
     def open(self, target: str, headers: dict[str, str], start: int, end: int | None,
              timeout: tuple[float, float]) -> ExportStream:
