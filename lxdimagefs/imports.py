@@ -198,6 +198,9 @@ class ImportsNode(Node):
             self._errors.pop(name + ERROR_SUFFIX, None)
         aliases = [] if is_fingerprint(name, 12) else [filename_to_alias(name)]
         try:
+            # LXD makes the image before it adds the alias: a taken name would leave an image behind.
+            if aliases and self.client.alias_exists(aliases[0]):
+                raise LXDError(f"Alias already exists: {aliases[0]}", 409)
             fp = source.create(self.client, aliases)
         except LXDError as e:
             failure = ImportFailed(e.errno if e.status else errno.EIO, e.message)

@@ -245,6 +245,14 @@ def test_ln_s_of_an_https_url_is_create_from_url(world, forest):
 
 
 def test_a_refused_pull_says_why_and_creates_nothing(world, forest):
+    own = world.a.import_image(make_unified(world.work / "own.tar"), alias="taken")
+    try:
+        _refused_pulls(world, forest)
+    finally:
+        world.a.lxc("image", "delete", own)
+
+
+def _refused_pulls(world: World, forest: Path) -> None:
     before = set(_records(world.a))
     target = forest / "a" / "import" / "nothing"
     with pytest.raises(OSError) as e:
@@ -254,6 +262,11 @@ def test_a_refused_pull_says_why_and_creates_nothing(world, forest):
     assert "LXD-Image-Hash" in message  # LXD's own words: the URL did not name an image
     assert set(_records(world.a)) == before
     os.unlink(forest / "a" / "import" / "nothing.error")
+    with pytest.raises(OSError) as e:  # a taken name: refused before anything is pulled
+        os.symlink("../../sst/by-alias/uni", forest / "a" / "import" / "taken")
+    assert e.value.errno == errno.EEXIST
+    assert "Alias already exists: taken" in (forest / "a" / "import" / "taken.error").read_text()
+    assert set(_records(world.a)) == before
     with pytest.raises(OSError) as e:  # an image no remote holds
         os.symlink("../../sst/by-alias/no-such", forest / "a" / "import" / "x")
     assert e.value.errno == errno.ENOENT
