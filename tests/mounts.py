@@ -62,3 +62,15 @@ def mounted(sandbox: Sandbox, where: Path, *args: str) -> Iterator[Mount]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def alias_made_elsewhere_shows(sandbox: Sandbox, m: Mount, fp: str, name: str, within: float = 1.0) -> None:
+    """The server's own client makes an alias; the mount must list it within `within` seconds."""
+    sandbox.lxc("image", "alias", "create", name, fp)
+    try:
+        started = time.monotonic()
+        while name not in os.listdir(m.path / "by-alias"):
+            assert time.monotonic() - started < within, f"{name} not visible within {within} s"
+            time.sleep(0.01)
+    finally:
+        sandbox.lxc("image", "alias", "delete", name)

@@ -13,13 +13,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from lxd_sandbox import Sandbox, make_split, make_unified
-from mounts import Mount, mounted, unmount, wait_mounted
+from mounts import Mount, alias_made_elsewhere_shows, mounted, unmount, wait_mounted
 
 pytestmark = pytest.mark.lxd
 
@@ -134,14 +133,7 @@ def test_aliases_edits_and_xattrs_on_incus(incus, imnt, tmp_path):
 def test_incus_events_show_within_a_second(incus, imnt):
     fp = next(iter(_fps(incus)))
     os.listdir(imnt.path / "by-alias")  # the listing is cached now (metadata_ttl=600)
-    incus.lxc("image", "alias", "create", "from-incus", fp)
-    try:
-        started = time.monotonic()
-        while "from-incus" not in os.listdir(imnt.path / "by-alias"):
-            assert time.monotonic() - started < 1, "the alias did not show within 1 s"
-            time.sleep(0.01)
-    finally:
-        incus.lxc("image", "alias", "delete", "from-incus")
+    alias_made_elsewhere_shows(incus, imnt, fp, "from-incus")
 
 
 def test_df_on_incus_is_its_image_folder(incus, imnt):

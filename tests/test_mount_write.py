@@ -416,7 +416,9 @@ def test_rmdir_deletes_the_image(mnt, sandbox, fresh):
     (lambda m, fp: os.mkdir(m / "by-alias" / "new"), errno.EPERM, "mkdir"),
     (lambda m, fp: os.open(m / "by-alias" / "file", os.O_WRONLY | os.O_CREAT), errno.EPERM, "create"),
     (lambda m, fp: os.open(m / "top", os.O_WRONLY | os.O_CREAT), errno.EPERM, "create"),
-    (lambda m, fp: os.symlink("x", m / "import" / "link"), errno.EPERM, "symlink"),
+    (lambda m, fp: os.symlink("x", m / "by-fingerprint" / fp / "link"), errno.EPERM, "symlink"),
+    # import/ takes links to https:// URLs and other remotes' images (server-side creation)
+    (lambda m, fp: os.symlink("x", m / "import" / "link"), errno.EINVAL, "symlink"),
     (lambda m, fp: os.rename(m / "by-alias" / "xz", m / "import" / "xz"), errno.EXDEV, "rename"),
     (lambda m, fp: os.truncate(m / "by-fingerprint" / fp / "metadata.json", 10), errno.EACCES, "truncate"),
     (lambda m, fp: os.rmdir(m / "by-alias"), errno.EBUSY, "rmdir"),

@@ -15,7 +15,7 @@ import time
 import pytest
 from faultproxy import FaultProxy, Rule
 from lxd_sandbox import make_split, make_unified
-from mounts import mounted, unmount, wait_mounted
+from mounts import alias_made_elsewhere_shows, mounted, unmount, wait_mounted
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
@@ -141,7 +141,7 @@ def test_events_come_back_after_lxd_restarts(sandbox, images, tmp_path):
         sandbox.halt()
         sandbox.resume()
         _wait_for_log(m, "listening to LXD's lifecycle events", count=2, timeout=40)
-        _an_lxc_alias_shows_within_a_second(sandbox, m, fp, "after-restart")
+        alias_made_elsewhere_shows(sandbox, m, fp, "after-restart")
 
 
 def test_lxds_412_on_a_save_is_estale(sandbox, proxy, tmp_path):
@@ -183,17 +183,6 @@ def test_lxds_412_on_an_xattr_save_is_estale(sandbox, proxy, tmp_path):
         sandbox.lxc("image", "delete", fp, check=False)
 
 
-def _an_lxc_alias_shows_within_a_second(sandbox, m, fp: str, name: str) -> None:
-    sandbox.lxc("image", "alias", "create", name, fp)
-    try:
-        started = time.monotonic()
-        while name not in os.listdir(m.path / "by-alias"):
-            assert time.monotonic() - started < 1, f"{name} not visible within 1 s"
-            time.sleep(0.01)
-    finally:
-        sandbox.lxc("image", "alias", "delete", name)
-
-
 def _lxd_idle(sandbox, timeout: float = 10) -> None:
     """Wait until LXD runs no operation (what it does with a broken upload is done by then)."""
     deadline = time.monotonic() + timeout
@@ -220,7 +209,7 @@ def test_a_silent_event_stream_is_taken_as_dropped_and_reopened(sandbox, images,
         finally:
             proxy.frozen.clear()
         _wait_for_log(m, "listening to LXD's lifecycle events", count=2, timeout=40)
-        _an_lxc_alias_shows_within_a_second(sandbox, m, fp, "after-silence")
+        alias_made_elsewhere_shows(sandbox, m, fp, "after-silence")
 
 
 def test_a_daemon_killed_mid_upload_leaves_nothing_after_the_next_mount(sandbox, tmp_path):
