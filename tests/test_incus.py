@@ -139,3 +139,21 @@ def test_incus_events_show_within_a_second(incus, imnt):
 def test_df_on_incus_is_its_image_folder(incus, imnt):
     st, ref = os.statvfs(imnt.path), os.statvfs(Path(incus.lxd_dir) / "images")
     assert abs(st.f_blocks * st.f_frsize - ref.f_blocks * ref.f_frsize) <= 1 << 20
+
+
+def test_a_remote_of_the_incus_client_is_a_source(incus, tmp_path):
+    """`incus remote add` writes ~/.config/incus/config.yml: its remotes name sources as lxc's do."""
+    env = {**os.environ, "INCUS_CONF": str(tmp_path / "incus-conf"), "LXD_CONF": str(tmp_path / "no-lxc"),
+           "TMPDIR": str(tmp_path)}
+    subprocess.run(["incus", "remote", "add", "private-incus", f"unix://{incus.socket}"], env=env, check=True,
+                   capture_output=True)
+    where = tmp_path / "mnt"
+    where.mkdir()
+    done = subprocess.run([sys.executable, "-m", "lxdimagefs", "private-incus", str(where)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    try:
+        assert done.returncode == 0, done.stderr
+        wait_mounted(where, timeout=1)
+        assert set(os.listdir(where / "by-fingerprint")) == _fps(incus)
+    finally:
+        unmount(where)

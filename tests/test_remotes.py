@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from lxd_sandbox import Sandbox, make_split, make_unified
-from mounts import unmount, wait_mounted
+from mounts import Mount, alias_made_elsewhere_shows, unmount, wait_mounted
 from streams_server import Entry, LoopbackCA, StreamsServer, write_index
 
 pytestmark = pytest.mark.lxd
@@ -133,6 +133,15 @@ def test_all_remotes_one_folder_each(world, forest):
         world.b.lxc("image", "delete", fp)
 
 
+def test_changes_made_elsewhere_show_in_each_remotes_folder(world, forest):
+    fp = world.b.import_image(make_unified(world.work / "events.tar"))
+    try:
+        os.listdir(forest / "b" / "by-alias")  # the listing is cached now
+        alias_made_elsewhere_shows(world.b, Mount(forest / "b", None, forest.parent / "log"), fp, "b-made")
+    finally:
+        world.b.lxc("image", "delete", fp)
+
+
 def test_a_simplestreams_server_is_read_from_its_index(world, forest):
     sst = forest / "sst"
     fp = world.fps["testos"]
@@ -210,10 +219,14 @@ def test_ln_s_copies_a_private_image_between_lxds_server_side(world, forest):
     fp = world.b.import_image(make_unified(world.work / "private.tar.gz", rootfs_bytes=1 << 20))
     try:
         os.symlink(f"../../b/by-fingerprint/{fp[:12]}", forest / "a" / "import" / "copied")
+        operations = world.b.rest("/1.0/operations?recursion=1")  # LXD keeps ended ones a few seconds
+        secrets = [op["metadata"]["secret"] for ops in operations.values() for op in ops
+                   if (op.get("metadata") or {}).get("secret")]
         record = world.a.rest(f"/1.0/images/{fp}")
         assert [a["name"] for a in record["aliases"]] == ["copied"] and record["public"] is False
         assert f"/images/{fp}/export" not in _log(forest)  # no byte through the mount
         assert "asking" in _log(forest)
+        assert secrets and not any(secret in _log(forest) for secret in secrets)  # never logged
     finally:
         world.a.lxc("image", "delete", fp, check=False)
         world.b.lxc("image", "delete", fp, check=False)
