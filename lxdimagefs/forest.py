@@ -23,6 +23,7 @@ from .errors import LXDUnreachable, fs_error
 from .handles import HandleTable, OpenFiles
 from .node import Attr, Context
 from .pull import Source
+from .space import Usage
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,11 @@ class Forest(OpenFiles):
         if slot is None:
             raise self.ctx.refusal(call, path, "the root holds one folder per remote")
         if not slot.up():
-            if sub == "/" and call in ("getattr", "readdir", "listxattrs", "statfs"):
+            if call == "statfs":  # unknown, never a full disk (and never a wait for the server)
+                return Usage().statfs()
+            if sub == "/" and call in ("getattr", "readdir", "listxattrs"):
                 return {"getattr": lambda: self.ctx.dir(self.ctx.started), "readdir": list,
-                        "listxattrs": dict, "statfs": lambda: slot.tree.space.usage().statfs()}[call]()
+                        "listxattrs": dict}[call]()
             raise fs_error(errno.ENOENT, path)
         try:
             return getattr(slot.tree, call)(sub, *args)
@@ -125,10 +128,9 @@ class Forest(OpenFiles):
         return self._in(path, "readlink")
 
     def statfs(self, path: str = "/") -> dict[str, int]:
-        if path.strip("/") == "":  # the root: the first server that takes images
-            trees = [s.tree for s in self.slots.values() if not s.tree.readonly] or [
-                s.tree for s in self.slots.values()]
-            return trees[0].statfs("/")
+        if path.strip("/") == "":  # the root: the first server that answers and takes images
+            up = sorted((s for s in self.slots.values() if not s.down), key=lambda s: s.tree.readonly)
+            return up[0].tree.statfs("/") if up else Usage().statfs()
         return self._in(path, "statfs")
 
     def getxattr(self, path: str, name: str) -> bytes:

@@ -340,6 +340,9 @@ def test_an_unreachable_remote_is_an_empty_folder_until_it_answers(world, tmp_pa
         assert time.monotonic() - started < 15
         assert sorted(os.listdir(where)) == ["later", "sst"] and os.listdir(where / "later") == []
         assert "remote later does not answer" in (tmp_path / "log").read_text()
+        t = time.monotonic()
+        assert os.statvfs(where / "later").f_blocks == 0  # unknown, at once: no wait for the server
+        assert time.monotonic() - t < 1
         server = StreamsServer(world.streams.root, world.ca, port=port).start()
         deadline = time.monotonic() + 25
         while not os.listdir(where / "later"):
