@@ -106,8 +106,8 @@ class StreamsClient:
             if entry.get("datatype") == "image-downloads" and entry.get("path"):
                 products.update(self._get(entry["path"]).get("products") or {})
         listing = parse_products(products)
-        with self._lock:
-            self._paths = listing.paths
+        with self._lock:  # kept, not replaced: a file open while its version left the index reads on
+            self._paths.update(listing.paths)
         return listing
 
     def image_exists(self, fingerprint: str) -> bool:
