@@ -88,6 +88,11 @@ class ExportFile(io.RawIOBase):
         super().close()
 
 
+def _lazy(exports: Exports, key: str, size: int) -> io.BufferedReader:
+    """A file object over the lazy reader: read at the offsets the archive asks for."""
+    return io.BufferedReader(ExportFile(exports.unified(key, size, max_window=4 << 20), size), 1 << 16)
+
+
 @dataclass(frozen=True)
 class Entry:
     """A file inside an image, and the source (tarball or squashfs) that holds it."""
@@ -109,32 +114,37 @@ class ImageArchive:
         self.fp = fp
         self._lock = threading.Lock()  # ratarmountcore's sources are not made for concurrent use
         self._rootfs: MountSource | None = None
-        if not layout.split:
-            size = layout.parts[0].size
-            index = str(index_dir / f"{fp}.sqlite")
-            if layout.parts[0].name.endswith(NEEDS_A_FILE):
-                # Its decoder (indexed_zstd) reads from a file descriptor, not a file object: the
-                # export is spooled (verified) first, and read from there.
-                self._top = SQLiteIndexedTar(str(exports.spool.unified(fp, size)), indexFilePath=index,
-                                             writeIndex=True)
-                return
-            if layout.parts[0].name.endswith(UNSEEKABLE):
-                # Legacy .lzma has no blocks, no seek points, and no decoder that indexes it: it is
-                # unpacked once into the spool (the stdlib's lzma), and the plain tarball read there.
-                self._top = SQLiteIndexedTar(str(_unpacked(exports.spool.unified(fp, size))),
-                                             indexFilePath=index, writeIndex=True)
-                return
-            raw = ExportFile(exports.unified(fp, size, max_window=4 << 20), size)
-            self._top: MountSource = SQLiteIndexedTar(
-                fileObject=io.BufferedReader(raw, 1 << 16), tarFileName=fp, indexFilePath=index,
-                writeIndex=True, prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING)
+        first = layout.parts[0]
+        if first.key is None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
+            # indexed_zstd reads from a file descriptor, not a file object, and legacy .lzma has
+            # no seek points nor a decoder that indexes it: the export is spooled (verified) first,
+            # .lzma unpacked there once (the stdlib's lzma), and the tarball read from the spool.
+            spooled = exports.spool.unified(fp, first.size)
+            path = _unpacked(spooled) if first.name.endswith(UNSEEKABLE) else spooled
+            self._top = SQLiteIndexedTar(str(path), indexFilePath=str(index_dir / f"{fp}.sqlite"),
+                                         writeIndex=True)
             return
-        meta, rootfs = exports.spool.paths(fp)
-        self._top = SQLiteIndexedTar(str(meta), indexFilePath=str(index_dir / f"{fp}.meta.sqlite"),
-                                     writeIndex=True)
-        if layout.parts[1].name.endswith(".squashfs"):
+        if first.key is not None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
+            raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
+        if not layout.split:
+            self._top: MountSource = SQLiteIndexedTar(
+                fileObject=_lazy(exports, first.key or fp, first.size), tarFileName=fp,
+                indexFilePath=str(index_dir / f"{fp}.sqlite"), writeIndex=True,
+                prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING)
+            return
+        rootfs_part = layout.parts[1]
+        if first.key is not None:  # a simplestreams server's parts: each read lazily on its own
+            meta: Any = _lazy(exports, first.key, first.size)
+            rootfs: Any = _lazy(exports, rootfs_part.key or "", rootfs_part.size)
+            self._top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
+                                         indexFilePath=str(index_dir / f"{fp}.meta.sqlite"), writeIndex=True)
+        else:  # LXD sends a split image as one multipart stream: its parts are in the spool
+            meta, rootfs = exports.spool.paths(fp)
+            self._top = SQLiteIndexedTar(str(meta), indexFilePath=str(index_dir / f"{fp}.meta.sqlite"),
+                                         writeIndex=True)
+        if rootfs_part.name.endswith(".squashfs"):
             self._rootfs = SquashFSMountSource(
-                str(rootfs), indexFilePath=str(index_dir / f"{fp}.rootfs.sqlite"), writeIndex=True)
+                rootfs, indexFilePath=str(index_dir / f"{fp}.rootfs.sqlite"), writeIndex=True)
 
     def _route(self, path: str) -> tuple[MountSource | None, str]:
         """Which source holds a path (split images: rootfs/ is the squashfs), and its path there."""

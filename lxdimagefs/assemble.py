@@ -56,20 +56,21 @@ class Built:
 def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
           handles: HandleTable, cache_bytes: int) -> Built:
     spool = Path(tempfile.mkdtemp(prefix=SplitSpool.PREFIX, dir=settings.cache_root))
+    index = None
+    if settings.contents:  # kept across mounts and servers: keyed by fingerprint
+        index = IndexFolder(settings.cache_root / f"lxdimagefs-index-{os.getuid()}")
     if remote.simplestreams:
         streams = StreamsClient(conn)
         catalog: Catalog = StreamsCatalog(streams, ttl=max(settings.metadata_ttl, STREAMS_TTL))
         exports = Exports(streams, spool, capacity=cache_bytes)  # type: ignore[arg-type]
-        tree = Tree(catalog, exports, readonly=True, mountpoint=mountpoint, imports=False, handles=handles)
+        tree = Tree(catalog, exports, readonly=True, mountpoint=mountpoint, index=index, imports=False,
+                    handles=handles)
         slot = Slot(remote.name, tree, streams.reachable, from_simplestreams(streams.base))
         return Built(remote, tree, None, slot)
     client = LXDClient(conn)
     journal = LayoutJournal(settings.cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl")
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
     exports = Exports(client, spool, capacity=cache_bytes)
-    index = None
-    if settings.contents:  # kept across mounts and servers: keyed by fingerprint
-        index = IndexFolder(settings.cache_root / f"lxdimagefs-index-{os.getuid()}")
     tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,
                 handles=handles)
     events = None

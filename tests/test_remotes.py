@@ -166,7 +166,23 @@ def test_a_simplestreams_server_is_read_from_its_index(world, forest):
     with pytest.raises(OSError) as e:
         os.rmdir(folder)
     assert e.value.errno == errno.EROFS
-    assert "import" not in os.listdir(sst)
+    assert sorted(os.listdir(sst)) == ["by-alias", "by-fingerprint", "contents"]  # no import/
+
+
+def test_inside_a_simplestreams_image_without_downloading_it(world, forest):
+    """contents/ of a remote image: the squashfs and the metadata tarball read at the offsets needed."""
+    fp = world.fps["testos"]
+    inside = forest / "sst" / "contents" / "by-fingerprint" / fp
+    world.streams.requests.clear()
+    hostname = (inside / "rootfs" / "etc" / "hostname").read_text()
+    assert hostname.startswith("split-20261101_00:00")  # make_split's seed: the folder's name
+    meta = (inside / "metadata.yaml").read_text()
+    assert "lxdimagefs-test" in meta
+    assert os.readlink(forest / "sst" / "contents" / "by-alias" / "testos／1") == f"../by-fingerprint/{fp}"
+    served = next((world.streams.root / "images").rglob("rootfs.squashfs"))
+    ranges = [r.split("range=bytes=")[1].split()[0] for r in world.streams.requests if "squashfs" in r]
+    fetched = sum(int(b) - int(a) + 1 for a, b in (r.split("-") for r in ranges if r.split("-")[1]))
+    assert ranges and fetched < served.stat().st_size  # not the whole 3 MiB rootfs
 
 
 def test_a_simplestreams_record_is_what_lxd_shows_after_a_copy(world, forest):
