@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from lxd_sandbox import Sandbox, make_unified
+from lxd_sandbox import Sandbox, make_split, make_unified
 
 ROWS: list[tuple[str, str, str]] = []
 CACHE_DIR = Path(tempfile.gettempdir())  # set per run in main(): spools and the layout journal
@@ -379,10 +380,11 @@ def bench_contents(box: Sandbox, work: Path, size_mib: int = 512) -> None:
 
 def _mib_received(log: Path, fp: str) -> float:
     """MiB of the image's export the daemon fetched (its debug log notes every block; a split
-    image's export is spooled whole)."""
+    image's export is spooled whole). An empty `fp`: every image's."""
     got = 0
+    block = re.compile(rf"block \d+ of {fp or '[0-9a-f]+'} in \(|spooled {fp or '[0-9a-f]+'} \(")
     for line in log.read_text().splitlines():
-        if f"of {fp} in (" in line or f"spooled {fp} (" in line:
+        if block.search(line):
             got += int(line.rsplit("(", 1)[1].split()[0])
     return got / (1 << 20)
 
@@ -557,8 +559,14 @@ def bench_remotes(work: Path, size_mib: int, products: int = 1200) -> None:
           f"of {products} products", flush=True)
     ca = LoopbackCA.make(work / "ca")
     small = make_unified(work / "small.tar.gz")
-    write_index(work / "www", [Entry("small:1:amd64:default", "amd64", "20261101_00:00", "small", (small,))],
-                fake_products=products)
+    meta, rootfs = make_split(work / "remote-split", rootfs_bytes=size_mib << 20)
+    fps = write_index(work / "www", [
+        Entry("small:1:amd64:default", "amd64", "20261101_00:00", "small", (small,)),
+        Entry("big:1:amd64:default", "amd64", "20261101_00:00", "big", (meta, rootfs))],
+        fake_products=products)
+    big_fp = fps["big:1:amd64:default@20261101_00:00"]
+    rootfs_mib = rootfs.stat().st_size / (1 << 20)
+    shutil.rmtree(work / "remote-split")
     streams = StreamsServer(work / "www", ca).start()
     trust = {"SSL_CERT_FILE": str(ca.bundle)}
     a = b = None
@@ -633,6 +641,29 @@ def bench_remotes(work: Path, size_mib: int, products: int = 1200) -> None:
             "the listing the mount made as it started")
         row("lxdimagefs sst: mount + ls by-alias/ + unmount", f"{t_ours:.2f} s",
             f"{t_lxc_list / t_ours:.2f}x lxc image list (the daemon's start-up included)")
+        print(f"\nInside a {rootfs_mib:.0f} MiB split image on the simplestreams server", flush=True)
+        inside = []
+        for _ in range(2):
+            with mount(a, "mfusepy", server=("sst",), env_extra=env) as (where, _p, log):
+                t = time.perf_counter()
+                sh("cat", str(where / "contents" / "by-fingerprint" / big_fp / "rootfs" / "etc" / "hostname"))
+                inside.append((time.perf_counter() - t, _mib_received(log, "")))
+        out = work / "remote-export"
+
+        def export_and_extract() -> None:
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            sh("lxc", "image", "export", f"sst:{big_fp}", str(out) + "/", env=env)
+            squash = next(out.glob("*.squashfs"))
+            sh("unsquashfs", "-q", "-d", str(out / "x"), str(squash), "etc/hostname")
+        t_export = best(1, export_and_extract)
+        shutil.rmtree(out, ignore_errors=True)
+        (t1, mib1), (t2, mib2) = inside
+        row("lxdimagefs: cat sst/contents/…/rootfs/etc/hostname, first mount", f"{t1 * 1000:.0f} ms",
+            f"{mib1:.1f} MiB fetched of {rootfs_mib:.0f}; {t_export / t1:.1f}x lxc export + unsquashfs")
+        row("the same, a new mount with the index kept", f"{t2 * 1000:.0f} ms", f"{mib2:.1f} MiB fetched")
+        row("lxc image export sst:FP + unsquashfs of that file", f"{t_export:.2f} s",
+            "the whole image downloaded")
     finally:
         streams.stop()
         for box in (a, b):
