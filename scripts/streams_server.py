@@ -197,7 +197,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         with open(path, "rb") as f:
             f.seek(start)
             left = end - start + 1
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            with contextlib.suppress(OSError):  # the client went away midway (ssl.SSLError is one)
                 while left:
                     chunk = f.read(min(left, 1 << 20))
                     if not chunk:
