@@ -379,7 +379,7 @@ def test_one_remote_by_name_is_the_tree_itself(world, tmp_path):
                           capture_output=True, text=True, timeout=60)
     try:
         assert done.returncode == 0, done.stderr
-        assert sorted(os.listdir(where)) == ["by-alias", "by-fingerprint"]
+        assert sorted(os.listdir(where)) == ["by-alias", "by-fingerprint", "contents"]
         vfs = os.statvfs(where)  # read-only: full of its images, as a squashfs is
         assert vfs.f_bavail == 0 and vfs.f_blocks > 0
     finally:
