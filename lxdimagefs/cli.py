@@ -18,9 +18,10 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .client import Connection, certificate_fingerprint
 from .errors import LXDError
 from .remotes import Remote, RemoteError, all_remotes, resolve
+from .rest import certificate_fingerprint
+from .transport import Connection
 
 log = logging.getLogger("lxdimagefs")
 

@@ -13,8 +13,9 @@ import itertools
 import types
 from typing import Any
 
-from lxdimagefs.client import Connection, Image
+from lxdimagefs.client import Image
 from lxdimagefs.errors import LXDError
+from lxdimagefs.transport import Connection
 
 
 class FakeLXD:

@@ -11,9 +11,10 @@ import pytest
 
 from lxdimagefs.blocks import BLOCK
 from lxdimagefs.catalog import Catalog
-from lxdimagefs.client import Connection, LXDClient
+from lxdimagefs.client import LXDClient
 from lxdimagefs.errors import LXDError
 from lxdimagefs.reader import Exports
+from lxdimagefs.transport import Connection
 from lxdimagefs.tree import Tree
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
