@@ -104,9 +104,14 @@ class Forest(OpenFiles):
         if not slot.up():
             if call == "statfs":  # unknown, never a full disk (and never a wait for the server)
                 return Usage().statfs()
-            if sub == "/" and call in ("getattr", "readdir", "listxattrs"):
-                return {"getattr": lambda: self.ctx.dir(self.ctx.started), "readdir": list,
-                        "listxattrs": dict}[call]()
+            if sub != "/":
+                raise fs_error(errno.ENOENT, path)
+            if call == "getattr":
+                return self.ctx.dir(self.ctx.started)
+            if call == "readdir":
+                return []
+            if call == "listxattrs":
+                return {}
             raise fs_error(errno.ENOENT, path)
         try:
             return getattr(slot.tree, call)(sub, *args)
@@ -169,8 +174,8 @@ class Forest(OpenFiles):
             raise self.ctx.refuse(errno.EXDEV, "rename", old, f"cannot move it to {new}")
         self._in(old, "rename", sub, pid)
 
-    def set_attributes(self, op: str, path: str) -> None:
-        self._in(path, "set_attributes_at", op)
+    def set_attributes(self, path: str, op: str) -> None:
+        self._in(path, "set_attributes", op)
 
     def setxattr(self, path: str, name: str, value: bytes | None, flags: int = 0) -> None:
         self._in(path, "setxattr", name, value, flags)

@@ -193,17 +193,17 @@ class LXDImageOps(Operations):
 
     @translated
     def utimens(self, path: str, times: Any = None) -> int:
-        self.tree.set_attributes("utimens", path)
+        self.tree.set_attributes(path, "utimens")
         return 0
 
     @translated
     def chmod(self, path: str, mode: int) -> int:
-        self.tree.set_attributes("chmod", path)
+        self.tree.set_attributes(path, "chmod")
         return 0
 
     @translated
     def chown(self, path: str, uid: int, gid: int) -> int:
-        self.tree.set_attributes("chown", path)
+        self.tree.set_attributes(path, "chown")
         return 0
 
     @translated

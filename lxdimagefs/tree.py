@@ -58,7 +58,7 @@ class Tree(OpenFiles):
     def readonly(self) -> bool:
         return self.ctx.readonly
 
-    def started(self, on_change) -> None:
+    def started(self, on_change: Callable[..., None]) -> None:
         """The mount is live (the daemon has forked): paths that change are told to `on_change`."""
         self.ctx.on_change = on_change
         self.exports.spool.claim()
@@ -178,7 +178,7 @@ class Tree(OpenFiles):
             raise self.ctx.refuse(errno.EXDEV, "rename", old, f"cannot move it to {new}")
         src_node.rename(src, dst, pid)
 
-    def set_attributes(self, op: str, path: str) -> None:
+    def set_attributes(self, path: str, op: str) -> None:
         """chmod, chown, utimensat, setxattr: modes and times here are LXD's, not the user's.
 
         Accepted and ignored on what is being written (imports, editors' scratch
@@ -194,10 +194,6 @@ class Tree(OpenFiles):
         if op == "utimens" and not self.ctx.readonly and node is not None and node.touch(rest):
             return
         raise self.ctx.refusal(op, path, "modes, owners, times and attributes are LXD's")
-
-    def set_attributes_at(self, path: str, op: str) -> None:
-        """set_attributes with the path first, as the forest hands every call on."""
-        self.set_attributes(op, path)
 
     def getxattr(self, path: str, name: str) -> bytes:
         value = self.listxattrs(path).get(name)
@@ -218,7 +214,7 @@ class Tree(OpenFiles):
         if node is not None and not node.read_only and not self.readonly \
                 and node.set_xattr(rest, name, value, flags):
             return
-        self.set_attributes("setxattr" if value is not None else "removexattr", path)
+        self.set_attributes(path, "setxattr" if value is not None else "removexattr")
 
     def refusal(self, op: str, path: str, why: str) -> OSError:
         """A change no subtree makes (link, mknod): EROFS where the subtree or mount is read-only."""

@@ -66,8 +66,8 @@ def test_refusals_across_and_within_subtrees(tree, lxd):
     assert code(tree.readdir, f"/by-fingerprint/{fp}/metadata.json") == errno.ENOTDIR
     assert code(tree.open, f"/by-fingerprint/{fp}/{fp}.tar", os.O_WRONLY) == errno.EACCES
     assert code(tree.truncate, f"/by-fingerprint/{fp}/{fp}.tar", 0) == errno.EACCES
-    assert code(tree.set_attributes, "chmod", f"/by-fingerprint/{fp}/{fp}.tar") == errno.EPERM
-    tree.set_attributes("chmod", f"/by-fingerprint/{fp}/metadata.json")  # editors keep modes: accepted
+    assert code(tree.set_attributes, f"/by-fingerprint/{fp}/{fp}.tar", "chmod") == errno.EPERM
+    tree.set_attributes(f"/by-fingerprint/{fp}/metadata.json", "chmod")  # editors keep modes: accepted
 
 
 def test_a_read_only_tree_refuses_every_change_with_erofs(lxd, tmp_path):
@@ -75,7 +75,7 @@ def test_a_read_only_tree_refuses_every_change_with_erofs(lxd, tmp_path):
     tree = make_tree(lxd, tmp_path, readonly=True)
     for call, args in ((tree.unlink, ("/by-alias/a",)), (tree.mkdir, ("/import/x",)),
                        (tree.symlink, ("/by-alias/b", fp)), (tree.rmdir, (f"/by-fingerprint/{fp}",)),
-                       (tree.set_attributes, ("chmod", f"/by-fingerprint/{fp}/metadata.json"))):
+                       (tree.set_attributes, (f"/by-fingerprint/{fp}/metadata.json", "chmod"))):
         assert code(call, *args) == errno.EROFS
     assert tree.getattr(f"/by-fingerprint/{fp}/metadata.json").mode & 0o222 == 0
 
