@@ -24,7 +24,8 @@ from urllib3.connectionpool import HTTPConnectionPool
 from .errors import LXDError, LXDUnreachable
 from .transport import Backoff, Connection, ContextAdapter, RawConnections, error_from_body
 
-log = logging.getLogger(__name__)
+# Every request line (--debug) carries one logger name, whichever module sends it: the client.
+log = logging.getLogger("lxdimagefs.client")
 
 
 def certificate_fingerprint(pem_file: str) -> str:

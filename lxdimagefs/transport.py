@@ -26,6 +26,7 @@ import requests.adapters
 from .errors import LXDError, LXDUnreachable
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("lxdimagefs.client")  # request lines under the client's name, as rest.py
 
 DEFAULT_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
 
@@ -181,7 +182,7 @@ class RawConnections:
         """Bytes [start, end) of `target` (to its end if `end` is None), through transient refusals."""
         rng = f"bytes={start}-{'' if end is None else end - 1}"
         while True:
-            log.debug("GET %s %s", label, rng)
+            request_log.debug("GET %s %s", label, rng)
             try:
                 return self.open(target, {"Range": rng, "User-Agent": "lxdimagefs"}, start, end,
                                  backoff.clamp(self.conn.timeout))
