@@ -628,8 +628,8 @@ def bench_remotes(work: Path, size_mib: int, products: int = 1200) -> None:
             sh("lxc", "image", "list", "sst:", "--format", "csv", env=env)
         t_lxc_list = best(3, lxc_list)
         row(f"lxc image list sst: ({products} products)", f"{t_lxc_list:.2f} s", "lxc's simplestreams client")
-        from lxdimagefs.simplestreams import StreamsCatalog, StreamsClient
-        from lxdimagefs.transport import Connection
+        from lxdimagefs.servers.simplestreams import StreamsCatalog, StreamsClient
+        from lxdimagefs.servers.transport import Connection
 
         os.environ["SSL_CERT_FILE"] = str(ca.bundle)
         catalog = StreamsCatalog(StreamsClient(Connection(url=streams.url)), ttl=0)

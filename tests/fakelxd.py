@@ -13,9 +13,9 @@ import itertools
 import types
 from typing import Any
 
-from lxdimagefs.client import Image
 from lxdimagefs.errors import LXDError
-from lxdimagefs.transport import Connection
+from lxdimagefs.servers.lxd import Image
+from lxdimagefs.servers.transport import Connection
 
 
 class FakeLXD:

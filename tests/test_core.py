@@ -9,13 +9,13 @@ import threading
 
 import pytest
 
-from lxdimagefs.blocks import BLOCK
-from lxdimagefs.catalog import Catalog
-from lxdimagefs.client import LXDClient
+from lxdimagefs.data.blocks import BLOCK
+from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import LXDError
-from lxdimagefs.reader import Exports
-from lxdimagefs.transport import Connection
-from lxdimagefs.tree import Tree
+from lxdimagefs.servers.catalog import Catalog
+from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.transport import Connection
+from lxdimagefs.tree.root import Tree
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 

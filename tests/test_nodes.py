@@ -10,9 +10,9 @@ import stat
 import pytest
 from fakelxd import FakeLXD
 
-from lxdimagefs.catalog import Catalog
-from lxdimagefs.reader import Exports
-from lxdimagefs.tree import Tree
+from lxdimagefs.data.exports import Exports
+from lxdimagefs.servers.catalog import Catalog
+from lxdimagefs.tree.root import Tree
 
 
 @pytest.fixture()

@@ -9,15 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lxdimagefs.blocks import BLOCK, BlockCache
-from lxdimagefs.catalog import LayoutJournal
-from lxdimagefs.cli import UsageError, parse_options
-from lxdimagefs.client import ExportLayout, ExportPart, parse_time
+from lxdimagefs.data.blocks import BLOCK, BlockCache
+from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError
-from lxdimagefs.events import EventWatcher
-from lxdimagefs.multipart import PartStream, first_part_and_next_name
+from lxdimagefs.mount.cli import UsageError, parse_options
 from lxdimagefs.names import alias_to_filename, filename_to_alias, fits
-from lxdimagefs.verify import Verification
+from lxdimagefs.servers.catalog import LayoutJournal
+from lxdimagefs.servers.events import EventWatcher
+from lxdimagefs.servers.lxd import ExportLayout, ExportPart, parse_time
+from lxdimagefs.servers.multipart import PartStream, first_part_and_next_name
 
 ODD = st.sampled_from(["/", "／", "‛", ".", "．", "a", " ", "é", "\n"])
 
@@ -215,7 +215,7 @@ def _config(folder, text):
 
 
 def test_remotes_come_from_the_lxc_and_incus_configs(tmp_path, monkeypatch):
-    from lxdimagefs.remotes import RemoteError, all_remotes, resolve
+    from lxdimagefs.mount.remotes import RemoteError, all_remotes, resolve
     lxc, incus = tmp_path / "lxc", tmp_path / "incus"
     monkeypatch.setenv("LXD_CONF", str(lxc))
     monkeypatch.setenv("INCUS_CONF", str(incus))
@@ -241,8 +241,8 @@ def test_remotes_come_from_the_lxc_and_incus_configs(tmp_path, monkeypatch):
 def test_xattr_changes_and_refusals():
     import errno
 
-    from lxdimagefs.client import Image
-    from lxdimagefs.xattrs import XATTR_CREATE, XATTR_REPLACE, attributes, change
+    from lxdimagefs.servers.lxd import Image
+    from lxdimagefs.tree.xattrs import XATTR_CREATE, XATTR_REPLACE, attributes, change
     rec = {"fingerprint": "f" * 64, "public": False, "auto_update": True, "properties": {"os": "x"},
            "aliases": [{"name": "a/b"}, {"name": "c"}], "type": "container", "architecture": "x86_64"}
     image = Image.from_record(rec)
@@ -270,7 +270,7 @@ def test_xattr_changes_and_refusals():
 
 
 def test_simplestreams_products_become_lxds_records():
-    from lxdimagefs.simplestreams import native_arch, parse_products
+    from lxdimagefs.servers.simplestreams import native_arch, parse_products
     native = {"x86_64": "amd64", "aarch64": "arm64"}[native_arch()]
     foreign = "arm64" if native == "amd64" else "amd64"
 

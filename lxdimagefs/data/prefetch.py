@@ -1,0 +1,80 @@
+"""Read-ahead for one open export: the whole policy, in one place.
+
+A reader is sequential while each read starts where the last ended, or a
+little off (the kernel's readahead may run reads slightly out of order).
+Then it owns one open-ended stream and claims blocks of it ahead of its
+reads, the window doubling from one block up to a daemon-wide share of
+half the block cache; so memory for read-ahead is capped for the whole
+daemon, not per file. A read elsewhere drops the stream (what it claimed
+is still fetched and cached) and fetches just the blocks it needs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from lxdimagefs.data.blocks import BLOCK, last_block
+from lxdimagefs.data.fetch import Fetcher, Stream
+
+SLACK = 4 * BLOCK  # how far a read may land from the last one and still count as sequential
+
+
+class Prefetcher:
+    def __init__(self, fetcher: Fetcher, fp: str, total: int, max_window: int) -> None:
+        self.fetcher, self.fp, self.total = fetcher, fp, total
+        self.max_window = max(1, max_window // BLOCK)
+        self._next = 0  # where the next sequential read would start
+        self._window = 0  # blocks claimed ahead of the last block read; 0 while reads are random
+        self._stream: Stream | None = None
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, size: int) -> memoryview | bytes:
+        end = min(offset + size, self.total)
+        if offset >= end:
+            return b""
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        with self._lock:
+            self._plan(offset, end, first, last)
+        blocks = [self.fetcher.block(self.fp, self.total, i) for i in range(first, last + 1)]
+        self.fetcher.verification.served(self.fp, self.total, offset, end)
+        lo = offset - first * BLOCK
+        if len(blocks) == 1:
+            return memoryview(blocks[0])[lo:lo + end - offset]
+        joined = b"".join(blocks)
+        return joined[lo:lo + end - offset]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._stream is not None:
+                self.fetcher.drop(self._stream)
+                self._stream = None
+
+    def _plan(self, offset: int, end: int, first: int, last: int) -> None:
+        sequential = offset == self._next or (self._next and abs(offset - self._next) <= SLACK)
+        self._next = max(self._next, end) if sequential else end
+        if not sequential:
+            self._window = 0
+            if self._stream is not None:
+                self.fetcher.drop(self._stream)
+                self._stream = None
+            self.fetcher.fetch(self.fp, self.total, first, last)
+            return
+        stream = self._stream
+        if stream is not None:
+            stream.consumer = last
+        self._window = min(max(1, self._window * 2), self.max_window,
+                           self.fetcher.room(stream) if stream else self.max_window)
+        target = last + self._window
+        if stream is not None and stream.claimed >= first and self.fetcher.extend(stream, target):
+            return
+        if stream is not None:
+            self.fetcher.drop(stream)
+        self._stream = None
+        start = next((i for i in range(first, min(target, last_block(self.total)) + 1)
+                      if self.fetcher.cache.missing((self.fp, i))), None)
+        if start is None:
+            return  # all there or on its way: another reader's stream is ahead of this one
+        stream = self._stream = self.fetcher.stream(self.fp, self.total, start)
+        stream.consumer = last
+        if not self.fetcher.extend(stream, target):
+            self._stream = None

@@ -1,0 +1,212 @@
+"""Split exports, downloaded once to a private local spool and verified before use."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from lxdimagefs.errors import IntegrityError, LXDError
+from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.multipart import PartStream
+
+log = logging.getLogger(__name__)
+
+
+class SplitSpool:
+    """Split exports, downloaded once to local files and shared by all readers.
+
+    LXD serves a split export only as one multipart stream, without ranges
+    or part sizes, so random access needs a local copy. The download is
+    verified against the fingerprint before anyone reads it. The spool is
+    private to this mount and removed when it ends.
+    """
+
+    def __init__(self, client: LXDClient, directory: Path) -> None:
+        self.client = client
+        self.directory = directory
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self.downloads = 0
+
+    def paths(self, fp: str) -> list[Path]:
+        """The local files of both parts, downloading them first if needed."""
+        final = [self.directory / f"{fp}.{i}" for i in range(2)]
+        if all(p.exists() for p in final):
+            return final
+        with self._lock:
+            lock = self._locks.setdefault(fp, threading.Lock())
+        with lock:
+            if not all(p.exists() for p in final):
+                self._download(fp, final)
+        return final
+
+    def unified(self, fp: str, size: int) -> Path:
+        """A unified export as a local file, for readers that need a file descriptor of their own."""
+        final = self.directory / f"{fp}.whole"
+        with self._lock:
+            lock = self._locks.setdefault(fp, threading.Lock())
+        with lock:
+            if not final.exists():
+                self._download_unified(fp, size, final)
+        return final
+
+    def _download_unified(self, fp: str, size: int, final: Path) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = final.with_suffix(".part")
+        writer = PartWriter()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.downloads += 1
+        try:
+            writer.start(fd)
+            with self.client.open_export(fp, 0, size) as stream:
+                while stream.pos < size:
+                    chunk = bytearray(min(PartWriter.BATCH, size - stream.pos))
+                    stream.readinto(memoryview(chunk))
+                    writer.add(memoryview(bytes(chunk)))
+            if writer.finish() != fp:
+                raise IntegrityError(fp)
+            os.replace(tmp, final)
+            log.debug("spooled %s (%d bytes)", fp, size)
+        finally:
+            writer.close()
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+
+    def _download(self, fp: str, final: list[Path]) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = [p.with_suffix(p.suffix + ".part") for p in final]
+        writer = PartWriter()
+        fds: list[int] = []
+
+        def begin(_name: str) -> None:
+            if len(fds) >= 2:
+                raise LXDError(f"LXD's split export of {fp} holds more than two parts")
+            fds.append(os.open(tmp[len(fds)], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            writer.start(fds[-1])
+
+        self.downloads += 1
+        try:
+            with self.client.export_stream(fp) as resp:
+                PartStream(resp.headers.get("Content-Type", ""), begin, writer.add,
+                           writer.flush).feed(LXDClient.iter_chunks(resp))
+            digest = writer.finish()
+            if len(fds) != 2:
+                raise LXDError(f"LXD's split export of {fp} did not hold two parts")
+            if digest != fp:
+                raise IntegrityError(fp)
+            for t, f in zip(tmp, final, strict=True):
+                os.replace(t, f)
+            log.debug("spooled %s (%d bytes)", fp, sum(f.stat().st_size for f in final))
+        finally:
+            writer.close()
+            for fd in fds:
+                os.close(fd)
+            for t in tmp:
+                t.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    PREFIX = "lxdimagefs-spool-"
+
+    def claim(self) -> None:
+        """Mark the spool as this (daemonized) process's, for `sweep` to know it is alive."""
+        (self.directory / "pid").write_text(str(os.getpid()))
+
+    @classmethod
+    def sweep(cls, root: Path, grace: float = 60.0) -> list[Path]:
+        """Remove the spools of daemons that died without unmounting (killed, crashed)."""
+        removed = []
+        for path in root.glob(cls.PREFIX + "*"):
+            try:
+                if path.stat().st_uid != os.getuid():
+                    continue
+                pid = int((path / "pid").read_text())
+            except FileNotFoundError:  # never claimed: a start-up that failed, unless brand new
+                pid = 0
+                if time.time() - path.stat().st_mtime < grace:
+                    continue
+            except (OSError, ValueError):
+                continue
+            if pid and _alive(pid):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        return removed
+
+
+class PartWriter:
+    """Writes a split export's parts to their files and hashes them, on a thread of its own.
+
+    The multipart parser hands over small pieces; they are gathered into
+    4 MiB batches, and each batch is written and hashed while the next is
+    received, so the download runs close to the socket's speed.
+    """
+
+    BATCH = 4 << 20
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self._pieces: list[memoryview] = []
+        self._size = 0
+        self._fd: int | None = None
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fd, data = item
+            if self._error is None:
+                try:
+                    self.hash.update(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                except OSError as e:
+                    self._error = e
+
+    def start(self, fd: int) -> None:
+        self.flush()
+        self._fd = fd
+
+    def add(self, piece: memoryview) -> None:
+        self._pieces.append(piece)
+        self._size += len(piece)
+        if self._size >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pieces and self._fd is not None:
+            self._queue.put((self._fd, b"".join(self._pieces)))
+        self._pieces, self._size = [], 0
+
+    def finish(self) -> str:
+        """Waits for every write; returns the sha256 of all parts, in order."""
+        self.flush()
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self.hash.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

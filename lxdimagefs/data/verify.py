@@ -1,0 +1,176 @@
+"""The whole-read check: every byte handed out, in any order, hashes to the fingerprint.
+
+Blocks are hashed in file order on one daemon-wide hashing thread, as
+they arrive from LXD. A block that arrives ahead of the hash is not held:
+it is only in the block cache, like any other, and the hash takes it from
+there when it gets that far, or fetches it again if the cache dropped it.
+So memory stays within the cache's bound however many images are read,
+in whatever order. Readers' coverage is recorded per byte range; the read
+that completes a file's coverage (and every read after it) waits for the
+verdict, so no reader gets the last of a file before it is checked, and a
+file that fails is `EIO` for good (the kernel retries failed reads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from lxdimagefs.data.blocks import BLOCK, BlockCache
+from lxdimagefs.errors import IntegrityError
+
+log = logging.getLogger(__name__)
+
+
+class Coverage:
+    """Which bytes of a file readers were given: a flag per whole block, ranges for the rest."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.blocks = max(1, (total + BLOCK - 1) // BLOCK)
+        self._full = bytearray(self.blocks)
+        self._done = 0
+        self._partial: dict[int, list[tuple[int, int]]] = {}
+
+    @property
+    def complete(self) -> bool:
+        return self._done == self.blocks
+
+    def add(self, offset: int, end: int) -> None:
+        for index in range(offset // BLOCK, (max(end, offset + 1) - 1) // BLOCK + 1):
+            if index >= self.blocks or self._full[index]:
+                continue
+            base = index * BLOCK
+            length = min(BLOCK, self.total - base)
+            lo, hi = max(offset - base, 0), min(end - base, length)
+            spans = _merge(self._partial.get(index, []), lo, hi)
+            if spans == [(0, length)] or length == 0:
+                self._partial.pop(index, None)
+                self._full[index] = 1
+                self._done += 1
+            else:
+                self._partial[index] = spans
+
+
+def _merge(spans: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted([*spans, (lo, hi)]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+class Verifier:
+    """One file's hash in progress and what readers have seen of it."""
+
+    def __init__(self, fp: str, total: int) -> None:
+        self.fp, self.total = fp, total
+        self.coverage = Coverage(total)
+        self.queued = 0  # blocks [0, queued) are hashed or on their way to the hashing thread
+        self.state = "reading"  # then "ok" or "mismatch", set by the hashing thread alone
+        self.done = threading.Event()
+        self.lock = threading.Lock()  # orders `queued`; never held by the hashing thread
+        self.finish = threading.Lock()  # one catch-up pass at a time
+        self._hash = hashlib.sha256()
+
+    def update(self, data: bytearray, last: bool) -> None:
+        self._hash.update(data)
+        if last:
+            self.state = "ok" if self._hash.hexdigest() == self.fp else "mismatch"
+            self.done.set()
+
+
+class Verification:
+    """Every unified image's check, for the whole daemon."""
+
+    QUEUE_BLOCKS = 8  # blocks waiting for the hashing thread, at most
+
+    def __init__(self, cache: BlockCache, fetch: Callable[[str, int, int], bytearray]) -> None:
+        self.cache = cache
+        self.fetch = fetch  # (fp, total, index) -> the block, from the cache or LXD
+        self.verified: set[str] = set()
+        self.corrupt: set[str] = set()
+        self._verifiers: dict[str, Verifier] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[Verifier, bytearray, bool]] = queue.Queue(self.QUEUE_BLOCKS)
+        self._thread: threading.Thread | None = None
+
+    def _verifier(self, fp: str, total: int) -> Verifier:
+        with self._lock:
+            v = self._verifiers.get(fp)
+            if v is None:
+                v = self._verifiers[fp] = Verifier(fp, total)
+            if self._thread is None:  # made on first use: the daemon forks after start-up
+                self._thread = threading.Thread(target=self._hash_loop, name="hash", daemon=True)
+                self._thread.start()
+            return v
+
+    def published(self, fp: str, total: int, index: int, data: bytearray) -> None:
+        """A block arrived from LXD: hash it now if the hash has got that far."""
+        if fp in self.verified or fp in self.corrupt:
+            return
+        v = self._verifier(fp, total)
+        with v.lock:
+            if index != v.queued:
+                return
+            self._enqueue(v, data)
+            # Blocks read earlier out of order may follow it straight from the cache.
+            while v.queued < v.coverage.blocks:
+                following = self.cache.get((fp, v.queued))
+                if following is None:
+                    break
+                self._enqueue(v, following)
+
+    def _enqueue(self, v: Verifier, data: bytearray) -> None:
+        v.queued += 1
+        self._queue.put((v, data, v.queued == v.coverage.blocks))
+
+    def served(self, fp: str, total: int, offset: int, end: int) -> None:
+        """Bytes [offset, end) are about to go to a reader; raises IntegrityError if they must not."""
+        if fp in self.verified:
+            return
+        if fp in self.corrupt:
+            raise IntegrityError(fp)
+        v = self._verifier(fp, total)
+        with v.lock:
+            v.coverage.add(offset, end)
+            complete = v.coverage.complete
+        if v.state == "mismatch" or complete:
+            self._verdict(v)
+
+    def _verdict(self, v: Verifier) -> None:
+        """Hash whatever the hash has not reached yet, then wait for the verdict."""
+        with v.finish:
+            while not v.done.is_set():
+                with v.lock:
+                    index = v.queued
+                if index >= v.coverage.blocks:
+                    break
+                data = self.cache.get((v.fp, index)) or self.fetch(v.fp, v.total, index)
+                with v.lock:
+                    if v.queued == index:
+                        self._enqueue(v, data)
+        v.done.wait()
+        if v.state == "mismatch":
+            raise IntegrityError(v.fp)
+
+    def _hash_loop(self) -> None:
+        while True:
+            v, data, last = self._queue.get()
+            v.update(data, last)
+            if last:
+                self._conclude(v)
+
+    def _conclude(self, v: Verifier) -> None:
+        with self._lock:
+            self._verifiers.pop(v.fp, None)
+            (self.verified if v.state == "ok" else self.corrupt).add(v.fp)
+        if v.state == "mismatch":
+            log.error("image %s: the bytes LXD sent do not hash to its fingerprint; it reads as EIO "
+                      "from now on", v.fp)
+            self.cache.forget(v.fp)

@@ -1,0 +1,124 @@
+"""Putting a mount together: one tree per server, and a forest when there are several.
+
+A tree needs a client (LXD's, or a simplestreams server's), a catalog, a
+reader with its own spool folder, and for LXD an event watcher; a forest
+needs, beside each tree, how to tell the server is back and how another
+server pulls an image from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lxdimagefs.data.exports import Exports
+from lxdimagefs.data.spool import SplitSpool
+from lxdimagefs.errors import LXDError
+from lxdimagefs.fs.handles import HandleTable
+from lxdimagefs.mount.remotes import Remote
+from lxdimagefs.servers.catalog import Catalog, LayoutJournal
+from lxdimagefs.servers.events import EventWatcher
+from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.pull import from_lxd, from_simplestreams
+from lxdimagefs.servers.simplestreams import StreamsCatalog, StreamsClient
+from lxdimagefs.servers.transport import Connection
+from lxdimagefs.tree.archives import IndexFolder
+from lxdimagefs.tree.forest import Forest, Slot
+from lxdimagefs.tree.root import Tree
+
+log = logging.getLogger(__name__)
+
+STREAMS_TTL = 300.0  # seconds a simplestreams index is trusted: such servers publish a few times a day
+
+
+@dataclass
+class Settings:
+    mountpoint: str
+    cache_root: Path
+    readonly: bool
+    metadata_ttl: float
+    cache_bytes: int
+    events: bool
+    contents: bool
+
+
+@dataclass
+class Built:
+    remote: Remote
+    tree: Tree
+    events: EventWatcher | None
+    slot: Slot
+
+
+def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
+          handles: HandleTable, cache_bytes: int) -> Built:
+    spool = Path(tempfile.mkdtemp(prefix=SplitSpool.PREFIX, dir=settings.cache_root))
+    index = None
+    if settings.contents:  # kept across mounts and servers: keyed by fingerprint
+        index = IndexFolder(settings.cache_root / f"lxdimagefs-index-{os.getuid()}")
+    if remote.simplestreams:
+        streams = StreamsClient(conn)
+        catalog: Catalog = StreamsCatalog(streams, ttl=max(settings.metadata_ttl, STREAMS_TTL))
+        exports = Exports(streams, spool, capacity=cache_bytes)  # type: ignore[arg-type]
+        tree = Tree(catalog, exports, readonly=True, mountpoint=mountpoint, index=index, imports=False,
+                    handles=handles)
+        slot = Slot(remote.name, tree, streams.reachable, from_simplestreams(streams.base))
+        return Built(remote, tree, None, slot)
+    client = LXDClient(conn)
+    journal = LayoutJournal(settings.cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl")
+    catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
+    exports = Exports(client, spool, capacity=cache_bytes)
+    tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,
+                handles=handles)
+    events = None
+    if settings.events:
+        events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1],
+                              ping=min(10.0, conn.timeout[1]))
+        catalog.events_live = events.live.is_set
+    return Built(remote, tree, events, Slot(remote.name, tree, client.reachable, from_lxd(client)))
+
+
+def probe(built: Built) -> None:
+    """List the server's images once, without riding out an outage: raises LXDError at once."""
+    client = built.tree.catalog.client
+    patience, client.patience = client.patience, 0.0
+    try:
+        built.tree.catalog.snapshot()  # reachable, and the project exists
+        if client.server_info().get("auth") != "trusted":
+            log.warning("%s does not trust this client: only its public images are visible",
+                        client.conn.describe())
+    finally:
+        client.patience = patience
+
+
+def assemble(servers: list[tuple[Remote, Connection]], settings: Settings, forest: bool
+             ) -> tuple[Tree | Forest, list[Built]]:
+    """The root of the mount: the one server's tree, or a forest of one folder per remote.
+
+    A lone server that does not answer is an error (LXDError); in a forest,
+    it is an empty folder that fills once the server answers.
+    """
+    for stale in SplitSpool.sweep(settings.cache_root):
+        log.info("removed %s, left by a daemon that did not unmount", stale)
+    handles = HandleTable()
+    share = max(8 << 20, settings.cache_bytes // len(servers))  # the cache cap is for the whole daemon
+    built = []
+    for remote, conn in servers:
+        where = f"{settings.mountpoint}/{remote.name}" if forest else settings.mountpoint
+        built.append(build(remote, conn, settings, where, handles, share))
+    if not forest:
+        try:
+            probe(built[0])
+        except LXDError:
+            built[0].tree.close()
+            raise
+        return built[0].tree, built
+    for b in built:
+        try:
+            probe(b)
+        except LXDError as e:
+            b.slot.failed(e)
+    return Forest([b.slot for b in built], handles, settings.readonly, settings.mountpoint), built

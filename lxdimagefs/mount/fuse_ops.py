@@ -1,0 +1,244 @@
+"""The thin layer between FUSE and the tree: translates calls, and maps
+every exception to an errno in one place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from lxdimagefs.errors import LXDError
+from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator
+from lxdimagefs.servers.events import EventWatcher
+from lxdimagefs.tree.forest import Forest
+from lxdimagefs.tree.root import Attr, Tree
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Refusals that are the ordinary answer to a question, not worth a warning.
+_QUIET = {errno.ENOENT, errno.ENODATA, errno.ENOTSUP}
+
+
+def to_errno(op: str, args: tuple, exc: BaseException) -> int:
+    """The one place an exception becomes an errno."""
+    if isinstance(exc, LXDError):
+        log.warning("%s %s: LXD: %s", op, args[:1], exc.message)
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        (log.debug if exc.errno in _QUIET else log.warning)("%s %s: %s", op, args[:1], exc.strerror)
+        return exc.errno
+    log.exception("%s %s failed unexpectedly", op, args[:1])
+    return errno.EIO
+
+
+def translated(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(self: Any, *args: Any) -> Any:
+        try:
+            return func(self, *args)
+        except Exception as exc:
+            raise OSError(to_errno(func.__name__, args, exc), "") from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _stat(attr: Attr, uid: int, gid: int) -> dict[str, int]:
+    ns = 1_000_000_000
+    return {
+        "st_mode": attr.mode, "st_size": attr.size, "st_nlink": attr.nlink,
+        "st_uid": uid if attr.uid is None else attr.uid, "st_gid": gid if attr.gid is None else attr.gid,
+        "st_blksize": attr.blksize,
+        "st_blocks": (attr.size + 511) // 512,
+        "st_mtime": int(attr.mtime * ns), "st_atime": int(attr.atime * ns),
+        "st_ctime": int(attr.ctime * ns),
+    }
+
+
+class LXDImageOps(Operations):
+    use_ns = True
+
+    def __init__(self, tree: Tree | Forest, events: list[EventWatcher] | None = None) -> None:
+        self.tree = tree
+        self.events = events or []
+        self.served = False  # set once the kernel has the mount
+
+    def init(self, path: str) -> None:
+        self.served = True
+        for watcher in self.events:
+            watcher.start()  # threads start here: the daemon has forked by now
+        invalidate = path_invalidator()
+        if invalidate is None:
+            self.tree.started(lambda path, wait=False: None)
+        else:
+            # Names the tree drops as a side effect (an import that landed, the aliases of a
+            # deleted image) must not linger in the kernel's caches: drop them, off the
+            # request threads, since the kernel may hold their directory until we answer.
+            changed: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
+
+            def on_change(path: str, wait: bool = False) -> None:
+                done = threading.Event()
+                changed.put((path, done))
+                if wait:
+                    done.wait(5)
+
+            threading.Thread(target=_drain, args=(changed, invalidate), daemon=True,
+                             name="invalidate").start()
+            self.tree.started(on_change)
+
+    @translated
+    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        return _stat(self.tree.getattr(path), self.tree.uid, self.tree.gid)
+
+    @translated
+    def readdir(self, path: str, fh: Any) -> list[str]:
+        return [".", "..", *self.tree.readdir(path)]
+
+    @translated
+    def readlink(self, path: str) -> str:
+        return self.tree.readlink(path)
+
+    @translated
+    def open(self, path: str, fi: Any) -> int:
+        fi.fh = self.tree.open(path, fi.flags, _pid())
+        # Every read of an export comes here (docs/SEMANTICS.md, "direct_io"): in the page cache
+        # the kernel's readahead can take the EIO of a failed fingerprint check while the reader
+        # is served pages it already holds. metadata.json changes with the record: never stale.
+        fi.direct_io = 1
+        return 0
+
+    @translated
+    def read(self, path: str, size: int, offset: int, fi: Any) -> Any:
+        data = self.tree.read(fi.fh, offset, size)
+        if isinstance(data, memoryview) and data.nbytes and not data.readonly:
+            # A view of a cached block: handed to the binding's memmove without a copy.
+            return (ctypes.c_char * data.nbytes).from_buffer(data)
+        return data
+
+    @translated
+    def release(self, path: str, fi: Any) -> int:
+        self.tree.release(fi.fh)
+        return 0
+
+    @translated
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.tree.statfs(path)
+
+    @translated
+    def access(self, path: str, amode: int) -> int:
+        self.tree.getattr(path)
+        if amode & os.W_OK and self.tree.readonly:
+            raise OSError(errno.EROFS, "read-only")
+        return 0
+
+    def destroy(self, path: str) -> None:
+        for watcher in self.events:
+            watcher.stop()
+        self.tree.close()
+
+    # Changes: the tree decides; here only the caller's pid is looked up.
+
+    @translated
+    def create(self, path: str, mode: int, fi: Any) -> int:
+        fi.fh = self.tree.create(path, fi.flags, _pid())
+        fi.direct_io = 1  # what is written here is ours, not a cache's
+        return 0
+
+    @translated
+    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+        return self.tree.write(fi.fh, offset, data)
+
+    @translated
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        self.tree.truncate(path, length, getattr(fh, "fh", None))
+        return 0
+
+    @translated
+    def flush(self, path: str, fi: Any) -> int:
+        self.tree.flush(fi.fh, _pid())
+        return 0
+
+    @translated
+    def mkdir(self, path: str, mode: int) -> int:
+        self.tree.mkdir(path)
+        return 0
+
+    @translated
+    def rmdir(self, path: str) -> int:
+        self.tree.rmdir(path)
+        return 0
+
+    @translated
+    def unlink(self, path: str) -> int:
+        self.tree.unlink(path)
+        return 0
+
+    @translated
+    def symlink(self, target: str, source: str) -> int:
+        # fusepy's names: `target` is the new link's path, `source` what it points to.
+        self.tree.symlink(target, source)
+        return 0
+
+    @translated
+    def rename(self, old: str, new: str) -> int:
+        self.tree.rename(old, new, _pid())
+        return 0
+
+    @translated
+    def utimens(self, path: str, times: Any = None) -> int:
+        self.tree.set_attributes(path, "utimens")
+        return 0
+
+    @translated
+    def chmod(self, path: str, mode: int) -> int:
+        self.tree.set_attributes(path, "chmod")
+        return 0
+
+    @translated
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        self.tree.set_attributes(path, "chown")
+        return 0
+
+    @translated
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return self.tree.getxattr(path, name)
+
+    @translated
+    def listxattr(self, path: str) -> list[str]:
+        return list(self.tree.listxattrs(path))
+
+    @translated
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        self.tree.setxattr(path, name, bytes(value), options)
+        return 0
+
+    @translated
+    def removexattr(self, path: str, name: str) -> int:
+        self.tree.setxattr(path, name, None)
+        return 0
+
+    @translated
+    def link(self, target: str, source: str) -> int:
+        raise self.tree.refusal("link", target, "hard links are not supported")
+
+    @translated
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        raise self.tree.refusal("mknod", path, "only regular files can be made, under import/")
+
+
+def _pid() -> int:
+    return fuse_get_context()[2]
+
+
+def _drain(changed: queue.Queue[tuple[str, threading.Event]], invalidate: Callable[[str], None]) -> None:
+    while True:
+        path, done = changed.get()
+        invalidate(path)
+        done.set()

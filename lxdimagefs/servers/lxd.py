@@ -1,0 +1,275 @@
+"""The one client for LXD: its image endpoints, as typed records.
+
+Everything else gets these records and `LXDError`s carrying LXD's own
+message; no other module builds a URL (rest.py, its base, sends them).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import socket
+import ssl
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import requests
+import websocket
+
+from lxdimagefs.errors import LXDError, LXDUnreachable
+from lxdimagefs.servers.rest import RestSession, json_body
+from lxdimagefs.servers.transport import Backoff, Connection, ExportStream, pin_matches
+
+log = logging.getLogger(__name__)
+
+_ZERO_TIME = 0.0
+_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_time(value: str | None) -> float:
+    """RFC 3339 (with LXD's nanoseconds) to a POSIX timestamp; 0 for unset."""
+    if not value:
+        return _ZERO_TIME
+    m = _TIME_RE.match(value)
+    if not m:
+        return _ZERO_TIME
+    base, frac, tz = m.groups()
+    tz = "+00:00" if tz == "Z" else tz
+    ts = datetime.fromisoformat(base + tz).timestamp()
+    if ts <= 0:  # Go's zero time (0001-01-01) and the epoch mean "never"
+        return _ZERO_TIME
+    return ts + (float("0." + frac) if frac else 0.0)
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image record, as `GET /1.0/images/<fp>` returns it."""
+
+    fingerprint: str
+    size: int
+    uploaded_at: float
+    last_used_at: float
+    aliases: tuple[str, ...]
+    record: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Image:
+        return cls(
+            fingerprint=rec["fingerprint"],
+            size=int(rec.get("size") or 0),
+            uploaded_at=parse_time(rec.get("uploaded_at")),
+            last_used_at=parse_time(rec.get("last_used_at")),
+            aliases=tuple(a["name"] for a in rec.get("aliases") or ()),
+            record=rec,
+        )
+
+
+@dataclass(frozen=True)
+class ExportPart:
+    """One file of an export, as `lxc image export` would write it."""
+
+    name: str
+    size: int
+    key: str | None = None  # the file's own sha256, where it is read on its own (simplestreams)
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """What an image exports as: one unified file, or a split pair."""
+
+    split: bool
+    parts: tuple[ExportPart, ...]
+
+
+class LXDClient(RestSession):
+    """Typed access to the image endpoints of one LXD server and project."""
+
+    def __init__(self, conn: Connection, pool_size: int = 16) -> None:
+        super().__init__(conn, pool_size)
+        self._product: str | None = None
+
+    # -- images -----------------------------------------------------------
+
+    def server_info(self) -> dict[str, Any]:
+        info = self._sync("GET", "")
+        self._product = (info.get("environment") or {}).get("server") or self._product
+        return info
+
+    @property
+    def product(self) -> str:
+        """"lxd" or "incus": Incus speaks LXD's API, with its own name in headers."""
+        if self._product is None:
+            self.server_info()
+        return self._product or "lxd"
+
+    def upload_headers(self, name: str, public: bool = False,
+                       properties: dict[str, str] | None = None) -> dict[str, str | bytes]:
+        """The headers of an image upload, as the server's own client sends them."""
+        prefix = "X-Incus-" if self.product == "incus" else "X-LXD-"
+        # The name's UTF-8 bytes, as lxc sends it (Python would encode a str as Latin-1, or fail).
+        headers: dict[str, str | bytes] = {"Content-Type": "application/octet-stream",
+                                           prefix + "filename": name.encode("utf-8", "surrogateescape"),
+                                           prefix + "public": "1" if public else "0"}
+        if properties:
+            headers[prefix + "properties"] = urllib.parse.urlencode(properties)
+        return headers
+
+    def images(self) -> list[Image]:
+        """Every image of the project, in one request."""
+        return [Image.from_record(r) for r in self._sync("GET", "/images", params={"recursion": "1"})]
+
+    def image(self, fingerprint: str) -> Image:
+        return Image.from_record(self._sync("GET", f"/images/{fingerprint}"))
+
+    def image_exists(self, fingerprint: str) -> bool:
+        return self._exists(f"/images/{fingerprint}")
+
+    def alias_exists(self, name: str) -> bool:
+        return self._exists(f"/images/aliases/{_quote(name)}")
+
+    def _exists(self, path: str) -> bool:
+        try:
+            self._sync("GET", path)
+        except LXDError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    def export_probe(self, fingerprint: str) -> requests.Response:
+        """The export's answer to a one-byte Range request, streaming (see catalog.probe_layout)."""
+        return self._request("GET", f"/images/{fingerprint}/export", stream=True,
+                             headers={"Range": "bytes=0-0"})
+
+    def open_export(self, fingerprint: str, start: int, end: int | None = None,
+                    backoff: Backoff | None = None) -> ExportStream:
+        """Bytes [start, end) of a unified export (to its end if `end` is None), as a raw stream.
+
+        The data path bypasses requests: the body is read with `readinto`
+        straight into the caller's buffers. Retried like a GET.
+        """
+        return self._raw.open_range(self._target(f"/images/{fingerprint}/export"), start, end,
+                                    backoff or Backoff(self.patience), f"/images/{fingerprint}/export")
+
+    def export_stream(self, fingerprint: str) -> requests.Response:
+        """The whole export as one streaming response (multipart for split images)."""
+        return self._request("GET", f"/images/{fingerprint}/export", stream=True)
+
+    # -- storage (what df reports) ------------------------------------------------
+
+    def pool_resources(self, pool: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A storage pool's (space, inodes): each with total and used."""
+        res = self._sync("GET", f"/storage-pools/{_quote(pool)}/resources") or {}
+        return res.get("space") or {}, res.get("inodes") or {}
+
+    def default_root_pool(self) -> str | None:
+        """The pool of the default profile's root disk, if it has one."""
+        try:
+            devices = (self._sync("GET", "/profiles/default") or {}).get("devices") or {}
+        except LXDError as e:
+            if e.status in (403, 404):
+                return None
+            raise
+        roots = [d.get("pool") for d in devices.values() if d.get("type") == "disk" and d.get("path") == "/"]
+        return roots[0] if roots else None
+
+    # -- events ---------------------------------------------------------------
+
+    def lifecycle_events(self, timeout: float) -> websocket.WebSocket:
+        """A websocket of LXD's lifecycle events for this project (unix socket or HTTPS)."""
+        query = urllib.parse.urlencode({"type": "lifecycle", "project": self.conn.project})
+        try:
+            if self.conn.socket:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(timeout)
+                sock.connect(self.conn.socket)
+                return websocket.create_connection(f"ws://localhost/1.0/events?{query}", socket=sock,
+                                                   timeout=timeout)
+            url = self._base.replace("https://", "wss://", 1) + f"/events?{query}"
+            sslopt: dict[str, Any] = {"certfile": self.conn.cert[0], "keyfile": self.conn.cert[1]} \
+                if self.conn.cert else {}
+            if self.conn.pinned:
+                sslopt.update(cert_reqs=ssl.CERT_NONE, check_hostname=False)
+            ws = websocket.create_connection(url, timeout=timeout, sslopt=sslopt)
+            if self.conn.pinned and not pin_matches(ws.sock.getpeercert(binary_form=True), self.conn.pinned):
+                ws.close()
+                raise LXDUnreachable("the event stream's server certificate is not the pinned one")
+            return ws
+        except (OSError, websocket.WebSocketException) as e:
+            raise LXDUnreachable(f"LXD's event stream did not open: {e}") from e
+
+    # -- changes ------------------------------------------------------------
+
+    def image_with_etag(self, fingerprint: str) -> tuple[Image, str]:
+        resp = self._request("GET", f"/images/{fingerprint}")
+        return Image.from_record(resp.json()["metadata"]), resp.headers.get("ETag", "")
+
+    def update_image(self, fingerprint: str, fields: dict[str, Any], etag: str) -> None:
+        """Save editable fields; LXD refuses with 412 if the record changed since `etag`."""
+        self._sync("PUT", f"/images/{fingerprint}", json=fields,
+                   headers={"If-Match": etag} if etag else None)
+
+    def delete_image(self, fingerprint: str) -> None:
+        self.wait(self._sync_or_async("DELETE", f"/images/{fingerprint}"))
+
+    def create_image(self, body: Any, headers: Mapping[str, str | bytes]) -> str:
+        """Upload an image (bytes, a file or an iterator of chunks); returns its fingerprint
+        once LXD's operation has finished."""
+        # urllib3 holds a request body to the connect timeout: give it the read timeout, as a
+        # busy LXD may stop reading for a while (the writer's own pauses cost no socket time).
+        read = self.conn.timeout[1]
+        op = self._sync_or_async("POST", "/images", data=body, headers=headers, timeout=(read, read),
+                                 retry="none")  # the body is a stream: it cannot be sent twice
+        result = self.wait(op)
+        return (result or {}).get("fingerprint", "")
+
+    def create_from_source(self, source: dict[str, Any], aliases: list[str], public: bool = False) -> str:
+        """Have the server fetch an image itself (pylxd's create_from_*, Image.copy); its fingerprint."""
+        body = {"source": source, "public": public, "aliases": [{"name": a} for a in aliases]}
+        result = self.wait(self._sync_or_async("POST", "/images", json=body))
+        return (result or {}).get("fingerprint", "")
+
+    def refresh_image(self, fingerprint: str) -> bool:
+        """`lxc image refresh`: whether a newer image replaced this one."""
+        result = self.wait(self._sync_or_async("POST", f"/images/{fingerprint}/refresh"))
+        return bool((result or {}).get("refreshed"))
+
+    def image_secret(self, fingerprint: str) -> str:
+        """A one-time secret another server uses to pull this private image."""
+        body = json_body(self._request("POST", f"/images/{fingerprint}/secret", json={}), "secret")
+        return ((body.get("metadata") or {}).get("metadata") or {}).get("secret", "")
+
+    def https_address(self) -> str | None:
+        """Where other servers reach this one: the URL it is reached on, else its core.https_address."""
+        if self.conn.url:
+            return self.conn.url.rstrip("/")
+        addresses = (self.server_info().get("environment") or {}).get("addresses") or []
+        return f"https://{addresses[0]}" if addresses else None
+
+    def server_certificate(self) -> str:
+        return (self.server_info().get("environment") or {}).get("certificate", "")
+
+    def add_alias(self, name: str, target: str, description: str = "") -> None:
+        self._sync("POST", "/images/aliases", json={"name": name, "target": target,
+                                                     "description": description})
+
+    def delete_alias(self, name: str) -> None:
+        self._sync("DELETE", f"/images/aliases/{_quote(name)}")
+
+    def rename_alias(self, old: str, new: str) -> None:
+        self._sync("POST", f"/images/aliases/{_quote(old)}", json={"name": new})
+
+    def retarget_alias(self, name: str, target: str, description: str = "") -> None:
+        self._sync("PUT", f"/images/aliases/{_quote(name)}", json={"target": target,
+                                                                   "description": description})
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+

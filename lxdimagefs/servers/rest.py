@@ -1,0 +1,214 @@
+"""Talking REST to LXD: one session over the unix socket or HTTPS, retries, operations.
+
+The base of `LXDClient` (client.py): together they are the one client for
+LXD, and no other module builds a URL. Here is how a request travels and
+what an answer means; there, which endpoints the filesystem uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+import requests.adapters
+import requests_unixsocket
+import urllib3.exceptions
+from requests_unixsocket.adapters import UnixHTTPConnectionPool
+from urllib3.connectionpool import HTTPConnectionPool
+
+from lxdimagefs.errors import LXDError, LXDUnreachable
+from lxdimagefs.servers.transport import Backoff, Connection, ContextAdapter, RawConnections, error_from_body
+
+# Every request line (--debug) carries one logger name, whichever module sends it: the client.
+log = logging.getLogger("lxdimagefs.client")
+
+
+def certificate_fingerprint(pem_file: str) -> str:
+    """sha256 of a PEM certificate's DER bytes, as urllib3 pins it."""
+    with open(pem_file) as f:
+        der = ssl.PEM_cert_to_DER_cert(f.read())
+    return hashlib.sha256(der).hexdigest()
+
+
+class _PinnedAdapter(requests.adapters.HTTPAdapter):
+    """HTTPS that accepts one server certificate, by fingerprint (urllib3's assert_fingerprint)."""
+
+    def __init__(self, fingerprint: str, **kwargs: Any) -> None:
+        self._fingerprint = fingerprint
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["assert_fingerprint"] = self._fingerprint
+        super().init_poolmanager(*args, **kwargs)
+
+
+class _SocketPool(UnixHTTPConnectionPool):
+    def __init__(self, socket_url: str, timeout: float, maxsize: int) -> None:
+        HTTPConnectionPool.__init__(self, "localhost", timeout=timeout, maxsize=maxsize)
+        self.socket_path = socket_url
+        self.timeout = timeout
+
+
+class _SocketAdapter(requests_unixsocket.UnixAdapter):
+    """requests-unixsocket's adapter, with one pool per socket instead of per URL.
+
+    Its own keys pools by the whole URL and keeps one connection in each,
+    so parallel Range reads of one image would reconnect every time.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(pool_connections=4)
+        self._size = size
+
+    def get_connection(self, url, proxies=None):  # type: ignore[override]
+        key = urllib.parse.urlparse(url).netloc
+        with self.pools.lock:
+            pool = self.pools.get(key)
+            if pool is None:
+                pool = self.pools[key] = _SocketPool(url, self.timeout, self._size)
+        return pool
+
+
+class RestSession:
+    """Requests to one LXD server and project: URLs, retries through outages, operations."""
+
+    def __init__(self, conn: Connection, pool_size: int = 16) -> None:
+        self.conn = conn
+        self._session = requests.Session()
+        self._verify: bool | None = None  # None: requests' default, the system's CAs
+        self._raw = RawConnections(conn, pool_size)
+        if conn.socket:
+            root = "http+unix://" + urllib.parse.quote(conn.socket, safe="")
+            self._session.mount("http+unix://", _SocketAdapter(pool_size))
+        elif conn.url:
+            root = conn.url.rstrip("/")
+            self._session.cert = conn.cert
+            if conn.pinned:
+                # Like lxc, trust exactly the server certificate the user gave, whatever name it bears.
+                self._verify = False
+                self._session.mount("https://", _PinnedAdapter(conn.pinned, pool_maxsize=pool_size))
+            else:
+                self._session.mount("https://", ContextAdapter(self._raw.context, pool_maxsize=pool_size))
+        else:
+            raise ValueError("either a socket or a URL is needed")
+        self._base = root + "/1.0"
+        # Seconds to ride out an outage before failing (none while mounting: say so at once).
+        self.patience = conn.timeout[1]
+        self._session.headers["User-Agent"] = "lxdimagefs"
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _url(self, path: str, **params: str) -> str:
+        return f"{self._base}{path}?{self._query(params)}"
+
+    def _target(self, path: str, **params: str) -> str:
+        """The request target (path and query) for raw connections."""
+        return f"{urllib.parse.urlsplit(self._base).path}{path}?{self._query(params)}"
+
+    def _query(self, params: dict[str, str]) -> str:
+        return urllib.parse.urlencode({"project": self.conn.project, **params})
+
+    def _request(self, method: str, path: str, *, stream: bool = False,
+                 headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
+                 retry: str = "", **kwargs: Any) -> requests.Response:
+        """One request, retried through an outage shorter than the timeout.
+
+        `retry`: "all" (the default for GET) retries refused or dropped
+        connections and 502/503/504; "connect" (other methods) only failures
+        to connect, where the request cannot have reached LXD; "none".
+        """
+        retry = retry or ("all" if method == "GET" else "connect")
+        url = self._url(path, **(params or {}))
+        backoff = Backoff(self.patience)
+        while True:
+            log.debug("%s %s", method, path)
+            kwargs["timeout"] = backoff.clamp(kwargs.get("timeout") or self.conn.timeout)
+            try:
+                resp = self._session.request(method, url, stream=stream, headers=headers,
+                                             verify=self._verify, **kwargs)
+            except requests.RequestException as e:
+                err = LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}")
+                if retry == "all" or (retry == "connect" and _not_connected(e)):
+                    backoff.pause(err, f"{method} {path}")
+                    continue
+                raise err from e
+            if resp.status_code < 400:
+                return resp
+            err = _error_from(resp)
+            if retry == "all" and err.transient:
+                backoff.pause(err, f"{method} {path}")
+                continue
+            raise err
+
+    def _sync(self, method: str, path: str, **kwargs: Any) -> Any:
+        body = json_body(self._request(method, path, **kwargs), path)
+        if body.get("type") == "error":
+            raise LXDError(body.get("error") or "unknown LXD error", body.get("error_code") or 500)
+        return body.get("metadata")
+
+    def _sync_or_async(self, method: str, path: str, **kwargs: Any) -> str | None:
+        """Send a request that may start an operation; returns the operation's path."""
+        body = json_body(self._request(method, path, **kwargs), path)
+        return body.get("operation") or None if body.get("type") == "async" else None
+
+    def wait(self, operation: str | None) -> dict[str, Any] | None:
+        """Wait for an operation to end; a failed one raises with LXD's message."""
+        if not operation:
+            return None
+        op_id = operation.rstrip("/").rsplit("/", 1)[-1]
+        while True:
+            meta = self._sync("GET", f"/operations/{op_id}/wait",
+                              params={"timeout": str(int(self.conn.timeout[1]))})
+            status = meta.get("status_code", 0)
+            if status == 200:
+                return meta.get("metadata")
+            if status >= 400 or meta.get("status") in ("Failure", "Cancelled"):
+                raise LXDError(meta.get("err") or f"LXD's operation {op_id} failed", 400)
+
+    @staticmethod
+    def iter_chunks(resp: requests.Response, size: int = 1 << 20) -> Iterator[bytes]:
+        try:
+            yield from resp.iter_content(size)
+        except requests.RequestException as e:
+            raise LXDUnreachable(f"the connection to LXD dropped: {e}") from e
+
+    def reachable(self) -> bool:
+        """One quick try, no retries: for a remote marked away."""
+        try:
+            self._request("GET", "", retry="none", timeout=(self.conn.timeout[0], self.conn.timeout[0]))
+        except LXDError:
+            return False
+        return True
+
+
+def _error_from(resp: requests.Response) -> LXDError:
+    err = error_from_body(resp.status_code, resp.reason, resp.content)
+    resp.close()
+    return err
+
+
+def json_body(resp: requests.Response, path: str) -> dict[str, Any]:
+    try:
+        body = resp.json()
+    except ValueError as e:
+        raise LXDError(f"LXD sent a response that is not JSON for {path}", resp.status_code) from e
+    if not isinstance(body, dict):
+        raise LXDError(f"LXD sent a response that is not a JSON object for {path}", resp.status_code)
+    return body
+
+
+def _not_connected(exc: BaseException) -> bool:
+    """Whether a request failed before reaching LXD (so any request may be sent again)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionRefusedError, FileNotFoundError, requests.ConnectTimeout,
+                             urllib3.exceptions.NewConnectionError)):
+            return True
+        nested = [a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)]
+        seen = nested[0] if nested else (seen.__cause__ or seen.__context__)
+    return False

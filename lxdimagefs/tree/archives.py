@@ -1,0 +1,222 @@
+"""What is inside an image, read through ratarmountcore without unpacking anything.
+
+A unified image's export is one tarball (any compression LXD takes), read
+over the mount's own lazy reader: an uncompressed tarball is read only at
+the offsets that hold what is asked for; a compressed one costs one
+sequential pass to build its index (gzip seek points and the like), which
+is kept on disk, keyed by fingerprint, so later mounts open any file at
+once. A split image's parts are in the spool already: its metadata tarball
+is the top of the tree, its squashfs rootfs (PySquashfsImage) `rootfs/`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import lzma
+import os
+import shutil
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lxdimagefs.data.exports import Exports
+from lxdimagefs.data.prefetch import Prefetcher
+from lxdimagefs.names import fits
+from lxdimagefs.servers.lxd import ExportLayout
+
+if TYPE_CHECKING:
+    from ratarmountcore.mountsource.MountSource import FileInfo, MountSource
+
+log = logging.getLogger(__name__)
+
+ROOTFS = "rootfs"
+NEEDS_A_FILE = (".tar.zst", ".tar.zstd")
+# indexed_gzip over rapidgzip: the same seek points for far less memory (rapidgzip decodes in
+# parallel chunks, which a daemon sharing 2 cores with its readers does not want).
+PREFERRED = ["indexed_gzip"]
+# A gzip seek point every 4 MiB: indexed_gzip's buffers are a few times the spacing (ratarmountcore's
+# 16 MiB default made a daemon reading one .tar.gz hold 136-231 MiB; this, about a quarter), and a
+# read decompresses at most 4 MiB to reach its bytes.
+GZIP_SPACING = 4 << 20
+UNSEEKABLE = (".tar.lzma",)
+
+
+def _unpacked(path: Path) -> Path:
+    """A local .lzma file decompressed beside it, once."""
+    out = path.with_suffix(".tar")
+    if not out.exists():
+        tmp = out.with_suffix(".part")
+        with lzma.open(path) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 4 << 20)
+        os.replace(tmp, out)
+    return out
+
+
+class ExportFile(io.RawIOBase):
+    """An export as a seekable file, read lazily through a read-ahead of its own."""
+
+    def __init__(self, reader: Prefetcher, size: int) -> None:
+        super().__init__()
+        self._reader, self._size, self._pos = reader, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._reader.read(self._pos, len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._reader.close()
+        super().close()
+
+
+def _lazy(exports: Exports, key: str, size: int) -> io.BufferedReader:
+    """A file object over the lazy reader: read at the offsets the archive asks for."""
+    return io.BufferedReader(ExportFile(exports.unified(key, size, max_window=4 << 20), size), 1 << 16)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file inside an image, and the source (tarball or squashfs) that holds it."""
+
+    source: MountSource
+    info: FileInfo
+
+
+class ImageArchive:
+    """One image's contents, opened once and shared by every reader of it."""
+
+    def __init__(self, fp: str, layout: ExportLayout, exports: Exports, index_dir: Path) -> None:
+        # Imported on the first look inside an image (about 0.15 s), not with the module: the
+        # library and its decoders add about 15 MiB (32 MiB at rest without them, 47 with),
+        # which a daemon that only serves exports should not carry.
+        from ratarmountcore.mountsource.formats.squashfs import SquashFSMountSource
+        from ratarmountcore.mountsource.formats.tar import SQLiteIndexedTar
+
+        self.fp = fp
+        self._lock = threading.Lock()  # ratarmountcore's sources are not made for concurrent use
+        self._rootfs: MountSource | None = None
+        first = layout.parts[0]
+        if first.key is None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
+            # indexed_zstd reads from a file descriptor, not a file object, and legacy .lzma has
+            # no seek points nor a decoder that indexes it: the export is spooled (verified) first,
+            # .lzma unpacked there once (the stdlib's lzma), and the tarball read from the spool.
+            spooled = exports.spool.unified(fp, first.size)
+            path = _unpacked(spooled) if first.name.endswith(UNSEEKABLE) else spooled
+            self._top = SQLiteIndexedTar(str(path), indexFilePath=str(index_dir / f"{fp}.sqlite"),
+                                         writeIndex=True)
+            return
+        if first.key is not None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
+            raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
+        if not layout.split:
+            self._top: MountSource = SQLiteIndexedTar(
+                fileObject=_lazy(exports, first.key or fp, first.size), tarFileName=fp,
+                indexFilePath=str(index_dir / f"{fp}.sqlite"), writeIndex=True,
+                prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING)
+            return
+        rootfs_part = layout.parts[1]
+        if first.key is not None:  # a simplestreams server's parts: each read lazily on its own
+            meta: Any = _lazy(exports, first.key, first.size)
+            rootfs: Any = _lazy(exports, rootfs_part.key or "", rootfs_part.size)
+            self._top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
+                                         indexFilePath=str(index_dir / f"{fp}.meta.sqlite"), writeIndex=True)
+        else:  # LXD sends a split image as one multipart stream: its parts are in the spool
+            meta, rootfs = exports.spool.paths(fp)
+            self._top = SQLiteIndexedTar(str(meta), indexFilePath=str(index_dir / f"{fp}.meta.sqlite"),
+                                         writeIndex=True)
+        if rootfs_part.name.endswith(".squashfs"):
+            self._rootfs = SquashFSMountSource(
+                rootfs, indexFilePath=str(index_dir / f"{fp}.rootfs.sqlite"), writeIndex=True)
+
+    def _route(self, path: str) -> tuple[MountSource | None, str]:
+        """Which source holds a path (split images: rootfs/ is the squashfs), and its path there."""
+        if self._rootfs is not None and (path == f"/{ROOTFS}" or path.startswith(f"/{ROOTFS}/")):
+            return self._rootfs, path[len(ROOTFS) + 1:] or "/"
+        return self._top, path
+
+    def lookup(self, path: str, depth: int = 0) -> Entry | None:
+        source, inner = self._route(path)
+        with self._lock:
+            info = source.lookup(inner) if source else None
+        if info is None or source is None:
+            return None
+        if not stat.S_IFMT(info.mode):
+            # A tar hard link: no file type of its own, the name of its target (relative to the
+            # archive's root) in linkname. It is that file; a loop or a dangling one is absent.
+            if info.linkname and depth < 8:
+                return self.lookup("/" + info.linkname.lstrip("/"), depth + 1)
+            if info.linkname:
+                return None
+            info = info.clone()
+            info.mode |= stat.S_IFREG
+        if source is self._rootfs and inner == "/":
+            info = info.clone()
+            info.mode = stat.S_IFDIR | stat.S_IMODE(info.mode)
+        return Entry(source, info)
+
+    def list(self, path: str) -> list[str]:
+        source, inner = self._route(path)
+        with self._lock:
+            found = source.list(inner) if source else None
+        if found is None:
+            return []
+        names = [n for n in found if n not in (".", "..") and "/" not in n and fits(n)]
+        if path == "/" and self._rootfs is not None and ROOTFS not in names:
+            names.append(ROOTFS)
+        return sorted(names)
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        size = min(size, entry.info.size - offset)  # the kernel does not stop at the size with direct_io
+        if size <= 0:
+            return b""
+        with self._lock:
+            return entry.source.read(entry.info, size, offset)
+
+    def close(self) -> None:
+        for source in (self._top, self._rootfs):
+            if source is not None:
+                source.__exit__(None, None, None)
+
+
+class IndexFolder:
+    """Where archive indexes are kept between mounts: a folder only its owner can use, size-capped."""
+
+    def __init__(self, path: Path, cap: int = 256 << 20) -> None:
+        self.path = path
+        self.cap = cap
+
+    def ready(self) -> Path:
+        self.path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(self.path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise PermissionError(f"{self.path} is not a folder only this user can use")
+        self._trim()
+        return self.path
+
+    def _trim(self) -> None:
+        files = sorted((p for p in self.path.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for old in files:
+            if total <= self.cap:
+                break
+            total -= old.stat().st_size
+            old.unlink(missing_ok=True)
+

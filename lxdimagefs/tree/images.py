@@ -1,0 +1,254 @@
+"""by-fingerprint/: one folder per image, its record and its export file(s).
+
+Changes accepted here: metadata.json edits (directly, or through an
+editor's scratch file renamed over it) and deletion of an image.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+
+from lxdimagefs.data.blocks import BLOCK
+from lxdimagefs.data.exports import Exports
+from lxdimagefs.errors import fs_error
+from lxdimagefs.fs.handles import BytesHandle, EditHandle, FileHandle, Handle, UnifiedHandle
+from lxdimagefs.fs.node import Attr, Context, Fading, Node, check_name
+from lxdimagefs.names import METADATA, alias_to_filename
+from lxdimagefs.servers.catalog import Catalog
+from lxdimagefs.servers.lxd import ExportPart, Image
+from lxdimagefs.tree import xattrs
+from lxdimagefs.tree.records import Records, render
+
+log = logging.getLogger(__name__)
+
+FP_DIR = "by-fingerprint"
+
+
+class ImagesNode(Node):
+    def __init__(self, ctx: Context, catalog: Catalog, exports: Exports) -> None:
+        super().__init__(ctx, FP_DIR)
+        self.catalog = catalog
+        self.exports = exports
+        self.records = Records(catalog.client, ctx)
+        self._lock = threading.Lock()
+        self._scratch: dict[tuple[str, str], bytearray] = {}  # editors' temporary files
+        self._hidden: set[tuple[str, str]] = set()  # files unlinked by `rm -r` before its rmdir
+        self._replaced = Fading()  # image folders a refresh just replaced
+
+    # -- lookups ----------------------------------------------------------------
+
+    def image(self, name: str, path: str) -> Image:
+        try:
+            return self.catalog.resolve(name)
+        except OSError as e:
+            raise fs_error(e.errno or errno.ENOENT, path) from None
+
+    def _part(self, image: Image, name: str, path: str) -> tuple[int, ExportPart]:
+        if (image.fingerprint, name) not in self._hidden:
+            for i, part in enumerate(self.catalog.layout(image.fingerprint).parts):
+                if part.name == name:
+                    return i, part
+        raise fs_error(errno.ENOENT, path)
+
+    def getattr(self, rest: list[str]) -> Attr:
+        snap = self.catalog.snapshot()
+        if not rest:
+            newest = max((i.uploaded_at for i in snap.images.values()), default=self.ctx.started)
+            return self.ctx.dir(newest, 2 + len(snap.images))
+        if len(rest) == 1 and rest[0] not in snap.images and self._replaced.get(rest[0]):
+            return self.ctx.dir(time.time())
+        image = self.image(rest[0], self.path(rest))
+        up = image.uploaded_at
+        used = image.last_used_at or up
+        if len(rest) == 1:
+            return Attr(stat.S_IFDIR | self.ctx.mode(0o755, 0o555), 0, up, used, up, 2)
+        if len(rest) != 2:
+            raise fs_error(errno.ENOENT, self.path(rest))
+        key = (image.fingerprint, rest[1])
+        with self._lock:
+            scratch = self._scratch.get(key)
+            hidden = key in self._hidden
+        if scratch is not None:
+            return Attr(stat.S_IFREG | 0o644, len(scratch), time.time(), used, up)
+        if rest[1] == METADATA and not hidden:
+            return Attr(stat.S_IFREG | self.ctx.mode(0o644, 0o444), len(render(image)), up, used, up)
+        _, part = self._part(image, rest[1], self.path(rest))
+        return Attr(stat.S_IFREG | 0o444, part.size, up, used, up, blksize=BLOCK)
+
+    def readdir(self, rest: list[str]) -> list[str]:
+        if not rest:
+            return sorted(self.catalog.snapshot().images)
+        if len(rest) != 1:
+            self.getattr(rest)
+            raise fs_error(errno.ENOTDIR, self.path(rest))
+        fp = self.image(rest[0], self.path(rest)).fingerprint
+        names = [METADATA] + [p.name for p in self.catalog.layout(fp).parts]
+        with self._lock:
+            return [n for n in names if (fp, n) not in self._hidden] + sorted(
+                name for key, name in self._scratch if key == fp)
+
+    def _is_scratch(self, rest: list[str]) -> bool:
+        with self._lock:
+            return len(rest) == 2 and any(k[1] == rest[1] and k[0].startswith(rest[0]) for k in self._scratch)
+
+    # -- reading ------------------------------------------------------------------
+
+    def open(self, rest: list[str], flags: int, pid: int) -> Handle:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            return self._open_for_writing(rest, flags, pid)
+        path = self.path(rest)
+        image = self.image(rest[0], path)
+        with self._lock:
+            scratch = self._scratch.get((image.fingerprint, rest[1]))
+        if scratch is not None:
+            return EditHandle(scratch, opener=pid)
+        if rest[1] == METADATA:
+            return BytesHandle(self.records.read(image, pid), opener=pid)
+        index, part = self._part(image, rest[1], path)
+        if part.key is not None:  # a file read on its own, checked against its own sha256
+            return UnifiedHandle(self.exports.unified(part.key, part.size), opener=pid)
+        if self.catalog.layout(image.fingerprint).split:
+            return FileHandle(str(self.exports.spool.paths(image.fingerprint)[index]), opener=pid)
+        return UnifiedHandle(self.exports.unified(image.fingerprint, part.size), opener=pid)
+
+    def _open_for_writing(self, rest: list[str], flags: int, pid: int) -> Handle:
+        path = self.path(rest)
+        image = self.image(rest[0], path)
+        key = (image.fingerprint, rest[1])
+        with self._lock:
+            scratch = self._scratch.get(key)
+            if scratch is not None and flags & os.O_TRUNC:
+                scratch.clear()
+        if scratch is not None:
+            return EditHandle(scratch, opener=pid)
+        if rest[1] != METADATA:
+            raise self.ctx.refuse(errno.EACCES, "write", path, "an export's bytes are LXD's: read-only")
+        # The base for detecting others' changes stays the record this process last read.
+        data = bytearray() if flags & os.O_TRUNC else bytearray(render(image))
+        self.records.opened_for_writing(image, pid)
+        handle = EditHandle(data, lambda new, fp=image.fingerprint: self._save(fp, new, pid), opener=pid)
+        handle.dirty = bool(flags & os.O_TRUNC)
+        return handle
+
+    # -- changes --------------------------------------------------------------------
+
+    def create(self, rest: list[str], flags: int, pid: int) -> Handle:
+        if len(rest) != 2:
+            return super().create(rest, flags, pid)
+        check_name(rest[1], self.path(rest))
+        fp = self.image(rest[0], self.path(rest)).fingerprint
+        with self._lock:
+            data = self._scratch[(fp, rest[1])] = bytearray()
+        return EditHandle(data, opener=pid)
+
+    def truncate(self, rest: list[str], length: int) -> None:
+        path = self.path(rest)
+        self.getattr(rest)
+        if len(rest) == 2:
+            key = (self.image(rest[0], path).fingerprint, rest[1])
+            with self._lock:
+                scratch = self._scratch.get(key)
+            if scratch is not None:
+                EditHandle(scratch).truncate(length)
+                return
+            if rest[1] == METADATA and length == 0:
+                return  # `> metadata.json`: the write that follows carries the new record
+        raise self.ctx.refuse(errno.EACCES, "truncate", path, "cannot change this file's size")
+
+    def unlink(self, rest: list[str]) -> None:
+        fp = self.image(rest[0], self.path(rest)).fingerprint
+        with self._lock:
+            if self._scratch.pop((fp, rest[1]), None) is None:
+                # `rm -r` empties a folder before its rmdir: the image goes then, not now.
+                self._hidden.add((fp, rest[1]))
+
+    def rmdir(self, rest: list[str]) -> None:
+        if len(rest) != 1:
+            super().rmdir(rest)
+        image = self.image(rest[0], self.path(rest))
+        fp = image.fingerprint
+        self.catalog.client.delete_image(fp)
+        for alias in image.aliases:  # LXD removes them with the image
+            self.ctx.on_change(f"/by-alias/{alias_to_filename(alias)}")
+        self.ctx.on_change(f"/{FP_DIR}/{fp}")
+        log.info("deleted image %s", fp)
+        with self._lock:
+            self._hidden.difference_update([k for k in self._hidden if k[0] == fp])
+        self.catalog.invalidate()
+
+    def rename(self, src: list[str], dst: list[str], pid: int) -> None:
+        if len(src) == len(dst) == 2:
+            fp = self.image(src[0], self.path(src)).fingerprint
+            same = self.image(dst[0], self.path(dst)).fingerprint == fp
+            with self._lock:
+                scratch = self._scratch.get((fp, src[1])) if same else None
+                if scratch is not None and dst[1] != METADATA:
+                    self._scratch[(fp, dst[1])] = self._scratch.pop((fp, src[1]))
+                    return
+            if scratch is not None:  # how sed -i and many editors save: write a copy, rename it over
+                self._save(fp, bytes(scratch), pid)
+                with self._lock:
+                    self._scratch.pop((fp, src[1]), None)
+                return
+        super().rename(src, dst, pid)
+
+    # -- extended attributes: the record, on the image's folder and files -------------------
+
+    def xattrs(self, rest: list[str]) -> dict[str, bytes]:
+        self.getattr(rest)
+        if not rest or self._is_scratch(rest):
+            return {}
+        return xattrs.attributes(self.image(rest[0], self.path(rest)))
+
+    def set_xattr(self, rest: list[str], name: str, value: bytes | None, flags: int) -> bool:
+        if not rest or self._is_scratch(rest):
+            return False  # an editor's scratch file takes (and drops) what its editor copies
+        path = self.path(rest)
+        image = self.image(rest[0], path)
+        try:
+            self.records.update(image.fingerprint, xattrs.change(image, name, value, flags, path), name)
+        except OSError as e:
+            log.log(logging.DEBUG if e.errno == errno.ENODATA else logging.WARNING,
+                    "refused %s %s on %s: %s", "setxattr" if value is not None else "removexattr",
+                    name, path, e.strerror)
+            raise
+        finally:
+            self.catalog.invalidate()
+        self.ctx.on_change(f"/{FP_DIR}/{image.fingerprint}/{METADATA}")
+        return True
+
+    def touch(self, rest: list[str]) -> bool:
+        """`touch by-fingerprint/<fp>`: `lxc image refresh`, for an image LXD keeps up to date."""
+        if len(rest) != 1:
+            return False
+        path = self.path(rest)
+        image = self.image(rest[0], path)
+        if not image.record.get("auto_update"):
+            raise self.ctx.refuse(errno.EPERM, "utimens", path,
+                                  "refresh is for images with auto_update on (set user.lxd.auto_update)")
+        try:
+            refreshed = self.catalog.client.refresh_image(image.fingerprint)
+        finally:
+            self.catalog.invalidate()
+        log.info("refreshed %s: %s", image.fingerprint, "replaced by a newer one" if refreshed else "current")
+        if refreshed:
+            self._replaced.add(image.fingerprint, True)
+        for alias in image.aliases:  # a refresh moves them to the new image
+            self.ctx.on_change(f"/by-alias/{alias_to_filename(alias)}")
+        self.ctx.on_change(f"/{FP_DIR}/{image.fingerprint}")
+        return True
+
+    def accepts_attributes(self, rest: list[str]) -> bool:
+        return len(rest) == 2 and (rest[1] == METADATA or self._is_scratch(rest))
+
+    def _save(self, fp: str, data: bytes, pid: int) -> None:
+        try:
+            self.records.save(fp, data, pid)
+        finally:
+            self.catalog.invalidate()
+        self.ctx.on_change(f"/{FP_DIR}/{fp}/{METADATA}")

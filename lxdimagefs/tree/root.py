@@ -1,0 +1,241 @@
+"""The directory tree of a mount, as plain Python: it knows nothing of FUSE.
+
+The root only dispatches: each top-level name is a `Node` of its own
+(by-fingerprint, by-alias, import), handed the path below that name. Here
+live only the rules that span subtrees: the checks every call makes first,
+`EXDEV` for a rename across them, the open-file table, and what an LXD event
+means for the kernel's caches.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from lxdimagefs.data.exports import Exports
+from lxdimagefs.errors import fs_error
+from lxdimagefs.fs.handles import HandleTable, OpenFiles
+from lxdimagefs.fs.node import Attr, Context, Node
+from lxdimagefs.names import METADATA, alias_to_filename, filename_to_alias
+from lxdimagefs.servers.catalog import Catalog
+from lxdimagefs.servers.events import EventSubject
+from lxdimagefs.servers.pull import Source
+from lxdimagefs.servers.space import Space
+from lxdimagefs.tree.aliases import ALIAS_DIR, AliasesNode
+from lxdimagefs.tree.archives import IndexFolder
+from lxdimagefs.tree.contents import CONTENTS_DIR, ContentsNode
+from lxdimagefs.tree.images import FP_DIR, ImagesNode
+from lxdimagefs.tree.import_dir import IMPORT_DIR, ImportsNode
+
+
+class Tree(OpenFiles):
+    def __init__(self, catalog: Catalog, exports: Exports, uid: int | None = None, gid: int | None = None,
+                 readonly: bool = True, mountpoint: str = "", spool_dir: Path | None = None,
+                 index: IndexFolder | None = None, imports: bool = True,
+                 handles: HandleTable | None = None) -> None:
+        self.catalog = catalog
+        self.exports = exports
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.ctx = Context(readonly=readonly, mountpoint=mountpoint.rstrip("/"))
+        self.images = ImagesNode(self.ctx, catalog, exports)
+        self.nodes: dict[str, Node] = {
+            FP_DIR: self.images,
+            ALIAS_DIR: AliasesNode(self.ctx, catalog, self.images),
+        }
+        if imports:  # a server that takes images (a simplestreams server does not)
+            self.imports = ImportsNode(self.ctx, catalog, spool_dir or exports.spool.directory)
+            self.nodes[IMPORT_DIR] = self.imports
+        if index is not None:  # what is inside images; `-o nocontents` leaves it out
+            self.nodes[CONTENTS_DIR] = ContentsNode(self.ctx, catalog, exports, self.images, index)
+        self.handles = handles or HandleTable()
+        self.space = Space(catalog)
+
+    @property
+    def readonly(self) -> bool:
+        return self.ctx.readonly
+
+    def started(self, on_change: Callable[..., None]) -> None:
+        """The mount is live (the daemon has forked): paths that change are told to `on_change`."""
+        self.ctx.on_change = on_change
+        self.exports.spool.claim()
+
+    def close(self) -> None:
+        self.exports.close()
+
+    def _node(self, path: str) -> tuple[Node | None, list[str]]:
+        parts = [p for p in path.split("/") if p]
+        if not parts:
+            return None, []
+        node = self.nodes.get(parts[0])
+        if node is None:
+            raise fs_error(errno.ENOENT, path)
+        return node, parts[1:]
+
+    # -- reading --------------------------------------------------------------------
+
+    def getattr(self, path: str) -> Attr:
+        node, rest = self._node(path)
+        if node is None:
+            return self.ctx.dir(self.ctx.started, 2 + len(self.nodes))
+        return node.getattr(rest)
+
+    def readdir(self, path: str) -> list[str]:
+        node, rest = self._node(path)
+        return list(self.nodes) if node is None else node.readdir(rest)
+
+    def readlink(self, path: str) -> str:
+        node, rest = self._node(path)
+        if node is None:
+            raise fs_error(errno.EINVAL, path)
+        return node.readlink(rest)
+
+    def open(self, path: str, flags: int, pid: int = 0) -> int:
+        if stat.S_ISDIR(self.getattr(path).mode):
+            raise fs_error(errno.EISDIR, path)
+        node, rest = self._node(path)
+        assert node is not None
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            self._changing(path, "open for writing")
+        return self.handles.add(node.open(rest, flags, pid))
+
+    def statfs(self, path: str = "/") -> dict[str, int]:
+        return self.space.usage().statfs()
+
+    def source_of(self, folder: str, name: str, make: Callable[[str, str | None], Source]) -> Source:
+        """How another server gets the image `by-alias/NAME` or `by-fingerprint/FP` names here."""
+        if folder == ALIAS_DIR:
+            fp = self.catalog.alias_target(name)
+            if fp is None:
+                raise fs_error(errno.ENOENT, f"/{folder}/{name}")
+            return make(fp, filename_to_alias(name))
+        return make(self.images.image(name, f"/{folder}/{name}").fingerprint, None)
+
+    # -- changes ----------------------------------------------------------------------
+
+    def _changing(self, path: str, op: str) -> tuple[Node, list[str]]:
+        self.ctx.writable(path, op)
+        try:
+            node, rest = self._node(path)
+        except FileNotFoundError:
+            node = None  # a new top-level name: the mount's own, like the root
+        if node is None:
+            raise self.ctx.refuse(errno.EPERM if op != "rmdir" else errno.EBUSY, op, path,
+                                  "the root is the mount's own")
+        if node.read_only:
+            raise self.ctx.refuse(errno.EROFS, op, path, f"{node.name}/ is read-only")
+        return node, rest
+
+    def create(self, path: str, flags: int, pid: int = 0) -> int:
+        node, rest = self._changing(path, "create")
+        try:
+            self.getattr(path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return self.handles.add(node.create(rest, flags, pid))
+        if flags & os.O_EXCL:
+            raise fs_error(errno.EEXIST, path)
+        return self.open(path, flags | os.O_WRONLY, pid)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        self.ctx.writable(path, "truncate")
+        if fh is not None and self.handles.has(fh):
+            self.handles.get(fh).truncate(length)
+            return
+        self.getattr(path)
+        node, rest = self._changing(path, "truncate")
+        node.truncate(rest, length)
+
+    def mkdir(self, path: str) -> None:
+        node, rest = self._changing(path, "mkdir")
+        node.mkdir(rest)
+
+    def rmdir(self, path: str) -> None:
+        self.ctx.writable(path, "rmdir")
+        self.getattr(path)
+        node, rest = self._changing(path, "rmdir")
+        node.rmdir(rest)
+
+    def unlink(self, path: str) -> None:
+        node, rest = self._changing(path, "unlink")
+        if stat.S_ISDIR(self.getattr(path).mode):
+            raise fs_error(errno.EISDIR, path)
+        node.unlink(rest)
+
+    def symlink(self, path: str, target: str) -> None:
+        node, rest = self._changing(path, "symlink")
+        node.symlink(rest, target)
+
+    def rename(self, old: str, new: str, pid: int = 0) -> None:
+        src_node, src = self._changing(old, "rename")
+        self.getattr(old)
+        dst_node, dst = self._node(new)
+        if dst_node is not src_node:
+            raise self.ctx.refuse(errno.EXDEV, "rename", old, f"cannot move it to {new}")
+        src_node.rename(src, dst, pid)
+
+    def set_attributes(self, path: str, op: str) -> None:
+        """chmod, chown, utimensat, setxattr: modes and times here are LXD's, not the user's.
+
+        Accepted and ignored on what is being written (imports, editors' scratch
+        files, metadata.json) so that `cp -p`, `touch`, `sed -i` and vim work;
+        refused everywhere else.
+        """
+        self.getattr(path)
+        node, rest = self._node(path)
+        if node is not None and node.read_only:
+            raise self.ctx.refuse(errno.EROFS, op, path, f"{node.name}/ is read-only")
+        if not self.ctx.readonly and node is not None and rest and node.accepts_attributes(rest):
+            return
+        if op == "utimens" and not self.ctx.readonly and node is not None and node.touch(rest):
+            return
+        raise self.ctx.refusal(op, path, "modes, owners, times and attributes are LXD's")
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        value = self.listxattrs(path).get(name)
+        if value is None:
+            raise fs_error(errno.ENODATA, path)
+        return value
+
+    def listxattrs(self, path: str) -> dict[str, bytes]:
+        node, rest = self._node(path)
+        if node is None:
+            return {}
+        return node.xattrs(rest)
+
+    def setxattr(self, path: str, name: str, value: bytes | None, flags: int = 0) -> None:
+        """Set (value None: remove) an extended attribute, where a node keeps them; else as chmod."""
+        self.getattr(path)
+        node, rest = self._node(path)
+        if node is not None and not node.read_only and not self.readonly \
+                and node.set_xattr(rest, name, value, flags):
+            return
+        self.set_attributes(path, "setxattr" if value is not None else "removexattr")
+
+    def refusal(self, op: str, path: str, why: str) -> OSError:
+        """A change no subtree makes (link, mknod): EROFS where the subtree or mount is read-only."""
+        node, _ = self._node(path)
+        if node is not None and node.read_only:
+            return self.ctx.refuse(errno.EROFS, op, path, f"{node.name}/ is read-only")
+        return self.ctx.refusal(op, path, why)
+
+    # -- what LXD's events mean here ---------------------------------------------------
+
+    def changed_elsewhere(self, subject: EventSubject) -> None:
+        """An image or alias changed in LXD: drop the listing, and the kernel's entries for it."""
+        before = self.catalog.cached()
+        self.catalog.invalidate()
+        paths = []
+        if subject.alias is not None:
+            paths.append(f"/{ALIAS_DIR}/{alias_to_filename(subject.alias)}")
+        if subject.fingerprint is not None:
+            fp = subject.fingerprint
+            paths += [f"/{FP_DIR}/{fp}/{METADATA}", f"/{FP_DIR}/{fp}"]
+            image = before.images.get(fp) if before else None
+            paths += [f"/{ALIAS_DIR}/{alias_to_filename(a)}" for a in (image.aliases if image else ())]
+        for path in paths:
+            self.ctx.on_change(path)
