@@ -154,7 +154,7 @@ def test_the_index_is_kept_for_the_next_mount(sandbox, made, tmp_path):
             assert (root / "rootfs/etc/os-release").read_bytes().startswith(b"PRETTY_NAME")
     index = tmp_path / f"lxdimagefs-index-{os.getuid()}"
     assert stat.S_IMODE(index.stat().st_mode) == 0o700
-    assert any(p.name.startswith(fps["xz"]) for p in index.iterdir())
+    assert any(p.name.startswith("index-") and fps["xz"] in p.name for p in index.iterdir())
 
 
 def test_a_split_image_shows_its_metadata_and_its_squashfs_rootfs(cmnt, made):

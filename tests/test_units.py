@@ -151,7 +151,7 @@ def test_partial_reads_are_not_checked_and_hold_no_data():
 
 def test_layout_journal_round_trip_and_distrust(tmp_path):
     path = tmp_path / "layouts.jsonl"
-    journal = LayoutJournal(path)
+    journal = LayoutJournal(path, "unix:/x project=default")
     unified = ExportLayout(False, (ExportPart("a" * 64 + ".tar.xz", 123),))
     split = ExportLayout(True, (ExportPart("meta-b.tar.xz", 10), ExportPart("b.squashfs", 4096)))
     journal.add("a" * 64, unified)
@@ -167,7 +167,7 @@ def test_layout_journal_round_trip_and_distrust(tmp_path):
     assert "c" * 64 not in journal.load()
     link = tmp_path / "link.jsonl"
     link.symlink_to(path)
-    assert LayoutJournal(link).load() == {}
+    assert LayoutJournal(link, "unix:/x project=default").load() == {}
 
 
 @pytest.mark.parametrize("message", [b"[1, 2]", b"null", b"\"text\"", b"{\"metadata\": 3}", b"not json"])
@@ -175,7 +175,7 @@ def test_a_bad_event_message_is_skipped_and_the_stream_goes_on(message):
     seen = []
     watcher = EventWatcher(None, seen.append, lambda: None)  # type: ignore[arg-type]
     watcher._dispatch(message)
-    good = b'{"metadata": {"action": "image-created", "source": "/1.0/images/ab"}}'
+    good = b'{"metadata": {"action": "image-created", "source": "/1.0/images/%s"}}' % (b"ab" * 32)
     watcher._dispatch(good)
     assert len(seen) == 1
 
@@ -189,14 +189,15 @@ def test_an_event_handler_that_fails_does_not_end_the_stream(caplog):
 
     watcher = EventWatcher(None, boom, lambda: None)  # type: ignore[arg-type]
     for _ in range(2):  # raises nothing, and the next event is still handled
-        watcher._dispatch(b'{"metadata": {"action": "image-deleted", "source": "/1.0/images/ab"}}')
-    assert [c.fingerprint for c in calls] == ["ab", "ab"]
+        event = b'{"metadata": {"action": "image-deleted", "source": "/1.0/images/%s"}}' % (b"ab" * 32)
+        watcher._dispatch(event)
+    assert [c.fingerprint for c in calls] == ["ab" * 32] * 2
     assert "handling event image-deleted failed" in caplog.text
 
 
 def test_layout_journal_refuses_a_hard_linked_file(tmp_path):
     path = tmp_path / "layouts.jsonl"
-    journal = LayoutJournal(path)
+    journal = LayoutJournal(path, "unix:/x project=default")
     journal.add("a" * 64, ExportLayout(False, (ExportPart("a.tar", 1),)))
     os.link(path, tmp_path / "elsewhere")  # root writing through a planted hard link
     assert journal.load() == {}

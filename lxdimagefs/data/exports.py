@@ -22,6 +22,7 @@ class Exports:
         self.cache = BlockCache(capacity)
         self.fetcher = Fetcher(client, self.cache)
         self.spool = SplitSpool(client, spool_dir)
+        self.server = self.spool.server  # the server of every key this reader makes
 
     @property
     def verification(self):

@@ -21,6 +21,7 @@ from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Handle
 from lxdimagefs.fs.node import Attr, Context, Node
+from lxdimagefs.keys import Fingerprint
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.tree.archives import Entry, ImageArchive, IndexFolder
 from lxdimagefs.tree.images import FP_DIR, ImagesNode
@@ -65,7 +66,7 @@ class ContentsNode(Node):
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
 
-    def _archive(self, fp: str) -> ImageArchive:
+    def _archive(self, fp: Fingerprint) -> ImageArchive:
         with self._lock:
             archive = self._archives.get(fp)
             if archive is not None:
@@ -76,7 +77,8 @@ class ContentsNode(Node):
                 archive = self._archives.get(fp)
             if archive is None:
                 layout = self.catalog.layout(fp)
-                archive = _guarded(fp, lambda: ImageArchive(fp, layout, self.exports, self.index.ready()))
+                index = self.index.base(fp, self.exports.server)
+                archive = _guarded(fp, lambda: ImageArchive(fp, layout, self.exports, index))
                 with self._lock:
                     self._archives[fp] = archive
         return archive
