@@ -3,8 +3,10 @@
     contents/by-fingerprint/<fp>/   metadata.yaml, templates/, rootfs/ … as inside the export
     contents/by-alias/<alias> -> ../by-fingerprint/<fp>
 
-Owners, modes, times and link targets are the image's own. Nothing here
-can be changed: every change is EROFS.
+Owners, modes, times and link targets are the image's own, but for the
+top folder of a private image: the mounter's alone (0500), so that no one
+else reads inside it, as no one else reads its export. Nothing here can be
+changed: every change is EROFS.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from lxdimagefs.fs.node import Attr, Context, Node
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.tree.archives import Entry, ImageArchive, IndexFolder
-from lxdimagefs.tree.images import FP_DIR, ImagesNode
+from lxdimagefs.tree.images import FP_DIR, ImagesNode, is_public
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,11 @@ class ContentsNode(Node):
             return Attr(stat.S_IFLNK | 0o777, len(target.encode()), t, t, t)
         if rest[0] != FP_DIR:
             raise fs_error(errno.ENOENT, self.path(rest))
+        if len(rest) == 2:  # an image's top: the image's own, unless it is private
+            image = self.images.image(rest[1], self.path(rest))
+            if not is_public(image):
+                up = image.uploaded_at
+                return Attr(stat.S_IFDIR | 0o500, 0, up, up, up, 2)
         _, entry = self._entry(rest)
         info = entry.info
         is_dir = stat.S_ISDIR(info.mode)
