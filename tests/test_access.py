@@ -184,8 +184,12 @@ def test_an_alias_with_a_question_mark_and_a_hash_works_end_to_end(sandbox, mnt,
 
 
 def test_a_fingerprint_typed_with_a_query_reaches_no_url(sandbox, mnt, images):
+    """64 characters, as a full fingerprint, but not hex: it was placed in `GET /images/...` as is."""
     fp = images.fps["gz"]
-    with pytest.raises(FileNotFoundError):
-        os.stat(mnt.path / "by-fingerprint" / (fp[:60] + "?a=b"))
-    assert errno.ENOENT  # and the mount goes on serving
-    assert os.stat(mnt.path / "by-fingerprint" / fp).st_mode
+    for name in (fp[:50] + "?project=other", fp[:60] + "#a=b"):
+        with pytest.raises(OSError) as e:
+            os.stat(mnt.path / "by-fingerprint" / name)
+        assert e.value.errno == errno.ENOENT
+    requests = [line for line in mnt.log_text().splitlines() if " GET /images/" in line]
+    assert requests and not [r for r in requests if "?project=other" in r or "#a=b" in r]
+    assert os.stat(mnt.path / "by-fingerprint" / fp).st_mode  # the mount goes on serving
