@@ -96,6 +96,15 @@ def test_keys_of_two_servers_differ_and_are_plain_names():
     assert len(names) == 9 and all("/" not in n and n.isascii() for n in names)
 
 
+def test_a_verdict_is_kept_by_server_and_digest():
+    from lxdimagefs.data.blocks import BlockCache
+    from lxdimagefs.data.verify import Verification
+    one, two = (Verification(BlockCache(1 << 20), lambda *a: bytearray(), server) for server in ("a", "b"))
+    assert one.key("c" * 64) != two.key("c" * 64)
+    with pytest.raises(ValueError):
+        one.served("../" + "c" * 61, 10, 0, 10)
+
+
 def test_the_spool_names_files_by_key(tmp_path):
     lxd = FakeLXD()
     exports = Exports(lxd, tmp_path / "spool")  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ class Exports:
 
     def unified(self, fp: str, size: int, max_window: int | None = None) -> Prefetcher:
         """A reader for one open unified export; refused if the image already failed its check."""
-        if fp in self.verification.corrupt:
+        if self.verification.failed(fp):
             raise IntegrityError(fp)
         window = self.cache.capacity // 4
         return Prefetcher(self.fetcher, fp, size, max_window=min(window, max_window or window))
