@@ -20,7 +20,7 @@ HEX = frozenset("0123456789abcdef")
 
 
 def is_fingerprint(name: str, min_length: int) -> bool:
-    """A prefix a user typed: at least `min_length` lowercase hex digits (a server's is a keys.Fingerprint)."""
+    """A prefix a user typed: `min_length` or more lowercase hex digits (a server's is a keys.Fingerprint)."""
     return min_length <= len(name) <= 64 and not set(name) - HEX
 
 
