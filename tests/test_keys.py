@@ -49,6 +49,9 @@ def test_a_hostile_fingerprint_is_skipped_names_nothing_and_the_rest_is_listed(t
                  "/by-fingerprint/aaaaaaaaaaaa", "/by-fingerprint/aaaaaaaaaaaa/metadata.json"):
         assert _errno(tree.getattr, path) == errno.ENOENT, path
     assert "skipped an image record" in caplog.text and "aaaaaaaaaaaa/../.." in caplog.text
+    caplog.clear()
+    tree.catalog.invalidate()
+    assert tree.readdir("/by-fingerprint") == [good] and "skipped" not in caplog.text  # said once
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and tmp_path / "cache" not in p.parents]
     assert outside == []
     assert tree.getattr(f"/by-fingerprint/{good}/metadata.json").size > 0  # the mount goes on

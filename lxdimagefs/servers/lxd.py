@@ -77,8 +77,14 @@ def images_from(records: Iterable[Any], where: str) -> list[Image]:
         try:
             images.append(Image.from_record(rec))
         except (BadKey, KeyError, TypeError, ValueError, AttributeError) as e:
-            log.warning("skipped an image record from %s: %s", where, e)
+            warn_once(f"skipped an image record from {where}: {e}")
     return images
+
+
+@functools.lru_cache(maxsize=256)
+def warn_once(message: str) -> None:
+    """A warning about what a server keeps sending (every listing): said once, not every 3 s."""
+    log.warning("%s", message)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import requests
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.keys import BadKey, FileDigest, Fingerprint
 from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.servers.lxd import ExportLayout, ExportPart, Image
+from lxdimagefs.servers.lxd import ExportLayout, ExportPart, Image, warn_once
 from lxdimagefs.servers.transport import Backoff, Connection, ContextAdapter, ExportStream, RawConnections
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def parse_products(products: dict[str, Any], where: str = "the index") -> Listin
                     try:
                         made = _image(product, arch, serial, created, version, m, root)
                     except (BadKey, KeyError, TypeError, ValueError, AttributeError) as e:
-                        log.warning("skipped an item of %s (version %s): %s", where, serial, e)
+                        warn_once(f"skipped an item of {where} (version {serial}): {e}")
                         continue
                     found.append((created, product, *made))
                     for part in made[1].parts:
