@@ -109,6 +109,7 @@ def user_allow_other() -> Iterator[None]:
     for the test alone: both as they were after it."""
     conf, dev = Path("/etc/fuse.conf"), Path("/dev/fuse")
     before = conf.read_bytes() if conf.exists() else None
+    times = (conf.stat().st_atime_ns, conf.stat().st_mtime_ns) if before is not None else None
     mode = stat.S_IMODE(dev.stat().st_mode)
     conf.write_bytes((before or b"") + b"\nuser_allow_other\n")
     dev.chmod(0o666)
@@ -120,6 +121,7 @@ def user_allow_other() -> Iterator[None]:
             conf.unlink()
         else:
             conf.write_bytes(before)
+            os.utime(conf, ns=times)
 
 
 def test_a_non_root_mounter_with_allow_other(sandbox, two, shared, user_allow_other):
