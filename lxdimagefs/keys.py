@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Self
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -30,6 +30,14 @@ class Sha256(str):
         if not isinstance(value, str) or not _SHA256.fullmatch(value):
             raise BadKey(f"not a sha256: {value!r:.80}")
         return super().__new__(cls, value)
+
+    @classmethod
+    def parse(cls, value: object) -> Self | None:
+        """The key, or None where `value` is not one (for names a user typed, which may be anything)."""
+        try:
+            return cls(value)  # type: ignore[arg-type]
+        except BadKey:
+            return None
 
 
 class Fingerprint(Sha256):

@@ -19,8 +19,8 @@ METADATA = "metadata.json"  # an image's record, in its folder
 HEX = frozenset("0123456789abcdef")
 
 
-def is_fingerprint(name: str, min_length: int = 64) -> bool:
-    """A full fingerprint, or with `min_length`, a prefix of one (lowercase hex, as LXD writes them)."""
+def is_fingerprint(name: str, min_length: int) -> bool:
+    """A prefix a user typed: `min_length` or more lowercase hex digits (a server's is a keys.Fingerprint)."""
     return min_length <= len(name) <= 64 and not set(name) - HEX
 
 

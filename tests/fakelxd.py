@@ -14,7 +14,7 @@ import types
 from typing import Any
 
 from lxdimagefs.errors import LXDError
-from lxdimagefs.servers.lxd import Image
+from lxdimagefs.servers.lxd import Image, images_from
 from lxdimagefs.servers.transport import Connection
 
 
@@ -50,7 +50,7 @@ class FakeLXD:
     # -- what the tree asks --------------------------------------------------------
 
     def images(self) -> list[Image]:
-        return [Image.from_record(copy.deepcopy(r)) for r in self.records.values()]
+        return images_from(copy.deepcopy(list(self.records.values())), "the stand-in")
 
     def image(self, fp: str) -> Image:
         return Image.from_record(copy.deepcopy(self._record(fp)))

@@ -40,7 +40,7 @@ def test_the_spool_is_private_and_goes_at_unmount(sandbox, images, tmp_path):
         (m.path / "by-fingerprint" / fp / f"{fp}.squashfs").read_bytes()
         spools = list(tmp_path.glob("lxdimagefs-spool-*"))
         assert len(spools) == 1 and stat.S_IMODE(spools[0].stat().st_mode) == 0o700
-        assert any(p.name.startswith(fp) for p in spools[0].iterdir())
+        assert any(p.name.startswith("spool-") and fp in p.name for p in spools[0].iterdir())  # by key
     assert not list(tmp_path.glob("lxdimagefs-spool-*"))
 
 

@@ -154,7 +154,7 @@ def test_the_index_is_kept_for_the_next_mount(sandbox, made, tmp_path):
             assert (root / "rootfs/etc/os-release").read_bytes().startswith(b"PRETTY_NAME")
     index = tmp_path / f"lxdimagefs-index-{os.getuid()}"
     assert stat.S_IMODE(index.stat().st_mode) == 0o700
-    assert any(p.name.startswith(fps["xz"]) for p in index.iterdir())
+    assert any(p.name.startswith("index-") and fps["xz"] in p.name for p in index.iterdir())
 
 
 def test_a_split_image_shows_its_metadata_and_its_squashfs_rootfs(cmnt, made):
@@ -207,14 +207,19 @@ def test_other_users_get_the_images_own_modes(sandbox, made):
     fps, _, _ = made
     public = Path(tempfile.mkdtemp(prefix="lxdimagefs-shared-"))  # pytest's own folders are root's alone
     public.chmod(0o755)
-    with mounted(sandbox, public / "mnt", "-o", "allow_other") as m:
-        etc = m.path / "contents" / "by-fingerprint" / fps["tar"] / "rootfs/etc"
-        def as_nobody(*args):
-            return subprocess.run(["runuser", "-u", "nobody", "--", *args], capture_output=True, text=True)
-        assert as_nobody("cat", str(etc / "os-release")).stdout.startswith("PRETTY_NAME")
-        denied = as_nobody("cat", str(etc / "shadow"))
-        assert denied.returncode != 0 and "Permission denied" in denied.stderr
-    shutil.rmtree(public)
+    sandbox.rest(f"/1.0/images/{fps['tar']}", "PATCH", {"public": True})  # a private one is no one else's
+    try:
+        with mounted(sandbox, public / "mnt", "-o", "allow_other") as m:
+            etc = m.path / "contents" / "by-fingerprint" / fps["tar"] / "rootfs/etc"
+            def as_nobody(*args):
+                return subprocess.run(["runuser", "-u", "nobody", "--", *args], capture_output=True,
+                                      text=True)
+            assert as_nobody("cat", str(etc / "os-release")).stdout.startswith("PRETTY_NAME")
+            denied = as_nobody("cat", str(etc / "shadow"))
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    finally:
+        sandbox.rest(f"/1.0/images/{fps['tar']}", "PATCH", {"public": False})
+        shutil.rmtree(public)
 
 
 def test_hostile_tarballs_stay_inside_and_the_mount_keeps_serving(sandbox, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -100,8 +101,12 @@ def public_dir():
 
 
 def test_allow_other_with_default_permissions_keeps_the_mode_bits(sandbox, images, public_dir):
-    with mounted(sandbox, public_dir / "shared", "-o", "allow_other,default_permissions") as m:
-        fp = images.fps["gz"]
+    fp = images.fps["gz"]
+    sandbox.rest(f"/1.0/images/{fp}", "PATCH", {"public": True})  # anyone's to read, no one's to change
+    with contextlib.ExitStack() as undo:
+        undo.callback(sandbox.rest, f"/1.0/images/{fp}", "PATCH", {"public": False})
+        m = undo.enter_context(mounted(sandbox, public_dir / "shared", "-o",
+                                       "allow_other,default_permissions"))
         listing = _as_nobody("ls", str(m.path / "by-fingerprint"))
         assert listing.returncode == 0 and fp in listing.stdout.split()
         assert _as_nobody("sha256sum", str(m.path / "by-fingerprint" / fp / f"{fp}.tar.gz")

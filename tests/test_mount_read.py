@@ -146,13 +146,14 @@ def test_times_follow_lxd(mnt, sandbox, images):
 
 
 def test_modes_belong_to_the_mounting_user(mnt, ro_mnt, images):
-    fp = images.fps["gz"]
-    for m, record_mode, dir_mode in ((mnt, 0o644, 0o755), (ro_mnt, 0o444, 0o555)):
+    fp = images.fps["gz"]  # a private image: the mounter's alone (docs/SEMANTICS.md, "Who can see what")
+    for m, file_mode, private_dir, dir_mode in ((mnt, 0o600, 0o700, 0o755), (ro_mnt, 0o400, 0o500, 0o555)):
         st = os.stat(m.path / "by-fingerprint" / fp / "metadata.json")
         assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
-        assert stat.S_IMODE(st.st_mode) == record_mode
-        assert stat.S_IMODE(os.stat(m.path / "by-fingerprint" / fp / f"{fp}.tar.gz").st_mode) == 0o444
-        assert stat.S_IMODE(os.stat(m.path / "by-fingerprint").st_mode) == 0o555
+        assert stat.S_IMODE(st.st_mode) == file_mode
+        assert stat.S_IMODE(os.stat(m.path / "by-fingerprint" / fp / f"{fp}.tar.gz").st_mode) == file_mode
+        assert stat.S_IMODE(os.stat(m.path / "by-fingerprint" / fp).st_mode) == private_dir
+        assert stat.S_IMODE(os.stat(m.path / "by-fingerprint").st_mode) == dir_mode
         assert stat.S_IMODE(os.stat(m.path / "by-alias").st_mode) == dir_mode
 
 

@@ -118,7 +118,7 @@ def test_a_whole_read_in_order_is_verified():
     v, fp, fetched = _verification(DATA)
     for i in range(5):
         _serve(v, fp, DATA, i)
-    assert fp in v.verified and not fetched
+    assert v.key(fp) in v.verified and not fetched
 
 
 @pytest.mark.parametrize("order", [[4, 0, 1, 2, 3], [3, 1, 4, 0, 2], [2, 3, 4, 1, 0]])
@@ -129,7 +129,7 @@ def test_a_corrupt_image_read_in_any_order_fails_on_the_read_that_completes_it(o
         _serve(v, fp, corrupt, i)
     with pytest.raises(IntegrityError):
         _serve(v, fp, corrupt, order[-1])
-    assert fp in v.corrupt
+    assert v.failed(fp)
     with pytest.raises(IntegrityError):  # sticky: the kernel retries failed reads
         v.served(fp, len(DATA), 0, 10)
 
@@ -138,7 +138,7 @@ def test_blocks_dropped_from_the_cache_are_fetched_again_for_the_check():
     v, fp, fetched = _verification(DATA)
     for i in (4, 3, 2, 1, 0):  # the cache holds two blocks: 4 and 3 are gone when 0 comes
         _serve(v, fp, DATA, i)
-    assert fp in v.verified
+    assert v.key(fp) in v.verified
     assert set(fetched) <= {2, 3, 4} and fetched
 
 
@@ -146,12 +146,12 @@ def test_partial_reads_are_not_checked_and_hold_no_data():
     v, fp, fetched = _verification(DATA)
     v.served(fp, len(DATA), 5, 4096)
     v.served(fp, len(DATA), 3 * BLOCK, 3 * BLOCK + 10)
-    assert fp not in v.verified and fp not in v.corrupt and not fetched
+    assert v.key(fp) not in v.verified and not v.failed(fp) and not fetched
 
 
 def test_layout_journal_round_trip_and_distrust(tmp_path):
     path = tmp_path / "layouts.jsonl"
-    journal = LayoutJournal(path)
+    journal = LayoutJournal(path, "unix:/x project=default")
     unified = ExportLayout(False, (ExportPart("a" * 64 + ".tar.xz", 123),))
     split = ExportLayout(True, (ExportPart("meta-b.tar.xz", 10), ExportPart("b.squashfs", 4096)))
     journal.add("a" * 64, unified)
@@ -167,7 +167,7 @@ def test_layout_journal_round_trip_and_distrust(tmp_path):
     assert "c" * 64 not in journal.load()
     link = tmp_path / "link.jsonl"
     link.symlink_to(path)
-    assert LayoutJournal(link).load() == {}
+    assert LayoutJournal(link, "unix:/x project=default").load() == {}
 
 
 @pytest.mark.parametrize("message", [b"[1, 2]", b"null", b"\"text\"", b"{\"metadata\": 3}", b"not json"])
@@ -175,7 +175,7 @@ def test_a_bad_event_message_is_skipped_and_the_stream_goes_on(message):
     seen = []
     watcher = EventWatcher(None, seen.append, lambda: None)  # type: ignore[arg-type]
     watcher._dispatch(message)
-    good = b'{"metadata": {"action": "image-created", "source": "/1.0/images/ab"}}'
+    good = b'{"metadata": {"action": "image-created", "source": "/1.0/images/%s"}}' % (b"ab" * 32)
     watcher._dispatch(good)
     assert len(seen) == 1
 
@@ -189,14 +189,15 @@ def test_an_event_handler_that_fails_does_not_end_the_stream(caplog):
 
     watcher = EventWatcher(None, boom, lambda: None)  # type: ignore[arg-type]
     for _ in range(2):  # raises nothing, and the next event is still handled
-        watcher._dispatch(b'{"metadata": {"action": "image-deleted", "source": "/1.0/images/ab"}}')
-    assert [c.fingerprint for c in calls] == ["ab", "ab"]
+        event = b'{"metadata": {"action": "image-deleted", "source": "/1.0/images/%s"}}' % (b"ab" * 32)
+        watcher._dispatch(event)
+    assert [c.fingerprint for c in calls] == ["ab" * 32] * 2
     assert "handling event image-deleted failed" in caplog.text
 
 
 def test_layout_journal_refuses_a_hard_linked_file(tmp_path):
     path = tmp_path / "layouts.jsonl"
-    journal = LayoutJournal(path)
+    journal = LayoutJournal(path, "unix:/x project=default")
     journal.add("a" * 64, ExportLayout(False, (ExportPart("a.tar", 1),)))
     os.link(path, tmp_path / "elsewhere")  # root writing through a planted hard link
     assert journal.load() == {}

@@ -22,6 +22,7 @@ class Exports:
         self.cache = BlockCache(capacity)
         self.fetcher = Fetcher(client, self.cache)
         self.spool = SplitSpool(client, spool_dir)
+        self.server = self.spool.server  # the server of every key this reader makes
 
     @property
     def verification(self):
@@ -29,7 +30,7 @@ class Exports:
 
     def unified(self, fp: str, size: int, max_window: int | None = None) -> Prefetcher:
         """A reader for one open unified export; refused if the image already failed its check."""
-        if fp in self.verification.corrupt:
+        if self.verification.failed(fp):
             raise IntegrityError(fp)
         window = self.cache.capacity // 4
         return Prefetcher(self.fetcher, fp, size, max_window=min(window, max_window or window))

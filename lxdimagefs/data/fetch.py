@@ -52,7 +52,7 @@ class Fetcher:
     def __init__(self, client: LXDClient, cache: BlockCache, workers: int = 8) -> None:
         self.client = client
         self.cache = cache
-        self.verification = Verification(cache, self.block)
+        self.verification = Verification(cache, self.block, client.conn.identity())
         self.requests = 0  # export requests made, for tests and benchmarks
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None

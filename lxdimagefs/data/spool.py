@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from lxdimagefs.errors import IntegrityError, LXDError
+from lxdimagefs.keys import ObjectKey, Sha256
 from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.servers.multipart import PartStream
 
@@ -24,19 +25,24 @@ class SplitSpool:
     LXD serves a split export only as one multipart stream, without ranges
     or part sizes, so random access needs a local copy. The download is
     verified against the fingerprint before anyone reads it. The spool is
-    private to this mount and removed when it ends.
+    private to this mount and removed when it ends; its files are named by
+    their key (server and fingerprint), never by what a server sent.
     """
 
     def __init__(self, client: LXDClient, directory: Path) -> None:
         self.client = client
         self.directory = directory
+        self.server = client.conn.identity()
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self.downloads = 0
 
+    def _named(self, fp: str, suffix: str) -> Path:
+        return self.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.{suffix}"
+
     def paths(self, fp: str) -> list[Path]:
         """The local files of both parts, downloading them first if needed."""
-        final = [self.directory / f"{fp}.{i}" for i in range(2)]
+        final = [self._named(fp, str(i)) for i in range(2)]
         if all(p.exists() for p in final):
             return final
         with self._lock:
@@ -48,7 +54,7 @@ class SplitSpool:
 
     def unified(self, fp: str, size: int) -> Path:
         """A unified export as a local file, for readers that need a file descriptor of their own."""
-        final = self.directory / f"{fp}.whole"
+        final = self._named(fp, "whole")
         with self._lock:
             lock = self._locks.setdefault(fp, threading.Lock())
         with lock:

@@ -23,7 +23,8 @@ from pathlib import Path
 from requests_toolbelt import MultipartEncoder
 
 from lxdimagefs.errors import ImportFailed, LXDError
-from lxdimagefs.names import METADATA, is_fingerprint
+from lxdimagefs.keys import Fingerprint
+from lxdimagefs.names import METADATA
 from lxdimagefs.servers.lxd import LXDClient
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class FolderImport:
     def ready(self) -> bool:
         closed = [n for n in self.files if n not in self.open_files]
         images = [n for n in closed if n != METADATA]
-        if is_fingerprint(self.name):  # a copied image folder: its record comes with it
+        if Fingerprint.parse(self.name) is not None:  # a copied image folder: its record comes with it
             expected = 2 if any(n.startswith("meta-") for n in self.files) else 1
             return METADATA in closed and len(images) >= expected
         return len(images) >= 2

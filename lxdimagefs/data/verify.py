@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache
 from lxdimagefs.errors import IntegrityError
+from lxdimagefs.keys import ObjectKey, Sha256
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +87,40 @@ class Verifier:
 
 
 class Verification:
-    """Every unified image's check, for the whole daemon."""
+    """Every unified image's check, for one server's reader.
+
+    Verdicts are kept by key (server, digest): a digest is a claim of the
+    server that sent it until its bytes hash to it, so one server's verdict
+    never stands for another's bytes.
+    """
 
     QUEUE_BLOCKS = 8  # blocks waiting for the hashing thread, at most
 
-    def __init__(self, cache: BlockCache, fetch: Callable[[str, int, int], bytearray]) -> None:
+    def __init__(self, cache: BlockCache, fetch: Callable[[str, int, int], bytearray],
+                 server: str = "") -> None:
         self.cache = cache
         self.fetch = fetch  # (fp, total, index) -> the block, from the cache or LXD
-        self.verified: set[str] = set()
-        self.corrupt: set[str] = set()
-        self._verifiers: dict[str, Verifier] = {}
+        self.server = server
+        self.verified: set[ObjectKey] = set()
+        self.corrupt: set[ObjectKey] = set()
+        self._verifiers: dict[ObjectKey, Verifier] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[Verifier, bytearray, bool]] = queue.Queue(self.QUEUE_BLOCKS)
         self._thread: threading.Thread | None = None
 
+    def key(self, digest: str) -> ObjectKey:
+        """What a verdict on these bytes is kept under (BadKey for what is not a sha256)."""
+        return ObjectKey(Sha256(digest), "export", self.server)
+
+    def failed(self, digest: str) -> bool:
+        return self.key(digest) in self.corrupt
+
     def _verifier(self, fp: str, total: int) -> Verifier:
+        key = self.key(fp)
         with self._lock:
-            v = self._verifiers.get(fp)
+            v = self._verifiers.get(key)
             if v is None:
-                v = self._verifiers[fp] = Verifier(fp, total)
+                v = self._verifiers[key] = Verifier(fp, total)
             if self._thread is None:  # made on first use: the daemon forks after start-up
                 self._thread = threading.Thread(target=self._hash_loop, name="hash", daemon=True)
                 self._thread.start()
@@ -112,7 +128,8 @@ class Verification:
 
     def published(self, fp: str, total: int, index: int, data: bytearray) -> None:
         """A block arrived from LXD: hash it now if the hash has got that far."""
-        if fp in self.verified or fp in self.corrupt:
+        key = self.key(fp)
+        if key in self.verified or key in self.corrupt:
             return
         v = self._verifier(fp, total)
         with v.lock:
@@ -132,9 +149,10 @@ class Verification:
 
     def served(self, fp: str, total: int, offset: int, end: int) -> None:
         """Bytes [offset, end) are about to go to a reader; raises IntegrityError if they must not."""
-        if fp in self.verified:
+        key = self.key(fp)
+        if key in self.verified:
             return
-        if fp in self.corrupt:
+        if key in self.corrupt:
             raise IntegrityError(fp)
         v = self._verifier(fp, total)
         with v.lock:
@@ -167,9 +185,10 @@ class Verification:
                 self._conclude(v)
 
     def _conclude(self, v: Verifier) -> None:
+        key = self.key(v.fp)
         with self._lock:
-            self._verifiers.pop(v.fp, None)
-            (self.verified if v.state == "ok" else self.corrupt).add(v.fp)
+            self._verifiers.pop(key, None)
+            (self.verified if v.state == "ok" else self.corrupt).add(key)
         if v.state == "mismatch":
             log.error("image %s: the bytes LXD sent do not hash to its fingerprint; it reads as EIO "
                       "from now on", v.fp)

@@ -53,6 +53,18 @@ class Context:
     def mode(self, writable: int, readonly: int) -> int:
         return readonly if self.readonly else writable
 
+    def dir_mode(self, public: bool) -> int:
+        """An image's folder: everyone's to enter if the image is public, else the mounter's alone."""
+        return stat.S_IFDIR | (self.mode(0o755, 0o555) if public else self.mode(0o700, 0o500))
+
+    def file_mode(self, public: bool) -> int:
+        """An image's file: readable by all if public, else by the mounter alone.
+
+        Writable by the mounter on a read-write mount, as the kernel's checks
+        (default_permissions) want for setxattr; writes themselves are the node's to refuse.
+        """
+        return self.mode(0o644, 0o444) if public else self.mode(0o600, 0o400)
+
     def writable(self, path: str, op: str) -> None:
         if self.readonly:
             log.warning("refused %s %s: read-only mount", op, path)

@@ -68,7 +68,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
         slot = Slot(remote.name, tree, streams.reachable, from_simplestreams(streams.base))
         return Built(remote, tree, None, slot)
     client = LXDClient(conn)
-    journal = LayoutJournal(settings.cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl")
+    journal = LayoutJournal(settings.cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl", conn.identity())
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
     exports = Exports(client, spool, capacity=cache_bytes)
     tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,

@@ -305,8 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     except LXDError as e:
         print(f"lxdimagefs: cannot list images at {chosen[0][1].describe()}: {e.message}", file=sys.stderr)
         return 1
-    if fuse_opts.get("allow_other"):  # other users get the image's own modes, not the mounter's reach
-        fuse_opts.setdefault("default_permissions", True)
+    if fuse_opts.get("allow_other") or fuse_opts.get("allow_root"):
+        # Other users get the modes the tree gives (a private image is the mounter's alone), checked
+        # by the kernel; the daemon checks them again (fuse_ops), in case the kernel does not.
+        fuse_opts["default_permissions"] = True
     # The SOURCE as fstab names it, so `mount -a` sees the line is mounted already.
     fuse_opts.setdefault("fsname", source_name(args).replace(",", "\\,"))
     # Unlink an open file for real (libfuse would rename it to .fuse_hidden*, which import/ refuses):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lxdimagefs.errors import LXDError
+from lxdimagefs.fs import access
 from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator
 from lxdimagefs.servers.events import EventWatcher
 from lxdimagefs.tree.forest import Forest
@@ -93,12 +94,23 @@ class LXDImageOps(Operations):
                              name="invalidate").start()
             self.tree.started(on_change)
 
+    def _may(self, path: str, want: int) -> None:
+        """The mode check, for callers other than the mounter and root (see fs/access.py)."""
+        uid, gid, pid = fuse_get_context()
+        if uid not in (0, self.tree.uid):
+            owner = (self.tree.uid, self.tree.gid)
+            access.check(self.tree.getattr, path, uid, access.groups(pid, gid), owner, want)
+
+    def _may_change(self, path: str) -> None:
+        self._may(path.rsplit("/", 1)[0] or "/", access.W | access.X)
+
     @translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
         return _stat(self.tree.getattr(path), self.tree.uid, self.tree.gid)
 
     @translated
     def readdir(self, path: str, fh: Any) -> list[str]:
+        self._may(path, access.R)
         return [".", "..", *self.tree.readdir(path)]
 
     @translated
@@ -107,6 +119,7 @@ class LXDImageOps(Operations):
 
     @translated
     def open(self, path: str, fi: Any) -> int:
+        self._may(path, access.W if fi.flags & (os.O_WRONLY | os.O_RDWR) else access.R)
         fi.fh = self.tree.open(path, fi.flags, _pid())
         # Every read of an export comes here (docs/SEMANTICS.md, "direct_io"): in the page cache
         # the kernel's readahead can take the EIO of a failed fingerprint check while the reader
@@ -147,6 +160,7 @@ class LXDImageOps(Operations):
 
     @translated
     def create(self, path: str, mode: int, fi: Any) -> int:
+        self._may_change(path)
         fi.fh = self.tree.create(path, fi.flags, _pid())
         fi.direct_io = 1  # what is written here is ours, not a cache's
         return 0
@@ -157,6 +171,8 @@ class LXDImageOps(Operations):
 
     @translated
     def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        if fh is None:
+            self._may(path, access.W)
         self.tree.truncate(path, length, getattr(fh, "fh", None))
         return 0
 
@@ -167,27 +183,33 @@ class LXDImageOps(Operations):
 
     @translated
     def mkdir(self, path: str, mode: int) -> int:
+        self._may_change(path)
         self.tree.mkdir(path)
         return 0
 
     @translated
     def rmdir(self, path: str) -> int:
+        self._may_change(path)
         self.tree.rmdir(path)
         return 0
 
     @translated
     def unlink(self, path: str) -> int:
+        self._may_change(path)
         self.tree.unlink(path)
         return 0
 
     @translated
     def symlink(self, target: str, source: str) -> int:
         # fusepy's names: `target` is the new link's path, `source` what it points to.
+        self._may_change(target)
         self.tree.symlink(target, source)
         return 0
 
     @translated
     def rename(self, old: str, new: str) -> int:
+        self._may_change(old)
+        self._may_change(new)
         self.tree.rename(old, new, _pid())
         return 0
 
@@ -208,19 +230,23 @@ class LXDImageOps(Operations):
 
     @translated
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        self._may(path, access.R)
         return self.tree.getxattr(path, name)
 
     @translated
     def listxattr(self, path: str) -> list[str]:
+        self._may(path, access.R)
         return list(self.tree.listxattrs(path))
 
     @translated
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        self._may(path, access.W)
         self.tree.setxattr(path, name, bytes(value), options)
         return 0
 
     @translated
     def removexattr(self, path: str, name: str) -> int:
+        self._may(path, access.W)
         self.tree.setxattr(path, name, None)
         return 0
 

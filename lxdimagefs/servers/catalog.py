@@ -23,7 +23,8 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
-from lxdimagefs.names import alias_to_filename, filename_to_alias, fits, is_fingerprint
+from lxdimagefs.keys import Fingerprint, ObjectKey
+from lxdimagefs.names import METADATA, alias_to_filename, filename_to_alias, fits, is_fingerprint
 from lxdimagefs.servers.lxd import ExportLayout, ExportPart, Image, LXDClient
 from lxdimagefs.servers.multipart import first_part_and_next_name
 
@@ -43,10 +44,13 @@ class LayoutJournal:
     One JSON line per image, appended as layouts are learned, in a file only
     its owner can write; a file that is not ours, or a line that does not
     parse, is ignored. Without it, a new mount asks LXD once per image again.
+    Each line is named by its key (server and fingerprint): one server's
+    lines never answer for another's images.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, server: str) -> None:
         self.path = path
+        self.server = server
         self._lock = threading.Lock()
 
     def _open(self, flags: int) -> int | None:
@@ -62,7 +66,10 @@ class LayoutJournal:
             return None
         return fd
 
-    def load(self) -> dict[str, ExportLayout]:
+    def _key(self, fingerprint: str) -> str:
+        return ObjectKey(Fingerprint(fingerprint), "layout", self.server).filename
+
+    def load(self) -> dict[Fingerprint, ExportLayout]:
         fd = self._open(os.O_RDONLY)
         if fd is None:
             return {}
@@ -71,14 +78,17 @@ class LayoutJournal:
             for line in f:
                 try:
                     entry = json.loads(line)
-                    layouts[entry["fp"]] = ExportLayout(
-                        bool(entry["split"]), tuple(ExportPart(str(n), int(z)) for n, z in entry["parts"]))
-                except (ValueError, KeyError, TypeError):
+                    fp = Fingerprint(entry["fp"])
+                    if entry["key"] != self._key(fp):
+                        continue  # another server's, or a line from before keys
+                    layouts[fp] = ExportLayout(bool(entry["split"]), tuple(
+                        ExportPart(part_name(str(n), fp), int(z)) for n, z in entry["parts"]))
+                except (ValueError, KeyError, TypeError):  # BadKey is a ValueError
                     continue
         return layouts
 
-    def add(self, fingerprint: str, layout: ExportLayout) -> None:
-        line = json.dumps({"fp": fingerprint, "split": layout.split,
+    def add(self, fingerprint: Fingerprint, layout: ExportLayout) -> None:
+        line = json.dumps({"key": self._key(fingerprint), "fp": fingerprint, "split": layout.split,
                            "parts": [[p.name, p.size] for p in layout.parts]}) + "\n"
         with self._lock:
             fd = self._open(os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -95,7 +105,7 @@ class Catalog:
         self.ttl = ttl
         self.events_live: Callable[[], bool] = lambda: False  # set by whoever follows LXD's events
         self._snap: Snapshot | None = None
-        self._layouts: LRUCache[str, ExportLayout] = LRUCache(maxsize=100_000)
+        self._layouts: LRUCache[Fingerprint, ExportLayout] = LRUCache(maxsize=100_000)
         if journal is not None:
             self._layouts.update(journal.load())
         self._lock = threading.Lock()
@@ -139,7 +149,7 @@ class Catalog:
         """A full fingerprint, or a unique prefix of at least 12 hex digits."""
         snap = self.snapshot()
         image = snap.images.get(name)
-        if image is None and len(name) == 64 and self.client.image_exists(name):
+        if image is None and Fingerprint.parse(name) is not None and self.client.image_exists(name):
             # Made a moment ago elsewhere (lxc, another mount): the listing is out of date.
             self.invalidate()
             image = self.snapshot().images.get(name)
@@ -163,7 +173,7 @@ class Catalog:
             fp = self.snapshot().aliases.get(filename)
         return fp
 
-    def layout(self, fingerprint: str) -> ExportLayout:
+    def layout(self, fingerprint: Fingerprint) -> ExportLayout:
         with self._layouts_lock:  # an LRU reorders itself on every get: not thread-safe alone
             layout = self._layouts.get(fingerprint)
         if layout is not None:
@@ -184,7 +194,7 @@ class Catalog:
         return layout
 
 
-def probe_layout(client: LXDClient, fingerprint: str) -> ExportLayout:
+def probe_layout(client: LXDClient, fingerprint: Fingerprint) -> ExportLayout:
     """Learn an export's file names and sizes without downloading it.
 
     A unified export answers a one-byte Range request with its name and
@@ -194,14 +204,20 @@ def probe_layout(client: LXDClient, fingerprint: str) -> ExportLayout:
     with client.export_probe(fingerprint) as resp:
         ctype = resp.headers.get("Content-Type", "")
         if not ctype.startswith("multipart/"):
-            name = _filename(resp.headers.get("Content-Disposition")) or fingerprint
+            name = part_name(_filename(resp.headers.get("Content-Disposition")) or "", fingerprint)
             total = resp.headers.get("Content-Range", "").rpartition("/")[2]
             size = int(total) if total.isdigit() else int(resp.headers.get("Content-Length", 0))
             return ExportLayout(False, (ExportPart(name, size),))
         meta_name, meta_size, rootfs_name = first_part_and_next_name(ctype, client.iter_chunks(resp))
     image = client.image(fingerprint)
-    return ExportLayout(True, (ExportPart(meta_name, meta_size),
-                               ExportPart(rootfs_name, image.size - meta_size)))
+    return ExportLayout(True, (ExportPart(part_name(meta_name, f"meta-{fingerprint}"), meta_size),
+                               ExportPart(part_name(rootfs_name, fingerprint), image.size - meta_size)))
+
+
+def part_name(name: str, fallback: str) -> str:
+    """A server's name for an export file, if a directory entry can hold it; else `fallback`."""
+    ok = fits(name) and "/" not in name and name not in (".", "..", METADATA)
+    return name if ok else fallback
 
 
 def _filename(disposition: str | None) -> str | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import websocket
 
+from lxdimagefs.keys import Fingerprint
 from lxdimagefs.servers.lxd import LXDClient
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class EventSubject:
 
     action: str
     alias: str | None = None
-    fingerprint: str | None = None
+    fingerprint: Fingerprint | None = None
 
     @classmethod
     def of(cls, event: dict) -> EventSubject | None:
@@ -55,8 +56,8 @@ class EventSubject:
         source = urllib.parse.urlsplit(str(meta.get("source", ""))).path
         if source.startswith(ALIASES):
             return cls(meta["action"], alias=urllib.parse.unquote(source.removeprefix(ALIASES)))
-        if source.startswith(IMAGES):
-            return cls(meta["action"], fingerprint=source.removeprefix(IMAGES))
+        if source.startswith(IMAGES):  # a malformed one: a whole-listing change, named by nothing
+            return cls(meta["action"], fingerprint=Fingerprint.parse(source.removeprefix(IMAGES)))
         return cls(meta["action"])
 
 

@@ -12,7 +12,7 @@ import re
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,6 +21,7 @@ import requests
 import websocket
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
+from lxdimagefs.keys import BadKey, FileDigest, Fingerprint
 from lxdimagefs.servers.rest import RestSession, json_body
 from lxdimagefs.servers.transport import Backoff, Connection, ExportStream, pin_matches
 
@@ -50,7 +51,7 @@ def parse_time(value: str | None) -> float:
 class Image:
     """One image record, as `GET /1.0/images/<fp>` returns it."""
 
-    fingerprint: str
+    fingerprint: Fingerprint
     size: int
     uploaded_at: float
     last_used_at: float
@@ -60,13 +61,30 @@ class Image:
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Image:
         return cls(
-            fingerprint=rec["fingerprint"],
+            fingerprint=Fingerprint(rec["fingerprint"]),
             size=int(rec.get("size") or 0),
             uploaded_at=parse_time(rec.get("uploaded_at")),
             last_used_at=parse_time(rec.get("last_used_at")),
-            aliases=tuple(a["name"] for a in rec.get("aliases") or ()),
+            aliases=tuple(str(a["name"]) for a in rec.get("aliases") or ()),
             record=rec,
         )
+
+
+def images_from(records: Iterable[Any], where: str) -> list[Image]:
+    """The records that make images; one that does not (a bad fingerprint) is skipped with a warning."""
+    images = []
+    for rec in records:
+        try:
+            images.append(Image.from_record(rec))
+        except (BadKey, KeyError, TypeError, ValueError, AttributeError) as e:
+            warn_once(f"skipped an image record from {where}: {e}")
+    return images
+
+
+@functools.lru_cache(maxsize=256)
+def warn_once(message: str) -> None:
+    """A warning about what a server keeps sending (every listing): said once, not every 3 s."""
+    log.warning("%s", message)
 
 
 @dataclass(frozen=True)
@@ -75,7 +93,8 @@ class ExportPart:
 
     name: str
     size: int
-    key: str | None = None  # the file's own sha256, where it is read on its own (simplestreams)
+    key: FileDigest | None = None  # the file's own sha256, where it is read on its own (simplestreams)
+    path: str = field(default="", compare=False)  # where the server keeps it (simplestreams)
 
 
 @dataclass(frozen=True)
@@ -121,13 +140,18 @@ class LXDClient(RestSession):
 
     def images(self) -> list[Image]:
         """Every image of the project, in one request."""
-        return [Image.from_record(r) for r in self._sync("GET", "/images", params={"recursion": "1"})]
+        records = self._sync("GET", "/images", params={"recursion": "1"}) or ()
+        return images_from(records, self.conn.describe())
 
     def image(self, fingerprint: str) -> Image:
-        return Image.from_record(self._sync("GET", f"/images/{fingerprint}"))
+        return Image.from_record(self._sync("GET", _image(fingerprint)))
 
     def image_exists(self, fingerprint: str) -> bool:
-        return self._exists(f"/images/{fingerprint}")
+        try:
+            path = _image(fingerprint)
+        except BadKey:
+            return False
+        return self._exists(path)
 
     def alias_exists(self, name: str) -> bool:
         return self._exists(f"/images/aliases/{_quote(name)}")
@@ -143,7 +167,7 @@ class LXDClient(RestSession):
 
     def export_probe(self, fingerprint: str) -> requests.Response:
         """The export's answer to a one-byte Range request, streaming (see catalog.probe_layout)."""
-        return self._request("GET", f"/images/{fingerprint}/export", stream=True,
+        return self._request("GET", _image(fingerprint, "/export"), stream=True,
                              headers={"Range": "bytes=0-0"})
 
     def open_export(self, fingerprint: str, start: int, end: int | None = None,
@@ -153,12 +177,12 @@ class LXDClient(RestSession):
         The data path bypasses requests: the body is read with `readinto`
         straight into the caller's buffers. Retried like a GET.
         """
-        return self._raw.open_range(self._target(f"/images/{fingerprint}/export"), start, end,
-                                    backoff or Backoff(self.patience), f"/images/{fingerprint}/export")
+        return self._raw.open_range(self._target(_image(fingerprint, "/export")), start, end,
+                                    backoff or Backoff(self.patience), _image(fingerprint, "/export"))
 
     def export_stream(self, fingerprint: str) -> requests.Response:
         """The whole export as one streaming response (multipart for split images)."""
-        return self._request("GET", f"/images/{fingerprint}/export", stream=True)
+        return self._request("GET", _image(fingerprint, "/export"), stream=True)
 
     # -- storage (what df reports) ------------------------------------------------
 
@@ -206,16 +230,16 @@ class LXDClient(RestSession):
     # -- changes ------------------------------------------------------------
 
     def image_with_etag(self, fingerprint: str) -> tuple[Image, str]:
-        resp = self._request("GET", f"/images/{fingerprint}")
+        resp = self._request("GET", _image(fingerprint))
         return Image.from_record(resp.json()["metadata"]), resp.headers.get("ETag", "")
 
     def update_image(self, fingerprint: str, fields: dict[str, Any], etag: str) -> None:
         """Save editable fields; LXD refuses with 412 if the record changed since `etag`."""
-        self._sync("PUT", f"/images/{fingerprint}", json=fields,
+        self._sync("PUT", _image(fingerprint), json=fields,
                    headers={"If-Match": etag} if etag else None)
 
     def delete_image(self, fingerprint: str) -> None:
-        self.wait(self._sync_or_async("DELETE", f"/images/{fingerprint}"))
+        self.wait(self._sync_or_async("DELETE", _image(fingerprint)))
 
     def create_image(self, body: Any, headers: Mapping[str, str | bytes]) -> str:
         """Upload an image (bytes, a file or an iterator of chunks); returns its fingerprint
@@ -236,12 +260,12 @@ class LXDClient(RestSession):
 
     def refresh_image(self, fingerprint: str) -> bool:
         """`lxc image refresh`: whether a newer image replaced this one."""
-        result = self.wait(self._sync_or_async("POST", f"/images/{fingerprint}/refresh"))
+        result = self.wait(self._sync_or_async("POST", _image(fingerprint, "/refresh")))
         return bool((result or {}).get("refreshed"))
 
     def image_secret(self, fingerprint: str) -> str:
         """A one-time secret another server uses to pull this private image."""
-        body = json_body(self._request("POST", f"/images/{fingerprint}/secret", json={}), "secret")
+        body = json_body(self._request("POST", _image(fingerprint, "/secret"), json={}), "secret")
         return ((body.get("metadata") or {}).get("metadata") or {}).get("secret", "")
 
     def https_address(self) -> str | None:
@@ -271,5 +295,10 @@ class LXDClient(RestSession):
 
 def _quote(name: str) -> str:
     return urllib.parse.quote(name, safe="")
+
+
+def _image(fingerprint: str, tail: str = "") -> str:
+    """An image's URL path: only a valid fingerprint is ever placed in one (BadKey otherwise)."""
+    return f"/images/{Fingerprint(fingerprint)}{tail}"
 
 

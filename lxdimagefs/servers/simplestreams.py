@@ -15,6 +15,7 @@ import functools
 import logging
 import platform
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,9 +23,9 @@ from typing import Any
 import requests
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
-from lxdimagefs.names import is_fingerprint
+from lxdimagefs.keys import BadKey, FileDigest, Fingerprint
 from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.servers.lxd import ExportLayout, ExportPart, Image
+from lxdimagefs.servers.lxd import ExportLayout, ExportPart, Image, warn_once
 from lxdimagefs.servers.transport import Backoff, Connection, ContextAdapter, ExportStream, RawConnections
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ def native_arch() -> str:
 @dataclass(frozen=True)
 class Listing:
     images: list[Image]
-    layouts: dict[str, ExportLayout]
-    paths: dict[str, str]  # a file's sha256 -> its path on the server
+    layouts: dict[Fingerprint, ExportLayout]
+    paths: dict[FileDigest, str]  # a file's claimed sha256 -> its path on the server
 
 
 class StreamsClient:
@@ -69,7 +70,7 @@ class StreamsClient:
         self._session = requests.Session()
         self._session.headers["User-Agent"] = "lxdimagefs"
         self._session.mount("https://", ContextAdapter(self._raw.context))
-        self._paths: dict[str, str] = {}
+        self._paths: dict[FileDigest, str] = {}
         self._lock = threading.Lock()
         self.product = "simplestreams"
 
@@ -105,7 +106,7 @@ class StreamsClient:
         for entry in (index.get("index") or {}).values():
             if entry.get("datatype") == "image-downloads" and entry.get("path"):
                 products.update(self._get(entry["path"]).get("products") or {})
-        listing = parse_products(products)
+        listing = parse_products(products, self.base)
         with self._lock:  # kept, not replaced: a file open while its version left the index reads on
             self._paths.update(listing.paths)
         return listing
@@ -123,10 +124,11 @@ class StreamsClient:
                     backoff: Backoff | None = None) -> ExportStream:
         """Bytes [start, end) of the file whose sha256 is `key`, as a raw stream."""
         with self._lock:
-            path = self._paths.get(key)
+            path = self._paths.get(FileDigest.parse(key))  # type: ignore[arg-type]  # None: a miss
         if path is None:
             raise LXDError(f"no file with sha256 {key} in {self.base}'s index", 404)
-        return self._raw.open_range(f"{_path_of(self.base)}/{path}", start, end,
+        quoted = urllib.parse.quote(path, safe="/-._~")  # a `?` or `#` in a path is the path's own
+        return self._raw.open_range(f"{_path_of(self.base)}/{quoted}", start, end,
                                     backoff or Backoff(self.patience), path)
 
 
@@ -145,10 +147,14 @@ def _time(serial: str) -> str:
     return day.strftime("%Y-%m-%dT%H:%M:%SZ") if serial[:8].isdigit() else ""
 
 
-def parse_products(products: dict[str, Any]) -> Listing:
-    """Image records, export layouts and file paths from a products file's `products`."""
+def parse_products(products: dict[str, Any], where: str = "the index") -> Listing:
+    """Image records, export layouts and file paths from a products file's `products`.
+
+    An item whose hashes are not sha256s, or that lacks a field, is skipped with a
+    warning: the rest of the listing stands.
+    """
     found: list[tuple[str, dict[str, Any], dict[str, Any], ExportLayout]] = []
-    paths: dict[str, str] = {}
+    paths: dict[FileDigest, str] = {}
     for product in products.values():
         arch = ARCHES.get(product.get("arch", ""), product.get("arch", ""))
         for serial, version in (product.get("versions") or {}).items():
@@ -164,27 +170,27 @@ def parse_products(products: dict[str, Any]) -> Listing:
                 else:
                     continue
                 for m, root in pairs:
-                    made = _image(product, arch, serial, created, version, m, root)
-                    if made is not None:
-                        found.append((created, product, *made))
-                        for item in (m, root):
-                            if item is not None:
-                                paths[item["sha256"]] = item["path"]
+                    try:
+                        made = _image(product, arch, serial, created, version, m, root)
+                    except (BadKey, KeyError, TypeError, ValueError, AttributeError) as e:
+                        warn_once(f"skipped an item of {where} (version {serial}): {e}")
+                        continue
+                    found.append((created, product, *made))
+                    for part in made[1].parts:
+                        paths[part.key] = part.path  # type: ignore[index]
     return _with_aliases(found, paths)
 
 
 def _image(product: dict[str, Any], arch: str, serial: str, created: str, version: dict[str, Any],
-           meta: dict[str, Any], root: dict[str, Any] | None) -> tuple[dict[str, Any], ExportLayout] | None:
-    fp = meta.get("sha256", "") if root is None else meta.get(ROOT_TYPES[root["ftype"]][0], "")
-    if not is_fingerprint(fp, 64) or not meta.get("sha256") or (root is not None and not root.get("sha256")):
-        return None
+           meta: dict[str, Any], root: dict[str, Any] | None) -> tuple[dict[str, Any], ExportLayout]:
+    """One image of a version; BadKey, KeyError or ValueError where an item is malformed."""
+    fp = Fingerprint(meta["sha256"] if root is None else meta[ROOT_TYPES[root["ftype"]][0]])
     meta_ext = meta["ftype"].split(".", 1)[1]  # lxd.tar.xz, lxd_combined.tar.gz: what the bytes are
+    first = _part(f"{fp}.{meta_ext}" if root is None else f"meta-{fp}.{meta_ext}", meta)
     if root is None:
-        layout = ExportLayout(False, (ExportPart(f"{fp}.{meta_ext}", int(meta["size"]), meta["sha256"]),))
+        layout = ExportLayout(False, (first,))
     else:
-        layout = ExportLayout(True, (
-            ExportPart(f"meta-{fp}.{meta_ext}", int(meta["size"]), meta["sha256"]),
-            ExportPart(f"{fp}.{ROOT_TYPES[root['ftype']][1]}", int(root["size"]), root["sha256"])))
+        layout = ExportLayout(True, (first, _part(f"{fp}.{ROOT_TYPES[root['ftype']][1]}", root)))
     description = f"{product.get('os', '')} {product.get('release_title', '')} {product.get('arch', '')}"
     if version.get("label"):
         description += f" ({version['label']})"
@@ -206,8 +212,16 @@ def _image(product: dict[str, Any], arch: str, serial: str, created: str, versio
     return record, layout
 
 
+def _part(name: str, item: dict[str, Any]) -> ExportPart:
+    """An item as an export file: its sha256 a claim the reader checks, its path the server's."""
+    path = item["path"]
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"no path for {name}")
+    return ExportPart(name, int(item["size"]), FileDigest(item["sha256"]), path)
+
+
 def _with_aliases(found: list[tuple[str, dict[str, Any], dict[str, Any], ExportLayout]],
-                  paths: dict[str, str]) -> Listing:
+                  paths: dict[FileDigest, str]) -> Listing:
     """Aliases as LXD's client gives them: newest image first; the plain name for this machine's
     architecture, `NAME/ARCH` for every one; containers before VMs take a shared name."""
     found.sort(key=lambda f: f[0], reverse=True)
@@ -234,14 +248,14 @@ class StreamsCatalog(Catalog):
     def __init__(self, client: StreamsClient, ttl: float) -> None:
         super().__init__(client, ttl=ttl)  # type: ignore[arg-type]
         self.streams = client
-        self._known: dict[str, ExportLayout] = {}
+        self._known: dict[Fingerprint, ExportLayout] = {}
 
     def _fetch(self) -> list[Image]:
         listing = self.streams.listing()
         self._known = listing.layouts
         return listing.images
 
-    def layout(self, fingerprint: str) -> ExportLayout:
+    def layout(self, fingerprint: Fingerprint) -> ExportLayout:
         layout = self._known.get(fingerprint)
         if layout is None:
             raise OSError(2, "no such image", fingerprint)

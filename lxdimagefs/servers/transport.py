@@ -45,6 +45,11 @@ class Connection:
     def describe(self) -> str:
         return self.socket or self.url or "?"
 
+    def identity(self) -> str:
+        """Which server and project: the `server` of every key for what is stored about its images."""
+        where = f"unix:{self.socket}" if self.socket else (self.url or "").rstrip("/")
+        return f"{where} project={self.project}"
+
 
 class Backoff:
     """Exponential backoff with jitter, for as long as a time budget lasts.

@@ -5,7 +5,8 @@ over the mount's own lazy reader: an uncompressed tarball is read only at
 the offsets that hold what is asked for; a compressed one costs one
 sequential pass to build its index (gzip seek points and the like), which
 is kept on disk, keyed by fingerprint, so later mounts open any file at
-once. A split image's parts are in the spool already: its metadata tarball
+once (named by the image's key: server and fingerprint, so one server's
+index never answers for another's bytes). A split image's parts are in the spool already: its metadata tarball
 is the top of the tree, its squashfs rootfs (PySquashfsImage) `rootfs/`.
 """
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.prefetch import Prefetcher
+from lxdimagefs.keys import Fingerprint, ObjectKey
 from lxdimagefs.names import fits
 from lxdimagefs.servers.lxd import ExportLayout
 
@@ -104,7 +106,8 @@ class Entry:
 class ImageArchive:
     """One image's contents, opened once and shared by every reader of it."""
 
-    def __init__(self, fp: str, layout: ExportLayout, exports: Exports, index_dir: Path) -> None:
+    def __init__(self, fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> None:
+        """`index`: where this image's index files go, a suffix added per source."""
         # Imported on the first look inside an image (about 0.15 s), not with the module: the
         # library and its decoders add about 15 MiB (32 MiB at rest without them, 47 with),
         # which a daemon that only serves exports should not carry.
@@ -121,7 +124,7 @@ class ImageArchive:
             # .lzma unpacked there once (the stdlib's lzma), and the tarball read from the spool.
             spooled = exports.spool.unified(fp, first.size)
             path = _unpacked(spooled) if first.name.endswith(UNSEEKABLE) else spooled
-            self._top = SQLiteIndexedTar(str(path), indexFilePath=str(index_dir / f"{fp}.sqlite"),
+            self._top = SQLiteIndexedTar(str(path), indexFilePath=_with(index, ".sqlite"),
                                          writeIndex=True)
             return
         if first.key is not None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
@@ -129,7 +132,7 @@ class ImageArchive:
         if not layout.split:
             self._top: MountSource = SQLiteIndexedTar(
                 fileObject=_lazy(exports, first.key or fp, first.size), tarFileName=fp,
-                indexFilePath=str(index_dir / f"{fp}.sqlite"), writeIndex=True,
+                indexFilePath=_with(index, ".sqlite"), writeIndex=True,
                 prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING)
             return
         rootfs_part = layout.parts[1]
@@ -137,14 +140,14 @@ class ImageArchive:
             meta: Any = _lazy(exports, first.key, first.size)
             rootfs: Any = _lazy(exports, rootfs_part.key or "", rootfs_part.size)
             self._top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
-                                         indexFilePath=str(index_dir / f"{fp}.meta.sqlite"), writeIndex=True)
+                                         indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
         else:  # LXD sends a split image as one multipart stream: its parts are in the spool
             meta, rootfs = exports.spool.paths(fp)
-            self._top = SQLiteIndexedTar(str(meta), indexFilePath=str(index_dir / f"{fp}.meta.sqlite"),
+            self._top = SQLiteIndexedTar(str(meta), indexFilePath=_with(index, ".meta.sqlite"),
                                          writeIndex=True)
         if rootfs_part.name.endswith(".squashfs"):
             self._rootfs = SquashFSMountSource(
-                rootfs, indexFilePath=str(index_dir / f"{fp}.rootfs.sqlite"), writeIndex=True)
+                rootfs, indexFilePath=_with(index, ".rootfs.sqlite"), writeIndex=True)
 
     def _route(self, path: str) -> tuple[MountSource | None, str]:
         """Which source holds a path (split images: rootfs/ is the squashfs), and its path there."""
@@ -196,6 +199,10 @@ class ImageArchive:
                 source.__exit__(None, None, None)
 
 
+def _with(index: Path, suffix: str) -> str:
+    return str(index.with_name(index.name + suffix))
+
+
 class IndexFolder:
     """Where archive indexes are kept between mounts: a folder only its owner can use, size-capped."""
 
@@ -210,6 +217,10 @@ class IndexFolder:
             raise PermissionError(f"{self.path} is not a folder only this user can use")
         self._trim()
         return self.path
+
+    def base(self, fp: Fingerprint, server: str) -> Path:
+        """The folder, made ready, joined with the name of one image's index files (never a path)."""
+        return self.ready() / ObjectKey(fp, "index", server).filename
 
     def _trim(self) -> None:
         files = sorted((p for p in self.path.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)

@@ -3,8 +3,10 @@
     contents/by-fingerprint/<fp>/   metadata.yaml, templates/, rootfs/ … as inside the export
     contents/by-alias/<alias> -> ../by-fingerprint/<fp>
 
-Owners, modes, times and link targets are the image's own. Nothing here
-can be changed: every change is EROFS.
+Owners, modes, times and link targets are the image's own, but for the
+top folder of a private image: the mounter's alone (0500), so that no one
+else reads inside it, as no one else reads its export. Nothing here can be
+changed: every change is EROFS.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Handle
 from lxdimagefs.fs.node import Attr, Context, Node
+from lxdimagefs.keys import Fingerprint
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.tree.archives import Entry, ImageArchive, IndexFolder
-from lxdimagefs.tree.images import FP_DIR, ImagesNode
+from lxdimagefs.tree.images import FP_DIR, ImagesNode, is_public
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class ContentsNode(Node):
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
 
-    def _archive(self, fp: str) -> ImageArchive:
+    def _archive(self, fp: Fingerprint) -> ImageArchive:
         with self._lock:
             archive = self._archives.get(fp)
             if archive is not None:
@@ -76,7 +79,8 @@ class ContentsNode(Node):
                 archive = self._archives.get(fp)
             if archive is None:
                 layout = self.catalog.layout(fp)
-                archive = _guarded(fp, lambda: ImageArchive(fp, layout, self.exports, self.index.ready()))
+                index = self.index.base(fp, self.exports.server)
+                archive = _guarded(fp, lambda: ImageArchive(fp, layout, self.exports, index))
                 with self._lock:
                     self._archives[fp] = archive
         return archive
@@ -100,6 +104,11 @@ class ContentsNode(Node):
             return Attr(stat.S_IFLNK | 0o777, len(target.encode()), t, t, t)
         if rest[0] != FP_DIR:
             raise fs_error(errno.ENOENT, self.path(rest))
+        if len(rest) == 2:  # an image's top: the image's own, unless it is private
+            image = self.images.image(rest[1], self.path(rest))
+            if not is_public(image):
+                up = image.uploaded_at
+                return Attr(stat.S_IFDIR | 0o500, 0, up, up, up, 2)
         _, entry = self._entry(rest)
         info = entry.info
         is_dir = stat.S_ISDIR(info.mode)

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 FP_DIR = "by-fingerprint"
 
 
+def is_public(image: Image) -> bool:
+    """LXD's rule: a public image is anyone's to read; a private one, its owner's (the mounter's)."""
+    return image.record.get("public") is True
+
+
 class ImagesNode(Node):
     def __init__(self, ctx: Context, catalog: Catalog, exports: Exports) -> None:
         super().__init__(ctx, FP_DIR)
@@ -59,14 +64,16 @@ class ImagesNode(Node):
         snap = self.catalog.snapshot()
         if not rest:
             newest = max((i.uploaded_at for i in snap.images.values()), default=self.ctx.started)
-            return self.ctx.dir(newest, 2 + len(snap.images))
+            # Writable by the mounter: rmdir of an image folder needs it under default_permissions.
+            return self.ctx.dir(newest, 2 + len(snap.images), writable=True)
         if len(rest) == 1 and rest[0] not in snap.images and self._replaced.get(rest[0]):
             return self.ctx.dir(time.time())
         image = self.image(rest[0], self.path(rest))
         up = image.uploaded_at
         used = image.last_used_at or up
+        public = is_public(image)
         if len(rest) == 1:
-            return Attr(stat.S_IFDIR | self.ctx.mode(0o755, 0o555), 0, up, used, up, 2)
+            return Attr(self.ctx.dir_mode(public), 0, up, used, up, 2)
         if len(rest) != 2:
             raise fs_error(errno.ENOENT, self.path(rest))
         key = (image.fingerprint, rest[1])
@@ -74,11 +81,11 @@ class ImagesNode(Node):
             scratch = self._scratch.get(key)
             hidden = key in self._hidden
         if scratch is not None:
-            return Attr(stat.S_IFREG | 0o644, len(scratch), time.time(), used, up)
+            return Attr(stat.S_IFREG | 0o600, len(scratch), time.time(), used, up)
         if rest[1] == METADATA and not hidden:
-            return Attr(stat.S_IFREG | self.ctx.mode(0o644, 0o444), len(render(image)), up, used, up)
+            return Attr(stat.S_IFREG | self.ctx.file_mode(public), len(render(image)), up, used, up)
         _, part = self._part(image, rest[1], self.path(rest))
-        return Attr(stat.S_IFREG | 0o444, part.size, up, used, up, blksize=BLOCK)
+        return Attr(stat.S_IFREG | self.ctx.file_mode(public), part.size, up, used, up, blksize=BLOCK)
 
     def readdir(self, rest: list[str]) -> list[str]:
         if not rest:

@@ -46,15 +46,16 @@ class ImportsNode(Node):
         name = rest[0]
         with self._lock:
             upload, error, folder = self._uploads.get(name), self._errors.get(name), self._folders.get(name)
+        # What is being imported, and why LXD refused it, is the mounter's alone.
         if len(rest) == 1:
             if upload is not None:
-                return Attr(stat.S_IFREG | 0o644, upload.size, now, now, now)
+                return Attr(stat.S_IFREG | 0o600, upload.size, now, now, now)
             if error is not None:
-                return Attr(stat.S_IFREG | 0o444, len(error), now, now, now)
+                return Attr(stat.S_IFREG | 0o400, len(error), now, now, now)
             if folder is not None:
-                return self.ctx.dir(now, writable=True)
+                return Attr(stat.S_IFDIR | 0o700, 0, now, now, now, 2)
         if len(rest) == 2 and folder is not None and rest[1] in folder.files:
-            return Attr(stat.S_IFREG | 0o644, folder.files[rest[1]], now, now, now)
+            return Attr(stat.S_IFREG | 0o600, folder.files[rest[1]], now, now, now)
         raise fs_error(errno.ENOENT, self.path(rest))
 
     def readdir(self, rest: list[str]) -> list[str]:
