@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lxdimagefs.errors import LXDError
+from lxdimagefs.fs.node import inode_number
 from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator
 from lxdimagefs.servers.events import EventWatcher
 from lxdimagefs.tree.forest import Forest
@@ -50,10 +51,11 @@ def translated(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _stat(attr: Attr, uid: int, gid: int) -> dict[str, int]:
+def _stat(attr: Attr, uid: int, gid: int, path: str) -> dict[str, int]:
     ns = 1_000_000_000
     return {
-        "st_mode": attr.mode, "st_size": attr.size, "st_nlink": attr.nlink,
+        "st_mode": attr.mode, "st_size": attr.size, "st_nlink": attr.nlink, "st_rdev": attr.rdev,
+        "st_ino": inode_number(path) if attr.ino is None else attr.ino,
         "st_uid": uid if attr.uid is None else attr.uid, "st_gid": gid if attr.gid is None else attr.gid,
         "st_blksize": attr.blksize,
         "st_blocks": (attr.size + 511) // 512,
@@ -95,7 +97,7 @@ class LXDImageOps(Operations):
 
     @translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
-        return _stat(self.tree.getattr(path), self.tree.uid, self.tree.gid)
+        return _stat(self.tree.getattr(path), self.tree.uid, self.tree.gid, path)
 
     @translated
     def readdir(self, path: str, fh: Any) -> list[str]:
