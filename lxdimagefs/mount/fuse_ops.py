@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_UNKNOWN = {"st_ino": 0xFFFFFFFF}  # FUSE_UNKNOWN_INO
+
 # Refusals that are the ordinary answer to a question, not worth a warning.
 _QUIET = {errno.ENOENT, errno.ENODATA, errno.ENOTSUP}
 
@@ -100,8 +102,10 @@ class LXDImageOps(Operations):
         return _stat(self.tree.getattr(path), self.tree.uid, self.tree.gid, path)
 
     @translated
-    def readdir(self, path: str, fh: Any) -> list[str]:
-        return [".", "..", *self.tree.readdir(path)]
+    def readdir(self, path: str, fh: Any) -> list[tuple[str, dict[str, int], int]]:
+        # Under use_ino a bare name would list with inode number 0, which tar and fts skip as a
+        # deleted entry: each gets libfuse's "unknown" instead, as without use_ino; stat has the number.
+        return [(name, _UNKNOWN, 0) for name in (".", "..", *self.tree.readdir(path))]
 
     @translated
     def readlink(self, path: str) -> str:
