@@ -69,4 +69,4 @@ def squashfs_links(source: MountSource) -> dict[int, int]:
 
 def inside(name: str) -> str:
     """A tar link target (relative to the archive's root, maybe with ./) as an absolute path."""
-    return posixpath.normpath("/" + name.lstrip("/")).replace("//", "/")
+    return posixpath.normpath("/" + name.lstrip("/"))
