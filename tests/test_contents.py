@@ -139,6 +139,19 @@ def test_stat_of_an_image_folder_does_not_open_its_archive(sandbox, made, tmp_pa
         assert f"/images/{fps['xz']}/export" in m.log_text()
 
 
+def test_an_images_devices_and_setuid_files_grant_nothing(cmnt, made):
+    """Devices and setuid files show as the image has them, on a nodev,nosuid mount: opening a
+    block device of the image is refused, as is running a program as its owner."""
+    fps, _, _ = made
+    with open("/proc/self/mounts") as f:
+        options = next(line.split()[3] for line in f if line.split()[1] == str(cmnt.path)).split(",")
+    assert "nodev" in options and "nosuid" in options
+    dev = cmnt.path / "contents" / "by-fingerprint" / fps["tar"] / "rootfs/dev/sda"
+    assert os.lstat(dev).st_rdev == os.makedev(8, 0)
+    with pytest.raises(PermissionError):
+        open(dev, "rb")  # noqa: SIM115
+
+
 def test_the_same_files_in_two_compressions_are_equal_and_a_different_image_is_not(cmnt, made):
     fps, _, _ = made
     c = cmnt.path / "contents" / "by-fingerprint"
