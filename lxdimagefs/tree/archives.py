@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.prefetch import Prefetcher
-from lxdimagefs.fs.node import inode_number
 from lxdimagefs.names import fits
 from lxdimagefs.servers.lxd import ExportLayout
 from lxdimagefs.tree import inodes
@@ -137,13 +136,14 @@ def _open(fp: str, layout: ExportLayout, exports: Exports, index_dir: Path) -> t
 @dataclass(frozen=True)
 class Entry:
     """A file inside an image, the source (tarball or squashfs) that holds it, and what the
-    source's index does not say: a device's number, a file's names, its inode number."""
+    source's index does not say: a device's number, how many names the file has, and where it
+    is in its source (one place for all its names: its inode number is made from it)."""
 
     source: MountSource
     info: FileInfo
     rdev: int = 0
     nlink: int = 1
-    ino: int | None = None  # None: a folder ratarmountcore made up, numbered by its path
+    place: tuple[str, int] | None = None  # which source, where in it; None: a folder made up
 
 
 class ImageArchive:
@@ -187,9 +187,9 @@ class ImageArchive:
                     mode, rdev = inodes.tar_special(source, info)
                 info = info.clone()
                 info.mode = mode
-        ino = None if inodes.generated(info) else inode_number(
-            self.fp, "rootfs" if source is self._rootfs else "top", inodes.header(info))
-        return Entry(source, info, rdev, nlink, ino)
+        place = None if inodes.generated(info) else (
+            "rootfs" if source is self._rootfs else "top", inodes.header(info))
+        return Entry(source, info, rdev, nlink, place)
 
     def list(self, path: str) -> list[str]:
         source, inner = self._route(path)

@@ -21,7 +21,7 @@ from cachetools import LRUCache
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import BytesHandle, Handle
-from lxdimagefs.fs.node import Attr, Context, Node
+from lxdimagefs.fs.node import Attr, Context, Node, inode_number
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.tree.archives import Entry, ImageArchive, IndexFolder
 from lxdimagefs.tree.images import FP_DIR, ImagesNode
@@ -38,14 +38,14 @@ TAG = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
        b"# the images beside it, unpacked on the fly. See https://bford.info/cachedir/\n")
 
 
-def _attr(entry: Entry) -> Attr:
+def _attr(entry: Entry, ino: int | None) -> Attr:
     """An entry's attributes as the image holds them (a symlink's size: its target's length)."""
     info = entry.info
     kind = stat.S_IFMT(info.mode)
     size = len(info.linkname.encode("utf-8", "surrogateescape")) if kind == stat.S_IFLNK else info.size
     return Attr(info.mode, size if kind in (stat.S_IFREG, stat.S_IFLNK) else 0, info.mtime, info.mtime,
                 info.mtime, 2 if kind == stat.S_IFDIR else entry.nlink, uid=info.uid, gid=info.gid,
-                rdev=entry.rdev, ino=entry.ino)
+                rdev=entry.rdev, ino=ino)
 
 
 class EntryHandle(Handle):
@@ -122,7 +122,10 @@ class ContentsNode(Node):
         if len(rest) == 2:  # the image's folder: from the catalog, without opening its archive
             up = self.images.image(rest[1], self.path(rest)).uploaded_at
             return Attr(stat.S_IFDIR | 0o555, 0, up, up, up, 2)
-        return _attr(self._entry(rest)[1])
+        archive, entry = self._entry(rest)
+        # The names of one file share its number; the same image under two remotes of a forest does not.
+        ino = None if entry.place is None else inode_number(self.ctx.mountpoint, archive.fp, *entry.place)
+        return _attr(entry, ino)
 
     def readdir(self, rest: list[str]) -> list[str]:
         if not rest:
