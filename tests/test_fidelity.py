@@ -41,15 +41,24 @@ def _debootstrap(where: Path) -> None:
     if not shutil.which("debootstrap"):
         pytest.fail("debootstrap is not installed (scripts/install.sh installs it)")
     work = where.with_name(where.name + ".part")
-    shutil.rmtree(work, ignore_errors=True)
+    _remove(work)
     work.mkdir()
     done = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(work / "rootfs"), MIRROR],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        shutil.rmtree(work, ignore_errors=True)
+        _remove(work)
         pytest.fail(f"debootstrap from {MIRROR} failed ({done.returncode}): {done.stderr[-2000:]}"
                     f"{done.stdout[-2000:]}")
     work.rename(where)
+
+
+def _remove(work: Path) -> None:
+    """A half-made tree, with whatever an interrupted debootstrap left mounted in it (/proc) first."""
+    with open("/proc/self/mounts") as f:
+        inside = [line.split()[1] for line in f if line.split()[1].startswith(f"{work}/")]
+    for point in sorted(inside, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
