@@ -71,7 +71,7 @@ def distro() -> Path:
             _debootstrap(where)
         for old in CACHE.glob(f"{PREFIX}2*"):
             if old != where:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
     return where / "rootfs"
 
 
