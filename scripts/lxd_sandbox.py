@@ -249,6 +249,36 @@ def make_split(folder: Path, description: str = "split test image", seed: str | 
     return meta, squash
 
 
+def pack_unified(rootfs: Path, path: Path, description: str = "distribution image") -> Path:
+    """A unified image of a real root tree, as LXD and distrobuilder pack one: metadata.yaml and
+    rootfs/ in one tarball (GNU tar, numeric owners, hard links as links; gzip for a .gz name).
+    Names are sorted, so a reader walking the tree in name order reads the tarball forwards."""
+    work = path.parent / f"{path.name}.meta"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "metadata.yaml").write_bytes(_metadata(description, path.name))
+    # gzip's and mksquashfs's fastest level: what is inside is the same, packing takes a third.
+    compress = ["-I", "gzip -1"] if path.suffix == ".gz" else ["-J"] if path.suffix == ".xz" else []
+    rename = [] if rootfs.name == "rootfs" else ["--transform", f"s,^{rootfs.name},rootfs,S"]
+    subprocess.run(["tar", "-c", *compress, "--numeric-owner", "--sort=name", "-f", str(path),
+                    "-C", str(work), "metadata.yaml", "-C", str(rootfs.parent), *rename, rootfs.name],
+                   check=True, capture_output=True)
+    shutil.rmtree(work)
+    return path
+
+
+def pack_split(rootfs: Path, folder: Path, description: str = "distribution image") -> tuple[Path, Path]:
+    """A split image of a real root tree: a metadata tarball and the tree as a squashfs, owners,
+    devices and hard links kept (mksquashfs as distrobuilder runs it, without -all-root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = folder / "meta.tar.xz"
+    with tarfile.open(meta, "w:xz") as tar:
+        _add(tar, "metadata.yaml", _metadata(description, folder.name))
+    squash = folder / "rootfs.squashfs"
+    subprocess.run(["mksquashfs", str(rootfs), str(squash), "-noappend", "-quiet",
+                    "-Xcompression-level", "1"], check=True, capture_output=True)
+    return meta, squash
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

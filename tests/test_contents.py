@@ -44,7 +44,10 @@ def _entries(blob: int = 0) -> list[tuple[tarfile.TarInfo, bytes | None]]:
               info("rootfs/etc/motd", tarfile.SYMTYPE, 0o777, linkname="os-release"),
               info("rootfs/etc/hard", tarfile.LNKTYPE, linkname="rootfs/etc/os-release"),
               info("rootfs/dev", tarfile.DIRTYPE, 0o755),
-              info("rootfs/dev/null", tarfile.CHRTYPE, 0o666, devmajor=1, devminor=3)]
+              info("rootfs/dev/null", tarfile.CHRTYPE, 0o666, devmajor=1, devminor=3),
+              info("rootfs/dev/sda", tarfile.BLKTYPE, 0o660, gid=6, devmajor=8, devminor=0),
+              info("rootfs/dev/initctl", tarfile.FIFOTYPE, 0o600),
+              info("rootfs/usr/su", mode=0o4755, data=b"#!/bin/sh\n")]
     return files
 
 
@@ -106,19 +109,54 @@ def test_every_unified_format_shows_the_images_files_as_stored(cmnt, made, fmt):
             assert path.read_bytes() == data
         elif t.type == tarfile.SYMTYPE:
             assert os.readlink(path) == t.linkname
-        elif t.type == tarfile.LNKTYPE:
+            assert st.st_size == len(t.linkname)
+        elif t.type == tarfile.LNKTYPE:  # one file, two names: one inode number, two links
+            target = os.lstat(root / t.linkname)
+            assert (st.st_ino, st.st_nlink) == (target.st_ino, 2) and target.st_ino != os.lstat(root).st_ino
             assert path.read_bytes() == (root / t.linkname).read_bytes()
         elif t.type == tarfile.DIRTYPE:
             assert stat.S_ISDIR(st.st_mode)
-        elif t.type == tarfile.CHRTYPE:
-            assert stat.S_ISCHR(st.st_mode)
+        else:  # devices and FIFOs: type, mode and device number as the header has them
+            kind = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK}.get(t.type, stat.S_IFIFO)
+            assert st.st_mode == kind | t.mode, t.name
+            assert st.st_rdev == (os.makedev(t.devmajor, t.devminor) if t.type != tarfile.FIFOTYPE else 0)
+
+
+def test_stat_of_an_image_folder_does_not_open_its_archive(sandbox, made, tmp_path):
+    """find, du and updatedb stat every folder first: an image's own must cost no download."""
+    fps, _, _ = made
+    with mounted(sandbox, tmp_path / "mnt", "--cache-dir", str(tmp_path)) as m:
+        images = m.path / "contents" / "by-fingerprint"
+        for fp in fps.values():
+            st = os.stat(images / fp)
+            assert stat.S_ISDIR(st.st_mode) and st.st_mtime > 0
+        subprocess.run(["find", str(m.path / "contents"), "-maxdepth", "2", "-ls"], check=True,
+                       capture_output=True)
+        assert "/export" not in m.log_text()
+        index = tmp_path / f"lxdimagefs-index-{os.getuid()}"
+        assert not index.exists() or not any(index.iterdir())
+        os.listdir(images / fps["xz"])  # the control: a listing opens it
+        assert f"/images/{fps['xz']}/export" in m.log_text()
+
+
+def test_an_images_devices_and_setuid_files_grant_nothing(cmnt, made):
+    """Devices and setuid files show as the image has them, on a nodev,nosuid mount: opening a
+    block device of the image is refused, as is running a program as its owner."""
+    fps, _, _ = made
+    with open("/proc/self/mounts") as f:
+        options = next(line.split()[3] for line in f if line.split()[1] == str(cmnt.path)).split(",")
+    assert "nodev" in options and "nosuid" in options
+    dev = cmnt.path / "contents" / "by-fingerprint" / fps["tar"] / "rootfs/dev/sda"
+    assert os.lstat(dev).st_rdev == os.makedev(8, 0)
+    with pytest.raises(PermissionError):
+        open(dev, "rb")  # noqa: SIM115
 
 
 def test_the_same_files_in_two_compressions_are_equal_and_a_different_image_is_not(cmnt, made):
     fps, _, _ = made
     c = cmnt.path / "contents" / "by-fingerprint"
-    same = subprocess.run(["diff", "-r", "--no-dereference", str(c / fps["gz"]), str(c / fps["xz"])],
-                          capture_output=True)
+    same = subprocess.run(["diff", "-r", "--no-dereference", "-x", "initctl",  # diff compares no FIFO
+                           str(c / fps["gz"]), str(c / fps["xz"])], capture_output=True)
     assert same.returncode == 0, same.stdout
     other = subprocess.run(["diff", "-r", "--no-dereference", str(c / fps["gz"]), str(c / fps["big"])],
                            capture_output=True)

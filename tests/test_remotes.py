@@ -384,3 +384,16 @@ def test_one_remote_by_name_is_the_tree_itself(world, tmp_path):
         assert vfs.f_bavail == 0 and vfs.f_blocks > 0
     finally:
         unmount(where)
+
+
+def test_one_image_under_two_remotes_is_two_files_inside(world, forest):
+    """`local` and `a` are one LXD: its image's files are not hard links of each other across them
+    (du and tar count both), and each remote's folder numbers them the same on every look."""
+    fp = world.a.import_image(make_unified(world.work / "twice.tar"))
+    try:
+        inside = [forest / r / "contents/by-fingerprint" / fp / "rootfs/etc/hostname" for r in ("a", "local")]
+        first, second = (os.lstat(p) for p in inside)
+        assert first.st_ino != second.st_ino and first.st_nlink == second.st_nlink == 1
+        assert os.lstat(inside[0]).st_ino == first.st_ino
+    finally:
+        world.a.lxc("image", "delete", fp)

@@ -9,6 +9,7 @@ docs/SEMANTICS.md lists.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import stat
 import threading
@@ -33,6 +34,18 @@ class Attr:
     blksize: int = 4096
     uid: int | None = None  # None: the user who mounted
     gid: int | None = None
+    rdev: int = 0
+    ino: int | None = None  # None: a number made from the path (inode_number)
+
+
+def inode_number(*key: object) -> int:
+    """A file's inode number, made from what identifies it: the same in every mount, never 0 or 1.
+
+    The mount reports its own numbers (FUSE's use_ino), so that the names of one file inside an
+    image (a hard link) share one, as tar, du and rsync -H expect.
+    """
+    digest = hashlib.blake2b("\0".join(map(str, key)).encode("utf-8", "surrogateescape"), digest_size=8)
+    return (int.from_bytes(digest.digest(), "big") >> 1) | 2
 
 
 @dataclass

@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     # Unlink an open file for real (libfuse would rename it to .fuse_hidden*, which import/ refuses):
     # removing an import being written is how a user breaks it off.
     fuse_opts.setdefault("hard_remove", True)
+    # The tree numbers its own files (fs/node.py inode_number): a hard link inside an image shares
+    # its file's number, as tar, du and rsync -H need to see it as one file.
+    fuse_opts.setdefault("use_ino", True)
     fuse_opts.setdefault("subtype", "lxdimagefs")
     log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None])

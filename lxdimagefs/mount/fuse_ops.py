@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from lxdimagefs.errors import LXDError
 from lxdimagefs.fs import access
+from lxdimagefs.fs.node import inode_number
 from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator
 from lxdimagefs.servers.events import EventWatcher
 from lxdimagefs.tree.forest import Forest
@@ -24,6 +25,8 @@ from lxdimagefs.tree.root import Attr, Tree
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_UNKNOWN = {"st_ino": 0xFFFFFFFF}  # FUSE_UNKNOWN_INO
 
 # Refusals that are the ordinary answer to a question, not worth a warning.
 _QUIET = {errno.ENOENT, errno.ENODATA, errno.ENOTSUP}
@@ -51,10 +54,11 @@ def translated(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _stat(attr: Attr, uid: int, gid: int) -> dict[str, int]:
+def _stat(attr: Attr, uid: int, gid: int, path: str) -> dict[str, int]:
     ns = 1_000_000_000
     return {
-        "st_mode": attr.mode, "st_size": attr.size, "st_nlink": attr.nlink,
+        "st_mode": attr.mode, "st_size": attr.size, "st_nlink": attr.nlink, "st_rdev": attr.rdev,
+        "st_ino": inode_number(path) if attr.ino is None else attr.ino,
         "st_uid": uid if attr.uid is None else attr.uid, "st_gid": gid if attr.gid is None else attr.gid,
         "st_blksize": attr.blksize,
         "st_blocks": (attr.size + 511) // 512,
@@ -106,12 +110,14 @@ class LXDImageOps(Operations):
 
     @translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
-        return _stat(self.tree.getattr(path), self.tree.uid, self.tree.gid)
+        return _stat(self.tree.getattr(path), self.tree.uid, self.tree.gid, path)
 
     @translated
-    def readdir(self, path: str, fh: Any) -> list[str]:
+    def readdir(self, path: str, fh: Any) -> list[tuple[str, dict[str, int], int]]:
         self._may(path, access.R)
-        return [".", "..", *self.tree.readdir(path)]
+        # Under use_ino a bare name would list with inode number 0, which tar and fts skip as a
+        # deleted entry: each gets libfuse's "unknown" instead, as without use_ino; stat has the number.
+        return [(name, _UNKNOWN, 0) for name in (".", "..", *self.tree.readdir(path))]
 
     @translated
     def readlink(self, path: str) -> str:

@@ -28,6 +28,7 @@ from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.keys import Fingerprint, ObjectKey
 from lxdimagefs.names import fits
 from lxdimagefs.servers.lxd import ExportLayout
+from lxdimagefs.tree import inodes
 
 if TYPE_CHECKING:
     from ratarmountcore.mountsource.MountSource import FileInfo, MountSource
@@ -95,12 +96,56 @@ def _lazy(exports: Exports, key: str, size: int) -> io.BufferedReader:
     return io.BufferedReader(ExportFile(exports.unified(key, size, max_window=4 << 20), size), 1 << 16)
 
 
+def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> tuple[Any, Any]:
+    """An image's sources: its (metadata) tarball, and a split image's squashfs rootfs."""
+    # Imported on the first look inside an image (about 0.15 s), not with the module: the
+    # library and its decoders add about 15 MiB (32 MiB at rest without them, 47 with),
+    # which a daemon that only serves exports should not carry.
+    from ratarmountcore.mountsource.formats.tar import SQLiteIndexedTar
+
+    from lxdimagefs.tree.squashfs import INDEX, SquashfsRootfs
+
+    first = layout.parts[0]
+    if first.key is None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
+        # indexed_zstd reads from a file descriptor, not a file object, and legacy .lzma has
+        # no seek points nor a decoder that indexes it: the export is spooled (verified) first,
+        # .lzma unpacked there once (the stdlib's lzma), and the tarball read from the spool.
+        spooled = exports.spool.unified(fp, first.size)
+        path = _unpacked(spooled) if first.name.endswith(UNSEEKABLE) else spooled
+        return SQLiteIndexedTar(str(path), indexFilePath=_with(index, ".sqlite"),
+                                writeIndex=True), None
+    if first.key is not None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
+        raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
+    if not layout.split:
+        return SQLiteIndexedTar(
+            fileObject=_lazy(exports, first.key or fp, first.size), tarFileName=fp,
+            indexFilePath=_with(index, ".sqlite"), writeIndex=True,
+            prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING), None
+    rootfs_part = layout.parts[1]
+    if first.key is not None:  # a simplestreams server's parts: each read lazily on its own
+        meta: Any = _lazy(exports, first.key, first.size)
+        rootfs: Any = _lazy(exports, rootfs_part.key or "", rootfs_part.size)
+        top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
+                               indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
+    else:  # LXD sends a split image as one multipart stream: its parts are in the spool
+        meta, rootfs = exports.spool.paths(fp)
+        top = SQLiteIndexedTar(str(meta), indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
+    if not rootfs_part.name.endswith(".squashfs"):
+        return top, None
+    return top, SquashfsRootfs(rootfs, indexFilePath=_with(index, f".{INDEX}.sqlite"), writeIndex=True)
+
+
 @dataclass(frozen=True)
 class Entry:
-    """A file inside an image, and the source (tarball or squashfs) that holds it."""
+    """A file inside an image, the source (tarball or squashfs) that holds it, and what the
+    source's index does not say: a device's number, how many names the file has, and where it
+    is in its source (one place for all its names: its inode number is made from it)."""
 
     source: MountSource
     info: FileInfo
+    rdev: int = 0
+    nlink: int = 1
+    place: tuple[str, int] | None = None  # which source, where in it; None: a folder made up
 
 
 class ImageArchive:
@@ -108,46 +153,12 @@ class ImageArchive:
 
     def __init__(self, fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> None:
         """`index`: where this image's index files go, a suffix added per source."""
-        # Imported on the first look inside an image (about 0.15 s), not with the module: the
-        # library and its decoders add about 15 MiB (32 MiB at rest without them, 47 with),
-        # which a daemon that only serves exports should not carry.
-        from ratarmountcore.mountsource.formats.squashfs import SquashFSMountSource
-        from ratarmountcore.mountsource.formats.tar import SQLiteIndexedTar
-
         self.fp = fp
         self._lock = threading.Lock()  # ratarmountcore's sources are not made for concurrent use
-        self._rootfs: MountSource | None = None
-        first = layout.parts[0]
-        if first.key is None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
-            # indexed_zstd reads from a file descriptor, not a file object, and legacy .lzma has
-            # no seek points nor a decoder that indexes it: the export is spooled (verified) first,
-            # .lzma unpacked there once (the stdlib's lzma), and the tarball read from the spool.
-            spooled = exports.spool.unified(fp, first.size)
-            path = _unpacked(spooled) if first.name.endswith(UNSEEKABLE) else spooled
-            self._top = SQLiteIndexedTar(str(path), indexFilePath=_with(index, ".sqlite"),
-                                         writeIndex=True)
-            return
-        if first.key is not None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
-            raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
-        if not layout.split:
-            self._top: MountSource = SQLiteIndexedTar(
-                fileObject=_lazy(exports, first.key or fp, first.size), tarFileName=fp,
-                indexFilePath=_with(index, ".sqlite"), writeIndex=True,
-                prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING)
-            return
-        rootfs_part = layout.parts[1]
-        if first.key is not None:  # a simplestreams server's parts: each read lazily on its own
-            meta: Any = _lazy(exports, first.key, first.size)
-            rootfs: Any = _lazy(exports, rootfs_part.key or "", rootfs_part.size)
-            self._top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
-                                         indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
-        else:  # LXD sends a split image as one multipart stream: its parts are in the spool
-            meta, rootfs = exports.spool.paths(fp)
-            self._top = SQLiteIndexedTar(str(meta), indexFilePath=_with(index, ".meta.sqlite"),
-                                         writeIndex=True)
-        if rootfs_part.name.endswith(".squashfs"):
-            self._rootfs = SquashFSMountSource(
-                rootfs, indexFilePath=_with(index, ".rootfs.sqlite"), writeIndex=True)
+        self._top, self._rootfs = _open(fp, layout, exports, index)
+        # How many names each hard-linked file has: one query of each index, here, not per stat.
+        self._tar_links = inodes.tar_links(self._top)
+        self._rootfs_links = inodes.squashfs_links(self._rootfs) if self._rootfs else {}
 
     def _route(self, path: str) -> tuple[MountSource | None, str]:
         """Which source holds a path (split images: rootfs/ is the squashfs), and its path there."""
@@ -161,19 +172,27 @@ class ImageArchive:
             info = source.lookup(inner) if source else None
         if info is None or source is None:
             return None
-        if not stat.S_IFMT(info.mode):
+        if not stat.S_IFMT(info.mode) and info.linkname:
             # A tar hard link: no file type of its own, the name of its target (relative to the
             # archive's root) in linkname. It is that file; a loop or a dangling one is absent.
-            if info.linkname and depth < 8:
-                return self.lookup("/" + info.linkname.lstrip("/"), depth + 1)
-            if info.linkname:
-                return None
-            info = info.clone()
-            info.mode |= stat.S_IFREG
-        if source is self._rootfs and inner == "/":
-            info = info.clone()
-            info.mode = stat.S_IFDIR | stat.S_IMODE(info.mode)
-        return Entry(source, info)
+            return self.lookup(inodes.inside(info.linkname), depth + 1) if depth < 8 else None
+        rdev = 0
+        if source is self._rootfs:
+            nlink = self._rootfs_links.get(inodes.header(info), 1)
+            if stat.S_IFMT(info.mode) in inodes.DEVICES:
+                with self._lock:
+                    rdev = source.device(info)
+        else:
+            nlink = self._tar_links.get(path, 1)
+            if stat.S_IFMT(info.mode) in inodes.DEVICES or not stat.S_IFMT(info.mode):
+                # A device's number is in its header alone, and a block device's very type.
+                with self._lock:
+                    mode, rdev = inodes.tar_special(source, info)
+                info = info.clone()
+                info.mode = mode
+        place = None if inodes.generated(info) else (
+            "rootfs" if source is self._rootfs else "top", inodes.header(info))
+        return Entry(source, info, rdev, nlink, place)
 
     def list(self, path: str) -> list[str]:
         source, inner = self._route(path)
@@ -181,7 +200,7 @@ class ImageArchive:
             found = source.list(inner) if source else None
         if found is None:
             return []
-        names = [n for n in found if n not in (".", "..") and "/" not in n and fits(n)]
+        names = [n for n in found if n not in ("", ".", "..") and "/" not in n and fits(n)]
         if path == "/" and self._rootfs is not None and ROOTFS not in names:
             names.append(ROOTFS)
         return sorted(names)

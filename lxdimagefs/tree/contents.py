@@ -2,6 +2,7 @@
 
     contents/by-fingerprint/<fp>/   metadata.yaml, templates/, rootfs/ … as inside the export
     contents/by-alias/<alias> -> ../by-fingerprint/<fp>
+    contents/CACHEDIR.TAG        so that backups of the mount leave the derived files out
 
 Owners, modes, times and link targets are the image's own, but for the
 top folder of a private image: the mounter's alone (0500), so that no one
@@ -21,8 +22,8 @@ from cachetools import LRUCache
 
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
-from lxdimagefs.fs.handles import Handle
-from lxdimagefs.fs.node import Attr, Context, Node
+from lxdimagefs.fs.handles import BytesHandle, Handle
+from lxdimagefs.fs.node import Attr, Context, Node, inode_number
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.tree.archives import Entry, ImageArchive, IndexFolder
@@ -32,6 +33,22 @@ log = logging.getLogger(__name__)
 
 CONTENTS_DIR = "contents"
 ALIASES = "by-alias"
+# contents/ is derived from the exports beside it: backups skip it with --exclude-caches (tar,
+# restic, borg), as https://bford.info/cachedir/ has every tool do.
+CACHEDIR_TAG = "CACHEDIR.TAG"
+TAG = (b"Signature: 8a477f597d28d172789f06886806bc55\n"
+       b"# This file is a cache directory tag created by lxdimagefs: contents/ shows what is inside\n"
+       b"# the images beside it, unpacked on the fly. See https://bford.info/cachedir/\n")
+
+
+def _attr(entry: Entry, ino: int | None) -> Attr:
+    """An entry's attributes as the image holds them (a symlink's size: its target's length)."""
+    info = entry.info
+    kind = stat.S_IFMT(info.mode)
+    size = len(info.linkname.encode("utf-8", "surrogateescape")) if kind == stat.S_IFLNK else info.size
+    return Attr(info.mode, size if kind in (stat.S_IFREG, stat.S_IFLNK) else 0, info.mtime, info.mtime,
+                info.mtime, 2 if kind == stat.S_IFDIR else entry.nlink, uid=info.uid, gid=info.gid,
+                rdev=entry.rdev, ino=ino)
 
 
 class EntryHandle(Handle):
@@ -95,6 +112,8 @@ class ContentsNode(Node):
 
     def getattr(self, rest: list[str]) -> Attr:
         t = self.ctx.started
+        if rest == [CACHEDIR_TAG]:
+            return Attr(stat.S_IFREG | 0o444, len(TAG), t, t, t)
         if len(rest) < 2:
             if rest and rest[0] not in (FP_DIR, ALIASES):
                 raise fs_error(errno.ENOENT, self.path(rest))
@@ -104,20 +123,18 @@ class ContentsNode(Node):
             return Attr(stat.S_IFLNK | 0o777, len(target.encode()), t, t, t)
         if rest[0] != FP_DIR:
             raise fs_error(errno.ENOENT, self.path(rest))
-        if len(rest) == 2:  # an image's top: the image's own, unless it is private
+        if len(rest) == 2:  # the image's folder: from the catalog, without opening its archive
             image = self.images.image(rest[1], self.path(rest))
-            if not is_public(image):
-                up = image.uploaded_at
-                return Attr(stat.S_IFDIR | 0o500, 0, up, up, up, 2)
-        _, entry = self._entry(rest)
-        info = entry.info
-        is_dir = stat.S_ISDIR(info.mode)
-        return Attr(info.mode, 0 if is_dir else info.size, info.mtime, info.mtime, info.mtime,
-                    2 if is_dir else 1, uid=info.uid, gid=info.gid)
+            up = image.uploaded_at  # a private image's is the mounter's alone
+            return Attr(stat.S_IFDIR | (0o555 if is_public(image) else 0o500), 0, up, up, up, 2)
+        archive, entry = self._entry(rest)
+        # The names of one file share its number; the same image under two remotes of a forest does not.
+        ino = None if entry.place is None else inode_number(self.ctx.mountpoint, archive.fp, *entry.place)
+        return _attr(entry, ino)
 
     def readdir(self, rest: list[str]) -> list[str]:
         if not rest:
-            return [FP_DIR, ALIASES]
+            return [CACHEDIR_TAG, FP_DIR, ALIASES]
         if rest == [FP_DIR]:
             return sorted(self.catalog.snapshot().images)
         if rest == [ALIASES]:
@@ -144,6 +161,8 @@ class ContentsNode(Node):
         raise fs_error(errno.EINVAL, self.path(rest))
 
     def open(self, rest: list[str], flags: int, pid: int) -> Handle:
+        if rest == [CACHEDIR_TAG]:
+            return BytesHandle(TAG)
         if len(rest) < 3 or rest[0] != FP_DIR:
             raise fs_error(errno.ENOENT, self.path(rest))
         archive, entry = self._entry(rest)
