@@ -78,7 +78,9 @@ certificates are read from config.yml), unix:///path/to/unix.socket, or
 https://HOST:PORT. --socket and --url say the same in long form. A
 simplestreams remote (images:, ubuntu:) is read from its index, read-only.
 --remote NAME (repeated) or --all-remotes mount one folder per remote; one
-that does not answer is an empty folder until it does.
+that does not answer is an empty folder until it does. --all-projects mounts
+one folder per LXD project (REMOTE/PROJECT/ with several remotes); a project
+with features.images=false shows the default project's images.
 
 the tree:
   by-fingerprint/<fp>/          metadata.json and the export file(s), named
@@ -136,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trust exactly this server certificate (default: the remote's, as "
                              "`lxc remote add` kept it, else the system's CAs)")
     server.add_argument("--project", default="default", metavar="NAME", help="default: default")
+    server.add_argument("--all-projects", action="store_true",
+                        help="one folder per project (REMOTE/PROJECT/ with several remotes); projects "
+                             "made or deleted while mounted come and go")
     server.add_argument("--remote", action="append", default=[], metavar="NAME",
                         help="a remote of the lxc or incus client; repeat it to mount several, "
                              "one folder each")
@@ -283,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cache_dir and not os.path.isdir(args.cache_dir):
             raise UsageError(f"cache folder {args.cache_dir} does not exist")
         chosen = servers(args, own)
+        if args.all_projects and args.project != "default":
+            raise UsageError("give --project NAME or --all-projects, not both")
     except UsageError as e:
         print(f"lxdimagefs: {e}", file=sys.stderr)
         return 2
@@ -298,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         readonly=bool(fuse_opts.get("ro")),
                         metadata_ttl=float(own.get("metadata_ttl", 3.0)),  # type: ignore[arg-type]
                         cache_bytes=int(own.get("cache_size", 32)) << 20,  # type: ignore[call-overload]
-                        events=not own.get("no_events"), contents=not own.get("nocontents"))
+                        events=not own.get("no_events"), contents=not own.get("nocontents"),
+                        all_projects=args.all_projects)
     forest = args.all_remotes or len(args.remote) > 1
     try:
         root, built = assemble(chosen, settings, forest)
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     finally:
         for b in built:
-            b.tree.exports.spool.remove()
+            b.tree.close()  # again, if libfuse did not: its spools go
     log.info("unmounted %s", mountpoint)
     return 0
 
