@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "one folder each")
     server.add_argument("--all-remotes", action="store_true",
                         help="every remote in the clients' config.yml, one folder each")
+    server.add_argument("--trust-token", metavar="TOKEN",
+                        help="join the server with a token from `lxc config trust add`, as "
+                             "`lxc remote add SOURCE TOKEN` does: SOURCE is the new remote's name")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached; SIGINT/SIGTERM unmount")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="FUSE's options and lxdimagefs's own (below)")
@@ -280,6 +283,28 @@ def servers(args: argparse.Namespace, own: dict[str, object]) -> list[tuple[Remo
     return chosen
 
 
+def check_joining(args: argparse.Namespace) -> None:
+    """--trust-token names the remote it records with SOURCE, and mounts nothing else."""
+    if not args.trust_token:
+        return
+    if args.remote or args.all_remotes or args.socket or args.url:
+        raise UsageError("--trust-token joins one server: give it with SOURCE only, the new remote's name")
+    if not args.source or args.source == "local" or ":" in args.source or "/" in args.source:
+        raise UsageError("--trust-token needs SOURCE: the name to record the server under, as in "
+                         "`lxc remote add NAME TOKEN`")
+
+
+def joined(args: argparse.Namespace, own: dict[str, object]) -> int | None:
+    """Join the server with the token (one line and exit 1 if that fails); None once joined."""
+    from lxdimagefs.mount.trust import TrustError, join
+    try:
+        join(args.source, args.trust_token, timeout=min(10.0, float(own.get("timeout", 30.0))))  # type: ignore[arg-type]
+    except TrustError as e:
+        print(f"lxdimagefs: {e}", file=sys.stderr)
+        return 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # SOURCE may stand apart from MOUNTPOINT
     try:
@@ -287,13 +312,19 @@ def main(argv: list[str] | None = None) -> int:
         mountpoint = check_mountpoint(args.mountpoint)
         if args.cache_dir and not os.path.isdir(args.cache_dir):
             raise UsageError(f"cache folder {args.cache_dir} does not exist")
-        chosen = servers(args, own)
+        chosen = [] if args.trust_token else servers(args, own)
         if args.all_projects and args.project != "default":
             raise UsageError("give --project NAME or --all-projects, not both")
+        check_joining(args)
     except UsageError as e:
         print(f"lxdimagefs: {e}", file=sys.stderr)
         return 2
     setup_logging(args)
+    if args.trust_token:
+        failed = joined(args, own)
+        if failed is not None:
+            return failed
+        chosen = servers(args, own)
     limit_malloc_arenas()
 
     # Imported late: loading libfuse is not needed for --help or a usage error.
