@@ -74,7 +74,7 @@ def join(name: str, text: str, timeout: float = 10.0) -> Remote:
     url = f"https://{address}"
     session = RestSession(Connection(url=url, cert=(crt, key), pinned=token.fingerprint,
                                      timeout=(timeout, timeout)))
-    session.patience = 0.0  # a token is used once: never sent twice
+    session.patience = timeout  # for the GETs; the token's POST is never sent twice (retry="none")
     try:
         if session._sync("GET", "").get("auth") != "trusted":
             # The whole token, as lxc sends it: LXD 5.0 reads it from `password`, later LXDs from
@@ -141,7 +141,7 @@ def client_pair(conf: Path) -> tuple[str, str]:
                                       serialization.PrivateFormat.TraditionalOpenSSL,
                                       serialization.NoEncryption()))
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    log.info("made a client certificate, %s", crt)
+    log.debug("made a client certificate, %s", crt)  # (not info: a refusal stays one line on stderr)
     return str(crt), str(key)
 
 
