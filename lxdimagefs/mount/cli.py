@@ -81,6 +81,10 @@ simplestreams remote (images:, ubuntu:) is read from its index, read-only.
 that does not answer is an empty folder until it does. --all-projects mounts
 one folder per LXD project (REMOTE/PROJECT/ with several remotes); a project
 with features.images=false shows the default project's images.
+--trust-token TOKEN NAME joins a server with a token from `lxc config trust
+add` as `lxc remote add NAME TOKEN` does, records it as remote NAME (lxc's
+config.yml) and mounts it; later, `lxdimagefs NAME MOUNTPOINT` needs no token.
+A cluster is mounted through any one member; see docs/SEMANTICS.md.
 
 the tree:
   by-fingerprint/<fp>/          metadata.json and the export file(s), named
@@ -107,11 +111,18 @@ options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
   _netdev, nofail, user, users, auto, noauto, defaults, x-*
                         fstab's and systemd's: accepted and ignored
 
+examples:
+  lxdimagefs ~/images                          the local LXD
+  lxdimagefs --all-projects ~/images           ~/images/PROJECT/...
+  lxdimagefs --all-remotes --all-projects ~/l  ~/l/REMOTE/PROJECT/...
+  lxdimagefs --trust-token TOKEN lxd1 ~/images join lxd1, then mount it
+
 fstab:
   local  /srv/images  fuse.lxdimagefs  _netdev,nofail,allow_other  0 0
 
 exit status: 0 once the mount is live (or, with -f, after a clean unmount);
-1 when the server cannot be reached or FUSE refuses the mount; 2 for a
+1 when the server cannot be reached, FUSE refuses the mount or a trust token is
+refused; 2 for a
 usage error. Unmount with `fusermount -u MOUNTPOINT` or `umount`.
 
 docs/SEMANTICS.md says what every system call does and which errno each
