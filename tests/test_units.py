@@ -322,3 +322,14 @@ def test_events_of_all_projects_name_their_project_and_project_changes():
     assert EventSubject.of({"metadata": {"action": "image-created", "source": "/1.0/images/ab"}}).project == \
         "default"  # a stream of one project: LXD 5.0 may leave the field out
     assert EventSubject.of({"metadata": {"action": "instance-created", "source": "/1.0/instances/x"}}) is None
+
+
+def test_no_patience_still_gives_the_first_try_its_whole_timeout():
+    """Mounting asks once, without retries: that one try must not be cut to 0.1 s (a busy LXD misses it)."""
+    from lxdimagefs.errors import LXDUnreachable
+    from lxdimagefs.servers.transport import Backoff
+
+    assert Backoff(0).clamp((5.0, 30.0)) == (5.0, 30.0)
+    later = Backoff(0.5)
+    later.pause(LXDUnreachable("away"), "a test")  # a retry: bounded by what is left of the budget
+    assert max(later.clamp((5.0, 30.0))) <= 0.5
