@@ -66,11 +66,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def mounts(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Mount]]:
-    """One mount per member, each on that member's own socket."""
+    """One mount per member: m1's and m2's on their own sockets, m3's over HTTPS (a client
+    certificate the cluster trusts, the cluster's certificate pinned), its events over wss."""
+    work = tmp_path_factory.mktemp("https")
+    crt, key = work / "client.crt", work / "client.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(crt), "-subj", "/CN=mount", "-days", "2"],
+                   capture_output=True, check=True)
+    cluster.members[0].box.lxc("config", "trust", "add", str(crt))
+    pinned = str(cluster.members[0].box.lxd_dir / "cluster.crt")
     with contextlib.ExitStack() as stack:
-        yield {m.name: stack.enter_context(mounted(m.box, tmp_path_factory.mktemp(m.name) / "mnt",
-                                                   "-o", f"timeout={TIMEOUT}"))
-               for m in cluster.members}
+        made = {}
+        for m in cluster.members:
+            https = ("--url", m.url, "--cert", str(crt), "--key", str(key), "--server-cert", pinned)
+            where = tmp_path_factory.mktemp(m.name) / "mnt"
+            made[m.name] = stack.enter_context(mounted(m.box, where, "-o", f"timeout={TIMEOUT}",
+                                                       server=https if m.name == "m3" else ()))
+        yield made
 
 
 def test_three_members_joined_with_tokens(cluster):
