@@ -5,7 +5,8 @@ Each member is a `Sandbox` (its own LXD_DIR, started and stopped by pid)
 listening on 127.0.0.N. The first is turned into a cluster (`lxc cluster
 enable`); the others join with a token from `lxc cluster add`, through
 `lxd init --preseed`. Three members, because all three are database voters:
-with two, stopping one loses quorum and the other stops answering.
+with two, the second is a standby, and with the leader stopped it fails every
+request after 30 s ("Failed to begin transaction").
 
     scripts/lxd_cluster.py start      prints each member's folder and pid
     scripts/lxd_cluster.py stop ROOT...
