@@ -122,7 +122,8 @@ fstab:
 
 exit status: 0 once the mount is live (or, with -f, after a clean unmount);
 1 when the server cannot be reached, FUSE refuses the mount or a trust token
-is refused; 2 for a usage error. Unmount with `fusermount -u MOUNTPOINT` or `umount`.
+is refused; 2 for a usage error. Unmount with `fusermount -u MOUNTPOINT` or
+`umount`.
 
 docs/SEMANTICS.md says what every system call does and which errno each
 refusal gives.

@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lxdimagefs.errors import LXDError
 from lxdimagefs.mount.remotes import Remote, client_dirs
-from lxdimagefs.servers.rest import RestSession
+from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.servers.transport import Connection
 
 log = logging.getLogger(__name__)
@@ -72,16 +72,13 @@ def join(name: str, text: str, timeout: float = 10.0) -> Remote:
     address, server_pem = _server(token, timeout)
     crt, key = client_pair(conf)
     url = f"https://{address}"
-    session = RestSession(Connection(url=url, cert=(crt, key), pinned=token.fingerprint,
-                                     timeout=(timeout, timeout)))
-    session.patience = timeout  # for the GETs; the token's POST is never sent twice (retry="none")
+    client = LXDClient(Connection(url=url, cert=(crt, key), pinned=token.fingerprint,
+                                  timeout=(timeout, timeout)))
+    client.patience = timeout  # for the GETs; the token itself is sent once
     try:
-        if session._sync("GET", "").get("auth") != "trusted":
-            # The whole token, as lxc sends it: LXD 5.0 reads it from `password`, later LXDs from
-            # `trust_token`; each finds the secret inside and matches it to its pending token.
-            body = {"type": "client", "password": text, "trust_token": text}
-            session._sync("POST", "/certificates", json=body, retry="none")
-        if session._sync("GET", "").get("auth") != "trusted":
+        if client.server_info().get("auth") != "trusted":
+            client.trust_with_token(text)
+        if client.server_info().get("auth") != "trusted":
             raise TrustError(f"{url} took the token but does not trust this client")
     except LXDError as e:
         raise TrustError(f"{url} refused the trust token (used, expired or wrong): {e.message}") from None

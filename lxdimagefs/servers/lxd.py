@@ -266,6 +266,16 @@ class LXDClient(RestSession):
         addresses = (self.server_info().get("environment") or {}).get("addresses") or []
         return f"https://{addresses[0]}" if addresses else None
 
+    def trust_with_token(self, token: str) -> None:
+        """Have the server trust this client's certificate in exchange for a trust token, once.
+
+        The whole token, as lxc sends it: LXD 5.0 reads it from `password`, later
+        LXDs from `trust_token`; each finds the secret inside and matches it to its
+        pending token. Never retried: a token is good for one use.
+        """
+        self._sync("POST", "/certificates", json={"type": "client", "password": token, "trust_token": token},
+                   retry="none")
+
     def server_certificate(self) -> str:
         return (self.server_info().get("environment") or {}).get("certificate", "")
 
