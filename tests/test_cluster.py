@@ -1,9 +1,11 @@
 """A real three-member LXD cluster on loopback (127.0.0.1-3), one mount per member.
 
-The cluster is started once for the module (scripts/lxd_cluster.py: 5-6 s for
-the three daemons and the two token joins); the whole module takes about 50 s
-on the shared 2-core machine, of which the leader's test is about 20 s (the
-EIO waits out the 8 s timeout; the leader's restart and rejoin about 10 s). `cluster.images_minimal_replica=1`
+The cost, measured: the cluster is started once for the module
+(scripts/lxd_cluster.py: 5-7 s for the three daemons and the two token
+joins, 8 s to stop them); the module alone takes 40-51 s on the shared
+2-core machine, and about 35 s of the full suite's 9.5 minutes (2026-12-01),
+of which the leader's test is 12-20 s (the EIO waits out the 8 s timeout;
+the leader's restart and rejoin about 10 s). `cluster.images_minimal_replica=1`
 keeps each image on the member that took it, so that reads through another
 member really go through that member's forwarding.
 """

@@ -146,7 +146,10 @@ def test_an_existing_client_certificate_is_kept(server, user, tmp_path):
     (conf / "config.yml").write_text("default-remote: mine\nremotes:\n  mine:\n    addr: unix:///nowhere\n")
     before = (conf / "client.crt").read_bytes()
     (tmp_path / "mnt").mkdir()
-    done = lxdimagefs(user, "--trust-token", token(box), "kept", str(tmp_path / "mnt"))
+    text = token(box)
+    taken = lxdimagefs(user, "--trust-token", text, "mine", str(tmp_path / "mnt"))  # a name lxc has
+    assert taken.returncode == 1 and taken.stderr.count("\n") == 1 and "exists already" in taken.stderr
+    done = lxdimagefs(user, "--trust-token", text, "kept", str(tmp_path / "mnt"))  # the token is unspent
     assert done.returncode == 0, done.stderr
     unmount(tmp_path / "mnt")
     assert (conf / "client.crt").read_bytes() == before
