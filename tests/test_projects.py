@@ -131,3 +131,13 @@ def test_all_projects_and_one_project_together_is_a_usage_error(sandbox, tmp_pat
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "--all-projects" in done.stderr
     assert not os.path.ismount(tmp_path)
+
+
+def test_without_events_the_list_of_projects_lives_metadata_ttl(sandbox, images, projects, tmp_path):
+    with mounted(sandbox, tmp_path / "mnt", "--all-projects", "-o", "no_events,metadata_ttl=1") as m:
+        assert "later" not in os.listdir(m.path)
+        sandbox.lxc("project", "create", "later")
+        try:
+            shows_within(lambda: "later" in os.listdir(m.path), within=2.5)  # no event: the lifetime
+        finally:
+            sandbox.lxc("project", "delete", "later")
