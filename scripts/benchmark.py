@@ -723,6 +723,8 @@ def main() -> int:
     p.add_argument("--size-mib", type=int, default=1024, help="size of the large image")
     p.add_argument("--reads-only", action="store_true", help="only the sequential and random reads")
     p.add_argument("--contents-only", action="store_true", help="only what is inside images")
+    p.add_argument("--cluster-only", action="store_true",
+                   help="only reads through a cluster member that does not hold the image")
     p.add_argument("--remotes-only", action="store_true",
                    help="only copies between servers, simplestreams, and Incus")
     args = p.parse_args()
@@ -737,6 +739,8 @@ def main() -> int:
     try:
         if args.contents_only:
             bench_contents(box, work)
+        elif args.cluster_only:
+            bench_cluster_section(work, args.size_mib)
         elif args.remotes_only:
             bench_remotes(work, args.size_mib)
             bench_incus(work, args.size_mib)
@@ -772,6 +776,14 @@ def run_all(box: Sandbox, work: Path, args: argparse.Namespace) -> None:
         bench_listing(box, args.many)
         bench_remotes(work, args.size_mib)
         bench_incus(work, args.size_mib)
+        bench_cluster_section(work, args.size_mib)
+
+
+def bench_cluster_section(work: Path, size_mib: int) -> None:
+    """Throughput through a cluster member that does not hold the image (scripts/bench_cluster.py)."""
+    from bench_cluster import bench_cluster
+
+    bench_cluster(work, size_mib, row, sh, mount, export_file, _cpu_seconds)
 
 
 if __name__ == "__main__":

@@ -43,13 +43,14 @@ def unmount(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def mounted(sandbox: Sandbox, where: Path, *args: str) -> Iterator[Mount]:
-    """lxdimagefs in the foreground, as a child we own and stop by its pid."""
+def mounted(sandbox: Sandbox, where: Path, *args: str, server: tuple[str, ...] = ()) -> Iterator[Mount]:
+    """lxdimagefs in the foreground, as a child we own and stop by its pid (on the socket, or `server`)."""
     where.mkdir(parents=True, exist_ok=True)
     log = where.parent / f"{where.name}.log"
     if "--cache-dir" not in args:  # spools and the layout journal go with the test's own files
         args = ("--cache-dir", str(where.parent), *args)
-    proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--debug", "--socket", sandbox.socket,
+    where_from = server or ("--socket", sandbox.socket)
+    proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--debug", *where_from,
                              "--log-file", str(log), *args, str(where)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -142,6 +142,35 @@ def test_changes_made_elsewhere_show_in_each_remotes_folder(world, forest):
         world.b.lxc("image", "delete", fp)
 
 
+def test_all_remotes_and_all_projects_is_remote_then_project(world, tmp_path):
+    world.b.lxc("project", "create", "team")
+    fp = world.b.import_image(make_unified(world.work / "on-b-default.tar"), alias="b-default")
+    where = tmp_path / "mnt"
+    where.mkdir()
+    try:
+        done = subprocess.run([sys.executable, "-m", "lxdimagefs", "--all-remotes", "--all-projects",
+                               "--cache-dir", str(tmp_path), str(where)],
+                              env=world.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert sorted(os.listdir(where)) == ["a", "b", "local", "sst"]
+        assert sorted(os.listdir(where / "b")) == ["default", "team"]  # over HTTPS
+        assert sorted(os.listdir(where / "b" / "default" / "by-fingerprint")) == sorted(_records(world.b))
+        assert os.listdir(where / "b" / "team" / "by-fingerprint") == []
+        data = (where / "b" / "default" / "by-alias" / "b-default" / f"{fp}.tar").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == fp
+        world.b.lxc("project", "create", "later")  # heard on the HTTPS event stream of all projects
+        started = time.monotonic()
+        while "later" not in os.listdir(where / "b"):
+            assert time.monotonic() - started < 1.0
+            time.sleep(0.01)
+        assert "by-fingerprint" in os.listdir(where / "sst")  # a simplestreams server has no projects
+    finally:
+        unmount(where)
+        world.b.lxc("image", "delete", fp)
+        for project in ("team", "later"):
+            world.b.lxc("project", "delete", project, check=False)
+
+
 def test_a_simplestreams_server_is_read_from_its_index(world, forest):
     sst = forest / "sst"
     fp = world.fps["testos"]

@@ -15,7 +15,7 @@ from lxdimagefs.errors import IntegrityError
 from lxdimagefs.mount.cli import UsageError, parse_options
 from lxdimagefs.names import alias_to_filename, filename_to_alias, fits
 from lxdimagefs.servers.catalog import LayoutJournal
-from lxdimagefs.servers.events import EventWatcher
+from lxdimagefs.servers.events import EventSubject, EventWatcher
 from lxdimagefs.servers.lxd import ExportLayout, ExportPart, parse_time
 from lxdimagefs.servers.multipart import PartStream, first_part_and_next_name
 
@@ -310,3 +310,27 @@ def test_simplestreams_products_become_lxds_records():
     assert [p.key for p in layout.parts] == [h(f"m{new}{native}"), h(f"r{new}{native}")]
     assert listing.layouts[h("combined")].parts[0].name == f"{h('combined')}.tar.gz"
     assert listing.paths[h(f"r{new}{native}")].endswith(".squashfs")
+
+
+def test_events_of_all_projects_name_their_project_and_project_changes():
+    """LXD's all-projects stream: an image event names its project; project lifecycle events are kept."""
+    image = EventSubject.of({"project": "team", "metadata": {"action": "image-alias-created",
+                                                             "source": "/1.0/images/aliases/a%2Fb"}})
+    assert image == EventSubject("image-alias-created", alias="a/b", project="team")
+    made = EventSubject.of({"project": "new", "metadata": {"action": "project-created",
+                                                           "source": "/1.0/projects/new"}})
+    assert made is not None and made.projects_changed
+    assert EventSubject.of({"metadata": {"action": "image-created", "source": "/1.0/images/ab"}}).project == \
+        "default"  # a stream of one project: LXD 5.0 may leave the field out
+    assert EventSubject.of({"metadata": {"action": "instance-created", "source": "/1.0/instances/x"}}) is None
+
+
+def test_no_patience_still_gives_the_first_try_its_whole_timeout():
+    """Mounting asks once, without retries: that one try must not be cut to 0.1 s (a busy LXD misses it)."""
+    from lxdimagefs.errors import LXDUnreachable
+    from lxdimagefs.servers.transport import Backoff
+
+    assert Backoff(0).clamp((5.0, 30.0)) == (5.0, 30.0)
+    later = Backoff(0.5)
+    later.pause(LXDUnreachable("away"), "a test")  # a retry: bounded by what is left of the budget
+    assert max(later.clamp((5.0, 30.0))) <= 0.5

@@ -18,8 +18,9 @@ from lxdimagefs.servers.lxd import LXDClient
 
 
 class Exports:
-    def __init__(self, client: LXDClient, spool_dir: Path, capacity: int = 32 << 20) -> None:
-        self.cache = BlockCache(capacity)
+    def __init__(self, client: LXDClient, spool_dir: Path, capacity: int = 32 << 20,
+                 cache: BlockCache | None = None) -> None:
+        self.cache = cache or BlockCache(capacity)  # the projects of one server share theirs
         self.fetcher = Fetcher(client, self.cache)
         self.spool = SplitSpool(client, spool_dir)
         self.server = self.spool.server  # the server of every key this reader makes

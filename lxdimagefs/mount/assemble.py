@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lxdimagefs.data.blocks import BlockCache
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.errors import LXDError
@@ -27,6 +28,7 @@ from lxdimagefs.servers.simplestreams import StreamsCatalog, StreamsClient
 from lxdimagefs.servers.transport import Connection
 from lxdimagefs.tree.archives import IndexFolder
 from lxdimagefs.tree.forest import Forest, Slot
+from lxdimagefs.tree.projects import Projects
 from lxdimagefs.tree.root import Tree
 
 log = logging.getLogger(__name__)
@@ -43,18 +45,20 @@ class Settings:
     cache_bytes: int
     events: bool
     contents: bool
+    all_projects: bool = False
 
 
 @dataclass
 class Built:
     remote: Remote
-    tree: Tree
+    tree: Tree | Projects
     events: EventWatcher | None
     slot: Slot
+    client: LXDClient | None = None  # the server's, where the tree is not one project's
 
 
 def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
-          handles: HandleTable, cache_bytes: int) -> Built:
+          handles: HandleTable, cache_bytes: int, cache: BlockCache | None = None) -> Built:
     spool = Path(tempfile.mkdtemp(prefix=SplitSpool.PREFIX, dir=settings.cache_root))
     index = None
     if settings.contents:  # kept across mounts and servers: keyed by fingerprint
@@ -70,7 +74,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     client = LXDClient(conn)
     journal = LayoutJournal(settings.cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl", conn.identity())
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
-    exports = Exports(client, spool, capacity=cache_bytes)
+    exports = Exports(client, spool, capacity=cache_bytes, cache=cache)
     tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,
                 handles=handles)
     events = None
@@ -81,12 +85,38 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     return Built(remote, tree, events, Slot(remote.name, tree, client.reachable, from_lxd(client)))
 
 
+def build_projects(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
+                   handles: HandleTable, cache_bytes: int) -> Built:
+    """One folder per project of an LXD server, one event stream for them all."""
+    client = LXDClient(conn)
+    cache = BlockCache(cache_bytes)  # one image's bytes are the same in every project
+    watcher: EventWatcher | None = None
+
+    def make(name: str) -> Slot:
+        own, where = replace(settings, events=False), f"{mountpoint}/{name}"
+        b = build(remote, replace(conn, project=name), own, where, handles, cache_bytes, cache)
+        if watcher is not None and isinstance(b.tree, Tree):
+            b.tree.catalog.events_live = watcher.live.is_set
+        return Slot(name, b.tree, b.slot.reachable, b.slot.source)
+
+    projects = Projects(client.projects, make, handles, settings.readonly, mountpoint,
+                        ttl=settings.metadata_ttl)
+    if settings.events:
+        watcher = EventWatcher(client, projects.changed_elsewhere, projects.connected,
+                               timeout=conn.timeout[1], ping=min(10.0, conn.timeout[1]), all_projects=True)
+        projects.events_live = watcher.live.is_set
+    return Built(remote, projects, watcher, Slot(remote.name, projects, client.reachable), client)
+
+
 def probe(built: Built) -> None:
-    """List the server's images once, without riding out an outage: raises LXDError at once."""
-    client = built.tree.catalog.client
+    """List the server's images (or projects) once, without riding out an outage: raises LXDError at once."""
+    client = built.client or built.tree.catalog.client  # type: ignore[union-attr]
     patience, client.patience = client.patience, 0.0
     try:
-        built.tree.catalog.snapshot()  # reachable, and the project exists
+        if isinstance(built.tree, Projects):
+            built.tree.sync()
+        else:
+            built.tree.catalog.snapshot()  # reachable, and the project exists
         if client.server_info().get("auth") != "trusted":
             log.warning("%s does not trust this client: only its public images are visible",
                         client.conn.describe())
@@ -108,7 +138,8 @@ def assemble(servers: list[tuple[Remote, Connection]], settings: Settings, fores
     built = []
     for remote, conn in servers:
         where = f"{settings.mountpoint}/{remote.name}" if forest else settings.mountpoint
-        built.append(build(remote, conn, settings, where, handles, share))
+        lxd = settings.all_projects and not remote.simplestreams
+        built.append((build_projects if lxd else build)(remote, conn, settings, where, handles, share))
     if not forest:
         try:
             probe(built[0])

@@ -78,7 +78,13 @@ certificates are read from config.yml), unix:///path/to/unix.socket, or
 https://HOST:PORT. --socket and --url say the same in long form. A
 simplestreams remote (images:, ubuntu:) is read from its index, read-only.
 --remote NAME (repeated) or --all-remotes mount one folder per remote; one
-that does not answer is an empty folder until it does.
+that does not answer is an empty folder until it does. --all-projects mounts
+one folder per LXD project (REMOTE/PROJECT/ with several remotes); a project
+with features.images=false shows the default project's images.
+--trust-token TOKEN NAME joins a server with a token from `lxc config trust
+add` as `lxc remote add NAME TOKEN` does, records it as remote NAME (lxc's
+config.yml) and mounts it; later, `lxdimagefs NAME MOUNTPOINT` needs no token.
+A cluster is mounted through any one member; see docs/SEMANTICS.md.
 
 the tree:
   by-fingerprint/<fp>/          metadata.json and the export file(s), named
@@ -105,12 +111,19 @@ options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
   _netdev, nofail, user, users, auto, noauto, defaults, x-*
                         fstab's and systemd's: accepted and ignored
 
+examples:
+  lxdimagefs ~/images                          the local LXD
+  lxdimagefs --all-projects ~/images           ~/images/PROJECT/...
+  lxdimagefs --all-remotes --all-projects ~/l  ~/l/REMOTE/PROJECT/...
+  lxdimagefs --trust-token TOKEN lxd1 ~/images join lxd1, then mount it
+
 fstab:
   local  /srv/images  fuse.lxdimagefs  _netdev,nofail,allow_other  0 0
 
 exit status: 0 once the mount is live (or, with -f, after a clean unmount);
-1 when the server cannot be reached or FUSE refuses the mount; 2 for a
-usage error. Unmount with `fusermount -u MOUNTPOINT` or `umount`.
+1 when the server cannot be reached, FUSE refuses the mount or a trust token
+is refused; 2 for a usage error. Unmount with `fusermount -u MOUNTPOINT` or
+`umount`.
 
 docs/SEMANTICS.md says what every system call does and which errno each
 refusal gives.
@@ -136,11 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trust exactly this server certificate (default: the remote's, as "
                              "`lxc remote add` kept it, else the system's CAs)")
     server.add_argument("--project", default="default", metavar="NAME", help="default: default")
+    server.add_argument("--all-projects", action="store_true",
+                        help="one folder per project (REMOTE/PROJECT/ with several remotes); projects "
+                             "made or deleted while mounted come and go")
     server.add_argument("--remote", action="append", default=[], metavar="NAME",
                         help="a remote of the lxc or incus client; repeat it to mount several, "
                              "one folder each")
     server.add_argument("--all-remotes", action="store_true",
                         help="every remote in the clients' config.yml, one folder each")
+    server.add_argument("--trust-token", metavar="TOKEN",
+                        help="join the server with a token from `lxc config trust add`, as "
+                             "`lxc remote add SOURCE TOKEN` does: SOURCE is the new remote's name")
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached; SIGINT/SIGTERM unmount")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="FUSE's options and lxdimagefs's own (below)")
@@ -275,6 +294,28 @@ def servers(args: argparse.Namespace, own: dict[str, object]) -> list[tuple[Remo
     return chosen
 
 
+def check_joining(args: argparse.Namespace) -> None:
+    """--trust-token names the remote it records with SOURCE, and mounts nothing else."""
+    if not args.trust_token:
+        return
+    if args.remote or args.all_remotes or args.socket or args.url:
+        raise UsageError("--trust-token joins one server: give it with SOURCE only, the new remote's name")
+    if not args.source or args.source == "local" or ":" in args.source or "/" in args.source:
+        raise UsageError("--trust-token needs SOURCE: the name to record the server under, as in "
+                         "`lxc remote add NAME TOKEN`")
+
+
+def joined(args: argparse.Namespace, own: dict[str, object]) -> int | None:
+    """Join the server with the token (one line and exit 1 if that fails); None once joined."""
+    from lxdimagefs.mount.trust import TrustError, join
+    try:
+        join(args.source, args.trust_token, timeout=min(10.0, float(own.get("timeout", 30.0))))  # type: ignore[arg-type]
+    except TrustError as e:
+        print(f"lxdimagefs: {e}", file=sys.stderr)
+        return 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # SOURCE may stand apart from MOUNTPOINT
     try:
@@ -282,11 +323,19 @@ def main(argv: list[str] | None = None) -> int:
         mountpoint = check_mountpoint(args.mountpoint)
         if args.cache_dir and not os.path.isdir(args.cache_dir):
             raise UsageError(f"cache folder {args.cache_dir} does not exist")
-        chosen = servers(args, own)
+        chosen = [] if args.trust_token else servers(args, own)
+        if args.all_projects and args.project != "default":
+            raise UsageError("give --project NAME or --all-projects, not both")
+        check_joining(args)
     except UsageError as e:
         print(f"lxdimagefs: {e}", file=sys.stderr)
         return 2
     setup_logging(args)
+    if args.trust_token:
+        failed = joined(args, own)
+        if failed is not None:
+            return failed
+        chosen = servers(args, own)
     limit_malloc_arenas()
 
     # Imported late: loading libfuse is not needed for --help or a usage error.
@@ -298,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                         readonly=bool(fuse_opts.get("ro")),
                         metadata_ttl=float(own.get("metadata_ttl", 3.0)),  # type: ignore[arg-type]
                         cache_bytes=int(own.get("cache_size", 32)) << 20,  # type: ignore[call-overload]
-                        events=not own.get("no_events"), contents=not own.get("nocontents"))
+                        events=not own.get("no_events"), contents=not own.get("nocontents"),
+                        all_projects=args.all_projects)
     forest = args.all_remotes or len(args.remote) > 1
     try:
         root, built = assemble(chosen, settings, forest)
@@ -329,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     finally:
         for b in built:
-            b.tree.exports.spool.remove()
+            b.tree.close()  # again, if libfuse did not: its spools go
     log.info("unmounted %s", mountpoint)
     return 0
 

@@ -36,6 +36,10 @@ CHANGES = frozenset({
 })
 
 
+# A project made, deleted, renamed or changed (features.images): the list of projects changes.
+PROJECT_CHANGES = frozenset({"project-created", "project-deleted", "project-renamed", "project-updated"})
+
+
 ALIASES, IMAGES = "/1.0/images/aliases/", "/1.0/images/"
 
 
@@ -46,19 +50,27 @@ class EventSubject:
     action: str
     alias: str | None = None
     fingerprint: Fingerprint | None = None
+    project: str = "default"  # where the change happened (a stream of all projects says which)
+
+    @property
+    def projects_changed(self) -> bool:
+        return self.action in PROJECT_CHANGES
 
     @classmethod
     def of(cls, event: dict) -> EventSubject | None:
         """The subject of an LXD lifecycle event that changes what the mount shows, else None."""
         meta = event.get("metadata")
-        if not isinstance(meta, dict) or meta.get("action") not in CHANGES:
+        if not isinstance(meta, dict) or meta.get("action") not in CHANGES | PROJECT_CHANGES:
             return None
+        project = str(event.get("project") or "default")
         source = urllib.parse.urlsplit(str(meta.get("source", ""))).path
         if source.startswith(ALIASES):
-            return cls(meta["action"], alias=urllib.parse.unquote(source.removeprefix(ALIASES)))
+            alias = urllib.parse.unquote(source.removeprefix(ALIASES))
+            return cls(meta["action"], alias=alias, project=project)
         if source.startswith(IMAGES):  # a malformed one: a whole-listing change, named by nothing
-            return cls(meta["action"], fingerprint=Fingerprint.parse(source.removeprefix(IMAGES)))
-        return cls(meta["action"])
+            fp = Fingerprint.parse(source.removeprefix(IMAGES))
+            return cls(meta["action"], fingerprint=fp, project=project)
+        return cls(meta["action"], project=project)
 
 
 
@@ -66,8 +78,10 @@ class EventWatcher:
     MAX_BACKOFF = 30.0
 
     def __init__(self, client: LXDClient, on_image_event: Callable[[EventSubject], None],
-                 on_connect: Callable[[], None], timeout: float = 30.0, ping: float = 10.0) -> None:
+                 on_connect: Callable[[], None], timeout: float = 30.0, ping: float = 10.0,
+                 all_projects: bool = False) -> None:
         self.client = client
+        self.all_projects = all_projects  # one stream for every project (and their own lifecycle)
         self.on_image_event = on_image_event
         self.on_connect = on_connect
         self.ping = ping  # seconds of silence before a ping; twice that unanswered ends the stream
@@ -90,7 +104,7 @@ class EventWatcher:
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                self._ws = self.client.lifecycle_events(self.timeout)
+                self._ws = self.client.lifecycle_events(self.timeout, self.all_projects)
                 self._ws.settimeout(self.ping)  # events come when they come; pings keep it honest
                 self.live.set()
                 self.on_connect()  # whatever changed before the stream opened

@@ -184,6 +184,20 @@ class LXDClient(RestSession):
         """The whole export as one streaming response (multipart for split images)."""
         return self._request("GET", _image(fingerprint, "/export"), stream=True)
 
+    def projects(self) -> dict[str, str]:
+        """Every project this client may see, each with the project whose images it shows.
+
+        A project without its own images (features.images=false) shows the
+        default project's, as LXD serves them for it.
+        """
+        found = {}
+        for rec in self._sync("GET", "/projects", params={"recursion": "1"}) or []:
+            name = str(rec.get("name") or "")
+            own = name == "default" or str((rec.get("config") or {}).get("features.images")).lower() == "true"
+            if name:
+                found[name] = name if own else "default"
+        return found
+
     # -- storage (what df reports) ------------------------------------------------
 
     def pool_resources(self, pool: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -204,9 +218,10 @@ class LXDClient(RestSession):
 
     # -- events ---------------------------------------------------------------
 
-    def lifecycle_events(self, timeout: float) -> websocket.WebSocket:
-        """A websocket of LXD's lifecycle events for this project (unix socket or HTTPS)."""
-        query = urllib.parse.urlencode({"type": "lifecycle", "project": self.conn.project})
+    def lifecycle_events(self, timeout: float, all_projects: bool = False) -> websocket.WebSocket:
+        """A websocket of LXD's lifecycle events for this project, or all of them (unix socket or HTTPS)."""
+        scope = {"all-projects": "true"} if all_projects else {"project": self.conn.project}
+        query = urllib.parse.urlencode({"type": "lifecycle", **scope})
         try:
             if self.conn.socket:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -274,6 +289,16 @@ class LXDClient(RestSession):
             return self.conn.url.rstrip("/")
         addresses = (self.server_info().get("environment") or {}).get("addresses") or []
         return f"https://{addresses[0]}" if addresses else None
+
+    def trust_with_token(self, token: str) -> None:
+        """Have the server trust this client's certificate in exchange for a trust token, once.
+
+        The whole token, as lxc sends it: LXD 5.0 reads it from `password`, later
+        LXDs from `trust_token`; each finds the secret inside and matches it to its
+        pending token. Never retried: a token is good for one use.
+        """
+        self._sync("POST", "/certificates", json={"type": "client", "password": token, "trust_token": token},
+                   retry="none")
 
     def server_certificate(self) -> str:
         return (self.server_info().get("environment") or {}).get("certificate", "")

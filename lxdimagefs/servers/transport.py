@@ -70,7 +70,14 @@ class Backoff:
         return self.deadline - time.monotonic()
 
     def clamp(self, timeout: tuple[float, float]) -> tuple[float, float]:
-        """A (connect, read) timeout that ends no later than the budget (a frozen LXD: one timeout)."""
+        """A (connect, read) timeout that ends no later than the budget (a frozen LXD: one timeout).
+
+        The first try always gets its whole timeout: a budget of 0 (no retries, as when
+        mounting) must not make it a 0.1 s one, which a busy server or a cluster member
+        that forwards the request misses.
+        """
+        if self.tries == 0:
+            return timeout
         left = max(self.left(), 0.1)
         return min(timeout[0], left), min(timeout[1], left)
 

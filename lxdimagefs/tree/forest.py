@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import posixpath
 import threading
 import time
@@ -30,11 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class Slot:
-    """One remote's folder: its tree, and whether its server answers."""
+    """One remote's (or project's) folder: its tree, and whether its server answers."""
 
     RETRY = 10.0  # seconds between attempts to reach a server that did not answer
 
-    def __init__(self, name: str, tree: Tree, reachable: Callable[[], bool],
+    def __init__(self, name: str, tree: Tree | Forest, reachable: Callable[[], bool],
                  source: Callable[[str, str | None], Source] | None = None) -> None:
         self.name = name
         self.tree = tree
@@ -51,7 +52,7 @@ class Slot:
             if self.down and time.monotonic() >= self._retry_at:
                 if self.reachable():
                     self.down = False
-                    self.tree.catalog.invalidate()
+                    self.tree.invalidate()
                     log.info("remote %s answers again", self.name)
                 else:
                     self._retry_at = time.monotonic() + self.RETRY
@@ -70,8 +71,8 @@ class Forest(OpenFiles):
         self.slots = {s.name: s for s in slots}
         self.handles = handles
         self.ctx = Context(readonly=readonly, mountpoint=mountpoint.rstrip("/"))
-        first = slots[0].tree
-        self.uid, self.gid = first.uid, first.gid
+        self.uid: int = slots[0].tree.uid if slots else os.getuid()
+        self.gid: int = slots[0].tree.gid if slots else os.getgid()
 
     @property
     def readonly(self) -> bool:
@@ -84,6 +85,11 @@ class Forest(OpenFiles):
     def close(self) -> None:
         for slot in self.slots.values():
             slot.tree.close()
+
+    def invalidate(self) -> None:
+        """Forget every folder's listing (a server that answers again)."""
+        for slot in self.slots.values():
+            slot.tree.invalidate()
 
     # -- dispatch -------------------------------------------------------------------
 
@@ -187,8 +193,9 @@ class Forest(OpenFiles):
     def symlink(self, path: str, target: str) -> None:
         """A link into a remote's import/ naming another remote's image asks for a server-side copy."""
         slot, sub = self._split(path)
-        source = self._source(path, target) if slot is not None and sub.startswith("/import/") else None
-        if source is None:
+        into = slot is not None and isinstance(slot.tree, Tree) and sub.startswith("/import/")
+        source = self._source(path, target) if into else None
+        if source is None or slot is None or not isinstance(slot.tree, Tree):
             self._in(path, "symlink", target)
             return
         self.ctx.writable(path, "symlink")
@@ -208,7 +215,7 @@ class Forest(OpenFiles):
         if len(parts) != 3 or parts[0] not in self.slots or parts[1] not in ("by-alias", "by-fingerprint"):
             return None
         slot = self.slots[parts[0]]
-        if slot.source is None or not slot.up():
+        if slot.source is None or not isinstance(slot.tree, Tree) or not slot.up():
             raise fs_error(errno.ENOENT, target)
         return slot.tree.source_of(parts[1], parts[2], slot.source)
 

@@ -66,6 +66,9 @@ class Tree(OpenFiles):
     def close(self) -> None:
         self.exports.close()
 
+    def invalidate(self) -> None:
+        self.catalog.invalidate()
+
     def _node(self, path: str) -> tuple[Node | None, list[str]]:
         parts = [p for p in path.split("/") if p]
         if not parts:
