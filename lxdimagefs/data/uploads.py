@@ -69,10 +69,10 @@ class Upload:
 
     QUEUE_CHUNKS = 8
 
-    def __init__(self, client: LXDClient, name: str, opener_pid: int) -> None:
+    def __init__(self, client: LXDClient, name: str, writer: int) -> None:
         self.client = client
         self.name = name
-        self.opener_pid = opener_pid
+        self.writer = writer  # the process that opened it (fs/commit.py)
         self.size = 0
         self.fingerprint: str | None = None
         self.error: ImportFailed | None = None

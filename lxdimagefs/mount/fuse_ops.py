@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lxdimagefs.errors import LXDError
+from lxdimagefs.fs.commit import process_of
 from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator
 from lxdimagefs.servers.events import EventWatcher
 from lxdimagefs.tree.forest import Forest
@@ -234,7 +235,8 @@ class LXDImageOps(Operations):
 
 
 def _pid() -> int:
-    return fuse_get_context()[2]
+    """The calling process: FUSE tells the thread, and a process's threads are one writer."""
+    return process_of(fuse_get_context()[2])
 
 
 def _drain(changed: queue.Queue[tuple[str, threading.Event]], invalidate: Callable[[str], None]) -> None:

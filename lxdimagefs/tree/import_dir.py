@@ -113,7 +113,14 @@ class ImportsNode(Node):
                 folder.finishing |= go
             if go:
                 self._finish_folder(folder)
-        return FileHandle(str(folder.path(name)), flags, on_close=closed, opener=pid)
+
+        def abandoned(why: str) -> None:  # the part may be cut short: it goes, the folder stays
+            log.warning("import %s/%s dropped: %s", folder.name, name, why)
+            with folder.lock:
+                folder.files.pop(name, None)
+                folder.open_files.discard(name)
+            folder.path(name).unlink(missing_ok=True)
+        return FileHandle(str(folder.path(name)), flags, on_close=closed, opener=pid, on_abandon=abandoned)
 
     def truncate(self, rest: list[str], length: int) -> None:
         with self._lock:
