@@ -392,7 +392,8 @@ def test_two_parts_closed_at_once_make_one_image(mnt, sandbox, tmp_path):
 
 # -- deletion --------------------------------------------------------------------
 
-def test_rm_r_deletes_the_image_and_its_aliases(mnt, sandbox, fresh):
+def test_rm_r_deletes_the_image_and_its_aliases(deleting_mnt, sandbox, fresh):
+    mnt = deleting_mnt
     fp = fresh(alias="doomed")
     assert "doomed" in os.listdir(mnt.path / "by-alias")
     subprocess.run(["rm", "-r", str(mnt.path / "by-fingerprint" / fp)], check=True)
@@ -401,10 +402,46 @@ def test_rm_r_deletes_the_image_and_its_aliases(mnt, sandbox, fresh):
     assert "doomed" not in os.listdir(mnt.path / "by-alias")
 
 
-def test_rmdir_deletes_the_image(mnt, sandbox, fresh):
+def test_shutil_rmtree_deletes_the_image(deleting_mnt, sandbox, fresh):
     fp = fresh()
-    os.rmdir(mnt.path / "by-fingerprint" / fp)
+    shutil.rmtree(deleting_mnt.path / "by-fingerprint" / fp)
     assert fp not in lxd_fps(sandbox)
+
+
+def test_rmdir_deletes_the_image(deleting_mnt, sandbox, fresh):
+    fp = fresh()
+    os.rmdir(deleting_mnt.path / "by-fingerprint" / fp)
+    assert fp not in lxd_fps(sandbox)
+
+
+def test_without_allow_delete_rm_rf_deletes_no_image(mnt, sandbox, fresh):
+    fp = fresh(alias="kept")
+    before = lxd_fps(sandbox)
+    folder = mnt.path / "by-fingerprint" / fp
+    files = sorted(os.listdir(folder))
+    done = subprocess.run(["rm", "-rf", str(folder)], capture_output=True, text=True)
+    assert done.returncode != 0 and "Operation not permitted" in done.stderr
+    with pytest.raises(OSError) as e:
+        os.rmdir(folder)
+    assert e.value.errno == errno.EPERM
+    assert lxd_fps(sandbox) == before
+    assert sorted(os.listdir(folder)) == files  # nothing hidden either
+    assert lxd_aliases(sandbox)["kept"] == fp
+    assert "mount with -o allow_delete" in mnt.log_text()
+
+
+@pytest.mark.parametrize("mount", ["mnt", "deleting_mnt"])
+def test_removing_one_export_file_is_refused(request, sandbox, fresh, mount):
+    """Before, `rm` of one file "succeeded" and hid it until the next mount."""
+    m = request.getfixturevalue(mount)
+    fp = fresh()
+    folder = m.path / "by-fingerprint" / fp
+    for name in (f"{fp}.tar.gz", "metadata.json"):
+        with pytest.raises(OSError) as e:
+            os.unlink(folder / name)
+        assert e.value.errno == errno.EPERM
+        assert name in os.listdir(folder)
+    assert fp in lxd_fps(sandbox)
 
 
 # -- everything else ------------------------------------------------------------------

@@ -90,6 +90,17 @@ class Handle(CommitOnClose):
         """Free what the handle holds, once it is released."""
 
 
+class DirHandle(Handle):
+    """An open folder: what is told when it is closed."""
+
+    def __init__(self, opener: int, on_close: Callable[[], None]) -> None:
+        super().__init__(opener)
+        self._on_close = on_close
+
+    def close(self) -> None:
+        self._on_close()
+
+
 class BytesHandle(Handle):
     def __init__(self, data: bytes, opener: int = 0) -> None:
         super().__init__(opener)

@@ -43,6 +43,7 @@ class Settings:
     cache_bytes: int
     events: bool
     contents: bool
+    allow_delete: bool = False
 
 
 @dataclass
@@ -72,7 +73,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
     exports = Exports(client, spool, capacity=cache_bytes)
     tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,
-                handles=handles)
+                handles=handles, allow_delete=settings.allow_delete)
     events = None
     if settings.events:
         events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1],

@@ -178,7 +178,16 @@ class LXDImageOps(Operations):
 
     @translated
     def unlink(self, path: str) -> int:
-        self.tree.unlink(path)
+        self.tree.unlink(path, _pid())
+        return 0
+
+    @translated
+    def opendir(self, path: str) -> int:
+        return self.tree.opendir(path, _pid())
+
+    @translated
+    def releasedir(self, path: str, fh: int) -> int:
+        self.tree.release(fh)
         return 0
 
     @translated

@@ -133,7 +133,7 @@ class ImportsNode(Node):
             return
         super().truncate(rest, length)
 
-    def unlink(self, rest: list[str]) -> None:
+    def unlink(self, rest: list[str], pid: int = 0) -> None:
         with self._lock:
             if len(rest) == 1 and self._pulled.discard(rest[0]):
                 return
