@@ -29,6 +29,7 @@ from lxdimagefs.servers.lxd import LXDClient
 log = logging.getLogger(__name__)
 
 SNIFF_BYTES = 512
+ROOTFS_KINDS = ("squashfs", "qcow2")  # a split image's second part
 _BREAK = object()  # a queue item that is never data
 
 # First bytes of what LXD accepts as an image file (or part of one).
@@ -51,6 +52,11 @@ def sniff(head: bytes) -> str | None:
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "tar"
     return None
+
+
+def already_held(e: BaseException) -> bool:
+    """LXD's refusal of an image it holds already: for an import, nothing left to do."""
+    return isinstance(e, LXDError) and "same fingerprint already exists" in e.message.lower()
 
 
 def _failure(e: BaseException) -> ImportFailed:
@@ -136,7 +142,10 @@ class Upload:
         try:
             self.fingerprint = self.client.create_image(self._body(), self.client.upload_headers(self.name))
         except BaseException as e:
-            self.error = _failure(e)
+            if already_held(e):
+                log.info("%s: LXD holds this image already: nothing to do", self.name)
+            else:
+                self.error = _failure(e)
         finally:
             self._done.set()
 
@@ -153,7 +162,8 @@ class Upload:
         self._done.wait()
         if self.error:
             raise self.error
-        log.info("imported %s as %s", self.name, self.fingerprint)
+        if self.fingerprint:
+            log.info("imported %s as %s", self.name, self.fingerprint)
         return self.fingerprint or ""
 
     def _put_end(self) -> None:
@@ -192,7 +202,10 @@ class FolderImport:
     files are written and closed. A folder named by a fingerprint is a copy
     of an image folder (`cp -r MOUNT/by-fingerprint/<fp> import/`): it is
     created once its export file(s) and its metadata.json are closed, with
-    the `public` flag and `properties` of that record.
+    the `public` flag and `properties` of that record; a rootfs part
+    (squashfs, qcow2) or a `meta-` tarball means two export files, in
+    whichever order they arrive. Files whose names start with a dot are
+    temporary names (rsync's), not parts, until renamed.
     """
 
     def __init__(self, client: LXDClient, name: str, spool: Path) -> None:
@@ -208,16 +221,36 @@ class FolderImport:
     def path(self, name: str) -> Path:
         return self.spool / name
 
+    def _parts(self) -> list[str]:
+        return [n for n in self.files if n != METADATA and not n.startswith(".")]
+
+    def _kind(self, name: str) -> str | None:
+        with open(self.path(name), "rb") as f:
+            return sniff(f.read(SNIFF_BYTES))
+
     def ready(self) -> bool:
         closed = [n for n in self.files if n not in self.open_files]
-        images = [n for n in closed if n != METADATA]
+        images = [n for n in self._parts() if n in closed]
         if is_fingerprint(self.name):  # a copied image folder: its record comes with it
-            expected = 2 if any(n.startswith("meta-") for n in self.files) else 1
-            return METADATA in closed and len(images) >= expected
+            split = any(n.startswith("meta-") for n in self._parts()) or any(
+                self._kind(n) in ROOTFS_KINDS for n in images)
+            return METADATA in closed and len(images) >= (2 if split else 1)
         return len(images) >= 2
 
+    def rename(self, old: str, new: str) -> None:
+        """A part renamed within the folder (rsync's temporary name into place)."""
+        with self.lock:
+            self.path(old).rename(self.path(new))
+            self.files[new] = self.files.pop(old)
+            if old in self.open_files:
+                self.open_files.discard(old)
+                self.open_files.add(new)
+
     def commit(self) -> str:
-        parts = [n for n in self.files if n != METADATA]
+        if is_fingerprint(self.name) and self.client.image_exists(self.name):
+            log.info("import folder %s: LXD holds this image already: nothing to do", self.name)
+            return self.name
+        parts = self._parts()
         kinds = {}
         for n in parts:
             with open(self.path(n), "rb") as f:
@@ -233,7 +266,7 @@ class FolderImport:
                 with open(self.path(parts[0]), "rb") as f:
                     self.fingerprint = self.client.create_image(f, headers)
                 return self.fingerprint
-            rootfs = [n for n in parts if kinds[n] in ("squashfs", "qcow2")]
+            rootfs = [n for n in parts if kinds[n] in ROOTFS_KINDS]
             meta = [n for n in parts if n not in rootfs]
             if len(rootfs) != 1 or len(meta) != 1:
                 raise ImportFailed(errno.EINVAL, f"{self.name}: a split image is one metadata tarball "
@@ -247,6 +280,9 @@ class FolderImport:
                 self.fingerprint = self.client.create_image(form, headers)
             return self.fingerprint
         except LXDError as e:
+            if already_held(e):
+                log.info("import folder %s: LXD holds this image already: nothing to do", self.name)
+                return ""
             raise _failure(e) from e
 
     def remove_spool(self) -> None:

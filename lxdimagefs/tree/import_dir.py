@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from lxdimagefs.fs.node import Attr, Context, Fading, Node, check_name
 from lxdimagefs.names import filename_to_alias, is_fingerprint
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.pull import Source, from_url
+from lxdimagefs.tree.landed import Landed, Landing
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class ImportsNode(Node):
         self._errors: dict[str, bytes] = {}  # <name>.error -> LXD's message
         self._folders: dict[str, FolderImport] = {}
         self._pulled = Fading()  # links that became images: name -> what they named
+        self._landed = Landed()  # files and folders that became images, for the tools that wrote them
 
     def getattr(self, rest: list[str]) -> Attr:
         now = time.time()
@@ -55,6 +58,9 @@ class ImportsNode(Node):
                 return self.ctx.dir(now, writable=True)
         if len(rest) == 2 and folder is not None and rest[1] in folder.files:
             return Attr(stat.S_IFREG | 0o644, folder.files[rest[1]], now, now, now)
+        landed = self._landed.attr(rest) if folder is None else None
+        if landed is not None:
+            return landed
         raise fs_error(errno.ENOENT, self.path(rest))
 
     def readdir(self, rest: list[str]) -> list[str]:
@@ -73,11 +79,13 @@ class ImportsNode(Node):
             error = self._errors.get(rest[0]) if len(rest) == 1 else None
             busy = len(rest) == 1 and rest[0] in self._uploads
         if len(rest) == 2 and folder is not None:
-            mode = os.O_RDWR | (flags & os.O_TRUNC) if writing else os.O_RDONLY
+            mode = os.O_RDWR | os.O_CREAT | (flags & os.O_TRUNC) if writing else os.O_RDONLY
             return self._folder_file(folder, rest[1], mode, pid)
         if busy and writing:
             raise self.ctx.refuse(errno.EBUSY, "open", self.path(rest),
                                   "this import is being written already")
+        if writing and folder is None and error is None and self._landed.get(rest[0]) is not None:
+            return self.create(rest, flags, pid)  # written again: a new import
         if error is not None and not writing:
             return BytesHandle(error, opener=pid)
         if writing:
@@ -86,6 +94,8 @@ class ImportsNode(Node):
 
     def create(self, rest: list[str], flags: int, pid: int) -> Handle:
         check_name(rest[-1], self.path(rest))
+        if self._landed.discard(rest[:1]) and len(rest) == 2:
+            self.mkdir(rest[:1])  # a folder that became an image, copied again: a new import
         if len(rest) == 1:
             with self._lock:
                 self._errors.pop(rest[0] + ERROR_SUFFIX, None)
@@ -104,15 +114,13 @@ class ImportsNode(Node):
             return FileHandle(str(folder.path(name)), opener=pid)
         with folder.lock:
             folder.open_files.add(name)
+            folder.files.setdefault(name, 0)
 
         def closed() -> None:
             with folder.lock:
                 folder.files[name] = folder.path(name).stat().st_size
                 folder.open_files.discard(name)
-                go = not folder.finishing and folder.ready()
-                folder.finishing |= go
-            if go:
-                self._finish_folder(folder)
+            self._folder_changed(folder)
 
         def abandoned(why: str) -> None:  # the part may be cut short: it goes, the folder stays
             log.warning("import %s/%s dropped: %s", folder.name, name, why)
@@ -121,6 +129,29 @@ class ImportsNode(Node):
                 folder.open_files.discard(name)
             folder.path(name).unlink(missing_ok=True)
         return FileHandle(str(folder.path(name)), flags, on_close=closed, opener=pid, on_abandon=abandoned)
+
+    def _move(self, old: str, new: str) -> bool:
+        """Rename an .error file, an upload or a folder in progress (the lock held)."""
+        if old in self._errors:
+            self._errors[new] = self._errors.pop(old)
+        elif old in self._uploads:
+            upload = self._uploads[new] = self._uploads.pop(old)
+            upload.name = new
+        elif old in self._folders:
+            folder = self._folders[new] = self._folders.pop(old)
+            folder.name = new
+        else:
+            return False
+        self._landed.discard([new])
+        return True
+
+    def _folder_changed(self, folder: FolderImport) -> None:
+        """A part closed or renamed: the folder becomes an image once it holds one whole."""
+        with folder.lock:
+            go = not folder.finishing and folder.ready()
+            folder.finishing |= go
+        if go:
+            self._finish_folder(folder)
 
     def truncate(self, rest: list[str], length: int) -> None:
         with self._lock:
@@ -136,6 +167,8 @@ class ImportsNode(Node):
     def unlink(self, rest: list[str], pid: int = 0) -> None:
         with self._lock:
             if len(rest) == 1 and self._pulled.discard(rest[0]):
+                return
+            if rest[0] not in self._folders and self._landed.discard(rest):
                 return
             if len(rest) == 2:
                 folder = self._folders[rest[0]]
@@ -158,11 +191,14 @@ class ImportsNode(Node):
         with self._lock:
             if rest[0] in self._folders or rest[0] in self._uploads or rest[0] in self._errors:
                 raise fs_error(errno.EEXIST, path)
-            spool = self.spool_dir / "import" / rest[0]
-            spool.mkdir(parents=True, mode=0o700)
+            base = self.spool_dir / "import"
+            base.mkdir(parents=True, exist_ok=True, mode=0o700)
+            spool = Path(tempfile.mkdtemp(dir=base))  # its own: the folder may be renamed
             self._folders[rest[0]] = FolderImport(self.client, rest[0], spool)
 
     def rmdir(self, rest: list[str]) -> None:
+        if len(rest) == 1 and rest[0] not in self._folders and self._landed.discard(rest):
+            return
         with self._lock:
             folder = self._folders.get(rest[0]) if len(rest) == 1 else None
             if folder is not None:
@@ -174,10 +210,18 @@ class ImportsNode(Node):
         folder.remove_spool()
 
     def rename(self, src: list[str], dst: list[str], pid: int) -> None:
+        """Into place: an .error file, an import (or one that became an image), a part in a folder."""
+        check_name(dst[-1], self.path(dst))
         with self._lock:
-            if len(src) == len(dst) == 1 and src[0] in self._errors:
-                self._errors[dst[0]] = self._errors.pop(src[0])
+            folder = self._folders.get(src[0]) if len(src) == len(dst) == 2 and src[0] == dst[0] else None
+            if len(src) == len(dst) == 1 and self._move(src[0], dst[0]):
                 return
+        if folder is not None and src[1] in folder.files:
+            folder.rename(src[1], dst[1])
+            self._folder_changed(folder)
+            return
+        if self._landed.rename(src, dst):
+            return
         super().rename(src, dst, pid)
 
     def accepts_attributes(self, rest: list[str]) -> bool:
@@ -232,6 +276,7 @@ class ImportsNode(Node):
     def _finish_upload(self, upload: Upload) -> None:
         try:
             upload.commit()
+            self._landed.add(upload.name, Landing(upload.size))
         except ImportFailed as e:
             with self._lock:
                 removed = self._uploads.get(upload.name) is not upload
@@ -249,6 +294,7 @@ class ImportsNode(Node):
         try:
             folder.fingerprint = folder.commit()
             log.info("imported folder %s as %s", folder.name, folder.fingerprint)
+            self._landed.add(folder.name, Landing(files=dict(folder.files)))
         except ImportFailed as e:
             self._failed(folder.name, e)
             raise

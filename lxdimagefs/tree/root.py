@@ -194,7 +194,7 @@ class Tree(OpenFiles):
         node, rest = self._node(path)
         if node is not None and node.read_only:
             raise self.ctx.refuse(errno.EROFS, op, path, f"{node.name}/ is read-only")
-        if not self.ctx.readonly and node is not None and rest and node.accepts_attributes(rest):
+        if not self.ctx.readonly and node is not None and node.accepts_attributes(rest):
             return
         if op == "utimens" and not self.ctx.readonly and node is not None and node.touch(rest):
             return
