@@ -70,6 +70,8 @@ def test_a_restore_into_import_works_and_again_has_nothing_to_do(mnt, sandbox, t
             assert os.listdir(mnt.path / "import") == [], run
         split = next(fp for fp in fps if (src / fp).is_dir())
         assert sandbox.rest(f"/1.0/images/{split}")["properties"]["restored"] == "yes"
+        unified = next(fp for fp in fps if fp != split)
+        assert sandbox.rest(f"/1.0/images/{unified}")["filename"] == "unified.tar.gz"  # not .NAME.XXXXXX
     finally:
         for fp in fps:
             sandbox.lxc("image", "delete", fp, check=False)

@@ -11,22 +11,21 @@ import threading
 import time
 from pathlib import Path
 
-from lxdimagefs.data.uploads import FolderImport, Upload
-from lxdimagefs.errors import ImportFailed, LXDError, fs_error
+from lxdimagefs.data.folders import FolderImport
+from lxdimagefs.data.uploads import Upload
+from lxdimagefs.errors import ImportFailed, fs_error
 from lxdimagefs.fs.handles import BytesHandle, FileHandle, Handle, UploadHandle
-from lxdimagefs.fs.node import Attr, Context, Fading, Node, check_name
-from lxdimagefs.names import filename_to_alias, is_fingerprint
+from lxdimagefs.fs.node import Attr, Context, Fading, check_name
 from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.servers.pull import Source, from_url
+from lxdimagefs.tree.import_links import ERROR_SUFFIX, IMPORT_DIR, LinkImports
 from lxdimagefs.tree.landed import Landed, Landing
 
 log = logging.getLogger(__name__)
 
-IMPORT_DIR = "import"
-ERROR_SUFFIX = ".error"
+__all__ = ["ERROR_SUFFIX", "IMPORT_DIR", "ImportsNode"]
 
 
-class ImportsNode(Node):
+class ImportsNode(LinkImports):
     def __init__(self, ctx: Context, catalog: Catalog, spool_dir: Path) -> None:
         super().__init__(ctx, IMPORT_DIR)
         self.catalog = catalog
@@ -226,50 +225,6 @@ class ImportsNode(Node):
 
     def accepts_attributes(self, rest: list[str]) -> bool:
         return True  # what is being imported: `cp -p` and `touch` must work
-
-    # -- server-side creation: ln -s -------------------------------------------------------
-
-    def symlink(self, rest: list[str], target: str) -> None:
-        """`ln -s https://… import/NAME`: the server fetches the image from the URL itself."""
-        if len(rest) != 1 or not target.startswith("https://"):
-            raise self.ctx.refuse(errno.EINVAL, "symlink", self.path(rest),
-                                  "link an https:// URL, or an image folder of another remote in the mount")
-        self.pull(rest, from_url(target))
-
-    def pull(self, rest: list[str], source: Source) -> None:
-        """Have the server hold `source`'s image; NAME, unless a fingerprint, becomes its alias."""
-        path = self.path(rest)
-        if len(rest) != 1:
-            raise self.ctx.refuse(errno.EPERM, "symlink", path, "links go straight under import/")
-        name = rest[0]
-        check_name(name, path)
-        with self._lock:
-            if name in self._uploads or name in self._folders:
-                raise fs_error(errno.EEXIST, path)
-            self._errors.pop(name + ERROR_SUFFIX, None)
-        aliases = [] if is_fingerprint(name, 12) else [filename_to_alias(name)]
-        try:
-            # LXD makes the image before it adds the alias: a taken name would leave an image behind.
-            if aliases and self.client.alias_exists(aliases[0]):
-                raise LXDError(f"Alias already exists: {aliases[0]}", 409)
-            fp = source.create(self.client, aliases)
-        except LXDError as e:
-            failure = ImportFailed(e.errno if e.status else errno.EIO, e.message)
-            self._failed(name, failure)
-            raise fs_error(failure.errno, path, e.message) from None
-        finally:
-            self.catalog.invalidate()
-        log.info("%s: the server now holds %s as %s", path, source.describe, fp)
-        self._pulled.add(name, source.describe)  # gone once looked up, as a closed upload's file is
-
-    def _pulled_link(self, rest: list[str]) -> str | None:
-        return self._pulled.get(rest[0]) if len(rest) == 1 else None  # type: ignore[return-value]
-
-    def readlink(self, rest: list[str]) -> str:
-        pulled = self._pulled_link(rest)
-        if pulled is None:
-            return super().readlink(rest)
-        return pulled
 
     # -- finishing --------------------------------------------------------------------
 
