@@ -161,3 +161,35 @@ def test_a_copy_that_arrives_as_another_image_is_deleted(sandbox, tmp_path):
         assert sha(tarball) not in lxd_fps(sandbox)  # before: the wrong image stayed
     finally:
         sandbox.lxc("image", "delete", sha(tarball), check=False)
+
+
+def test_an_upload_renamed_while_written_lands_under_its_new_name(mnt, sandbox, tmp_path):
+    tarball = make_unified(tmp_path / "renamed.tar")
+    fp = sha(tarball)
+    temporary, final = mnt.path / "import" / ".renamed.tar.part", mnt.path / "import" / "renamed.tar"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, tarball.read_bytes())
+        os.rename(temporary, final)
+        assert os.listdir(mnt.path / "import") == ["renamed.tar"]
+        os.close(fd)
+        assert fp in lxd_fps(sandbox)
+        assert os.listdir(mnt.path / "import") == []
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_folder_that_became_an_image_can_be_listed_and_removed(mnt, sandbox, tmp_path):
+    src, fps = backup(tmp_path / "b")
+    split = next(fp for fp in fps if (src / fp).is_dir())
+    try:
+        subprocess.run(["cp", "-r", str(src / split), str(mnt.path / "import")], check=True)
+        assert split in lxd_fps(sandbox)
+        landed = mnt.path / "import" / split
+        assert sorted(os.listdir(landed)) == sorted(os.listdir(src / split))
+        subprocess.run(["rm", "-r", str(landed)], check=True)
+        assert not landed.exists()
+        assert split in lxd_fps(sandbox)  # forgetting the name never touches the image
+    finally:
+        for fp in fps:
+            sandbox.lxc("image", "delete", fp, check=False)

@@ -309,3 +309,17 @@ def test_simplestreams_products_become_lxds_records():
     assert [p.key for p in layout.parts] == [h(f"m{new}{native}"), h(f"r{new}{native}")]
     assert listing.layouts[h("combined")].parts[0].name == f"{h('combined')}.tar.gz"
     assert listing.paths[h(f"r{new}{native}")].endswith(".squashfs")
+
+
+def test_a_threads_process_is_its_thread_group():
+    import threading
+
+    from lxdimagefs.fs.commit import killed_by, process_of
+
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(process_of(threading.get_native_id())))
+    t.start()
+    t.join()
+    assert seen == [os.getpid()] and threading.get_native_id() != 0
+    assert process_of(2**22 + 12345) == 2**22 + 12345  # no such thread: the id itself
+    assert killed_by(os.getpid()) == 0  # alive, not exiting

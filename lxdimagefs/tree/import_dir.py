@@ -68,6 +68,9 @@ class ImportsNode(LinkImports):
                 return sorted([*self._uploads, *self._errors, *self._folders])
             if len(rest) == 1 and rest[0] in self._folders:
                 return sorted(self._folders[rest[0]].files)
+        landing = self._landed.get(rest[0]) if len(rest) == 1 else None
+        if landing is not None and landing.files is not None:
+            return sorted(landing.files)
         self.getattr(rest)
         raise fs_error(errno.ENOTDIR, self.path(rest))
 
