@@ -71,9 +71,6 @@ class FolderImport:
         with self.lock:
             self.path(old).rename(self.path(new))
             self.files[new] = self.files.pop(old)
-            if old in self.open_files:
-                self.open_files.discard(old)
-                self.open_files.add(new)
 
     def commit(self) -> str:
         if is_fingerprint(self.name) and self.client.image_exists(self.name):

@@ -134,6 +134,9 @@ class ImportsNode(LinkImports):
 
     def _move(self, old: str, new: str) -> bool:
         """Rename an .error file, an upload or a folder in progress (the lock held)."""
+        if old != new and any(new in live for live in (self._errors, self._uploads, self._folders)) \
+                and any(old in live for live in (self._errors, self._uploads, self._folders)):
+            raise fs_error(errno.EEXIST, self.path([new]))
         if old in self._errors:
             self._errors[new] = self._errors.pop(old)
         elif old in self._uploads:
@@ -219,6 +222,8 @@ class ImportsNode(LinkImports):
             if len(src) == len(dst) == 1 and self._move(src[0], dst[0]):
                 return
         if folder is not None and src[1] in folder.files:
+            if src[1] in folder.open_files:
+                raise self.ctx.refuse(errno.EBUSY, "rename", self.path(src), "it is still being written")
             folder.rename(src[1], dst[1])
             self._folder_changed(folder)
             return
