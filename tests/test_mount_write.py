@@ -375,7 +375,7 @@ def test_two_parts_closed_at_once_make_one_image(mnt, sandbox, tmp_path):
     fp = sha(meta, rootfs)
     try:
         assert errors == []
-        # Closed by threads other than the opener: the commit comes with the (asynchronous) release.
+        # Closed by two threads of the writer: each close is its writer's (fs/commit.py), one finishes.
         deadline = time.monotonic() + 20
         while fp not in lxd_fps(sandbox):
             assert time.monotonic() < deadline, os.listdir(mnt.path / "import")
