@@ -62,7 +62,7 @@ def main() -> int:
             tarball = make_unified(work / f"img{i}.tar", rootfs_bytes=(4 + 3 * i) << 20)
             fps.append(box.import_image(tarball, alias=f"soak/{i}"))
             tarball.unlink()
-        opts = ["-o", args.options] if args.options else []
+        opts = ["-o", ",".join(filter(None, ["allow_delete", args.options]))]  # it deletes what it imports
         proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--debug", *opts,
                                  "--socket", box.socket,
                                  "--cache-dir", str(work), "--log-file", args.log or str(work / "daemon.log"),

@@ -84,6 +84,14 @@ def mnt(sandbox: Sandbox, images: Images, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="session")
+def deleting_mnt(sandbox: Sandbox, images: Images,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """A mount where deleting images is allowed (-o allow_delete)."""
+    with mounted(sandbox, tmp_path_factory.mktemp("del") / "mnt", "-o", "allow_delete") as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
 def ro_mnt(sandbox: Sandbox, images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     with mounted(sandbox, tmp_path_factory.mktemp("ro") / "mnt", "-o", "ro") as m:
         yield m

@@ -44,9 +44,9 @@ def test_the_spool_is_private_and_goes_at_unmount(sandbox, images, tmp_path):
     assert not list(tmp_path.glob("lxdimagefs-spool-*"))
 
 
-def test_rmdir_of_a_unique_prefix_deletes_the_image(mnt, sandbox, tmp_path):
+def test_rmdir_of_a_unique_prefix_deletes_the_image(deleting_mnt, sandbox, tmp_path):
     fp = sandbox.import_image(make_unified(tmp_path / "prefix.tar"))
-    os.rmdir(mnt.path / "by-fingerprint" / fp[:12])
+    os.rmdir(deleting_mnt.path / "by-fingerprint" / fp[:12])
     assert fp not in {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}
 
 

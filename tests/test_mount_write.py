@@ -91,13 +91,13 @@ def test_import_progress_shows_in_ls(mnt, sandbox, tmp_path):
         os.close(fd)
     try:
         assert sizes == sorted(sizes) and sizes[0] < sizes[-1] == len(data)
-        assert not target.exists()
+        assert os.listdir(target.parent) == []  # gone from the listing (a lookup still answers: landed.py)
         assert sha(tarball) in lxd_fps(sandbox)
     finally:
         sandbox.lxc("image", "delete", sha(tarball), check=False)
 
 
-def _bad_inputs(tmp_path: Path, dup: Path) -> list[tuple[str, bytes, int, str]]:
+def _bad_inputs(tmp_path: Path) -> list[tuple[str, bytes, int, str]]:
     good = make_unified(tmp_path / "good.tar.xz", rootfs_bytes=256 << 10).read_bytes()
     nometa = tmp_path / "nometa.tar.gz"
     with tarfile.open(nometa, "w:gz") as tar:
@@ -111,14 +111,12 @@ def _bad_inputs(tmp_path: Path, dup: Path) -> list[tuple[str, bytes, int, str]]:
         # cut before metadata.yaml ends (LXD itself accepts a tarball cut after it)
         ("truncated.tar.xz", good[:60], errno.EINVAL, ""),
         ("nometa.tar.gz", nometa.read_bytes(), errno.EINVAL, "metadata.yaml"),
-        ("dup.tar.gz", dup.read_bytes(), errno.EEXIST, "already exists"),
     ]
 
 
 def test_bad_imports_fail_with_lxds_message_and_leave_nothing(mnt, sandbox, images, tmp_path):
-    dup = images.files["gz"][0]
     before_images, before_aliases = lxd_fps(sandbox), lxd_aliases(sandbox)
-    for name, data, code, message in _bad_inputs(tmp_path, dup):
+    for name, data, code, message in _bad_inputs(tmp_path):
         with pytest.raises(OSError) as e:
             write_file(mnt.path / "import" / name, data)
         assert e.value.errno == code, name
@@ -377,7 +375,7 @@ def test_two_parts_closed_at_once_make_one_image(mnt, sandbox, tmp_path):
     fp = sha(meta, rootfs)
     try:
         assert errors == []
-        # Closed by threads other than the opener: the commit comes with the (asynchronous) release.
+        # Closed by two threads of the writer: each close is its writer's (fs/commit.py), one finishes.
         deadline = time.monotonic() + 20
         while fp not in lxd_fps(sandbox):
             assert time.monotonic() < deadline, os.listdir(mnt.path / "import")
@@ -392,7 +390,8 @@ def test_two_parts_closed_at_once_make_one_image(mnt, sandbox, tmp_path):
 
 # -- deletion --------------------------------------------------------------------
 
-def test_rm_r_deletes_the_image_and_its_aliases(mnt, sandbox, fresh):
+def test_rm_r_deletes_the_image_and_its_aliases(deleting_mnt, sandbox, fresh):
+    mnt = deleting_mnt
     fp = fresh(alias="doomed")
     assert "doomed" in os.listdir(mnt.path / "by-alias")
     subprocess.run(["rm", "-r", str(mnt.path / "by-fingerprint" / fp)], check=True)
@@ -401,10 +400,46 @@ def test_rm_r_deletes_the_image_and_its_aliases(mnt, sandbox, fresh):
     assert "doomed" not in os.listdir(mnt.path / "by-alias")
 
 
-def test_rmdir_deletes_the_image(mnt, sandbox, fresh):
+def test_shutil_rmtree_deletes_the_image(deleting_mnt, sandbox, fresh):
     fp = fresh()
-    os.rmdir(mnt.path / "by-fingerprint" / fp)
+    shutil.rmtree(deleting_mnt.path / "by-fingerprint" / fp)
     assert fp not in lxd_fps(sandbox)
+
+
+def test_rmdir_deletes_the_image(deleting_mnt, sandbox, fresh):
+    fp = fresh()
+    os.rmdir(deleting_mnt.path / "by-fingerprint" / fp)
+    assert fp not in lxd_fps(sandbox)
+
+
+def test_without_allow_delete_rm_rf_deletes_no_image(mnt, sandbox, fresh):
+    fp = fresh(alias="kept")
+    before = lxd_fps(sandbox)
+    folder = mnt.path / "by-fingerprint" / fp
+    files = sorted(os.listdir(folder))
+    done = subprocess.run(["rm", "-rf", str(folder)], capture_output=True, text=True)
+    assert done.returncode != 0 and "Operation not permitted" in done.stderr
+    with pytest.raises(OSError) as e:
+        os.rmdir(folder)
+    assert e.value.errno == errno.EPERM
+    assert lxd_fps(sandbox) == before
+    assert sorted(os.listdir(folder)) == files  # nothing hidden either
+    assert lxd_aliases(sandbox)["kept"] == fp
+    assert "mount with -o allow_delete" in mnt.log_text()
+
+
+@pytest.mark.parametrize("mount", ["mnt", "deleting_mnt"])
+def test_removing_one_export_file_is_refused(request, sandbox, fresh, mount):
+    """Before, `rm` of one file "succeeded" and hid it until the next mount."""
+    m = request.getfixturevalue(mount)
+    fp = fresh()
+    folder = m.path / "by-fingerprint" / fp
+    for name in (f"{fp}.tar.gz", "metadata.json"):
+        with pytest.raises(OSError) as e:
+            os.unlink(folder / name)
+        assert e.value.errno == errno.EPERM
+        assert name in os.listdir(folder)
+    assert fp in lxd_fps(sandbox)
 
 
 # -- everything else ------------------------------------------------------------------

@@ -20,9 +20,9 @@ def lxd():
     return FakeLXD()
 
 
-def make_tree(lxd, tmp_path, readonly=False):
+def make_tree(lxd, tmp_path, readonly=False, allow_delete=False):
     return Tree(Catalog(lxd, ttl=0), Exports(lxd, tmp_path / "spool"), readonly=readonly,  # type: ignore[arg-type]
-                mountpoint="/mnt")
+                mountpoint="/mnt", allow_delete=allow_delete)
 
 
 @pytest.fixture()
@@ -174,14 +174,27 @@ def test_an_editors_scratch_file_renamed_over_metadata_json_saves_it(tree, lxd):
     assert ".metadata.json.swp" not in tree.readdir(f"/by-fingerprint/{fp}")
 
 
-def test_rm_r_hides_files_then_deletes_the_image(tree, lxd):
+def test_rm_r_hides_files_then_deletes_the_image(lxd, tmp_path):
+    tree = make_tree(lxd, tmp_path, allow_delete=True)
     fp = lxd.add(b"twelve", aliases=("gone",))
-    tree.unlink(f"/by-fingerprint/{fp}/{fp}.tar")
-    tree.unlink(f"/by-fingerprint/{fp}/metadata.json")
+    assert code(tree.unlink, f"/by-fingerprint/{fp}/{fp}.tar", 7) == errno.EPERM  # `rm` of one file
+    dh = tree.opendir(f"/by-fingerprint/{fp}", 7)  # `rm -r` holds the folder open while emptying it
+    tree.unlink(f"/by-fingerprint/{fp}/{fp}.tar", 7)
+    tree.unlink(f"/by-fingerprint/{fp}/metadata.json", 7)
     assert tree.readdir(f"/by-fingerprint/{fp}") == []
     assert fp in lxd.records  # unlinking files never changes the image
+    tree.release(dh)
     tree.rmdir(f"/by-fingerprint/{fp}")
     assert fp not in lxd.records and tree.readdir("/by-alias") == []
+
+
+def test_without_allow_delete_no_image_is_deleted(tree, lxd):
+    fp = lxd.add(b"thirteen")
+    dh = tree.opendir(f"/by-fingerprint/{fp}", 7)
+    assert code(tree.unlink, f"/by-fingerprint/{fp}/{fp}.tar", 7) == errno.EPERM
+    tree.release(dh)
+    assert code(tree.rmdir, f"/by-fingerprint/{fp}") == errno.EPERM
+    assert fp in lxd.records and tree.readdir(f"/by-fingerprint/{fp}") == ["metadata.json", f"{fp}.tar"]
 
 
 def test_import_folders_and_error_files(tree, tmp_path):
@@ -191,7 +204,9 @@ def test_import_folders_and_error_files(tree, tmp_path):
     tree.write(fh, 0, b"x" * 10)
     assert tree.readdir("/import/split") == ["meta.tar.xz"]
     assert code(tree.rmdir, "/import/split") == errno.ENOTEMPTY
+    tree.flush(fh, 1)  # the writer's close: the part counts
     tree.release(fh)
+    assert tree.readdir("/import/split") == ["meta.tar.xz"]
     tree.unlink("/import/split/meta.tar.xz")
     tree.rmdir("/import/split")
     assert tree.readdir("/import") == []

@@ -24,7 +24,8 @@ _seq = itertools.count()
 
 
 @pytest.fixture()
-def machine(mnt, sandbox):
+def machine(deleting_mnt, sandbox):
+    mnt = deleting_mnt  # the machine deletes images too
     work = Path(tempfile.mkdtemp(prefix="stateful-"))
     before = {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}
 

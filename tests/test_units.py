@@ -334,3 +334,17 @@ def test_no_patience_still_gives_the_first_try_its_whole_timeout():
     later = Backoff(0.5)
     later.pause(LXDUnreachable("away"), "a test")  # a retry: bounded by what is left of the budget
     assert max(later.clamp((5.0, 30.0))) <= 0.5
+
+
+def test_a_threads_process_is_its_thread_group():
+    import threading
+
+    from lxdimagefs.fs.commit import killed_by, process_of
+
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(process_of(threading.get_native_id())))
+    t.start()
+    t.join()
+    assert seen == [os.getpid()] and threading.get_native_id() != 0
+    assert process_of(2**22 + 12345) == 2**22 + 12345  # no such thread: the id itself
+    assert killed_by(os.getpid()) == 0  # alive, not exiting

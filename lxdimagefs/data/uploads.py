@@ -1,35 +1,27 @@
-"""Creating images from files written under import/.
+"""Creating images from files written under import/ (folders of parts: folders.py).
 
 A unified image is streamed to LXD while it is written: the writer's bytes go
 through a small bounded queue into the body of `POST /1.0/images`, so nothing
-is held whole in memory nor copied to local disk. A split image (a folder of
-two files) cannot be streamed, as LXD wants the metadata part first and the
-user may write either first: its parts are spooled, then sent as one
-multipart upload.
+is held whole in memory nor copied to local disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import queue
-import shutil
+import re
 import threading
 from collections.abc import Iterator
-from pathlib import Path
-
-from requests_toolbelt import MultipartEncoder
 
 from lxdimagefs.errors import ImportFailed, LXDError
-from lxdimagefs.keys import Fingerprint
-from lxdimagefs.names import METADATA
 from lxdimagefs.servers.lxd import LXDClient
 
 log = logging.getLogger(__name__)
 
 SNIFF_BYTES = 512
+ROOTFS_KINDS = ("squashfs", "qcow2")  # a split image's second part
 _BREAK = object()  # a queue item that is never data
 
 # First bytes of what LXD accepts as an image file (or part of one).
@@ -44,6 +36,15 @@ _MAGIC = (
 )
 
 
+_RSYNC_TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9]{6}")  # rsync writes NAME as .NAME.XXXXXX
+
+
+def final_name(name: str) -> str:
+    """The file name LXD records for an upload: rsync's NAME for its temporary .NAME.XXXXXX."""
+    m = _RSYNC_TEMPORARY.fullmatch(name)
+    return m.group(1) if m else name
+
+
 def sniff(head: bytes) -> str | None:
     """The image format these first bytes start, or None for anything else (JSON, text, …)."""
     for magic, name in _MAGIC:
@@ -54,7 +55,12 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def _failure(e: BaseException) -> ImportFailed:
+def already_held(e: BaseException) -> bool:
+    """LXD's refusal of an image it holds already: for an import, nothing left to do."""
+    return isinstance(e, LXDError) and "same fingerprint already exists" in e.message.lower()
+
+
+def failure(e: BaseException) -> ImportFailed:
     if isinstance(e, ImportFailed):
         return e
     if isinstance(e, LXDError):
@@ -70,10 +76,10 @@ class Upload:
 
     QUEUE_CHUNKS = 8
 
-    def __init__(self, client: LXDClient, name: str, opener_pid: int) -> None:
+    def __init__(self, client: LXDClient, name: str, writer: int) -> None:
         self.client = client
         self.name = name
-        self.opener_pid = opener_pid
+        self.writer = writer  # the process that opened it (fs/commit.py)
         self.size = 0
         self.fingerprint: str | None = None
         self.error: ImportFailed | None = None
@@ -135,9 +141,13 @@ class Upload:
 
     def _send(self) -> None:
         try:
-            self.fingerprint = self.client.create_image(self._body(), self.client.upload_headers(self.name))
+            headers = self.client.upload_headers(final_name(self.name))
+            self.fingerprint = self.client.create_image(self._body(), headers)
         except BaseException as e:
-            self.error = _failure(e)
+            if already_held(e):
+                log.info("%s: LXD holds this image already: nothing to do", self.name)
+            else:
+                self.error = failure(e)
         finally:
             self._done.set()
 
@@ -154,7 +164,8 @@ class Upload:
         self._done.wait()
         if self.error:
             raise self.error
-        log.info("imported %s as %s", self.name, self.fingerprint)
+        if self.fingerprint:
+            log.info("imported %s as %s", self.name, self.fingerprint)
         return self.fingerprint or ""
 
     def _put_end(self) -> None:
@@ -184,88 +195,3 @@ class Upload:
             except queue.Full:
                 with contextlib.suppress(queue.Empty):
                     self._queue.get_nowait()  # make room: these bytes will never be sent
-
-
-class FolderImport:
-    """A folder under import/: the two parts of a split image, or a copied image folder.
-
-    Parts are spooled to local files; the image is created once two image
-    files are written and closed. A folder named by a fingerprint is a copy
-    of an image folder (`cp -r MOUNT/by-fingerprint/<fp> import/`): it is
-    created once its export file(s) and its metadata.json are closed, with
-    the `public` flag and `properties` of that record.
-    """
-
-    def __init__(self, client: LXDClient, name: str, spool: Path) -> None:
-        self.client = client
-        self.name = name
-        self.spool = spool
-        self.files: dict[str, int] = {}  # name -> size written
-        self.open_files: set[str] = set()
-        self.fingerprint: str | None = None
-        self.lock = threading.Lock()
-        self.finishing = False  # one close, of however many at once, finishes the folder
-
-    def path(self, name: str) -> Path:
-        return self.spool / name
-
-    def ready(self) -> bool:
-        closed = [n for n in self.files if n not in self.open_files]
-        images = [n for n in closed if n != METADATA]
-        if Fingerprint.parse(self.name) is not None:  # a copied image folder: its record comes with it
-            expected = 2 if any(n.startswith("meta-") for n in self.files) else 1
-            return METADATA in closed and len(images) >= expected
-        return len(images) >= 2
-
-    def commit(self) -> str:
-        parts = [n for n in self.files if n != METADATA]
-        kinds = {}
-        for n in parts:
-            with open(self.path(n), "rb") as f:
-                kinds[n] = sniff(f.read(SNIFF_BYTES))
-            if kinds[n] is None:
-                raise ImportFailed(errno.EINVAL, f"{self.name}/{n} is not an image file")
-        public, properties = False, None
-        if METADATA in self.files:
-            public, properties = _copied_record(self.name, self.path(METADATA).read_bytes())
-        headers = self.client.upload_headers(self.name, public, properties)
-        try:
-            if len(parts) == 1:
-                with open(self.path(parts[0]), "rb") as f:
-                    self.fingerprint = self.client.create_image(f, headers)
-                return self.fingerprint
-            rootfs = [n for n in parts if kinds[n] in ("squashfs", "qcow2")]
-            meta = [n for n in parts if n not in rootfs]
-            if len(rootfs) != 1 or len(meta) != 1:
-                raise ImportFailed(errno.EINVAL, f"{self.name}: a split image is one metadata tarball "
-                                                 "and one squashfs or qcow2 rootfs")
-            with open(self.path(meta[0]), "rb") as m, open(self.path(rootfs[0]), "rb") as r:
-                field = "rootfs.img" if kinds[rootfs[0]] == "qcow2" else "rootfs"
-                form = MultipartEncoder(fields={
-                    "metadata": (meta[0], m, "application/octet-stream"),
-                    field: (rootfs[0], r, "application/octet-stream")})
-                headers["Content-Type"] = form.content_type
-                self.fingerprint = self.client.create_image(form, headers)
-            return self.fingerprint
-        except LXDError as e:
-            raise _failure(e) from e
-
-    def remove_spool(self) -> None:
-        shutil.rmtree(self.spool, ignore_errors=True)
-
-
-def _copied_record(folder: str, data: bytes) -> tuple[bool, dict[str, str] | None]:
-    """The public flag and properties of a copied image folder's metadata.json, checked as LXD would."""
-    try:
-        record = json.loads(data)
-    except ValueError as e:
-        raise ImportFailed(errno.EINVAL, f"{folder}/metadata.json is not JSON: {e}") from None
-    if not isinstance(record, dict):
-        raise ImportFailed(errno.EINVAL, f"{folder}/metadata.json: json: cannot unmarshal "
-                                         f"{type(record).__name__} into an image record")
-    properties = record.get("properties") or None
-    if properties is not None and (not isinstance(properties, dict)
-                                   or not all(isinstance(v, str) for v in properties.values())):
-        raise ImportFailed(errno.EINVAL, f"{folder}/metadata.json: properties must be an object "
-                                         "of strings")
-    return bool(record.get("public")), properties

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -12,6 +13,9 @@ from collections.abc import Callable
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.uploads import Upload
 from lxdimagefs.errors import fs_error
+from lxdimagefs.fs.commit import CommitOnClose
+
+log = logging.getLogger(__name__)
 
 MAX_EDIT = 1 << 20  # bytes a metadata.json (or an editor's temporary file) may hold
 
@@ -43,7 +47,10 @@ class HandleTable:
         with self._lock:
             handle = self._handles.pop(fh, None)
         if handle is not None:
-            handle.close()
+            try:
+                handle.release()
+            finally:
+                handle.close()
 
 
 class OpenFiles:
@@ -64,11 +71,11 @@ class OpenFiles:
         self.handles.release(fh)
 
 
-class Handle:
-    """An open file. Subclasses implement what their file allows."""
+class Handle(CommitOnClose):
+    """An open file. Subclasses implement what their file allows; commit.py, what its close means."""
 
     def __init__(self, opener: int = 0) -> None:
-        self.opener = opener  # pid of the process that opened it: its flush commits
+        super().__init__(opener)
 
     def read(self, offset: int, size: int) -> memoryview | bytes:
         raise fs_error(errno.EBADF, "read")
@@ -79,11 +86,19 @@ class Handle:
     def truncate(self, length: int) -> None:
         raise fs_error(errno.EINVAL, "truncate")
 
-    def flush(self, pid: int) -> None:
-        pass
+    def close(self) -> None:
+        """Free what the handle holds, once it is released."""
+
+
+class DirHandle(Handle):
+    """An open folder: what is told when it is closed."""
+
+    def __init__(self, opener: int, on_close: Callable[[], None]) -> None:
+        super().__init__(opener)
+        self._on_close = on_close
 
     def close(self) -> None:
-        pass
+        self._on_close()
 
 
 class BytesHandle(Handle):
@@ -113,10 +128,10 @@ class FileHandle(Handle):
     """A local file: a split image's spooled part, or a part being written into an import folder."""
 
     def __init__(self, path: str, flags: int = os.O_RDONLY, on_close: Callable[[], None] | None = None,
-                 opener: int = 0) -> None:
+                 opener: int = 0, on_abandon: Callable[[str], None] | None = None) -> None:
         super().__init__(opener)
         self.fd = os.open(path, flags, 0o600)
-        self._on_close = on_close
+        self._on_close, self._on_abandon = on_close, on_abandon
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -127,20 +142,26 @@ class FileHandle(Handle):
     def truncate(self, length: int) -> None:
         os.ftruncate(self.fd, length)
 
-    def flush(self, pid: int) -> None:
-        if pid == self.opener and self._on_close:
-            on_close, self._on_close = self._on_close, None
+    def pending(self) -> bool:
+        return self._on_close is not None
+
+    def commit(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        if on_close:
             on_close()
+
+    def abandon(self, why: str) -> None:
+        self._on_close = None
+        if self._on_abandon:
+            self._on_abandon(why)
 
     def close(self) -> None:
         os.close(self.fd)
-        if self._on_close:
-            self._on_close()
 
 
 class UploadHandle(Handle):
     def __init__(self, upload: Upload, finish: Callable[[Upload], None]) -> None:
-        super().__init__(upload.opener_pid)
+        super().__init__(upload.writer)
         self.upload, self.finish = upload, finish
         self.done = False
 
@@ -151,17 +172,18 @@ class UploadHandle(Handle):
         if length != self.upload.size:
             raise fs_error(errno.ESPIPE, self.upload.name, "an import cannot be truncated once written")
 
-    def flush(self, pid: int) -> None:
-        if pid == self.opener and not self.done:
-            self.done = True
-            self.finish(self.upload)
+    def pending(self) -> bool:
+        return not self.done
 
-    def close(self) -> None:
-        if not self.done:  # the opener never closed it: no telling whether it is whole
-            self.done = True
-            self.upload.abort(f"{self.upload.name} was released without its writer closing it")
-            with contextlib.suppress(OSError):  # recorded in the .error file
-                self.finish(self.upload)
+    def commit(self) -> None:
+        self.done = True
+        self.finish(self.upload)
+
+    def abandon(self, why: str) -> None:
+        self.done = True
+        self.upload.abort(f"{self.upload.name}: {why}")
+        with contextlib.suppress(OSError):  # recorded in the .error file
+            self.finish(self.upload)
 
 
 class EditHandle(Handle):
@@ -194,7 +216,14 @@ class EditHandle(Handle):
         self.data.extend(b"\0" * (length - len(self.data)))
         self.dirty = True
 
-    def flush(self, pid: int) -> None:
-        if pid == self.opener and self.dirty and self.on_commit:
-            self.dirty = False
+    def pending(self) -> bool:
+        return self.dirty and self.on_commit is not None
+
+    def commit(self) -> None:
+        self.dirty = False
+        if self.on_commit:
             self.on_commit(bytes(self.data))
+
+    def abandon(self, why: str) -> None:
+        self.dirty = False
+        log.warning("an edit of metadata.json was not saved: %s", why)

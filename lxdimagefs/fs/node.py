@@ -53,6 +53,7 @@ class Context:
     """The mount's settings, the refusals every node words alike, and change notices."""
 
     readonly: bool = True
+    allow_delete: bool = False  # -o allow_delete: rm -r and rmdir of an image folder delete the image
     mountpoint: str = ""
     started: float = field(default_factory=time.time)
     # Told of paths that changed behind the caller's back; wait=True where no directory lock
@@ -178,8 +179,12 @@ class Node:
         raise self.ctx.refuse(errno.EPERM if rest else errno.EBUSY, "rmdir", self.path(rest),
                               "only image folders and import folders can be removed")
 
-    def unlink(self, rest: list[str]) -> None:
+    def unlink(self, rest: list[str], pid: int = 0) -> None:
         raise self.ctx.refuse(errno.EPERM, "unlink", self.path(rest), "this cannot be removed")
+
+    def opendir(self, rest: list[str], pid: int) -> Handle:
+        """A folder opened by process `pid`, to be listed (or emptied, by `rm -r`)."""
+        return Handle(pid)
 
     def symlink(self, rest: list[str], target: str) -> None:
         raise self.ctx.refuse(errno.EPERM, "symlink", self.path(rest),

@@ -46,6 +46,7 @@ class Settings:
     events: bool
     contents: bool
     all_projects: bool = False
+    allow_delete: bool = False
 
 
 @dataclass
@@ -76,7 +77,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
     exports = Exports(client, spool, capacity=cache_bytes, cache=cache)
     tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,
-                handles=handles)
+                handles=handles, allow_delete=settings.allow_delete)
     events = None
     if settings.events:
         events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1],

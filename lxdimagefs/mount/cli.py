@@ -37,6 +37,7 @@ OWN_OPTIONS = {
 OWN_FLAGS = {
     "no_events",  # do not listen to LXD's events: rely on metadata_ttl alone
     "nocontents",  # leave out contents/ (what is inside images), e.g. for backups of the whole mount
+    "allow_delete",  # rm -r / rmdir of by-fingerprint/<fp> deletes the image (else EPERM)
 }
 
 
@@ -108,6 +109,8 @@ options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
                         a call fails with EIO (default 30)
   no_events             do not follow the server's event stream
   nocontents            leave out contents/ (backups of the whole mount)
+  allow_delete          let rm -r (or rmdir) of by-fingerprint/<fp> delete the
+                        image; without it deleting an image is refused (EPERM)
   _netdev, nofail, user, users, auto, noauto, defaults, x-*
                         fstab's and systemd's: accepted and ignored
 
@@ -348,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                         metadata_ttl=float(own.get("metadata_ttl", 3.0)),  # type: ignore[arg-type]
                         cache_bytes=int(own.get("cache_size", 32)) << 20,  # type: ignore[call-overload]
                         events=not own.get("no_events"), contents=not own.get("nocontents"),
-                        all_projects=args.all_projects)
+                        all_projects=args.all_projects,
+                        allow_delete=bool(own.get("allow_delete")))
     forest = args.all_remotes or len(args.remote) > 1
     try:
         root, built = assemble(chosen, settings, forest)

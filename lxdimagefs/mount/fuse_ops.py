@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from lxdimagefs.errors import LXDError
 from lxdimagefs.fs import access
+from lxdimagefs.fs.commit import process_of
 from lxdimagefs.fs.node import inode_number
 from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator
 from lxdimagefs.servers.events import EventWatcher
@@ -202,7 +203,16 @@ class LXDImageOps(Operations):
     @translated
     def unlink(self, path: str) -> int:
         self._may_change(path)
-        self.tree.unlink(path)
+        self.tree.unlink(path, _pid())
+        return 0
+
+    @translated
+    def opendir(self, path: str) -> int:
+        return self.tree.opendir(path, _pid())
+
+    @translated
+    def releasedir(self, path: str, fh: int) -> int:
+        self.tree.release(fh)
         return 0
 
     @translated
@@ -266,7 +276,8 @@ class LXDImageOps(Operations):
 
 
 def _pid() -> int:
-    return fuse_get_context()[2]
+    """The calling process: FUSE tells the thread, and a process's threads are one writer."""
+    return process_of(fuse_get_context()[2])
 
 
 def _drain(changed: queue.Queue[tuple[str, threading.Event]], invalidate: Callable[[str], None]) -> None:

@@ -90,8 +90,10 @@ def stream_copy(source: LXDClient, fp: str, target: LXDClient, aliases: list[str
         got = target.create_image(source.iter_chunks(resp), headers)
     finally:
         resp.close()
-    if got != fp:
-        raise LXDError(f"the copy of {fp} arrived as {got}", 500)
+    if got != fp:  # not the image asked for: it must not stay on the target
+        if got:
+            target.delete_image(got)
+        raise LXDError(f"the copy of {fp} arrived as {got}: deleted it", 500)
     for alias in aliases:
         target.add_alias(alias, fp)
     return fp

@@ -27,6 +27,8 @@ from lxdimagefs.servers.transport import Backoff, Connection, ContextAdapter, Ra
 # Every request line (--debug) carries one logger name, whichever module sends it: the client.
 log = logging.getLogger("lxdimagefs.client")
 
+OPERATION_POLL = 30  # seconds LXD holds one wait for an operation that is still running
+
 
 def certificate_fingerprint(pem_file: str) -> str:
     """sha256 of a PEM certificate's DER bytes, as urllib3 pins it."""
@@ -115,16 +117,17 @@ class RestSession:
 
     def _request(self, method: str, path: str, *, stream: bool = False,
                  headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
-                 retry: str = "", **kwargs: Any) -> requests.Response:
+                 retry: str = "", patience: float | None = None, **kwargs: Any) -> requests.Response:
         """One request, retried through an outage shorter than the timeout.
 
         `retry`: "all" (the default for GET) retries refused or dropped
         connections and 502/503/504; "connect" (other methods) only failures
         to connect, where the request cannot have reached LXD; "none".
+        `patience`: seconds this request may take, outages included (default: the timeout).
         """
         retry = retry or ("all" if method == "GET" else "connect")
         url = self._url(path, **(params or {}))
-        backoff = Backoff(self.patience)
+        backoff = Backoff(patience or self.patience)
         while True:
             log.debug("%s %s", method, path)
             kwargs["timeout"] = backoff.clamp(kwargs.get("timeout") or self.conn.timeout)
@@ -157,13 +160,21 @@ class RestSession:
         return body.get("operation") or None if body.get("type") == "async" else None
 
     def wait(self, operation: str | None) -> dict[str, Any] | None:
-        """Wait for an operation to end; a failed one raises with LXD's message."""
+        """Wait for an operation to end, however long LXD says it runs; a failed one raises
+        with LXD's message.
+
+        A long operation (a large import, a pull, a refresh) is not an outage: LXD is asked
+        to answer within `OPERATION_POLL` seconds, and the timeout counts from then, so only
+        a server that does not answer fails the wait.
+        """
         if not operation:
             return None
         op_id = operation.rstrip("/").rsplit("/", 1)[-1]
+        poll = min(OPERATION_POLL, max(1, int(self.conn.timeout[1])))
+        budget = poll + self.conn.timeout[1]
         while True:
-            meta = self._sync("GET", f"/operations/{op_id}/wait",
-                              params={"timeout": str(int(self.conn.timeout[1]))})
+            meta = self._sync("GET", f"/operations/{op_id}/wait", params={"timeout": str(poll)},
+                              timeout=(self.conn.timeout[0], budget), patience=budget)
             status = meta.get("status_code", 0)
             if status == 200:
                 return meta.get("metadata")

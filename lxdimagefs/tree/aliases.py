@@ -82,7 +82,7 @@ class AliasesNode(Node):
         self.client.add_alias(filename_to_alias(rest[0]), fp)
         self.catalog.invalidate()
 
-    def unlink(self, rest: list[str]) -> None:
+    def unlink(self, rest: list[str], pid: int = 0) -> None:
         self.client.delete_alias(filename_to_alias(rest[0]))
         self.catalog.invalidate()
 

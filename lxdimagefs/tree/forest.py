@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lxdimagefs.errors import LXDUnreachable, fs_error
-from lxdimagefs.fs.handles import HandleTable, OpenFiles
+from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
 from lxdimagefs.fs.node import Attr, Context
 from lxdimagefs.servers.pull import Source
 from lxdimagefs.servers.space import Usage
@@ -118,6 +118,8 @@ class Forest(OpenFiles):
                 return []
             if call == "listxattrs":
                 return {}
+            if call == "opendir":
+                return self.handles.add(Handle(*args))
             raise fs_error(errno.ENOENT, path)
         try:
             return getattr(slot.tree, call)(sub, *args)
@@ -160,6 +162,11 @@ class Forest(OpenFiles):
     def create(self, path: str, flags: int, pid: int = 0) -> int:
         return self._in(path, "create", flags, pid)
 
+    def opendir(self, path: str, pid: int = 0) -> int:
+        if path.strip("/") == "":
+            return self.handles.add(Handle(pid))
+        return self._in(path, "opendir", pid)
+
     # -- changes ----------------------------------------------------------------------
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
@@ -171,8 +178,8 @@ class Forest(OpenFiles):
     def rmdir(self, path: str) -> None:
         self._in(path, "rmdir")
 
-    def unlink(self, path: str) -> None:
-        self._in(path, "unlink")
+    def unlink(self, path: str, pid: int = 0) -> None:
+        self._in(path, "unlink", pid)
 
     def rename(self, old: str, new: str, pid: int = 0) -> None:
         (src, _), (dst, sub) = self._split(old), self._split(new)

@@ -1,7 +1,9 @@
 """by-fingerprint/: one folder per image, its record and its export file(s).
 
 Changes accepted here: metadata.json edits (directly, or through an
-editor's scratch file renamed over it) and deletion of an image.
+editor's scratch file renamed over it) and, under `-o allow_delete`,
+deletion of an image: `rmdir`, or `rm -r`, whose unlinks of the files in the
+folder it holds open only hide them until its `rmdir`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import os
 import stat
 import threading
 import time
+from collections import Counter
 
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
-from lxdimagefs.fs.handles import BytesHandle, EditHandle, FileHandle, Handle, UnifiedHandle
+from lxdimagefs.fs.handles import BytesHandle, DirHandle, EditHandle, FileHandle, Handle, UnifiedHandle
 from lxdimagefs.fs.node import Attr, Context, Fading, Node, check_name
 from lxdimagefs.names import METADATA, alias_to_filename
 from lxdimagefs.servers.catalog import Catalog
@@ -43,6 +46,7 @@ class ImagesNode(Node):
         self._lock = threading.Lock()
         self._scratch: dict[tuple[str, str], bytearray] = {}  # editors' temporary files
         self._hidden: set[tuple[str, str]] = set()  # files unlinked by `rm -r` before its rmdir
+        self._open_dirs: Counter[tuple[str, int]] = Counter()  # (fp, pid): image folders held open
         self._replaced = Fading()  # image folders a refresh just replaced
 
     # -- lookups ----------------------------------------------------------------
@@ -167,16 +171,43 @@ class ImagesNode(Node):
                 return  # `> metadata.json`: the write that follows carries the new record
         raise self.ctx.refuse(errno.EACCES, "truncate", path, "cannot change this file's size")
 
-    def unlink(self, rest: list[str]) -> None:
-        fp = self.image(rest[0], self.path(rest)).fingerprint
+    def opendir(self, rest: list[str], pid: int) -> Handle:
+        if len(rest) != 1:
+            return super().opendir(rest, pid)
+        key = (self.image(rest[0], self.path(rest)).fingerprint, pid)
         with self._lock:
-            if self._scratch.pop((fp, rest[1]), None) is None:
-                # `rm -r` empties a folder before its rmdir: the image goes then, not now.
-                self._hidden.add((fp, rest[1]))
+            self._open_dirs[key] += 1
+
+        def closed() -> None:
+            with self._lock:
+                self._open_dirs[key] -= 1
+                if self._open_dirs[key] <= 0:
+                    del self._open_dirs[key]
+        return DirHandle(pid, closed)
+
+    def unlink(self, rest: list[str], pid: int = 0) -> None:
+        path = self.path(rest)
+        fp = self.image(rest[0], path).fingerprint
+        with self._lock:
+            if self._scratch.pop((fp, rest[1]), None) is not None:
+                return
+            emptying = (fp, pid) in self._open_dirs
+        self._deleting(path, "unlink")
+        if not emptying:  # hiding it would "succeed" and lose nothing: the next mount shows it again
+            raise self.ctx.refuse(errno.EPERM, "unlink", path,
+                                  "an image's files go only with the image: rm -r its folder")
+        with self._lock:  # `rm -r` empties the folder it holds open, then rmdir deletes the image
+            self._hidden.add((fp, rest[1]))
+
+    def _deleting(self, path: str, op: str) -> None:
+        if not self.ctx.allow_delete:
+            raise self.ctx.refuse(errno.EPERM, op, path,
+                                  "deleting images is off: mount with -o allow_delete to allow it")
 
     def rmdir(self, rest: list[str]) -> None:
         if len(rest) != 1:
             super().rmdir(rest)
+        self._deleting(self.path(rest), "rmdir")
         image = self.image(rest[0], self.path(rest))
         fp = image.fingerprint
         self.catalog.client.delete_image(fp)

@@ -6,25 +6,26 @@ import errno
 import logging
 import os
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-from lxdimagefs.data.uploads import FolderImport, Upload
-from lxdimagefs.errors import ImportFailed, LXDError, fs_error
+from lxdimagefs.data.folders import FolderImport
+from lxdimagefs.data.uploads import Upload
+from lxdimagefs.errors import ImportFailed, fs_error
 from lxdimagefs.fs.handles import BytesHandle, FileHandle, Handle, UploadHandle
-from lxdimagefs.fs.node import Attr, Context, Fading, Node, check_name
-from lxdimagefs.names import filename_to_alias, is_fingerprint
+from lxdimagefs.fs.node import Attr, Context, Fading, check_name
 from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.servers.pull import Source, from_url
+from lxdimagefs.tree.import_links import ERROR_SUFFIX, IMPORT_DIR, LinkImports
+from lxdimagefs.tree.landed import Landed, Landing
 
 log = logging.getLogger(__name__)
 
-IMPORT_DIR = "import"
-ERROR_SUFFIX = ".error"
+__all__ = ["ERROR_SUFFIX", "IMPORT_DIR", "ImportsNode"]
 
 
-class ImportsNode(Node):
+class ImportsNode(LinkImports):
     def __init__(self, ctx: Context, catalog: Catalog, spool_dir: Path) -> None:
         super().__init__(ctx, IMPORT_DIR)
         self.catalog = catalog
@@ -35,6 +36,7 @@ class ImportsNode(Node):
         self._errors: dict[str, bytes] = {}  # <name>.error -> LXD's message
         self._folders: dict[str, FolderImport] = {}
         self._pulled = Fading()  # links that became images: name -> what they named
+        self._landed = Landed()  # files and folders that became images, for the tools that wrote them
 
     def getattr(self, rest: list[str]) -> Attr:
         now = time.time()
@@ -56,6 +58,9 @@ class ImportsNode(Node):
                 return Attr(stat.S_IFDIR | 0o700, 0, now, now, now, 2)
         if len(rest) == 2 and folder is not None and rest[1] in folder.files:
             return Attr(stat.S_IFREG | 0o600, folder.files[rest[1]], now, now, now)
+        landed = self._landed.attr(rest) if folder is None else None
+        if landed is not None:
+            return landed
         raise fs_error(errno.ENOENT, self.path(rest))
 
     def readdir(self, rest: list[str]) -> list[str]:
@@ -64,6 +69,9 @@ class ImportsNode(Node):
                 return sorted([*self._uploads, *self._errors, *self._folders])
             if len(rest) == 1 and rest[0] in self._folders:
                 return sorted(self._folders[rest[0]].files)
+        landing = self._landed.get(rest[0]) if len(rest) == 1 else None
+        if landing is not None and landing.files is not None:
+            return sorted(landing.files)
         self.getattr(rest)
         raise fs_error(errno.ENOTDIR, self.path(rest))
 
@@ -74,11 +82,13 @@ class ImportsNode(Node):
             error = self._errors.get(rest[0]) if len(rest) == 1 else None
             busy = len(rest) == 1 and rest[0] in self._uploads
         if len(rest) == 2 and folder is not None:
-            mode = os.O_RDWR | (flags & os.O_TRUNC) if writing else os.O_RDONLY
+            mode = os.O_RDWR | os.O_CREAT | (flags & os.O_TRUNC) if writing else os.O_RDONLY
             return self._folder_file(folder, rest[1], mode, pid)
         if busy and writing:
             raise self.ctx.refuse(errno.EBUSY, "open", self.path(rest),
                                   "this import is being written already")
+        if writing and folder is None and error is None and self._landed.get(rest[0]) is not None:
+            return self.create(rest, flags, pid)  # written again: a new import
         if error is not None and not writing:
             return BytesHandle(error, opener=pid)
         if writing:
@@ -87,6 +97,8 @@ class ImportsNode(Node):
 
     def create(self, rest: list[str], flags: int, pid: int) -> Handle:
         check_name(rest[-1], self.path(rest))
+        if self._landed.discard(rest[:1]) and len(rest) == 2:
+            self.mkdir(rest[:1])  # a folder that became an image, copied again: a new import
         if len(rest) == 1:
             with self._lock:
                 self._errors.pop(rest[0] + ERROR_SUFFIX, None)
@@ -105,16 +117,47 @@ class ImportsNode(Node):
             return FileHandle(str(folder.path(name)), opener=pid)
         with folder.lock:
             folder.open_files.add(name)
+            folder.files.setdefault(name, 0)
 
         def closed() -> None:
             with folder.lock:
                 folder.files[name] = folder.path(name).stat().st_size
                 folder.open_files.discard(name)
-                go = not folder.finishing and folder.ready()
-                folder.finishing |= go
-            if go:
-                self._finish_folder(folder)
-        return FileHandle(str(folder.path(name)), flags, on_close=closed, opener=pid)
+            self._folder_changed(folder)
+
+        def abandoned(why: str) -> None:  # the part may be cut short: it goes, the folder stays
+            log.warning("import %s/%s dropped: %s", folder.name, name, why)
+            with folder.lock:
+                folder.files.pop(name, None)
+                folder.open_files.discard(name)
+            folder.path(name).unlink(missing_ok=True)
+        return FileHandle(str(folder.path(name)), flags, on_close=closed, opener=pid, on_abandon=abandoned)
+
+    def _move(self, old: str, new: str) -> bool:
+        """Rename an .error file, an upload or a folder in progress (the lock held)."""
+        if old != new and any(new in live for live in (self._errors, self._uploads, self._folders)) \
+                and any(old in live for live in (self._errors, self._uploads, self._folders)):
+            raise fs_error(errno.EEXIST, self.path([new]))
+        if old in self._errors:
+            self._errors[new] = self._errors.pop(old)
+        elif old in self._uploads:
+            upload = self._uploads[new] = self._uploads.pop(old)
+            upload.name = new
+        elif old in self._folders:
+            folder = self._folders[new] = self._folders.pop(old)
+            folder.name = new
+        else:
+            return False
+        self._landed.discard([new])
+        return True
+
+    def _folder_changed(self, folder: FolderImport) -> None:
+        """A part closed or renamed: the folder becomes an image once it holds one whole."""
+        with folder.lock:
+            go = not folder.finishing and folder.ready()
+            folder.finishing |= go
+        if go:
+            self._finish_folder(folder)
 
     def truncate(self, rest: list[str], length: int) -> None:
         with self._lock:
@@ -127,9 +170,11 @@ class ImportsNode(Node):
             return
         super().truncate(rest, length)
 
-    def unlink(self, rest: list[str]) -> None:
+    def unlink(self, rest: list[str], pid: int = 0) -> None:
         with self._lock:
             if len(rest) == 1 and self._pulled.discard(rest[0]):
+                return
+            if rest[0] not in self._folders and self._landed.discard(rest):
                 return
             if len(rest) == 2:
                 folder = self._folders[rest[0]]
@@ -152,11 +197,14 @@ class ImportsNode(Node):
         with self._lock:
             if rest[0] in self._folders or rest[0] in self._uploads or rest[0] in self._errors:
                 raise fs_error(errno.EEXIST, path)
-            spool = self.spool_dir / "import" / rest[0]
-            spool.mkdir(parents=True, mode=0o700)
+            base = self.spool_dir / "import"
+            base.mkdir(parents=True, exist_ok=True, mode=0o700)
+            spool = Path(tempfile.mkdtemp(dir=base))  # its own: the folder may be renamed
             self._folders[rest[0]] = FolderImport(self.client, rest[0], spool)
 
     def rmdir(self, rest: list[str]) -> None:
+        if len(rest) == 1 and rest[0] not in self._folders and self._landed.discard(rest):
+            return
         with self._lock:
             folder = self._folders.get(rest[0]) if len(rest) == 1 else None
             if folder is not None:
@@ -168,64 +216,31 @@ class ImportsNode(Node):
         folder.remove_spool()
 
     def rename(self, src: list[str], dst: list[str], pid: int) -> None:
+        """Into place: an .error file, an import (or one that became an image), a part in a folder."""
+        check_name(dst[-1], self.path(dst))
         with self._lock:
-            if len(src) == len(dst) == 1 and src[0] in self._errors:
-                self._errors[dst[0]] = self._errors.pop(src[0])
+            folder = self._folders.get(src[0]) if len(src) == len(dst) == 2 and src[0] == dst[0] else None
+            if len(src) == len(dst) == 1 and self._move(src[0], dst[0]):
                 return
+        if folder is not None and src[1] in folder.files:
+            if src[1] in folder.open_files:
+                raise self.ctx.refuse(errno.EBUSY, "rename", self.path(src), "it is still being written")
+            folder.rename(src[1], dst[1])
+            self._folder_changed(folder)
+            return
+        if self._landed.rename(src, dst):
+            return
         super().rename(src, dst, pid)
 
     def accepts_attributes(self, rest: list[str]) -> bool:
         return True  # what is being imported: `cp -p` and `touch` must work
-
-    # -- server-side creation: ln -s -------------------------------------------------------
-
-    def symlink(self, rest: list[str], target: str) -> None:
-        """`ln -s https://… import/NAME`: the server fetches the image from the URL itself."""
-        if len(rest) != 1 or not target.startswith("https://"):
-            raise self.ctx.refuse(errno.EINVAL, "symlink", self.path(rest),
-                                  "link an https:// URL, or an image folder of another remote in the mount")
-        self.pull(rest, from_url(target))
-
-    def pull(self, rest: list[str], source: Source) -> None:
-        """Have the server hold `source`'s image; NAME, unless a fingerprint, becomes its alias."""
-        path = self.path(rest)
-        if len(rest) != 1:
-            raise self.ctx.refuse(errno.EPERM, "symlink", path, "links go straight under import/")
-        name = rest[0]
-        check_name(name, path)
-        with self._lock:
-            if name in self._uploads or name in self._folders:
-                raise fs_error(errno.EEXIST, path)
-            self._errors.pop(name + ERROR_SUFFIX, None)
-        aliases = [] if is_fingerprint(name, 12) else [filename_to_alias(name)]
-        try:
-            # LXD makes the image before it adds the alias: a taken name would leave an image behind.
-            if aliases and self.client.alias_exists(aliases[0]):
-                raise LXDError(f"Alias already exists: {aliases[0]}", 409)
-            fp = source.create(self.client, aliases)
-        except LXDError as e:
-            failure = ImportFailed(e.errno if e.status else errno.EIO, e.message)
-            self._failed(name, failure)
-            raise fs_error(failure.errno, path, e.message) from None
-        finally:
-            self.catalog.invalidate()
-        log.info("%s: the server now holds %s as %s", path, source.describe, fp)
-        self._pulled.add(name, source.describe)  # gone once looked up, as a closed upload's file is
-
-    def _pulled_link(self, rest: list[str]) -> str | None:
-        return self._pulled.get(rest[0]) if len(rest) == 1 else None  # type: ignore[return-value]
-
-    def readlink(self, rest: list[str]) -> str:
-        pulled = self._pulled_link(rest)
-        if pulled is None:
-            return super().readlink(rest)
-        return pulled
 
     # -- finishing --------------------------------------------------------------------
 
     def _finish_upload(self, upload: Upload) -> None:
         try:
             upload.commit()
+            self._landed.add(upload.name, Landing(upload.size))
         except ImportFailed as e:
             with self._lock:
                 removed = self._uploads.get(upload.name) is not upload
@@ -243,6 +258,7 @@ class ImportsNode(Node):
         try:
             folder.fingerprint = folder.commit()
             log.info("imported folder %s as %s", folder.name, folder.fingerprint)
+            self._landed.add(folder.name, Landing(files=dict(folder.files)))
         except ImportFailed as e:
             self._failed(folder.name, e)
             raise

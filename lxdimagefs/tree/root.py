@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
-from lxdimagefs.fs.handles import HandleTable, OpenFiles
+from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
 from lxdimagefs.fs.node import Attr, Context, Node
 from lxdimagefs.names import METADATA, alias_to_filename, filename_to_alias
 from lxdimagefs.servers.catalog import Catalog
@@ -35,12 +35,12 @@ class Tree(OpenFiles):
     def __init__(self, catalog: Catalog, exports: Exports, uid: int | None = None, gid: int | None = None,
                  readonly: bool = True, mountpoint: str = "", spool_dir: Path | None = None,
                  index: IndexFolder | None = None, imports: bool = True,
-                 handles: HandleTable | None = None) -> None:
+                 handles: HandleTable | None = None, allow_delete: bool = False) -> None:
         self.catalog = catalog
         self.exports = exports
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
-        self.ctx = Context(readonly=readonly, mountpoint=mountpoint.rstrip("/"))
+        self.ctx = Context(readonly=readonly, allow_delete=allow_delete, mountpoint=mountpoint.rstrip("/"))
         self.images = ImagesNode(self.ctx, catalog, exports)
         self.nodes: dict[str, Node] = {
             FP_DIR: self.images,
@@ -105,6 +105,11 @@ class Tree(OpenFiles):
             self._changing(path, "open for writing")
         return self.handles.add(node.open(rest, flags, pid))
 
+    def opendir(self, path: str, pid: int = 0) -> int:
+        """A folder opened, to list or to empty it: a handle, so that its close is known."""
+        node, rest = self._node(path)
+        return self.handles.add(Handle(pid) if node is None else node.opendir(rest, pid))
+
     def statfs(self, path: str = "/") -> dict[str, int]:
         return self.space.usage().statfs()
 
@@ -163,11 +168,11 @@ class Tree(OpenFiles):
         node, rest = self._changing(path, "rmdir")
         node.rmdir(rest)
 
-    def unlink(self, path: str) -> None:
+    def unlink(self, path: str, pid: int = 0) -> None:
         node, rest = self._changing(path, "unlink")
         if stat.S_ISDIR(self.getattr(path).mode):
             raise fs_error(errno.EISDIR, path)
-        node.unlink(rest)
+        node.unlink(rest, pid)
 
     def symlink(self, path: str, target: str) -> None:
         node, rest = self._changing(path, "symlink")
@@ -192,7 +197,7 @@ class Tree(OpenFiles):
         node, rest = self._node(path)
         if node is not None and node.read_only:
             raise self.ctx.refuse(errno.EROFS, op, path, f"{node.name}/ is read-only")
-        if not self.ctx.readonly and node is not None and rest and node.accepts_attributes(rest):
+        if not self.ctx.readonly and node is not None and node.accepts_attributes(rest):
             return
         if op == "utimens" and not self.ctx.readonly and node is not None and node.touch(rest):
             return

@@ -1,0 +1,120 @@
+"""Who commits a file written through the mount: its writer's close, from any of its threads.
+
+Go, Java and Rust programs and Python thread pools close a file on another
+thread than the one that opened it; a writer killed by a signal must not
+commit what it had written so far.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from lxd_sandbox import make_split, make_unified
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
+
+def sha(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def lxd_fps(sandbox) -> set[str]:
+    return {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}
+
+
+def close_on_another_thread(fd: int) -> None:
+    """os.close(fd) in a new thread; its error, if any, raised here."""
+    errors: list[OSError] = []
+
+    def close() -> None:
+        try:
+            os.close(fd)
+        except OSError as e:
+            errors.append(e)
+    t = threading.Thread(target=close)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+def test_an_import_closed_on_another_thread_is_created(mnt, sandbox, tmp_path):
+    tarball = make_unified(tmp_path / "threaded.tar.gz", rootfs_bytes=1 << 20)
+    fp = sha(tarball)
+    try:
+        fd = os.open(mnt.path / "import" / tarball.name, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, tarball.read_bytes())
+        close_on_another_thread(fd)  # before: 0, and the upload broken off ("released without …")
+        assert fp in lxd_fps(sandbox)
+        assert os.listdir(mnt.path / "import") == []
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_folder_part_closed_on_another_thread_counts(mnt, sandbox, tmp_path):
+    meta, rootfs = make_split(tmp_path / "s", rootfs_bytes=256 << 10)
+    fp = sha(meta, rootfs)
+    folder = mnt.path / "import" / "threaded"
+    folder.mkdir()
+    try:
+        for part in (meta, rootfs):
+            fd = os.open(folder / part.name, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, part.read_bytes())
+            close_on_another_thread(fd)
+        assert fp in lxd_fps(sandbox)  # when the last close returns, not some time later
+        assert os.listdir(mnt.path / "import") == []
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_metadata_edit_closed_on_another_thread_is_saved(mnt, sandbox, tmp_path):
+    fp = sandbox.import_image(make_unified(tmp_path / "edit.tar.gz"))
+    try:
+        record = json.loads((mnt.path / "by-fingerprint" / fp / "metadata.json").read_text())
+        record["properties"]["threaded"] = "yes"
+        fd = os.open(mnt.path / "by-fingerprint" / fp / "metadata.json", os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, json.dumps(record).encode())
+        close_on_another_thread(fd)
+        assert sandbox.rest(f"/1.0/images/{fp}")["properties"]["threaded"] == "yes"
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+WRITE_AND_DIE = """
+import os, signal, sys
+data = open(sys.argv[1], "rb").read()
+fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT, 0o644)
+os.write(fd, data[:len(data) // 2])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_writer_killed_mid_import_creates_nothing(mnt, sandbox, tmp_path):
+    """Half an uncompressed tarball: LXD would take it (metadata.yaml comes first) as an image."""
+    tarball = make_unified(tmp_path / "killed.tar", rootfs_bytes=2 << 20)
+    half = tarball.read_bytes()[:tarball.stat().st_size // 2]
+    before = lxd_fps(sandbox)
+    target = mnt.path / "import" / tarball.name
+    done = subprocess.run([sys.executable, "-c", WRITE_AND_DIE, str(tarball), str(target)])
+    assert done.returncode == -signal.SIGKILL
+    try:
+        assert lxd_fps(sandbox) == before
+        error = mnt.path / "import" / f"{tarball.name}.error"
+        assert "killed" in error.read_text()
+        error.unlink()
+        assert os.listdir(mnt.path / "import") == []
+    finally:
+        for fp in lxd_fps(sandbox) - before:
+            sandbox.lxc("image", "delete", fp, check=False)
+    assert hashlib.sha256(half).hexdigest() not in before
