@@ -1,8 +1,9 @@
 """Creating images from files written under import/.
 
 A unified image is streamed to LXD while it is written: the writer's bytes go
-through a small bounded queue into the body of `POST /1.0/images`, so nothing
-is held whole in memory nor copied to local disk. A split image (a folder of
+through a small bounded queue into the chunked body of `POST /1.0/images`
+(servers/chunked.py), so nothing is held whole in memory nor copied to local
+disk. A split image (a folder of
 two files) cannot be streamed, as LXD wants the metadata part first and the
 user may write either first: its parts are spooled, then sent as one
 multipart upload.
@@ -133,11 +134,17 @@ class Upload:
             yield chunk
 
     def _send(self) -> None:
+        post = None
         try:
-            self.fingerprint = self.client.create_image(self._body(), self.client.upload_headers(self.name))
+            post = self.client.start_upload(self.client.upload_headers(self.name))
+            for chunk in self._body():
+                post.send(chunk)
+            self.fingerprint = self.client.finish_upload(post)
         except BaseException as e:
             self.error = _failure(e)
         finally:
+            if post is not None:
+                post.close()  # a body cut short (a break, an error): LXD creates nothing
             self._done.set()
 
     def commit(self) -> str:
