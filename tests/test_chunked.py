@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ import pytest
 from lxd_sandbox import make_unified
 
 from lxdimagefs.errors import LXDError
-from lxdimagefs.servers.chunked import _sendmsg_all
+from lxdimagefs.servers.chunked import ChunkedPost, _sendmsg_all
 from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.servers.transport import Connection
 
@@ -36,6 +37,32 @@ def test_a_partly_sent_message_is_sent_to_its_last_byte():
     reader.join(10)
     b.close()
     assert bytes(got) == b"head\r\n" + body + b"\r\n"
+
+
+def test_closing_wakes_a_send_that_waits_for_room():
+    """An import removed while its writer waits on a full socket (LXD busy) ends at once."""
+    a, b = socket.socketpair()
+    a.settimeout(30)  # what the writer would otherwise wait
+    conn = http.client.HTTPConnection("localhost")
+    conn.sock = a  # endheaders sends on it without connecting
+    post = ChunkedPost(conn, "/1.0/images", {})
+    failed: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for _ in range(1000):
+                post.send(b"x" * (1 << 20))  # nobody reads b: fills the buffer, then waits
+        except LXDError as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(0.5)
+    t = time.monotonic()
+    post.close()
+    thread.join(10)
+    b.close()
+    assert failed and time.monotonic() - t < 5
 
 
 def fingerprints(client: LXDClient) -> set[str]:

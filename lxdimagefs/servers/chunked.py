@@ -9,6 +9,7 @@ unix socket (no copy, one system call). See docs/PERFORMANCE.md, issue 16.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -19,6 +20,7 @@ from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.servers.transport import error_from_body
 
 _END = b"0\r\n\r\n"
+SEND_BUFFER = 8 << 20  # bytes sent and not yet read by LXD, at most: 8 FUSE writes of 1 MiB
 
 
 class ChunkedPost:
@@ -38,6 +40,8 @@ class ChunkedPost:
             raise LXDUnreachable(f"LXD did not take the upload: {e}") from e
         sock = http_conn.sock
         self._gather = sock is not None and sock.family == socket.AF_UNIX  # TLS has no sendmsg
+        if sock is not None:
+            _grow_send_buffer(sock)
 
     def send(self, data: bytes | memoryview) -> None:
         """One chunk of the body; LXD's refusal if it answered instead of reading on."""
@@ -73,7 +77,15 @@ class ChunkedPost:
         return answer
 
     def close(self) -> None:
-        """Drop the connection: a body cut short, which LXD discards."""
+        """Drop the connection: a body cut short, which LXD discards.
+
+        Safe from another thread while a send waits for room: shutdown wakes it (EPIPE),
+        where closing the descriptor alone would leave it waiting for its timeout.
+        """
+        sock = self._conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self._conn.close()
 
     def _answer(self) -> tuple[int, str, bytes]:
@@ -94,6 +106,21 @@ class ChunkedPost:
         if status >= 400:
             return error_from_body(status, reason, body)
         return LXDUnreachable(f"LXD stopped reading the upload: {error}")
+
+
+def _grow_send_buffer(sock: socket.socket) -> None:
+    """Let the socket hold SEND_BUFFER bytes LXD has not read yet: the upload's only queue.
+
+    The writer's write returns once its chunk is in this buffer, so the next
+    chunk is read and written while LXD drains the last. Root may pass the
+    system's cap (net.core.wmem_max); others get what the cap allows.
+    """
+    for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+        if option is None:
+            continue
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, SEND_BUFFER)
+            return
 
 
 def _sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:
