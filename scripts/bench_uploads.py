@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import IO
 
 import benchmark as b
 from lxd_sandbox import Sandbox
@@ -43,98 +45,129 @@ def _busiest(before: dict[int, tuple[float, float]], after: dict[int, tuple[floa
     return ", ".join(f"{u:.2f}+{s:.2f}" for u, s in spent[:6]) or "none"
 
 
-def bench_import_rounds(box: Sandbox, tarball: Path, rounds: int) -> None:
+TREE = Path(__file__).resolve().parent.parent  # the daemon these scripts measure
+
+
+def _import_with_lxc(box: Sandbox, tarball: Path) -> tuple[float, float, str]:
+    """(seconds, lxc's own CPU seconds, fingerprint) of `lxc image import`."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    fp = box.import_image(tarball)
+    elapsed = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return elapsed, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, fp
+
+
+def _import_with_cp(box: Sandbox, tarball: Path, tree: Path) -> tuple[float, float, str, str]:
+    """(seconds, daemon CPU seconds, busiest threads, fingerprint) of `cp` into a fresh mount's import/."""
+    with b.mount(box, env_extra={"PYTHONPATH": str(tree)}) as (where, proc, _log):
+        b.drop_caches()
+        cpu0, threads0 = b._cpu_seconds(proc.pid), _threads_cpu(proc.pid)
+        with b.RSSWatch(proc.pid) as watch:
+            t = time.perf_counter()
+            b.sh("cp", str(tarball), str(where / "import" / tarball.name))
+            elapsed = time.perf_counter() - t
+        cpu = b._cpu_seconds(proc.pid) - cpu0
+        threads = f"{_busiest(threads0, _threads_cpu(proc.pid))}, peak RSS {watch.peak / 1024:.0f} MiB"
+        fp = next(iter(os.listdir(where / "by-fingerprint")))
+    return elapsed, cpu, threads, fp
+
+
+def bench_import_rounds(box: Sandbox, tarball: Path, rounds: int, baseline: Path | None = None) -> None:
     """`cp` into import/ against `lxc image import`, interleaved, all caches dropped before each.
 
-    Each round runs both (alternating which goes first) on a fresh mount
-    with default options; the ratio is taken within the round, so a load
-    that comes and goes on the machine touches both sides alike.
+    Each round runs every side once, in an order that rotates from round to
+    round, `cp` on a fresh mount with default options; ratios are taken
+    within a round, so a load that comes and goes touches all sides alike.
+    `baseline`: another checkout of lxdimagefs, measured as a third side.
     """
     gib = tarball.stat().st_size / (1 << 30)
-    print(f"\nImporting a {gib * 1024:.0f} MiB tarball, {rounds} interleaved rounds", flush=True)
-    ratios, t_lxcs, t_cps, cpus = [], [], [], []
+    sides = ["lxc", "cp", *(["base"] if baseline else [])]
+    print(f"\nImporting a {gib * 1024:.0f} MiB tarball, {rounds} rounds of {', '.join(sides)}", flush=True)
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    cpus: dict[str, list[float]] = {s: [] for s in sides}
     for i in range(rounds):
-        times = {}
-        for side in (("lxc", "cp") if i % 2 == 0 else ("cp", "lxc")):
+        notes = []
+        for side in sides[i % len(sides):] + sides[:i % len(sides)]:
             if side == "lxc":
                 b.drop_caches()
-                t = time.perf_counter()
-                fp = box.import_image(tarball)
-                times["lxc"] = time.perf_counter() - t
+                t, cpu, fp = _import_with_lxc(box, tarball)
             else:
-                with b.mount(box) as (where, proc, _log):
-                    b.drop_caches()
-                    cpu0, threads0 = b._cpu_seconds(proc.pid), _threads_cpu(proc.pid)
-                    with b.RSSWatch(proc.pid) as watch:
-                        t = time.perf_counter()
-                        b.sh("cp", str(tarball), str(where / "import" / tarball.name))
-                        times["cp"] = time.perf_counter() - t
-                    cpu = b._cpu_seconds(proc.pid) - cpu0
-                    threads = _busiest(threads0, _threads_cpu(proc.pid))
-                    fp = next(iter(os.listdir(where / "by-fingerprint")))
+                t, cpu, threads, fp = _import_with_cp(box, tarball, baseline or TREE if side == "base" else TREE)
+                notes.append(f"{side}: daemon threads user+sys {threads}")
             box.lxc("image", "delete", fp)
-        ratio = times["cp"] / times["lxc"]
-        ratios.append(ratio)
-        t_lxcs.append(times["lxc"])
-        t_cps.append(times["cp"])
-        cpus.append(cpu / gib)
-        b.row(f"round {i + 1}: lxc image import / cp into import/",
-              f"{times['lxc']:.2f} / {times['cp']:.2f} s",
-              f"{ratio:.2f}x; daemon CPU {cpu / gib:.2f} s/GiB (threads user+sys: {threads}); "
-              f"peak RSS {watch.peak / 1024:.0f} MiB")
-    b.row("cp into import/ against lxc image import (median of the rounds)",
-          f"{statistics.median(ratios):.2f}x",
-          f"range {min(ratios):.2f}-{max(ratios):.2f}x; lxc {min(t_lxcs):.2f}-{max(t_lxcs):.2f} s, "
-          f"cp {min(t_cps):.2f}-{max(t_cps):.2f} s; daemon CPU median "
-          f"{statistics.median(cpus):.2f} s/GiB")
+            times[side].append(t)
+            cpus[side].append(cpu / gib)
+        b.row(f"round {i + 1}: " + " / ".join(sides),
+              " / ".join(f"{times[s][-1]:.2f}" for s in sides) + " s",
+              "; ".join([f"{s} {times[s][-1] / times['lxc'][-1]:.2f}x" for s in sides[1:]]
+                        + ["CPU s/GiB " + " / ".join(f"{cpus[s][-1]:.2f}" for s in sides)] + notes))
+    for side in sides[1:]:
+        ratios = [c / x for c, x in zip(times[side], times["lxc"], strict=True)]
+        label = "cp into import/" + (" (baseline tree)" if side == "base" else "")
+        b.row(f"{label} against lxc image import, median of {rounds} rounds",
+              f"{statistics.median(ratios):.2f}x",
+              f"range {min(ratios):.2f}-{max(ratios):.2f}x; {side} {min(times[side]):.2f}-"
+              f"{max(times[side]):.2f} s, lxc {min(times['lxc']):.2f}-{max(times['lxc']):.2f} s; "
+              f"CPU median: daemon {statistics.median(cpus[side]):.2f} s/GiB, "
+              f"lxc {statistics.median(cpus['lxc']):.2f} s/GiB")
 
 
-def _read_hashed(path: Path) -> str:
-    """Read a file as the fetch path reads the socket: 1 MiB at a time into one buffer, hashed."""
+def _read_hashed(f: IO[bytes], hashed: bool = True) -> str:
+    """Read to the end as the fetch path reads the socket: 1 MiB at a time into one buffer, hashed."""
     digest = hashlib.sha256()
     buf = bytearray(BLOCK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
+    while n := f.readinto(buf):  # type: ignore[attr-defined]
+        if hashed:
             digest.update(view[:n])
     return digest.hexdigest()
 
 
 def bench_local_files(box: Sandbox, fp: str, rounds: int = 3) -> None:
-    """Reading the server's own image file directly, against its export through the socket."""
+    """Reading the server's own image file directly, against its export through the socket.
+
+    The same reads (1 MiB into one buffer) and the same hash (Python's
+    hashlib) on both sides; all caches dropped before each.
+    """
     stored = box.lxd_dir / "images" / fp
     gib = stored.stat().st_size / (1 << 30)
     url = f"lxd/1.0/images/{fp}/export"
     print(f"\nThe server's own file ({gib * 1024:.0f} MiB) against its export, {rounds} rounds", flush=True)
 
-    def curl_hashed() -> None:
-        curl = subprocess.Popen(["curl", "-sf", "--unix-socket", box.socket, url], stdout=subprocess.PIPE)
-        hashed = subprocess.run(["sha256sum"], stdin=curl.stdout, capture_output=True, check=True)
-        assert curl.wait() == 0 and hashed.stdout.split()[0].decode() == fp
+    def from_file(hashed: bool) -> None:
+        with open(stored, "rb", buffering=0) as f:
+            assert _read_hashed(f, hashed) == fp or not hashed
 
-    def mount_read() -> None:
+    def from_socket(hashed: bool) -> None:
+        curl = subprocess.Popen(["curl", "-sf", "--unix-socket", box.socket, url], stdout=subprocess.PIPE)
+        assert curl.stdout is not None
+        assert _read_hashed(curl.stdout, hashed) == fp or not hashed
+        assert curl.wait() == 0
+
+    def through_mount() -> None:
         with b.mount(box) as (where, _proc, _log):
             b.drop_caches()
             t = time.perf_counter()
             b.sh("cat", str(b.export_file(where, fp)))
             results.setdefault("mount", []).append(time.perf_counter() - t)
 
+    ways = {"file": (lambda: from_file(False), "the file in $LXD_DIR/images, 1 MiB reads"),
+            "file+sha": (lambda: from_file(True), "the file in $LXD_DIR/images, 1 MiB reads + sha256"),
+            "curl": (lambda: from_socket(False), "curl on the socket's /export, 1 MiB reads of its output"),
+            "curl+sha": (lambda: from_socket(True), "curl on the socket's /export, 1 MiB reads + sha256"),
+            "mount": (through_mount, "cat of the export through a fresh mount (verified)")}
     results: dict[str, list[float]] = {}
     for _ in range(rounds):
-        for name, fn in (("file", lambda: _read_hashed(stored) == fp or _fail(stored)),
-                         ("curl", curl_hashed)):
+        for name, (fn, _label) in ways.items():
+            if name == "mount":
+                fn()
+                continue
             b.drop_caches()
             t = time.perf_counter()
             fn()
             results.setdefault(name, []).append(time.perf_counter() - t)
-        mount_read()
-    for name, label in (("file", "the file in $LXD_DIR/images, 1 MiB reads + sha256 (Python)"),
-                        ("curl", "curl --unix-socket on /export | sha256sum"),
-                        ("mount", "cat of the export through a fresh mount")):
+    for name, (_fn, label) in ways.items():
         t = statistics.median(results[name])
         b.row(label, f"{gib / t:.2f} GiB/s",
               f"median {t:.2f} s of {', '.join(f'{x:.2f}' for x in results[name])}; all caches dropped")
-
-
-def _fail(path: Path) -> bool:
-    raise AssertionError(f"{path} does not hash to its fingerprint")

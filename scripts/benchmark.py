@@ -730,6 +730,8 @@ def main() -> int:
     p.add_argument("--local-files-only", action="store_true",
                    help="only the server's own image file against its export (issue 16, item 4)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved sections")
+    p.add_argument("--baseline", type=Path, help="another checkout's lxdimagefs, as a third side of "
+                   "--imports-only (run from a folder without lxdimagefs/ in it)")
     args = p.parse_args()
     print(f"lxdimagefs benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.cpu_count()} cores, kernel {os.uname().release}")
@@ -765,7 +767,7 @@ def run_issue16(box: Sandbox, work: Path, args: argparse.Namespace) -> None:
     tarball = make_unified(work / "big.tar", rootfs_bytes=(args.size_mib << 20) - (16 << 10),
                            description="benchmark image")
     if args.imports_only:
-        bench_uploads.bench_import_rounds(box, tarball, args.rounds)
+        bench_uploads.bench_import_rounds(box, tarball, args.rounds, args.baseline)
     if args.local_files_only:
         bench_uploads.bench_local_files(box, box.import_image(tarball), args.rounds)
 
