@@ -93,7 +93,8 @@ def bench_import_rounds(box: Sandbox, tarball: Path, rounds: int, baseline: Path
                 b.drop_caches()
                 t, cpu, fp = _import_with_lxc(box, tarball)
             else:
-                t, cpu, threads, fp = _import_with_cp(box, tarball, baseline or TREE if side == "base" else TREE)
+                tree = baseline or TREE if side == "base" else TREE
+                t, cpu, threads, fp = _import_with_cp(box, tarball, tree)
                 notes.append(f"{side}: daemon threads user+sys {threads}")
             box.lxc("image", "delete", fp)
             times[side].append(t)
