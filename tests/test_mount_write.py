@@ -98,7 +98,7 @@ def test_import_progress_shows_in_ls(mnt, sandbox, tmp_path):
 
 
 def test_files_written_into_import_ask_for_1_mib_writes(mnt, sandbox, tmp_path):
-    """cp, cat and rsync size their buffers by st_blksize: 1 MiB makes a 1 GiB import 1,024 FUSE
+    """cp sizes its buffer by st_blksize: 1 MiB makes a 1 GiB import 1,024 FUSE
     writes instead of 8,192 (docs/PERFORMANCE.md, issue 16)."""
     tarball = make_unified(tmp_path / "blk.tar", rootfs_bytes=64 << 10)
     (mnt.path / "import" / "blkdir").mkdir()

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 IMPORT_DIR = "import"
 ERROR_SUFFIX = ".error"
-# st_blksize of a file being written here: cp, rsync and cat write in buffers of this size, so a
+# st_blksize of a file being written here: cp sizes its buffer by it (the larger of it and 128 KiB), so a
 # 1 GiB import is 1,024 FUSE writes instead of 8,192 (the kernel's max_write is 1 MiB already).
 WRITE_BLOCK = 1 << 20
 
