@@ -69,6 +69,24 @@ def test_https_with_a_client_certificate_and_a_pinned_server(remote, images, tmp
     assert "BEGIN" not in log
 
 
+def test_an_import_over_https_is_sent_in_chunks_and_created(remote, sandbox, tmp_path):
+    """The upload's body over TLS (no sendmsg there: each chunk and its framing sent in turn)."""
+    from lxd_sandbox import make_unified
+
+    tarball = make_unified(tmp_path / "over-https.tar", rootfs_bytes=(3 << 20) + 4321)
+    fp = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    done, where = _mount(tmp_path, "--url", remote["url"], "--cert", remote["cert"], "--key", remote["key"],
+                         "--server-cert", remote["server_cert"])
+    try:
+        assert done.returncode == 0, done.stderr
+        subprocess.run(["cp", str(tarball), f"{where}/import/"], check=True)
+        assert fp in os.listdir(f"{where}/by-fingerprint")
+        assert sandbox.rest(f"/1.0/images/{fp}")["filename"] == "over-https.tar"
+    finally:
+        unmount(tmp_path / "mnt")
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
 def test_relative_certificate_paths_work_after_the_daemon_leaves_its_folder(remote, images, tmp_path):
     folder = os.path.dirname(remote["cert"])
     where = tmp_path / "mnt"

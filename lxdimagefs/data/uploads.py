@@ -1,28 +1,25 @@
 """Creating images from files written under import/ (folders of parts: folders.py).
 
-A unified image is streamed to LXD while it is written: the writer's bytes go
-through a small bounded queue into the body of `POST /1.0/images`, so nothing
-is held whole in memory nor copied to local disk.
+A unified image is streamed to LXD while it is written: each write goes
+straight into the chunked body of `POST /1.0/images` (servers/chunked.py),
+so nothing is held whole in memory nor copied to local disk.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import queue
 import re
 import threading
-from collections.abc import Iterator
 
 from lxdimagefs.errors import ImportFailed, LXDError
+from lxdimagefs.servers.chunked import ChunkedPost
 from lxdimagefs.servers.lxd import LXDClient
 
 log = logging.getLogger(__name__)
 
 SNIFF_BYTES = 512
 ROOTFS_KINDS = ("squashfs", "qcow2")  # a split image's second part
-_BREAK = object()  # a queue item that is never data
 
 # First bytes of what LXD accepts as an image file (or part of one).
 _MAGIC = (
@@ -72,9 +69,13 @@ def failure(e: BaseException) -> ImportFailed:
 
 
 class Upload:
-    """One file being written under import/, streamed to LXD as it arrives."""
+    """One file being written under import/, streamed to LXD as it arrives.
 
-    QUEUE_CHUNKS = 8
+    Each write is sent before it returns, from the writer's own FUSE
+    thread: the socket's send buffer is the only queue (sized by
+    servers/chunked.py), so a chunk is never copied again nor handed to
+    another thread, and a writer faster than LXD waits in its write.
+    """
 
     def __init__(self, client: LXDClient, name: str, writer: int) -> None:
         self.client = client
@@ -84,114 +85,86 @@ class Upload:
         self.fingerprint: str | None = None
         self.error: ImportFailed | None = None
         self._head = bytearray()
-        self._queue: queue.Queue[bytes | object | None] = queue.Queue(self.QUEUE_CHUNKS)
-        self._thread: threading.Thread | None = None
-        self._done = threading.Event()
+        self._post: ChunkedPost | None = None
         self._lock = threading.Lock()
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         written = len(data)
         with self._lock:
             if self.error:
                 raise self.error
             if offset != self.size:
-                self._break(ImportFailed(errno.ESPIPE, f"{self.name}: imports are written once, in "
-                                                       f"order (write at {offset}, expected {self.size})"))
-                raise self.error  # type: ignore[misc]
+                raise self._break(ImportFailed(errno.ESPIPE, f"{self.name}: imports are written once, "
+                                                             f"in order (write at {offset}, expected "
+                                                             f"{self.size})"))
             self.size += len(data)
-            if self._thread is None:
+            if self._post is None:
                 self._head += data
                 if len(self._head) < SNIFF_BYTES:
                     return written
                 self._start()
                 data = bytes(self._head)
                 self._head.clear()
-            self._put(data)
+            self._send(data)
             return written
 
     def _start(self) -> None:
+        """Check the first bytes are an image's, then open the request (nothing sent otherwise)."""
         kind = sniff(bytes(self._head))
         if kind is None:
             self.error = ImportFailed(errno.EINVAL, f"{self.name} is not an image: it starts with "
                                                     f"{bytes(self._head[:16])!r}, not a tarball, "
                                                     "squashfs or qcow2")
             raise self.error
-        self._thread = threading.Thread(target=self._send, name=f"upload {self.name}", daemon=True)
-        self._thread.start()
-
-    def _put(self, data: bytes) -> None:
-        while True:
-            if self.error:
-                raise self.error
-            try:
-                self._queue.put(data, timeout=0.5)
-                return
-            except queue.Full:
-                if self._done.is_set():  # LXD stopped reading: its answer says why
-                    raise self.error or ImportFailed(errno.EIO, "LXD stopped reading the upload") from None
-
-    def _body(self) -> Iterator[bytes]:
-        while True:
-            chunk = self._queue.get()
-            if chunk is None:
-                return
-            if chunk is _BREAK:  # cut the body short: LXD sees a broken upload and creates nothing
-                raise self.error or ImportFailed(errno.EIO, "upload broken off")
-            yield chunk
-
-    def _send(self) -> None:
         try:
-            headers = self.client.upload_headers(final_name(self.name))
-            self.fingerprint = self.client.create_image(self._body(), headers)
+            self._post = self.client.start_upload(self.client.upload_headers(final_name(self.name)))
         except BaseException as e:
-            if already_held(e):
-                log.info("%s: LXD holds this image already: nothing to do", self.name)
-            else:
-                self.error = failure(e)
-        finally:
-            self._done.set()
+            self.error = failure(e)
+            raise self.error from None
+
+    def _send(self, data: bytes | memoryview) -> None:
+        assert self._post is not None  # sent only after _start
+        try:
+            self._post.send(data)
+        except BaseException as e:
+            raise self._break(failure(e)) from None
 
     def commit(self) -> str:
         """Finish the upload and wait for LXD's verdict; returns the fingerprint."""
         with self._lock:
             if self.error:
                 raise self.error
-            if self._thread is None:
+            if self._post is None:
                 self._start()  # short file: sniff what there is
                 if self._head:
-                    self._put(bytes(self._head))
-            self._put_end()
-        self._done.wait()
-        if self.error:
-            raise self.error
+                    self._send(bytes(self._head))
+            post = self._post
+            assert post is not None
+            try:
+                self.fingerprint = self.client.finish_upload(post)
+            except BaseException as e:
+                if not already_held(e):
+                    self.error = failure(e)
+                    raise self.error from None
+                log.info("%s: LXD holds this image already: nothing to do", self.name)
+            finally:
+                post.close()
         if self.fingerprint:
             log.info("imported %s as %s", self.name, self.fingerprint)
         return self.fingerprint or ""
 
-    def _put_end(self) -> None:
-        while not self._done.is_set():
-            try:
-                self._queue.put(None, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
     def abort(self, reason: str) -> None:
-        """Stop sending: LXD sees a truncated body and creates nothing."""
-        with self._lock:
-            self._break(ImportFailed(errno.EIO, reason))
-        self._done.wait(self.client.conn.timeout[1])
+        """Stop sending: LXD sees a truncated body and creates nothing.
 
-    def _break(self, error: ImportFailed) -> None:
+        Not under the lock: a write blocked on a full socket ends at once (EPIPE) when the
+        connection closes.
+        """
+        self._break(ImportFailed(errno.EIO, reason))
+
+    def _break(self, error: ImportFailed) -> ImportFailed:
+        """Close the request (LXD sees a cut body); the error in force, the first one given."""
         if self.error is None:
             self.error = error
-        if self._thread is None:
-            self._done.set()
-            return
-        while not self._done.is_set():
-            try:
-                self._queue.put(_BREAK, timeout=0.1)
-                return
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self._queue.get_nowait()  # make room: these bytes will never be sent
+        if self._post is not None:
+            self._post.close()
+        return self.error

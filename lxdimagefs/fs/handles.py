@@ -61,7 +61,7 @@ class OpenFiles:
     def read(self, fh: int, offset: int, size: int) -> memoryview | bytes:
         return self.handles.get(fh).read(offset, size)
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         return self.handles.get(fh).write(offset, data)
 
     def flush(self, fh: int, pid: int) -> None:
@@ -80,7 +80,7 @@ class Handle(CommitOnClose):
     def read(self, offset: int, size: int) -> memoryview | bytes:
         raise fs_error(errno.EBADF, "read")
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         raise fs_error(errno.EBADF, "write")
 
     def truncate(self, length: int) -> None:
@@ -136,7 +136,7 @@ class FileHandle(Handle):
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         return os.pwrite(self.fd, data, offset)
 
     def truncate(self, length: int) -> None:
@@ -165,7 +165,7 @@ class UploadHandle(Handle):
         self.upload, self.finish = upload, finish
         self.done = False
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         return self.upload.write(offset, data)
 
     def truncate(self, length: int) -> None:
@@ -199,7 +199,7 @@ class EditHandle(Handle):
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self.data[offset:offset + size])
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         if offset + len(data) > MAX_EDIT:
             self.on_commit = None  # what was written is not the whole record: never save it
             raise fs_error(errno.EFBIG, "metadata.json", f"more than {MAX_EDIT} bytes")

@@ -173,7 +173,7 @@ class LXDImageOps(Operations):
         return 0
 
     @translated
-    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+    def write(self, path: str, data: bytes | memoryview, offset: int, fi: Any) -> int:
         return self.tree.write(fi.fh, offset, data)
 
     @translated

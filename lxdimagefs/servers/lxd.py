@@ -22,10 +22,12 @@ import websocket
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.keys import BadKey, FileDigest, Fingerprint
+from lxdimagefs.servers.chunked import ChunkedPost
 from lxdimagefs.servers.rest import RestSession, json_body
 from lxdimagefs.servers.transport import Backoff, Connection, ExportStream, pin_matches
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("lxdimagefs.client")  # request lines under one name, as rest.py
 
 _ZERO_TIME = 0.0
 _TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
@@ -265,6 +267,22 @@ class LXDClient(RestSession):
         op = self._sync_or_async("POST", "/images", data=body, headers=headers, timeout=(read, read),
                                  retry="none")  # the body is a stream: it cannot be sent twice
         result = self.wait(op)
+        return (result or {}).get("fingerprint", "")
+
+    def start_upload(self, headers: Mapping[str, str | bytes]) -> ChunkedPost:
+        """Begin `POST /images` with a body sent as it is written (an import of unknown size).
+
+        On a raw connection of its own, given the read timeout to connect too (a busy LXD may be
+        slow to accept); never retried, as the body cannot be sent twice.
+        """
+        read = self.conn.timeout[1]
+        request_log.debug("POST /images (streamed)")
+        return ChunkedPost(self._raw.fresh((read, read)), self._target("/images"),
+                           {"User-Agent": "lxdimagefs", **headers})
+
+    def finish_upload(self, post: ChunkedPost) -> str:
+        """End the body and wait for LXD's operation; the new image's fingerprint."""
+        result = self.wait(post.finish().get("operation") or None)
         return (result or {}).get("fingerprint", "")
 
     def create_from_source(self, source: dict[str, Any], aliases: list[str], public: bool = False) -> str:

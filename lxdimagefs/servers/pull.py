@@ -86,9 +86,15 @@ def stream_copy(source: LXDClient, fp: str, target: LXDClient, aliases: list[str
     ctype = resp.headers.get("Content-Type", "")
     if ctype.startswith("multipart/"):
         headers["Content-Type"] = ctype  # a split image's export is the body its upload takes
+    post = None
     try:
-        got = target.create_image(source.iter_chunks(resp), headers)
+        post = target.start_upload(headers)  # chunks sent as they come, no copy (chunked.py)
+        for chunk in source.iter_chunks(resp):
+            post.send(chunk)
+        got = target.finish_upload(post)
     finally:
+        if post is not None:
+            post.close()
         resp.close()
     if got != fp:  # not the image asked for: it must not stay on the target
         if got:

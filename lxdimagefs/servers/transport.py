@@ -165,6 +165,10 @@ class RawConnections:
         assert self.context is not None
         return _TLSConnection(url.hostname or "", url.port, self.context, self.conn.pinned, timeout)
 
+    def fresh(self, timeout: tuple[float, float]) -> http.client.HTTPConnection:
+        """A connection of its own, never pooled: for a request that keeps it to its end (an upload)."""
+        return self._new(timeout)
+
     def open(self, target: str, headers: dict[str, str], start: int, end: int | None,
              timeout: tuple[float, float]) -> ExportStream:
         with self._lock:

@@ -1,0 +1,152 @@
+"""A local server's own image files, read in place instead of through its socket.
+
+LXD and Incus keep each image in their images folder (`$LXD_DIR/images`,
+`/var/lib/incus/images`): a unified image's export is exactly the file
+`<fp>`; a split image's export is a multipart stream whose two parts are
+exactly `<fp>` (the metadata tarball) and `<fp>.rootfs`. Where the daemon
+may read that folder (root on the server's host), the files give the bytes
+with no request and no copy through the server, a split image's exact part
+sizes and random access without spooling it, and nothing needs a second
+copy in the local cache. They are a source like any other: the caller checks
+what it reads against the fingerprint and the block checksums, as it checks
+the socket's bytes. A file that is not owned and guarded as the server's
+own is not used (the caller keeps the socket).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+from lxdimagefs.keys import BadKey, Fingerprint
+
+log = logging.getLogger(__name__)
+
+ROOTFS_SUFFIX = ".rootfs"
+INCUS_RUN_SOCKET = "/run/incus/unix.socket"
+INCUS_IMAGES = "/var/lib/incus/images"
+_OPEN = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO must not hang us
+
+
+def images_folder(socket_path: str) -> Path:
+    """The images folder of the server behind a local socket (`unix.socket` sits in its LXD_DIR)."""
+    if os.path.realpath(socket_path) == INCUS_RUN_SOCKET:
+        return Path(INCUS_IMAGES)
+    return Path(socket_path).parent / "images"
+
+
+class LocalFile:
+    """One of the server's image files, open for reading at any offset."""
+
+    def __init__(self, fd: int, name: str, size: int) -> None:
+        self.fd, self.name, self.size = fd, name, size
+
+    def readinto(self, offset: int, buffer: memoryview | bytearray) -> int:
+        """Fill `buffer` from `offset` (less only at the end of the file); the bytes read."""
+        view = memoryview(buffer).cast("B")
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class LocalImage:
+    """An image's file(s) in its server's folder: `parts` is (export,) or (metadata, rootfs)."""
+
+    def __init__(self, fingerprint: Fingerprint, parts: tuple[LocalFile, ...]) -> None:
+        self.fingerprint, self.parts = fingerprint, parts
+
+    @property
+    def split(self) -> bool:
+        return len(self.parts) == 2
+
+    @property
+    def size(self) -> int:
+        """The export's size as LXD's record gives it (for a split image, both parts')."""
+        return sum(p.size for p in self.parts)
+
+    def readinto(self, offset: int, buffer: memoryview | bytearray, part: int = 0) -> int:
+        """Bytes of the unified export (or of part 0 = metadata, 1 = rootfs) from `offset`."""
+        return self.parts[part].readinto(offset, buffer)
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+    def __enter__(self) -> LocalImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_image(folder: Path, fingerprint: str, size: int | None = None, owner: int = 0) -> LocalImage | None:
+    """The server's own file(s) of an image, or None where they cannot be used as its bytes.
+
+    None when the folder or file cannot be read (not root, not this host), a
+    file is not a regular one owned by `owner` and closed to other writers, or
+    `size` (the image record's) is not theirs: the caller reads the socket. A
+    rootfs that is there but cannot be used fails the whole image: a split
+    image is never read half from its files.
+    """
+    try:
+        fp = Fingerprint(fingerprint)
+    except BadKey:
+        return None
+    opened: list[LocalFile] = []
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        log.debug("images folder %s not readable: %s", folder, e.strerror)
+        return None
+    try:
+        if not _guarded(os.fstat(dir_fd), owner):
+            log.debug("images folder %s is not the server's own: not used", folder)
+            return None
+        for name in (fp, fp + ROOTFS_SUFFIX):
+            part = _open_part(dir_fd, name, owner)
+            if part is None:
+                break
+            opened.append(part)
+        image = LocalImage(fp, tuple(opened)) if opened else None
+        if image is not None and size is not None and image.size != size:
+            log.debug("image files of %s do not match the record: not used", fp)
+            image = None
+        if image is None:
+            for p in opened:
+                p.close()
+        return image
+    except OSError as e:
+        for p in opened:
+            p.close()
+        log.debug("image files of %s not readable: %s", fp, e.strerror)
+        return None
+    finally:
+        os.close(dir_fd)
+
+
+def _open_part(dir_fd: int, name: str, owner: int) -> LocalFile | None:
+    try:
+        fd = os.open(name, _OPEN, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or not _guarded(st, owner):
+        os.close(fd)
+        raise PermissionError(0, f"{name} is not the server's own file")
+    return LocalFile(fd, name, st.st_size)
+
+
+def _guarded(st: os.stat_result, owner: int) -> bool:
+    """Owned by the server's user and writable by nobody else."""
+    return st.st_uid == owner and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
