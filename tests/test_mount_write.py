@@ -124,7 +124,6 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[str, bytes, int, str]]:
     return [
         ("garbage.tar", os.urandom(4096), errno.EINVAL, "is not an image"),
         ("image.json", json.dumps({"source": {"type": "url"}}).encode(), errno.EINVAL, "is not an image"),
-        ("empty.tar", b"", errno.EINVAL, "is not an image"),
         # cut before metadata.yaml ends (LXD itself accepts a tarball cut after it)
         ("truncated.tar.xz", good[:60], errno.EINVAL, ""),
         ("nometa.tar.gz", nometa.read_bytes(), errno.EINVAL, "metadata.yaml"),
@@ -146,6 +145,22 @@ def test_bad_imports_fail_with_lxds_message_and_leave_nothing(mnt, sandbox, imag
         assert lxd_fps(sandbox) == before_images, name
         assert lxd_aliases(sandbox) == before_aliases
     assert not [p for p in os.listdir(sandbox.lxd_dir / "images") if len(p.split(".")[0]) != 64]
+
+
+def test_an_empty_import_leaves_its_reason_and_nothing_else(mnt, sandbox, tmp_path):
+    """A file closed without a write is committed at its last close (a close before the first write
+    may be a shell's dup2): close returns 0, and import/NAME.error says why nothing was made."""
+    before = lxd_fps(sandbox)
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    assert subprocess.run(["cp", str(empty), str(mnt.path / "import")]).returncode == 0
+    error_file = mnt.path / "import" / "empty.tar.error"
+    deadline = time.monotonic() + 5  # FUSE's release comes just after close returns
+    while not error_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "is not an image" in error_file.read_text()
+    error_file.unlink()
+    assert os.listdir(mnt.path / "import") == [] and lxd_fps(sandbox) == before
 
 
 def test_cp_of_a_json_file_fails_and_never_reaches_lxd(mnt, sandbox, tmp_path):

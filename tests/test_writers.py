@@ -118,3 +118,35 @@ def test_a_writer_killed_mid_import_creates_nothing(mnt, sandbox, tmp_path):
         for fp in lxd_fps(sandbox) - before:
             sandbox.lxc("image", "delete", fp, check=False)
     assert hashlib.sha256(half).hexdigest() not in before
+
+
+@pytest.mark.parametrize("how", ["shell", "dd"])
+def test_a_shells_redirection_and_dd_import(mnt, sandbox, tmp_path, how):
+    """`cat X > import/NAME` and `dd of=import/NAME` open the file, dup2 it and close the first
+    descriptor before anything is written: that close must not commit an empty import."""
+    tarball = make_unified(tmp_path / f"{how}.tar.gz", rootfs_bytes=1 << 20)
+    target = mnt.path / "import" / tarball.name
+    command = (["sh", "-c", f'cat "{tarball}" > "{target}"'] if how == "shell"
+               else ["dd", f"if={tarball}", f"of={target}", "bs=1M", "status=none"])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr  # before: "not an image: it starts with b''"
+        assert sha(tarball) in lxd_fps(sandbox)
+        assert os.listdir(mnt.path / "import") == []
+    finally:
+        sandbox.lxc("image", "delete", sha(tarball), check=False)
+
+
+def test_a_shells_redirection_saves_metadata_json(mnt, sandbox, images):
+    fp = images.fps["gz"]
+    record = mnt.path / "by-fingerprint" / fp / "metadata.json"
+    edited = json.loads(record.read_text())
+    edited["properties"]["redirected"] = "yes"
+    source = mnt.path.parent / "edited.json"
+    source.write_text(json.dumps(edited))
+    try:
+        done = subprocess.run(["sh", "-c", f'cat "{source}" > "{record}"'], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert sandbox.rest(f"/1.0/images/{fp}")["properties"].get("redirected") == "yes"
+    finally:
+        sandbox.lxc("image", "unset-property", fp, "redirected", check=False)

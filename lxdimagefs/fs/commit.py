@@ -12,6 +12,12 @@ A writer killed by a signal still has its files closed by the kernel; what
 arrived may be cut short anywhere (LXD even accepts a tarball cut after its
 metadata.yaml), so that close abandons the file instead. So does a release
 (the last descriptor gone) that no close of the writer came before.
+
+A close before the first write commits nothing: a shell's `>` and `dd of=`
+open the file, `dup2` it onto the writer's descriptor and close the first
+one before anything is written. A file closed for the last time without ever
+being written is committed then, so an empty import still fails with its
+reason in `import/NAME.error`.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class CommitOnClose:
 
     def __init__(self, writer: int) -> None:
         self.writer = writer  # the process that opened the file (see process_of)
+        self.written = False  # set by the first write: closes before it commit nothing
         self._closing = threading.Lock()
 
     def pending(self) -> bool:
@@ -67,7 +74,7 @@ class CommitOnClose:
     def flush(self, pid: int) -> None:
         """A close, by process `pid`: the writer's commits, once per change; others' do nothing."""
         with self._closing:
-            if pid != self.writer or not self.pending():
+            if pid != self.writer or not self.written or not self.pending():
                 return
             signal = killed_by(pid)
             if signal:
@@ -78,7 +85,15 @@ class CommitOnClose:
             self.commit()
 
     def release(self) -> None:
-        """The last descriptor is gone: anything still uncommitted is abandoned."""
+        """The last descriptor is gone: what was written and never committed is abandoned; a file
+        never written is committed as it is (empty: an import's refusal says why)."""
         with self._closing:
-            if self.pending():
+            if not self.pending():
+                return
+            if self.written:
                 self.abandon("released without its writer closing it")
+                return
+            try:
+                self.commit()
+            except OSError as e:  # no caller is left to tell: the refusal is kept where it belongs
+                log.info("a file closed without being written was not taken: %s", e)

@@ -62,7 +62,9 @@ class OpenFiles:
         return self.handles.get(fh).read(offset, size)
 
     def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
-        return self.handles.get(fh).write(offset, data)
+        handle = self.handles.get(fh)
+        handle.written = True
+        return handle.write(offset, data)
 
     def flush(self, fh: int, pid: int) -> None:
         self.handles.get(fh).flush(pid)
