@@ -24,7 +24,7 @@ from requests_toolbelt import MultipartEncoder
 
 from lxdimagefs.errors import ImportFailed, LXDError
 from lxdimagefs.names import METADATA, is_fingerprint
-from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.protocol import ImageServer
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Upload:
 
     QUEUE_CHUNKS = 8
 
-    def __init__(self, client: LXDClient, name: str, opener_pid: int) -> None:
+    def __init__(self, client: ImageServer, name: str, opener_pid: int) -> None:
         self.client = client
         self.name = name
         self.opener_pid = opener_pid
@@ -195,7 +195,7 @@ class FolderImport:
     the `public` flag and `properties` of that record.
     """
 
-    def __init__(self, client: LXDClient, name: str, spool: Path) -> None:
+    def __init__(self, client: ImageServer, name: str, spool: Path) -> None:
         self.client = client
         self.name = name
         self.spool = spool

@@ -6,85 +6,24 @@ message; no other module builds a URL (rest.py, its base, sends them).
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import socket
 import ssl
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import requests
 import websocket
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
+from lxdimagefs.servers.multipart import first_part_and_next_name
+from lxdimagefs.servers.records import ExportLayout, ExportPart, Image
 from lxdimagefs.servers.rest import RestSession, json_body
 from lxdimagefs.servers.transport import Backoff, Connection, ExportStream, pin_matches
 
 log = logging.getLogger(__name__)
-
-_ZERO_TIME = 0.0
-_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_time(value: str | None) -> float:
-    """RFC 3339 (with LXD's nanoseconds) to a POSIX timestamp; 0 for unset."""
-    if not value:
-        return _ZERO_TIME
-    m = _TIME_RE.match(value)
-    if not m:
-        return _ZERO_TIME
-    base, frac, tz = m.groups()
-    tz = "+00:00" if tz == "Z" else tz
-    ts = datetime.fromisoformat(base + tz).timestamp()
-    if ts <= 0:  # Go's zero time (0001-01-01) and the epoch mean "never"
-        return _ZERO_TIME
-    return ts + (float("0." + frac) if frac else 0.0)
-
-
-@dataclass(frozen=True)
-class Image:
-    """One image record, as `GET /1.0/images/<fp>` returns it."""
-
-    fingerprint: str
-    size: int
-    uploaded_at: float
-    last_used_at: float
-    aliases: tuple[str, ...]
-    record: dict[str, Any] = field(repr=False, compare=False)
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> Image:
-        return cls(
-            fingerprint=rec["fingerprint"],
-            size=int(rec.get("size") or 0),
-            uploaded_at=parse_time(rec.get("uploaded_at")),
-            last_used_at=parse_time(rec.get("last_used_at")),
-            aliases=tuple(a["name"] for a in rec.get("aliases") or ()),
-            record=rec,
-        )
-
-
-@dataclass(frozen=True)
-class ExportPart:
-    """One file of an export, as `lxc image export` would write it."""
-
-    name: str
-    size: int
-    key: str | None = None  # the file's own sha256, where it is read on its own (simplestreams)
-
-
-@dataclass(frozen=True)
-class ExportLayout:
-    """What an image exports as: one unified file, or a split pair."""
-
-    split: bool
-    parts: tuple[ExportPart, ...]
-
 
 class LXDClient(RestSession):
     """Typed access to the image endpoints of one LXD server and project."""
@@ -141,10 +80,25 @@ class LXDClient(RestSession):
             raise
         return True
 
-    def export_probe(self, fingerprint: str) -> requests.Response:
-        """The export's answer to a one-byte Range request, streaming (see catalog.probe_layout)."""
-        return self._request("GET", f"/images/{fingerprint}/export", stream=True,
-                             headers={"Range": "bytes=0-0"})
+    def layout(self, fingerprint: str) -> ExportLayout:
+        """Learn an export's file names and sizes without downloading it.
+
+        A unified export answers a one-byte Range request with its name and total size. A split
+        export ignores Range and streams multipart: its metadata part is read to learn its size,
+        then the stream is dropped.
+        """
+        with self._request("GET", f"/images/{fingerprint}/export", stream=True,
+                           headers={"Range": "bytes=0-0"}) as resp:
+            ctype = resp.headers.get("Content-Type", "")
+            if not ctype.startswith("multipart/"):
+                name = _filename(resp.headers.get("Content-Disposition")) or fingerprint
+                total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+                size = int(total) if total.isdigit() else int(resp.headers.get("Content-Length", 0))
+                return ExportLayout(False, (ExportPart(name, size),))
+            meta_name, meta_size, rootfs_name = first_part_and_next_name(ctype, self.iter_chunks(resp))
+        size = self.image(fingerprint).size
+        parts = (ExportPart(meta_name, meta_size), ExportPart(rootfs_name, size - meta_size))
+        return ExportLayout(True, parts)
 
     def open_export(self, fingerprint: str, start: int, end: int | None = None,
                     backoff: Backoff | None = None) -> ExportStream:
@@ -273,3 +227,8 @@ def _quote(name: str) -> str:
     return urllib.parse.quote(name, safe="")
 
 
+def _filename(disposition: str | None) -> str | None:
+    if not disposition:
+        return None
+    m = re.search(r'filename="?([^";]+)"?', disposition)
+    return m.group(1) if m else None

@@ -23,8 +23,7 @@ import requests
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.names import is_fingerprint
-from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.servers.lxd import ExportLayout, ExportPart, Image
+from lxdimagefs.servers.records import ExportLayout, ExportPart, Image
 from lxdimagefs.servers.transport import Backoff, Connection, ContextAdapter, ExportStream, RawConnections
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,8 @@ class StreamsClient:
         self._session.headers["User-Agent"] = "lxdimagefs"
         self._session.mount("https://", ContextAdapter(self._raw.context))
         self._paths: dict[str, str] = {}
+        self._layouts: dict[str, ExportLayout] = {}
         self._lock = threading.Lock()
-        self.product = "simplestreams"
 
     def _get(self, path: str) -> Any:
         backoff = Backoff(self.patience)
@@ -108,7 +107,19 @@ class StreamsClient:
         listing = parse_products(products)
         with self._lock:  # kept, not replaced: a file open while its version left the index reads on
             self._paths.update(listing.paths)
+            self._layouts = listing.layouts
         return listing
+
+    def images(self) -> list[Image]:
+        return self.listing().images
+
+    def layout(self, fingerprint: str) -> ExportLayout:
+        """From the index last read: a simplestreams server is never asked for a layout."""
+        with self._lock:
+            layout = self._layouts.get(fingerprint)
+        if layout is None:
+            raise OSError(2, "no such image", fingerprint)
+        return layout
 
     def image_exists(self, fingerprint: str) -> bool:
         return False  # the index is the whole truth: nothing exists that the listing lacks
@@ -128,6 +139,9 @@ class StreamsClient:
             raise LXDError(f"no file with sha256 {key} in {self.base}'s index", 404)
         return self._raw.open_range(f"{_path_of(self.base)}/{path}", start, end,
                                     backoff or Backoff(self.patience), path)
+
+    def export_stream(self, fingerprint: str) -> requests.Response:
+        raise LXDError("a simplestreams server has no whole export: its files are read one by one", 501)
 
 
 def _path_of(url: str) -> str:
@@ -226,23 +240,3 @@ def _with_aliases(found: list[tuple[str, dict[str, Any], dict[str, Any], ExportL
         images.append(Image.from_record(record))
         layouts[record["fingerprint"]] = layout
     return Listing(images, layouts, paths)
-
-
-class StreamsCatalog(Catalog):
-    """The catalog of a simplestreams server: its listing and layouts come from the index."""
-
-    def __init__(self, client: StreamsClient, ttl: float) -> None:
-        super().__init__(client, ttl=ttl)  # type: ignore[arg-type]
-        self.streams = client
-        self._known: dict[str, ExportLayout] = {}
-
-    def _fetch(self) -> list[Image]:
-        listing = self.streams.listing()
-        self._known = listing.layouts
-        return listing.images
-
-    def layout(self, fingerprint: str) -> ExportLayout:
-        layout = self._known.get(fingerprint)
-        if layout is None:
-            raise OSError(2, "no such image", fingerprint)
-        return layout

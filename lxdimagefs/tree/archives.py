@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.names import fits
-from lxdimagefs.servers.lxd import ExportLayout
+from lxdimagefs.servers.records import ExportLayout
 
 if TYPE_CHECKING:
     from ratarmountcore.mountsource.MountSource import FileInfo, MountSource

@@ -23,8 +23,8 @@ from lxdimagefs.errors import LXDUnreachable, fs_error
 from lxdimagefs.fs.handles import HandleTable, OpenFiles
 from lxdimagefs.fs.node import Attr, Context
 from lxdimagefs.servers.pull import Source
-from lxdimagefs.servers.space import Usage
 from lxdimagefs.tree.root import Tree
+from lxdimagefs.tree.space import Usage
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from lxdimagefs.fs.handles import BytesHandle, EditHandle, FileHandle, Handle, U
 from lxdimagefs.fs.node import Attr, Context, Fading, Node, check_name
 from lxdimagefs.names import METADATA, alias_to_filename
 from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.servers.lxd import ExportPart, Image
+from lxdimagefs.servers.records import ExportPart, Image
 from lxdimagefs.tree import xattrs
 from lxdimagefs.tree.records import Records, render
 
@@ -34,7 +34,7 @@ class ImagesNode(Node):
         super().__init__(ctx, FP_DIR)
         self.catalog = catalog
         self.exports = exports
-        self.records = Records(catalog.client, ctx)
+        self.records = Records(catalog, ctx)
         self._lock = threading.Lock()
         self._scratch: dict[tuple[str, str], bytearray] = {}  # editors' temporary files
         self._hidden: set[tuple[str, str]] = set()  # files unlinked by `rm -r` before its rmdir
@@ -172,7 +172,7 @@ class ImagesNode(Node):
             super().rmdir(rest)
         image = self.image(rest[0], self.path(rest))
         fp = image.fingerprint
-        self.catalog.client.delete_image(fp)
+        self.catalog.server.delete_image(fp)
         for alias in image.aliases:  # LXD removes them with the image
             self.ctx.on_change(f"/by-alias/{alias_to_filename(alias)}")
         self.ctx.on_change(f"/{FP_DIR}/{fp}")
@@ -232,7 +232,7 @@ class ImagesNode(Node):
             raise self.ctx.refuse(errno.EPERM, "utimens", path,
                                   "refresh is for images with auto_update on (set user.lxd.auto_update)")
         try:
-            refreshed = self.catalog.client.refresh_image(image.fingerprint)
+            refreshed = self.catalog.server.refresh_image(image.fingerprint)
         finally:
             self.catalog.invalidate()
         log.info("refreshed %s: %s", image.fingerprint, "replaced by a newer one" if refreshed else "current")

@@ -28,7 +28,7 @@ class ImportsNode(Node):
     def __init__(self, ctx: Context, catalog: Catalog, spool_dir: Path) -> None:
         super().__init__(ctx, IMPORT_DIR)
         self.catalog = catalog
-        self.client = catalog.client
+        self.client = catalog.server
         self.spool_dir = spool_dir
         self._lock = threading.Lock()
         self._uploads: dict[str, Upload] = {}
