@@ -22,7 +22,7 @@ from lxdimagefs.names import METADATA, alias_to_filename
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.records import ExportPart, Image
 from lxdimagefs.tree import xattrs
-from lxdimagefs.tree.records import Records, render
+from lxdimagefs.tree.metadata import Records, render
 
 log = logging.getLogger(__name__)
 
