@@ -35,7 +35,7 @@ class Sha256(str):
     def parse(cls, value: object) -> Self | None:
         """The key, or None where `value` is not one (for names a user typed, which may be anything)."""
         try:
-            return cls(value)  # type: ignore[arg-type]
+            return cls(value) if isinstance(value, str) else None
         except BadKey:
             return None
 

@@ -628,11 +628,12 @@ def bench_remotes(work: Path, size_mib: int, products: int = 1200) -> None:
             sh("lxc", "image", "list", "sst:", "--format", "csv", env=env)
         t_lxc_list = best(3, lxc_list)
         row(f"lxc image list sst: ({products} products)", f"{t_lxc_list:.2f} s", "lxc's simplestreams client")
-        from lxdimagefs.servers.simplestreams import StreamsCatalog, StreamsClient
+        from lxdimagefs.servers.catalog import Catalog
+        from lxdimagefs.servers.simplestreams import StreamsClient
         from lxdimagefs.servers.transport import Connection
 
         os.environ["SSL_CERT_FILE"] = str(ca.bundle)
-        catalog = StreamsCatalog(StreamsClient(Connection(url=streams.url)), ttl=0)
+        catalog = Catalog(StreamsClient(Connection(url=streams.url)), ttl=0)
         catalog.refresh()
         t_parse = best(3, catalog.refresh)  # what a daemon does for a listing once the index is stale
         row("lxdimagefs: the index fetched and parsed into a listing", f"{t_parse:.3f} s",

@@ -137,7 +137,8 @@ def test_a_non_root_mounter_with_allow_other(sandbox, two, shared, user_allow_ot
     env = {**os.environ, "TMPDIR": str(shared), "HOME": str(shared), "PYTHONPATH": str(package)}
     proc = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--groups=0",
                              sys.executable, "-m", "lxdimagefs", "-f", "--socket", sandbox.socket,
-                             "--cache-dir", str(shared), "--log-file", str(log), "-o", "allow_other,allow_delete",
+                             "--cache-dir", str(shared), "--log-file", str(log),
+                             "-o", "allow_other,allow_delete",
                              str(where)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:

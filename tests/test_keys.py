@@ -16,7 +16,7 @@ from lxdimagefs.fs import access
 from lxdimagefs.keys import ObjectKey
 from lxdimagefs.servers.catalog import Catalog, LayoutJournal
 from lxdimagefs.servers.events import EventSubject
-from lxdimagefs.servers.lxd import ExportLayout, ExportPart
+from lxdimagefs.servers.records import ExportLayout, ExportPart
 from lxdimagefs.servers.simplestreams import parse_products
 from lxdimagefs.tree.archives import IndexFolder
 from lxdimagefs.tree.root import Tree

@@ -21,7 +21,7 @@ def lxd():
 
 
 def make_tree(lxd, tmp_path, readonly=False, allow_delete=False):
-    return Tree(Catalog(lxd, ttl=0), Exports(lxd, tmp_path / "spool"), readonly=readonly,  # type: ignore[arg-type]
+    return Tree(Catalog(lxd, ttl=0), Exports(lxd, tmp_path / "spool"), readonly=readonly,
                 mountpoint="/mnt", allow_delete=allow_delete)
 
 

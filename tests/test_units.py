@@ -16,8 +16,8 @@ from lxdimagefs.mount.cli import UsageError, parse_options
 from lxdimagefs.names import alias_to_filename, filename_to_alias, fits
 from lxdimagefs.servers.catalog import LayoutJournal
 from lxdimagefs.servers.events import EventSubject, EventWatcher
-from lxdimagefs.servers.lxd import ExportLayout, ExportPart, parse_time
 from lxdimagefs.servers.multipart import PartStream, first_part_and_next_name
+from lxdimagefs.servers.records import ExportLayout, ExportPart, parse_time
 
 ODD = st.sampled_from(["/", "／", "‛", ".", "．", "a", " ", "é", "\n"])
 
@@ -242,7 +242,7 @@ def test_remotes_come_from_the_lxc_and_incus_configs(tmp_path, monkeypatch):
 def test_xattr_changes_and_refusals():
     import errno
 
-    from lxdimagefs.servers.lxd import Image
+    from lxdimagefs.servers.records import Image
     from lxdimagefs.tree.xattrs import XATTR_CREATE, XATTR_REPLACE, attributes, change
     rec = {"fingerprint": "f" * 64, "public": False, "auto_update": True, "properties": {"os": "x"},
            "aliases": [{"name": "a/b"}, {"name": "c"}], "type": "container", "architecture": "x86_64"}

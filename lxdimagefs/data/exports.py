@@ -14,11 +14,11 @@ from lxdimagefs.data.fetch import Fetcher
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.errors import IntegrityError
-from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.protocol import ImageSource
 
 
 class Exports:
-    def __init__(self, client: LXDClient, spool_dir: Path, capacity: int = 32 << 20,
+    def __init__(self, client: ImageSource, spool_dir: Path, capacity: int = 32 << 20,
                  cache: BlockCache | None = None) -> None:
         self.cache = cache or BlockCache(capacity)  # the projects of one server share theirs
         self.fetcher = Fetcher(client, self.cache)

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import LXDError, LXDUnreachable
-from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.servers.transport import Backoff, ExportStream
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Stream:
 
 
 class Fetcher:
-    def __init__(self, client: LXDClient, cache: BlockCache, workers: int = 8) -> None:
+    def __init__(self, client: ImageSource, cache: BlockCache, workers: int = 8) -> None:
         self.client = client
         self.cache = cache
         self.verification = Verification(cache, self.block, client.conn.identity())

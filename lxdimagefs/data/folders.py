@@ -20,7 +20,7 @@ from lxdimagefs.data.uploads import ROOTFS_KINDS, SNIFF_BYTES, already_held, fai
 from lxdimagefs.errors import ImportFailed, LXDError
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.names import METADATA
-from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.protocol import ImageServer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class FolderImport:
     temporary names (rsync's), not parts, until renamed.
     """
 
-    def __init__(self, client: LXDClient, name: str, spool: Path) -> None:
+    def __init__(self, client: ImageServer, name: str, spool: Path) -> None:
         self.client = client
         self.name = name
         self.spool = spool

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from lxdimagefs.errors import IntegrityError, LXDError
 from lxdimagefs.keys import ObjectKey, Sha256
-from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.servers.multipart import PartStream
+from lxdimagefs.servers.protocol import ImageSource
+from lxdimagefs.servers.rest import RestSession
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class SplitSpool:
     their key (server and fingerprint), never by what a server sent.
     """
 
-    def __init__(self, client: LXDClient, directory: Path) -> None:
+    def __init__(self, client: ImageSource, directory: Path) -> None:
         self.client = client
         self.directory = directory
         self.server = client.conn.identity()
@@ -100,7 +101,7 @@ class SplitSpool:
         try:
             with self.client.export_stream(fp) as resp:
                 PartStream(resp.headers.get("Content-Type", ""), begin, writer.add,
-                           writer.flush).feed(LXDClient.iter_chunks(resp))
+                           writer.flush).feed(RestSession.iter_chunks(resp))
             digest = writer.finish()
             if len(fds) != 2:
                 raise LXDError(f"LXD's split export of {fp} did not hold two parts")

@@ -14,7 +14,7 @@ import threading
 
 from lxdimagefs.errors import ImportFailed, LXDError
 from lxdimagefs.servers.chunked import ChunkedPost
-from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.protocol import ImageServer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Upload:
     another thread, and a writer faster than LXD waits in its write.
     """
 
-    def __init__(self, client: LXDClient, name: str, writer: int) -> None:
+    def __init__(self, client: ImageServer, name: str, writer: int) -> None:
         self.client = client
         self.name = name
         self.writer = writer  # the process that opened it (fs/commit.py)

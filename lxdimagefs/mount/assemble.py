@@ -24,7 +24,7 @@ from lxdimagefs.servers.catalog import Catalog, LayoutJournal
 from lxdimagefs.servers.events import EventWatcher
 from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.servers.pull import from_lxd, from_simplestreams
-from lxdimagefs.servers.simplestreams import StreamsCatalog, StreamsClient
+from lxdimagefs.servers.simplestreams import StreamsClient
 from lxdimagefs.servers.transport import Connection
 from lxdimagefs.tree.archives import IndexFolder
 from lxdimagefs.tree.forest import Forest, Slot
@@ -66,8 +66,8 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
         index = IndexFolder(settings.cache_root / f"lxdimagefs-index-{os.getuid()}")
     if remote.simplestreams:
         streams = StreamsClient(conn)
-        catalog: Catalog = StreamsCatalog(streams, ttl=max(settings.metadata_ttl, STREAMS_TTL))
-        exports = Exports(streams, spool, capacity=cache_bytes)  # type: ignore[arg-type]
+        catalog = Catalog(streams, ttl=max(settings.metadata_ttl, STREAMS_TTL))
+        exports = Exports(streams, spool, capacity=cache_bytes)
         tree = Tree(catalog, exports, readonly=True, mountpoint=mountpoint, index=index, imports=False,
                     handles=handles)
         slot = Slot(remote.name, tree, streams.reachable, from_simplestreams(streams.base))

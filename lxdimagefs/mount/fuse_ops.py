@@ -12,7 +12,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from lxdimagefs.errors import LXDError
 from lxdimagefs.fs import access
@@ -52,7 +52,7 @@ def translated(func: F) -> F:
             return func(self, *args)
         except Exception as exc:
             raise OSError(to_errno(func.__name__, args, exc), "") from None
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 def _stat(attr: Attr, uid: int, gid: int, path: str) -> dict[str, int]:

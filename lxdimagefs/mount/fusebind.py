@@ -15,7 +15,7 @@ from typing import Any
 BINDING = os.environ.get("LXDIMAGEFS_FUSE", "mfusepy")
 
 if BINDING == "fusepy":
-    from fuse import FUSE, Operations, fuse_get_context  # type: ignore[import-untyped]
+    from fuse import FUSE, Operations, fuse_get_context
 
     LIBFUSE = 2
 else:
@@ -39,7 +39,8 @@ else:
             data = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
             fh = fip.contents if self.raw_fi else fip.contents.fh
             name = None if path is None else path.decode(self.encoding, self.errors)
-            return self.operations.write(name, data, offset, fh)  # type: ignore[no-any-return]
+            written: int = self.operations.write(name, data, offset, fh)
+            return written
 
 
 

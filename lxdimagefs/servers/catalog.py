@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import stat
 import threading
 import time
@@ -23,10 +22,11 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
+from lxdimagefs.errors import fs_error
 from lxdimagefs.keys import Fingerprint, ObjectKey
-from lxdimagefs.names import METADATA, alias_to_filename, filename_to_alias, fits, is_fingerprint
-from lxdimagefs.servers.lxd import ExportLayout, ExportPart, Image, LXDClient
-from lxdimagefs.servers.multipart import first_part_and_next_name
+from lxdimagefs.names import alias_to_filename, filename_to_alias, fits, is_fingerprint
+from lxdimagefs.servers.protocol import ImageServer, ImageSource
+from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, part_name
 
 MIN_PREFIX = 12
 
@@ -98,7 +98,7 @@ class LayoutJournal:
 
 
 class Catalog:
-    def __init__(self, client: LXDClient, ttl: float = 3.0, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, client: ImageSource, ttl: float = 3.0, clock: Callable[[], float] = time.monotonic,
                  journal: LayoutJournal | None = None) -> None:
         self.client = client
         self.journal = journal
@@ -112,6 +112,13 @@ class Catalog:
         self._layouts_lock = threading.Lock()
         self._layout_locks: dict[str, threading.Lock] = {}
         self._clock = clock
+
+    @property
+    def server(self) -> ImageServer:
+        """The same server, for the changes only LXD and Incus take; an index refuses them."""
+        if not isinstance(self.client, ImageServer):
+            raise fs_error(errno.EROFS, "", "this server is an index to read, it takes no changes")
+        return self.client
 
     def snapshot(self) -> Snapshot:
         with self._lock:  # one fill at a time: a burst of stat() makes one request
@@ -184,7 +191,7 @@ class Catalog:
             with self._layouts_lock:
                 layout = self._layouts.get(fingerprint)
             if layout is None:
-                layout = probe_layout(self.client, fingerprint)
+                layout = self.client.layout(fingerprint)
                 with self._layouts_lock:
                     self._layouts[fingerprint] = layout
                 if self.journal is not None:
@@ -192,36 +199,3 @@ class Catalog:
         with self._lock:
             self._layout_locks.pop(fingerprint, None)
         return layout
-
-
-def probe_layout(client: LXDClient, fingerprint: Fingerprint) -> ExportLayout:
-    """Learn an export's file names and sizes without downloading it.
-
-    A unified export answers a one-byte Range request with its name and
-    total size. A split export ignores Range and streams multipart; its
-    metadata part is read to learn its size, then the stream is dropped.
-    """
-    with client.export_probe(fingerprint) as resp:
-        ctype = resp.headers.get("Content-Type", "")
-        if not ctype.startswith("multipart/"):
-            name = part_name(_filename(resp.headers.get("Content-Disposition")) or "", fingerprint)
-            total = resp.headers.get("Content-Range", "").rpartition("/")[2]
-            size = int(total) if total.isdigit() else int(resp.headers.get("Content-Length", 0))
-            return ExportLayout(False, (ExportPart(name, size),))
-        meta_name, meta_size, rootfs_name = first_part_and_next_name(ctype, client.iter_chunks(resp))
-    image = client.image(fingerprint)
-    return ExportLayout(True, (ExportPart(part_name(meta_name, f"meta-{fingerprint}"), meta_size),
-                               ExportPart(part_name(rootfs_name, fingerprint), image.size - meta_size)))
-
-
-def part_name(name: str, fallback: str) -> str:
-    """A server's name for an export file, if a directory entry can hold it; else `fallback`."""
-    ok = fits(name) and "/" not in name and name not in (".", "..", METADATA)
-    return name if ok else fallback
-
-
-def _filename(disposition: str | None) -> str | None:
-    if not disposition:
-        return None
-    m = re.search(r'filename="?([^";]+)"?', disposition)
-    return m.group(1) if m else None

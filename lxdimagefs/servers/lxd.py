@@ -6,106 +6,27 @@ message; no other module builds a URL (rest.py, its base, sends them).
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Mapping
 from typing import Any
 
 import requests
 import websocket
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
-from lxdimagefs.keys import BadKey, FileDigest, Fingerprint
+from lxdimagefs.keys import BadKey, Fingerprint
 from lxdimagefs.servers.chunked import ChunkedPost
+from lxdimagefs.servers.multipart import first_part_and_next_name
+from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, images_from, part_name
 from lxdimagefs.servers.rest import RestSession, json_body
 from lxdimagefs.servers.transport import Backoff, Connection, ExportStream, pin_matches
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("lxdimagefs.client")  # request lines under one name, as rest.py
-
-_ZERO_TIME = 0.0
-_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_time(value: str | None) -> float:
-    """RFC 3339 (with LXD's nanoseconds) to a POSIX timestamp; 0 for unset."""
-    if not value:
-        return _ZERO_TIME
-    m = _TIME_RE.match(value)
-    if not m:
-        return _ZERO_TIME
-    base, frac, tz = m.groups()
-    tz = "+00:00" if tz == "Z" else tz
-    ts = datetime.fromisoformat(base + tz).timestamp()
-    if ts <= 0:  # Go's zero time (0001-01-01) and the epoch mean "never"
-        return _ZERO_TIME
-    return ts + (float("0." + frac) if frac else 0.0)
-
-
-@dataclass(frozen=True)
-class Image:
-    """One image record, as `GET /1.0/images/<fp>` returns it."""
-
-    fingerprint: Fingerprint
-    size: int
-    uploaded_at: float
-    last_used_at: float
-    aliases: tuple[str, ...]
-    record: dict[str, Any] = field(repr=False, compare=False)
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> Image:
-        return cls(
-            fingerprint=Fingerprint(rec["fingerprint"]),
-            size=int(rec.get("size") or 0),
-            uploaded_at=parse_time(rec.get("uploaded_at")),
-            last_used_at=parse_time(rec.get("last_used_at")),
-            aliases=tuple(str(a["name"]) for a in rec.get("aliases") or ()),
-            record=rec,
-        )
-
-
-def images_from(records: Iterable[Any], where: str) -> list[Image]:
-    """The records that make images; one that does not (a bad fingerprint) is skipped with a warning."""
-    images = []
-    for rec in records:
-        try:
-            images.append(Image.from_record(rec))
-        except (BadKey, KeyError, TypeError, ValueError, AttributeError) as e:
-            warn_once(f"skipped an image record from {where}: {e}")
-    return images
-
-
-@functools.lru_cache(maxsize=256)
-def warn_once(message: str) -> None:
-    """A warning about what a server keeps sending (every listing): said once, not every 3 s."""
-    log.warning("%s", message)
-
-
-@dataclass(frozen=True)
-class ExportPart:
-    """One file of an export, as `lxc image export` would write it."""
-
-    name: str
-    size: int
-    key: FileDigest | None = None  # the file's own sha256, where it is read on its own (simplestreams)
-    path: str = field(default="", compare=False)  # where the server keeps it (simplestreams)
-
-
-@dataclass(frozen=True)
-class ExportLayout:
-    """What an image exports as: one unified file, or a split pair."""
-
-    split: bool
-    parts: tuple[ExportPart, ...]
-
 
 class LXDClient(RestSession):
     """Typed access to the image endpoints of one LXD server and project."""
@@ -167,10 +88,25 @@ class LXDClient(RestSession):
             raise
         return True
 
-    def export_probe(self, fingerprint: str) -> requests.Response:
-        """The export's answer to a one-byte Range request, streaming (see catalog.probe_layout)."""
-        return self._request("GET", _image(fingerprint, "/export"), stream=True,
-                             headers={"Range": "bytes=0-0"})
+    def layout(self, fingerprint: str) -> ExportLayout:
+        """Learn an export's file names and sizes without downloading it.
+
+        A unified export answers a one-byte Range request with its name and total size. A split
+        export ignores Range and streams multipart: its metadata part is read to learn its size,
+        then the stream is dropped.
+        """
+        with self._request("GET", _image(fingerprint, "/export"), stream=True,
+                           headers={"Range": "bytes=0-0"}) as resp:
+            ctype = resp.headers.get("Content-Type", "")
+            if not ctype.startswith("multipart/"):
+                name = part_name(_filename(resp.headers.get("Content-Disposition")) or "", fingerprint)
+                total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+                size = int(total) if total.isdigit() else int(resp.headers.get("Content-Length", 0))
+                return ExportLayout(False, (ExportPart(name, size),))
+            meta_name, meta_size, rootfs_name = first_part_and_next_name(ctype, self.iter_chunks(resp))
+        rest = self.image(fingerprint).size - meta_size
+        return ExportLayout(True, (ExportPart(part_name(meta_name, f"meta-{fingerprint}"), meta_size),
+                                   ExportPart(part_name(rootfs_name, fingerprint), rest)))
 
     def open_export(self, fingerprint: str, start: int, end: int | None = None,
                     backoff: Backoff | None = None) -> ExportStream:
@@ -237,7 +173,9 @@ class LXDClient(RestSession):
             if self.conn.pinned:
                 sslopt.update(cert_reqs=ssl.CERT_NONE, check_hostname=False)
             ws = websocket.create_connection(url, timeout=timeout, sslopt=sslopt)
-            if self.conn.pinned and not pin_matches(ws.sock.getpeercert(binary_form=True), self.conn.pinned):
+            tls = ws.sock
+            assert isinstance(tls, ssl.SSLSocket)  # wss://: the websocket's socket is TLS
+            if self.conn.pinned and not pin_matches(tls.getpeercert(binary_form=True), self.conn.pinned):
                 ws.close()
                 raise LXDUnreachable("the event stream's server certificate is not the pinned one")
             return ws
@@ -345,3 +283,8 @@ def _image(fingerprint: str, tail: str = "") -> str:
     return f"/images/{Fingerprint(fingerprint)}{tail}"
 
 
+def _filename(disposition: str | None) -> str | None:
+    if not disposition:
+        return None
+    m = re.search(r'filename="?([^";]+)"?', disposition)
+    return m.group(1) if m else None

@@ -17,6 +17,7 @@ from typing import Any
 
 from lxdimagefs.errors import LXDError
 from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.protocol import ImageServer
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,10 @@ class Source:
     describe: str
     request: Callable[[], dict[str, Any]] | None  # LXD's `source` object, made when it is needed
     public: bool = False
-    stream: Callable[[LXDClient, list[str]], str] | None = None  # through the daemon: (target, aliases) -> fp
+    # Through the daemon: (target, aliases) -> fingerprint.
+    stream: Callable[[ImageServer, list[str]], str] | None = None
 
-    def create(self, target: LXDClient, aliases: list[str]) -> str:
+    def create(self, target: ImageServer, aliases: list[str]) -> str:
         """Have `target` hold the image (and the aliases); returns its fingerprint."""
         if self.request is not None:
             log.info("asking %s to pull %s", target.conn.describe(), self.describe)
@@ -77,7 +79,7 @@ def from_lxd(client: LXDClient) -> Callable[[str, str | None], Source]:
     return make
 
 
-def stream_copy(source: LXDClient, fp: str, target: LXDClient, aliases: list[str],
+def stream_copy(source: LXDClient, fp: str, target: ImageServer, aliases: list[str],
                 record: dict[str, Any]) -> str:
     """The export, piped from one server's GET into the other's POST; checked by fingerprint."""
     resp = source.export_stream(fp)

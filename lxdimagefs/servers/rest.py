@@ -67,7 +67,7 @@ class _SocketAdapter(requests_unixsocket.UnixAdapter):
         super().__init__(pool_connections=4)
         self._size = size
 
-    def get_connection(self, url, proxies=None):  # type: ignore[override]
+    def get_connection(self, url: str, proxies: Any = None) -> Any:
         key = urllib.parse.urlparse(url).netloc
         with self.pools.lock:
             pool = self.pools.get(key)
@@ -135,7 +135,7 @@ class RestSession:
                 resp = self._session.request(method, url, stream=stream, headers=headers,
                                              verify=self._verify, **kwargs)
             except requests.RequestException as e:
-                err = LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}")
+                err: LXDError = LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}")
                 if retry == "all" or (retry == "connect" and _not_connected(e)):
                     backoff.pause(err, f"{method} {path}")
                     continue

@@ -24,8 +24,7 @@ import requests
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.keys import BadKey, FileDigest, Fingerprint
-from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.servers.lxd import ExportLayout, ExportPart, Image, warn_once
+from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, warn_once
 from lxdimagefs.servers.transport import Backoff, Connection, ContextAdapter, ExportStream, RawConnections
 
 log = logging.getLogger(__name__)
@@ -71,8 +70,8 @@ class StreamsClient:
         self._session.headers["User-Agent"] = "lxdimagefs"
         self._session.mount("https://", ContextAdapter(self._raw.context))
         self._paths: dict[FileDigest, str] = {}
+        self._layouts: dict[Fingerprint, ExportLayout] = {}
         self._lock = threading.Lock()
-        self.product = "simplestreams"
 
     def _get(self, path: str) -> Any:
         backoff = Backoff(self.patience)
@@ -109,7 +108,20 @@ class StreamsClient:
         listing = parse_products(products, self.base)
         with self._lock:  # kept, not replaced: a file open while its version left the index reads on
             self._paths.update(listing.paths)
+            self._layouts = listing.layouts
         return listing
+
+    def images(self) -> list[Image]:
+        return self.listing().images
+
+    def layout(self, fingerprint: str) -> ExportLayout:
+        """From the index last read: a simplestreams server is never asked for a layout."""
+        key = Fingerprint.parse(fingerprint)
+        with self._lock:
+            layout = self._layouts.get(key) if key else None
+        if layout is None:
+            raise OSError(2, "no such image", fingerprint)
+        return layout
 
     def image_exists(self, fingerprint: str) -> bool:
         return False  # the index is the whole truth: nothing exists that the listing lacks
@@ -124,12 +136,16 @@ class StreamsClient:
                     backoff: Backoff | None = None) -> ExportStream:
         """Bytes [start, end) of the file whose sha256 is `key`, as a raw stream."""
         with self._lock:
-            path = self._paths.get(FileDigest.parse(key))  # type: ignore[arg-type]  # None: a miss
+            digest = FileDigest.parse(key)
+            path = self._paths.get(digest) if digest else None
         if path is None:
             raise LXDError(f"no file with sha256 {key} in {self.base}'s index", 404)
         quoted = urllib.parse.quote(path, safe="/-._~")  # a `?` or `#` in a path is the path's own
         return self._raw.open_range(f"{_path_of(self.base)}/{quoted}", start, end,
                                     backoff or Backoff(self.patience), path)
+
+    def export_stream(self, fingerprint: str) -> requests.Response:
+        raise LXDError("a simplestreams server has no whole export: its files are read one by one", 501)
 
 
 def _path_of(url: str) -> str:
@@ -177,7 +193,8 @@ def parse_products(products: dict[str, Any], where: str = "the index") -> Listin
                         continue
                     found.append((created, product, *made))
                     for part in made[1].parts:
-                        paths[part.key] = part.path  # type: ignore[index]
+                        if part.key is not None:  # every part of an index's image has its sha256
+                            paths[part.key] = part.path
     return _with_aliases(found, paths)
 
 
@@ -240,23 +257,3 @@ def _with_aliases(found: list[tuple[str, dict[str, Any], dict[str, Any], ExportL
         images.append(Image.from_record(record))
         layouts[record["fingerprint"]] = layout
     return Listing(images, layouts, paths)
-
-
-class StreamsCatalog(Catalog):
-    """The catalog of a simplestreams server: its listing and layouts come from the index."""
-
-    def __init__(self, client: StreamsClient, ttl: float) -> None:
-        super().__init__(client, ttl=ttl)  # type: ignore[arg-type]
-        self.streams = client
-        self._known: dict[Fingerprint, ExportLayout] = {}
-
-    def _fetch(self) -> list[Image]:
-        listing = self.streams.listing()
-        self._known = listing.layouts
-        return listing.images
-
-    def layout(self, fingerprint: Fingerprint) -> ExportLayout:
-        layout = self._known.get(fingerprint)
-        if layout is None:
-            raise OSError(2, "no such image", fingerprint)
-        return layout

@@ -220,7 +220,8 @@ class ExportStream:
 
     def __init__(self, pool: RawConnections, http_conn: http.client.HTTPConnection,
                  resp: http.client.HTTPResponse, start: int, end: int) -> None:
-        self._pool, self._conn, self._resp = pool, http_conn, resp
+        self._pool, self._resp = pool, resp
+        self._conn: http.client.HTTPConnection | None = http_conn
         self.pos, self.end = start, end
 
     def readinto(self, view: memoryview) -> int:
@@ -240,11 +241,13 @@ class ExportStream:
         return got
 
     def close(self) -> None:
+        conn, self._conn = self._conn, None  # the stream holds it no more: closing twice is nothing
+        if conn is None:
+            return
         if self.pos >= self.end and self._resp.isclosed() and not self._resp.will_close:
-            self._pool.give_back(self._conn)  # read to its end: the connection can serve again
+            self._pool.give_back(conn)  # read to its end: the connection can serve again
         else:
-            self._conn.close()  # an open-ended stream left midway: LXD stops when the socket closes
-        self._conn = None  # type: ignore[assignment]
+            conn.close()  # an open-ended stream left midway: LXD stops when the socket closes
 
     def __enter__(self) -> ExportStream:
         return self

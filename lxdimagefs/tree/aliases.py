@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import posixpath
 import stat
+from typing import NoReturn
 
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.node import Attr, Context, Node, check_name
@@ -21,7 +22,6 @@ class AliasesNode(Node):
     def __init__(self, ctx: Context, catalog: Catalog, images: ImagesNode) -> None:
         super().__init__(ctx, ALIAS_DIR)
         self.catalog = catalog
-        self.client = catalog.client
         self.images = images
 
     def getattr(self, rest: list[str]) -> Attr:
@@ -46,7 +46,7 @@ class AliasesNode(Node):
             raise fs_error(errno.EINVAL, self.path(rest))
         raise fs_error(errno.ENOENT, self.path(rest))
 
-    def open(self, rest: list[str], flags: int, pid: int):
+    def open(self, rest: list[str], flags: int, pid: int) -> NoReturn:
         raise fs_error(errno.ENOENT, self.path(rest))
 
     def _target(self, content: str, path: str) -> str:
@@ -79,11 +79,11 @@ class AliasesNode(Node):
         fp = self._target(target, path)
         if rest[0] in self.catalog.snapshot().aliases:
             raise fs_error(errno.EEXIST, path)
-        self.client.add_alias(filename_to_alias(rest[0]), fp)
+        self.catalog.server.add_alias(filename_to_alias(rest[0]), fp)
         self.catalog.invalidate()
 
     def unlink(self, rest: list[str], pid: int = 0) -> None:
-        self.client.delete_alias(filename_to_alias(rest[0]))
+        self.catalog.server.delete_alias(filename_to_alias(rest[0]))
         self.catalog.invalidate()
 
     def rename(self, src: list[str], dst: list[str], pid: int) -> None:
@@ -96,8 +96,8 @@ class AliasesNode(Node):
         if src[0] not in aliases:
             raise fs_error(errno.ENOENT, self.path(dst))
         if dst[0] in aliases:  # `mv a b` onto an existing b, and `ln -sfn`: b now points where a did
-            self.client.retarget_alias(new, aliases[src[0]])
-            self.client.delete_alias(old)
+            self.catalog.server.retarget_alias(new, aliases[src[0]])
+            self.catalog.server.delete_alias(old)
         else:
-            self.client.rename_alias(old, new)
+            self.catalog.server.rename_alias(old, new)
         self.catalog.invalidate()

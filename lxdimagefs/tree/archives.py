@@ -27,7 +27,7 @@ from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.keys import Fingerprint, ObjectKey
 from lxdimagefs.names import fits
-from lxdimagefs.servers.lxd import ExportLayout
+from lxdimagefs.servers.records import ExportLayout
 from lxdimagefs.tree import inodes
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ import logging
 import stat
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 from cachetools import LRUCache
 
@@ -30,6 +31,7 @@ from lxdimagefs.tree.archives import Entry, ImageArchive, IndexFolder
 from lxdimagefs.tree.images import FP_DIR, ImagesNode, is_public
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONTENTS_DIR = "contents"
 ALIASES = "by-alias"
@@ -60,7 +62,7 @@ class EntryHandle(Handle):
         return _guarded(self.archive.fp, lambda: self.archive.read(self.entry, offset, size))
 
 
-def _guarded(fp: str, call: Callable):
+def _guarded(fp: str, call: Callable[[], T]) -> T:
     """Archive errors (a corrupt or unreadable image) are EIO and a log line; the mount goes on."""
     try:
         return call()

@@ -24,8 +24,8 @@ from lxdimagefs.errors import LXDUnreachable, fs_error
 from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
 from lxdimagefs.fs.node import Attr, Context
 from lxdimagefs.servers.pull import Source
-from lxdimagefs.servers.space import Usage
 from lxdimagefs.tree.root import Tree
+from lxdimagefs.tree.space import Usage
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from lxdimagefs.fs.handles import BytesHandle, DirHandle, EditHandle, FileHandle
 from lxdimagefs.fs.node import Attr, Context, Fading, Node, check_name
 from lxdimagefs.names import METADATA, alias_to_filename
 from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.servers.lxd import ExportPart, Image
+from lxdimagefs.servers.records import ExportPart, Image
 from lxdimagefs.tree import xattrs
-from lxdimagefs.tree.records import Records, render
+from lxdimagefs.tree.metadata import Records, render
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ImagesNode(Node):
         super().__init__(ctx, FP_DIR)
         self.catalog = catalog
         self.exports = exports
-        self.records = Records(catalog.client, ctx)
+        self.records = Records(catalog, ctx)
         self._lock = threading.Lock()
         self._scratch: dict[tuple[str, str], bytearray] = {}  # editors' temporary files
         self._hidden: set[tuple[str, str]] = set()  # files unlinked by `rm -r` before its rmdir
@@ -142,7 +142,11 @@ class ImagesNode(Node):
         # The base for detecting others' changes stays the record this process last read.
         data = bytearray() if flags & os.O_TRUNC else bytearray(render(image))
         self.records.opened_for_writing(image, pid)
-        handle = EditHandle(data, lambda new, fp=image.fingerprint: self._save(fp, new, pid), opener=pid)
+        fp = image.fingerprint
+
+        def save(new: bytes) -> None:
+            self._save(fp, new, pid)
+        handle = EditHandle(data, save, opener=pid)
         handle.dirty = bool(flags & os.O_TRUNC)
         return handle
 
@@ -210,7 +214,7 @@ class ImagesNode(Node):
         self._deleting(self.path(rest), "rmdir")
         image = self.image(rest[0], self.path(rest))
         fp = image.fingerprint
-        self.catalog.client.delete_image(fp)
+        self.catalog.server.delete_image(fp)
         for alias in image.aliases:  # LXD removes them with the image
             self.ctx.on_change(f"/by-alias/{alias_to_filename(alias)}")
         self.ctx.on_change(f"/{FP_DIR}/{fp}")
@@ -270,7 +274,7 @@ class ImagesNode(Node):
             raise self.ctx.refuse(errno.EPERM, "utimens", path,
                                   "refresh is for images with auto_update on (set user.lxd.auto_update)")
         try:
-            refreshed = self.catalog.client.refresh_image(image.fingerprint)
+            refreshed = self.catalog.server.refresh_image(image.fingerprint)
         finally:
             self.catalog.invalidate()
         log.info("refreshed %s: %s", image.fingerprint, "replaced by a newer one" if refreshed else "current")

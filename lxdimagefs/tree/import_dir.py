@@ -32,7 +32,7 @@ class ImportsNode(LinkImports):
     def __init__(self, ctx: Context, catalog: Catalog, spool_dir: Path) -> None:
         super().__init__(ctx, IMPORT_DIR)
         self.catalog = catalog
-        self.client = catalog.client
+        self.client = catalog.server
         self.spool_dir = spool_dir
         self._lock = threading.Lock()
         self._uploads: dict[str, Upload] = {}
@@ -216,6 +216,7 @@ class ImportsNode(LinkImports):
                 del self._folders[rest[0]]
         if folder is None:
             super().rmdir(rest)
+            return
         folder.remove_spool()
 
     def rename(self, src: list[str], dst: list[str], pid: int) -> None:

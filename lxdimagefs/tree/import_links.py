@@ -12,7 +12,7 @@ from lxdimagefs.errors import ImportFailed, LXDError, fs_error
 from lxdimagefs.fs.node import Fading, Node, check_name
 from lxdimagefs.names import filename_to_alias, is_fingerprint
 from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.protocol import ImageServer
 from lxdimagefs.servers.pull import Source, from_url
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class LinkImports(Node):
     """The part of import/ (tree/import_dir.py) that takes links instead of bytes."""
 
     catalog: Catalog
-    client: LXDClient
+    client: ImageServer
     _lock: threading.Lock
     _uploads: dict[str, Upload]
     _errors: dict[str, bytes]
@@ -60,16 +60,17 @@ class LinkImports(Node):
                 raise LXDError(f"Alias already exists: {aliases[0]}", 409)
             fp = source.create(self.client, aliases)
         except LXDError as e:
-            failure = ImportFailed(e.errno if e.status else errno.EIO, e.message)
+            failure = ImportFailed((e.errno if e.status else None) or errno.EIO, e.message)
             self._failed(name, failure)
-            raise fs_error(failure.errno, path, e.message) from None
+            raise fs_error(failure.errno or errno.EIO, path, e.message) from None
         finally:
             self.catalog.invalidate()
         log.info("%s: the server now holds %s as %s", path, source.describe, fp)
         self._pulled.add(name, source.describe)  # gone once looked up, as a closed upload's file is
 
     def _pulled_link(self, rest: list[str]) -> str | None:
-        return self._pulled.get(rest[0]) if len(rest) == 1 else None  # type: ignore[return-value]
+        named = self._pulled.get(rest[0]) if len(rest) == 1 else None
+        return named if isinstance(named, str) else None
 
     def readlink(self, rest: list[str]) -> str:
         pulled = self._pulled_link(rest)

@@ -16,7 +16,7 @@ import tarfile
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # ratarmountcore is imported on the first look inside an image (archives.py)
-    from ratarmountcore.mountsource.MountSource import FileInfo, MountSource  # type: ignore[import-untyped]
+    from ratarmountcore.mountsource.MountSource import FileInfo, MountSource
 
 DEVICES = stat.S_IFCHR, stat.S_IFBLK
 
@@ -53,7 +53,7 @@ def tar_special(source: Any, info: FileInfo) -> tuple[int, int]:
 
 def tar_links(source: MountSource) -> dict[str, int]:
     """How many names each hard-linked file of a tarball has, keyed by its path ("/rootfs/...")."""
-    rows = source.index.get_connection().execute(  # type: ignore[attr-defined]
+    rows = source.index.get_connection().execute(
         'SELECT linkname, COUNT(*) FROM "files" WHERE linkname != \'\' AND (mode & 61440) = 0 '
         'GROUP BY linkname').fetchall()
     return {inside(name): count + 1 for name, count in rows}
@@ -61,7 +61,7 @@ def tar_links(source: MountSource) -> dict[str, int]:
 
 def squashfs_links(source: MountSource) -> dict[int, int]:
     """How many names each hard-linked inode of a squashfs has, keyed by its inode's place."""
-    rows = source.index.get_connection().execute(  # type: ignore[attr-defined]
+    rows = source.index.get_connection().execute(
         'SELECT offsetheader, COUNT(*) FROM "files" WHERE (mode & 61440) != 16384 '
         'GROUP BY offsetheader HAVING COUNT(*) > 1').fetchall()
     return {int(offset): count for offset, count in rows}

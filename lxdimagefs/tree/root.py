@@ -23,12 +23,12 @@ from lxdimagefs.names import METADATA, alias_to_filename, filename_to_alias
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.events import EventSubject
 from lxdimagefs.servers.pull import Source
-from lxdimagefs.servers.space import Space
 from lxdimagefs.tree.aliases import ALIAS_DIR, AliasesNode
 from lxdimagefs.tree.archives import IndexFolder
 from lxdimagefs.tree.contents import CONTENTS_DIR, ContentsNode
 from lxdimagefs.tree.images import FP_DIR, ImagesNode
 from lxdimagefs.tree.import_dir import IMPORT_DIR, ImportsNode
+from lxdimagefs.tree.space import Space
 
 
 class Tree(OpenFiles):

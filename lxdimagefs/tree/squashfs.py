@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ratarmountcore.mountsource.formats.squashfs import SquashFSMountSource  # type: ignore[import-untyped]
-from ratarmountcore.mountsource.MountSource import FileInfo  # type: ignore[import-untyped]
-from ratarmountcore.SQLiteIndex import SQLiteIndex, SQLiteIndexedTarUserData  # type: ignore[import-untyped]
+from ratarmountcore.mountsource.formats.squashfs import SquashFSMountSource
+from ratarmountcore.mountsource.MountSource import FileInfo
+from ratarmountcore.SQLiteIndex import SQLiteIndex, SQLiteIndexedTarUserData
 
 from lxdimagefs.tree.inodes import header
 

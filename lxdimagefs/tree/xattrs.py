@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lxdimagefs.errors import fs_error
-from lxdimagefs.servers.lxd import Image
+from lxdimagefs.servers.records import Image
 
 PREFIX = "user.lxd."
 PROPERTY = PREFIX + "properties."

@@ -20,7 +20,8 @@ from cachetools import LRUCache
 from lxdimagefs.errors import LXDError
 from lxdimagefs.fs.node import Context
 from lxdimagefs.names import METADATA
-from lxdimagefs.servers.lxd import Image, LXDClient
+from lxdimagefs.servers.catalog import Catalog
+from lxdimagefs.servers.records import Image
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ def render(image: Image) -> bytes:
 
 
 class Records:
-    def __init__(self, client: LXDClient, ctx: Context) -> None:
-        self.client = client
+    def __init__(self, catalog: Catalog, ctx: Context) -> None:
+        self.catalog = catalog
         self.ctx = ctx
         self._read: LRUCache[tuple[str, int], dict] = LRUCache(maxsize=4096)  # (fp, pid) -> record
         self._lock = threading.Lock()
@@ -60,7 +61,7 @@ class Records:
             raise self.ctx.refuse(errno.EINVAL, "write", where, f"not valid JSON: {e}") from None
         if not isinstance(new, dict):
             raise self.ctx.refuse(errno.EINVAL, "write", where, "not a JSON object")
-        current, etag = self.client.image_with_etag(fp)
+        current, etag = self.catalog.server.image_with_etag(fp)
         record = current.record
         with self._lock:
             base = self._read.get((fp, pid), record)
@@ -74,7 +75,7 @@ class Records:
         if any(base.get(k) != record.get(k) for k in EDITABLE):
             raise self._stale(where)
         try:
-            self.client.update_image(fp, fields, etag)
+            self.catalog.server.update_image(fp, fields, etag)
         except LXDError as e:
             if e.status == 412:
                 raise self._stale(where) from None
@@ -85,14 +86,14 @@ class Records:
 
     def update(self, fp: str, change: Callable[[dict[str, Any]], None], what: str) -> None:
         """Change editable fields of the record as it is now (an xattr set), guarded by its ETag."""
-        current, etag = self.client.image_with_etag(fp)
+        current, etag = self.catalog.server.image_with_etag(fp)
         before = {k: current.record.get(k) for k in EDITABLE}
         fields = copy.deepcopy(before)
         change(fields)
         if fields == before:
             return
         try:
-            self.client.update_image(fp, fields, etag)
+            self.catalog.server.update_image(fp, fields, etag)
         except LXDError as e:
             if e.status == 412:
                 raise self._stale(f"{fp} ({what})") from None

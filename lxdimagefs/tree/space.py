@@ -62,7 +62,7 @@ class Space:
 
     def __init__(self, catalog: Catalog, ttl: float = 5.0) -> None:
         self.catalog = catalog
-        self.client: LXDClient = catalog.client
+        self.client = catalog.client
         self.ttl = ttl
         self._lock = threading.Lock()
         self._last = Usage()
@@ -79,7 +79,7 @@ class Space:
             return self._last
 
     def _measure(self) -> Usage:
-        if self.client.product == "simplestreams":  # read-only: its images fill it, as a squashfs is full
+        if not isinstance(self.client, LXDClient):  # an index: its images fill it, as a squashfs is full
             total = sum(i.size for i in self.catalog.snapshot().images.values())
             return Usage(total, 0, 0, where="simplestreams")
         volume = (self.client.server_info().get("config") or {}).get("storage.images_volume")
