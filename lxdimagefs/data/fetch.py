@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
 from lxdimagefs.data.verify import Verification
-from lxdimagefs.errors import LXDError, LXDUnreachable
+from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
 from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.servers.transport import Backoff, ExportStream
 
@@ -153,8 +153,7 @@ class Fetcher:
                         return
                 data = self._read_block(stream, index)
                 log.debug("block %d of %s in (%d bytes)", index, stream.fp, len(data))
-                self.cache.publish(stream.fp, index, data)
-                self.verification.published(stream.fp, stream.total, index, data)
+                self._arrived(stream.fp, stream.total, index, data)
                 with stream.lock:
                     stream.next = index + 1
         except BaseException as e:  # every waiter must hear of the failure
@@ -166,6 +165,14 @@ class Fetcher:
                 self._finish(stream)
             if not isinstance(e, Exception):
                 raise
+
+    def _arrived(self, fp: str, total: int, index: int, data: bytearray) -> None:
+        """A block from any source: kept and hashed if its manifest admits it, else refused."""
+        if not self.verification.admit(fp, total, index, data):
+            self.cache.fail(fp, range(index, index + 1), IntegrityError(f"{fp} block {index}"))
+            return
+        self.cache.publish(fp, index, data)
+        self.verification.published(fp, total, index, data)
 
     def _read_block(self, stream: Stream, index: int) -> bytearray:
         start = index * BLOCK

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache
+from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.errors import IntegrityError
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Verification:
         self.fetch = fetch  # (fp, total, index) -> the block, from the cache or LXD
         self.verified: set[str] = set()
         self.corrupt: set[str] = set()
+        self.manifests: dict[str, Manifest] = {}  # every image read, checked or being checked
+        self.on_verdict: Callable[[Manifest], None] = lambda manifest: None  # the disk cache keeps it
         self._verifiers: dict[str, Verifier] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[Verifier, bytearray, bool]] = queue.Queue(self.QUEUE_BLOCKS)
@@ -109,6 +112,43 @@ class Verification:
                 self._thread = threading.Thread(target=self._hash_loop, name="hash", daemon=True)
                 self._thread.start()
             return v
+
+    def manifest(self, fp: str, total: int) -> Manifest:
+        with self._lock:
+            found = self.manifests.get(fp)
+            if found is None:
+                found = self.manifests[fp] = Manifest(fp, total)
+            return found
+
+    def known(self, manifest: Manifest) -> None:
+        """A manifest an earlier verdict sealed (from the disk cache): the image is verified."""
+        with self._lock:
+            if manifest.fp not in self.corrupt:
+                self.manifests[manifest.fp] = manifest
+                self.verified.add(manifest.fp)
+
+    def admit(self, fp: str, total: int, index: int, data: bytearray) -> bool:
+        """Whether a copy of a block that just arrived may be served (see manifest.py).
+
+        Before the verdict a copy that differs from the first one means a reader may
+        have been handed bytes the hash will not see: the image is `EIO` for good.
+        After it, only that copy is refused.
+        """
+        if fp in self.corrupt:
+            return False
+        manifest = self.manifest(fp, total)
+        if manifest.admit(index, data):
+            return True
+        if manifest.verified:
+            log.error("image %s: block %d from the server differs from the verified one; refused",
+                      fp, index)
+        else:
+            log.error("image %s: block %d arrived twice with different bytes before the check ended; "
+                      "it reads as EIO from now on", fp, index)
+            with self._lock:
+                self.corrupt.add(fp)
+            self.cache.forget(fp)
+        return False
 
     def published(self, fp: str, total: int, index: int, data: bytearray) -> None:
         """A block arrived from LXD: hash it now if the hash has got that far."""
@@ -169,7 +209,16 @@ class Verification:
     def _conclude(self, v: Verifier) -> None:
         with self._lock:
             self._verifiers.pop(v.fp, None)
+            if v.fp in self.corrupt:  # a block arrived twice, differently, while it was hashed
+                v.state = "mismatch"
             (self.verified if v.state == "ok" else self.corrupt).add(v.fp)
+            manifest = self.manifests.get(v.fp)
+            if v.state == "ok" and manifest is not None:
+                manifest.verified = True
+            if v.state != "ok":
+                self.manifests.pop(v.fp, None)
+        if v.state == "ok" and manifest is not None:
+            self.on_verdict(manifest)
         if v.state == "mismatch":
             log.error("image %s: the bytes LXD sent do not hash to its fingerprint; it reads as EIO "
                       "from now on", v.fp)
