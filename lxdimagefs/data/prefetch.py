@@ -28,6 +28,10 @@ class Prefetcher:
         self._stream: Stream | None = None
         self._lock = threading.Lock()
 
+    @property
+    def verified(self) -> bool:
+        return self.fp in self.fetcher.verification.verified
+
     def read(self, offset: int, size: int) -> memoryview | bytes:
         end = min(offset + size, self.total)
         if offset >= end:

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     fuse_opts.setdefault("hard_remove", True)
     fuse_opts.setdefault("subtype", "lxdimagefs")
     log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
-    ops = LXDImageOps(root, [b.events for b in built if b.events is not None])
+    ops = LXDImageOps(root, [b.events for b in built if b.events is not None], mountpoint)
     try:
         FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)
     except RuntimeError as e:
