@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lxdimagefs.data.blocks import BlockCache
+from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.fetch import Fetcher
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.spool import SplitSpool
@@ -18,10 +19,15 @@ from lxdimagefs.servers.lxd import LXDClient
 
 
 class Exports:
-    def __init__(self, client: LXDClient, spool_dir: Path, capacity: int = 32 << 20) -> None:
+    def __init__(self, client: LXDClient, spool_dir: Path, capacity: int = 32 << 20,
+                 disk: DiskCache | None = None) -> None:
         self.cache = BlockCache(capacity)
-        self.fetcher = Fetcher(client, self.cache)
+        self.disk = disk
+        self.fetcher = Fetcher(client, self.cache, disk=disk)
         self.spool = SplitSpool(client, spool_dir)
+        if disk is not None:
+            self.verification.on_verdict = disk.seal
+            self.verification.on_corrupt = disk.drop
 
     @property
     def verification(self):
@@ -31,6 +37,10 @@ class Exports:
         """A reader for one open unified export; refused if the image already failed its check."""
         if fp in self.verification.corrupt:
             raise IntegrityError(fp)
+        if self.disk is not None and fp not in self.verification.verified:
+            manifest = self.disk.manifest(fp, size)  # an earlier mount's verdict
+            if manifest is not None:
+                self.verification.known(manifest)
         window = self.cache.capacity // 4
         return Prefetcher(self.fetcher, fp, size, max_window=min(window, max_window or window))
 

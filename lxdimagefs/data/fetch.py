@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
+from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
 from lxdimagefs.servers.lxd import LXDClient
@@ -49,9 +50,11 @@ class Stream:
 
 
 class Fetcher:
-    def __init__(self, client: LXDClient, cache: BlockCache, workers: int = 8) -> None:
+    def __init__(self, client: LXDClient, cache: BlockCache, workers: int = 8,
+                 disk: DiskCache | None = None) -> None:
         self.client = client
         self.cache = cache
+        self.disk = disk
         self.verification = Verification(cache, self.block)
         self.requests = 0  # export requests made, for tests and benchmarks
         self._workers = workers
@@ -151,9 +154,16 @@ class Fetcher:
                         if stream.closing or not stream.open_ended or index > stream.last_block:
                             self._finish(stream)
                         return
-                data = self._read_block(stream, index)
-                log.debug("block %d of %s in (%d bytes)", index, stream.fp, len(data))
-                self._arrived(stream.fp, stream.total, index, data)
+                data = self._from_disk(stream.fp, stream.total, index)
+                if data is None:
+                    data = self._read_block(stream, index)
+                    log.debug("block %d of %s in (%d bytes)", index, stream.fp, len(data))
+                    self._arrived(stream.fp, stream.total, index, data)
+                else:
+                    if stream.conn is not None:  # it skipped a block: reopen where the next is
+                        stream.conn.close()
+                        stream.conn = None
+                    self.cache.publish(stream.fp, index, data)
                 with stream.lock:
                     stream.next = index + 1
         except BaseException as e:  # every waiter must hear of the failure
@@ -167,12 +177,29 @@ class Fetcher:
                 raise
 
     def _arrived(self, fp: str, total: int, index: int, data: bytearray) -> None:
-        """A block from any source: kept and hashed if its manifest admits it, else refused."""
+        """A block from the server: kept and hashed if its manifest admits it, else refused."""
         if not self.verification.admit(fp, total, index, data):
             self.cache.fail(fp, range(index, index + 1), IntegrityError(f"{fp} block {index}"))
             return
         self.cache.publish(fp, index, data)
         self.verification.published(fp, total, index, data)
+        if self.disk is not None:
+            self.disk.put(fp, index, data, total)
+
+    def _from_disk(self, fp: str, total: int, index: int) -> bytearray | None:
+        """A block of a verified image from the disk cache, if it is there and matches the manifest."""
+        manifest = self.verification.manifests.get(fp)
+        if self.disk is None or manifest is None or not manifest.verified:
+            return None
+        data = self.disk.get(fp, index, min(BLOCK, total - index * BLOCK))
+        if data is None:
+            return None
+        if not manifest.admit(index, data):
+            log.warning("disk cache: block %d of %s does not match its manifest (damaged or edited); "
+                        "fetched again", index, fp)
+            return None
+        self.disk.hits += 1
+        return data
 
     def _read_block(self, stream: Stream, index: int) -> bytearray:
         start = index * BLOCK

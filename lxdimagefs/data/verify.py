@@ -98,6 +98,7 @@ class Verification:
         self.corrupt: set[str] = set()
         self.manifests: dict[str, Manifest] = {}  # every image read, checked or being checked
         self.on_verdict: Callable[[Manifest], None] = lambda manifest: None  # the disk cache keeps it
+        self.on_corrupt: Callable[[str], None] = lambda fp: None  # ... and drops what it has of it
         self._verifiers: dict[str, Verifier] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[Verifier, bytearray, bool]] = queue.Queue(self.QUEUE_BLOCKS)
@@ -148,6 +149,7 @@ class Verification:
             with self._lock:
                 self.corrupt.add(fp)
             self.cache.forget(fp)
+            self.on_corrupt(fp)
         return False
 
     def published(self, fp: str, total: int, index: int, data: bytearray) -> None:
@@ -223,3 +225,4 @@ class Verification:
             log.error("image %s: the bytes LXD sent do not hash to its fingerprint; it reads as EIO "
                       "from now on", v.fp)
             self.cache.forget(v.fp)
+            self.on_corrupt(v.fp)

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.errors import LXDError
@@ -43,6 +44,7 @@ class Settings:
     cache_bytes: int
     events: bool
     contents: bool
+    disk: DiskCache | None = None  # verified exports on disk, shared by every server's tree
 
 
 @dataclass
@@ -62,7 +64,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     if remote.simplestreams:
         streams = StreamsClient(conn)
         catalog: Catalog = StreamsCatalog(streams, ttl=max(settings.metadata_ttl, STREAMS_TTL))
-        exports = Exports(streams, spool, capacity=cache_bytes)  # type: ignore[arg-type]
+        exports = Exports(streams, spool, capacity=cache_bytes, disk=settings.disk)  # type: ignore[arg-type]
         tree = Tree(catalog, exports, readonly=True, mountpoint=mountpoint, index=index, imports=False,
                     handles=handles)
         slot = Slot(remote.name, tree, streams.reachable, from_simplestreams(streams.base))
@@ -70,7 +72,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     client = LXDClient(conn)
     journal = LayoutJournal(settings.cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl")
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
-    exports = Exports(client, spool, capacity=cache_bytes)
+    exports = Exports(client, spool, capacity=cache_bytes, disk=settings.disk)
     tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,
                 handles=handles)
     events = None

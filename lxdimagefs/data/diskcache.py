@@ -1,0 +1,177 @@
+"""Verified exports on local disk, kept across mounts and servers, by fingerprint.
+
+An image's bytes never change under its fingerprint, so a block kept here is
+never stale, whichever server or mount fetched it. Each image is one sparse
+file (`export-<fp>`, blocks at their own offsets) beside its sealed manifest
+(`manifest-<fp>`, written once the sha256 agreed). A block is served from here
+only if the image has a sealed manifest and the block's XXH3-128 matches it:
+a file damaged or edited on disk is never served, it is fetched again. Files
+are written in place and manifests by rename, so daemons sharing the folder
+stay correct (at worst one rewrites a block another wrote). The folder is
+bounded (`cache_max`, and 5% of its filesystem kept free), whole images
+leaving it least recently opened first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import threading
+from pathlib import Path
+
+from lxdimagefs.data.blocks import BLOCK
+from lxdimagefs.data.manifest import DIGEST, Manifest, digest
+from lxdimagefs.keys import ObjectKey, Sha256
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"lxdimagefs manifest 1\n"
+KEEP_FREE = 0.05  # of the cache's filesystem, left free whatever cache_max says
+
+
+class CacheRefused(Exception):
+    """The cache folder cannot be made private to this user."""
+
+
+def private_folder(root: Path) -> None:
+    """Make `root` (0700) or check it is this user's own and no one else's."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(root)
+    except OSError as e:
+        raise CacheRefused(f"cache folder {root}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheRefused(f"cache folder {root} is not a folder")
+    if st.st_uid != os.geteuid():
+        raise CacheRefused(f"cache folder {root} belongs to uid {st.st_uid}, not to this user")
+    if st.st_mode & 0o077:
+        os.chmod(root, 0o700)
+
+
+class DiskCache:
+    def __init__(self, root: Path, max_bytes: int | None = None, keep_free: float = KEEP_FREE) -> None:
+        private_folder(root)
+        self.root, self.max_bytes, self.keep_free = root, max_bytes, keep_free
+        self._used: int | None = None  # bytes the folder holds, as of the last scan plus writes since
+        self._lock = threading.Lock()
+        self.hits = 0  # blocks served from here, for tests and benchmarks
+
+    def _data(self, fp: str) -> Path:
+        return self.root / ObjectKey(Sha256(fp), "export").filename
+
+    def _manifest(self, fp: str) -> Path:
+        return self.root / ObjectKey(Sha256(fp), "manifest").filename
+
+    # -- manifests ------------------------------------------------------------------
+
+    def manifest(self, fp: str, total: int) -> Manifest | None:
+        """The sealed manifest of an image, if an earlier verdict left one; marks the image used."""
+        try:
+            raw = self._manifest(fp).read_bytes()
+        except OSError:
+            return None
+        body, trailer = raw[:-DIGEST], raw[-DIGEST:]
+        head = len(MAGIC) + 8
+        if (not body.startswith(MAGIC) or digest(body) != trailer
+                or int.from_bytes(body[len(MAGIC):head], "little") != total):
+            log.warning("disk cache: the manifest of %s is damaged; dropped", fp)
+            self.drop(fp)
+            return None
+        try:
+            manifest = Manifest(fp, total, body[head:])
+        except ValueError:
+            self.drop(fp)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(self._data(fp))  # opened: the most recently used
+        return manifest
+
+    def seal(self, manifest: Manifest) -> None:
+        """Keep the manifest of an image whose sha256 agreed (atomically: readers see all or none)."""
+        body = MAGIC + manifest.total.to_bytes(8, "little") + manifest.sealed()
+        final = self._manifest(manifest.fp)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            tmp.write_bytes(body + digest(body))
+            os.replace(tmp, final)
+        except OSError as e:
+            log.warning("disk cache: cannot keep the manifest of %s: %s", manifest.fp, e.strerror)
+            tmp.unlink(missing_ok=True)
+
+    def drop(self, fp: str) -> None:
+        for path in (self._manifest(fp), self._data(fp)):
+            path.unlink(missing_ok=True)
+
+    # -- blocks ---------------------------------------------------------------------
+
+    def get(self, fp: str, index: int, length: int) -> bytearray | None:
+        """The block as it is on disk (unchecked: the caller checks it), or None if absent."""
+        try:
+            fd = os.open(self._data(fp), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            offset = index * BLOCK
+            if os.lseek(fd, offset, os.SEEK_DATA) != offset:
+                return None  # a hole: never written
+            buf = bytearray(length)
+            if os.preadv(fd, [buf], offset) != length:
+                return None
+            return buf
+        except OSError:  # ENXIO: no data past the offset
+            return None
+        finally:
+            os.close(fd)
+
+    def put(self, fp: str, index: int, data: bytearray, total: int) -> None:
+        """Keep a block, if the bound leaves room for it (it is checked when it is read back)."""
+        if self.max_bytes is not None and total > self.max_bytes // 2:
+            return  # an image that would push out everything else is not kept
+        if not self._room(len(data)):
+            return
+        try:
+            fd = os.open(self._data(fp), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.pwrite(fd, data, index * BLOCK)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.warning("disk cache: cannot keep block %d of %s: %s", index, fp, e.strerror)
+
+    # -- the bound ------------------------------------------------------------------
+
+    def _room(self, size: int) -> bool:
+        with self._lock:
+            if self._used is None or self._over(self._used + size):
+                self._used = self._evict(size)
+                if self._over(self._used + size):
+                    return False
+            self._used += size
+            return True
+
+    def _over(self, used: int) -> bool:
+        if self.max_bytes is not None and used > self.max_bytes:
+            return True
+        fs = os.statvfs(self.root)
+        return fs.f_bavail * fs.f_frsize < self.keep_free * fs.f_blocks * fs.f_frsize + BLOCK
+
+    def _evict(self, size: int) -> int:
+        """Drop the least recently used images until `size` more fits; returns the bytes left."""
+        images = []
+        for entry in os.scandir(self.root):
+            if entry.name.startswith("export-"):
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat()
+                    images.append((st.st_mtime, st.st_blocks * 512, entry.name.removeprefix("export-")))
+        images.sort()
+        used = sum(size for _, size, _ in images)
+        target = int(self.max_bytes * 0.9) if self.max_bytes is not None else None
+        while images and (self._over(used + size) or (target is not None and used + size > target)):
+            _, gone, fp = images.pop(0)
+            for kind in ("manifest", "export"):  # by name: a stray file is dropped too
+                (self.root / f"{kind}-{fp}").unlink(missing_ok=True)
+            used -= gone
+            log.debug("disk cache: dropped %s (%d bytes), least recently used", fp, gone)
+        return used
