@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from lxd_sandbox import make_unified
+from lxd_sandbox import make_split, make_unified
 from mounts import mounted
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
@@ -118,3 +118,28 @@ def test_cache_max_zero_keeps_nothing_on_disk(sandbox, image, tmp_path):
     with mounted(sandbox, tmp_path / "mnt", "-o", "cache_max=0") as m:
         assert _sha(_export_path(m, image)) == image
     assert not _cache(tmp_path).exists()
+
+
+def _parts(mount, fp: str) -> list[Path]:
+    folder = mount.path / "by-fingerprint" / fp
+    return sorted((p for p in folder.iterdir() if p.name != "metadata.json"), key=lambda p: p.suffix != ".xz")
+
+
+def test_a_split_image_is_downloaded_once_not_once_per_mount(sandbox, tmp_path):
+    fp = sandbox.import_image(*make_split(tmp_path / "s", rootfs_bytes=2 * MIB))
+    try:
+        for n in range(2):
+            with mounted(sandbox, tmp_path / f"mnt{n}") as m:
+                whole = b"".join(p.read_bytes() for p in _parts(m, fp))
+                assert hashlib.sha256(whole).hexdigest() == fp
+                assert ("spooled " + fp in m.log_text()) == (n == 0)  # the second mount reads the kept parts
+        kept = _cache(tmp_path) / f"part-{fp}.1"
+        with open(kept, "r+b") as f:  # a kept part edited on disk: found, dropped, fetched again
+            f.seek(100)
+            f.write(b"tampered")
+        with mounted(sandbox, tmp_path / "mnt3") as m:
+            whole = b"".join(p.read_bytes() for p in _parts(m, fp))
+            assert hashlib.sha256(whole).hexdigest() == fp
+            assert "do not match their sums" in m.log_text() and "spooled " + fp in m.log_text()
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)

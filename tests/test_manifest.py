@@ -11,6 +11,7 @@ import hashlib
 import mmap
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,8 @@ def test_bytes_handed_out_ahead_of_the_hash_must_be_the_bytes_hashed(sandbox, im
 
 def test_a_verified_image_whose_stored_copy_rots_is_never_served_wrong(sandbox, image, tmp_path):
     stored = sandbox.lxd_dir / "images" / image
-    with mounted(sandbox, tmp_path / "mnt", "-o", "cache_size=4") as m:
+    # No disk cache: the re-read must come from LXD again (test_diskcache.py reads it from disk).
+    with mounted(sandbox, tmp_path / "mnt", "-o", "cache_size=4,cache_max=0") as m:
         path = _export_path(m, image)
         first = _cat(path)
         assert first.returncode == 0 and hashlib.sha256(first.stdout).hexdigest() == image
@@ -112,3 +114,23 @@ def test_a_verified_export_can_be_mapped_and_is_reread_from_the_page_cache(sandb
         for _ in range(3):  # kept in the page cache: nothing asked of the daemon, nor of LXD
             assert hashlib.sha256(_cat(path).stdout).hexdigest() == image
         assert m.log_text().count("/export") == requests
+
+
+def test_a_file_inside_a_verified_image_is_checked_when_the_stored_copy_rots(sandbox, tmp_path):
+    tarball = make_unified(tmp_path / "inside.tar", rootfs_bytes=8 * MIB)  # uncompressed: read at offsets
+    with tarfile.open(tarball) as tar:
+        member = tar.getmember("rootfs/etc/hostname")
+        want = member.size
+    fp = sandbox.import_image(tarball)
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", "cache_size=4,cache_max=0") as m:
+            assert hashlib.sha256(_cat(_export_path(m, fp)).stdout).hexdigest() == fp  # verified
+            _flip(sandbox.lxd_dir / "images" / fp, member.offset_data, want)
+            _drop_caches()
+            subprocess.run(["tail", "-c", str(5 * MIB), _export_path(m, fp)], capture_output=True, check=True)
+            # The first look inside reads the rotted block from LXD again: refused, never served.
+            run = _cat(str(m.path / "contents" / "by-fingerprint" / fp / "rootfs/etc/hostname"))
+            assert run.returncode != 0 and b"Input/output error" in run.stderr
+            assert "differs from the verified one" in m.log_text()
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)

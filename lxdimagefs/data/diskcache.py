@@ -17,9 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shutil
 import stat
 import threading
 from pathlib import Path
+
+import xxhash
 
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.manifest import DIGEST, Manifest, digest
@@ -28,7 +32,24 @@ from lxdimagefs.keys import ObjectKey, Sha256
 log = logging.getLogger(__name__)
 
 MAGIC = b"lxdimagefs manifest 1\n"
+PART_MAGIC = b"lxdimagefs parts 1\n"
+_NAME = re.compile(r"(?:export|manifest|part)-([0-9a-f]{64})(?:\.(?:0|1|sum))?")
 KEEP_FREE = 0.05  # of the cache's filesystem, left free whatever cache_max says
+
+
+def _digest_of(name: str) -> str | None:
+    """The fingerprint a kept file belongs to (temporary and stray files: None)."""
+    found = _NAME.fullmatch(name)
+    return found.group(1) if found else None
+
+
+def _file_digest(path: Path) -> bytes:
+    h = xxhash.xxh3_128()
+    buf = bytearray(4 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(memoryview(buf)[:n])
+    return h.digest()
 
 
 class CacheRefused(Exception):
@@ -57,6 +78,7 @@ class DiskCache:
         self._used: int | None = None  # bytes the folder holds, as of the last scan plus writes since
         self._lock = threading.Lock()
         self.hits = 0  # blocks served from here, for tests and benchmarks
+        self._intact: set[str] = set()  # split images whose kept parts this daemon checked
 
     def _data(self, fp: str) -> Path:
         return self.root / ObjectKey(Sha256(fp), "export").filename
@@ -101,7 +123,8 @@ class DiskCache:
             tmp.unlink(missing_ok=True)
 
     def drop(self, fp: str) -> None:
-        for path in (self._manifest(fp), self._data(fp)):
+        self._intact.discard(fp)
+        for path in (self._manifest(fp), self._data(fp), *(self._part(fp, i) for i in (0, 1, "sum"))):
             path.unlink(missing_ok=True)
 
     # -- blocks ---------------------------------------------------------------------
@@ -140,6 +163,65 @@ class DiskCache:
         except OSError as e:
             log.warning("disk cache: cannot keep block %d of %s: %s", index, fp, e.strerror)
 
+    # -- split images' parts ----------------------------------------------------------
+
+    def _part(self, fp: str, index: int | str) -> Path:
+        return self.root / f"{ObjectKey(Sha256(fp), 'part').filename}.{index}"
+
+    def parts(self, fp: str) -> list[Path] | None:
+        """Both parts of a split image, if kept and (once per daemon) found intact."""
+        paths = [self._part(fp, 0), self._part(fp, 1)]
+        if fp in self._intact:
+            return paths if all(p.exists() for p in paths) else None
+        try:
+            raw = self._part(fp, "sum").read_bytes()
+        except OSError:
+            return None
+        body, trailer = raw[:-DIGEST], raw[-DIGEST:]
+        want = [(int.from_bytes(body[i:i + 8], "little"), body[i + 8:i + 8 + DIGEST])
+                for i in range(len(PART_MAGIC), len(body), 8 + DIGEST)]
+        if not body.startswith(PART_MAGIC) or digest(body) != trailer or len(want) != 2:
+            log.warning("disk cache: the part sums of %s are damaged; dropped", fp)
+            self.drop(fp)
+            return None
+        try:
+            got = [(p.stat().st_size, _file_digest(p)) for p in paths]
+        except OSError:
+            return None
+        if got != want:
+            log.warning("disk cache: the parts of %s do not match their sums (damaged or edited); "
+                        "fetched again", fp)
+            self.drop(fp)
+            return None
+        self._intact.add(fp)
+        for p in paths:
+            with contextlib.suppress(OSError):
+                os.utime(p)
+        return paths
+
+    def keep_parts(self, fp: str, verified: list[Path]) -> None:
+        """Keep a split image's parts, just checked against the fingerprint, for later mounts."""
+        sizes = [p.stat().st_size for p in verified]
+        if (self.max_bytes is not None and sum(sizes) > self.max_bytes // 2) or not self._room(sum(sizes)):
+            return
+        body = bytearray(PART_MAGIC)
+        try:
+            for index, (src, size) in enumerate(zip(verified, sizes, strict=True)):
+                body += size.to_bytes(8, "little") + _file_digest(src)
+                dst = self._part(fp, index)
+                tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
+                try:
+                    os.link(src, tmp)  # the spool's file itself, when on the same filesystem
+                except OSError:
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            sums = self._part(fp, "sum")
+            tmp = sums.with_name(f".{sums.name}.{os.getpid()}")
+            tmp.write_bytes(bytes(body) + digest(body))
+            os.replace(tmp, sums)
+        except OSError as e:
+            log.warning("disk cache: cannot keep the parts of %s: %s", fp, e.strerror)
+
     # -- the bound ------------------------------------------------------------------
 
     def _room(self, size: int) -> bool:
@@ -159,19 +241,22 @@ class DiskCache:
 
     def _evict(self, size: int) -> int:
         """Drop the least recently used images until `size` more fits; returns the bytes left."""
-        images = []
+        mtimes: dict[str, float] = {}
+        sizes: dict[str, int] = {}
         for entry in os.scandir(self.root):
-            if entry.name.startswith("export-"):
+            fp = _digest_of(entry.name)
+            if fp is not None:
                 with contextlib.suppress(FileNotFoundError):
                     st = entry.stat()
-                    images.append((st.st_mtime, st.st_blocks * 512, entry.name.removeprefix("export-")))
+                    mtimes[fp] = max(mtimes.get(fp, 0.0), st.st_mtime)
+                    sizes[fp] = sizes.get(fp, 0) + st.st_blocks * 512
+        images = [(mtime, sizes[fp], fp) for fp, mtime in mtimes.items()]
         images.sort()
         used = sum(size for _, size, _ in images)
         target = int(self.max_bytes * 0.9) if self.max_bytes is not None else None
         while images and (self._over(used + size) or (target is not None and used + size > target)):
             _, gone, fp = images.pop(0)
-            for kind in ("manifest", "export"):  # by name: a stray file is dropped too
-                (self.root / f"{kind}-{fp}").unlink(missing_ok=True)
+            self.drop(fp)
             used -= gone
             log.debug("disk cache: dropped %s (%d bytes), least recently used", fp, gone)
         return used

@@ -24,7 +24,7 @@ class Exports:
         self.cache = BlockCache(capacity)
         self.disk = disk
         self.fetcher = Fetcher(client, self.cache, disk=disk)
-        self.spool = SplitSpool(client, spool_dir)
+        self.spool = SplitSpool(client, spool_dir, disk)
         if disk is not None:
             self.verification.on_verdict = disk.seal
             self.verification.on_corrupt = disk.drop

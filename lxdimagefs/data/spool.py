@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.errors import IntegrityError, LXDError
 from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.servers.multipart import PartStream
@@ -27,23 +28,29 @@ class SplitSpool:
     private to this mount and removed when it ends.
     """
 
-    def __init__(self, client: LXDClient, directory: Path) -> None:
+    def __init__(self, client: LXDClient, directory: Path, disk: DiskCache | None = None) -> None:
         self.client = client
         self.directory = directory
+        self.disk = disk  # where verified parts are kept for later mounts
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self.downloads = 0
 
     def paths(self, fp: str) -> list[Path]:
-        """The local files of both parts, downloading them first if needed."""
+        """The local files of both parts: this mount's spool, the disk cache's, or downloaded now."""
         final = [self.directory / f"{fp}.{i}" for i in range(2)]
         if all(p.exists() for p in final):
             return final
         with self._lock:
             lock = self._locks.setdefault(fp, threading.Lock())
         with lock:
+            kept = self.disk.parts(fp) if self.disk is not None else None
+            if kept is not None:
+                return kept
             if not all(p.exists() for p in final):
                 self._download(fp, final)
+                if self.disk is not None:
+                    self.disk.keep_parts(fp, final)
         return final
 
     def unified(self, fp: str, size: int) -> Path:

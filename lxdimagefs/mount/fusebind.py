@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from collections.abc import Callable
 
 BINDING = os.environ.get("LXDIMAGEFS_FUSE", "mfusepy")
@@ -56,7 +57,14 @@ def raise_readahead(mountpoint: str, kib: int = 1024) -> bool:
     """
     if os.geteuid() != 0:
         return False
+    deadline = time.monotonic() + 10
+    while not os.path.ismount(mountpoint):  # init runs before the kernel attaches the mount
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
     dev = os.stat(mountpoint).st_dev
+    if os.major(dev) != 0:  # a FUSE mount's device is anonymous: never touch a disk's setting
+        return False
     knob = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
     try:
         with open(knob, "w") as f:
