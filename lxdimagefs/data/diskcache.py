@@ -18,13 +18,11 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import stat
 import threading
 from pathlib import Path
 
-import xxhash
-
+from lxdimagefs.data import diskparts
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.manifest import DIGEST, Manifest, digest
 from lxdimagefs.keys import ObjectKey, Sha256
@@ -32,24 +30,17 @@ from lxdimagefs.keys import ObjectKey, Sha256
 log = logging.getLogger(__name__)
 
 MAGIC = b"lxdimagefs manifest 1\n"
-PART_MAGIC = b"lxdimagefs parts 1\n"
 _NAME = re.compile(r"(?:export|manifest|part)-([0-9a-f]{64})(?:\.(?:0|1|sum))?")
 KEEP_FREE = 0.05  # of the cache's filesystem, left free whatever cache_max says
+OPEN_FILES = 8  # image files kept open
+READ_AHEAD = 4 * BLOCK  # asked of the disk ahead of a reader, every AHEAD_EVERY blocks
+AHEAD_EVERY = 4
 
 
 def _digest_of(name: str) -> str | None:
     """The fingerprint a kept file belongs to (temporary and stray files: None)."""
     found = _NAME.fullmatch(name)
     return found.group(1) if found else None
-
-
-def _file_digest(path: Path) -> bytes:
-    h = xxhash.xxh3_128()
-    buf = bytearray(4 << 20)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(memoryview(buf)[:n])
-    return h.digest()
 
 
 class CacheRefused(Exception):
@@ -76,9 +67,10 @@ class DiskCache:
         private_folder(root)
         self.root, self.max_bytes, self.keep_free = root, max_bytes, keep_free
         self._used: int | None = None  # bytes the folder holds, as of the last scan plus writes since
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # eviction drops files, which closes their descriptors
         self.hits = 0  # blocks served from here, for tests and benchmarks
-        self._intact: set[str] = set()  # split images whose kept parts this daemon checked
+        self.intact: set[str] = set()  # split images whose kept parts this daemon checked
+        self._fds: dict[str, int] = {}  # open image files, least recently used first
 
     def _data(self, fp: str) -> Path:
         return self.root / ObjectKey(Sha256(fp), "export").filename
@@ -123,28 +115,66 @@ class DiskCache:
             tmp.unlink(missing_ok=True)
 
     def drop(self, fp: str) -> None:
-        self._intact.discard(fp)
-        for path in (self._manifest(fp), self._data(fp), *(self._part(fp, i) for i in (0, 1, "sum"))):
+        self.intact.discard(fp)
+        self._close(fp)
+        for path in (self._manifest(fp), self._data(fp), *(self.part(fp, i) for i in (0, 1, "sum"))):
             path.unlink(missing_ok=True)
 
     # -- blocks ---------------------------------------------------------------------
 
+    def _open(self, fp: str, create: bool) -> int:
+        """A descriptor of the image's file, for this call alone (close it); -1 if there is none.
+
+        One description per image is kept open (the last few images), so the kernel's
+        readahead follows a sequential reader across blocks instead of starting over.
+        """
+        with self._lock:
+            fd = self._fds.pop(fp, None)
+            if fd is None:
+                try:
+                    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+                    fd = os.open(self._data(fp), flags, 0o600)
+                except OSError:
+                    return -1
+            self._fds[fp] = fd
+            while len(self._fds) > OPEN_FILES:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            return os.dup(fd)
+
+    def _close(self, fp: str) -> None:
+        with self._lock:
+            fd = self._fds.pop(fp, None)
+        if fd is not None:
+            os.close(fd)
+
     def get(self, fp: str, index: int, length: int) -> bytearray | None:
-        """The block as it is on disk (unchecked: the caller checks it), or None if absent."""
-        try:
-            fd = os.open(self._data(fp), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+        """The block as it is on disk, or None if the image has no file (unchecked: a hole reads
+        as zeros; the caller checks it against the manifest)."""
+        fd = self._open(fp, create=False)
+        if fd < 0:
             return None
         try:
             offset = index * BLOCK
-            if os.lseek(fd, offset, os.SEEK_DATA) != offset:
-                return None  # a hole: never written
             buf = bytearray(length)
             if os.preadv(fd, [buf], offset) != length:
                 return None
+            if index % AHEAD_EVERY == 0:  # each page asked for once, a window ahead of the reader
+                os.posix_fadvise(fd, offset + READ_AHEAD, READ_AHEAD, os.POSIX_FADV_WILLNEED)
             return buf
-        except OSError:  # ENXIO: no data past the offset
+        except OSError:
             return None
+        finally:
+            os.close(fd)
+
+    def written(self, fp: str, index: int) -> bool:
+        """Whether a block was ever written (else it is a hole, and reads as zeros)."""
+        fd = self._open(fp, create=False)
+        if fd < 0:
+            return False
+        try:
+            return os.lseek(fd, index * BLOCK, os.SEEK_DATA) == index * BLOCK
+        except OSError:  # ENXIO: no data past the offset
+            return False
         finally:
             os.close(fd)
 
@@ -154,73 +184,30 @@ class DiskCache:
             return  # an image that would push out everything else is not kept
         if not self._room(len(data)):
             return
+        fd = self._open(fp, create=True)
         try:
-            fd = os.open(self._data(fp), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.pwrite(fd, data, index * BLOCK)
-            finally:
-                os.close(fd)
+            os.pwrite(fd, data, index * BLOCK)
         except OSError as e:
             log.warning("disk cache: cannot keep block %d of %s: %s", index, fp, e.strerror)
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
-    # -- split images' parts ----------------------------------------------------------
+    # -- split images' parts (see diskparts.py) -----------------------------------------
 
-    def _part(self, fp: str, index: int | str) -> Path:
+    def part(self, fp: str, index: int | str) -> Path:
         return self.root / f"{ObjectKey(Sha256(fp), 'part').filename}.{index}"
 
     def parts(self, fp: str) -> list[Path] | None:
         """Both parts of a split image, if kept and (once per daemon) found intact."""
-        paths = [self._part(fp, 0), self._part(fp, 1)]
-        if fp in self._intact:
-            return paths if all(p.exists() for p in paths) else None
-        try:
-            raw = self._part(fp, "sum").read_bytes()
-        except OSError:
-            return None
-        body, trailer = raw[:-DIGEST], raw[-DIGEST:]
-        want = [(int.from_bytes(body[i:i + 8], "little"), body[i + 8:i + 8 + DIGEST])
-                for i in range(len(PART_MAGIC), len(body), 8 + DIGEST)]
-        if not body.startswith(PART_MAGIC) or digest(body) != trailer or len(want) != 2:
-            log.warning("disk cache: the part sums of %s are damaged; dropped", fp)
-            self.drop(fp)
-            return None
-        try:
-            got = [(p.stat().st_size, _file_digest(p)) for p in paths]
-        except OSError:
-            return None
-        if got != want:
-            log.warning("disk cache: the parts of %s do not match their sums (damaged or edited); "
-                        "fetched again", fp)
-            self.drop(fp)
-            return None
-        self._intact.add(fp)
-        for p in paths:
-            with contextlib.suppress(OSError):
-                os.utime(p)
-        return paths
+        return diskparts.kept(self, fp)
 
     def keep_parts(self, fp: str, verified: list[Path]) -> None:
         """Keep a split image's parts, just checked against the fingerprint, for later mounts."""
         sizes = [p.stat().st_size for p in verified]
         if (self.max_bytes is not None and sum(sizes) > self.max_bytes // 2) or not self._room(sum(sizes)):
             return
-        body = bytearray(PART_MAGIC)
-        try:
-            for index, (src, size) in enumerate(zip(verified, sizes, strict=True)):
-                body += size.to_bytes(8, "little") + _file_digest(src)
-                dst = self._part(fp, index)
-                tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
-                try:
-                    os.link(src, tmp)  # the spool's file itself, when on the same filesystem
-                except OSError:
-                    shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
-            sums = self._part(fp, "sum")
-            tmp = sums.with_name(f".{sums.name}.{os.getpid()}")
-            tmp.write_bytes(bytes(body) + digest(body))
-            os.replace(tmp, sums)
-        except OSError as e:
-            log.warning("disk cache: cannot keep the parts of %s: %s", fp, e.strerror)
+        diskparts.keep(self, fp, verified)
 
     # -- the bound ------------------------------------------------------------------
 

@@ -84,6 +84,19 @@ class Fetcher:
                 return found
             self.fetch(fp, total, index, index)
 
+    def kept(self, fp: str, total: int, first: int, last: int) -> list[bytearray] | None:
+        """Blocks of a verified image from memory or the disk cache, read in the caller's thread
+        (the kernel's readahead asks on several at once); None if one of them is not there."""
+        if self.disk is None:
+            return None
+        blocks = []
+        for index in range(first, last + 1):
+            data = self.cache.get((fp, index)) or self._from_disk(fp, total, index)
+            if data is None:
+                return None
+            blocks.append(data)
+        return blocks
+
     def fetch(self, fp: str, total: int, first: int, last: int) -> None:
         """Fetch the missing blocks of [first, last], each run in one bounded request."""
         for a, b in self.cache.claim(fp, first, min(last, last_block(total))):
@@ -195,8 +208,9 @@ class Fetcher:
         if data is None:
             return None
         if not manifest.admit(index, data):
-            log.warning("disk cache: block %d of %s does not match its manifest (damaged or edited); "
-                        "fetched again", index, fp)
+            if self.disk.written(fp, index):
+                log.warning("disk cache: block %d of %s does not match its manifest (damaged or edited); "
+                            "fetched again", index, fp)
             return None
         self.disk.hits += 1
         return data

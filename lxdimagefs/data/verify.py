@@ -80,15 +80,13 @@ class Verifier:
         self.lock = threading.Lock()  # orders `queued`; never held by the hashing thread
         self.finish = threading.Lock()  # one catch-up pass at a time
         self._hash = hashlib.sha256()
-        self._batch: list[bytearray] = []
 
-    def update(self, data: bytearray, last: bool) -> None:
-        # Hashed HASH_BATCH at a time: hashlib lets go of the GIL for each update, and getting it
-        # back beside busy Python threads costs up to a switch interval (5 ms) every time.
-        self._batch.append(data)
-        if len(self._batch) * BLOCK >= HASH_BATCH or last:
-            self._hash.update(self._batch[0] if len(self._batch) == 1 else b"".join(self._batch))
-            self._batch = []
+    def update(self, blocks: list[bytearray], last: bool) -> None:
+        # Consecutive blocks waiting in the queue are hashed in one update: hashlib lets go of the
+        # GIL for each update, and getting it back beside busy Python threads costs up to a
+        # switch interval (5 ms) every time. Nothing is held back for a batch: memory stays
+        # within the queue's bound.
+        self._hash.update(blocks[0] if len(blocks) == 1 else b"".join(blocks))
         if last:
             self.state = "ok" if self._hash.hexdigest() == self.fp else "mismatch"
             self.done.set()
@@ -210,9 +208,20 @@ class Verification:
             raise IntegrityError(v.fp)
 
     def _hash_loop(self) -> None:
+        item = None
         while True:
-            v, data, last = self._queue.get()
-            v.update(data, last)
+            v, data, last = item or self._queue.get()
+            item, blocks = None, [data]
+            while not last and len(blocks) * BLOCK < HASH_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item[0] is not v:
+                    break
+                blocks.append(item[1])
+                last, item = item[2], None
+            v.update(blocks, last)
             if last:
                 self._conclude(v)
 
