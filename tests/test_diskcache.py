@@ -10,6 +10,7 @@ import hashlib
 import mmap
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -143,3 +144,16 @@ def test_a_split_image_is_downloaded_once_not_once_per_mount(sandbox, tmp_path):
             assert "do not match their sums" in m.log_text() and "spooled " + fp in m.log_text()
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_cache_folder_of_another_owner_is_refused_at_mount(sandbox, tmp_path):
+    cache = _cache(tmp_path)
+    cache.mkdir(mode=0o700)
+    os.chown(cache, 65534, 65534)  # someone else's: what it holds could be anything
+    where = tmp_path / "mnt"
+    where.mkdir()
+    run = subprocess.run([sys.executable, "-m", "lxdimagefs", "--socket", sandbox.socket, "--cache-dir",
+                          str(tmp_path), str(where)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert "belongs to uid 65534" in run.stderr and "cache_max=0" in run.stderr
+    assert not os.path.ismount(where)

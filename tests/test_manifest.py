@@ -114,6 +114,8 @@ def test_a_verified_export_can_be_mapped_and_is_reread_from_the_page_cache(sandb
         for _ in range(3):  # kept in the page cache: nothing asked of the daemon, nor of LXD
             assert hashlib.sha256(_cat(path).stdout).hexdigest() == image
         assert m.log_text().count("/export") == requests
+        dev = os.stat(m.path).st_dev  # as root, the mount reads ahead 1 MiB (the kernel's default: 128 KiB)
+        assert Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text() == "1024\n"
 
 
 def test_a_file_inside_a_verified_image_is_checked_when_the_stored_copy_rots(sandbox, tmp_path):
