@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log here (default: stderr in the foreground, syslog in the background)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where split images are spooled, export layouts remembered and contents "
-                        "indexed (default: $TMPDIR)")
+                        "indexed (default: $TMPDIR); the disk cache too, when given")
     p.add_argument("--debug", action="store_true", help="log every request (never a credential)")
     p.add_argument("--version", action="version", version=f"lxdimagefs {__version__}")
     return p
