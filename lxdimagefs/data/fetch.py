@@ -177,6 +177,7 @@ class Fetcher:
                         stream.conn.close()
                         stream.conn = None
                     self.cache.publish(stream.fp, index, data)
+                    self.verification.published(stream.fp, stream.total, index, data)
                 with stream.lock:
                     stream.next = index + 1
         except BaseException as e:  # every waiter must hear of the failure
@@ -200,9 +201,11 @@ class Fetcher:
             self.disk.put(fp, index, data, total)
 
     def _from_disk(self, fp: str, total: int, index: int) -> bytearray | None:
-        """A block of a verified image from the disk cache, if it is there and matches the manifest."""
+        """A block from the disk cache, if it is there and matches the manifest: the verified one,
+        or before the verdict the copy recorded when it first arrived (so a block that left
+        memory is not asked of the server again, for a reader or for the hash)."""
         manifest = self.verification.manifests.get(fp)
-        if self.disk is None or manifest is None or not manifest.verified:
+        if self.disk is None or manifest is None or not (manifest.verified or manifest.has(index)):
             return None
         data = self.disk.get(fp, index, min(BLOCK, total - index * BLOCK))
         if data is None:

@@ -51,6 +51,10 @@ class Manifest:
                 return True
             return self._sums[at:at + DIGEST] == got
 
+    def has(self, index: int) -> bool:
+        """Whether a copy of this block was recorded (a kept copy can then be checked)."""
+        return bool(self._have[index])
+
     def sealed(self) -> bytes:
         """The digests of a verified image, to be kept (the disk cache stores them)."""
         with self._lock:
