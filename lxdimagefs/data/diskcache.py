@@ -35,6 +35,7 @@ KEEP_FREE = 0.05  # of the cache's filesystem, left free whatever cache_max says
 OPEN_FILES = 8  # image files kept open
 READ_AHEAD = 4 * BLOCK  # asked of the disk ahead of a reader, every AHEAD_EVERY blocks
 AHEAD_EVERY = 4
+RESCAN = 16 * BLOCK
 
 
 def _digest_of(name: str) -> str | None:
@@ -67,6 +68,7 @@ class DiskCache:
         private_folder(root)
         self.root, self.max_bytes, self.keep_free = root, max_bytes, keep_free
         self._used: int | None = None  # bytes the folder holds, as of the last scan plus writes since
+        self._unscanned = 0  # bytes written since the last scan
         self._lock = threading.RLock()  # eviction drops files, which closes their descriptors
         self.hits = 0  # blocks served from here, for tests and benchmarks
         self.intact: set[str] = set()  # split images whose kept parts this daemon checked
@@ -213,8 +215,10 @@ class DiskCache:
 
     def _room(self, size: int) -> bool:
         with self._lock:
-            if self._used is None or self._over(self._used + size):
-                self._used = self._evict(size)
+            # Counted again every RESCAN bytes: other daemons sharing the folder write to it too.
+            self._unscanned += size
+            if self._used is None or self._unscanned > RESCAN or self._over(self._used + size):
+                self._used, self._unscanned = self._evict(size), 0
                 if self._over(self._used + size):
                     return False
             self._used += size
