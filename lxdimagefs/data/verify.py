@@ -87,9 +87,8 @@ class Verifier:
         # switch interval (5 ms) every time. Nothing is held back for a batch: memory stays
         # within the queue's bound.
         self._hash.update(blocks[0] if len(blocks) == 1 else b"".join(blocks))
-        if last:
+        if last:  # `done` is set once the verdict is recorded (Verification._conclude)
             self.state = "ok" if self._hash.hexdigest() == self.fp else "mismatch"
-            self.done.set()
 
 
 class Verification:
@@ -228,7 +227,8 @@ class Verification:
     def _conclude(self, v: Verifier) -> None:
         with self._lock:
             self._verifiers.pop(v.fp, None)
-            if v.fp in self.corrupt:  # a block arrived twice, differently, while it was hashed
+            twice = v.fp in self.corrupt  # a block arrived twice, differently, while it was hashed
+            if twice:
                 v.state = "mismatch"
             (self.verified if v.state == "ok" else self.corrupt).add(v.fp)
             manifest = self.manifests.get(v.fp)
@@ -236,9 +236,10 @@ class Verification:
                 manifest.verified = True
             if v.state != "ok":
                 self.manifests.pop(v.fp, None)
+        v.done.set()
         if v.state == "ok" and manifest is not None:
             self.on_verdict(manifest)
-        if v.state == "mismatch":
+        if v.state == "mismatch" and not twice:
             log.error("image %s: the bytes LXD sent do not hash to its fingerprint; it reads as EIO "
                       "from now on", v.fp)
             self.cache.forget(v.fp)
