@@ -216,8 +216,10 @@ class DiskCache:
     def _room(self, size: int) -> bool:
         with self._lock:
             # Counted again every RESCAN bytes: other daemons sharing the folder write to it too.
+            # Free space is asked as often (a statvfs per block cost the fetch threads).
             self._unscanned += size
-            if self._used is None or self._unscanned > RESCAN or self._over(self._used + size):
+            over_max = self.max_bytes is not None and (self._used or 0) + size > self.max_bytes
+            if self._used is None or self._unscanned > RESCAN or over_max:
                 self._used, self._unscanned = self._evict(size), 0
                 if self._over(self._used + size):
                     return False
