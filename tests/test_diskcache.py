@@ -157,3 +157,25 @@ def test_a_cache_folder_of_another_owner_is_refused_at_mount(sandbox, tmp_path):
     assert run.returncode == 2, run.stderr
     assert "belongs to uid 65534" in run.stderr and "cache_max=0" in run.stderr
     assert not os.path.ismount(where)
+
+
+def test_a_zstd_image_looked_inside_is_spooled_once_not_once_per_mount(sandbox, tmp_path):
+    tar = make_unified(tmp_path / "z.tar", rootfs_bytes=2 * MIB)
+    zst = tmp_path / "z.tar.zst"  # its decoder reads a file descriptor: the export is spooled whole
+    subprocess.run(["zstd", "-q", str(tar), "-o", str(zst)], check=True)
+    fp = sandbox.import_image(zst)
+    try:
+        want = None
+        for n in range(3):
+            with mounted(sandbox, tmp_path / f"mnt{n}") as m:
+                got = (m.path / "contents" / "by-fingerprint" / fp / "rootfs/etc/hostname").read_bytes()
+                want = want or got
+                assert got == want and got.startswith(b"z.tar")
+                spooled = "spooled " + fp in m.log_text()
+                assert spooled == (n != 1), m.log_text()[-2000:]  # mount 1 uses the kept export
+            if n == 1:  # then the kept export is edited: found, not used, downloaded again
+                with open(_cache(tmp_path) / f"export-{fp}", "r+b") as f:
+                    f.seek(1000)
+                    f.write(b"tampered")
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)

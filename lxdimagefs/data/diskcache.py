@@ -74,7 +74,7 @@ class DiskCache:
         self.intact: set[str] = set()  # split images whose kept parts this daemon checked
         self._fds: dict[str, int] = {}  # open image files, least recently used first
 
-    def _data(self, fp: str) -> Path:
+    def export(self, fp: str) -> Path:
         return self.root / ObjectKey(Sha256(fp), "export").filename
 
     def _manifest(self, fp: str) -> Path:
@@ -101,7 +101,7 @@ class DiskCache:
             self.drop(fp)
             return None
         with contextlib.suppress(OSError):
-            os.utime(self._data(fp))  # opened: the most recently used
+            os.utime(self.export(fp))  # opened: the most recently used
         return manifest
 
     def seal(self, manifest: Manifest) -> None:
@@ -118,11 +118,9 @@ class DiskCache:
 
     def drop(self, fp: str) -> None:
         self.intact.discard(fp)
-        self._close(fp)
-        for path in (self._manifest(fp), self._data(fp), *(self.part(fp, i) for i in (0, 1, "sum"))):
+        self.forget_fd(fp)
+        for path in (self._manifest(fp), self.export(fp), *(self.part(fp, i) for i in (0, 1, "sum"))):
             path.unlink(missing_ok=True)
-
-    # -- blocks ---------------------------------------------------------------------
 
     def _open(self, fp: str, create: bool) -> int:
         """A descriptor of the image's file, for this call alone (close it); -1 if there is none.
@@ -135,7 +133,7 @@ class DiskCache:
             if fd is None:
                 try:
                     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-                    fd = os.open(self._data(fp), flags, 0o600)
+                    fd = os.open(self.export(fp), flags, 0o600)
                 except OSError:
                     return -1
             self._fds[fp] = fd
@@ -143,7 +141,8 @@ class DiskCache:
                 os.close(self._fds.pop(next(iter(self._fds))))
             return os.dup(fd)
 
-    def _close(self, fp: str) -> None:
+    def forget_fd(self, fp: str) -> None:
+        """Close the kept descriptor of an image's file (dropped, or about to be replaced)."""
         with self._lock:
             fd = self._fds.pop(fp, None)
         if fd is not None:
@@ -210,6 +209,16 @@ class DiskCache:
         if (self.max_bytes is not None and sum(sizes) > self.max_bytes // 2) or not self._room(sum(sizes)):
             return
         diskparts.keep(self, fp, verified)
+
+    def whole(self, fp: str, size: int) -> Path | None:
+        """A unified export kept whole and found intact (checked once per daemon), or None."""
+        return diskparts.whole(self, fp, size)
+
+    def keep_whole(self, fp: str, verified: Path) -> None:
+        """Keep a unified export just checked against the fingerprint, whole, for later mounts."""
+        size = verified.stat().st_size
+        if (self.max_bytes is None or size <= self.max_bytes // 2) and self._room(size):
+            diskparts.keep_whole(self, fp, verified)
 
     # -- the bound ------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""A split image's parts in the disk cache: whole files, checked by their XXH3-128 once per daemon.
+"""Whole files in the disk cache: a split image's parts, and unified exports a decoder reads by
+file descriptor (`.tar.zst`, `.tar.lzma` inside contents/), each checked once per daemon.
 
 LXD serves a split export only whole, so its verified parts are kept whole
 (hard-linked from the mount's spool when on the same filesystem), beside a
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from lxdimagefs.data.manifest import DIGEST, digest
+from lxdimagefs.data.blocks import BLOCK
+from lxdimagefs.data.manifest import DIGEST, Manifest, digest
 
 if TYPE_CHECKING:
     from lxdimagefs.data.diskcache import DiskCache
@@ -90,3 +92,47 @@ def keep(cache: DiskCache, fp: str, verified: list[Path]) -> None:
         os.replace(tmp, sums)
     except OSError as e:
         log.warning("disk cache: cannot keep the parts of %s: %s", fp, e.strerror)
+
+
+def whole(cache: DiskCache, fp: str, size: int) -> Path | None:
+    """A unified export kept whole, if its manifest is sealed and every block matches it."""
+    path = cache.export(fp)
+    if fp in cache.intact:
+        return path if path.exists() else None
+    manifest = cache.manifest(fp, size)
+    if manifest is None:
+        return None
+    buf = bytearray(BLOCK)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            for index in range(manifest.blocks):
+                n = f.readinto(buf)
+                if n != min(BLOCK, size - index * BLOCK) or not manifest.admit(index, memoryview(buf)[:n]):
+                    return None  # a block missing (never fetched) or not matching: not whole
+    except OSError:
+        return None
+    cache.intact.add(fp)
+    return path
+
+
+def keep_whole(cache: DiskCache, fp: str, verified: Path) -> None:
+    """Keep an export just checked against the fingerprint: the file, then its manifest."""
+    size = verified.stat().st_size
+    sums = bytearray()
+    buf = bytearray(BLOCK)
+    dst = cache.export(fp)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        with open(verified, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                sums += digest(memoryview(buf)[:n])
+        try:
+            os.link(verified, tmp)
+        except OSError:
+            shutil.copyfile(verified, tmp)
+        cache.forget_fd(fp)
+        os.replace(tmp, dst)
+        cache.seal(Manifest(fp, size, bytes(sums)))
+    except OSError as e:
+        log.warning("disk cache: cannot keep the export of %s: %s", fp, e.strerror)
+        tmp.unlink(missing_ok=True)

@@ -59,8 +59,13 @@ class SplitSpool:
         with self._lock:
             lock = self._locks.setdefault(fp, threading.Lock())
         with lock:
+            kept = self.disk.whole(fp, size) if self.disk is not None else None
+            if kept is not None:
+                return kept
             if not final.exists():
                 self._download_unified(fp, size, final)
+                if self.disk is not None:
+                    self.disk.keep_whole(fp, final)
         return final
 
     def _download_unified(self, fp: str, size: int, final: Path) -> None:
