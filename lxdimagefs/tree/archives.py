@@ -44,9 +44,10 @@ GZIP_SPACING = 4 << 20
 UNSEEKABLE = (".tar.lzma",)
 
 
-def _unpacked(path: Path) -> Path:
-    """A local .lzma file decompressed beside it, once."""
-    out = path.with_suffix(".tar")
+def _unpacked(path: Path, folder: Path) -> Path:
+    """A local .lzma file decompressed into the mount's spool folder, once per mount (never
+    beside a file of the disk cache, where nothing would check it again)."""
+    out = folder / f"{path.name}.tar"
     if not out.exists():
         tmp = out.with_suffix(".part")
         with lzma.open(path) as src, open(tmp, "wb") as dst:
@@ -120,7 +121,8 @@ class ImageArchive:
             # no seek points nor a decoder that indexes it: the export is spooled (verified) first,
             # .lzma unpacked there once (the stdlib's lzma), and the tarball read from the spool.
             spooled = exports.spool.unified(fp, first.size)
-            path = _unpacked(spooled) if first.name.endswith(UNSEEKABLE) else spooled
+            unseekable = first.name.endswith(UNSEEKABLE)
+            path = _unpacked(spooled, exports.spool.directory) if unseekable else spooled
             self._top = SQLiteIndexedTar(str(path), indexFilePath=str(index_dir / f"{fp}.sqlite"),
                                          writeIndex=True)
             return
