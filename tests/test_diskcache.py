@@ -7,6 +7,7 @@ times; about 5-15 s each on a loaded 2-core machine.
 from __future__ import annotations
 
 import hashlib
+import lzma
 import mmap
 import os
 import subprocess
@@ -159,11 +160,15 @@ def test_a_cache_folder_of_another_owner_is_refused_at_mount(sandbox, tmp_path):
     assert not os.path.ismount(where)
 
 
-def test_a_zstd_image_looked_inside_is_spooled_once_not_once_per_mount(sandbox, tmp_path):
+@pytest.mark.parametrize("suffix", [".tar.zst", ".tar.lzma"])
+def test_an_image_looked_inside_by_descriptor_is_spooled_once_not_once_per_mount(sandbox, tmp_path, suffix):
     tar = make_unified(tmp_path / "z.tar", rootfs_bytes=2 * MIB)
-    zst = tmp_path / "z.tar.zst"  # its decoder reads a file descriptor: the export is spooled whole
-    subprocess.run(["zstd", "-q", str(tar), "-o", str(zst)], check=True)
-    fp = sandbox.import_image(zst)
+    packed = tmp_path / f"z{suffix}"  # read by file descriptor (zstd) or unpacked (lzma): spooled whole
+    if suffix == ".tar.zst":
+        subprocess.run(["zstd", "-q", str(tar), "-o", str(packed)], check=True)
+    else:
+        packed.write_bytes(lzma.compress(tar.read_bytes(), format=lzma.FORMAT_ALONE))
+    fp = sandbox.import_image(packed)
     try:
         want = None
         for n in range(3):
@@ -173,6 +178,8 @@ def test_a_zstd_image_looked_inside_is_spooled_once_not_once_per_mount(sandbox, 
                 assert got == want and got.startswith(b"z.tar")
                 spooled = "spooled " + fp in m.log_text()
                 assert spooled == (n != 1), m.log_text()[-2000:]  # mount 1 uses the kept export
+            names = {p.name for p in _cache(tmp_path).iterdir()}
+            assert names <= {f"export-{fp}", f"manifest-{fp}"}, names  # nothing unchecked beside them
             if n == 1:  # then the kept export is edited: found, not used, downloaded again
                 with open(_cache(tmp_path) / f"export-{fp}", "r+b") as f:
                     f.seek(1000)
