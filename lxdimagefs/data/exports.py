@@ -19,7 +19,7 @@ from lxdimagefs.servers.lxd import LXDClient
 
 
 class Exports:
-    def __init__(self, client: LXDClient, spool_dir: Path, capacity: int = 32 << 20,
+    def __init__(self, client: LXDClient, spool_dir: Path, capacity: int = 16 << 20,
                  disk: DiskCache | None = None) -> None:
         self.cache = BlockCache(capacity)
         self.disk = disk

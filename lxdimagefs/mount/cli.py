@@ -36,6 +36,11 @@ def parse_size(value: str) -> int:
     return int(value)
 
 
+# MiB of export blocks in memory by default: read-ahead and the hash's window. Re-reads of
+# verified files come from the page cache and the disk cache (16 MiB kept the soak's RSS at
+# 84-88 MiB against 106-112 with 32, first reads no slower: docs/PERFORMANCE.md).
+CACHE_SIZE = 16
+
 # lxdimagefs's own -o options and how to read them; every other -o goes to FUSE.
 OWN_OPTIONS: dict[str, Callable[[str], float]] = {
     "metadata_ttl": float,  # seconds a listing of LXD's images is trusted
@@ -119,7 +124,7 @@ the tree:
 
 options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
   metadata_ttl=SECONDS  how long a listing of images is trusted (default 3)
-  cache_size=MiB        export blocks held in memory, whole daemon (default 32)
+  cache_size=MiB        export blocks held in memory, whole daemon (default 16)
   cache_max=SIZE        verified exports kept on disk (K, M, G; default: no
                         limit but 5% of that filesystem kept free; 0: none).
                         They live in --cache-dir/lxdimagefs-cache-UID, else
@@ -336,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                         disk=disk,
                         readonly=bool(fuse_opts.get("ro")),
                         metadata_ttl=float(own.get("metadata_ttl", 3.0)),  # type: ignore[arg-type]
-                        cache_bytes=int(own.get("cache_size", 32)) << 20,  # type: ignore[call-overload]
+                        cache_bytes=int(own.get("cache_size", CACHE_SIZE)) << 20,  # type: ignore[call-overload]
                         events=not own.get("no_events"), contents=not own.get("nocontents"))
     forest = args.all_remotes or len(args.remote) > 1
     try:
