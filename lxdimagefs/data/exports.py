@@ -10,29 +10,39 @@ from __future__ import annotations
 from pathlib import Path
 
 from lxdimagefs.data.blocks import BlockCache
+from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.fetch import Fetcher
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.spool import SplitSpool
+from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError
 from lxdimagefs.servers.protocol import ImageSource
 
 
 class Exports:
-    def __init__(self, client: ImageSource, spool_dir: Path, capacity: int = 32 << 20,
-                 cache: BlockCache | None = None) -> None:
+    def __init__(self, client: ImageSource, spool_dir: Path, capacity: int = 16 << 20,
+                 disk: DiskCache | None = None, cache: BlockCache | None = None) -> None:
         self.cache = cache or BlockCache(capacity)  # the projects of one server share theirs
-        self.fetcher = Fetcher(client, self.cache)
-        self.spool = SplitSpool(client, spool_dir)
+        self.disk = disk
+        self.fetcher = Fetcher(client, self.cache, disk=disk)
+        self.spool = SplitSpool(client, spool_dir, disk)
         self.server = self.spool.server  # the server of every key this reader makes
+        if disk is not None:
+            self.verification.on_verdict = disk.seal
+            self.verification.on_corrupt = disk.drop
 
     @property
-    def verification(self):
+    def verification(self) -> Verification:
         return self.fetcher.verification
 
     def unified(self, fp: str, size: int, max_window: int | None = None) -> Prefetcher:
         """A reader for one open unified export; refused if the image already failed its check."""
         if self.verification.failed(fp):
             raise IntegrityError(fp)
+        if self.disk is not None and fp not in self.verification.verified:
+            manifest = self.disk.manifest(fp, size)  # an earlier mount's verdict
+            if manifest is not None:
+                self.verification.known(manifest)
         window = self.cache.capacity // 4
         return Prefetcher(self.fetcher, fp, size, max_window=min(window, max_window or window))
 

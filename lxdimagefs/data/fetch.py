@@ -18,8 +18,9 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
+from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.verify import Verification
-from lxdimagefs.errors import LXDError, LXDUnreachable
+from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
 from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.servers.transport import Backoff, ExportStream
 
@@ -49,9 +50,11 @@ class Stream:
 
 
 class Fetcher:
-    def __init__(self, client: ImageSource, cache: BlockCache, workers: int = 8) -> None:
+    def __init__(self, client: ImageSource, cache: BlockCache, workers: int = 8,
+                 disk: DiskCache | None = None) -> None:
         self.client = client
         self.cache = cache
+        self.disk = disk
         self.verification = Verification(cache, self.block, client.conn.identity())
         self.requests = 0  # export requests made, for tests and benchmarks
         self._workers = workers
@@ -80,6 +83,19 @@ class Fetcher:
             if found is not None:
                 return found
             self.fetch(fp, total, index, index)
+
+    def kept(self, fp: str, total: int, first: int, last: int) -> list[bytearray] | None:
+        """Blocks of a verified image from memory or the disk cache, read in the caller's thread
+        (the kernel's readahead asks on several at once); None if one of them is not there."""
+        if self.disk is None:
+            return None
+        blocks = []
+        for index in range(first, last + 1):
+            data = self.cache.get((fp, index)) or self._from_disk(fp, total, index)
+            if data is None:
+                return None
+            blocks.append(data)
+        return blocks
 
     def fetch(self, fp: str, total: int, first: int, last: int) -> None:
         """Fetch the missing blocks of [first, last], each run in one bounded request."""
@@ -151,10 +167,17 @@ class Fetcher:
                         if stream.closing or not stream.open_ended or index > stream.last_block:
                             self._finish(stream)
                         return
-                data = self._read_block(stream, index)
-                log.debug("block %d of %s in (%d bytes)", index, stream.fp, len(data))
-                self.cache.publish(stream.fp, index, data)
-                self.verification.published(stream.fp, stream.total, index, data)
+                data = self._from_disk(stream.fp, stream.total, index)
+                if data is None:
+                    data = self._read_block(stream, index)
+                    log.debug("block %d of %s in (%d bytes)", index, stream.fp, len(data))
+                    self._arrived(stream.fp, stream.total, index, data)
+                else:
+                    if stream.conn is not None:  # it skipped a block: reopen where the next is
+                        stream.conn.close()
+                        stream.conn = None
+                    self.cache.publish(stream.fp, index, data)
+                    self.verification.published(stream.fp, stream.total, index, data)
                 with stream.lock:
                     stream.next = index + 1
         except BaseException as e:  # every waiter must hear of the failure
@@ -166,6 +189,34 @@ class Fetcher:
                 self._finish(stream)
             if not isinstance(e, Exception):
                 raise
+
+    def _arrived(self, fp: str, total: int, index: int, data: bytearray) -> None:
+        """A block from the server: kept and hashed if its manifest admits it, else refused."""
+        if not self.verification.admit(fp, total, index, data):
+            self.cache.fail(fp, range(index, index + 1), IntegrityError(f"{fp} block {index}"))
+            return
+        self.cache.publish(fp, index, data)
+        self.verification.published(fp, total, index, data)
+        if self.disk is not None:
+            self.disk.put(fp, index, data, total)
+
+    def _from_disk(self, fp: str, total: int, index: int) -> bytearray | None:
+        """A block from the disk cache, if it is there and matches the manifest: the verified one,
+        or before the verdict the copy recorded when it first arrived (so a block that left
+        memory is not asked of the server again, for a reader or for the hash)."""
+        manifest = self.verification.manifests.get(fp)
+        if self.disk is None or manifest is None or not (manifest.verified or manifest.has(index)):
+            return None
+        data = self.disk.get(fp, index, min(BLOCK, total - index * BLOCK))
+        if data is None:
+            return None
+        if not manifest.admit(index, data):
+            if self.disk.written(fp, index):
+                log.warning("disk cache: block %d of %s does not match its manifest (damaged or edited); "
+                            "fetched again", index, fp)
+            return None
+        self.disk.hits += 1
+        return data
 
     def _read_block(self, stream: Stream, index: int) -> bytearray:
         start = index * BLOCK

@@ -28,15 +28,21 @@ class Prefetcher:
         self._stream: Stream | None = None
         self._lock = threading.Lock()
 
+    @property
+    def verified(self) -> bool:
+        return self.fp in self.fetcher.verification.verified
+
     def read(self, offset: int, size: int) -> memoryview | bytes:
         end = min(offset + size, self.total)
         if offset >= end:
             return b""
         first, last = offset // BLOCK, (end - 1) // BLOCK
-        with self._lock:
-            self._plan(offset, end, first, last)
-        blocks = [self.fetcher.block(self.fp, self.total, i) for i in range(first, last + 1)]
-        self.fetcher.verification.served(self.fp, self.total, offset, end)
+        blocks = self.fetcher.kept(self.fp, self.total, first, last) if self.verified else None
+        if blocks is None:
+            with self._lock:
+                self._plan(offset, end, first, last)
+            blocks = [self.fetcher.block(self.fp, self.total, i) for i in range(first, last + 1)]
+            self.fetcher.verification.served(self.fp, self.total, offset, end)
         lo = offset - first * BLOCK
         if len(blocks) == 1:
             return memoryview(blocks[0])[lo:lo + end - offset]

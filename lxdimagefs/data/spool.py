@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.errors import IntegrityError, LXDError
 from lxdimagefs.keys import ObjectKey, Sha256
 from lxdimagefs.servers.multipart import PartStream
@@ -26,31 +27,37 @@ class SplitSpool:
     LXD serves a split export only as one multipart stream, without ranges
     or part sizes, so random access needs a local copy. The download is
     verified against the fingerprint before anyone reads it. The spool is
-    private to this mount and removed when it ends; its files are named by
-    their key (server and fingerprint), never by what a server sent.
+    private to this mount and removed when it ends.
     """
 
-    def __init__(self, client: ImageSource, directory: Path) -> None:
+    def __init__(self, client: ImageSource, directory: Path, disk: DiskCache | None = None) -> None:
         self.client = client
         self.directory = directory
         self.server = client.conn.identity()
+        self.disk = disk  # where verified parts are kept for later mounts
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self.downloads = 0
 
     def _named(self, fp: str, suffix: str) -> Path:
+        """A spool file, named by its key (server and fingerprint), never by what a server sent."""
         return self.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.{suffix}"
 
     def paths(self, fp: str) -> list[Path]:
-        """The local files of both parts, downloading them first if needed."""
+        """The local files of both parts: this mount's spool, the disk cache's, or downloaded now."""
         final = [self._named(fp, str(i)) for i in range(2)]
         if all(p.exists() for p in final):
             return final
         with self._lock:
             lock = self._locks.setdefault(fp, threading.Lock())
         with lock:
+            kept = self.disk.parts(fp) if self.disk is not None else None
+            if kept is not None:
+                return kept
             if not all(p.exists() for p in final):
                 self._download(fp, final)
+                if self.disk is not None:
+                    self.disk.keep_parts(fp, final)
         return final
 
     def unified(self, fp: str, size: int) -> Path:
@@ -59,8 +66,13 @@ class SplitSpool:
         with self._lock:
             lock = self._locks.setdefault(fp, threading.Lock())
         with lock:
+            kept = self.disk.whole(fp, size) if self.disk is not None else None
+            if kept is not None:
+                return kept
             if not final.exists():
                 self._download_unified(fp, size, final)
+                if self.disk is not None:
+                    self.disk.keep_whole(fp, final)
         return final
 
     def _download_unified(self, fp: str, size: int, final: Path) -> None:

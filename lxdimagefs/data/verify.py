@@ -20,10 +20,13 @@ import threading
 from collections.abc import Callable
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache
+from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.errors import IntegrityError
 from lxdimagefs.keys import ObjectKey, Sha256
 
 log = logging.getLogger(__name__)
+
+HASH_BATCH = 4 * BLOCK  # bytes per sha256 update (see Verifier.update)
 
 
 class Coverage:
@@ -79,20 +82,18 @@ class Verifier:
         self.finish = threading.Lock()  # one catch-up pass at a time
         self._hash = hashlib.sha256()
 
-    def update(self, data: bytearray, last: bool) -> None:
-        self._hash.update(data)
-        if last:
+    def update(self, blocks: list[bytearray], last: bool) -> None:
+        # Consecutive blocks waiting in the queue are hashed in one update: hashlib lets go of the
+        # GIL for each update, and getting it back beside busy Python threads costs up to a
+        # switch interval (5 ms) every time. Nothing is held back for a batch: memory stays
+        # within the queue's bound.
+        self._hash.update(blocks[0] if len(blocks) == 1 else b"".join(blocks))
+        if last:  # `done` is set once the verdict is recorded (Verification._conclude)
             self.state = "ok" if self._hash.hexdigest() == self.fp else "mismatch"
-            self.done.set()
 
 
 class Verification:
-    """Every unified image's check, for one server's reader.
-
-    Verdicts are kept by key (server, digest): a digest is a claim of the
-    server that sent it until its bytes hash to it, so one server's verdict
-    never stands for another's bytes.
-    """
+    """Every unified image's check, for the whole daemon."""
 
     QUEUE_BLOCKS = 8  # blocks waiting for the hashing thread, at most
 
@@ -101,35 +102,76 @@ class Verification:
         self.cache = cache
         self.fetch = fetch  # (fp, total, index) -> the block, from the cache or LXD
         self.server = server
-        self.verified: set[ObjectKey] = set()
-        self.corrupt: set[ObjectKey] = set()
-        self._verifiers: dict[ObjectKey, Verifier] = {}
+        self.verified: set[str] = set()
+        self.corrupt: set[str] = set()
+        self.manifests: dict[str, Manifest] = {}  # every image read, checked or being checked
+        self.on_verdict: Callable[[Manifest], None] = lambda manifest: None  # the disk cache keeps it
+        self.on_corrupt: Callable[[str], None] = lambda fp: None  # ... and drops what it has of it
+        self._verifiers: dict[str, Verifier] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[Verifier, bytearray, bool]] = queue.Queue(self.QUEUE_BLOCKS)
         self._thread: threading.Thread | None = None
 
     def key(self, digest: str) -> ObjectKey:
-        """What a verdict on these bytes is kept under (BadKey for what is not a sha256)."""
+        """What a verdict on these bytes is named by (BadKey for what is not a sha256). A verdict is
+        this server's: each server's reader has its own Verification, so a digest one server
+        claims falsely never stands against another's bytes."""
         return ObjectKey(Sha256(digest), "export", self.server)
 
     def failed(self, digest: str) -> bool:
-        return self.key(digest) in self.corrupt
+        return self.key(digest).digest in self.corrupt
 
     def _verifier(self, fp: str, total: int) -> Verifier:
-        key = self.key(fp)
         with self._lock:
-            v = self._verifiers.get(key)
+            v = self._verifiers.get(fp)
             if v is None:
-                v = self._verifiers[key] = Verifier(fp, total)
+                v = self._verifiers[fp] = Verifier(fp, total)
             if self._thread is None:  # made on first use: the daemon forks after start-up
                 self._thread = threading.Thread(target=self._hash_loop, name="hash", daemon=True)
                 self._thread.start()
             return v
 
+    def manifest(self, fp: str, total: int) -> Manifest:
+        with self._lock:
+            found = self.manifests.get(fp)
+            if found is None:
+                found = self.manifests[fp] = Manifest(fp, total)
+            return found
+
+    def known(self, manifest: Manifest) -> None:
+        """A manifest an earlier verdict sealed (from the disk cache): the image is verified."""
+        with self._lock:
+            if manifest.fp not in self.corrupt:
+                self.manifests[manifest.fp] = manifest
+                self.verified.add(manifest.fp)
+
+    def admit(self, fp: str, total: int, index: int, data: bytearray) -> bool:
+        """Whether a copy of a block that just arrived may be served (see manifest.py).
+
+        Before the verdict a copy that differs from the first one means a reader may
+        have been handed bytes the hash will not see: the image is `EIO` for good.
+        After it, only that copy is refused.
+        """
+        if fp in self.corrupt:
+            return False
+        manifest = self.manifest(fp, total)
+        if manifest.admit(index, data):
+            return True
+        if manifest.verified:
+            log.error("image %s: block %d from the server differs from the verified one; refused",
+                      fp, index)
+        else:
+            log.error("image %s: block %d arrived twice with different bytes before the check ended; "
+                      "it reads as EIO from now on", fp, index)
+            with self._lock:
+                self.corrupt.add(fp)
+            self.cache.forget(fp)
+            self.on_corrupt(fp)
+        return False
+
     def published(self, fp: str, total: int, index: int, data: bytearray) -> None:
         """A block arrived from LXD: hash it now if the hash has got that far."""
-        key = self.key(fp)
-        if key in self.verified or key in self.corrupt:
+        if fp in self.verified or fp in self.corrupt:
             return
         v = self._verifier(fp, total)
         with v.lock:
@@ -149,10 +191,9 @@ class Verification:
 
     def served(self, fp: str, total: int, offset: int, end: int) -> None:
         """Bytes [offset, end) are about to go to a reader; raises IntegrityError if they must not."""
-        key = self.key(fp)
-        if key in self.verified:
+        if fp in self.verified:
             return
-        if key in self.corrupt:
+        if fp in self.corrupt:
             raise IntegrityError(fp)
         v = self._verifier(fp, total)
         with v.lock:
@@ -178,18 +219,40 @@ class Verification:
             raise IntegrityError(v.fp)
 
     def _hash_loop(self) -> None:
+        item = None
         while True:
-            v, data, last = self._queue.get()
-            v.update(data, last)
+            v, data, last = item or self._queue.get()
+            item, blocks = None, [data]
+            while not last and len(blocks) * BLOCK < HASH_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item[0] is not v:
+                    break
+                blocks.append(item[1])
+                last, item = item[2], None
+            v.update(blocks, last)
             if last:
                 self._conclude(v)
 
     def _conclude(self, v: Verifier) -> None:
-        key = self.key(v.fp)
         with self._lock:
-            self._verifiers.pop(key, None)
-            (self.verified if v.state == "ok" else self.corrupt).add(key)
-        if v.state == "mismatch":
+            self._verifiers.pop(v.fp, None)
+            twice = v.fp in self.corrupt  # a block arrived twice, differently, while it was hashed
+            if twice:
+                v.state = "mismatch"
+            (self.verified if v.state == "ok" else self.corrupt).add(v.fp)
+            manifest = self.manifests.get(v.fp)
+            if v.state == "ok" and manifest is not None:
+                manifest.verified = True
+            if v.state != "ok":
+                self.manifests.pop(v.fp, None)
+        v.done.set()
+        if v.state == "ok" and manifest is not None:
+            self.on_verdict(manifest)
+        if v.state == "mismatch" and not twice:
             log.error("image %s: the bytes LXD sent do not hash to its fingerprint; it reads as EIO "
                       "from now on", v.fp)
             self.cache.forget(v.fp)
+            self.on_corrupt(v.fp)

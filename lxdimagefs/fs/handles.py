@@ -72,6 +72,9 @@ class OpenFiles:
     def release(self, fh: int) -> None:
         self.handles.release(fh)
 
+    def page_cache(self, fh: int) -> bool:
+        return self.handles.get(fh).page_cache()
+
 
 class Handle(CommitOnClose):
     """An open file. Subclasses implement what their file allows; commit.py, what its close means."""
@@ -90,6 +93,10 @@ class Handle(CommitOnClose):
 
     def close(self) -> None:
         """Free what the handle holds, once it is released."""
+
+    def page_cache(self) -> bool:
+        """Whether the kernel may keep this file's pages: only for bytes already proven."""
+        return False
 
 
 class DirHandle(Handle):
@@ -125,15 +132,23 @@ class UnifiedHandle(Handle):
     def close(self) -> None:
         self.prefetcher.close()
 
+    def page_cache(self) -> bool:
+        return self.prefetcher.verified
+
 
 class FileHandle(Handle):
     """A local file: a split image's spooled part, or a part being written into an import folder."""
 
     def __init__(self, path: str, flags: int = os.O_RDONLY, on_close: Callable[[], None] | None = None,
-                 opener: int = 0, on_abandon: Callable[[str], None] | None = None) -> None:
+                 opener: int = 0, on_abandon: Callable[[str], None] | None = None,
+                 verified: bool = False) -> None:
         super().__init__(opener)
         self.fd = os.open(path, flags, 0o600)
         self._on_close, self._on_abandon = on_close, on_abandon
+        self.verified = verified  # a spooled part, checked against the fingerprint before use
+
+    def page_cache(self) -> bool:
+        return self.verified
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lxdimagefs.data.blocks import BlockCache
+from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.errors import LXDError
@@ -47,6 +48,7 @@ class Settings:
     contents: bool
     all_projects: bool = False
     allow_delete: bool = False
+    disk: DiskCache | None = None  # verified exports on disk, shared by every server's tree
 
 
 @dataclass
@@ -67,7 +69,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     if remote.simplestreams:
         streams = StreamsClient(conn)
         catalog = Catalog(streams, ttl=max(settings.metadata_ttl, STREAMS_TTL))
-        exports = Exports(streams, spool, capacity=cache_bytes)
+        exports = Exports(streams, spool, capacity=cache_bytes, disk=settings.disk)
         tree = Tree(catalog, exports, readonly=True, mountpoint=mountpoint, index=index, imports=False,
                     handles=handles)
         slot = Slot(remote.name, tree, streams.reachable, from_simplestreams(streams.base))
@@ -75,7 +77,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     client = LXDClient(conn)
     journal = LayoutJournal(settings.cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl", conn.identity())
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
-    exports = Exports(client, spool, capacity=cache_bytes, cache=cache)
+    exports = Exports(client, spool, capacity=cache_bytes, cache=cache, disk=settings.disk)
     tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,
                 handles=handles, allow_delete=settings.allow_delete)
     events = None

@@ -18,7 +18,7 @@ from lxdimagefs.errors import LXDError
 from lxdimagefs.fs import access
 from lxdimagefs.fs.commit import process_of
 from lxdimagefs.fs.node import inode_number
-from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator
+from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator, raise_readahead
 from lxdimagefs.servers.events import EventWatcher
 from lxdimagefs.tree.forest import Forest
 from lxdimagefs.tree.root import Attr, Tree
@@ -71,15 +71,20 @@ def _stat(attr: Attr, uid: int, gid: int, path: str) -> dict[str, int]:
 class LXDImageOps(Operations):
     use_ns = True
 
-    def __init__(self, tree: Tree | Forest, events: list[EventWatcher] | None = None) -> None:
+    def __init__(self, tree: Tree | Forest, events: list[EventWatcher] | None = None,
+                 mountpoint: str = "") -> None:
         self.tree = tree
         self.events = events or []
+        self.mountpoint = mountpoint
         self.served = False  # set once the kernel has the mount
 
     def init(self, path: str) -> None:
         self.served = True
         for watcher in self.events:
             watcher.start()  # threads start here: the daemon has forked by now
+        if self.mountpoint:  # after init returns: the stat it makes is answered by this daemon
+            threading.Thread(target=raise_readahead, args=(self.mountpoint,), daemon=True,
+                             name="readahead").start()
         invalidate = path_invalidator()
         if invalidate is None:
             self.tree.started(lambda path, wait=False: None)
@@ -128,10 +133,13 @@ class LXDImageOps(Operations):
     def open(self, path: str, fi: Any) -> int:
         self._may(path, access.W if fi.flags & (os.O_WRONLY | os.O_RDWR) else access.R)
         fi.fh = self.tree.open(path, fi.flags, _pid())
-        # Every read of an export comes here (docs/SEMANTICS.md, "direct_io"): in the page cache
-        # the kernel's readahead can take the EIO of a failed fingerprint check while the reader
-        # is served pages it already holds. metadata.json changes with the record: never stale.
-        fi.direct_io = 1
+        # An export whose fingerprint check passed goes through the page cache and stays there
+        # (re-reads at memory speed, shared mmap). Every other read comes here (docs/SEMANTICS.md,
+        # "direct_io"): until the verdict, every read must be counted and may have to be EIO.
+        if self.tree.page_cache(fi.fh):
+            fi.keep_cache = 1
+        else:
+            fi.direct_io = 1
         return 0
 
     @translated

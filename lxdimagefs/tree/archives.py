@@ -47,9 +47,10 @@ GZIP_SPACING = 4 << 20
 UNSEEKABLE = (".tar.lzma",)
 
 
-def _unpacked(path: Path) -> Path:
-    """A local .lzma file decompressed beside it, once."""
-    out = path.with_suffix(".tar")
+def _unpacked(path: Path, folder: Path) -> Path:
+    """A local .lzma file decompressed into the mount's spool folder, once per mount (never
+    beside a file of the disk cache, where nothing would check it again)."""
+    out = folder / f"{path.name}.tar"
     if not out.exists():
         tmp = out.with_suffix(".part")
         with lzma.open(path) as src, open(tmp, "wb") as dst:
@@ -111,7 +112,7 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         # no seek points nor a decoder that indexes it: the export is spooled (verified) first,
         # .lzma unpacked there once (the stdlib's lzma), and the tarball read from the spool.
         spooled = exports.spool.unified(fp, first.size)
-        path = _unpacked(spooled) if first.name.endswith(UNSEEKABLE) else spooled
+        path = _unpacked(spooled, exports.spool.directory) if first.name.endswith(UNSEEKABLE) else spooled
         return SQLiteIndexedTar(str(path), indexFilePath=_with(index, ".sqlite"),
                                 writeIndex=True), None
     if first.key is not None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):

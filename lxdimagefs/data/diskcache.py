@@ -1,0 +1,264 @@
+"""Verified exports on local disk, kept across mounts and servers, by fingerprint.
+
+An image's bytes never change under its fingerprint, so a block kept here is
+never stale, whichever server or mount fetched it. Each image is one sparse
+file (`export-<fp>`, blocks at their own offsets) beside its sealed manifest
+(`manifest-<fp>`, written once the sha256 agreed). A block is served from here
+only if the image has a sealed manifest and the block's XXH3-128 matches it:
+a file damaged or edited on disk is never served, it is fetched again. Files
+are written in place and manifests by rename, so daemons sharing the folder
+stay correct (at worst one rewrites a block another wrote). The folder is
+bounded (`cache_max`, and 5% of its filesystem kept free), whole images
+leaving it least recently opened first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import stat
+import threading
+from pathlib import Path
+
+from lxdimagefs.data import diskparts
+from lxdimagefs.data.blocks import BLOCK
+from lxdimagefs.data.manifest import DIGEST, Manifest, digest
+from lxdimagefs.keys import ObjectKey, Sha256
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"lxdimagefs manifest 1\n"
+_NAME = re.compile(r"(?:export|manifest|part)-([0-9a-f]{64})(?:\.(?:0|1|sum))?")
+KEEP_FREE = 0.05  # of the cache's filesystem, left free whatever cache_max says
+OPEN_FILES = 8  # image files kept open
+READ_AHEAD = 4 * BLOCK  # asked of the disk ahead of a reader, every AHEAD_EVERY blocks
+AHEAD_EVERY = 4
+RESCAN = 16 * BLOCK
+
+
+def _digest_of(name: str) -> str | None:
+    """The fingerprint a kept file belongs to (temporary and stray files: None)."""
+    found = _NAME.fullmatch(name)
+    return found.group(1) if found else None
+
+
+class CacheRefused(Exception):
+    """The cache folder cannot be made private to this user."""
+
+
+def private_folder(root: Path) -> None:
+    """Make `root` (0700) or check it is this user's own and no one else's."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(root)
+    except OSError as e:
+        raise CacheRefused(f"cache folder {root}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheRefused(f"cache folder {root} is not a folder")
+    if st.st_uid != os.geteuid():
+        raise CacheRefused(f"cache folder {root} belongs to uid {st.st_uid}, not to this user")
+    if st.st_mode & 0o077:
+        os.chmod(root, 0o700)
+
+
+class DiskCache:
+    def __init__(self, root: Path, max_bytes: int | None = None, keep_free: float = KEEP_FREE) -> None:
+        private_folder(root)
+        self.root, self.max_bytes, self.keep_free = root, max_bytes, keep_free
+        self._used: int | None = None  # bytes the folder holds, as of the last scan plus writes since
+        self._unscanned = 0  # bytes written since the last scan
+        self._lock = threading.RLock()  # eviction drops files, which closes their descriptors
+        self.hits = 0  # blocks served from here, for tests and benchmarks
+        self.intact: set[str] = set()  # split images whose kept parts this daemon checked
+        self._fds: dict[str, int] = {}  # open image files, least recently used first
+
+    def export(self, fp: str) -> Path:
+        return self.root / ObjectKey(Sha256(fp), "export").filename
+
+    def _manifest(self, fp: str) -> Path:
+        return self.root / ObjectKey(Sha256(fp), "manifest").filename
+
+    # -- manifests ------------------------------------------------------------------
+
+    def manifest(self, fp: str, total: int) -> Manifest | None:
+        """The sealed manifest of an image, if an earlier verdict left one; marks the image used."""
+        try:
+            raw = self._manifest(fp).read_bytes()
+        except OSError:
+            return None
+        body, trailer = raw[:-DIGEST], raw[-DIGEST:]
+        head = len(MAGIC) + 8
+        if (not body.startswith(MAGIC) or digest(body) != trailer
+                or int.from_bytes(body[len(MAGIC):head], "little") != total):
+            log.warning("disk cache: the manifest of %s is damaged; dropped", fp)
+            self.drop(fp)
+            return None
+        try:
+            manifest = Manifest(fp, total, body[head:])
+        except ValueError:
+            self.drop(fp)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(self.export(fp))  # opened: the most recently used
+        return manifest
+
+    def seal(self, manifest: Manifest) -> None:
+        """Keep the manifest of an image whose sha256 agreed (atomically: readers see all or none)."""
+        body = MAGIC + manifest.total.to_bytes(8, "little") + manifest.sealed()
+        final = self._manifest(manifest.fp)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            tmp.write_bytes(body + digest(body))
+            os.replace(tmp, final)
+        except OSError as e:
+            log.warning("disk cache: cannot keep the manifest of %s: %s", manifest.fp, e.strerror)
+            tmp.unlink(missing_ok=True)
+
+    def drop(self, fp: str) -> None:
+        self.intact.discard(fp)
+        self.forget_fd(fp)
+        for path in (self._manifest(fp), self.export(fp), *(self.part(fp, i) for i in (0, 1, "sum"))):
+            path.unlink(missing_ok=True)
+
+    def _open(self, fp: str, create: bool) -> int:
+        """A descriptor of the image's file, for this call alone (close it); -1 if there is none.
+
+        One description per image is kept open (the last few images), so the kernel's
+        readahead follows a sequential reader across blocks instead of starting over.
+        """
+        with self._lock:
+            fd = self._fds.pop(fp, None)
+            if fd is None:
+                try:
+                    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+                    fd = os.open(self.export(fp), flags, 0o600)
+                except OSError:
+                    return -1
+            self._fds[fp] = fd
+            while len(self._fds) > OPEN_FILES:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            return os.dup(fd)
+
+    def forget_fd(self, fp: str) -> None:
+        """Close the kept descriptor of an image's file (dropped, or about to be replaced)."""
+        with self._lock:
+            fd = self._fds.pop(fp, None)
+        if fd is not None:
+            os.close(fd)
+
+    def get(self, fp: str, index: int, length: int) -> bytearray | None:
+        """The block as it is on disk, or None if the image has no file (unchecked: a hole reads
+        as zeros; the caller checks it against the manifest)."""
+        fd = self._open(fp, create=False)
+        if fd < 0:
+            return None
+        try:
+            offset = index * BLOCK
+            buf = bytearray(length)
+            if os.preadv(fd, [buf], offset) != length:
+                return None
+            if index % AHEAD_EVERY == 0:  # each page asked for once, a window ahead of the reader
+                os.posix_fadvise(fd, offset + READ_AHEAD, READ_AHEAD, os.POSIX_FADV_WILLNEED)
+            return buf
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def written(self, fp: str, index: int) -> bool:
+        """Whether a block was ever written (else it is a hole, and reads as zeros)."""
+        fd = self._open(fp, create=False)
+        if fd < 0:
+            return False
+        try:
+            return os.lseek(fd, index * BLOCK, os.SEEK_DATA) == index * BLOCK
+        except OSError:  # ENXIO: no data past the offset
+            return False
+        finally:
+            os.close(fd)
+
+    def put(self, fp: str, index: int, data: bytearray, total: int) -> None:
+        """Keep a block, if the bound leaves room for it (it is checked when it is read back)."""
+        if self.max_bytes is not None and total > self.max_bytes // 2:
+            return  # an image that would push out everything else is not kept
+        if not self._room(len(data)):
+            return
+        fd = self._open(fp, create=True)
+        try:
+            os.pwrite(fd, data, index * BLOCK)
+        except OSError as e:
+            log.warning("disk cache: cannot keep block %d of %s: %s", index, fp, e.strerror)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    # -- split images' parts (see diskparts.py) -----------------------------------------
+
+    def part(self, fp: str, index: int | str) -> Path:
+        return self.root / f"{ObjectKey(Sha256(fp), 'part').filename}.{index}"
+
+    def parts(self, fp: str) -> list[Path] | None:
+        """Both parts of a split image, if kept and (once per daemon) found intact."""
+        return diskparts.kept(self, fp)
+
+    def keep_parts(self, fp: str, verified: list[Path]) -> None:
+        """Keep a split image's parts, just checked against the fingerprint, for later mounts."""
+        sizes = [p.stat().st_size for p in verified]
+        if (self.max_bytes is not None and sum(sizes) > self.max_bytes // 2) or not self._room(sum(sizes)):
+            return
+        diskparts.keep(self, fp, verified)
+
+    def whole(self, fp: str, size: int) -> Path | None:
+        """A unified export kept whole and found intact (checked once per daemon), or None."""
+        return diskparts.whole(self, fp, size)
+
+    def keep_whole(self, fp: str, verified: Path) -> None:
+        """Keep a unified export just checked against the fingerprint, whole, for later mounts."""
+        size = verified.stat().st_size
+        if (self.max_bytes is None or size <= self.max_bytes // 2) and self._room(size):
+            diskparts.keep_whole(self, fp, verified)
+
+    # -- the bound ------------------------------------------------------------------
+
+    def _room(self, size: int) -> bool:
+        with self._lock:
+            # Counted again every RESCAN bytes: other daemons sharing the folder write to it too.
+            # Free space is asked as often (a statvfs per block cost the fetch threads).
+            self._unscanned += size
+            over_max = self.max_bytes is not None and (self._used or 0) + size > self.max_bytes
+            if self._used is None or self._unscanned > RESCAN or over_max:
+                self._used, self._unscanned = self._evict(size), 0
+                if self._over(self._used + size):
+                    return False
+            self._used += size
+            return True
+
+    def _over(self, used: int) -> bool:
+        if self.max_bytes is not None and used > self.max_bytes:
+            return True
+        fs = os.statvfs(self.root)
+        return fs.f_bavail * fs.f_frsize < self.keep_free * fs.f_blocks * fs.f_frsize + BLOCK
+
+    def _evict(self, size: int) -> int:
+        """Drop the least recently used images until `size` more fits; returns the bytes left."""
+        mtimes: dict[str, float] = {}
+        sizes: dict[str, int] = {}
+        for entry in os.scandir(self.root):
+            fp = _digest_of(entry.name)
+            if fp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat()
+                    mtimes[fp] = max(mtimes.get(fp, 0.0), st.st_mtime)
+                    sizes[fp] = sizes.get(fp, 0) + st.st_blocks * 512
+        images = [(mtime, sizes[fp], fp) for fp, mtime in mtimes.items()]
+        images.sort()
+        used = sum(size for _, size, _ in images)
+        target = int(self.max_bytes * 0.9) if self.max_bytes is not None else None
+        while images and (self._over(used + size) or (target is not None and used + size > target)):
+            _, gone, fp = images.pop(0)
+            self.drop(fp)
+            used -= gone
+            log.debug("disk cache: dropped %s (%d bytes), least recently used", fp, gone)
+        return used

@@ -1,0 +1,188 @@
+"""The disk cache: verified exports kept across mounts, checked on the way back, bounded.
+
+Each test imports small images (4-16 MiB) into the session's LXD and mounts two or three
+times; about 5-15 s each on a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import mmap
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from lxd_sandbox import make_split, make_unified
+from mounts import mounted
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
+MIB = 1 << 20
+
+
+def _export_path(mount, fp: str) -> str:
+    folder = mount.path / "by-fingerprint" / fp
+    return str(next(p for p in folder.iterdir() if p.name != "metadata.json"))
+
+
+def _cache(tmp_path: Path) -> Path:
+    return tmp_path / f"lxdimagefs-cache-{os.getuid()}"  # mounts.py passes --cache-dir tmp_path
+
+
+def _sha(path: str) -> str:
+    run = subprocess.run(["cat", path], capture_output=True, check=True)
+    return hashlib.sha256(run.stdout).hexdigest()
+
+
+def _export_requests(log: str, fp: str) -> int:
+    return sum(1 for line in log.splitlines() if "GET" in line and fp in line and "export" in line)
+
+
+@pytest.fixture
+def image(sandbox, tmp_path):
+    fp = sandbox.import_image(make_unified(tmp_path / "img.tar", rootfs_bytes=16 * MIB))
+    yield fp
+    sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_new_mount_reads_a_verified_image_from_disk_without_asking_the_server(sandbox, image, tmp_path):
+    with mounted(sandbox, tmp_path / "mnt1") as m:
+        assert _sha(_export_path(m, image)) == image
+        assert _export_requests(m.log_text(), image) >= 1
+    cache = _cache(tmp_path)
+    assert (os.stat(cache).st_mode & 0o777) == 0o700
+    assert (cache / f"manifest-{image}").exists() and (cache / f"export-{image}").exists()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    with mounted(sandbox, tmp_path / "mnt2") as m:
+        path = _export_path(m, image)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED,
+                                              prot=mmap.PROT_READ) as mapped:  # verified from the start
+            assert hashlib.sha256(mapped).hexdigest() == image
+        assert _sha(path) == image
+        assert _export_requests(m.log_text(), image) == 0
+
+
+def test_a_tampered_cache_file_is_never_served(sandbox, image, tmp_path):
+    with mounted(sandbox, tmp_path / "mnt1") as m:
+        assert _sha(_export_path(m, image)) == image
+    data = _cache(tmp_path) / f"export-{image}"
+    with open(data, "r+b") as f:  # someone edits a kept block
+        f.seek(3 * MIB + 10)
+        f.write(b"tampered")
+    with mounted(sandbox, tmp_path / "mnt2") as m:
+        assert _sha(_export_path(m, image)) == image
+        assert "does not match its manifest" in m.log_text()
+        assert _export_requests(m.log_text(), image) >= 1  # that block came from the server again
+    manifest = _cache(tmp_path) / f"manifest-{image}"
+    with open(manifest, "r+b") as f:  # and a damaged manifest is not trusted either
+        f.seek(40)
+        f.write(b"\xff\xff")
+    with mounted(sandbox, tmp_path / "mnt3") as m:
+        assert _sha(_export_path(m, image)) == image
+        assert "manifest of" in m.log_text() and "damaged" in m.log_text()
+
+
+def test_two_daemons_sharing_the_cache_stay_correct(sandbox, image, tmp_path):
+    with mounted(sandbox, tmp_path / "a") as a, mounted(sandbox, tmp_path / "b") as b:
+        paths = [_export_path(a, image), _export_path(b, image)]
+        sums: list[str] = []
+        readers = [threading.Thread(target=lambda p=p: sums.append(_sha(p))) for p in paths * 2]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join()
+        assert sums == [image] * 4
+    with mounted(sandbox, tmp_path / "c") as c:
+        assert _sha(_export_path(c, image)) == image
+        assert _export_requests(c.log_text(), image) == 0
+
+
+def test_a_cache_filled_to_three_times_its_bound_stays_within_it(sandbox, tmp_path):
+    fps = [sandbox.import_image(make_unified(tmp_path / f"i{n}.tar", rootfs_bytes=3 * MIB)) for n in range(8)]
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", "cache_max=8M") as m:
+            for fp in fps:  # 8 x 3 MiB through a cache of 8 MiB
+                assert _sha(_export_path(m, fp)) == fp
+                used = sum(p.stat().st_blocks * 512 for p in _cache(tmp_path).iterdir())
+                assert used <= 8 * MIB, used
+        kept = [fp for fp in fps if (_cache(tmp_path) / f"manifest-{fp}").exists()]
+        assert kept and fps[-1] in kept and fps[0] not in kept  # the least recently used left
+    finally:
+        for fp in fps:
+            sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_cache_max_zero_keeps_nothing_on_disk(sandbox, image, tmp_path):
+    with mounted(sandbox, tmp_path / "mnt", "-o", "cache_max=0") as m:
+        assert _sha(_export_path(m, image)) == image
+    assert not _cache(tmp_path).exists()
+
+
+def _parts(mount, fp: str) -> list[Path]:
+    folder = mount.path / "by-fingerprint" / fp
+    return sorted((p for p in folder.iterdir() if p.name != "metadata.json"), key=lambda p: p.suffix != ".xz")
+
+
+def test_a_split_image_is_downloaded_once_not_once_per_mount(sandbox, tmp_path):
+    fp = sandbox.import_image(*make_split(tmp_path / "s", rootfs_bytes=2 * MIB))
+    try:
+        for n in range(2):
+            with mounted(sandbox, tmp_path / f"mnt{n}") as m:
+                whole = b"".join(p.read_bytes() for p in _parts(m, fp))
+                assert hashlib.sha256(whole).hexdigest() == fp
+                assert ("spooled " + fp in m.log_text()) == (n == 0)  # the second mount reads the kept parts
+        kept = _cache(tmp_path) / f"part-{fp}.1"
+        with open(kept, "r+b") as f:  # a kept part edited on disk: found, dropped, fetched again
+            f.seek(100)
+            f.write(b"tampered")
+        with mounted(sandbox, tmp_path / "mnt3") as m:
+            whole = b"".join(p.read_bytes() for p in _parts(m, fp))
+            assert hashlib.sha256(whole).hexdigest() == fp
+            assert "do not match their sums" in m.log_text() and "spooled " + fp in m.log_text()
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_cache_folder_of_another_owner_is_refused_at_mount(sandbox, tmp_path):
+    cache = _cache(tmp_path)
+    cache.mkdir(mode=0o700)
+    os.chown(cache, 65534, 65534)  # someone else's: what it holds could be anything
+    where = tmp_path / "mnt"
+    where.mkdir()
+    run = subprocess.run([sys.executable, "-m", "lxdimagefs", "--socket", sandbox.socket, "--cache-dir",
+                          str(tmp_path), str(where)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert "belongs to uid 65534" in run.stderr and "cache_max=0" in run.stderr
+    assert not os.path.ismount(where)
+
+
+@pytest.mark.parametrize("suffix", [".tar.zst", ".tar.lzma"])
+def test_an_image_looked_inside_by_descriptor_is_spooled_once_not_once_per_mount(sandbox, tmp_path, suffix):
+    tar = make_unified(tmp_path / "z.tar", rootfs_bytes=2 * MIB)
+    packed = tmp_path / f"z{suffix}"  # read by file descriptor (zstd) or unpacked (lzma): spooled whole
+    if suffix == ".tar.zst":
+        subprocess.run(["zstd", "-q", str(tar), "-o", str(packed)], check=True)
+    else:
+        packed.write_bytes(lzma.compress(tar.read_bytes(), format=lzma.FORMAT_ALONE))
+    fp = sandbox.import_image(packed)
+    try:
+        want = None
+        for n in range(3):
+            with mounted(sandbox, tmp_path / f"mnt{n}") as m:
+                got = (m.path / "contents" / "by-fingerprint" / fp / "rootfs/etc/hostname").read_bytes()
+                want = want or got
+                assert got == want and got.startswith(b"z.tar")
+                spooled = "spooled " + fp in m.log_text()
+                assert spooled == (n != 1), m.log_text()[-2000:]  # mount 1 uses the kept export
+            names = {p.name for p in _cache(tmp_path).iterdir()}
+            assert names <= {f"export-{fp}", f"manifest-{fp}"}, names  # nothing unchecked beside them
+            if n == 1:  # then the kept export is edited: found, not used, downloaded again
+                with open(_cache(tmp_path) / f"export-{fp}", "r+b") as f:
+                    f.seek(1000)
+                    f.write(b"tampered")
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
