@@ -122,6 +122,7 @@ class Verification:
         return self.key(digest).digest in self.corrupt
 
     def _verifier(self, fp: str, total: int) -> Verifier:
+        self.key(fp)  # a check begins only for a real sha256 (BadKey otherwise)
         with self._lock:
             v = self._verifiers.get(fp)
             if v is None:
@@ -132,6 +133,7 @@ class Verification:
             return v
 
     def manifest(self, fp: str, total: int) -> Manifest:
+        self.key(fp)
         with self._lock:
             found = self.manifests.get(fp)
             if found is None:
