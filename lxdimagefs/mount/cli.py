@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late: loading libfuse is not needed for --help or a usage error.
     from lxdimagefs.mount.assemble import Settings, assemble
     from lxdimagefs.mount.fuse_ops import LXDImageOps
-    from lxdimagefs.mount.fusebind import FUSE
+    from lxdimagefs.mount.fusebind import FUSE, worker_options
 
     settings = Settings(mountpoint=mountpoint, cache_root=Path(args.cache_dir or tempfile.gettempdir()),
                         readonly=bool(fuse_opts.get("ro")),
@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     # removing an import being written is how a user breaks it off.
     fuse_opts.setdefault("hard_remove", True)
     fuse_opts.setdefault("subtype", "lxdimagefs")
+    for key, value in worker_options().items():
+        fuse_opts.setdefault(key, value)
     log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None])
     try:

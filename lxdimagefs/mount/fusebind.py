@@ -25,6 +25,20 @@ else:
 
     LIBFUSE = mfusepy.fuse_version_major
 
+# libfuse 3 keeps at most 10 worker threads unless told otherwise (and mfusepy's call of
+# fuse_main_real passes an unset idle count that 3.14 rejects with "Ignoring invalid max threads
+# value 4294967295"). A read waiting on a stalled server holds its worker for up to the timeout, so
+# ten such reads used to leave no thread for a `stat` (23 s measured). 256 threads blocked cost
+# about 5 MiB of RSS (docs/RELIABILITY.md); idle ones beyond 16 exit.
+MAX_THREADS = 256
+MAX_IDLE_THREADS = 16
+
+
+def worker_options() -> dict[str, object]:
+    """The FUSE options that size libfuse's worker pool, where the binding takes them."""
+    if LIBFUSE != 3 or BINDING == "fusepy":
+        return {}  # libfuse 2 takes neither option
+    return {"max_threads": MAX_THREADS, "max_idle_threads": MAX_IDLE_THREADS}
 
 
 def path_invalidator() -> Callable[[str], None] | None:
@@ -47,4 +61,5 @@ def path_invalidator() -> Callable[[str], None] | None:
     return invalidate
 
 
-__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "path_invalidator"]
+__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "path_invalidator",
+           "worker_options"]

@@ -47,7 +47,9 @@ class Slot:
     def up(self) -> bool:
         if not self.down:
             return True
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            return False  # another call is asking the server: this one does not wait for it
+        try:
             if self.down and time.monotonic() >= self._retry_at:
                 if self.reachable():
                     self.down = False
@@ -55,6 +57,8 @@ class Slot:
                     log.info("remote %s answers again", self.name)
                 else:
                     self._retry_at = time.monotonic() + self.RETRY
+        finally:
+            self._lock.release()
         return not self.down
 
     def failed(self, e: Exception) -> None:

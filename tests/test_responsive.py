@@ -1,0 +1,66 @@
+"""Issue 17: a mount stays responsive while the server stalls, and a hostile server cannot exhaust it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+from faultproxy import FaultProxy, Rule
+from mounts import mounted
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
+
+@pytest.fixture()
+def proxy(sandbox, tmp_path):
+    p = FaultProxy(sandbox.socket, str(tmp_path / "proxy.socket"))
+    yield p
+    p.close()
+
+
+def _export(m, fp):
+    folder = m.path / "by-fingerprint" / fp
+    return folder / next(n for n in os.listdir(folder) if n != "metadata.json")
+
+
+def _timed(call) -> float:
+    started = time.monotonic()
+    call()
+    return time.monotonic() - started
+
+
+def test_listings_and_lookups_stay_fast_while_16_readers_wait_on_a_stalled_export(
+        sandbox, images, proxy, tmp_path):
+    """Issue 17.7: libfuse kept 10 workers, so 10 reads waiting on LXD left none for a `stat`
+    (23 s measured). Costs about 20 s: the stalled answers are let go after 12 s."""
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "timeout=30") as m:
+        path = _export(m, images.fps["plain"])
+        proxy.add(Rule("/export", delay=12, times=-1))
+        readers = [subprocess.Popen(["cat", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for _ in range(16)]
+        try:
+            deadline = time.monotonic() + 5
+            while not proxy.applied and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proxy.applied, "no export request reached the server"
+            time.sleep(1.0)  # every reader is in its read by now
+            calls = {
+                "stat by-alias": lambda: os.stat(m.path / "by-alias"),
+                "ls by-alias": lambda: os.listdir(m.path / "by-alias"),
+                "stat by-alias/plain": lambda: os.lstat(m.path / "by-alias" / "plain"),
+                "stat by-alias/<new name>": lambda: os.path.lexists(m.path / "by-alias" / "no-such-alias"),
+                "stat import": lambda: os.stat(m.path / "import"),
+                "ls import": lambda: os.listdir(m.path / "import"),
+                "ls by-fingerprint": lambda: os.listdir(m.path / "by-fingerprint"),
+            }
+            took = {name: _timed(call) for name, call in calls.items()}
+            assert all(r.poll() is None for r in readers), "the readers were not stalled"
+            print(f"while 16 readers wait: {max(took.values()) * 1000:.0f} ms at most ({took})")
+            assert max(took.values()) < 1.0, took  # under 100 ms on a quiet machine
+        finally:
+            proxy.clear()
+            for r in readers:
+                r.kill()
+                r.wait()
