@@ -145,32 +145,47 @@ def _time(serial: str) -> str:
     return day.strftime("%Y-%m-%dT%H:%M:%SZ") if serial[:8].isdigit() else ""
 
 
+Found = tuple[str, dict[str, Any], dict[str, Any], ExportLayout]  # (created, product, record, layout)
+
+
 def parse_products(products: dict[str, Any]) -> Listing:
     """Image records, export layouts and file paths from a products file's `products`."""
-    found: list[tuple[str, dict[str, Any], dict[str, Any], ExportLayout]] = []
+    found: list[Found] = []
     paths: dict[str, str] = {}
-    for product in products.values():
-        arch = ARCHES.get(product.get("arch", ""), product.get("arch", ""))
-        for serial, version in (product.get("versions") or {}).items():
-            created = _time(serial)
-            if not created:
-                continue
-            items = version.get("items") or {}
-            for meta in items.values():
-                if meta.get("ftype") == "lxd_combined.tar.gz":
-                    pairs = [(meta, None)]
-                elif meta.get("ftype") == "lxd.tar.xz":
-                    pairs = [(meta, root) for root in items.values() if root.get("ftype") in ROOT_TYPES]
-                else:
-                    continue
-                for m, root in pairs:
-                    made = _image(product, arch, serial, created, version, m, root)
-                    if made is not None:
-                        found.append((created, product, *made))
-                        for item in (m, root):
-                            if item is not None:
-                                paths[item["sha256"]] = item["path"]
+    for name, product in products.items():
+        try:
+            _add_product(product, found, paths)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:  # not an object where one belongs
+            log.warning("simplestreams: skipped product %s, which the index describes badly: %r", name, e)
     return _with_aliases(found, paths)
+
+
+def _add_product(product: dict[str, Any], found: list[Found], paths: dict[str, str]) -> None:
+    """One product's images into `found`, their files into `paths`; a malformed item is skipped."""
+    arch = ARCHES.get(product.get("arch", ""), product.get("arch", ""))
+    for serial, version in (product.get("versions") or {}).items():
+        created = _time(serial)
+        if not created:
+            continue
+        items = version.get("items") or {}
+        for meta in items.values():
+            if meta.get("ftype") == "lxd_combined.tar.gz":
+                pairs = [(meta, None)]
+            elif meta.get("ftype") == "lxd.tar.xz":
+                pairs = [(meta, root) for root in items.values() if root.get("ftype") in ROOT_TYPES]
+            else:
+                continue
+            for m, root in pairs:
+                try:
+                    made = _image(product, arch, serial, created, version, m, root)
+                    files = {i["sha256"]: str(i["path"]) for i in (m, root) if i is not None}
+                except (KeyError, ValueError, TypeError, AttributeError) as e:  # one bad item, not all
+                    log.warning("simplestreams: skipped %s %s, an item the index describes badly: %r",
+                                product.get("aliases", "?"), serial, e)
+                    continue
+                if made is not None:
+                    found.append((created, product, *made))
+                    paths.update(files)
 
 
 def _image(product: dict[str, Any], arch: str, serial: str, created: str, version: dict[str, Any],
