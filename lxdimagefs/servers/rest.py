@@ -22,10 +22,21 @@ from requests_unixsocket.adapters import UnixHTTPConnectionPool
 from urllib3.connectionpool import HTTPConnectionPool
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
-from lxdimagefs.servers.transport import Backoff, Connection, ContextAdapter, RawConnections, error_from_body
+from lxdimagefs.servers.bounded import JSON_CAP, WATCHDOG, Overdue, error_body, read_capped, watch_pools
+from lxdimagefs.servers.transport import (
+    Backoff,
+    Connection,
+    ContextAdapter,
+    RawConnections,
+    error_from_body,
+    tls_error,
+    tls_refusal,
+)
 
 # Every request line (--debug) carries one logger name, whichever module sends it: the client.
 log = logging.getLogger("lxdimagefs.client")
+
+DEADLINE_GRACE = 1.0  # seconds past the retry budget: an operation wait LXD ends at the timeout itself
 
 
 def certificate_fingerprint(pem_file: str) -> str:
@@ -45,6 +56,32 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["assert_fingerprint"] = self._fingerprint
         super().init_poolmanager(*args, **kwargs)
+        watch_pools(self.poolmanager)
+
+
+class _OtherHostAdapter(requests.adapters.HTTPAdapter):
+    """HTTPS to any host but the server's own (a redirect's): its TLS context holds no client key."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        watch_pools(self.poolmanager)
+
+
+class _Session(requests.Session):
+    """The client certificate goes to the server's own URL alone, so a redirect to another host
+    carries none; another host is verified with the system's CAs even where the server's own
+    certificate is pinned instead."""
+
+    def __init__(self, own: str, cert: tuple[str, str] | None) -> None:
+        super().__init__()
+        self.own, self.client_cert = own, cert
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        if (request.url or "").startswith(self.own):
+            kwargs["cert"] = self.client_cert
+        else:
+            kwargs["cert"], kwargs["verify"] = None, True
+        return super().send(request, **kwargs)
 
 
 class _SocketPool(UnixHTTPConnectionPool):
@@ -52,6 +89,11 @@ class _SocketPool(UnixHTTPConnectionPool):
         HTTPConnectionPool.__init__(self, "localhost", timeout=timeout, maxsize=maxsize)
         self.socket_path = socket_url
         self.timeout = timeout
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)
+        WATCHDOG.attach(conn)  # the call's deadline can cut it
+        return conn
 
 
 class _SocketAdapter(requests_unixsocket.UnixAdapter):
@@ -79,21 +121,23 @@ class RestSession:
 
     def __init__(self, conn: Connection, pool_size: int = 16) -> None:
         self.conn = conn
-        self._session = requests.Session()
         self._verify: bool | None = None  # None: requests' default, the system's CAs
         self._raw = RawConnections(conn, pool_size)
         if conn.socket:
             root = "http+unix://" + urllib.parse.quote(conn.socket, safe="")
+            self._session = _Session(root + "/", None)
             self._session.mount("http+unix://", _SocketAdapter(pool_size))
         elif conn.url:
             root = conn.url.rstrip("/")
-            self._session.cert = conn.cert
+            self._session = _Session(root + "/", conn.cert)
             if conn.pinned:
                 # Like lxc, trust exactly the server certificate the user gave, whatever name it bears.
                 self._verify = False
-                self._session.mount("https://", _PinnedAdapter(conn.pinned, pool_maxsize=pool_size))
+                own: requests.adapters.HTTPAdapter = _PinnedAdapter(conn.pinned, pool_maxsize=pool_size)
             else:
-                self._session.mount("https://", ContextAdapter(self._raw.context, pool_maxsize=pool_size))
+                own = ContextAdapter(self._raw.context, pool_maxsize=pool_size)
+            self._session.mount("https://", _OtherHostAdapter())
+            self._session.mount(root + "/", own)  # the longest prefix wins: the server's own URLs
         else:
             raise ValueError("either a socket or a URL is needed")
         self._base = root + "/1.0"
@@ -129,9 +173,11 @@ class RestSession:
             log.debug("%s %s", method, path)
             kwargs["timeout"] = backoff.clamp(kwargs.get("timeout") or self.conn.timeout)
             try:
-                resp = self._session.request(method, url, stream=stream, headers=headers,
-                                             verify=self._verify, **kwargs)
+                seconds = max(backoff.left(), self.conn.timeout[1]) + DEADLINE_GRACE
+                resp = self._send(method, url, stream, seconds, headers=headers, **kwargs)
             except requests.RequestException as e:
+                if tls_refusal(e):
+                    raise tls_error(self.conn.describe(), e) from e
                 err = LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}")
                 if retry == "all" or (retry == "connect" and _not_connected(e)):
                     backoff.pause(err, f"{method} {path}")
@@ -144,6 +190,20 @@ class RestSession:
                 backoff.pause(err, f"{method} {path}")
                 continue
             raise err
+
+    def _send(self, method: str, url: str, stream: bool, seconds: float, **kwargs: Any) -> requests.Response:
+        """One try: its answer, and its body unless streamed, within `seconds` (else Overdue)."""
+        with WATCHDOG.call(seconds) as call:
+            try:
+                resp = self._session.request(method, url, stream=True, verify=self._verify, **kwargs)
+                if resp.status_code < 400 and not stream:
+                    resp._content = read_capped(resp, JSON_CAP, f"{method} {url}")
+                return resp
+            except requests.RequestException as e:
+                if call.expired:
+                    raise Overdue(f"LXD at {self.conn.describe()} did not finish answering within "
+                                  f"{seconds:.0f} s (-o timeout)") from e
+                raise
 
     def _sync(self, method: str, path: str, **kwargs: Any) -> Any:
         body = json_body(self._request(method, path, **kwargs), path)
@@ -187,9 +247,7 @@ class RestSession:
 
 
 def _error_from(resp: requests.Response) -> LXDError:
-    err = error_from_body(resp.status_code, resp.reason, resp.content)
-    resp.close()
-    return err
+    return error_from_body(resp.status_code, resp.reason, error_body(resp))
 
 
 def json_body(resp: requests.Response, path: str) -> dict[str, Any]:

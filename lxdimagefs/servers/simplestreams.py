@@ -12,6 +12,7 @@ block cache.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import platform
 import threading
@@ -23,9 +24,18 @@ import requests
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.names import is_fingerprint
+from lxdimagefs.servers.bounded import JSON_CAP, WATCHDOG, Overdue, read_capped
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.lxd import ExportLayout, ExportPart, Image
-from lxdimagefs.servers.transport import Backoff, Connection, ContextAdapter, ExportStream, RawConnections
+from lxdimagefs.servers.transport import (
+    Backoff,
+    Connection,
+    ContextAdapter,
+    ExportStream,
+    RawConnections,
+    tls_error,
+    tls_refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +87,26 @@ class StreamsClient:
         backoff = Backoff(self.patience)
         while True:
             log.debug("GET %s/%s", self.base, path)
-            try:
-                resp = self._session.get(f"{self.base}/{path}", timeout=self.conn.timeout)
-            except requests.RequestException as e:
-                backoff.pause(LXDUnreachable(f"{self.base} did not answer: {e}"), f"GET {path}")
-                continue
+            url = f"{self.base}/{path}"
+            with WATCHDOG.call(max(backoff.left(), self.conn.timeout[1])) as call:  # a trickle: cut
+                try:
+                    resp = self._session.get(url, timeout=backoff.clamp(self.conn.timeout), stream=True)
+                    body = read_capped(resp, JSON_CAP, url) if resp.status_code == 200 else b""
+                except requests.RequestException as e:
+                    if tls_refusal(e):
+                        raise tls_error(self.base, e) from e
+                    if call.expired:
+                        raise Overdue(f"{url} did not finish answering in time (-o timeout)") from e
+                    backoff.pause(LXDUnreachable(f"{self.base} did not answer: {e}"), f"GET {path}")
+                    continue
+            resp.close()
             if resp.status_code in (502, 503, 504):
                 backoff.pause(LXDError(f"{self.base}/{path}: {resp.status_code}", resp.status_code), path)
                 continue
             if resp.status_code != 200:
                 raise LXDError(f"{self.base}/{path}: {resp.status_code} {resp.reason}", resp.status_code)
             try:
-                return resp.json()
+                return json.loads(body)
             except ValueError as e:
                 raise LXDError(f"{self.base}/{path} is not JSON", 500) from e
 

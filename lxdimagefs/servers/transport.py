@@ -23,7 +23,8 @@ from typing import Any
 
 import requests.adapters
 
-from lxdimagefs.errors import LXDError, LXDUnreachable
+from lxdimagefs.errors import LXDError, LXDTLSError, LXDUnreachable
+from lxdimagefs.servers.bounded import watch_pools
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("lxdimagefs.client")  # request lines under the client's name, as rest.py
@@ -80,6 +81,40 @@ class Backoff:
         self.delay = min(self.delay * 2, self.MOST)
 
 
+# What a failed certificate check says, on our side (verify, pin) or in the server's alert.
+_TLS_REFUSALS = ("certificate verify failed", "fingerprints did not match", "not the pinned one",
+                 "alert bad certificate", "alert certificate unknown", "alert unknown ca",
+                 "certificate required", "alert access denied")
+_tls_logged: set[str] = set()
+
+
+def tls_refusal(exc: BaseException) -> bool:
+    """Whether a failure is TLS refusing the peer (or the peer us), not a connection that failed."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or any(
+                t in str(seen).lower() for t in _TLS_REFUSALS):
+            return True
+        nested = [a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)]
+        seen = nested[0] if nested else (seen.__cause__ or seen.__context__)
+    return False
+
+
+def tls_error(server: str, exc: BaseException) -> LXDTLSError:
+    """The error for a TLS refusal, logged once per server for the daemon's life."""
+    reason = str(exc)
+    for t in _TLS_REFUSALS:
+        at = reason.lower().find(t)
+        if at >= 0:
+            reason = reason[max(0, at - 60):at + 200]
+            break
+    err = LXDTLSError(f"TLS with {server} failed, so it is not trusted: {reason}")
+    if server not in _tls_logged:
+        _tls_logged.add(server)
+        log.error("%s (not retried; EACCES until the certificates agree)", err.message)
+    return err
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: tuple[float, float]) -> None:
         super().__init__("localhost", timeout=timeout[0])
@@ -126,6 +161,7 @@ class ContextAdapter(requests.adapters.HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["ssl_context"] = self._context
         super().init_poolmanager(*args, **kwargs)
+        watch_pools(self.poolmanager)
 
 
 class RawConnections:
@@ -167,6 +203,8 @@ class RawConnections:
             resp = http_conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             http_conn.close()
+            if tls_refusal(e):
+                raise tls_error(self.conn.describe(), e) from e
             if not fresh:  # an idle connection the server had closed: try once on a new one
                 return self.open(target, headers, start, end, timeout)
             raise LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}") from e

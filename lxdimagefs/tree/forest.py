@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lxdimagefs.errors import LXDUnreachable, fs_error
+from lxdimagefs.errors import LXDTLSError, LXDUnreachable, fs_error
 from lxdimagefs.fs.handles import HandleTable, OpenFiles
 from lxdimagefs.fs.node import Attr, Context
 from lxdimagefs.servers.pull import Source
@@ -41,6 +41,7 @@ class Slot:
         self.reachable = reachable
         self.source = source  # (fingerprint, alias) -> how another server gets that image
         self.down = False
+        self.refused: LXDTLSError | None = None  # down because TLS failed: its folder says so
         self._retry_at = 0.0
         self._lock = threading.Lock()
 
@@ -52,7 +53,7 @@ class Slot:
         try:
             if self.down and time.monotonic() >= self._retry_at:
                 if self.reachable():
-                    self.down = False
+                    self.down, self.refused = False, None
                     self.tree.catalog.invalidate()
                     log.info("remote %s answers again", self.name)
                 else:
@@ -63,7 +64,11 @@ class Slot:
 
     def failed(self, e: Exception) -> None:
         with self._lock:
-            if not self.down:
+            if isinstance(e, LXDTLSError):
+                if self.refused is None:
+                    log.error("remote %s: %s; its folder answers EACCES until TLS succeeds", self.name, e)
+                self.refused = e
+            elif not self.down:
                 log.warning("remote %s does not answer (%s): its folder is empty until it does", self.name, e)
             self.down = True
             self._retry_at = time.monotonic() + self.RETRY
@@ -112,6 +117,8 @@ class Forest(OpenFiles):
                 raise fs_error(errno.ENOENT, path)
             if call == "getattr":
                 return self.ctx.dir(self.ctx.started)
+            if slot.refused is not None:  # not an outage: say so, rather than show an empty folder
+                raise fs_error(slot.refused.errno, path, slot.refused.message)
             if call == "readdir":
                 return []
             if call == "listxattrs":
@@ -119,7 +126,7 @@ class Forest(OpenFiles):
             raise fs_error(errno.ENOENT, path)
         try:
             return getattr(slot.tree, call)(sub, *args)
-        except LXDUnreachable as e:
+        except (LXDUnreachable, LXDTLSError) as e:
             slot.failed(e)
             raise
 
