@@ -64,3 +64,28 @@ def test_listings_and_lookups_stay_fast_while_16_readers_wait_on_a_stalled_expor
             for r in readers:
                 r.kill()
                 r.wait()
+
+
+def test_a_trickled_listing_ends_within_the_timeout_and_holds_no_lock_for_ever(
+        sandbox, images, proxy, tmp_path):
+    """Issue 17.8: a byte every 0.3 s resets every read timeout, so the listing (and the catalog
+    lock every `stat` waits on) was held for as long as the server dripped. Costs about 10 s."""
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path,
+                 "-o", "timeout=2,metadata_ttl=0.1,no_events") as m:
+        time.sleep(0.2)
+        proxy.add(Rule("GET /1.0/images?", trickle=0.3, times=-1))
+        started = time.monotonic()
+        runs = [subprocess.Popen(["ls", str(m.path / "by-fingerprint")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE) for _ in range(2)]
+        try:
+            errors = [r.communicate(timeout=20)[1] for r in runs]
+        finally:
+            for r in runs:
+                r.kill()
+        took = time.monotonic() - started
+        assert all(b"Input/output error" in e for e in errors), errors
+        assert took < 8, took  # one deadline (timeout + 1 s) for the first, one for the one that waited
+        assert "did not finish answering" in m.log_text()
+        proxy.clear()
+        time.sleep(0.2)
+        assert images.fps["plain"] in os.listdir(m.path / "by-fingerprint")

@@ -34,8 +34,9 @@ class SplitSpool:
         self._lock = threading.Lock()
         self.downloads = 0
 
-    def paths(self, fp: str) -> list[Path]:
-        """The local files of both parts, downloading them first if needed."""
+    def paths(self, fp: str, size: int) -> list[Path]:
+        """The local files of both parts, downloading them first if needed; `size` is both parts'
+        total as the image's record gives it, and a download past it is refused."""
         final = [self.directory / f"{fp}.{i}" for i in range(2)]
         if all(p.exists() for p in final):
             return final
@@ -43,7 +44,7 @@ class SplitSpool:
             lock = self._locks.setdefault(fp, threading.Lock())
         with lock:
             if not all(p.exists() for p in final):
-                self._download(fp, final)
+                self._download(fp, final, size)
         return final
 
     def unified(self, fp: str, size: int) -> Path:
@@ -78,7 +79,7 @@ class SplitSpool:
             os.close(fd)
             tmp.unlink(missing_ok=True)
 
-    def _download(self, fp: str, final: list[Path]) -> None:
+    def _download(self, fp: str, final: list[Path], size: int) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = [p.with_suffix(p.suffix + ".part") for p in final]
         writer = PartWriter()
@@ -90,10 +91,19 @@ class SplitSpool:
             fds.append(os.open(tmp[len(fds)], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
             writer.start(fds[-1])
 
+        got = 0
+
+        def add(piece: memoryview) -> None:  # a server that sends more than the record says: refused
+            nonlocal got
+            got += len(piece)
+            if got > size:
+                raise LXDError(f"LXD's split export of {fp} is larger than the {size} bytes its record gives")
+            writer.add(piece)
+
         self.downloads += 1
         try:
             with self.client.export_stream(fp) as resp:
-                PartStream(resp.headers.get("Content-Type", ""), begin, writer.add,
+                PartStream(resp.headers.get("Content-Type", ""), begin, add,
                            writer.flush).feed(LXDClient.iter_chunks(resp))
             digest = writer.finish()
             if len(fds) != 2:

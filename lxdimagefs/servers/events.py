@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import websocket
 
+from lxdimagefs.servers.bounded import cap_frames
 from lxdimagefs.servers.lxd import LXDClient
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class EventWatcher:
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                self._ws = self.client.lifecycle_events(self.timeout)
+                self._ws = cap_frames(self.client.lifecycle_events(self.timeout))
                 self._ws.settimeout(self.ping)  # events come when they come; pings keep it honest
                 self.live.set()
                 self.on_connect()  # whatever changed before the stream opened

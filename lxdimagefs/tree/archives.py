@@ -139,7 +139,7 @@ class ImageArchive:
             self._top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
                                          indexFilePath=str(index_dir / f"{fp}.meta.sqlite"), writeIndex=True)
         else:  # LXD sends a split image as one multipart stream: its parts are in the spool
-            meta, rootfs = exports.spool.paths(fp)
+            meta, rootfs = exports.spool.paths(fp, sum(p.size for p in layout.parts))
             self._top = SQLiteIndexedTar(str(meta), indexFilePath=str(index_dir / f"{fp}.meta.sqlite"),
                                          writeIndex=True)
         if rootfs_part.name.endswith(".squashfs"):
