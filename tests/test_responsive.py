@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
+import sys
 import time
 
 import pytest
 from faultproxy import FaultProxy, Rule
-from mounts import mounted
+from mounts import mounted, unmount
+from streams_server import LoopbackCA, StreamsServer
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
@@ -89,3 +92,38 @@ def test_a_trickled_listing_ends_within_the_timeout_and_holds_no_lock_for_ever(
         proxy.clear()
         time.sleep(0.2)
         assert images.fps["plain"] in os.listdir(m.path / "by-fingerprint")
+
+
+def test_a_server_whose_certificate_fails_is_its_own_error_not_an_empty_folder(sandbox, tmp_path):
+    """Issue 17.8: TLS that fails (here: a CA nobody trusts) was "does not answer", retried, and the
+    remote's folder silently empty; it is EACCES at once, the reason logged once."""
+    (tmp_path / "www").mkdir()
+    stranger = StreamsServer(tmp_path / "www", LoopbackCA.make(tmp_path / "ca")).start()
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "config.yml").write_text(
+        f"remotes:\n  box:\n    addr: unix://{sandbox.socket}\n    protocol: lxd\n"
+        f"  stranger:\n    addr: {stranger.url}\n    protocol: simplestreams\n    public: true\n")
+    env = {**os.environ, "LXD_CONF": str(conf), "INCUS_CONF": str(tmp_path / "none")}
+    env.pop("SSL_CERT_FILE", None)
+    where, log = tmp_path / "mnt", tmp_path / "log"
+    where.mkdir()
+    try:
+        done = subprocess.run([sys.executable, "-m", "lxdimagefs", "--remote", "stranger", "--remote", "box",
+                               "-o", "timeout=20", "--log-file", str(log), str(where)],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert sorted(os.listdir(where)) == ["box", "stranger"]
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(OSError) as e:
+                os.listdir(where / "stranger")
+            assert e.value.errno == errno.EACCES
+            assert time.monotonic() - started < 2  # not retried for the 20 s timeout
+        text = log.read_text()
+        assert "certificate verify failed" in text and "does not answer" not in text
+        assert text.count("ERROR lxdimagefs.servers.transport: TLS with") == 1, text  # logged once
+        assert os.listdir(where / "box" / "by-fingerprint") is not None  # the other remote serves on
+    finally:
+        unmount(where)
+        stranger.stop()

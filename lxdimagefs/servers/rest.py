@@ -176,8 +176,8 @@ class RestSession:
                 seconds = max(backoff.left(), self.conn.timeout[1]) + DEADLINE_GRACE
                 resp = self._send(method, url, stream, seconds, headers=headers, **kwargs)
             except requests.RequestException as e:
-                if tls_refusal(e):
-                    raise tls_error(self.conn.describe(), e) from e
+                if (refused := tls_refusal(e)) is not None:
+                    raise tls_error(self.conn.describe(), refused) from e
                 err = LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}")
                 if retry == "all" or (retry == "connect" and _not_connected(e)):
                     backoff.pause(err, f"{method} {path}")

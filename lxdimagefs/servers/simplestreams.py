@@ -93,8 +93,8 @@ class StreamsClient:
                     resp = self._session.get(url, timeout=backoff.clamp(self.conn.timeout), stream=True)
                     body = read_capped(resp, JSON_CAP, url) if resp.status_code == 200 else b""
                 except requests.RequestException as e:
-                    if tls_refusal(e):
-                        raise tls_error(self.base, e) from e
+                    if (refused := tls_refusal(e)) is not None:
+                        raise tls_error(self.base, refused) from e
                     if call.expired:
                         raise Overdue(f"{url} did not finish answering in time (-o timeout)") from e
                     backoff.pause(LXDUnreachable(f"{self.base} did not answer: {e}"), f"GET {path}")

@@ -88,26 +88,23 @@ _TLS_REFUSALS = ("certificate verify failed", "fingerprints did not match", "not
 _tls_logged: set[str] = set()
 
 
-def tls_refusal(exc: BaseException) -> bool:
-    """Whether a failure is TLS refusing the peer (or the peer us), not a connection that failed."""
+def tls_refusal(exc: BaseException) -> str | None:
+    """Why TLS refused the peer (or the peer us), from the innermost error that says; None for a
+    connection that failed otherwise."""
     seen: BaseException | None = exc
+    reason = None
     while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError) or any(
-                t in str(seen).lower() for t in _TLS_REFUSALS):
-            return True
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            reason = f"certificate verify failed: {seen.verify_message}"
+        elif any(t in str(seen).lower() for t in _TLS_REFUSALS):
+            reason = str(seen)
         nested = [a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)]
         seen = nested[0] if nested else (seen.__cause__ or seen.__context__)
-    return False
+    return reason
 
 
-def tls_error(server: str, exc: BaseException) -> LXDTLSError:
+def tls_error(server: str, reason: str) -> LXDTLSError:
     """The error for a TLS refusal, logged once per server for the daemon's life."""
-    reason = str(exc)
-    for t in _TLS_REFUSALS:
-        at = reason.lower().find(t)
-        if at >= 0:
-            reason = reason[max(0, at - 60):at + 200]
-            break
     err = LXDTLSError(f"TLS with {server} failed, so it is not trusted: {reason}")
     if server not in _tls_logged:
         _tls_logged.add(server)
@@ -203,8 +200,8 @@ class RawConnections:
             resp = http_conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             http_conn.close()
-            if tls_refusal(e):
-                raise tls_error(self.conn.describe(), e) from e
+            if (refused := tls_refusal(e)) is not None:
+                raise tls_error(self.conn.describe(), refused) from e
             if not fresh:  # an idle connection the server had closed: try once on a new one
                 return self.open(target, headers, start, end, timeout)
             raise LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}") from e

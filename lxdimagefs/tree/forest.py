@@ -66,7 +66,7 @@ class Slot:
         with self._lock:
             if isinstance(e, LXDTLSError):
                 if self.refused is None:
-                    log.error("remote %s: %s; its folder answers EACCES until TLS succeeds", self.name, e)
+                    log.warning("remote %s: its folder answers EACCES until TLS with it succeeds", self.name)
                 self.refused = e
             elif not self.down:
                 log.warning("remote %s does not answer (%s): its folder is empty until it does", self.name, e)
