@@ -59,14 +59,6 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
         watch_pools(self.poolmanager)
 
 
-class _OtherHostAdapter(requests.adapters.HTTPAdapter):
-    """HTTPS to any host but the server's own (a redirect's): its TLS context holds no client key."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        watch_pools(self.poolmanager)
-
-
 class _Session(requests.Session):
     """The client certificate goes to the server's own URL alone, so a redirect to another host
     carries none; another host is verified with the system's CAs even where the server's own
@@ -136,7 +128,8 @@ class RestSession:
                 own: requests.adapters.HTTPAdapter = _PinnedAdapter(conn.pinned, pool_maxsize=pool_size)
             else:
                 own = ContextAdapter(self._raw.context, pool_maxsize=pool_size)
-            self._session.mount("https://", _OtherHostAdapter())
+            # Any other host (a redirect's): the system's CAs, and no client key in the TLS context.
+            self._session.mount("https://", ContextAdapter(ssl.create_default_context()))
             self._session.mount(root + "/", own)  # the longest prefix wins: the server's own URLs
         else:
             raise ValueError("either a socket or a URL is needed")
