@@ -123,7 +123,7 @@ def test_an_endless_json_answer_is_refused_past_the_cap(hostile):
 
 
 def test_an_answer_declared_too_large_is_not_read(hostile):
-    with pytest.raises(TooLarge):
+    with pytest.raises(TooLarge, match="the answer says it is 1099511627776 bytes"):
         hostile.image("declared")
 
 
