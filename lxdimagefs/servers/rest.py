@@ -7,6 +7,7 @@ what an answer means; there, which endpoints the filesystem uses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -166,7 +167,9 @@ class RestSession:
             log.debug("%s %s", method, path)
             kwargs["timeout"] = backoff.clamp(kwargs.get("timeout") or self.conn.timeout)
             try:
-                seconds = max(backoff.left(), self.conn.timeout[1]) + DEADLINE_GRACE
+                # An upload's body may take minutes to send: it has the per-read timeout alone.
+                whole = max(backoff.left(), self.conn.timeout[1]) + DEADLINE_GRACE
+                seconds = None if "data" in kwargs else whole
                 resp = self._send(method, url, stream, seconds, headers=headers, **kwargs)
             except requests.RequestException as e:
                 if (refused := tls_refusal(e)) is not None:
@@ -184,16 +187,17 @@ class RestSession:
                 continue
             raise err
 
-    def _send(self, method: str, url: str, stream: bool, seconds: float, **kwargs: Any) -> requests.Response:
+    def _send(self, method: str, url: str, stream: bool, seconds: float | None, **kwargs: Any
+              ) -> requests.Response:
         """One try: its answer, and its body unless streamed, within `seconds` (else Overdue)."""
-        with WATCHDOG.call(seconds) as call:
+        with WATCHDOG.call(seconds) if seconds else contextlib.nullcontext(None) as call:
             try:
                 resp = self._session.request(method, url, stream=True, verify=self._verify, **kwargs)
                 if resp.status_code < 400 and not stream:
                     resp._content = read_capped(resp, JSON_CAP, f"{method} {url}")
                 return resp
             except requests.RequestException as e:
-                if call.expired:
+                if call is not None and call.expired:
                     raise Overdue(f"LXD at {self.conn.describe()} did not finish answering within "
                                   f"{seconds:.0f} s (-o timeout)") from e
                 raise
