@@ -28,7 +28,7 @@ else:
 # libfuse 3 keeps at most 10 worker threads unless told otherwise (and mfusepy's call of
 # fuse_main_real passes an unset idle count that 3.14 rejects with "Ignoring invalid max threads
 # value 4294967295"). A read waiting on a stalled server holds its worker for up to the timeout, so
-# ten such reads used to leave no thread for a `stat` (23 s measured). 256 threads blocked cost
+# ten such reads used to leave no thread for a `stat` (23 s measured). 200 blocked threads cost
 # about 5 MiB of RSS (docs/RELIABILITY.md); idle ones beyond 16 exit.
 MAX_THREADS = 256
 MAX_IDLE_THREADS = 16
