@@ -87,8 +87,22 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             self.end_headers()
         elif self.path.startswith("/1.0/images/erring"):
             self._endless(500, 1 << 30)
+        elif self.path.startswith("/1.0/images/dripping"):
+            self._drip()
         elif self.path.startswith(f"/1.0/images/{FP}/export"):
             self._split_export()
+
+    def _drip(self) -> None:
+        self.send_response(500)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.5)  # each byte well within the 5 s read timeout
+        except OSError:
+            pass
 
     def _split_export(self) -> None:
         parts = [b"--B\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n\r\n%s\r\n"
@@ -133,6 +147,15 @@ def test_an_endless_error_body_gives_its_start_and_the_status(hostile):
         hostile.image("erring")
     assert e.value.status == 500 and len(e.value.message) <= ERROR_BODY_CAP
     assert _Hostile.sent < (16 << 20) and time.monotonic() - started < 5
+
+
+def test_a_dripping_answer_ends_at_the_calls_deadline(hostile):
+    """A byte every 0.5 s resets the 5 s read timeout for 500 s; the call's deadline (the 5 s
+    timeout + 1 s) ends it."""
+    started = time.monotonic()
+    with pytest.raises(LXDError, match="did not finish answering"):
+        hostile.image("dripping")
+    assert time.monotonic() - started < 9
 
 
 def test_a_split_export_larger_than_its_record_is_refused_and_leaves_nothing(hostile, tmp_path):

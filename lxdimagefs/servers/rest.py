@@ -193,14 +193,21 @@ class RestSession:
         with WATCHDOG.call(seconds) if seconds else contextlib.nullcontext(None) as call:
             try:
                 resp = self._session.request(method, url, stream=True, verify=self._verify, **kwargs)
-                if resp.status_code < 400 and not stream:
+                if resp.status_code >= 400:  # the message, read within the deadline too
+                    resp._content = error_body(resp)
+                elif not stream:
                     resp._content = read_capped(resp, JSON_CAP, f"{method} {url}")
-                return resp
             except requests.RequestException as e:
                 if call is not None and call.expired:
-                    raise Overdue(f"LXD at {self.conn.describe()} did not finish answering within "
-                                  f"{seconds:.0f} s (-o timeout)") from e
+                    raise self._overdue(seconds) from e
                 raise
+            if call is not None and call.expired:  # an error body cut short: the deadline, not the status
+                raise self._overdue(seconds)
+            return resp
+
+    def _overdue(self, seconds: float | None) -> Overdue:
+        return Overdue(f"LXD at {self.conn.describe()} did not finish answering within "
+                       f"{seconds or 0:.0f} s (-o timeout)")
 
     def _sync(self, method: str, path: str, **kwargs: Any) -> Any:
         body = json_body(self._request(method, path, **kwargs), path)
@@ -244,7 +251,7 @@ class RestSession:
 
 
 def _error_from(resp: requests.Response) -> LXDError:
-    return error_from_body(resp.status_code, resp.reason, error_body(resp))
+    return error_from_body(resp.status_code, resp.reason, resp.content)  # read by _send, capped
 
 
 def json_body(resp: requests.Response, path: str) -> dict[str, Any]:
