@@ -723,6 +723,7 @@ def main() -> int:
     p.add_argument("--size-mib", type=int, default=1024, help="size of the large image")
     p.add_argument("--reads-only", action="store_true", help="only the sequential and random reads")
     p.add_argument("--contents-only", action="store_true", help="only what is inside images")
+    p.add_argument("--listing-only", action="store_true", help="only listing --many images")
     p.add_argument("--remotes-only", action="store_true",
                    help="only copies between servers, simplestreams, and Incus")
     args = p.parse_args()
@@ -737,6 +738,9 @@ def main() -> int:
     try:
         if args.contents_only:
             bench_contents(box, work)
+        elif args.listing_only:
+            make_many(box, args.many)
+            bench_listing(box, args.many)
         elif args.remotes_only:
             bench_remotes(work, args.size_mib)
             bench_incus(work, args.size_mib)

@@ -89,6 +89,11 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             self._endless(500, 1 << 30)
         elif self.path.startswith("/1.0/images/dripping"):
             self._drip()
+        elif self.path.startswith("/1.0/images/slow"):
+            time.sleep(0.5)  # as LXD 5.0 takes ~1.2 ms an image to list them
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif self.path.startswith(f"/1.0/images/{FP}/export"):
             self._split_export()
 
@@ -156,6 +161,15 @@ def test_a_dripping_answer_ends_at_the_calls_deadline(hostile):
     with pytest.raises(LXDError, match="did not finish answering"):
         hostile.image("dripping")
     assert time.monotonic() - started < 9
+
+
+def test_a_call_without_retries_has_the_whole_timeout(hostile):
+    """Mounting tries once (no budget to retry in): that one try used to get a 0.1 s read
+    timeout, so a server with 1,000 images (1.2 s to list) could not be mounted."""
+    hostile.patience = 0.0
+    with pytest.raises(LXDError) as e:
+        hostile.image("slow")
+    assert e.value.status == 404  # its answer, not "did not answer"
 
 
 def test_a_split_export_larger_than_its_record_is_refused_and_leaves_nothing(hostile, tmp_path):

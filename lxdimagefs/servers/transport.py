@@ -58,6 +58,7 @@ class Backoff:
     FIRST, MOST = 0.1, 2.0
 
     def __init__(self, budget: float) -> None:
+        self.budget = budget
         self.deadline = time.monotonic() + budget
         self.delay = self.FIRST
         self.tries = 0
@@ -66,7 +67,10 @@ class Backoff:
         return self.deadline - time.monotonic()
 
     def clamp(self, timeout: tuple[float, float]) -> tuple[float, float]:
-        """A (connect, read) timeout that ends no later than the budget (a frozen LXD: one timeout)."""
+        """A (connect, read) timeout that ends no later than the budget (a frozen LXD: one timeout).
+        No budget (mounting: no retries) is one try with the whole timeout, not a 0.1 s one."""
+        if self.budget <= 0:
+            return timeout
         left = max(self.left(), 0.1)
         return min(timeout[0], left), min(timeout[1], left)
 
