@@ -104,7 +104,8 @@ class Watchdog:
             if self._thread is None:  # made on first use: the daemon forks after start-up
                 self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0][2] is call:  # the earliest now: the thread sleeps until it (else: no wake)
+                self._cond.notify()
         try:
             yield call
         finally:
