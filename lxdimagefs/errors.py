@@ -61,6 +61,19 @@ class LXDUnreachable(LXDError):
         return True
 
 
+class LXDTLSError(LXDError):
+    """TLS with the server failed its checks: its certificate is not the pinned one or not signed
+    by a CA we trust, or it refused ours. Not an outage: never retried, and `EACCES` (the server
+    is not trusted, as LXD's 403 says we are not), with the reason in the log."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 0)
+
+    @property
+    def errno(self) -> int:
+        return errno.EACCES
+
+
 class IntegrityError(OSError):
     """Bytes read from LXD that do not hash to the image's fingerprint."""
 

@@ -787,6 +787,7 @@ def main() -> int:
     p.add_argument("--contents-only", action="store_true", help="only what is inside images")
     p.add_argument("--cluster-only", action="store_true",
                    help="only reads through a cluster member that does not hold the image")
+    p.add_argument("--listing-only", action="store_true", help="only listing --many images")
     p.add_argument("--remotes-only", action="store_true",
                    help="only copies between servers, simplestreams, and Incus")
     p.add_argument("--imports-only", action="store_true",
@@ -810,6 +811,9 @@ def main() -> int:
             bench_contents(box, work)
         elif args.cluster_only:
             bench_cluster_section(work, args.size_mib)
+        elif args.listing_only:
+            make_many(box, args.many)
+            bench_listing(box, args.many)
         elif args.remotes_only:
             bench_remotes(work, args.size_mib)
             bench_incus(work, args.size_mib)

@@ -26,6 +26,7 @@ class Rule:
     cut_request_after: int | None = None  # request bytes to pass (an upload) before closing both
     times: int = 1  # how many requests it applies to (-1: until cleared)
     before: Callable[[], object] | None = None  # run before the request is forwarded
+    trickle: float = 0.0  # seconds between response bytes, each sent alone (a server that drips)
 
 
 class FaultProxy:
@@ -122,6 +123,11 @@ class FaultProxy:
                 rule: Rule | None = state["rule"]
                 if rule is not None and rule.delay and state["sent"] == 0:
                     time.sleep(rule.delay)
+                if rule is not None and rule.trickle:
+                    for i in range(len(data)):
+                        client.sendall(data[i:i + 1])
+                        time.sleep(rule.trickle)
+                    continue
                 if rule is not None and rule.cut_after is not None:
                     room = rule.cut_after - state["sent"]
                     if room <= len(data):

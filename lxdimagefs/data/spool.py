@@ -43,8 +43,9 @@ class SplitSpool:
         """A spool file, named by its key (server and fingerprint), never by what a server sent."""
         return self.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.{suffix}"
 
-    def paths(self, fp: str) -> list[Path]:
-        """The local files of both parts: this mount's spool, the disk cache's, or downloaded now."""
+    def paths(self, fp: str, size: int) -> list[Path]:
+        """The local files of both parts: this mount's spool, the disk cache's, or downloaded now;
+        `size` is both parts' total as the image's record gives it, and a download past it is refused."""
         final = [self._named(fp, str(i)) for i in range(2)]
         if all(p.exists() for p in final):
             return final
@@ -55,7 +56,7 @@ class SplitSpool:
             if kept is not None:
                 return kept
             if not all(p.exists() for p in final):
-                self._download(fp, final)
+                self._download(fp, final, size)
                 if self.disk is not None:
                     self.disk.keep_parts(fp, final)
         return final
@@ -97,7 +98,7 @@ class SplitSpool:
             os.close(fd)
             tmp.unlink(missing_ok=True)
 
-    def _download(self, fp: str, final: list[Path]) -> None:
+    def _download(self, fp: str, final: list[Path], size: int) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = [p.with_suffix(p.suffix + ".part") for p in final]
         writer = PartWriter()
@@ -109,10 +110,19 @@ class SplitSpool:
             fds.append(os.open(tmp[len(fds)], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
             writer.start(fds[-1])
 
+        got = 0
+
+        def add(piece: memoryview) -> None:  # a server that sends more than the record says: refused
+            nonlocal got
+            got += len(piece)
+            if got > size:
+                raise LXDError(f"LXD's split export of {fp} is larger than the {size} bytes its record gives")
+            writer.add(piece)
+
         self.downloads += 1
         try:
             with self.client.export_stream(fp) as resp:
-                PartStream(resp.headers.get("Content-Type", ""), begin, writer.add,
+                PartStream(resp.headers.get("Content-Type", ""), begin, add,
                            writer.flush).feed(RestSession.iter_chunks(resp))
             digest = writer.finish()
             if len(fds) != 2:

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache
+from lxdimagefs.data.coverage import Coverage
 from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.errors import IntegrityError
 from lxdimagefs.keys import ObjectKey, Sha256
@@ -27,46 +28,6 @@ from lxdimagefs.keys import ObjectKey, Sha256
 log = logging.getLogger(__name__)
 
 HASH_BATCH = 4 * BLOCK  # bytes per sha256 update (see Verifier.update)
-
-
-class Coverage:
-    """Which bytes of a file readers were given: a flag per whole block, ranges for the rest."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.blocks = max(1, (total + BLOCK - 1) // BLOCK)
-        self._full = bytearray(self.blocks)
-        self._done = 0
-        self._partial: dict[int, list[tuple[int, int]]] = {}
-
-    @property
-    def complete(self) -> bool:
-        return self._done == self.blocks
-
-    def add(self, offset: int, end: int) -> None:
-        for index in range(offset // BLOCK, (max(end, offset + 1) - 1) // BLOCK + 1):
-            if index >= self.blocks or self._full[index]:
-                continue
-            base = index * BLOCK
-            length = min(BLOCK, self.total - base)
-            lo, hi = max(offset - base, 0), min(end - base, length)
-            spans = _merge(self._partial.get(index, []), lo, hi)
-            if spans == [(0, length)] or length == 0:
-                self._partial.pop(index, None)
-                self._full[index] = 1
-                self._done += 1
-            else:
-                self._partial[index] = spans
-
-
-def _merge(spans: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted([*spans, (lo, hi)]):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 class Verifier:

@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     from lxdimagefs.data.diskcache import CacheRefused, DiskCache
     from lxdimagefs.mount.assemble import Settings, assemble
     from lxdimagefs.mount.fuse_ops import LXDImageOps
-    from lxdimagefs.mount.fusebind import FUSE
+    from lxdimagefs.mount.fusebind import FUSE, worker_options
 
     disk = None
     if own.get("cache_max", None) != 0:
@@ -416,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     # its file's number, as tar, du and rsync -H need to see it as one file.
     fuse_opts.setdefault("use_ino", True)
     fuse_opts.setdefault("subtype", "lxdimagefs")
+    for key, value in worker_options().items():
+        fuse_opts.setdefault(key, value)
     log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None], mountpoint)
     try:

@@ -45,6 +45,22 @@ else:
 
 
 
+# libfuse 3 keeps at most 10 worker threads unless told otherwise (and mfusepy's call of
+# fuse_main_real passes an unset idle count that 3.14 rejects with "Ignoring invalid max threads
+# value 4294967295"). A read waiting on a stalled server holds its worker for up to the timeout, so
+# ten such reads used to leave no thread for a `stat` (23 s measured). 200 blocked threads cost
+# about 5 MiB of RSS (docs/RELIABILITY.md); idle ones beyond 16 exit.
+MAX_THREADS = 256
+MAX_IDLE_THREADS = 16
+
+
+def worker_options() -> dict[str, object]:
+    """The FUSE options that size libfuse's worker pool, where the binding takes them."""
+    if LIBFUSE != 3 or BINDING == "fusepy":
+        return {}  # libfuse 2 takes neither option
+    return {"max_threads": MAX_THREADS, "max_idle_threads": MAX_IDLE_THREADS}
+
+
 def path_invalidator() -> Callable[[str], None] | None:
     """A function that drops the kernel's cached entry and attributes of a path.
 
@@ -92,4 +108,4 @@ def raise_readahead(mountpoint: str, kib: int = 1024) -> bool:
 
 
 __all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "path_invalidator",
-           "raise_readahead"]
+           "raise_readahead", "worker_options"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import websocket
 
 from lxdimagefs.keys import Fingerprint
+from lxdimagefs.servers.bounded import cap_frames
 from lxdimagefs.servers.lxd import LXDClient
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class EventWatcher:
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                self._ws = self.client.lifecycle_events(self.timeout, self.all_projects)
+                self._ws = cap_frames(self.client.lifecycle_events(self.timeout, self.all_projects))
                 self._ws.settimeout(self.ping)  # events come when they come; pings keep it honest
                 self.live.set()
                 self.on_connect()  # whatever changed before the stream opened

@@ -7,6 +7,7 @@ what an answer means; there, which endpoints the filesystem uses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -22,12 +23,22 @@ from requests_unixsocket.adapters import UnixHTTPConnectionPool
 from urllib3.connectionpool import HTTPConnectionPool
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
-from lxdimagefs.servers.transport import Backoff, Connection, ContextAdapter, RawConnections, error_from_body
+from lxdimagefs.servers.bounded import JSON_CAP, WATCHDOG, Overdue, error_body, read_capped, watch_pools
+from lxdimagefs.servers.transport import (
+    Backoff,
+    Connection,
+    ContextAdapter,
+    RawConnections,
+    error_from_body,
+    tls_error,
+    tls_refusal,
+)
 
 # Every request line (--debug) carries one logger name, whichever module sends it: the client.
 log = logging.getLogger("lxdimagefs.client")
 
 OPERATION_POLL = 30  # seconds LXD holds one wait for an operation that is still running
+DEADLINE_GRACE = 1.0  # seconds past the retry budget: an operation wait LXD ends at the timeout itself
 
 
 def certificate_fingerprint(pem_file: str) -> str:
@@ -47,6 +58,24 @@ class _PinnedAdapter(requests.adapters.HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["assert_fingerprint"] = self._fingerprint
         super().init_poolmanager(*args, **kwargs)
+        watch_pools(self.poolmanager)
+
+
+class _Session(requests.Session):
+    """The client certificate goes to the server's own URL alone, so a redirect to another host
+    carries none; another host is verified with the system's CAs even where the server's own
+    certificate is pinned instead."""
+
+    def __init__(self, own: str, cert: tuple[str, str] | None) -> None:
+        super().__init__()
+        self.own, self.client_cert = own, cert
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        if (request.url or "").startswith(self.own):
+            kwargs["cert"] = self.client_cert
+        else:
+            kwargs["cert"], kwargs["verify"] = None, True
+        return super().send(request, **kwargs)
 
 
 class _SocketPool(UnixHTTPConnectionPool):
@@ -54,6 +83,11 @@ class _SocketPool(UnixHTTPConnectionPool):
         HTTPConnectionPool.__init__(self, "localhost", timeout=timeout, maxsize=maxsize)
         self.socket_path = socket_url
         self.timeout = timeout
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)
+        WATCHDOG.attach(conn)  # the call's deadline can cut it
+        return conn
 
 
 class _SocketAdapter(requests_unixsocket.UnixAdapter):
@@ -81,21 +115,24 @@ class RestSession:
 
     def __init__(self, conn: Connection, pool_size: int = 16) -> None:
         self.conn = conn
-        self._session = requests.Session()
         self._verify: bool | None = None  # None: requests' default, the system's CAs
         self._raw = RawConnections(conn, pool_size)
         if conn.socket:
             root = "http+unix://" + urllib.parse.quote(conn.socket, safe="")
+            self._session = _Session(root + "/", None)
             self._session.mount("http+unix://", _SocketAdapter(pool_size))
         elif conn.url:
             root = conn.url.rstrip("/")
-            self._session.cert = conn.cert
+            self._session = _Session(root + "/", conn.cert)
             if conn.pinned:
                 # Like lxc, trust exactly the server certificate the user gave, whatever name it bears.
                 self._verify = False
-                self._session.mount("https://", _PinnedAdapter(conn.pinned, pool_maxsize=pool_size))
+                own: requests.adapters.HTTPAdapter = _PinnedAdapter(conn.pinned, pool_maxsize=pool_size)
             else:
-                self._session.mount("https://", ContextAdapter(self._raw.context, pool_maxsize=pool_size))
+                own = ContextAdapter(self._raw.context, pool_maxsize=pool_size)
+            # Any other host (a redirect's): the system's CAs, and no client key in the TLS context.
+            self._session.mount("https://", ContextAdapter(ssl.create_default_context()))
+            self._session.mount(root + "/", own)  # the longest prefix wins: the server's own URLs
         else:
             raise ValueError("either a socket or a URL is needed")
         self._base = root + "/1.0"
@@ -132,9 +169,13 @@ class RestSession:
             log.debug("%s %s", method, path)
             kwargs["timeout"] = backoff.clamp(kwargs.get("timeout") or self.conn.timeout)
             try:
-                resp = self._session.request(method, url, stream=stream, headers=headers,
-                                             verify=self._verify, **kwargs)
+                # An upload's body may take minutes to send: it has the per-read timeout alone.
+                whole = max(backoff.left(), self.conn.timeout[1]) + DEADLINE_GRACE
+                seconds = None if "data" in kwargs else whole
+                resp = self._send(method, url, stream, seconds, headers=headers, **kwargs)
             except requests.RequestException as e:
+                if (refused := tls_refusal(e)) is not None:
+                    raise tls_error(self.conn.describe(), refused) from e
                 err: LXDError = LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}")
                 if retry == "all" or (retry == "connect" and _not_connected(e)):
                     backoff.pause(err, f"{method} {path}")
@@ -147,6 +188,28 @@ class RestSession:
                 backoff.pause(err, f"{method} {path}")
                 continue
             raise err
+
+    def _send(self, method: str, url: str, stream: bool, seconds: float | None, **kwargs: Any
+              ) -> requests.Response:
+        """One try: its answer, and its body unless streamed, within `seconds` (else Overdue)."""
+        with WATCHDOG.call(seconds) if seconds else contextlib.nullcontext(None) as call:
+            try:
+                resp = self._session.request(method, url, stream=True, verify=self._verify, **kwargs)
+                if resp.status_code >= 400:  # the message, read within the deadline too
+                    resp._content = error_body(resp)
+                elif not stream:
+                    resp._content = read_capped(resp, JSON_CAP, f"{method} {url}")
+            except requests.RequestException as e:
+                if call is not None and call.expired:
+                    raise self._overdue(seconds) from e
+                raise
+            if call is not None and call.expired:  # an error body cut short: the deadline, not the status
+                raise self._overdue(seconds)
+            return resp
+
+    def _overdue(self, seconds: float | None) -> Overdue:
+        return Overdue(f"LXD at {self.conn.describe()} did not finish answering within "
+                       f"{seconds or 0:.0f} s (-o timeout)")
 
     def _sync(self, method: str, path: str, **kwargs: Any) -> Any:
         body = json_body(self._request(method, path, **kwargs), path)
@@ -198,9 +261,7 @@ class RestSession:
 
 
 def _error_from(resp: requests.Response) -> LXDError:
-    err = error_from_body(resp.status_code, resp.reason, resp.content)
-    resp.close()
-    return err
+    return error_from_body(resp.status_code, resp.reason, resp.content)  # read by _send, capped
 
 
 def json_body(resp: requests.Response, path: str) -> dict[str, Any]:

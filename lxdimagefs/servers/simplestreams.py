@@ -12,6 +12,7 @@ block cache.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import platform
 import threading
@@ -24,8 +25,17 @@ import requests
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.keys import BadKey, FileDigest, Fingerprint
+from lxdimagefs.servers.bounded import JSON_CAP, WATCHDOG, Overdue, read_capped
 from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, warn_once
-from lxdimagefs.servers.transport import Backoff, Connection, ContextAdapter, ExportStream, RawConnections
+from lxdimagefs.servers.transport import (
+    Backoff,
+    Connection,
+    ContextAdapter,
+    ExportStream,
+    RawConnections,
+    tls_error,
+    tls_refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +87,26 @@ class StreamsClient:
         backoff = Backoff(self.patience)
         while True:
             log.debug("GET %s/%s", self.base, path)
-            try:
-                resp = self._session.get(f"{self.base}/{path}", timeout=self.conn.timeout)
-            except requests.RequestException as e:
-                backoff.pause(LXDUnreachable(f"{self.base} did not answer: {e}"), f"GET {path}")
-                continue
+            url = f"{self.base}/{path}"
+            with WATCHDOG.call(max(backoff.left(), self.conn.timeout[1])) as call:  # a trickle: cut
+                try:
+                    resp = self._session.get(url, timeout=backoff.clamp(self.conn.timeout), stream=True)
+                    body = read_capped(resp, JSON_CAP, url) if resp.status_code == 200 else b""
+                except requests.RequestException as e:
+                    if (refused := tls_refusal(e)) is not None:
+                        raise tls_error(self.base, refused) from e
+                    if call.expired:
+                        raise Overdue(f"{url} did not finish answering in time (-o timeout)") from e
+                    backoff.pause(LXDUnreachable(f"{self.base} did not answer: {e}"), f"GET {path}")
+                    continue
+            resp.close()
             if resp.status_code in (502, 503, 504):
                 backoff.pause(LXDError(f"{self.base}/{path}: {resp.status_code}", resp.status_code), path)
                 continue
             if resp.status_code != 200:
                 raise LXDError(f"{self.base}/{path}: {resp.status_code} {resp.reason}", resp.status_code)
             try:
-                return resp.json()
+                return json.loads(body)
             except ValueError as e:
                 raise LXDError(f"{self.base}/{path} is not JSON", 500) from e
 
@@ -163,39 +181,51 @@ def _time(serial: str) -> str:
     return day.strftime("%Y-%m-%dT%H:%M:%SZ") if serial[:8].isdigit() else ""
 
 
+Found = tuple[str, dict[str, Any], dict[str, Any], ExportLayout]  # (created, product, record, layout)
+
+
 def parse_products(products: dict[str, Any], where: str = "the index") -> Listing:
     """Image records, export layouts and file paths from a products file's `products`.
 
-    An item whose hashes are not sha256s, or that lacks a field, is skipped with a
-    warning: the rest of the listing stands.
+    An item whose hashes are not sha256s, or that lacks a field, is skipped with a warning, and
+    so is a product the index describes badly: the rest of the listing stands.
     """
-    found: list[tuple[str, dict[str, Any], dict[str, Any], ExportLayout]] = []
+    found: list[Found] = []
     paths: dict[FileDigest, str] = {}
-    for product in products.values():
-        arch = ARCHES.get(product.get("arch", ""), product.get("arch", ""))
-        for serial, version in (product.get("versions") or {}).items():
-            created = _time(serial)
-            if not created:
-                continue
-            items = version.get("items") or {}
-            for meta in items.values():
-                if meta.get("ftype") == "lxd_combined.tar.gz":
-                    pairs = [(meta, None)]
-                elif meta.get("ftype") == "lxd.tar.xz":
-                    pairs = [(meta, root) for root in items.values() if root.get("ftype") in ROOT_TYPES]
-                else:
-                    continue
-                for m, root in pairs:
-                    try:
-                        made = _image(product, arch, serial, created, version, m, root)
-                    except (BadKey, KeyError, TypeError, ValueError, AttributeError) as e:
-                        warn_once(f"skipped an item of {where} (version {serial}): {e}")
-                        continue
-                    found.append((created, product, *made))
-                    for part in made[1].parts:
-                        if part.key is not None:  # every part of an index's image has its sha256
-                            paths[part.key] = part.path
+    for name, product in products.items():
+        try:
+            _add_product(product, found, paths, where)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:  # not an object where one belongs
+            warn_once(f"skipped product {name} of {where}, which the index describes badly: {e!r}")
     return _with_aliases(found, paths)
+
+
+def _add_product(product: dict[str, Any], found: list[Found], paths: dict[FileDigest, str],
+                 where: str) -> None:
+    """One product's images into `found`, their files into `paths`; a malformed item is skipped."""
+    arch = ARCHES.get(product.get("arch", ""), product.get("arch", ""))
+    for serial, version in (product.get("versions") or {}).items():
+        created = _time(serial)
+        if not created:
+            continue
+        items = version.get("items") or {}
+        for meta in items.values():
+            if meta.get("ftype") == "lxd_combined.tar.gz":
+                pairs = [(meta, None)]
+            elif meta.get("ftype") == "lxd.tar.xz":
+                pairs = [(meta, root) for root in items.values() if root.get("ftype") in ROOT_TYPES]
+            else:
+                continue
+            for m, root in pairs:
+                try:
+                    made = _image(product, arch, serial, created, version, m, root)
+                except (BadKey, KeyError, TypeError, ValueError, AttributeError) as e:  # one bad item
+                    warn_once(f"skipped an item of {where} (version {serial}): {e}")
+                    continue
+                found.append((created, product, *made))
+                for part in made[1].parts:
+                    if part.key is not None:  # every part of an index's image has its sha256
+                        paths[part.key] = part.path
 
 
 def _image(product: dict[str, Any], arch: str, serial: str, created: str, version: dict[str, Any],

@@ -23,7 +23,8 @@ from typing import Any
 
 import requests.adapters
 
-from lxdimagefs.errors import LXDError, LXDUnreachable
+from lxdimagefs.errors import LXDError, LXDTLSError, LXDUnreachable
+from lxdimagefs.servers.bounded import watch_pools
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("lxdimagefs.client")  # request lines under the client's name, as rest.py
@@ -62,6 +63,7 @@ class Backoff:
     FIRST, MOST = 0.1, 2.0
 
     def __init__(self, budget: float) -> None:
+        self.budget = budget
         self.deadline = time.monotonic() + budget
         self.delay = self.FIRST
         self.tries = 0
@@ -90,6 +92,37 @@ class Backoff:
         self.tries += 1
         time.sleep(min(self.delay * random.uniform(0.5, 1.0), left))
         self.delay = min(self.delay * 2, self.MOST)
+
+
+# What a failed certificate check says, on our side (verify, pin) or in the server's alert.
+_TLS_REFUSALS = ("certificate verify failed", "fingerprints did not match", "not the pinned one",
+                 "alert bad certificate", "alert certificate unknown", "alert unknown ca",
+                 "certificate required", "alert access denied")
+_tls_logged: set[str] = set()
+
+
+def tls_refusal(exc: BaseException) -> str | None:
+    """Why TLS refused the peer (or the peer us), from the innermost error that says; None for a
+    connection that failed otherwise."""
+    seen: BaseException | None = exc
+    reason = None
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            reason = f"certificate verify failed: {seen.verify_message}"
+        elif any(t in str(seen).lower() for t in _TLS_REFUSALS):
+            reason = str(seen)
+        nested = [a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)]
+        seen = nested[0] if nested else (seen.__cause__ or seen.__context__)
+    return reason
+
+
+def tls_error(server: str, reason: str) -> LXDTLSError:
+    """The error for a TLS refusal, logged once per server for the daemon's life."""
+    err = LXDTLSError(f"TLS with {server} failed, so it is not trusted: {reason}")
+    if server not in _tls_logged:
+        _tls_logged.add(server)
+        log.error("%s (not retried; EACCES until the certificates agree)", err.message)
+    return err
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -138,6 +171,7 @@ class ContextAdapter(requests.adapters.HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["ssl_context"] = self._context
         super().init_poolmanager(*args, **kwargs)
+        watch_pools(self.poolmanager)
 
 
 class RawConnections:
@@ -183,6 +217,8 @@ class RawConnections:
             resp = http_conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             http_conn.close()
+            if (refused := tls_refusal(e)) is not None:
+                raise tls_error(self.conn.describe(), refused) from e
             if not fresh:  # an idle connection the server had closed: try once on a new one
                 return self.open(target, headers, start, end, timeout)
             raise LXDUnreachable(f"LXD at {self.conn.describe()} did not answer: {e}") from e

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lxdimagefs.errors import LXDUnreachable, fs_error
+from lxdimagefs.errors import LXDTLSError, LXDUnreachable, fs_error
 from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
 from lxdimagefs.fs.node import Attr, Context
 from lxdimagefs.servers.pull import Source
@@ -42,25 +42,34 @@ class Slot:
         self.reachable = reachable
         self.source = source  # (fingerprint, alias) -> how another server gets that image
         self.down = False
+        self.refused: LXDTLSError | None = None  # down because TLS failed: its folder says so
         self._retry_at = 0.0
         self._lock = threading.Lock()
 
     def up(self) -> bool:
         if not self.down:
             return True
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            return False  # another call is asking the server: this one does not wait for it
+        try:
             if self.down and time.monotonic() >= self._retry_at:
                 if self.reachable():
-                    self.down = False
+                    self.down, self.refused = False, None
                     self.tree.invalidate()
                     log.info("remote %s answers again", self.name)
                 else:
                     self._retry_at = time.monotonic() + self.RETRY
+        finally:
+            self._lock.release()
         return not self.down
 
     def failed(self, e: Exception) -> None:
         with self._lock:
-            if not self.down:
+            if isinstance(e, LXDTLSError):
+                if self.refused is None:
+                    log.warning("remote %s: its folder answers EACCES until TLS with it succeeds", self.name)
+                self.refused = e
+            elif not self.down:
                 log.warning("remote %s does not answer (%s): its folder is empty until it does", self.name, e)
             self.down = True
             self._retry_at = time.monotonic() + self.RETRY
@@ -114,6 +123,8 @@ class Forest(OpenFiles):
                 raise fs_error(errno.ENOENT, path)
             if call == "getattr":
                 return self.ctx.dir(self.ctx.started)
+            if slot.refused is not None:  # not an outage: say so, rather than show an empty folder
+                raise fs_error(slot.refused.errno, path, slot.refused.message)
             if call == "readdir":
                 return []
             if call == "listxattrs":
@@ -123,7 +134,7 @@ class Forest(OpenFiles):
             raise fs_error(errno.ENOENT, path)
         try:
             return getattr(slot.tree, call)(sub, *args)
-        except LXDUnreachable as e:
+        except (LXDUnreachable, LXDTLSError) as e:
             slot.failed(e)
             raise
 

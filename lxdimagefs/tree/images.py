@@ -124,8 +124,8 @@ class ImagesNode(Node):
         if part.key is not None:  # a file read on its own, checked against its own sha256
             return UnifiedHandle(self.exports.unified(part.key, part.size), opener=pid)
         if self.catalog.layout(image.fingerprint).split:
-            return FileHandle(str(self.exports.spool.paths(image.fingerprint)[index]), opener=pid,
-                              verified=True)
+            return FileHandle(str(self.exports.spool.paths(image.fingerprint, image.size)[index]),
+                              opener=pid, verified=True)
         return UnifiedHandle(self.exports.unified(image.fingerprint, part.size), opener=pid)
 
     def _open_for_writing(self, rest: list[str], flags: int, pid: int) -> Handle:

@@ -1,0 +1,133 @@
+"""Issue 17: a mount stays responsive while the server stalls, and a hostile server cannot exhaust it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from faultproxy import FaultProxy, Rule
+from mounts import mounted, unmount
+from streams_server import LoopbackCA, StreamsServer
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
+
+@pytest.fixture()
+def proxy(sandbox, tmp_path):
+    p = FaultProxy(sandbox.socket, str(tmp_path / "proxy.socket"))
+    yield p
+    p.close()
+
+
+def _export(m, fp):
+    folder = m.path / "by-fingerprint" / fp
+    return folder / next(n for n in os.listdir(folder) if n != "metadata.json")
+
+
+def _timed(call) -> float:
+    started = time.monotonic()
+    call()
+    return time.monotonic() - started
+
+
+def test_listings_and_lookups_stay_fast_while_16_readers_wait_on_a_stalled_export(
+        sandbox, images, proxy, tmp_path):
+    """Issue 17.7: libfuse kept 10 workers, so 10 reads waiting on LXD left none for a `stat`
+    (23 s measured). Costs about 20 s: the stalled answers are let go after 12 s."""
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "timeout=30") as m:
+        path = _export(m, images.fps["plain"])
+        proxy.add(Rule("/export", delay=12, times=-1))
+        readers = [subprocess.Popen(["cat", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   for _ in range(16)]
+        try:
+            deadline = time.monotonic() + 5
+            while not proxy.applied and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proxy.applied, "no export request reached the server"
+            time.sleep(1.0)  # every reader is in its read by now
+            calls = {
+                "stat by-alias": lambda: os.stat(m.path / "by-alias"),
+                "ls by-alias": lambda: os.listdir(m.path / "by-alias"),
+                "stat by-alias/plain": lambda: os.lstat(m.path / "by-alias" / "plain"),
+                "stat by-alias/<new name>": lambda: os.path.lexists(m.path / "by-alias" / "no-such-alias"),
+                "stat import": lambda: os.stat(m.path / "import"),
+                "ls import": lambda: os.listdir(m.path / "import"),
+                "ls by-fingerprint": lambda: os.listdir(m.path / "by-fingerprint"),
+            }
+            took = {name: _timed(call) for name, call in calls.items()}
+            assert all(r.poll() is None for r in readers), "the readers were not stalled"
+            lines = Path(f"/proc/{m.proc.pid}/status").read_text().splitlines()
+            status = dict(line.split(":", 1) for line in lines)
+            print(f"while 16 readers wait: {max(took.values()) * 1000:.0f} ms at most ({took}); daemon "
+                  f"threads {status['Threads'].strip()}, RSS {status['VmRSS'].strip()}")
+            assert max(took.values()) < 1.0, took  # under 100 ms on a quiet machine
+        finally:
+            proxy.clear()
+            for r in readers:
+                r.kill()
+                r.wait()
+
+
+def test_a_trickled_listing_ends_within_the_timeout_and_holds_no_lock_for_ever(
+        sandbox, images, proxy, tmp_path):
+    """Issue 17.8: a byte every 0.3 s resets every read timeout, so the listing (and the catalog
+    lock every `stat` waits on) was held for as long as the server dripped. Costs about 10 s."""
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path,
+                 "-o", "timeout=2,metadata_ttl=0.1,no_events") as m:
+        time.sleep(0.2)
+        proxy.add(Rule("GET /1.0/images?", trickle=0.3, times=-1))
+        started = time.monotonic()
+        runs = [subprocess.Popen(["ls", str(m.path / "by-fingerprint")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE) for _ in range(2)]
+        try:
+            errors = [r.communicate(timeout=20)[1] for r in runs]
+        finally:
+            for r in runs:
+                r.kill()
+        took = time.monotonic() - started
+        assert all(b"Input/output error" in e for e in errors), errors
+        assert took < 8, took  # one deadline (timeout + 1 s) for the first, one for the one that waited
+        assert "did not finish answering" in m.log_text()
+        proxy.clear()
+        time.sleep(0.2)
+        assert images.fps["plain"] in os.listdir(m.path / "by-fingerprint")
+
+
+def test_a_server_whose_certificate_fails_is_its_own_error_not_an_empty_folder(sandbox, tmp_path):
+    """Issue 17.8: TLS that fails (here: a CA nobody trusts) was "does not answer", retried, and the
+    remote's folder silently empty; it is EACCES at once, the reason logged once."""
+    (tmp_path / "www").mkdir()
+    stranger = StreamsServer(tmp_path / "www", LoopbackCA.make(tmp_path / "ca")).start()
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "config.yml").write_text(
+        f"remotes:\n  box:\n    addr: unix://{sandbox.socket}\n    protocol: lxd\n"
+        f"  stranger:\n    addr: {stranger.url}\n    protocol: simplestreams\n    public: true\n")
+    env = {**os.environ, "LXD_CONF": str(conf), "INCUS_CONF": str(tmp_path / "none")}
+    env.pop("SSL_CERT_FILE", None)
+    where, log = tmp_path / "mnt", tmp_path / "log"
+    where.mkdir()
+    try:
+        done = subprocess.run([sys.executable, "-m", "lxdimagefs", "--remote", "stranger", "--remote", "box",
+                               "-o", "timeout=20", "--log-file", str(log), str(where)],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert sorted(os.listdir(where)) == ["box", "stranger"]
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(OSError) as e:
+                os.listdir(where / "stranger")
+            assert e.value.errno == errno.EACCES
+            assert time.monotonic() - started < 2  # not retried for the 20 s timeout
+        text = log.read_text()
+        assert "certificate verify failed" in text and "does not answer" not in text
+        assert text.count("ERROR lxdimagefs.servers.transport: TLS with") == 1, text  # logged once
+        assert os.listdir(where / "box" / "by-fingerprint") is not None  # the other remote serves on
+    finally:
+        unmount(where)
+        stranger.stop()
