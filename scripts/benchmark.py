@@ -689,7 +689,7 @@ def bench_remotes(work: Path, size_mib: int, products: int = 1200) -> None:
         row(f"lxc image list sst: ({products} products)", f"{t_lxc_list:.2f} s", "lxc's simplestreams client")
         from lxdimagefs.servers.catalog import Catalog
         from lxdimagefs.servers.simplestreams import StreamsClient
-        from lxdimagefs.servers.transport import Connection
+        from lxdimagefs.wire.transport import Connection
 
         os.environ["SSL_CERT_FILE"] = str(ca.bundle)
         catalog = Catalog(StreamsClient(Connection(url=streams.url)), ttl=0)

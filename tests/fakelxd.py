@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from lxdimagefs.errors import LXDError
-from lxdimagefs.servers.chunked import ChunkedPost
 from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, images_from, part_name
-from lxdimagefs.servers.transport import Backoff, Connection, ExportStream
+from lxdimagefs.wire.chunked import ChunkedPost
+from lxdimagefs.wire.transport import Backoff, Connection, ExportStream
 
 if TYPE_CHECKING:
     from lxdimagefs.servers.protocol import ImageServer

@@ -12,9 +12,9 @@ import pytest
 from lxd_sandbox import make_unified
 
 from lxdimagefs.errors import LXDError
-from lxdimagefs.servers.chunked import ChunkedPost, _sendmsg_all
 from lxdimagefs.servers.lxd import LXDClient
-from lxdimagefs.servers.transport import Connection
+from lxdimagefs.wire.chunked import ChunkedPost, _sendmsg_all
+from lxdimagefs.wire.transport import Connection
 
 
 def test_a_partly_sent_message_is_sent_to_its_last_byte():

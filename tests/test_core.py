@@ -9,13 +9,13 @@ import threading
 
 import pytest
 
+from lxdimagefs.compose.root import Tree
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import LXDError
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.lxd import LXDClient
-from lxdimagefs.servers.transport import Connection
-from lxdimagefs.tree.root import Tree
+from lxdimagefs.wire.transport import Connection
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 

@@ -19,10 +19,10 @@ from streams_server import LoopbackCA
 
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.errors import LXDError
-from lxdimagefs.servers.bounded import ERROR_BODY_CAP, FRAME_CAP, JSON_CAP, TooLarge, cap_frames
 from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.servers.simplestreams import native_arch, parse_products
-from lxdimagefs.servers.transport import Connection
+from lxdimagefs.wire.bounded import ERROR_BODY_CAP, FRAME_CAP, JSON_CAP, TooLarge, cap_frames
+from lxdimagefs.wire.transport import Connection
 
 
 def _h(label: str) -> str:

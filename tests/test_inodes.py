@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from ratarmountcore.mountsource.formats.tar import SQLiteIndexedTar
 
-from lxdimagefs.tree import inodes
-from lxdimagefs.tree.squashfs import SquashfsRootfs
+from lxdimagefs.contents import inodes
+from lxdimagefs.contents.squashfs import SquashfsRootfs
 
 
 @pytest.fixture(scope="module")

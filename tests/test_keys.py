@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from fakelxd import FakeLXD
 
+from lxdimagefs.compose.root import Tree
+from lxdimagefs.contents.archives import IndexFolder
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.fs import access
 from lxdimagefs.keys import ObjectKey
@@ -18,8 +20,6 @@ from lxdimagefs.servers.catalog import Catalog, LayoutJournal
 from lxdimagefs.servers.events import EventSubject
 from lxdimagefs.servers.records import ExportLayout, ExportPart
 from lxdimagefs.servers.simplestreams import parse_products
-from lxdimagefs.tree.archives import IndexFolder
-from lxdimagefs.tree.root import Tree
 
 HOSTILE = ("aaaaaaaaaaaa/../..", "A" * 64, "a" * 63, "../" + "a" * 61, 12345, None)
 

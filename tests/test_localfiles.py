@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lxdimagefs.data.localfiles import LocalImage, images_folder, open_image
+from lxdimagefs.servers.localfiles import LocalImage, images_folder, open_image
 
 FP = hashlib.sha256(b"an image").hexdigest()
 

@@ -10,9 +10,9 @@ import stat
 import pytest
 from fakelxd import FakeLXD
 
+from lxdimagefs.compose.root import Tree
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.tree.root import Tree
 
 
 @pytest.fixture()

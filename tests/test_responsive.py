@@ -126,7 +126,7 @@ def test_a_server_whose_certificate_fails_is_its_own_error_not_an_empty_folder(s
             assert time.monotonic() - started < 2  # not retried for the 20 s timeout
         text = log.read_text()
         assert "certificate verify failed" in text and "does not answer" not in text
-        assert text.count("ERROR lxdimagefs.servers.transport: TLS with") == 1, text  # logged once
+        assert text.count("ERROR lxdimagefs.wire.transport: TLS with") == 1, text  # logged once
         assert os.listdir(where / "box" / "by-fingerprint") is not None  # the other remote serves on
     finally:
         unmount(where)

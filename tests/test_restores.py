@@ -148,7 +148,7 @@ def test_a_copy_that_arrives_as_another_image_is_deleted(sandbox, tmp_path):
     from lxdimagefs.errors import LXDError
     from lxdimagefs.servers.lxd import LXDClient
     from lxdimagefs.servers.pull import stream_copy
-    from lxdimagefs.servers.transport import Connection
+    from lxdimagefs.wire.transport import Connection
 
     tarball = make_unified(tmp_path / "impostor.tar.gz")
     target = LXDClient(Connection(socket=sandbox.socket))

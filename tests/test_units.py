@@ -16,8 +16,8 @@ from lxdimagefs.mount.cli import UsageError, parse_options
 from lxdimagefs.names import alias_to_filename, filename_to_alias, fits
 from lxdimagefs.servers.catalog import LayoutJournal
 from lxdimagefs.servers.events import EventSubject, EventWatcher
-from lxdimagefs.servers.multipart import PartStream, first_part_and_next_name
 from lxdimagefs.servers.records import ExportLayout, ExportPart, parse_time
+from lxdimagefs.wire.multipart import PartStream, first_part_and_next_name
 
 ODD = st.sampled_from(["/", "／", "‛", ".", "．", "a", " ", "é", "\n"])
 
@@ -328,7 +328,7 @@ def test_events_of_all_projects_name_their_project_and_project_changes():
 def test_no_patience_still_gives_the_first_try_its_whole_timeout():
     """Mounting asks once, without retries: that one try must not be cut to 0.1 s (a busy LXD misses it)."""
     from lxdimagefs.errors import LXDUnreachable
-    from lxdimagefs.servers.transport import Backoff
+    from lxdimagefs.wire.transport import Backoff
 
     assert Backoff(0).clamp((5.0, 30.0)) == (5.0, 30.0)
     later = Backoff(0.5)

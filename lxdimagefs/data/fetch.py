@@ -22,7 +22,7 @@ from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
 from lxdimagefs.servers.protocol import ImageSource
-from lxdimagefs.servers.transport import Backoff, ExportStream
+from lxdimagefs.wire.transport import Backoff, ExportStream
 
 log = logging.getLogger(__name__)
 

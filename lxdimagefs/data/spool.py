@@ -14,9 +14,9 @@ from pathlib import Path
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.errors import IntegrityError, LXDError
 from lxdimagefs.keys import ObjectKey, Sha256
-from lxdimagefs.servers.multipart import PartStream
 from lxdimagefs.servers.protocol import ImageSource
-from lxdimagefs.servers.rest import RestSession
+from lxdimagefs.wire.multipart import PartStream
+from lxdimagefs.wire.rest import RestSession
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable
 
 from lxdimagefs.data.prefetch import Prefetcher
-from lxdimagefs.data.uploads import Upload
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.commit import CommitOnClose
+from lxdimagefs.upload.streamed import Upload
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,10 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lxdimagefs.compose.forest import Forest, Slot
+from lxdimagefs.compose.projects import Projects
+from lxdimagefs.compose.root import Tree
+from lxdimagefs.contents.archives import IndexFolder
 from lxdimagefs.data.blocks import BlockCache
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.exports import Exports
@@ -26,11 +30,7 @@ from lxdimagefs.servers.events import EventWatcher
 from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.servers.pull import from_lxd, from_simplestreams
 from lxdimagefs.servers.simplestreams import StreamsClient
-from lxdimagefs.servers.transport import Connection
-from lxdimagefs.tree.archives import IndexFolder
-from lxdimagefs.tree.forest import Forest, Slot
-from lxdimagefs.tree.projects import Projects
-from lxdimagefs.tree.root import Tree
+from lxdimagefs.wire.transport import Connection
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from lxdimagefs import __version__
 from lxdimagefs.errors import LXDError
 from lxdimagefs.mount.remotes import Remote, RemoteError, all_remotes, resolve
-from lxdimagefs.servers.rest import certificate_fingerprint
-from lxdimagefs.servers.transport import Connection
+from lxdimagefs.wire.rest import certificate_fingerprint
+from lxdimagefs.wire.transport import Connection
 
 log = logging.getLogger("lxdimagefs")
 

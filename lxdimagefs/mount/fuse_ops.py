@@ -14,14 +14,14 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+from lxdimagefs.compose.forest import Forest
+from lxdimagefs.compose.root import Attr, Tree
 from lxdimagefs.errors import LXDError
 from lxdimagefs.fs import access
 from lxdimagefs.fs.commit import process_of
 from lxdimagefs.fs.node import inode_number
 from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator, raise_readahead
 from lxdimagefs.servers.events import EventWatcher
-from lxdimagefs.tree.forest import Forest
-from lxdimagefs.tree.root import Attr, Tree
 
 log = logging.getLogger(__name__)
 

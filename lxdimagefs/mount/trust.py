@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from lxdimagefs.errors import LXDError
 from lxdimagefs.mount.remotes import Remote, client_dirs
 from lxdimagefs.servers.lxd import LXDClient
-from lxdimagefs.servers.transport import Connection
+from lxdimagefs.wire.transport import Connection
 
 log = logging.getLogger(__name__)
 

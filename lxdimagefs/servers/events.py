@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import websocket
 
 from lxdimagefs.keys import Fingerprint
-from lxdimagefs.servers.bounded import cap_frames
 from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.wire.bounded import cap_frames
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import websocket
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.keys import BadKey, Fingerprint
-from lxdimagefs.servers.chunked import ChunkedPost
-from lxdimagefs.servers.multipart import first_part_and_next_name
 from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, images_from, part_name
-from lxdimagefs.servers.rest import RestSession, json_body
-from lxdimagefs.servers.transport import Backoff, Connection, ExportStream, pin_matches
+from lxdimagefs.wire.chunked import ChunkedPost
+from lxdimagefs.wire.multipart import first_part_and_next_name
+from lxdimagefs.wire.rest import RestSession, json_body
+from lxdimagefs.wire.transport import Backoff, Connection, ExportStream, pin_matches
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("lxdimagefs.client")  # request lines under one name, as rest.py

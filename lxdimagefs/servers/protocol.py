@@ -13,9 +13,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import requests
 
-from lxdimagefs.servers.chunked import ChunkedPost
 from lxdimagefs.servers.records import ExportLayout, Image
-from lxdimagefs.servers.transport import Backoff, Connection, ExportStream
+from lxdimagefs.wire.chunked import ChunkedPost
+from lxdimagefs.wire.transport import Backoff, Connection, ExportStream
 
 
 class ImageSource(Protocol):

@@ -25,9 +25,9 @@ import requests
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.keys import BadKey, FileDigest, Fingerprint
-from lxdimagefs.servers.bounded import JSON_CAP, WATCHDOG, Overdue, read_capped
 from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, warn_once
-from lxdimagefs.servers.transport import (
+from lxdimagefs.wire.bounded import JSON_CAP, WATCHDOG, Overdue, read_capped
+from lxdimagefs.wire.transport import (
     Backoff,
     Connection,
     ContextAdapter,

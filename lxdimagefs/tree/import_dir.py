@@ -11,14 +11,14 @@ import threading
 import time
 from pathlib import Path
 
-from lxdimagefs.data.folders import FolderImport
-from lxdimagefs.data.uploads import Upload
 from lxdimagefs.errors import ImportFailed, fs_error
 from lxdimagefs.fs.handles import BytesHandle, FileHandle, Handle, UploadHandle
 from lxdimagefs.fs.node import Attr, Context, Fading, check_name
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.tree.import_links import ERROR_SUFFIX, IMPORT_DIR, LinkImports
 from lxdimagefs.tree.landed import Landed, Landing
+from lxdimagefs.upload.folders import FolderImport
+from lxdimagefs.upload.streamed import Upload
 
 log = logging.getLogger(__name__)
 

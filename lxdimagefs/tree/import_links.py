@@ -6,14 +6,14 @@ import errno
 import logging
 import threading
 
-from lxdimagefs.data.folders import FolderImport
-from lxdimagefs.data.uploads import Upload
 from lxdimagefs.errors import ImportFailed, LXDError, fs_error
 from lxdimagefs.fs.node import Fading, Node, check_name
 from lxdimagefs.names import filename_to_alias, is_fingerprint
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.protocol import ImageServer
 from lxdimagefs.servers.pull import Source, from_url
+from lxdimagefs.upload.folders import FolderImport
+from lxdimagefs.upload.streamed import Upload
 
 log = logging.getLogger(__name__)
 

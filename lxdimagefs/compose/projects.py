@@ -16,13 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 
+from lxdimagefs.compose.forest import Forest, Slot
+from lxdimagefs.compose.root import Tree
 from lxdimagefs.errors import LXDError
 from lxdimagefs.fs.handles import HandleTable
 from lxdimagefs.fs.node import Attr
 from lxdimagefs.names import fits
 from lxdimagefs.servers.events import EventSubject
-from lxdimagefs.tree.forest import Forest, Slot
-from lxdimagefs.tree.root import Tree
 
 log = logging.getLogger(__name__)
 

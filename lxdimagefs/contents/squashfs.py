@@ -16,7 +16,7 @@ from ratarmountcore.mountsource.formats.squashfs import SquashFSMountSource
 from ratarmountcore.mountsource.MountSource import FileInfo
 from ratarmountcore.SQLiteIndex import SQLiteIndex, SQLiteIndexedTarUserData
 
-from lxdimagefs.tree.inodes import header
+from lxdimagefs.contents.inodes import header
 
 # Part of the index's file name: an index written from ratarmountcore's own rows is never read.
 INDEX = "rootfs2"

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from requests_toolbelt import MultipartEncoder
 
-from lxdimagefs.data.uploads import ROOTFS_KINDS, SNIFF_BYTES, already_held, failure, sniff
 from lxdimagefs.errors import ImportFailed, LXDError
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.names import METADATA
 from lxdimagefs.servers.protocol import ImageServer
+from lxdimagefs.upload.streamed import ROOTFS_KINDS, SNIFF_BYTES, already_held, failure, sniff
 
 log = logging.getLogger(__name__)
 

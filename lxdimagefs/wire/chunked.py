@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
-from lxdimagefs.servers.transport import error_from_body
+from lxdimagefs.wire.transport import error_from_body
 
 _END = b"0\r\n\r\n"
 SEND_BUFFER = 8 << 20  # bytes sent and not yet read by LXD, at most: 8 FUSE writes of 1 MiB

@@ -24,7 +24,7 @@ from typing import Any
 import requests.adapters
 
 from lxdimagefs.errors import LXDError, LXDTLSError, LXDUnreachable
-from lxdimagefs.servers.bounded import watch_pools
+from lxdimagefs.wire.bounded import watch_pools
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("lxdimagefs.client")  # request lines under the client's name, as rest.py

@@ -23,8 +23,8 @@ from requests_unixsocket.adapters import UnixHTTPConnectionPool
 from urllib3.connectionpool import HTTPConnectionPool
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
-from lxdimagefs.servers.bounded import JSON_CAP, WATCHDOG, Overdue, error_body, read_capped, watch_pools
-from lxdimagefs.servers.transport import (
+from lxdimagefs.wire.bounded import JSON_CAP, WATCHDOG, Overdue, error_body, read_capped, watch_pools
+from lxdimagefs.wire.transport import (
     Backoff,
     Connection,
     ContextAdapter,

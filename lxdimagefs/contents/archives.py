@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lxdimagefs.contents import inodes
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.keys import Fingerprint, ObjectKey
 from lxdimagefs.names import fits
 from lxdimagefs.servers.records import ExportLayout
-from lxdimagefs.tree import inodes
 
 if TYPE_CHECKING:
     from ratarmountcore.mountsource.MountSource import FileInfo, MountSource
@@ -104,7 +104,7 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
     # which a daemon that only serves exports should not carry.
     from ratarmountcore.mountsource.formats.tar import SQLiteIndexedTar
 
-    from lxdimagefs.tree.squashfs import INDEX, SquashfsRootfs
+    from lxdimagefs.contents.squashfs import INDEX, SquashfsRootfs
 
     first = layout.parts[0]
     if first.key is None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):

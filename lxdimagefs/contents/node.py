@@ -21,13 +21,13 @@ from typing import TypeVar
 
 from cachetools import LRUCache
 
+from lxdimagefs.contents.archives import Entry, ImageArchive, IndexFolder
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import BytesHandle, Handle
 from lxdimagefs.fs.node import Attr, Context, Node, inode_number
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.tree.archives import Entry, ImageArchive, IndexFolder
 from lxdimagefs.tree.images import FP_DIR, ImagesNode, is_public
 
 log = logging.getLogger(__name__)

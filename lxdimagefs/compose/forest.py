@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lxdimagefs.compose.root import Tree
 from lxdimagefs.errors import LXDTLSError, LXDUnreachable, fs_error
 from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
 from lxdimagefs.fs.node import Attr, Context
 from lxdimagefs.servers.pull import Source
-from lxdimagefs.tree.root import Tree
 from lxdimagefs.tree.space import Usage
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from lxdimagefs.contents.archives import IndexFolder
+from lxdimagefs.contents.node import CONTENTS_DIR, ContentsNode
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
@@ -24,8 +26,6 @@ from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.events import EventSubject
 from lxdimagefs.servers.pull import Source
 from lxdimagefs.tree.aliases import ALIAS_DIR, AliasesNode
-from lxdimagefs.tree.archives import IndexFolder
-from lxdimagefs.tree.contents import CONTENTS_DIR, ContentsNode
 from lxdimagefs.tree.images import FP_DIR, ImagesNode
 from lxdimagefs.tree.import_dir import IMPORT_DIR, ImportsNode
 from lxdimagefs.tree.space import Space

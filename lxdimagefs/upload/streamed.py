@@ -13,8 +13,8 @@ import re
 import threading
 
 from lxdimagefs.errors import ImportFailed, LXDError
-from lxdimagefs.servers.chunked import ChunkedPost
 from lxdimagefs.servers.protocol import ImageServer
+from lxdimagefs.wire.chunked import ChunkedPost
 
 log = logging.getLogger(__name__)
 
