@@ -81,15 +81,15 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.startswith("/1.0/images?"):
             self._endless(200, JSON_CAP + (16 << 20))  # more than held, then not JSON either
-        elif self.path.startswith("/1.0/images/declared"):
+        elif self.path.startswith(f"/1.0/images/{DECLARED}"):
             self.send_response(200)
             self.send_header("Content-Length", str(1 << 40))
             self.end_headers()
-        elif self.path.startswith("/1.0/images/erring"):
+        elif self.path.startswith(f"/1.0/images/{ERRING}"):
             self._endless(500, 1 << 30)
-        elif self.path.startswith("/1.0/images/dripping"):
+        elif self.path.startswith(f"/1.0/images/{DRIPPING}"):
             self._drip()
-        elif self.path.startswith("/1.0/images/slow"):
+        elif self.path.startswith(f"/1.0/images/{SLOW}"):
             time.sleep(0.5)  # as LXD 5.0 takes ~1.2 ms an image to list them
             self.send_response(404)
             self.send_header("Content-Length", "0")
@@ -121,6 +121,10 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
 
 
 FP = "f" * 64
+DECLARED = "1" * 64  # fingerprints the hostile server answers for badly
+ERRING = "2" * 64
+DRIPPING = "3" * 64
+SLOW = "4" * 64
 
 
 @pytest.fixture()
@@ -143,13 +147,13 @@ def test_an_endless_json_answer_is_refused_past_the_cap(hostile):
 
 def test_an_answer_declared_too_large_is_not_read(hostile):
     with pytest.raises(TooLarge, match="the answer says it is 1099511627776 bytes"):
-        hostile.image("declared")
+        hostile.image(DECLARED)
 
 
 def test_an_endless_error_body_gives_its_start_and_the_status(hostile):
     started = time.monotonic()
     with pytest.raises(LXDError) as e:
-        hostile.image("erring")
+        hostile.image(ERRING)
     assert e.value.status == 500 and len(e.value.message) <= ERROR_BODY_CAP
     assert _Hostile.sent < (16 << 20) and time.monotonic() - started < 5
 
@@ -159,7 +163,7 @@ def test_a_dripping_answer_ends_at_the_calls_deadline(hostile):
     timeout + 1 s) ends it."""
     started = time.monotonic()
     with pytest.raises(LXDError, match="did not finish answering"):
-        hostile.image("dripping")
+        hostile.image(DRIPPING)
     assert time.monotonic() - started < 9
 
 
@@ -168,7 +172,7 @@ def test_a_call_without_retries_has_the_whole_timeout(hostile):
     timeout, so a server with 1,000 images (1.2 s to list) could not be mounted."""
     hostile.patience = 0.0
     with pytest.raises(LXDError) as e:
-        hostile.image("slow")
+        hostile.image(SLOW)
     assert e.value.status == 404  # its answer, not "did not answer"
 
 
