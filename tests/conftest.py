@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from faultproxy import FaultProxy  # noqa: E402
 from lxd_sandbox import Sandbox, make_split, make_unified  # noqa: E402
 from mounts import Mount, mounted  # noqa: E402
 
@@ -106,3 +107,11 @@ def exported(sandbox: Sandbox, images: Images, tmp_path_factory: pytest.TempPath
         sandbox.lxc("image", "export", fp, str(d) + "/")
         out[role] = d
     return out
+
+
+@pytest.fixture()
+def proxy(sandbox: Sandbox, tmp_path: Path) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the private LXD's socket (tests/faultproxy.py)."""
+    p = FaultProxy(sandbox.socket, str(tmp_path / "proxy.socket"))
+    yield p
+    p.close()

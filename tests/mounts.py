@@ -57,12 +57,17 @@ def mounted(sandbox: Sandbox, where: Path, *args: str, server: tuple[str, ...] =
         wait_mounted(where, proc)
         yield Mount(where, proc, log)
     finally:
-        unmount(where)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(where, proc)
+
+
+def stop(where: Path, proc: subprocess.Popen) -> None:
+    """Unmount, then wait for the daemon to exit (it should at once); killed by its pid if not."""
+    unmount(where)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def alias_made_elsewhere_shows(sandbox: Sandbox, m: Mount, fp: str, name: str, within: float = 1.0) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from lxd_sandbox import make_unified
-from mounts import mounted, unmount, wait_mounted
+from mounts import mounted, stop, wait_mounted
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
@@ -163,12 +163,7 @@ def test_a_non_root_mounter_with_allow_other(sandbox, two, shared, user_allow_ot
         assert done.returncode == 0, done.stderr
         assert private not in sandbox.lxc("image", "list", "-c", "F", "-f", "csv").stdout.decode()
     finally:
-        unmount(where)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(where, proc)
 
 
 def test_an_alias_with_a_question_mark_and_a_hash_works_end_to_end(sandbox, mnt, images):

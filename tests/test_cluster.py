@@ -21,10 +21,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import sha, within
 from lxd_cluster import Cluster, Member
 from lxd_sandbox import make_unified
 from mounts import Mount, mounted, unmount
@@ -34,24 +34,8 @@ pytestmark = pytest.mark.lxd
 TIMEOUT = 8  # -o timeout: how long a mount rides out a member that does not answer
 
 
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def held_by(member: Member, fp: str) -> bool:
     return (member.box.lxd_dir / "images" / fp).exists()
-
-
-def within(check, seconds: float = 1.0) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < seconds, f"not within {seconds} s"
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import hashlib
 import os
 import shutil
 import stat
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import sha as _digest
 from lxd_sandbox import pack_split, pack_unified
 from mounts import mounted
 
@@ -98,14 +98,6 @@ def _walk(root: Path, rel: str = "") -> Iterator[str]:
     if stat.S_ISDIR(os.lstat(root / rel).st_mode):
         for name in sorted(os.listdir(root / rel)):
             yield from _walk(root, f"{rel}/{name}" if rel else name)
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _seen(path: Path, st: os.stat_result) -> dict[str, object]:

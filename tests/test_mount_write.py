@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -14,21 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import lxd_fps, sha
 from lxd_sandbox import make_split, make_unified
 from mounts import mounted
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
-
-
-def sha(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def lxd_fps(sandbox) -> set[str]:
-    return {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}
 
 
 def lxd_aliases(sandbox) -> dict[str, str]:

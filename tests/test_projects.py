@@ -10,10 +10,10 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
+from helpers import within as shows_within
 from lxd_sandbox import Sandbox, make_unified
 from mounts import Mount, mounted
 
@@ -28,15 +28,6 @@ def fps(sandbox: Sandbox, project: str) -> set[str]:
 
 def aliases(sandbox: Sandbox, project: str) -> set[str]:
     return {a["name"] for a in sandbox.rest(f"/1.0/images/aliases?recursion=1&project={project}")}
-
-
-def shows_within(check, within: float = 1.0) -> float:
-    """Seconds until `check()` holds; fails past `within`."""
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < within, f"not within {within} s"
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +129,6 @@ def test_without_events_the_list_of_projects_lives_metadata_ttl(sandbox, images,
         assert "later" not in os.listdir(m.path)
         sandbox.lxc("project", "create", "later")
         try:
-            shows_within(lambda: "later" in os.listdir(m.path), within=2.5)  # no event: the lifetime
+            shows_within(lambda: "later" in os.listdir(m.path), seconds=2.5)  # no event: the lifetime
         finally:
             sandbox.lxc("project", "delete", "later")

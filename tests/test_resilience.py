@@ -13,23 +13,12 @@ import sys
 import time
 
 import pytest
-from faultproxy import FaultProxy, Rule
+from faultproxy import Rule
+from helpers import export_of as _export
 from lxd_sandbox import make_split, make_unified
 from mounts import alias_made_elsewhere_shows, mounted, unmount, wait_mounted
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
-
-
-@pytest.fixture()
-def proxy(sandbox, tmp_path):
-    p = FaultProxy(sandbox.socket, str(tmp_path / "proxy.socket"))
-    yield p
-    p.close()
-
-
-def _export(m, fp):
-    return m.path / "by-fingerprint" / fp / next(
-        n for n in os.listdir(m.path / "by-fingerprint" / fp) if n != "metadata.json")
 
 
 def test_a_read_whose_connection_drops_resumes_with_the_right_bytes(sandbox, images, proxy, tmp_path):

@@ -10,23 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from faultproxy import FaultProxy, Rule
+from faultproxy import Rule
+from helpers import export_of as _export
 from mounts import mounted, unmount
 from streams_server import LoopbackCA, StreamsServer
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
-
-
-@pytest.fixture()
-def proxy(sandbox, tmp_path):
-    p = FaultProxy(sandbox.socket, str(tmp_path / "proxy.socket"))
-    yield p
-    p.close()
-
-
-def _export(m, fp):
-    folder = m.path / "by-fingerprint" / fp
-    return folder / next(n for n in os.listdir(folder) if n != "metadata.json")
 
 
 def _timed(call) -> float:

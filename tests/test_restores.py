@@ -8,7 +8,6 @@ run again, it has nothing to do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,20 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import lxd_fps, sha
 from lxd_sandbox import make_split, make_unified
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
-
-
-def sha(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def lxd_fps(sandbox) -> set[str]:
-    return {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}
 
 
 def backup(where: Path) -> tuple[Path, set[str]]:

@@ -14,23 +14,12 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
+from helpers import lxd_fps, sha
 from lxd_sandbox import make_split, make_unified
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
-
-
-def sha(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def lxd_fps(sandbox) -> set[str]:
-    return {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}
 
 
 def close_on_another_thread(fd: int) -> None:

@@ -27,7 +27,7 @@ else:
 
     LIBFUSE = mfusepy.fuse_version_major
 
-    class FUSE(mfusepy.FUSE):  # type: ignore[no-redef]
+    class FUSE(mfusepy.FUSE):  # type: ignore[no-redef]  # the fusepy branch binds the name too
         """mfusepy, but a write's bytes come as a view of libfuse's buffer instead of a copy.
 
         The view is valid only during the call: every handle sends or copies

@@ -1,0 +1,40 @@
+"""What many tests ask of files, the private LXD and a mount, written once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def sha(*paths: Path | str) -> str:
+    """The sha256 of these files' bytes, one after the other (a split image's fingerprint)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def lxd_fps(sandbox: Any) -> set[str]:
+    """The fingerprints the private LXD holds, asked of LXD itself."""
+    return {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}
+
+
+def within(check: Callable[[], object], seconds: float = 1.0) -> float:
+    """Seconds until `check()` holds; fails past `seconds`."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < seconds, f"not within {seconds} s"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def export_of(mount: Any, fp: str) -> Path:
+    """The (first) export file in a mount's folder of an image."""
+    folder = mount.path / "by-fingerprint" / fp
+    return folder / next(n for n in sorted(os.listdir(folder)) if n != "metadata.json")
