@@ -133,7 +133,7 @@ def test_a_non_root_mounter_with_allow_other(sandbox, two, shared, user_allow_ot
     where.mkdir()
     os.chown(where, NOBODY, NOBODY)
     log = shared / "daemon.log"
-    package = Path(__file__).resolve().parent.parent
+    package = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TMPDIR": str(shared), "HOME": str(shared), "PYTHONPATH": str(package)}
     proc = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--groups=0",
                              sys.executable, "-m", "lxdimagefs", "-f", "--socket", sandbox.socket,

@@ -1,6 +1,6 @@
 """What ratarmountcore leaves out of an entry, put back: checked on archives GNU tar and mksquashfs
 make of a small tree with a device of each kind, a FIFO, a setuid file, a group and a hard link.
-Fast (no LXD, no mount); tests/test_fidelity.py checks the same through a mount on a real tree."""
+Fast (no LXD, no mount); tests/contents/test_fidelity.py checks the same through a mount on a real tree."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from mounts import mounted, unmount, wait_mounted
 
 pytestmark = pytest.mark.lxd
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 # mount(8) runs helpers with a PATH of its own: lxdimagefs must be where `pip install .` as root puts it.
 SYSTEM_BIN = Path("/usr/local/bin/lxdimagefs")
 
