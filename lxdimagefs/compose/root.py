@@ -3,8 +3,8 @@
 The root only dispatches: each top-level name is a `Node` of its own
 (by-fingerprint, by-alias, import), handed the path below that name. Here
 live only the rules that span subtrees: the checks every call makes first,
-`EXDEV` for a rename across them, the open-file table, and what an LXD event
-means for the kernel's caches.
+`EXDEV` for a rename across them, the open-file table, what an LXD event
+means for the kernel's caches; attribute calls in compose/attributes.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from lxdimagefs.compose.attributes import Attributes
 from lxdimagefs.contents.archives import IndexFolder
 from lxdimagefs.contents.node import CONTENTS_DIR, ContentsNode
 from lxdimagefs.data.exports import Exports
@@ -31,7 +32,9 @@ from lxdimagefs.tree.import_dir import IMPORT_DIR, ImportsNode
 from lxdimagefs.tree.space import Space
 
 
-class Tree(OpenFiles):
+class Tree(Attributes, OpenFiles):
+    """The mount's root: dispatches each call to its subtree; compose/attributes.py the attribute calls."""
+
     def __init__(self, catalog: Catalog, exports: Exports, uid: int | None = None, gid: int | None = None,
                  readonly: bool = True, mountpoint: str = "", spool_dir: Path | None = None,
                  index: IndexFolder | None = None, imports: bool = True,
@@ -185,44 +188,6 @@ class Tree(OpenFiles):
         if dst_node is not src_node:
             raise self.ctx.refuse(errno.EXDEV, "rename", old, f"cannot move it to {new}")
         src_node.rename(src, dst, pid)
-
-    def set_attributes(self, path: str, op: str) -> None:
-        """chmod, chown, utimensat, setxattr: modes and times here are LXD's, not the user's.
-
-        Accepted and ignored on what is being written (imports, editors' scratch
-        files, metadata.json) so that `cp -p`, `touch`, `sed -i` and vim work;
-        refused everywhere else.
-        """
-        self.getattr(path)
-        node, rest = self._node(path)
-        if node is not None and node.read_only:
-            raise self.ctx.refuse(errno.EROFS, op, path, f"{node.name}/ is read-only")
-        if not self.ctx.readonly and node is not None and node.accepts_attributes(rest):
-            return
-        if op == "utimens" and not self.ctx.readonly and node is not None and node.touch(rest):
-            return
-        raise self.ctx.refusal(op, path, "modes, owners, times and attributes are LXD's")
-
-    def getxattr(self, path: str, name: str) -> bytes:
-        value = self.listxattrs(path).get(name)
-        if value is None:
-            raise fs_error(errno.ENODATA, path)
-        return value
-
-    def listxattrs(self, path: str) -> dict[str, bytes]:
-        node, rest = self._node(path)
-        if node is None:
-            return {}
-        return node.xattrs(rest)
-
-    def setxattr(self, path: str, name: str, value: bytes | None, flags: int = 0) -> None:
-        """Set (value None: remove) an extended attribute, where a node keeps them; else as chmod."""
-        self.getattr(path)
-        node, rest = self._node(path)
-        if node is not None and not node.read_only and not self.readonly \
-                and node.set_xattr(rest, name, value, flags):
-            return
-        self.set_attributes(path, "setxattr" if value is not None else "removexattr")
 
     def refusal(self, op: str, path: str, why: str) -> OSError:
         """A change no subtree makes (link, mknod): EROFS where the subtree or mount is read-only."""

@@ -1,9 +1,10 @@
 """by-fingerprint/: one folder per image, its record and its export file(s).
 
 Changes accepted here: metadata.json edits (directly, or through an
-editor's scratch file renamed over it) and, under `-o allow_delete`,
-deletion of an image: `rmdir`, or `rm -r`, whose unlinks of the files in the
-folder it holds open only hide them until its `rmdir`.
+editor's scratch file renamed over it); deleting and refreshing an image
+(tree/delete_refresh.py): under `-o allow_delete`, `rmdir`, or `rm -r`, whose
+unlinks of the files in the folder it holds open only hide them until its
+`rmdir`.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ from collections import Counter
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
-from lxdimagefs.fs.handles import BytesHandle, DirHandle, EditHandle, FileHandle, Handle, UnifiedHandle
-from lxdimagefs.fs.node import Attr, Context, Fading, Node, check_name
-from lxdimagefs.names import METADATA, alias_to_filename
+from lxdimagefs.fs.handles import BytesHandle, EditHandle, FileHandle, Handle, UnifiedHandle
+from lxdimagefs.fs.node import Attr, Context, Fading, check_name
+from lxdimagefs.names import METADATA
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.records import ExportPart, Image
 from lxdimagefs.tree import xattrs
+from lxdimagefs.tree.delete_refresh import FP_DIR, DeleteAndRefresh
 from lxdimagefs.tree.metadata import Records, render
 
 log = logging.getLogger(__name__)
-
-FP_DIR = "by-fingerprint"
 
 
 def is_public(image: Image) -> bool:
@@ -37,7 +37,9 @@ def is_public(image: Image) -> bool:
     return image.record.get("public") is True
 
 
-class ImagesNode(Node):
+class ImagesNode(DeleteAndRefresh):
+    """Shows the folders, opens their files, edits their records; tree/delete_refresh.py deletes."""
+
     def __init__(self, ctx: Context, catalog: Catalog, exports: Exports) -> None:
         super().__init__(ctx, FP_DIR)
         self.catalog = catalog
@@ -176,54 +178,6 @@ class ImagesNode(Node):
                 return  # `> metadata.json`: the write that follows carries the new record
         raise self.ctx.refuse(errno.EACCES, "truncate", path, "cannot change this file's size")
 
-    def opendir(self, rest: list[str], pid: int) -> Handle:
-        if len(rest) != 1:
-            return super().opendir(rest, pid)
-        key = (self.image(rest[0], self.path(rest)).fingerprint, pid)
-        with self._lock:
-            self._open_dirs[key] += 1
-
-        def closed() -> None:
-            with self._lock:
-                self._open_dirs[key] -= 1
-                if self._open_dirs[key] <= 0:
-                    del self._open_dirs[key]
-        return DirHandle(pid, closed)
-
-    def unlink(self, rest: list[str], pid: int = 0) -> None:
-        path = self.path(rest)
-        fp = self.image(rest[0], path).fingerprint
-        with self._lock:
-            if self._scratch.pop((fp, rest[1]), None) is not None:
-                return
-            emptying = (fp, pid) in self._open_dirs
-        self._deleting(path, "unlink")
-        if not emptying:  # hiding it would "succeed" and lose nothing: the next mount shows it again
-            raise self.ctx.refuse(errno.EPERM, "unlink", path,
-                                  "an image's files go only with the image: rm -r its folder")
-        with self._lock:  # `rm -r` empties the folder it holds open, then rmdir deletes the image
-            self._hidden.add((fp, rest[1]))
-
-    def _deleting(self, path: str, op: str) -> None:
-        if not self.ctx.allow_delete:
-            raise self.ctx.refuse(errno.EPERM, op, path,
-                                  "deleting images is off: mount with -o allow_delete to allow it")
-
-    def rmdir(self, rest: list[str]) -> None:
-        if len(rest) != 1:
-            super().rmdir(rest)
-        self._deleting(self.path(rest), "rmdir")
-        image = self.image(rest[0], self.path(rest))
-        fp = image.fingerprint
-        self.catalog.server.delete_image(fp)
-        for alias in image.aliases:  # LXD removes them with the image
-            self.ctx.on_change(f"/by-alias/{alias_to_filename(alias)}")
-        self.ctx.on_change(f"/{FP_DIR}/{fp}")
-        log.info("deleted image %s", fp)
-        with self._lock:
-            self._hidden.difference_update([k for k in self._hidden if k[0] == fp])
-        self.catalog.invalidate()
-
     def rename(self, src: list[str], dst: list[str], pid: int) -> None:
         if len(src) == len(dst) == 2:
             fp = self.image(src[0], self.path(src)).fingerprint
@@ -263,27 +217,6 @@ class ImagesNode(Node):
         finally:
             self.catalog.invalidate()
         self.ctx.on_change(f"/{FP_DIR}/{image.fingerprint}/{METADATA}")
-        return True
-
-    def touch(self, rest: list[str]) -> bool:
-        """`touch by-fingerprint/<fp>`: `lxc image refresh`, for an image LXD keeps up to date."""
-        if len(rest) != 1:
-            return False
-        path = self.path(rest)
-        image = self.image(rest[0], path)
-        if not image.record.get("auto_update"):
-            raise self.ctx.refuse(errno.EPERM, "utimens", path,
-                                  "refresh is for images with auto_update on (set user.lxd.auto_update)")
-        try:
-            refreshed = self.catalog.server.refresh_image(image.fingerprint)
-        finally:
-            self.catalog.invalidate()
-        log.info("refreshed %s: %s", image.fingerprint, "replaced by a newer one" if refreshed else "current")
-        if refreshed:
-            self._replaced.add(image.fingerprint, True)
-        for alias in image.aliases:  # a refresh moves them to the new image
-            self.ctx.on_change(f"/by-alias/{alias_to_filename(alias)}")
-        self.ctx.on_change(f"/{FP_DIR}/{image.fingerprint}")
         return True
 
     def accepts_attributes(self, rest: list[str]) -> bool:

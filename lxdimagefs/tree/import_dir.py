@@ -6,16 +6,16 @@ import errno
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from lxdimagefs.errors import ImportFailed, fs_error
-from lxdimagefs.fs.handles import BytesHandle, FileHandle, Handle, UploadHandle
+from lxdimagefs.fs.handles import BytesHandle, Handle, UploadHandle
 from lxdimagefs.fs.node import Attr, Context, Fading, check_name
 from lxdimagefs.servers.catalog import Catalog
-from lxdimagefs.tree.import_links import ERROR_SUFFIX, IMPORT_DIR, LinkImports
+from lxdimagefs.tree.import_folders import FolderImports
+from lxdimagefs.tree.import_links import ERROR_SUFFIX, IMPORT_DIR
 from lxdimagefs.tree.landed import Landed, Landing
 from lxdimagefs.upload.folders import FolderImport
 from lxdimagefs.upload.streamed import Upload
@@ -28,7 +28,9 @@ __all__ = ["ERROR_SUFFIX", "IMPORT_DIR", "ImportsNode"]
 WRITE_BLOCK = 1 << 20
 
 
-class ImportsNode(LinkImports):
+class ImportsNode(FolderImports):
+    """Single files written into images, and the .error notes; folders and links in its bases."""
+
     def __init__(self, ctx: Context, catalog: Catalog, spool_dir: Path) -> None:
         super().__init__(ctx, IMPORT_DIR)
         self.catalog = catalog
@@ -115,27 +117,6 @@ class ImportsNode(LinkImports):
             folder.files[rest[1]] = 0
         return self._folder_file(folder, rest[1], os.O_RDWR | os.O_CREAT | os.O_TRUNC, pid)
 
-    def _folder_file(self, folder: FolderImport, name: str, flags: int, pid: int) -> FileHandle:
-        if not flags & (os.O_RDWR | os.O_WRONLY):
-            return FileHandle(str(folder.path(name)), opener=pid)
-        with folder.lock:
-            folder.open_files.add(name)
-            folder.files.setdefault(name, 0)
-
-        def closed() -> None:
-            with folder.lock:
-                folder.files[name] = folder.path(name).stat().st_size
-                folder.open_files.discard(name)
-            self._folder_changed(folder)
-
-        def abandoned(why: str) -> None:  # the part may be cut short: it goes, the folder stays
-            log.warning("import %s/%s dropped: %s", folder.name, name, why)
-            with folder.lock:
-                folder.files.pop(name, None)
-                folder.open_files.discard(name)
-            folder.path(name).unlink(missing_ok=True)
-        return FileHandle(str(folder.path(name)), flags, on_close=closed, opener=pid, on_abandon=abandoned)
-
     def _move(self, old: str, new: str) -> bool:
         """Rename an .error file, an upload or a folder in progress (the lock held)."""
         if old != new and any(new in live for live in (self._errors, self._uploads, self._folders)) \
@@ -153,14 +134,6 @@ class ImportsNode(LinkImports):
             return False
         self._landed.discard([new])
         return True
-
-    def _folder_changed(self, folder: FolderImport) -> None:
-        """A part closed or renamed: the folder becomes an image once it holds one whole."""
-        with folder.lock:
-            go = not folder.finishing and folder.ready()
-            folder.finishing |= go
-        if go:
-            self._finish_folder(folder)
 
     def truncate(self, rest: list[str], length: int) -> None:
         with self._lock:
@@ -191,33 +164,6 @@ class ImportsNode(LinkImports):
             folder.path(rest[1]).unlink(missing_ok=True)
             return
         upload.abort(f"{rest[0]} was removed while being written")
-
-    def mkdir(self, rest: list[str]) -> None:
-        if len(rest) != 1:
-            super().mkdir(rest)
-        path = self.path(rest)
-        check_name(rest[0], path)
-        with self._lock:
-            if rest[0] in self._folders or rest[0] in self._uploads or rest[0] in self._errors:
-                raise fs_error(errno.EEXIST, path)
-            base = self.spool_dir / "import"
-            base.mkdir(parents=True, exist_ok=True, mode=0o700)
-            spool = Path(tempfile.mkdtemp(dir=base))  # its own: the folder may be renamed
-            self._folders[rest[0]] = FolderImport(self.client, rest[0], spool)
-
-    def rmdir(self, rest: list[str]) -> None:
-        if len(rest) == 1 and rest[0] not in self._folders and self._landed.discard(rest):
-            return
-        with self._lock:
-            folder = self._folders.get(rest[0]) if len(rest) == 1 else None
-            if folder is not None:
-                if folder.files:
-                    raise fs_error(errno.ENOTEMPTY, self.path(rest))
-                del self._folders[rest[0]]
-        if folder is None:
-            super().rmdir(rest)
-            return
-        folder.remove_spool()
 
     def rename(self, src: list[str], dst: list[str], pid: int) -> None:
         """Into place: an .error file, an import (or one that became an image), a part in a folder."""
@@ -256,24 +202,6 @@ class ImportsNode(LinkImports):
                 if self._uploads.get(upload.name) is upload:
                     del self._uploads[upload.name]
             self.ctx.on_change(self.path([upload.name]), wait=True)
-        self.catalog.invalidate()
-
-    def _finish_folder(self, folder: FolderImport) -> None:
-        try:
-            folder.fingerprint = folder.commit()
-            log.info("imported folder %s as %s", folder.name, folder.fingerprint)
-            self._landed.add(folder.name, Landing(files=dict(folder.files)))
-        except ImportFailed as e:
-            self._failed(folder.name, e)
-            raise
-        finally:
-            if folder.fingerprint is not None or folder.name + ERROR_SUFFIX in self._errors:
-                folder.remove_spool()
-                with self._lock:
-                    self._folders.pop(folder.name, None)
-                for name in folder.files:
-                    self.ctx.on_change(self.path([folder.name, name]), wait=True)
-                self.ctx.on_change(self.path([folder.name]), wait=True)
         self.catalog.invalidate()
 
     def _failed(self, name: str, e: ImportFailed) -> None:
