@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lxdimagefs.data.blocks import BLOCK, BlockCache
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError
-from lxdimagefs.mount.cli import UsageError, parse_options
+from lxdimagefs.mount.options import MountOptions, UsageError, parse_options
 from lxdimagefs.names import alias_to_filename, filename_to_alias, fits
 from lxdimagefs.servers.catalog import LayoutJournal
 from lxdimagefs.servers.events import EventSubject, EventWatcher
@@ -57,9 +57,13 @@ def test_parse_time():
 
 def test_parse_options_splits_own_from_fuse():
     own, fuse = parse_options(["ro,metadata_ttl=2.5", "allow_other,cache_size=32,max_read=131072"])
-    assert own == {"metadata_ttl": 2.5, "cache_size": 32}
+    assert own == MountOptions(metadata_ttl=2.5, cache_size=32) and own.cache_bytes == 32 << 20
     assert fuse == {"ro": True, "allow_other": True, "max_read": "131072"}
-    assert parse_options(["no_events"]) == ({"no_events": True}, {})
+    assert parse_options(["no_events"]) == (MountOptions(no_events=True), {})
+    # Unset options keep their defaults; a flag given a value is FUSE's, as it always was.
+    own, fuse = parse_options(["cache_max=1G,no_events=1"])
+    assert own == MountOptions(cache_max=1 << 30) and own.timeout == 30.0 and fuse == {"no_events": "1"}
+    assert parse_options(["cache_max=0"])[0].cache_max == 0
     with pytest.raises(UsageError):
         parse_options(["cache_size=x"])
     with pytest.raises(UsageError):
@@ -207,7 +211,7 @@ def test_layout_journal_refuses_a_hard_linked_file(tmp_path):
 
 def test_mount_and_systemd_options_are_dropped():
     own, fuse = parse_options(["_netdev,nofail,ro,x-systemd.automount,users,noauto,defaults,metadata_ttl=2"])
-    assert own == {"metadata_ttl": 2.0} and fuse == {"ro": True}
+    assert own == MountOptions(metadata_ttl=2.0) and fuse == {"ro": True}
 
 
 def _config(folder, text):

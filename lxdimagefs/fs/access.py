@@ -51,3 +51,17 @@ def check(getattr: Callable[[str], Attr], path: str, uid: int, gids: set[int], o
         need = want if depth == len(parts) else X
         if need and not grants(getattr(at), uid, gids, owner, need):
             raise fs_error(errno.EACCES, path, "the mode bits do not allow it")
+
+
+def may(getattr: Callable[[str], Attr], path: str, caller: tuple[int, int, int], owner: tuple[int, int],
+        want: int) -> None:
+    """The mode check for a caller (uid, gid, pid) other than the mounter and root, who pass."""
+    uid, gid, pid = caller
+    if uid not in (0, owner[0]):
+        check(getattr, path, uid, groups(pid, gid), owner, want)
+
+
+def may_change(getattr: Callable[[str], Attr], path: str, caller: tuple[int, int, int],
+               owner: tuple[int, int]) -> None:
+    """Whether the caller may add or remove the name `path` in its folder: write and search there."""
+    may(getattr, path.rsplit("/", 1)[0] or "/", caller, owner, W | X)

@@ -15,39 +15,14 @@ import logging.handlers
 import os
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from lxdimagefs import __version__
 from lxdimagefs.errors import LXDError
-from lxdimagefs.mount.remotes import Remote, RemoteError, all_remotes, resolve
-from lxdimagefs.wire.rest import certificate_fingerprint
-from lxdimagefs.wire.transport import Connection
+from lxdimagefs.mount.options import OPTIONS_HELP, MountOptions, UsageError, parse_options
+from lxdimagefs.mount.sources import check_joining, servers, source_name
 
 log = logging.getLogger("lxdimagefs")
-
-
-def parse_size(value: str) -> int:
-    """`10G`, `512M`, `4096K` or plain bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    value = value.strip().upper().removesuffix("IB").removesuffix("B")
-    if value and value[-1] in units:
-        return int(float(value[:-1]) * units[value[-1]])
-    return int(value)
-
-
-# MiB of export blocks in memory by default: read-ahead and the hash's window. Re-reads of
-# verified files come from the page cache and the disk cache (16 MiB kept the soak's RSS at
-# 84-88 MiB against 106-112 with 32, first reads no slower: docs/PERFORMANCE.md).
-CACHE_SIZE = 16
-
-# lxdimagefs's own -o options and how to read them; every other -o goes to FUSE.
-OWN_OPTIONS: dict[str, Callable[[str], float]] = {
-    "metadata_ttl": float,  # seconds a listing of LXD's images is trusted
-    "cache_size": int,  # MiB of export blocks held in memory, for the whole daemon
-    "timeout": float,  # seconds to wait for LXD before a call fails with EIO
-    "cache_max": parse_size,  # bytes of verified exports kept on disk; 0: none
-}
 
 
 def disk_cache_root(cache_dir: str | None) -> Path:
@@ -60,46 +35,7 @@ def disk_cache_root(cache_dir: str | None) -> Path:
     return Path(base) / "lxdimagefs"
 
 
-# lxdimagefs's own -o flags.
-OWN_FLAGS = {
-    "no_events",  # do not listen to LXD's events: rely on metadata_ttl alone
-    "nocontents",  # leave out contents/ (what is inside images), e.g. for backups of the whole mount
-    "allow_delete",  # rm -r / rmdir of by-fingerprint/<fp> deletes the image (else EPERM)
-}
-
-
-# Options fstab and systemd give mount(8), which mount.fuse3 hands on and libfuse would refuse.
-MOUNT_ONLY = {"_netdev", "nofail", "user", "users", "nouser", "auto", "noauto", "defaults"}
-
-
-class UsageError(Exception):
-    pass
-
-
-def parse_options(values: list[str]) -> tuple[dict[str, object], dict[str, object]]:
-    """Split `-o a,b=c` lists into (lxdimagefs options, FUSE options)."""
-    own: dict[str, object] = {}
-    fuse: dict[str, object] = {}
-    for value in values:
-        for item in filter(None, value.split(",")):
-            key, sep, val = item.partition("=")
-            if key in MOUNT_ONLY or key.startswith("x-"):
-                continue
-            if key in OWN_FLAGS and not sep:
-                own[key] = True
-            elif key in OWN_OPTIONS:
-                try:
-                    own[key] = OWN_OPTIONS[key](val)
-                except ValueError:
-                    raise UsageError(f"option {key} needs a number, not {val!r}") from None
-                if own[key] < 0 or (own[key] == 0 and key != "cache_max"):  # type: ignore[operator]
-                    raise UsageError(f"option {key} must be positive")
-            else:
-                fuse[key] = val if sep else True
-    return own, fuse
-
-
-HELP_EPILOG = """\
+HELP_EPILOG = f"""\
 SOURCE is `local` (the default: LXD's socket, else Incus's), the name of a
 remote in the lxc or incus client's configuration (its address and
 certificates are read from config.yml), unix:///path/to/unix.socket, or
@@ -129,27 +65,7 @@ the tree:
   public, auto_update and properties.KEY, save) the image's record.
   `touch by-fingerprint/<fp>` refreshes an image whose auto_update is on.
 
-options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
-  metadata_ttl=SECONDS  how long a listing of images is trusted (default 3)
-  cache_size=MiB        export blocks held in memory, whole daemon (default 16)
-  cache_max=SIZE        verified exports kept on disk (K, M, G; default: no
-                        limit but 5% of that filesystem kept free; 0: none).
-                        They live in --cache-dir/lxdimagefs-cache-UID, else
-                        $XDG_CACHE_HOME/lxdimagefs (~/.cache/lxdimagefs), or
-                        /var/cache/lxdimagefs for root: a new mount, another
-                        server or contents/ never fetch them again. Every
-                        block is checked against the image's manifest when
-                        it is read back; the folder is private (0700)
-  timeout=SECONDS       how long to ride out an unreachable server before
-                        a call fails with EIO (default 30)
-  no_events             do not follow the server's event stream
-  nocontents            leave out contents/ (backups of the whole mount)
-  allow_delete          let rm -r (or rmdir) of by-fingerprint/<fp> delete the
-                        image; without it deleting an image is refused (EPERM)
-  _netdev, nofail, user, users, auto, noauto, defaults, x-*
-                        fstab's and systemd's: accepted and ignored
-
-examples:
+{OPTIONS_HELP}examples:
   lxdimagefs ~/images                          the local LXD
   lxdimagefs --all-projects ~/images           ~/images/PROJECT/...
   lxdimagefs --all-remotes --all-projects ~/l  ~/l/REMOTE/PROJECT/...
@@ -211,62 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def server(args: argparse.Namespace) -> Remote:
-    """The server the arguments name: SOURCE, or --socket/--url, else the local socket."""
-    if args.source and (args.socket or args.url):
-        raise UsageError("give SOURCE or --socket/--url, not both")
-    if args.socket and args.url:
-        raise UsageError("give either --socket or --url, not both")
-    if args.url and not args.url.startswith("https://"):
-        raise UsageError("--url must start with https://")
-    try:
-        if args.socket or args.url:
-            return resolve("unix://" + os.path.abspath(args.socket) if args.socket else args.url)
-        return resolve(args.source)
-    except RemoteError as e:
-        raise UsageError(str(e)) from None
-
-
-def source_name(args: argparse.Namespace) -> str:
-    if args.all_remotes or args.remote:
-        return "remotes:" + ("all" if args.all_remotes else "+".join(args.remote))
-    return args.source or args.url or (args.socket and "unix://" + os.path.abspath(args.socket)) or "local"
-
-
-def connection(remote: Remote, args: argparse.Namespace, own: dict[str, object]) -> Connection:
-    timeout = float(own.get("timeout", 30.0))  # type: ignore[arg-type]
-    common = {"project": args.project, "timeout": (min(5.0, timeout), timeout)}
-    if remote.simplestreams:
-        if not remote.url:
-            raise UsageError(f"simplestreams remote {remote.name} needs an https:// address")
-        return Connection(url=remote.url, **common)  # public: no client certificate
-    if remote.url:
-        if bool(args.cert) != bool(args.key):
-            raise UsageError("--cert and --key go together")
-        pair = (args.cert, args.key) if args.cert else remote.client_pair()
-        if pair is None:
-            raise UsageError("no client certificate: give --cert and --key")
-        # The daemon leaves this folder, and TLS opens the files again for each connection.
-        pair = (os.path.abspath(pair[0]), os.path.abspath(pair[1]))
-        server_cert = args.server_cert or remote.server_cert()
-        for f in pair + ((server_cert,) if server_cert else ()):
-            if not os.access(f, os.R_OK):
-                raise UsageError(f"cannot read {f}")
-        pinned = None
-        if server_cert:
-            try:
-                pinned = certificate_fingerprint(server_cert)
-            except (OSError, ValueError) as e:
-                raise UsageError(f"cannot read the server certificate {server_cert}: {e}") from None
-        return Connection(url=remote.url, cert=pair, pinned=pinned, **common)
-    sock = remote.socket
-    if not sock:
-        raise UsageError("no LXD or Incus socket found: give SOURCE, --socket or --url, or set LXD_DIR")
-    if not os.path.exists(sock):
-        raise UsageError(f"no LXD socket at {sock}")
-    return Connection(socket=sock, **common)
-
-
 def check_mountpoint(path: str) -> str:
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -309,45 +169,11 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL(None).mallopt(-8, arenas)  # M_ARENA_MAX
 
 
-def servers(args: argparse.Namespace, own: dict[str, object]) -> list[tuple[Remote, Connection]]:
-    """The servers to mount, each with its connection: SOURCE, --remote NAME…, or --all-remotes."""
-    if (args.remote or args.all_remotes) and (args.source or args.socket or args.url):
-        raise UsageError("give SOURCE (or --socket/--url), or --remote/--all-remotes, not both")
-    try:
-        remotes = all_remotes() if args.all_remotes else [resolve(n) for n in args.remote] or [server(args)]
-    except RemoteError as e:
-        raise UsageError(str(e)) from None
-    if len({r.name for r in remotes}) != len(remotes):
-        raise UsageError("a remote is named twice")
-    if not args.all_remotes:
-        return [(r, connection(r, args, own)) for r in remotes]
-    chosen = []
-    for remote in remotes:  # every remote the clients know: one that cannot be used is left out, said once
-        try:
-            chosen.append((remote, connection(remote, args, own)))
-        except UsageError as e:
-            print(f"lxdimagefs: leaving out remote {remote.name}: {e}", file=sys.stderr)
-    if not chosen:
-        raise UsageError("no remote can be mounted")
-    return chosen
-
-
-def check_joining(args: argparse.Namespace) -> None:
-    """--trust-token names the remote it records with SOURCE, and mounts nothing else."""
-    if not args.trust_token:
-        return
-    if args.remote or args.all_remotes or args.socket or args.url:
-        raise UsageError("--trust-token joins one server: give it with SOURCE only, the new remote's name")
-    if not args.source or args.source == "local" or ":" in args.source or "/" in args.source:
-        raise UsageError("--trust-token needs SOURCE: the name to record the server under, as in "
-                         "`lxc remote add NAME TOKEN`")
-
-
-def joined(args: argparse.Namespace, own: dict[str, object]) -> int | None:
+def joined(args: argparse.Namespace, own: MountOptions) -> int | None:
     """Join the server with the token (one line and exit 1 if that fails); None once joined."""
     from lxdimagefs.mount.trust import TrustError, join
     try:
-        join(args.source, args.trust_token, timeout=min(10.0, float(own.get("timeout", 30.0))))  # type: ignore[arg-type]
+        join(args.source, args.trust_token, timeout=min(10.0, own.timeout))
     except TrustError as e:
         print(f"lxdimagefs: {e}", file=sys.stderr)
         return 1
@@ -383,20 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     from lxdimagefs.mount.fusebind import FUSE, worker_options
 
     disk = None
-    if own.get("cache_max", None) != 0:
+    if own.cache_max != 0:
         try:
-            disk = DiskCache(disk_cache_root(args.cache_dir), own.get("cache_max"))  # type: ignore[arg-type]
+            disk = DiskCache(disk_cache_root(args.cache_dir), own.cache_max)
         except CacheRefused as e:
             print(f"lxdimagefs: {e} (-o cache_max=0 mounts without it)", file=sys.stderr)
             return 2
     settings = Settings(mountpoint=mountpoint, cache_root=Path(args.cache_dir or tempfile.gettempdir()),
                         disk=disk,
                         readonly=bool(fuse_opts.get("ro")),
-                        metadata_ttl=float(own.get("metadata_ttl", 3.0)),  # type: ignore[arg-type]
-                        cache_bytes=int(own.get("cache_size", CACHE_SIZE)) << 20,  # type: ignore[call-overload]
-                        events=not own.get("no_events"), contents=not own.get("nocontents"),
+                        metadata_ttl=own.metadata_ttl, cache_bytes=own.cache_bytes,
+                        events=not own.no_events, contents=not own.nocontents,
                         all_projects=args.all_projects,
-                        allow_delete=bool(own.get("allow_delete")))
+                        allow_delete=own.allow_delete)
     forest = args.all_remotes or len(args.remote) > 1
     try:
         root, built = assemble(chosen, settings, forest)

@@ -85,34 +85,7 @@ class LXDImageOps(Operations):
         if self.mountpoint:  # after init returns: the stat it makes is answered by this daemon
             threading.Thread(target=raise_readahead, args=(self.mountpoint,), daemon=True,
                              name="readahead").start()
-        invalidate = path_invalidator()
-        if invalidate is None:
-            self.tree.started(lambda path, wait=False: None)
-        else:
-            # Names the tree drops as a side effect (an import that landed, the aliases of a
-            # deleted image) must not linger in the kernel's caches: drop them, off the
-            # request threads, since the kernel may hold their directory until we answer.
-            changed: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
-
-            def on_change(path: str, wait: bool = False) -> None:
-                done = threading.Event()
-                changed.put((path, done))
-                if wait:
-                    done.wait(5)
-
-            threading.Thread(target=_drain, args=(changed, invalidate), daemon=True,
-                             name="invalidate").start()
-            self.tree.started(on_change)
-
-    def _may(self, path: str, want: int) -> None:
-        """The mode check, for callers other than the mounter and root (see fs/access.py)."""
-        uid, gid, pid = fuse_get_context()
-        if uid not in (0, self.tree.uid):
-            owner = (self.tree.uid, self.tree.gid)
-            access.check(self.tree.getattr, path, uid, access.groups(pid, gid), owner, want)
-
-    def _may_change(self, path: str) -> None:
-        self._may(path.rsplit("/", 1)[0] or "/", access.W | access.X)
+        self.tree.started(_kernel_forgetter())
 
     @translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
@@ -120,7 +93,7 @@ class LXDImageOps(Operations):
 
     @translated
     def readdir(self, path: str, fh: Any) -> list[tuple[str, dict[str, int], int]]:
-        self._may(path, access.R)
+        _may(self.tree, path, access.R)
         # Under use_ino a bare name would list with inode number 0, which tar and fts skip as a
         # deleted entry: each gets libfuse's "unknown" instead, as without use_ino; stat has the number.
         return [(name, _UNKNOWN, 0) for name in (".", "..", *self.tree.readdir(path))]
@@ -131,7 +104,7 @@ class LXDImageOps(Operations):
 
     @translated
     def open(self, path: str, fi: Any) -> int:
-        self._may(path, access.W if fi.flags & (os.O_WRONLY | os.O_RDWR) else access.R)
+        _may(self.tree, path, access.W if fi.flags & (os.O_WRONLY | os.O_RDWR) else access.R)
         fi.fh = self.tree.open(path, fi.flags, _pid())
         # An export whose fingerprint check passed goes through the page cache and stays there
         # (re-reads at memory speed, shared mmap). Every other read comes here (docs/SEMANTICS.md,
@@ -175,7 +148,7 @@ class LXDImageOps(Operations):
 
     @translated
     def create(self, path: str, mode: int, fi: Any) -> int:
-        self._may_change(path)
+        _may_change(self.tree, path)
         fi.fh = self.tree.create(path, fi.flags, _pid())
         fi.direct_io = 1  # what is written here is ours, not a cache's
         return 0
@@ -187,7 +160,7 @@ class LXDImageOps(Operations):
     @translated
     def truncate(self, path: str, length: int, fh: Any = None) -> int:
         if fh is None:
-            self._may(path, access.W)
+            _may(self.tree, path, access.W)
         self.tree.truncate(path, length, getattr(fh, "fh", None))
         return 0
 
@@ -198,19 +171,19 @@ class LXDImageOps(Operations):
 
     @translated
     def mkdir(self, path: str, mode: int) -> int:
-        self._may_change(path)
+        _may_change(self.tree, path)
         self.tree.mkdir(path)
         return 0
 
     @translated
     def rmdir(self, path: str) -> int:
-        self._may_change(path)
+        _may_change(self.tree, path)
         self.tree.rmdir(path)
         return 0
 
     @translated
     def unlink(self, path: str) -> int:
-        self._may_change(path)
+        _may_change(self.tree, path)
         self.tree.unlink(path, _pid())
         return 0
 
@@ -226,14 +199,14 @@ class LXDImageOps(Operations):
     @translated
     def symlink(self, target: str, source: str) -> int:
         # fusepy's names: `target` is the new link's path, `source` what it points to.
-        self._may_change(target)
+        _may_change(self.tree, target)
         self.tree.symlink(target, source)
         return 0
 
     @translated
     def rename(self, old: str, new: str) -> int:
-        self._may_change(old)
-        self._may_change(new)
+        _may_change(self.tree, old)
+        _may_change(self.tree, new)
         self.tree.rename(old, new, _pid())
         return 0
 
@@ -254,23 +227,23 @@ class LXDImageOps(Operations):
 
     @translated
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        self._may(path, access.R)
+        _may(self.tree, path, access.R)
         return self.tree.getxattr(path, name)
 
     @translated
     def listxattr(self, path: str) -> list[str]:
-        self._may(path, access.R)
+        _may(self.tree, path, access.R)
         return list(self.tree.listxattrs(path))
 
     @translated
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        self._may(path, access.W)
+        _may(self.tree, path, access.W)
         self.tree.setxattr(path, name, bytes(value), options)
         return 0
 
     @translated
     def removexattr(self, path: str, name: str) -> int:
-        self._may(path, access.W)
+        _may(self.tree, path, access.W)
         self.tree.setxattr(path, name, None)
         return 0
 
@@ -281,6 +254,34 @@ class LXDImageOps(Operations):
     @translated
     def mknod(self, path: str, mode: int, dev: int) -> int:
         raise self.tree.refusal("mknod", path, "only regular files can be made, under import/")
+
+
+def _may(tree: Tree | Forest, path: str, want: int) -> None:
+    """The mode check, for callers other than the mounter and root (see fs/access.py)."""
+    access.may(tree.getattr, path, fuse_get_context(), (tree.uid, tree.gid), want)
+
+
+def _may_change(tree: Tree | Forest, path: str) -> None:
+    access.may_change(tree.getattr, path, fuse_get_context(), (tree.uid, tree.gid))
+
+
+def _kernel_forgetter() -> Callable[..., None]:
+    """What the tree calls when it drops a name as a side effect (an import that landed, the
+    aliases of a deleted image), so it does not linger in the kernel's caches: dropped off the
+    request threads, since the kernel may hold their directory until we answer."""
+    invalidate = path_invalidator()
+    if invalidate is None:
+        return lambda path, wait=False: None
+    changed: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
+
+    def on_change(path: str, wait: bool = False) -> None:
+        done = threading.Event()
+        changed.put((path, done))
+        if wait:
+            done.wait(5)
+
+    threading.Thread(target=_drain, args=(changed, invalidate), daemon=True, name="invalidate").start()
+    return on_change
 
 
 def _pid() -> int:

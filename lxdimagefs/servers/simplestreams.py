@@ -27,14 +27,12 @@ from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.keys import BadKey, FileDigest, Fingerprint
 from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, warn_once
 from lxdimagefs.wire.bounded import JSON_CAP, WATCHDOG, Overdue, read_capped
+from lxdimagefs.wire.tls import ContextAdapter, tls_error, tls_refusal
 from lxdimagefs.wire.transport import (
     Backoff,
     Connection,
-    ContextAdapter,
     ExportStream,
     RawConnections,
-    tls_error,
-    tls_refusal,
 )
 
 log = logging.getLogger(__name__)

@@ -24,14 +24,12 @@ from urllib3.connectionpool import HTTPConnectionPool
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.wire.bounded import JSON_CAP, WATCHDOG, Overdue, error_body, read_capped, watch_pools
+from lxdimagefs.wire.tls import ContextAdapter, tls_error, tls_refusal
 from lxdimagefs.wire.transport import (
     Backoff,
     Connection,
-    ContextAdapter,
     RawConnections,
     error_from_body,
-    tls_error,
-    tls_refusal,
 )
 
 # Every request line (--debug) carries one logger name, whichever module sends it: the client.

@@ -2,13 +2,12 @@
 
 requests is used for LXD's JSON API; export bytes go through plain
 http.client connections, read with `readinto` straight into the caller's
-buffers. Request targets come from the client (client.py), which alone
+buffers. Request targets come from the client (servers/lxd.py), which alone
 builds LXD's URLs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -19,12 +18,9 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
 
-import requests.adapters
-
-from lxdimagefs.errors import LXDError, LXDTLSError, LXDUnreachable
-from lxdimagefs.wire.bounded import watch_pools
+from lxdimagefs.errors import LXDError, LXDUnreachable
+from lxdimagefs.wire.tls import client_context, pin_matches, tls_error, tls_refusal
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("lxdimagefs.client")  # request lines under the client's name, as rest.py
@@ -94,37 +90,6 @@ class Backoff:
         self.delay = min(self.delay * 2, self.MOST)
 
 
-# What a failed certificate check says, on our side (verify, pin) or in the server's alert.
-_TLS_REFUSALS = ("certificate verify failed", "fingerprints did not match", "not the pinned one",
-                 "alert bad certificate", "alert certificate unknown", "alert unknown ca",
-                 "certificate required", "alert access denied")
-_tls_logged: set[str] = set()
-
-
-def tls_refusal(exc: BaseException) -> str | None:
-    """Why TLS refused the peer (or the peer us), from the innermost error that says; None for a
-    connection that failed otherwise."""
-    seen: BaseException | None = exc
-    reason = None
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            reason = f"certificate verify failed: {seen.verify_message}"
-        elif any(t in str(seen).lower() for t in _TLS_REFUSALS):
-            reason = str(seen)
-        nested = [a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)]
-        seen = nested[0] if nested else (seen.__cause__ or seen.__context__)
-    return reason
-
-
-def tls_error(server: str, reason: str) -> LXDTLSError:
-    """The error for a TLS refusal, logged once per server for the daemon's life."""
-    err = LXDTLSError(f"TLS with {server} failed, so it is not trusted: {reason}")
-    if server not in _tls_logged:
-        _tls_logged.add(server)
-        log.error("%s (not retried; EACCES until the certificates agree)", err.message)
-    return err
-
-
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: tuple[float, float]) -> None:
         super().__init__("localhost", timeout=timeout[0])
@@ -156,24 +121,6 @@ class _TLSConnection(http.client.HTTPSConnection):
         self.sock.settimeout(self._read_timeout)
 
 
-def pin_matches(der: bytes | None, pinned: str) -> bool:
-    return der is not None and hashlib.sha256(der).hexdigest() == pinned.replace(":", "").lower()
-
-
-class ContextAdapter(requests.adapters.HTTPAdapter):
-    """requests with the data path's TLS context: the system's CAs (SSL_CERT_FILE honoured, as
-    Go's LXD honours it; not certifi's bundle), loaded once instead of once per connection."""
-
-    def __init__(self, context: ssl.SSLContext | None, **kwargs: Any) -> None:
-        self._context = context
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["ssl_context"] = self._context
-        super().init_poolmanager(*args, **kwargs)
-        watch_pools(self.poolmanager)
-
-
 class RawConnections:
     """http.client connections for the export data path, kept alive and reused when idle."""
 
@@ -182,15 +129,7 @@ class RawConnections:
         self._idle: list[http.client.HTTPConnection] = []
         self._size = size
         self._lock = threading.Lock()
-        self.context: ssl.SSLContext | None = None
-        if conn.url:
-            ctx = ssl.create_default_context()
-            if conn.cert:
-                ctx.load_cert_chain(*conn.cert)
-            if conn.pinned:  # like lxc: exactly the server certificate given, whatever name it bears
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            self.context = ctx
+        self.context = client_context(conn.cert, conn.pinned) if conn.url else None
 
     def _new(self, timeout: tuple[float, float]) -> http.client.HTTPConnection:
         if self.conn.socket:
