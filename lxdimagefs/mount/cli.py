@@ -65,6 +65,7 @@ OWN_FLAGS = {
     "no_events",  # do not listen to LXD's events: rely on metadata_ttl alone
     "nocontents",  # leave out contents/ (what is inside images), e.g. for backups of the whole mount
     "allow_delete",  # rm -r / rmdir of by-fingerprint/<fp> deletes the image (else EPERM)
+    "nolocal",  # never read a local server's own image files: always its socket
 }
 
 
@@ -146,6 +147,8 @@ options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
   nocontents            leave out contents/ (backups of the whole mount)
   allow_delete          let rm -r (or rmdir) of by-fingerprint/<fp> delete the
                         image; without it deleting an image is refused (EPERM)
+  nolocal               read exports only through the socket, never from the
+                        server's own image files (root on its host)
   _netdev, nofail, user, users, auto, noauto, defaults, x-*
                         fstab's and systemd's: accepted and ignored
 
@@ -396,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                         cache_bytes=int(own.get("cache_size", CACHE_SIZE)) << 20,  # type: ignore[call-overload]
                         events=not own.get("no_events"), contents=not own.get("nocontents"),
                         all_projects=args.all_projects,
-                        allow_delete=bool(own.get("allow_delete")))
+                        allow_delete=bool(own.get("allow_delete")), local_files=not own.get("nolocal"))
     forest = args.all_remotes or len(args.remote) > 1
     try:
         root, built = assemble(chosen, settings, forest)
