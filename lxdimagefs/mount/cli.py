@@ -147,8 +147,9 @@ options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
   nocontents            leave out contents/ (backups of the whole mount)
   allow_delete          let rm -r (or rmdir) of by-fingerprint/<fp> delete the
                         image; without it deleting an image is refused (EPERM)
-  nolocal               read exports only through the socket, never from the
-                        server's own image files (root on its host)
+  nolocal               read exports only through the socket; by default, as root
+                        beside a local server, its own image files are read in
+                        place (checked like its exports)
   _netdev, nofail, user, users, auto, noauto, defaults, x-*
                         fstab's and systemd's: accepted and ignored
 
