@@ -131,3 +131,19 @@ def test_a_split_image_whose_file_was_edited_is_eio_never_wrong(sandbox, tmp_pat
             assert "do not hash to its fingerprint" in log and _exports_asked(log, fp) > before
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_read_from_the_servers_file_needs_no_lxd(sandbox, unified, tmp_path):
+    """LXD stopped (by pid) once the file's name is known: the read goes on and is verified."""
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        path = _export(m, unified)
+        fd = os.open(path, os.O_RDONLY)  # opened while LXD answers
+        try:
+            sandbox.halt()
+            try:
+                data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+            finally:
+                sandbox.resume()
+        finally:
+            os.close(fd)
+        assert hashlib.sha256(data).hexdigest() == unified
