@@ -155,32 +155,42 @@ def bench_local_files(box: Sandbox, fp: str, rounds: int = 3) -> None:
         assert _read_hashed(curl.stdout, hashed) == fp or not hashed
         assert curl.wait() == 0
 
-    def through_mount(cold: bool) -> tuple[float, float]:
-        with b.mount(box) as (where, proc, _log):
+    def through_mount(cold: bool, *opts: str) -> tuple[float, float]:
+        with b.mount(box, "mfusepy", *opts) as (where, proc, _log):
+            path = b.export_file(where, fp)  # the one-byte layout probe, before the clock
             (b.drop_caches if cold else lambda: b.sh("cat", str(stored)))()
             cpu, t = _all_cpu([box.pid, proc.pid]), time.perf_counter()
-            b.sh("cat", str(b.export_file(where, fp)))
+            b.sh("cat", str(path))
             return time.perf_counter() - t, _all_cpu([box.pid, proc.pid]) - cpu
 
     ways = {"file": (lambda: from_file(False), "the file in $LXD_DIR/images, 1 MiB reads"),
             "file+sha": (lambda: from_file(True), "the file in $LXD_DIR/images, 1 MiB reads + sha256"),
+            "cat": (lambda: b.sh("cat", str(stored)), "cat of the file in $LXD_DIR/images"),
             "curl": (lambda: from_socket(False), "curl on the socket's /export, 1 MiB reads of its output"),
             "curl+sha": (lambda: from_socket(True), "curl on the socket's /export, 1 MiB reads + sha256"),
-            "mount": (None, "cat of the export through a fresh mount (verified)")}
+            "mount": (None, "cat through a fresh mount, the server's own file (default; verified)"),
+            "nolocal": (None, "cat through a fresh mount, -o nolocal: the socket (verified)")}
     for cold in (True, False):
+        b.forget_disk_cache()
         results: dict[str, list[tuple[float, float]]] = {}
         for _ in range(rounds):
             for name, (fn, _label) in ways.items():
                 if fn is None:
-                    results.setdefault(name, []).append(through_mount(cold))
+                    opts = ("-o", "nolocal") if name == "nolocal" else ()
+                    results.setdefault(name, []).append(through_mount(cold, *opts))
+                    b.forget_disk_cache()  # every mount's read is a first read
                     continue
                 (b.drop_caches if cold else lambda: b.sh("cat", str(stored)))()
                 cpu, t = _all_cpu([box.pid]), time.perf_counter()
                 fn()
                 results.setdefault(name, []).append((time.perf_counter() - t, _all_cpu([box.pid]) - cpu))
+        median = {name: statistics.median(x[0] for x in results[name]) for name in ways}
         for name, (_fn, label) in ways.items():
-            t = statistics.median(x[0] for x in results[name])
+            t = median[name]
             cpu = statistics.median(x[1] for x in results[name])
+            ratios = "; the default mount: " + ", ".join(
+                f"{median[other] / median['mount']:.2f}x {other}" for other in ("cat", "curl+sha", "nolocal")
+            ) if name == "mount" else ""
             b.row(f"{label} ({'caches dropped' if cold else 'LXD warm'})", f"{gib / t:.2f} GiB/s",
                   f"median {t:.2f} s of {', '.join(f'{x[0]:.2f}' for x in results[name])}; "
-                  f"CPU of all processes {cpu / gib:.2f} s/GiB")
+                  f"CPU of all processes {cpu / gib:.2f} s/GiB{ratios}")

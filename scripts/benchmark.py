@@ -189,7 +189,8 @@ def bench_sequential(box: Sandbox, fp: str, size: int) -> None:
         t_dgst = timed(curl_dgst)
         row(f"curl | openssl dgst -sha256 ({scenario}): a verified read without the mount",
             f"{gib / t_dgst:.2f} GiB/s", f"{t_dgst:.2f} s")
-        for binding, opts, label in (("mfusepy", (), DEFAULT),):
+        for binding, opts, label in (("mfusepy", (), DEFAULT),  # as root: the server's own file
+                                     ("mfusepy", ("-o", "nolocal"), "-o nolocal: the socket")):
             times = []
             peak = 0.0
             cpu = []

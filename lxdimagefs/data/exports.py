@@ -21,11 +21,13 @@ from lxdimagefs.servers.protocol import ImageSource
 
 class Exports:
     def __init__(self, client: ImageSource, spool_dir: Path, capacity: int = 16 << 20,
-                 disk: DiskCache | None = None, cache: BlockCache | None = None) -> None:
+                 disk: DiskCache | None = None, cache: BlockCache | None = None,
+                 images: Path | None = None) -> None:
+        """`images`: a local server's images folder, whose files are read in place where they can be."""
         self.cache = cache or BlockCache(capacity)  # the projects of one server share theirs
         self.disk = disk
-        self.fetcher = Fetcher(client, self.cache, disk=disk)
-        self.spool = SplitSpool(client, spool_dir, disk)
+        self.fetcher = Fetcher(client, self.cache, disk=disk, images=images)
+        self.spool = SplitSpool(client, spool_dir, disk, images=images)
         self.server = self.spool.server  # the server of every key this reader makes
         if disk is not None:
             self.verification.on_verdict = disk.seal

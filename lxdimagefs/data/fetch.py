@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
+from lxdimagefs.servers.localfiles import LocalImage, open_image
 from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.wire.transport import Backoff, ExportStream
 
@@ -39,6 +41,8 @@ class Stream:
         self.dead = False
         self.running = False
         self.conn: ExportStream | None = None
+        self.local: LocalImage | None = None  # the server's own file, where the daemon can read it
+        self.tried_local = False
         self.lock = threading.Lock()
 
     @property
@@ -48,13 +52,40 @@ class Stream:
     def ahead(self) -> int:
         return max(0, self.claimed - self.consumer)
 
+    def from_file(self, images: Path | None, index: int) -> bytearray | None:
+        """A block from the server's own file (opened on the stream's first block), or None: then
+        the socket. A short read or an error closes the file for good: the socket serves the rest."""
+        if not self.tried_local and images is not None:
+            self.tried_local = True
+            self.local = open_image(images, self.fp, size=self.total)
+            if self.local is not None and self.local.split:  # a split image's parts: the spool's
+                self.close_file()
+        if self.local is None:
+            return None
+        buf = bytearray(min(BLOCK, self.total - index * BLOCK))
+        try:
+            if self.local.readinto(index * BLOCK, memoryview(buf)) == len(buf):
+                return buf
+            log.warning("image file %s ended early at block %d: reading the socket", self.fp[:12], index)
+        except OSError as e:
+            log.warning("image file %s unreadable at block %d (%s): reading the socket",
+                        self.fp[:12], index, e.strerror)
+        self.close_file()
+        return None
+
+    def close_file(self) -> None:
+        if self.local is not None:
+            self.local.close()
+            self.local = None
+
 
 class Fetcher:
     def __init__(self, client: ImageSource, cache: BlockCache, workers: int = 8,
-                 disk: DiskCache | None = None) -> None:
+                 disk: DiskCache | None = None, images: Path | None = None) -> None:
         self.client = client
         self.cache = cache
         self.disk = disk
+        self.images = images  # a local server's images folder: its files are read in place
         self.verification = Verification(cache, self.block, client.conn.identity())
         self.requests = 0  # export requests made, for tests and benchmarks
         self._workers = workers
@@ -154,6 +185,7 @@ class Fetcher:
         if stream.conn is not None:
             stream.conn.close()
             stream.conn = None
+        stream.close_file()
         with self._lock:
             self._streams.discard(stream)
 
@@ -168,16 +200,18 @@ class Fetcher:
                             self._finish(stream)
                         return
                 data = self._from_disk(stream.fp, stream.total, index)
-                if data is None:
-                    data = self._read_block(stream, index)
-                    log.debug("block %d of %s in (%d bytes)", index, stream.fp, len(data))
-                    self._arrived(stream.fp, stream.total, index, data)
-                else:
+                if data is not None:
                     if stream.conn is not None:  # it skipped a block: reopen where the next is
                         stream.conn.close()
                         stream.conn = None
                     self.cache.publish(stream.fp, index, data)
                     self.verification.published(stream.fp, stream.total, index, data)
+                elif (data := stream.from_file(self.images, index)) is not None:
+                    self._arrived(stream.fp, stream.total, index, data, keep=False)
+                else:
+                    data = self._read_block(stream, index)
+                    log.debug("block %d of %s in (%d bytes)", index, stream.fp, len(data))
+                    self._arrived(stream.fp, stream.total, index, data)
                 with stream.lock:
                     stream.next = index + 1
         except BaseException as e:  # every waiter must hear of the failure
@@ -190,14 +224,15 @@ class Fetcher:
             if not isinstance(e, Exception):
                 raise
 
-    def _arrived(self, fp: str, total: int, index: int, data: bytearray) -> None:
-        """A block from the server: kept and hashed if its manifest admits it, else refused."""
+    def _arrived(self, fp: str, total: int, index: int, data: bytearray, keep: bool = True) -> None:
+        """A block from the server: kept and hashed if its manifest admits it, else refused; on disk
+        too unless `keep` is False (it came from the server's own file on this host's disk)."""
         if not self.verification.admit(fp, total, index, data):
             self.cache.fail(fp, range(index, index + 1), IntegrityError(f"{fp} block {index}"))
             return
         self.cache.publish(fp, index, data)
         self.verification.published(fp, total, index, data)
-        if self.disk is not None:
+        if keep and self.disk is not None:
             self.disk.put(fp, index, data, total)
 
     def _from_disk(self, fp: str, total: int, index: int) -> bytearray | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.errors import IntegrityError, LXDError
 from lxdimagefs.keys import ObjectKey, Sha256
+from lxdimagefs.servers.localfiles import LocalImage, open_image
 from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.wire.multipart import PartStream
 from lxdimagefs.wire.rest import RestSession
@@ -30,11 +31,14 @@ class SplitSpool:
     private to this mount and removed when it ends.
     """
 
-    def __init__(self, client: ImageSource, directory: Path, disk: DiskCache | None = None) -> None:
+    def __init__(self, client: ImageSource, directory: Path, disk: DiskCache | None = None,
+                 images: Path | None = None) -> None:
         self.client = client
         self.directory = directory
         self.server = client.conn.identity()
         self.disk = disk  # where verified parts are kept for later mounts
+        self.images = images  # a local server's images folder: its split images' parts, in place
+        self._local: dict[str, LocalImage] = {}  # verified, held open for the mount's life
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self.downloads = 0
@@ -52,6 +56,9 @@ class SplitSpool:
         with self._lock:
             lock = self._locks.setdefault(fp, threading.Lock())
         with lock:
+            local = self._local.get(fp) or self._open_local(fp, size)
+            if local is not None:
+                return [Path(f"/proc/self/fd/{p.fd}") for p in local.parts]
             kept = self.disk.parts(fp) if self.disk is not None else None
             if kept is not None:
                 return kept
@@ -60,6 +67,36 @@ class SplitSpool:
                 if self.disk is not None:
                     self.disk.keep_parts(fp, final)
         return final
+
+    def _open_local(self, fp: str, size: int) -> LocalImage | None:
+        """The server's own two files of a split image, if their sha256 (part 0, then part 1) is the
+        fingerprint. They are served through the descriptors checked here (/proc/self/fd), so a
+        file the server replaces later is not read in its place; nothing is copied."""
+        if self.images is None:
+            return None
+        local = open_image(self.images, fp, size=size)
+        if local is None or not local.split:
+            if local is not None:
+                local.close()
+            return None
+        digest = hashlib.sha256()
+        buf = bytearray(PartWriter.BATCH)
+        try:
+            for part, f in enumerate(local.parts):
+                for offset in range(0, f.size, len(buf)):
+                    n = local.readinto(offset, buf, part)
+                    digest.update(memoryview(buf)[:n])
+        except OSError as e:
+            log.warning("image files of %s unreadable (%s): downloading its export", fp[:12], e.strerror)
+            local.close()
+            return None
+        if digest.hexdigest() != fp:
+            log.error("image files of %s do not hash to its fingerprint: downloading its export", fp)
+            local.close()
+            return None
+        self._local[fp] = local
+        log.debug("split image %s read from the server's own files", fp[:12])
+        return local
 
     def unified(self, fp: str, size: int) -> Path:
         """A unified export as a local file, for readers that need a file descriptor of their own."""
@@ -140,6 +177,9 @@ class SplitSpool:
                 t.unlink(missing_ok=True)
 
     def remove(self) -> None:
+        for local in self._local.values():
+            local.close()
+        self._local.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     PREFIX = "lxdimagefs-spool-"

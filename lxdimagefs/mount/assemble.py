@@ -27,7 +27,9 @@ from lxdimagefs.fs.handles import HandleTable
 from lxdimagefs.mount.remotes import Remote
 from lxdimagefs.servers.catalog import Catalog, LayoutJournal
 from lxdimagefs.servers.events import EventWatcher
+from lxdimagefs.servers.localfiles import images_folder
 from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.servers.pull import from_lxd, from_simplestreams
 from lxdimagefs.servers.simplestreams import StreamsClient
 from lxdimagefs.wire.transport import Connection
@@ -49,6 +51,7 @@ class Settings:
     all_projects: bool = False
     allow_delete: bool = False
     disk: DiskCache | None = None  # verified exports on disk, shared by every server's tree
+    local_files: bool = True  # a local server's own image files read in place (-o nolocal: never)
 
 
 @dataclass
@@ -77,7 +80,8 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     client = LXDClient(conn)
     journal = LayoutJournal(settings.cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl", conn.identity())
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
-    exports = Exports(client, spool, capacity=cache_bytes, cache=cache, disk=settings.disk)
+    images = images_folder(conn.socket) if conn.socket and settings.local_files else None
+    exports = Exports(client, spool, capacity=cache_bytes, cache=cache, disk=settings.disk, images=images)
     tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,
                 handles=handles, allow_delete=settings.allow_delete)
     events = None
@@ -113,7 +117,12 @@ def build_projects(remote: Remote, conn: Connection, settings: Settings, mountpo
 
 def probe(built: Built) -> None:
     """List the server's images (or projects) once, without riding out an outage: raises LXDError at once."""
-    client = built.client or built.tree.catalog.client  # type: ignore[union-attr]
+    client: ImageSource
+    if built.client is not None:  # a server whose projects are each a tree
+        client = built.client
+    else:
+        assert not isinstance(built.tree, Projects)  # built with its server's client
+        client = built.tree.catalog.client
     patience, client.patience = client.patience, 0.0
     try:
         if isinstance(built.tree, Projects):

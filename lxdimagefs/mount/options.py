@@ -40,6 +40,7 @@ class MountOptions:
     no_events: bool = False  # do not listen to LXD's events: rely on metadata_ttl alone
     nocontents: bool = False  # leave out contents/, e.g. for backups of the whole mount
     allow_delete: bool = False  # rm -r / rmdir of by-fingerprint/<fp> deletes the image (else EPERM)
+    nolocal: bool = False  # never read a local server's own image files: always its socket
 
     @property
     def cache_bytes(self) -> int:
@@ -104,6 +105,9 @@ options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
   nocontents            leave out contents/ (backups of the whole mount)
   allow_delete          let rm -r (or rmdir) of by-fingerprint/<fp> delete the
                         image; without it deleting an image is refused (EPERM)
+  nolocal               read exports only through the socket; by default, as root
+                        beside a local server, its own image files are read in
+                        place (checked like its exports)
   _netdev, nofail, user, users, auto, noauto, defaults, x-*
                         fstab's and systemd's: accepted and ignored
 

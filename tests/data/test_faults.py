@@ -27,7 +27,7 @@ def test_frozen_lxd_gives_eio_within_the_timeout_then_recovers(sandbox, images, 
     fp = images.fps["plain"]
     # no_events: a live event stream keeps the last listing (a frozen LXD sends no events, and
     # does not close the stream); without it, listings expire and must fail, not hang.
-    with mounted(sandbox, tmp_path / "mnt", "-o", "timeout=2,metadata_ttl=0.5,no_events") as m:
+    with mounted(sandbox, tmp_path / "mnt", "-o", "timeout=2,metadata_ttl=0.5,no_events,nolocal") as m:
         path = _export_path(m, fp)  # learns the layout while LXD answers
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -149,7 +149,7 @@ def test_split_bytes_that_do_not_match_the_fingerprint_give_eio(sandbox, tmp_pat
 
 def test_stopped_lxd_gives_eio_after_the_timeout_and_the_mount_recovers(sandbox, images, tmp_path):
     fp = images.fps["plain"]
-    with mounted(sandbox, tmp_path / "mnt", "-o", "metadata_ttl=0.2,timeout=2") as m:
+    with mounted(sandbox, tmp_path / "mnt", "-o", "metadata_ttl=0.2,timeout=2,nolocal") as m:
         path = _export_path(m, fp)
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -175,7 +175,7 @@ def test_a_copy_rides_out_an_lxd_restart(sandbox, tmp_path):
     """LXD stopped (by pid) for several seconds, then started: reads wait, resume, and verify."""
     fp = sandbox.import_image(make_unified(tmp_path / "restart.tar", rootfs_bytes=40 << 20))
     try:
-        with mounted(sandbox, tmp_path / "mnt") as m:
+        with mounted(sandbox, tmp_path / "mnt", "-o", "nolocal") as m:  # the socket: LXD's files need no LXD
             path = _export_path(m, fp)
             fd = os.open(path, os.O_RDONLY)
             head = os.read(fd, 3 << 20)  # a stream is open, mid-image, when LXD goes

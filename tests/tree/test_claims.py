@@ -19,7 +19,7 @@ pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
 def test_a_sequential_read_is_one_request(sandbox, images, tmp_path):
     fp = images.fps["plain"]
-    with mounted(sandbox, tmp_path / "mnt") as m:
+    with mounted(sandbox, tmp_path / "mnt", "-o", "nolocal") as m:  # LXD's socket, not its files
         data = (m.path / "by-fingerprint" / fp / f"{fp}.tar").read_bytes()
         assert len(data) > 5 << 20
         assert len([line for line in m.log_text().splitlines() if f"/images/{fp}/export bytes=" in line]) == 1
@@ -36,7 +36,7 @@ def test_statfs_and_block_size(mnt, images):
 
 def test_the_spool_is_private_and_goes_at_unmount(sandbox, images, tmp_path):
     fp = images.fps["split"]
-    with mounted(sandbox, tmp_path / "mnt") as m:
+    with mounted(sandbox, tmp_path / "mnt", "-o", "nolocal") as m:  # spooled from the socket
         (m.path / "by-fingerprint" / fp / f"{fp}.squashfs").read_bytes()
         spools = list(tmp_path.glob("lxdimagefs-spool-*"))
         assert len(spools) == 1 and stat.S_IMODE(spools[0].stat().st_mode) == 0o700
