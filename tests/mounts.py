@@ -60,6 +60,12 @@ def mounted(sandbox: Sandbox, where: Path, *args: str, server: tuple[str, ...] =
         stop(where, proc)
 
 
+def socket_mounted(sandbox: Sandbox, where: Path, *args: str) -> contextlib.AbstractContextManager[Mount]:
+    """A mount that reads LXD's socket, never the server's own files (the daemon, as root, reads
+    them in place by default: tests/data/test_localreads.py): for tests that judge the socket's path."""
+    return mounted(sandbox, where, "-o", "nolocal", *args)
+
+
 def stop(where: Path, proc: subprocess.Popen) -> None:
     """Unmount, then wait for the daemon to exit (it should at once); killed by its pid if not."""
     unmount(where)

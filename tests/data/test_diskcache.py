@@ -16,23 +16,19 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import export_of
 from lxd_sandbox import make_split, make_unified
-from mounts import mounted as mounted_on
+from mounts import socket_mounted as mounted
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
 
-def mounted(sandbox, where, *args: str, **kw):
-    """A mount that reads LXD's socket: these tests judge that path (the daemon, as root, would
-    otherwise read the server's own files in place: tests/test_localreads.py)."""
-    return mounted_on(sandbox, where, "-o", "nolocal", *args, **kw)
 
 MIB = 1 << 20
 
 
 def _export_path(mount, fp: str) -> str:
-    folder = mount.path / "by-fingerprint" / fp
-    return str(next(p for p in folder.iterdir() if p.name != "metadata.json"))
+    return str(export_of(mount, fp))
 
 
 def _cache(tmp_path: Path) -> Path:
