@@ -129,7 +129,7 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
                                indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
     else:  # LXD sends a split image as one multipart stream: its parts are in the spool
-        meta, rootfs = exports.spool.paths(fp, sum(p.size for p in layout.parts))
+        meta, rootfs = exports.spool.paths(fp, tuple(p.size for p in layout.parts))
         top = SQLiteIndexedTar(str(meta), indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
     if not rootfs_part.name.endswith(".squashfs"):
         return top, None

@@ -21,10 +21,10 @@ from lxdimagefs.servers.protocol import ImageSource
 
 class Exports:
     def __init__(self, client: ImageSource, spool_dir: Path, capacity: int = 16 << 20,
-                 disk: DiskCache | None = None, cache: BlockCache | None = None,
+                 disk: DiskCache | None = None,
                  images: Path | None = None) -> None:
         """`images`: a local server's images folder, whose files are read in place where they can be."""
-        self.cache = cache or BlockCache(capacity)  # the projects of one server share theirs
+        self.cache = BlockCache(capacity)
         self.disk = disk
         self.fetcher = Fetcher(client, self.cache, disk=disk, images=images)
         self.spool = SplitSpool(client, spool_dir, disk, images=images)

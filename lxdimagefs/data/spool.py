@@ -47,9 +47,13 @@ class SplitSpool:
         """A spool file, named by its key (server and fingerprint), never by what a server sent."""
         return self.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.{suffix}"
 
-    def paths(self, fp: str, size: int) -> list[Path]:
-        """The local files of both parts: this mount's spool, the disk cache's, or downloaded now;
-        `size` is both parts' total as the image's record gives it, and a download past it is refused."""
+    def paths(self, fp: str, sizes: tuple[int, ...]) -> list[Path]:
+        """The local files of both parts: this mount's spool, the disk cache's, or downloaded now.
+
+        `sizes`: the parts' sizes as this server's layout gives them. The fingerprint proves both
+        parts' bytes together, not where one ends: parts split elsewhere (a download past the
+        total, a kept or local copy of other sizes) are never served as this server's."""
+        size = sum(sizes)
         final = [self._named(fp, str(i)) for i in range(2)]
         if all(p.exists() for p in final):
             return final
@@ -57,13 +61,13 @@ class SplitSpool:
             lock = self._locks.setdefault(fp, threading.Lock())
         with lock:
             local = self._local.get(fp) or self._open_local(fp, size)
-            if local is not None:
+            if local is not None and [os.fstat(p.fd).st_size for p in local.parts] == list(sizes):
                 return [Path(f"/proc/self/fd/{p.fd}") for p in local.parts]
             kept = self.disk.parts(fp) if self.disk is not None else None
-            if kept is not None:
+            if kept is not None and [p.stat().st_size for p in kept] == list(sizes):
                 return kept
             if not all(p.exists() for p in final):
-                self._download(fp, final, size)
+                self._download(fp, final, size, sizes[0])
                 if self.disk is not None:
                     self.disk.keep_parts(fp, final)
         return final
@@ -135,7 +139,7 @@ class SplitSpool:
             os.close(fd)
             tmp.unlink(missing_ok=True)
 
-    def _download(self, fp: str, final: list[Path], size: int) -> None:
+    def _download(self, fp: str, final: list[Path], size: int, first: int) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = [p.with_suffix(p.suffix + ".part") for p in final]
         writer = PartWriter()
@@ -164,7 +168,7 @@ class SplitSpool:
             digest = writer.finish()
             if len(fds) != 2:
                 raise LXDError(f"LXD's split export of {fp} did not hold two parts")
-            if digest != fp:
+            if digest != fp or os.fstat(fds[0]).st_size != first:  # the bytes, and where part 1 starts
                 raise IntegrityError(fp)
             for t, f in zip(tmp, final, strict=True):
                 os.replace(t, f)

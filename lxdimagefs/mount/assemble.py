@@ -18,7 +18,6 @@ from lxdimagefs.compose.forest import Forest, Slot
 from lxdimagefs.compose.projects import Projects
 from lxdimagefs.compose.root import Tree
 from lxdimagefs.contents.archives import IndexFolder
-from lxdimagefs.data.blocks import BlockCache
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.spool import SplitSpool
@@ -64,7 +63,7 @@ class Built:
 
 
 def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
-          handles: HandleTable, cache_bytes: int, cache: BlockCache | None = None) -> Built:
+          handles: HandleTable, cache_bytes: int) -> Built:
     spool = Path(tempfile.mkdtemp(prefix=SplitSpool.PREFIX, dir=settings.cache_root))
     index = None
     if settings.contents:  # kept across mounts and servers: keyed by fingerprint
@@ -81,7 +80,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     journal = LayoutJournal(settings.cache_root / f"lxdimagefs-layouts-{os.getuid()}.jsonl", conn.identity())
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
     images = images_folder(conn.socket) if conn.socket and settings.local_files else None
-    exports = Exports(client, spool, capacity=cache_bytes, cache=cache, disk=settings.disk, images=images)
+    exports = Exports(client, spool, capacity=cache_bytes, disk=settings.disk, images=images)
     tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,
                 handles=handles, allow_delete=settings.allow_delete)
     events = None
@@ -96,12 +95,13 @@ def build_projects(remote: Remote, conn: Connection, settings: Settings, mountpo
                    handles: HandleTable, cache_bytes: int) -> Built:
     """One folder per project of an LXD server, one event stream for them all."""
     client = LXDClient(conn)
-    cache = BlockCache(cache_bytes)  # one image's bytes are the same in every project
     watcher: EventWatcher | None = None
 
     def make(name: str) -> Slot:
         own, where = replace(settings, events=False), f"{mountpoint}/{name}"
-        b = build(remote, replace(conn, project=name), own, where, handles, cache_bytes, cache)
+        # Each project's reader has its own block cache: a cache shared between readers that each check
+        # their own copies would let one serve a block only the other admitted (issue 16's manifests).
+        b = build(remote, replace(conn, project=name), own, where, handles, cache_bytes)
         if watcher is not None and isinstance(b.tree, Tree):
             b.tree.catalog.events_live = watcher.live.is_set
         return Slot(name, b.tree, b.slot.reachable, b.slot.source)

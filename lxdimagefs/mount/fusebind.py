@@ -43,6 +43,14 @@ else:
             written: int = self.operations.write(name, data, offset, fh)
             return written
 
+        def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+            """`ftruncate` on an open file reaches its handle (mfusepy 3.1 drops libfuse 3's file
+            info here: an open metadata.json truncated in place kept its old bytes)."""
+            fh = (fip.contents if self.raw_fi else fip.contents.fh) if fip else None
+            name = None if path is None else path.decode(self.encoding, self.errors)
+            done: int = self.operations.truncate(name, length, fh)
+            return done
+
 
 
 # libfuse 3 keeps at most 10 worker threads unless told otherwise (and mfusepy's call of

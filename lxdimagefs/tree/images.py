@@ -126,7 +126,8 @@ class ImagesNode(DeleteAndRefresh):
         if part.key is not None:  # a file read on its own, checked against its own sha256
             return UnifiedHandle(self.exports.unified(part.key, part.size), opener=pid)
         if self.catalog.layout(image.fingerprint).split:
-            return FileHandle(str(self.exports.spool.paths(image.fingerprint, image.size)[index]),
+            sizes = tuple(p.size for p in self.catalog.layout(image.fingerprint).parts)
+            return FileHandle(str(self.exports.spool.paths(image.fingerprint, sizes)[index]),
                               opener=pid, verified=True)
         return UnifiedHandle(self.exports.unified(image.fingerprint, part.size), opener=pid)
 

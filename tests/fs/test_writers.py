@@ -139,3 +139,23 @@ def test_a_shells_redirection_saves_metadata_json(mnt, sandbox, images):
         assert sandbox.rest(f"/1.0/images/{fp}")["properties"].get("redirected") == "yes"
     finally:
         sandbox.lxc("image", "unset-property", fp, "redirected", check=False)
+
+
+def test_an_open_record_truncated_in_place_saves_what_is_written(mnt, sandbox, images):
+    """open("r+"), truncate(0), json.dump, close: ftruncate reaches the open file's handle (mfusepy
+    3.1 dropped it on libfuse 3, and the old record's bytes stayed under the new ones)."""
+    fp = images.fps["gz"]
+    record = mnt.path / "by-fingerprint" / fp / "metadata.json"
+    description = sandbox.rest(f"/1.0/images/{fp}")["properties"]["description"]
+    try:
+        with open(record, "r+") as f:
+            edited = json.load(f)
+            edited["properties"]["truncated"] = "in-place"
+            del edited["properties"]["description"]  # shorter than before: a stale tail would show
+            f.seek(0)
+            f.truncate(0)
+            json.dump(edited, f)
+        assert sandbox.rest(f"/1.0/images/{fp}")["properties"].get("truncated") == "in-place"
+    finally:
+        sandbox.lxc("image", "unset-property", fp, "truncated", check=False)
+        sandbox.lxc("image", "set-property", fp, "description", description, check=False)

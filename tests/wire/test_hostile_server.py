@@ -18,7 +18,7 @@ import websocket
 from streams_server import LoopbackCA
 
 from lxdimagefs.data.spool import SplitSpool
-from lxdimagefs.errors import LXDError
+from lxdimagefs.errors import IntegrityError, LXDError
 from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.servers.simplestreams import native_arch, parse_products
 from lxdimagefs.wire.bounded import ERROR_BODY_CAP, FRAME_CAP, JSON_CAP, TooLarge, cap_frames
@@ -94,7 +94,7 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             self.send_response(404)
             self.send_header("Content-Length", "0")
             self.end_headers()
-        elif self.path.startswith(f"/1.0/images/{FP}/export"):
+        elif self.path.startswith((f"/1.0/images/{FP}/export", f"/1.0/images/{SPLIT}/export")):
             self._split_export()
 
     def _drip(self) -> None:
@@ -125,6 +125,7 @@ DECLARED = "1" * 64  # fingerprints the hostile server answers for badly
 ERRING = "2" * 64
 DRIPPING = "3" * 64
 SLOW = "4" * 64
+SPLIT = hashlib.sha256(b"x" * (2 << 20)).hexdigest()  # what _split_export's two parts hash to
 
 
 @pytest.fixture()
@@ -179,8 +180,19 @@ def test_a_call_without_retries_has_the_whole_timeout(hostile):
 def test_a_split_export_larger_than_its_record_is_refused_and_leaves_nothing(hostile, tmp_path):
     spool = SplitSpool(hostile, tmp_path / "spool")
     with pytest.raises(LXDError, match="larger than the 1000 bytes its record gives"):
-        spool.paths(FP, 1000)
+        spool.paths(FP, (500, 500))
     assert not list((tmp_path / "spool").iterdir())
+
+
+def test_split_parts_divided_elsewhere_than_the_layout_says_are_refused(hostile, tmp_path):
+    """The fingerprint proves both parts' bytes together, not where the first ends: parts of the
+    right bytes split elsewhere than this server's layout are never served (nor kept)."""
+    spool, mib = SplitSpool(hostile, tmp_path / "spool"), 1 << 20
+    with pytest.raises(IntegrityError):
+        spool.paths(SPLIT, (mib - 10, mib + 10))
+    assert not list((tmp_path / "spool").iterdir())
+    meta, rootfs = spool.paths(SPLIT, (mib, mib))
+    assert meta.stat().st_size == rootfs.stat().st_size == mib
 
 
 def _send(sock: socket.socket, data: bytes) -> None:
