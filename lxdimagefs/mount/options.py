@@ -90,7 +90,8 @@ def _number(key: str, val: str) -> float:
 OPTIONS_HELP = """\
 options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
   metadata_ttl=SECONDS  how long a listing of images is trusted (default 3)
-  cache_size=MiB        export blocks held in memory, whole daemon (default 16)
+  cache_size=MiB        export blocks held in memory, per server (and per project
+                        with --all-projects; default 16)
   cache_max=SIZE        verified exports kept on disk (K, M, G; default: no
                         limit but 5% of that filesystem kept free; 0: none).
                         They live in --cache-dir/lxdimagefs-cache-UID, else
