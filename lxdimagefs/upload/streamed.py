@@ -119,8 +119,9 @@ class Upload:
         try:
             self._post = self.client.start_upload(self.client.upload_headers(final_name(self.name)))
         except BaseException as e:
-            self.error = failure(e)
-            raise self.error from None
+            raise self._break(failure(e)) from None
+        if self.error:  # broken off (abort takes no lock) while the request was being opened
+            raise self._break(self.error)
 
     def _send(self, data: bytes | memoryview) -> None:
         assert self._post is not None  # sent only after _start
@@ -133,7 +134,7 @@ class Upload:
         """Finish the upload and wait for LXD's verdict; returns the fingerprint."""
         with self._lock:
             if self.error:
-                raise self.error
+                raise self._break(self.error)  # and the request, if one is open, is closed
             if self._post is None:
                 self._start()  # short file: sniff what there is
                 if self._head:
@@ -144,8 +145,7 @@ class Upload:
                 self.fingerprint = self.client.finish_upload(post)
             except BaseException as e:
                 if not already_held(e):
-                    self.error = failure(e)
-                    raise self.error from None
+                    raise self._break(failure(e)) from None
                 log.info("%s: LXD holds this image already: nothing to do", self.name)
             finally:
                 post.close()
