@@ -80,8 +80,6 @@ class DiskCache:
     def _manifest(self, fp: str) -> Path:
         return self.root / ObjectKey(Sha256(fp), "manifest").filename
 
-    # -- manifests ------------------------------------------------------------------
-
     def manifest(self, fp: str, total: int) -> Manifest | None:
         """The sealed manifest of an image, if an earlier verdict left one; marks the image used."""
         try:
@@ -115,6 +113,9 @@ class DiskCache:
         except OSError as e:
             log.warning("disk cache: cannot keep the manifest of %s: %s", manifest.fp, e.strerror)
             tmp.unlink(missing_ok=True)
+
+    def sealed(self, fp: str) -> bool:
+        return self._manifest(fp).exists()
 
     def drop(self, fp: str) -> None:
         self.intact.discard(fp)
@@ -183,8 +184,8 @@ class DiskCache:
         """Keep a block, if the bound leaves room for it (it is checked when it is read back)."""
         if self.max_bytes is not None and total > self.max_bytes // 2:
             return  # an image that would push out everything else is not kept
-        if not self._room(len(data)):
-            return
+        if not self._room(len(data)) or self.sealed(fp):
+            return  # no room; or sealed already: its blocks were kept by the verified read
         fd = self._open(fp, create=True)
         try:
             os.pwrite(fd, data, index * BLOCK)
@@ -193,8 +194,6 @@ class DiskCache:
         finally:
             if fd >= 0:
                 os.close(fd)
-
-    # -- split images' parts (see diskparts.py) -----------------------------------------
 
     def part(self, fp: str, index: int | str) -> Path:
         return self.root / f"{ObjectKey(Sha256(fp), 'part').filename}.{index}"
@@ -219,8 +218,6 @@ class DiskCache:
         size = verified.stat().st_size
         if (self.max_bytes is None or size <= self.max_bytes // 2) and self._room(size):
             diskparts.keep_whole(self, fp, verified)
-
-    # -- the bound ------------------------------------------------------------------
 
     def _room(self, size: int) -> bool:
         with self._lock:
@@ -262,3 +259,10 @@ class DiskCache:
             used -= gone
             log.debug("disk cache: dropped %s (%d bytes), least recently used", fp, gone)
         return used
+
+
+def drop_unsealed(cache: DiskCache, fp: str) -> None:
+    """A reader's check failed: drop what it kept, unless an earlier verdict sealed the image (one
+    server's wrong bytes must not throw away what another server's verified copy left)."""
+    if not cache.sealed(fp):
+        cache.drop(fp)

@@ -7,10 +7,11 @@ Split exports: the local spool.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from lxdimagefs.data.blocks import BlockCache
-from lxdimagefs.data.diskcache import DiskCache
+from lxdimagefs.data.diskcache import DiskCache, drop_unsealed
 from lxdimagefs.data.fetch import Fetcher
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.spool import SplitSpool
@@ -31,7 +32,7 @@ class Exports:
         self.server = self.spool.server  # the server of every key this reader makes
         if disk is not None:
             self.verification.on_verdict = disk.seal
-            self.verification.on_corrupt = disk.drop
+            self.verification.on_corrupt = functools.partial(drop_unsealed, disk)
 
     @property
     def verification(self) -> Verification:
