@@ -17,7 +17,7 @@ def layer_of(module: str) -> str:
     if module == "lxdimagefs.__main__":
         return LAYERS[-1]
     parts = module.split(".")
-    return parts[1] if len(parts) > 2 and parts[1] in LAYERS else "base"
+    return parts[1] if len(parts) >= 2 and parts[1] in LAYERS else "base"
 
 
 def imports_of(module: str, source: str) -> list[tuple[int, str]]:
@@ -57,9 +57,11 @@ def test_no_layer_imports_a_higher_one() -> None:
 
 def test_the_layer_check_sees_a_violation() -> None:
     """The check can fail: a server module importing the tree, relatively or not, is caught."""
-    source = "from lxdimagefs.compose.root import Tree\nfrom ..fs import node\nfrom .lxd import LXDClient\n"
+    source = ("from lxdimagefs.compose.root import Tree\nfrom ..fs import node\nfrom .lxd import LXDClient\n"
+              "from lxdimagefs import tree\n")
     found = violations("lxdimagefs.servers.catalog", source)
-    assert [v.split(" imports ")[1] for v in found] == ["lxdimagefs.compose.root.Tree", "lxdimagefs.fs.node"]
+    assert [v.split(" imports ")[1] for v in found] == ["lxdimagefs.compose.root.Tree", "lxdimagefs.fs.node",
+                                                        "lxdimagefs.tree"]
 
 
 def test_sizes_stay_readable() -> None:

@@ -55,6 +55,12 @@ def test_parse_time():
     assert parse_time("garbage") == 0
 
 
+def test_parse_options_refuses_numbers_that_are_not_finite_and_positive():
+    for bad in ("timeout=nan", "timeout=inf", "metadata_ttl=-1", "cache_size=0"):
+        with pytest.raises(UsageError):
+            parse_options([bad])
+
+
 def test_parse_options_splits_own_from_fuse():
     own, fuse = parse_options(["ro,metadata_ttl=2.5", "allow_other,cache_size=32,max_read=131072"])
     assert own == MountOptions(metadata_ttl=2.5, cache_size=32) and own.cache_bytes == 32 << 20

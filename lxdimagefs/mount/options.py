@@ -5,6 +5,7 @@ dropped, so an fstab line mounts as it reads.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -81,7 +82,7 @@ def _number(key: str, val: str) -> float:
         number = OWN_OPTIONS[key](val)
     except ValueError:
         raise UsageError(f"option {key} needs a number, not {val!r}") from None
-    if number < 0 or (number == 0 and key != "cache_max"):
+    if not math.isfinite(number) or number < 0 or (number == 0 and key != "cache_max"):
         raise UsageError(f"option {key} must be positive")
     return number
 

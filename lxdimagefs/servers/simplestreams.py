@@ -208,10 +208,12 @@ def _add_product(product: dict[str, Any], found: list[Found], paths: dict[FileDi
             continue
         items = version.get("items") or {}
         for meta in items.values():
+            pairs: list[tuple[dict[str, Any], dict[str, Any] | None]]
             if meta.get("ftype") == "lxd_combined.tar.gz":
                 pairs = [(meta, None)]
             elif meta.get("ftype") == "lxd.tar.xz":
-                pairs = [(meta, root) for root in items.values() if root.get("ftype") in ROOT_TYPES]
+                pairs = [(meta, root) for root in items.values()  # a root that is no object is no part
+                         if isinstance(root, dict) and root.get("ftype") in ROOT_TYPES]
             else:
                 continue
             for m, root in pairs:
