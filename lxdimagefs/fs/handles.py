@@ -145,6 +145,7 @@ class FileHandle(Handle):
         super().__init__(opener)
         self.fd = os.open(path, flags, 0o600)
         self._on_close, self._on_abandon = on_close, on_abandon
+        self._committed = False  # an import's part its writer's close made part of the image
         self.verified = verified  # a spooled part, checked against the fingerprint before use
 
     def page_cache(self) -> bool:
@@ -154,16 +155,24 @@ class FileHandle(Handle):
         return os.pread(self.fd, size, offset)
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
+        self._not_committed()
         return os.pwrite(self.fd, data, offset)
 
     def truncate(self, length: int) -> None:
+        self._not_committed()
         os.ftruncate(self.fd, length)
+
+    def _not_committed(self) -> None:
+        """A change after the writer's close took the part would be lost without a word: EIO."""
+        if self._committed:
+            raise fs_error(errno.EIO, "import part", "changed after its writer's close took it")
 
     def pending(self) -> bool:
         return self._on_close is not None
 
     def commit(self) -> None:
         on_close, self._on_close = self._on_close, None
+        self._committed = on_close is not None
         if on_close:
             on_close()
 

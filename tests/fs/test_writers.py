@@ -7,9 +7,11 @@ commit what it had written so far.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,3 +161,20 @@ def test_an_open_record_truncated_in_place_saves_what_is_written(mnt, sandbox, i
     finally:
         sandbox.lxc("image", "unset-property", fp, "truncated", check=False)
         sandbox.lxc("image", "set-property", fp, "description", description, check=False)
+
+
+def test_a_folder_part_changed_after_its_writers_close_took_it_is_eio(mnt, sandbox, tmp_path):
+    """Write, close a dup of the descriptor (the writer's close: the part is taken), write again:
+    the later bytes cannot silently miss the image, so that write is EIO."""
+    folder = mnt.path / "import" / "late"
+    folder.mkdir()
+    fd = os.open(folder / "meta.tar", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"\0" * 4096)
+        os.close(os.dup(fd))  # a close by the writer: the part is taken as written so far
+        with pytest.raises(OSError) as e:
+            os.write(fd, b"\0" * 4096)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
