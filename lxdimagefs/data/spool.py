@@ -53,34 +53,33 @@ class SplitSpool:
         `sizes`: the parts' sizes as this server's layout gives them. The fingerprint proves both
         parts' bytes together, not where one ends: parts split elsewhere (a download past the
         total, a kept or local copy of other sizes) are never served as this server's."""
-        size = sum(sizes)
         final = [self._named(fp, str(i)) for i in range(2)]
         if all(p.exists() for p in final):
             return final
         with self._lock:
             lock = self._locks.setdefault(fp, threading.Lock())
         with lock:
-            local = self._local.get(fp) or self._open_local(fp, size)
-            if local is not None and [os.fstat(p.fd).st_size for p in local.parts] == list(sizes):
+            local = self._local.get(fp) or self._open_local(fp, sizes)
+            if local is not None:
                 return [Path(f"/proc/self/fd/{p.fd}") for p in local.parts]
             kept = self.disk.parts(fp) if self.disk is not None else None
             if kept is not None and [p.stat().st_size for p in kept] == list(sizes):
                 return kept
             if not all(p.exists() for p in final):
-                self._download(fp, final, size, sizes[0])
+                self._download(fp, final, sizes)
                 if self.disk is not None:
                     self.disk.keep_parts(fp, final)
         return final
 
-    def _open_local(self, fp: str, size: int) -> LocalImage | None:
+    def _open_local(self, fp: str, sizes: tuple[int, ...]) -> LocalImage | None:
         """The server's own two files of a split image, if their sha256 (part 0, then part 1) is the
         fingerprint. They are served through the descriptors checked here (/proc/self/fd), so a
         file the server replaces later is not read in its place; nothing is copied."""
         if self.images is None:
             return None
-        local = open_image(self.images, fp, size=size)
-        if local is None or not local.split:
-            if local is not None:
+        local = open_image(self.images, fp, size=sum(sizes))
+        if local is None or [os.fstat(p.fd).st_size for p in local.parts] != list(sizes):
+            if local is not None:  # unified, or parts divided elsewhere than this server's layout
                 local.close()
             return None
         digest = hashlib.sha256()
@@ -139,7 +138,8 @@ class SplitSpool:
             os.close(fd)
             tmp.unlink(missing_ok=True)
 
-    def _download(self, fp: str, final: list[Path], size: int, first: int) -> None:
+    def _download(self, fp: str, final: list[Path], sizes: tuple[int, ...]) -> None:
+        size, first = sum(sizes), sizes[0]
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = [p.with_suffix(p.suffix + ".part") for p in final]
         writer = PartWriter()
