@@ -23,7 +23,7 @@ from requests_unixsocket.adapters import UnixHTTPConnectionPool
 from urllib3.connectionpool import HTTPConnectionPool
 
 from lxdimagefs.errors import LXDError, LXDUnreachable
-from lxdimagefs.wire.bounded import JSON_CAP, WATCHDOG, Overdue, error_body, read_capped, watch_pools
+from lxdimagefs.wire.bounded import JSON_CAP, WATCHDOG, Overdue, error_body, read_capped
 from lxdimagefs.wire.tls import ContextAdapter, tls_error, tls_refusal
 from lxdimagefs.wire.transport import (
     Backoff,
@@ -44,19 +44,6 @@ def certificate_fingerprint(pem_file: str) -> str:
     with open(pem_file) as f:
         der = ssl.PEM_cert_to_DER_cert(f.read())
     return hashlib.sha256(der).hexdigest()
-
-
-class _PinnedAdapter(requests.adapters.HTTPAdapter):
-    """HTTPS that accepts one server certificate, by fingerprint (urllib3's assert_fingerprint)."""
-
-    def __init__(self, fingerprint: str, **kwargs: Any) -> None:
-        self._fingerprint = fingerprint
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["assert_fingerprint"] = self._fingerprint
-        super().init_poolmanager(*args, **kwargs)
-        watch_pools(self.poolmanager)
 
 
 class _Session(requests.Session):
@@ -122,12 +109,9 @@ class RestSession:
         elif conn.url:
             root = conn.url.rstrip("/")
             self._session = _Session(root + "/", conn.cert)
-            if conn.pinned:
-                # Like lxc, trust exactly the server certificate the user gave, whatever name it bears.
-                self._verify = False
-                own: requests.adapters.HTTPAdapter = _PinnedAdapter(conn.pinned, pool_maxsize=pool_size)
-            else:
-                own = ContextAdapter(self._raw.context, pool_maxsize=pool_size)
+            # Pinned: like lxc, trust exactly the server certificate the user gave, whatever name it bears.
+            self._verify = False if conn.pinned else None
+            own = ContextAdapter(self._raw.context, conn.pinned, pool_maxsize=pool_size)
             # Any other host (a redirect's): the system's CAs, and no client key in the TLS context.
             self._session.mount("https://", ContextAdapter(ssl.create_default_context()))
             self._session.mount(root + "/", own)  # the longest prefix wins: the server's own URLs

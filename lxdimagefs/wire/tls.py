@@ -38,14 +38,15 @@ def pin_matches(der: bytes | None, pinned: str) -> bool:
 
 class ContextAdapter(requests.adapters.HTTPAdapter):
     """requests with the data path's TLS context: the system's CAs (SSL_CERT_FILE honoured, as
-    Go's LXD honours it; not certifi's bundle), loaded once instead of once per connection."""
+    Go's LXD honours it; not certifi's bundle), loaded once instead of once per connection. With
+    `pinned`, exactly one server certificate instead, by fingerprint (urllib3's assert_fingerprint)."""
 
-    def __init__(self, context: ssl.SSLContext | None, **kwargs: Any) -> None:
-        self._context = context
+    def __init__(self, context: ssl.SSLContext | None, pinned: str | None = None, **kwargs: Any) -> None:
+        self._tls: dict[str, Any] = {"assert_fingerprint": pinned} if pinned else {"ssl_context": context}
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["ssl_context"] = self._context
+        kwargs.update(self._tls)
         super().init_poolmanager(*args, **kwargs)
         watch_pools(self.poolmanager)
 
