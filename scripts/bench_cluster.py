@@ -18,8 +18,7 @@ from lxd_sandbox import make_unified
 
 
 def bench_cluster(work: Path, size_mib: int, row: Callable[..., None], sh: Callable[..., None],
-                  mount: Callable, export_file: Callable[[Path, str], Path],
-                  cpu: Callable[[int], float]) -> None:
+                  first_reads: Callable[..., tuple[float, float]]) -> None:
     """The benchmark's own helpers are handed in (row, sh, mount, ...): one table, one run."""
     print(f"\nCluster of 3 on loopback: a {size_mib} MiB image held by m1 only, over HTTPS, server-warm",
           flush=True)
@@ -41,8 +40,8 @@ def bench_cluster(work: Path, size_mib: int, row: Callable[..., None], sh: Calla
         pinned = str(holder.box.lxd_dir / "cluster.crt")
         results = {}
         for member, label in ((holder, "m1, which holds it"), (other, "m2, which forwards to m1")):
-            results[member.name] = _through(member, fp, gib, label, crt, key, pinned, stored, row, sh, mount,
-                                            export_file, cpu)
+            results[member.name] = _through(member, fp, gib, label, crt, key, pinned, stored, row, sh,
+                                            first_reads)
         assert not (other.box.lxd_dir / "images" / fp).exists(), "m2 took a copy: not a forwarded read"
         (c1, l1), (c2, l2) = results["m1"], results["m2"]
         row("through the non-holder vs the holder: lxdimagefs", f"{l1 / l2:.2f}x", f"curl: {c1 / c2:.2f}x")
@@ -51,8 +50,8 @@ def bench_cluster(work: Path, size_mib: int, row: Callable[..., None], sh: Calla
 
 
 def _through(member: Member, fp: str, gib: float, label: str, crt: Path, key: Path, pinned: str,
-             stored: Path, row: Callable[..., None], sh: Callable[..., None], mount: Callable,
-             export_file: Callable[[Path, str], Path], cpu: Callable[[int], float]) -> tuple[float, float]:
+             stored: Path, row: Callable[..., None], sh: Callable[..., None],
+             first_reads: Callable[..., tuple[float, float]]) -> tuple[float, float]:
     """(curl's seconds, lxdimagefs's seconds), best of three each, through one member."""
     def curl() -> None:
         sh("curl", "-sfk", "--cert", str(crt), "--key", str(key), f"{member.url}/1.0/images/{fp}/export",
@@ -67,16 +66,7 @@ def _through(member: Member, fp: str, gib: float, label: str, crt: Path, key: Pa
     t_curl = min(times)
     row(f"curl through {label}", f"{gib / t_curl:.2f} GiB/s", f"{t_curl:.2f} s")
     server = ("--url", member.url, "--cert", str(crt), "--key", str(key), "--server-cert", pinned)
-    times, spent = [], []
-    for _ in range(3):
-        with mount(member.box, "mfusepy", server=server) as (where, proc, _log):
-            path = export_file(where, fp)
-            sh("cat", str(stored))
-            t = time.perf_counter()
-            sh("cat", str(path))
-            times.append(time.perf_counter() - t)
-            spent.append(cpu(proc.pid))
-    t = min(times)
+    t, spent = first_reads(member.box, fp, server, before=lambda: sh("cat", str(stored)))
     row(f"lxdimagefs through {label}, cat", f"{gib / t:.2f} GiB/s",
-        f"{t:.2f} s, {t_curl / t:.2f}x curl, daemon CPU {min(spent) / gib:.2f} s/GiB")
+        f"{t:.2f} s, {t_curl / t:.2f}x curl, daemon CPU {spent / gib:.2f} s/GiB")
     return t_curl, t

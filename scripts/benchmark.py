@@ -281,6 +281,24 @@ def bench_random(box: Sandbox, fp: str, size: int) -> None:
         f"{ranged} export request(s): the Range request, plus a layout probe unless journaled")
 
 
+def first_reads(box: Sandbox, fp: str, server: tuple[str, ...], *opts: str,
+                before: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """The best of three first `cat`s of an export, each through a fresh mount of `server` with an
+    empty disk cache (else a read after the first is the disk cache's), `before` each: (seconds,
+    the daemon's CPU seconds)."""
+    times, cpu = [], []
+    for _ in range(3):
+        forget_disk_cache()
+        with mount(box, "mfusepy", *opts, server=server) as (where, proc, _log):
+            path = export_file(where, fp)
+            before()
+            t = time.perf_counter()
+            sh("cat", str(path))
+            times.append(time.perf_counter() - t)
+            cpu.append(_cpu_seconds(proc.pid))
+    return min(times), min(cpu)
+
+
 def bench_https(box: Sandbox, fp: str, size: int, work: Path) -> None:
     """The same image from the same LXD over HTTPS with a client certificate, on loopback."""
     print("\nSequential read over HTTPS (127.0.0.1, TLS client certificate), server-warm", flush=True)
@@ -301,18 +319,9 @@ def bench_https(box: Sandbox, fp: str, size: int, work: Path) -> None:
     server = ("--url", base, "--cert", str(crt), "--key", str(key),
               "--server-cert", str(box.lxd_dir / "server.crt"))
     for label, opts in (("", ()), (", -o cache_max=0 (no disk cache)", ("-o", "cache_max=0"))):
-        times, cpu = [], []
-        for _ in range(3):
-            forget_disk_cache()  # a first read over the network, not the disk cache's copy
-            with mount(box, "mfusepy", *opts, server=server) as (where, proc, _log):
-                path = export_file(where, fp)
-                t = time.perf_counter()
-                sh("cat", str(path))
-                times.append(time.perf_counter() - t)
-                cpu.append(_cpu_seconds(proc.pid))
-        t = min(times)
+        t, cpu = first_reads(box, fp, server, *opts)
         row(f"lxdimagefs over HTTPS, cat{label}", f"{gib / t:.2f} GiB/s",
-            f"{t:.2f} s, {t_curl / t:.2f}x curl, daemon CPU {min(cpu) / gib:.2f} s/GiB")
+            f"{t:.2f} s, {t_curl / t:.2f}x curl, daemon CPU {cpu / gib:.2f} s/GiB")
     box.lxc("config", "unset", "core.https_address")
 
 
@@ -882,7 +891,7 @@ def bench_cluster_section(work: Path, size_mib: int) -> None:
     """Throughput through a cluster member that does not hold the image (scripts/bench_cluster.py)."""
     from bench_cluster import bench_cluster
 
-    bench_cluster(work, size_mib, row, sh, mount, export_file, _cpu_seconds)
+    bench_cluster(work, size_mib, row, sh, first_reads)
 
 
 if __name__ == "__main__":
