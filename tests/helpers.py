@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from lxd_sandbox import make_unified
 
 
 def sha(*paths: Path | str) -> str:
@@ -38,3 +40,10 @@ def export_of(mount: Any, fp: str) -> Path:
     """The (first) export file in a mount's folder of an image."""
     folder = mount.path / "by-fingerprint" / fp
     return folder / next(n for n in sorted(os.listdir(folder)) if n != "metadata.json")
+
+
+def imported_unified(sandbox: Any, path: Path, rootfs_bytes: int) -> Iterator[str]:
+    """A unified image of one test's own in the private LXD, for a fixture: deleted after it."""
+    fp = sandbox.import_image(make_unified(path, rootfs_bytes=rootfs_bytes))
+    yield fp
+    sandbox.lxc("image", "delete", fp, check=False)

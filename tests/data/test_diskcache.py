@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import export_of
+from helpers import export_of, imported_unified
 from lxd_sandbox import make_split, make_unified
 from mounts import socket_mounted as mounted
 
@@ -46,9 +46,7 @@ def _export_requests(log: str, fp: str) -> int:
 
 @pytest.fixture
 def image(sandbox, tmp_path):
-    fp = sandbox.import_image(make_unified(tmp_path / "img.tar", rootfs_bytes=16 * MIB))
-    yield fp
-    sandbox.lxc("image", "delete", fp, check=False)
+    yield from imported_unified(sandbox, tmp_path / "img.tar", 16 * MIB)
 
 
 def test_a_new_mount_reads_a_verified_image_from_disk_without_asking_the_server(sandbox, image, tmp_path):

@@ -13,7 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from lxd_sandbox import make_split, make_unified
+from helpers import imported_unified
+from lxd_sandbox import make_split
 from mounts import mounted
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
@@ -51,9 +52,7 @@ def _parts(m, fp: str) -> list[Path]:
 
 @pytest.fixture
 def unified(sandbox, tmp_path):
-    fp = sandbox.import_image(make_unified(tmp_path / "img.tar", rootfs_bytes=8 * MIB))
-    yield fp
-    sandbox.lxc("image", "delete", fp, check=False)
+    yield from imported_unified(sandbox, tmp_path / "img.tar", 8 * MIB)
 
 
 def test_a_unified_image_is_read_from_the_servers_file_not_its_export(sandbox, unified, tmp_path):

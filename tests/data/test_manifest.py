@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import export_of
+from helpers import export_of, imported_unified
 from lxd_sandbox import make_unified
 from mounts import socket_mounted as mounted
 
@@ -56,9 +56,7 @@ def _cat(path: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def image(sandbox, tmp_path):
-    fp = sandbox.import_image(make_unified(tmp_path / "img.tar", rootfs_bytes=16 * MIB))
-    yield fp
-    sandbox.lxc("image", "delete", fp, check=False)
+    yield from imported_unified(sandbox, tmp_path / "img.tar", 16 * MIB)
 
 
 @pytest.mark.parametrize(("options", "said"), [
