@@ -83,10 +83,10 @@ class Verification:
         return self.key(digest).digest in self.corrupt
 
     def _verifier(self, fp: str, total: int) -> Verifier:
-        self.key(fp)  # a check begins only for a real sha256 (BadKey otherwise)
         with self._lock:
             v = self._verifiers.get(fp)
             if v is None:
+                self.key(fp)  # a check begins only for a real sha256 (BadKey otherwise)
                 v = self._verifiers[fp] = Verifier(fp, total)
             if self._thread is None:  # made on first use: the daemon forks after start-up
                 self._thread = threading.Thread(target=self._hash_loop, name="hash", daemon=True)
@@ -94,10 +94,10 @@ class Verification:
             return v
 
     def manifest(self, fp: str, total: int) -> Manifest:
-        self.key(fp)
         with self._lock:
             found = self.manifests.get(fp)
             if found is None:
+                self.key(fp)
                 found = self.manifests[fp] = Manifest(fp, total)
             return found
 
