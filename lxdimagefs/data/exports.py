@@ -32,7 +32,7 @@ class Exports:
         self.server = self.spool.server  # the server of every key this reader makes
         if disk is not None:
             self.verification.on_verdict = disk.seal
-            self.verification.on_corrupt = functools.partial(drop_unsealed, disk)
+            self.verification.on_corrupt.append(functools.partial(drop_unsealed, disk))
 
     @property
     def verification(self) -> Verification:

@@ -67,7 +67,9 @@ class Verification:
         self.corrupt: set[str] = set()
         self.manifests: dict[str, Manifest] = {}  # every image read, checked or being checked
         self.on_verdict: Callable[[Manifest], None] = lambda manifest: None  # the disk cache keeps it
-        self.on_corrupt: Callable[[str], None] = lambda fp: None  # ... and drops what it has of it
+        # Told of every image that fails: the disk cache drops what it has of it, the tree has the
+        # kernel drop its pages.
+        self.on_corrupt: list[Callable[[str], None]] = []
         self._verifiers: dict[str, Verifier] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[Verifier, bytearray, bool]] = queue.Queue(self.QUEUE_BLOCKS)
@@ -129,7 +131,7 @@ class Verification:
             with self._lock:
                 self.corrupt.add(fp)
             self.cache.forget(fp)
-            self.on_corrupt(fp)
+            self._tell_corrupt(fp)
         return False
 
     def published(self, fp: str, total: int, index: int, data: bytearray) -> None:
@@ -218,4 +220,8 @@ class Verification:
             log.error("image %s: the bytes LXD sent do not hash to its fingerprint; it reads as EIO "
                       "from now on", v.fp)
             self.cache.forget(v.fp)
-            self.on_corrupt(v.fp)
+            self._tell_corrupt(v.fp)
+
+    def _tell_corrupt(self, fp: str) -> None:
+        for listener in self.on_corrupt:
+            listener(fp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import itertools
 import logging
@@ -18,6 +19,14 @@ from lxdimagefs.upload.streamed import Upload
 log = logging.getLogger(__name__)
 
 MAX_EDIT = 1 << 20  # bytes a metadata.json (or an editor's temporary file) may hold
+
+
+class Caching(enum.Enum):
+    """How the kernel may cache an open file's pages (docs/SEMANTICS.md, "The page cache")."""
+
+    DIRECT = "direct_io"  # every read(2) reaches the daemon: files whose bytes may change
+    FRESH = "page cache, emptied at open"  # bytes being checked: no page of an earlier open kept
+    KEEP = "page cache, kept"  # proven bytes: what the kernel holds stays valid
 
 
 class HandleTable:
@@ -72,8 +81,8 @@ class OpenFiles:
     def release(self, fh: int) -> None:
         self.handles.release(fh)
 
-    def page_cache(self, fh: int) -> bool:
-        return self.handles.get(fh).page_cache()
+    def caching(self, fh: int) -> Caching:
+        return self.handles.get(fh).caching()
 
 
 class Handle(CommitOnClose):
@@ -94,9 +103,8 @@ class Handle(CommitOnClose):
     def close(self) -> None:
         """Free what the handle holds, once it is released."""
 
-    def page_cache(self) -> bool:
-        """Whether the kernel may keep this file's pages: only for bytes already proven."""
-        return False
+    def caching(self) -> Caching:
+        return Caching.DIRECT
 
 
 class DirHandle(Handle):
@@ -132,8 +140,11 @@ class UnifiedHandle(Handle):
     def close(self) -> None:
         self.prefetcher.close()
 
-    def page_cache(self) -> bool:
-        return self.prefetcher.verified
+    def caching(self) -> Caching:
+        # Unchecked bytes may enter the page cache too: every page the kernel fills is a read the
+        # check counts, a failed check is EIO for every later read, and the kernel drops what it
+        # holds of the file then (ImagesNode.forget_corrupt).
+        return Caching.KEEP if self.prefetcher.verified else Caching.FRESH
 
 
 class FileHandle(Handle):
@@ -148,8 +159,8 @@ class FileHandle(Handle):
         self._committed = False  # an import's part its writer's close made part of the image
         self.verified = verified  # a spooled part, checked against the fingerprint before use
 
-    def page_cache(self) -> bool:
-        return self.verified
+    def caching(self) -> Caching:
+        return Caching.KEEP if self.verified else Caching.DIRECT
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)

@@ -19,6 +19,7 @@ from lxdimagefs.compose.root import Attr, Tree
 from lxdimagefs.errors import LXDError
 from lxdimagefs.fs import access
 from lxdimagefs.fs.commit import process_of
+from lxdimagefs.fs.handles import Caching
 from lxdimagefs.fs.node import inode_number
 from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator, raise_readahead
 from lxdimagefs.servers.events import EventWatcher
@@ -106,13 +107,11 @@ class LXDImageOps(Operations):
     def open(self, path: str, fi: Any) -> int:
         _may(self.tree, path, access.W if fi.flags & (os.O_WRONLY | os.O_RDWR) else access.R)
         fi.fh = self.tree.open(path, fi.flags, _pid())
-        # An export whose fingerprint check passed goes through the page cache and stays there
-        # (re-reads at memory speed, shared mmap). Every other read comes here (docs/SEMANTICS.md,
-        # "direct_io"): until the verdict, every read must be counted and may have to be EIO.
-        if self.tree.page_cache(fi.fh):
-            fi.keep_cache = 1
-        else:
-            fi.direct_io = 1
+        # Proven bytes keep the kernel's pages (re-reads at memory speed, shared mmap); bytes
+        # being checked go through the page cache emptied at open; the rest is direct_io.
+        caching = self.tree.caching(fi.fh)
+        fi.keep_cache = int(caching is Caching.KEEP)
+        fi.direct_io = int(caching is Caching.DIRECT)
         return 0
 
     @translated

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import within
 from lxd_sandbox import make_split, make_unified
 from mounts import mounted
 
@@ -103,6 +104,35 @@ def test_a_corrupt_image_is_eio_whatever_order_it_is_read_in(sandbox, tmp_path, 
             for run in runs:  # every whole read fails, the later ones too (sticky)
                 assert run.returncode != 0 and b"Input/output error" in run.stderr
             assert "do not hash to its fingerprint" in m.log_text()
+            assert sorted(os.listdir(m.path))  # still serving
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_pages_of_a_corrupt_image_handed_out_before_the_verdict_are_dropped(sandbox, tmp_path):
+    """Unchecked reads go through the page cache: when the check fails, the kernel must drop
+    what it was handed, so a reader that kept the file open gets EIO, not the bad bytes again."""
+    fp = sandbox.import_image(make_unified(tmp_path / "bad.tar", rootfs_bytes=6 << 20))
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", "nolocal") as m:
+            path = _export_path(m, fp)
+            bad = 1 << 20  # the second block: handed out long before the read that completes the file
+            _corrupt(sandbox.lxd_dir / "images" / fp, bad)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                assert len(os.pread(fd, 4096, bad)) == 4096  # served ahead of the hash, into the page cache
+                done = subprocess.run(["cat", path], capture_output=True)
+                assert done.returncode != 0 and b"Input/output error" in done.stderr
+
+                def refused() -> bool:
+                    try:
+                        os.pread(fd, 4096, bad)
+                    except OSError as e:
+                        return e.errno == errno.EIO
+                    return False
+                within(refused, seconds=5)
+            finally:
+                os.close(fd)
             assert sorted(os.listdir(m.path))  # still serving
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
