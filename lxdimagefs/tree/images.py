@@ -37,6 +37,32 @@ def is_public(image: Image) -> bool:
     return image.record.get("public") is True
 
 
+class UnifiedOpens:
+    """Opens of unified exports, and the paths opened before their check ended: if it fails, the
+    kernel drops the pages it was handed, so a reader that keeps the file open gets EIO again."""
+
+    def __init__(self, ctx: Context, exports: Exports) -> None:
+        self.ctx, self.exports = ctx, exports
+        self._checking: dict[str, set[str]] = {}  # export key -> paths opened before its verdict
+        self._lock = threading.Lock()
+        exports.verification.on_corrupt.append(self.corrupt)
+
+    def open(self, key: str, size: int, path: str, pid: int) -> UnifiedHandle:
+        handle = UnifiedHandle(self.exports.unified(key, size), opener=pid)
+        with self._lock:
+            if handle.caching() is Caching.FRESH:
+                self._checking.setdefault(key, set()).add(path)
+            else:
+                self._checking.pop(key, None)
+        return handle
+
+    def corrupt(self, key: str) -> None:
+        with self._lock:
+            paths = self._checking.pop(key, set())
+        for path in paths:
+            self.ctx.on_change(path)
+
+
 class ImagesNode(DeleteAndRefresh):
     """Shows the folders, opens their files, edits their records; tree/delete_refresh.py deletes."""
 
@@ -50,8 +76,7 @@ class ImagesNode(DeleteAndRefresh):
         self._hidden: set[tuple[str, str]] = set()  # files unlinked by `rm -r` before its rmdir
         self._open_dirs: Counter[tuple[str, int]] = Counter()  # (fp, pid): image folders held open
         self._replaced = Fading()  # image folders a refresh just replaced
-        self._checking: dict[str, set[str]] = {}  # export key -> paths opened before its verdict
-        exports.verification.on_corrupt.append(self._forget_corrupt)
+        self._unified = UnifiedOpens(ctx, exports)
 
     # -- lookups ----------------------------------------------------------------
 
@@ -126,29 +151,12 @@ class ImagesNode(DeleteAndRefresh):
             return BytesHandle(self.records.read(image, pid), opener=pid)
         index, part = self._part(image, rest[1], path)
         if part.key is not None:  # a file read on its own, checked against its own sha256
-            return self._unified(part.key, part.size, path, pid)
+            return self._unified.open(part.key, part.size, path, pid)
         if self.catalog.layout(image.fingerprint).split:
             sizes = tuple(p.size for p in self.catalog.layout(image.fingerprint).parts)
             return FileHandle(str(self.exports.spool.paths(image.fingerprint, sizes)[index]),
                               opener=pid, verified=True)
-        return self._unified(image.fingerprint, part.size, path, pid)
-
-    def _unified(self, key: str, size: int, path: str, pid: int) -> UnifiedHandle:
-        handle = UnifiedHandle(self.exports.unified(key, size), opener=pid)
-        with self._lock:
-            if handle.caching() is Caching.FRESH:
-                self._checking.setdefault(key, set()).add(path)
-            else:
-                self._checking.pop(key, None)
-        return handle
-
-    def _forget_corrupt(self, key: str) -> None:
-        """An export failed its check: the kernel drops the pages it was handed before the verdict,
-        so a reader that still has the file open gets EIO again, not those pages."""
-        with self._lock:
-            paths = self._checking.pop(key, set())
-        for path in paths:
-            self.ctx.on_change(path)
+        return self._unified.open(image.fingerprint, part.size, path, pid)
 
     def _open_for_writing(self, rest: list[str], flags: int, pid: int) -> Handle:
         path = self.path(rest)
