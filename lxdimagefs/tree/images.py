@@ -20,7 +20,7 @@ from collections import Counter
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
-from lxdimagefs.fs.handles import BytesHandle, EditHandle, FileHandle, Handle, UnifiedHandle
+from lxdimagefs.fs.handles import BytesHandle, EditHandle, Handle, PartHandle, UnifiedHandle
 from lxdimagefs.fs.node import Attr, Context, Fading, check_name
 from lxdimagefs.names import METADATA
 from lxdimagefs.servers.catalog import Catalog
@@ -127,8 +127,7 @@ class ImagesNode(DeleteAndRefresh):
             return UnifiedHandle(self.exports.unified(part.key, part.size), opener=pid)
         if self.catalog.layout(image.fingerprint).split:
             sizes = tuple(p.size for p in self.catalog.layout(image.fingerprint).parts)
-            return FileHandle(str(self.exports.spool.paths(image.fingerprint, sizes)[index]),
-                              opener=pid, verified=True)
+            return PartHandle(self.exports.spool.open(image.fingerprint, sizes, index), opener=pid)
         return UnifiedHandle(self.exports.unified(image.fingerprint, part.size), opener=pid)
 
     def _open_for_writing(self, rest: list[str], flags: int, pid: int) -> Handle:
