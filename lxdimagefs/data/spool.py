@@ -182,9 +182,13 @@ class SplitSpool(Spool):
 
     def open(self, fp: str, sizes: tuple[int, ...], index: int) -> CheckedPart:
         """A reader of one part, every block checked against the part's manifest."""
-        paths, manifests = ready = self._resolve(fp, sizes)
-        return CheckedPart(paths[index], manifests[index], self.cache, f"{fp}.{index}",
-                           functools.partial(self._bad, (fp, sizes), ready))
+        while True:
+            paths, manifests = ready = self._resolve(fp, sizes)
+            try:
+                return CheckedPart(paths[index], manifests[index], self.cache, f"{fp}.{index}",
+                                   functools.partial(self._bad, (fp, sizes), ready))
+            except FileNotFoundError:  # the disk cache's copy, evicted since: find another
+                self._bad((fp, sizes), ready, evicted=True)
 
     def paths(self, fp: str, sizes: tuple[int, ...]) -> list[Path]:
         """The local files of both parts (see `_resolve`); read them through `open`."""
@@ -264,7 +268,7 @@ class SplitSpool(Spool):
             return None
         return kept, manifests
 
-    def _bad(self, key: tuple[str, tuple[int, ...]], ready: Ready) -> None:
+    def _bad(self, key: tuple[str, tuple[int, ...]], ready: Ready, evicted: bool = False) -> None:
         """A block of `ready` failed its check: that copy is not used again (the server's own
         files by this daemon; a spooled or kept copy is deleted), the next open finds another."""
         with self._lock:
@@ -272,7 +276,7 @@ class SplitSpool(Spool):
                 return  # dropped already
             if ready[0][0].parent == Path("/proc/self/fd"):
                 self._bad_local.add(key[0])
-            else:
+            elif not evicted:
                 for path in ready[0]:
                     path.unlink(missing_ok=True)
                 if self.disk is not None:

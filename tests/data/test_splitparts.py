@@ -102,3 +102,18 @@ def test_a_split_part_changed_after_its_verified_read_is_eio_or_right_never_wron
             assert not changed.exists()
             assert _cat(rootfs).stdout == want
         assert subprocess.run(["ls", str(m.path)], capture_output=True).returncode == 0  # still serving
+
+
+def test_kept_parts_evicted_under_a_mount_are_found_elsewhere(sandbox, small, tmp_path):
+    """Another daemon sharing the disk cache evicts the parts this mount reads: the next open
+    downloads them again instead of failing to open a file that is gone."""
+    fp, squash = small
+    with mounted(sandbox, tmp_path / "mnt1", "-o", "nolocal") as m:  # downloads, keeps, seals
+        (m.path / "by-fingerprint" / fp / f"{fp}.squashfs").read_bytes()
+    with mounted(sandbox, tmp_path / "mnt2", "-o", "nolocal") as m:
+        rootfs = m.path / "by-fingerprint" / fp / f"{fp}.squashfs"
+        assert rootfs.read_bytes() == squash.read_bytes() and "spooled " + fp not in m.log_text()
+        for kept in (tmp_path / f"lxdimagefs-cache-{os.getuid()}").glob(f"part-{fp}.*"):
+            kept.unlink()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        assert _cat(rootfs).stdout == squash.read_bytes() and "spooled " + fp in m.log_text()
