@@ -100,8 +100,8 @@ class DiskCache:
         except ValueError:
             self.drop(fp)
             return None
-        with contextlib.suppress(OSError):
-            os.utime(self.export(fp))  # opened: the most recently used
+        with contextlib.suppress(OSError):  # opened: the most recently used
+            os.utime(self.export(fp) if key is None else self._manifest(fp, key))
         return manifest
 
     def seal(self, manifest: Manifest, key: ObjectKey | None = None) -> None:

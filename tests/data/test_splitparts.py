@@ -117,3 +117,24 @@ def test_kept_parts_evicted_under_a_mount_are_found_elsewhere(sandbox, small, tm
             kept.unlink()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         assert _cat(rootfs).stdout == squash.read_bytes() and "spooled " + fp in m.log_text()
+
+
+def test_a_file_inside_a_split_image_changed_after_a_verified_read_is_eio_or_right(sandbox, small, tmp_path):
+    """contents/ reads a split image's parts through the same checked blocks as its export files
+    (before: the squashfs was read by path once its hash passed, and changed bytes were served, exit 0)."""
+    fp, squash = small
+    blob = subprocess.run(["unsquashfs", "-cat", str(squash), "blob"], capture_output=True, check=True).stdout
+    at = squash.read_bytes().find(blob[5 * MIB:5 * MIB + 4096])  # noise: stored as it is
+    assert at > 0
+    with mounted(sandbox, tmp_path / "mnt1") as m:
+        rootfs = m.path / "contents/by-fingerprint" / fp / "rootfs"
+        assert (rootfs / "etc/hostname").read_bytes()  # the first look: both parts verified
+        with open(sandbox.lxd_dir / "images" / f"{fp}.rootfs", "r+b") as f:
+            f.seek(at)
+            f.write(os.urandom(4096))
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        _eio_or_right(rootfs / "blob", blob)  # the same mount
+    with mounted(sandbox, tmp_path / "mnt2") as m:  # a new mount: the sealed manifests
+        rootfs = m.path / "contents/by-fingerprint" / fp / "rootfs"
+        assert _eio_or_right(rootfs / "blob", blob)
+        assert "does not match its manifest" in m.log_text()
