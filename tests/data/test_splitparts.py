@@ -2,8 +2,8 @@
 the whole parts, and every block it serves is checked against the part's sealed manifest.
 
 Both ways a daemon finds the parts are covered: the server's own files (the default as root
-beside LXD) and the disk cache's copy (`-o nolocal`). Split images of 8-40 MiB; about 30-45 s
-for the file on a loaded 2-core machine (mksquashfs and two or three mounts per test).
+beside LXD) and the disk cache's copy (`-o nolocal`). Split images of 8-40 MiB; 22 s
+for the file on this 2-core machine at load 3-5 (mksquashfs and two mounts per test).
 """
 
 from __future__ import annotations
