@@ -40,8 +40,6 @@ class CheckedPart:
     A block that does not match is `EIO` for that read, never its bytes; `on_bad` drops the
     copy it came from, so the next open reads another."""
 
-    verified = True  # the part's sha256 agreed before its manifest was sealed
-
     def __init__(self, path: Path, manifest: Manifest, cache: BlockCache, name: str,
                  on_bad: Callable[[], None]) -> None:
         self.manifest, self.cache, self.name, self.on_bad = manifest, cache, name, on_bad
@@ -54,8 +52,8 @@ class CheckedPart:
             return found
         data = bytearray(min(BLOCK, self.total - index * BLOCK))
         if os.preadv(self.fd, [data], index * BLOCK) != len(data) or not self.manifest.admit(index, data):
-            log.error("split image %s: block %d of a part does not match its manifest (the file was "
-                      "changed or damaged); EIO, and that copy is not used again", self.manifest.fp, index)
+            log.error("split image part %s: block %d does not match its manifest (the file was changed "
+                      "or damaged); EIO, and that copy is not used again", self.name, index)
             self.on_bad()
             raise IntegrityError(f"{self.manifest.fp} part block {index}")
         self.cache.publish(self.name, index, data)
