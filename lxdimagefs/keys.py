@@ -60,12 +60,14 @@ class ObjectKey:
     """One stored object: which digest, which kind of object, and which server it is about.
 
     `server` is empty for content-addressed objects (the bytes are the same wherever they came
-    from); otherwise it is any string naming the server, hashed into the file name.
+    from); otherwise it is any string naming the server, hashed into the file name. `part`: which
+    part of a split image the object is about (its manifest is one per part), else None.
     """
 
     digest: Sha256
     kind: Kind
     server: str = ""
+    part: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.digest, Sha256):
@@ -74,7 +76,8 @@ class ObjectKey:
     @property
     def filename(self) -> str:
         """A file name made only of the kind, hex digits and dashes: never a path."""
+        tail = "" if self.part is None else f".{int(self.part)}"
         if not self.server:
-            return f"{self.kind}-{self.digest}"
+            return f"{self.kind}-{self.digest}{tail}"
         where = hashlib.sha256(self.server.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        return f"{self.kind}-{where}-{self.digest}"
+        return f"{self.kind}-{where}-{self.digest}{tail}"

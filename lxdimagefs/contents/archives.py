@@ -6,8 +6,9 @@ the offsets that hold what is asked for; a compressed one costs one
 sequential pass to build its index (gzip seek points and the like), which
 is kept on disk, keyed by fingerprint, so later mounts open any file at
 once (named by the image's key: server and fingerprint, so one server's
-index never answers for another's bytes). A split image's parts are in the spool already: its metadata tarball
-is the top of the tree, its squashfs rootfs (PySquashfsImage) `rootfs/`.
+index never answers for another's bytes). A split image's parts are local files (the spool's):
+its metadata tarball is the top of the tree, its squashfs rootfs (PySquashfsImage) `rootfs/`,
+both read through the parts' checked readers, never by path, so every byte is checked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxdimagefs.contents import inodes
+from lxdimagefs.data.diskparts import CheckedPart
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.keys import Fingerprint, ObjectKey
@@ -62,7 +64,7 @@ def _unpacked(path: Path, folder: Path) -> Path:
 class ExportFile(io.RawIOBase):
     """An export as a seekable file, read lazily through a read-ahead of its own."""
 
-    def __init__(self, reader: Prefetcher, size: int) -> None:
+    def __init__(self, reader: Prefetcher | CheckedPart, size: int) -> None:
         super().__init__()
         self._reader, self._size, self._pos = reader, size, 0
 
@@ -122,18 +124,19 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
             fileObject=_lazy(exports, first.key or fp, first.size), tarFileName=fp,
             indexFilePath=_with(index, ".sqlite"), writeIndex=True,
             prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING), None
-    rootfs_part = layout.parts[1]
-    if first.key is not None:  # a simplestreams server's parts: each read lazily on its own
-        meta: Any = _lazy(exports, first.key, first.size)
-        rootfs: Any = _lazy(exports, rootfs_part.key or "", rootfs_part.size)
-        top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
-                               indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
-    else:  # LXD sends a split image as one multipart stream: its parts are in the spool
-        meta, rootfs = exports.spool.paths(fp, tuple(p.size for p in layout.parts))
-        top = SQLiteIndexedTar(str(meta), indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
-    if not rootfs_part.name.endswith(".squashfs"):
+    sizes = tuple(p.size for p in layout.parts)
+
+    def part(i: int) -> Any:
+        if first.key is not None:  # a simplestreams server's parts: each read lazily on its own
+            return _lazy(exports, layout.parts[i].key or "", sizes[i])
+        # LXD sends a split image as one multipart stream: its parts are local files, read checked
+        return io.BufferedReader(ExportFile(exports.spool.open(fp, sizes, i), sizes[i]), 1 << 16)
+
+    top = SQLiteIndexedTar(fileObject=part(0), tarFileName=f"{fp}.meta",
+                           indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
+    if not layout.parts[1].name.endswith(".squashfs"):
         return top, None
-    return top, SquashfsRootfs(rootfs, indexFilePath=_with(index, f".{INDEX}.sqlite"), writeIndex=True)
+    return top, SquashfsRootfs(part(1), indexFilePath=_with(index, f".{INDEX}.sqlite"), writeIndex=True)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from lxdimagefs.keys import ObjectKey, Sha256
 log = logging.getLogger(__name__)
 
 MAGIC = b"lxdimagefs manifest 1\n"
-_NAME = re.compile(r"(?:export|manifest|part)-([0-9a-f]{64})(?:\.(?:0|1|sum))?")
+# A split part's manifest is one server's (its layout says where the parts divide): manifest-SERVER-FP.N
+_NAME = re.compile(r"(?:export|manifest|part)-(?:[0-9a-f]{16}-)?([0-9a-f]{64})(?:\.(?:0|1|sum))?")
 KEEP_FREE = 0.05  # of the cache's filesystem, left free whatever cache_max says
 OPEN_FILES = 8  # image files kept open
 READ_AHEAD = 4 * BLOCK  # asked of the disk ahead of a reader, every AHEAD_EVERY blocks
@@ -71,19 +72,20 @@ class DiskCache:
         self._unscanned = 0  # bytes written since the last scan
         self._lock = threading.RLock()  # eviction drops files, which closes their descriptors
         self.hits = 0  # blocks served from here, for tests and benchmarks
-        self.intact: set[str] = set()  # split images whose kept parts this daemon checked
+        self.intact: set[str] = set()  # exports kept whole that this daemon checked
         self._fds: dict[str, int] = {}  # open image files, least recently used first
 
     def export(self, fp: str) -> Path:
         return self.root / ObjectKey(Sha256(fp), "export").filename
 
-    def _manifest(self, fp: str) -> Path:
-        return self.root / ObjectKey(Sha256(fp), "manifest").filename
+    def _manifest(self, fp: str, key: ObjectKey | None = None) -> Path:
+        return self.root / (key or ObjectKey(Sha256(fp), "manifest")).filename
 
-    def manifest(self, fp: str, total: int) -> Manifest | None:
-        """The sealed manifest of an image, if an earlier verdict left one; marks the image used."""
+    def manifest(self, fp: str, total: int, key: ObjectKey | None = None) -> Manifest | None:
+        """The sealed manifest of an image (`key`: of one split part), if an earlier verdict left
+        one; marks the image used."""
         try:
-            raw = self._manifest(fp).read_bytes()
+            raw = self._manifest(fp, key).read_bytes()
         except OSError:
             return None
         body, trailer = raw[:-DIGEST], raw[-DIGEST:]
@@ -98,14 +100,14 @@ class DiskCache:
         except ValueError:
             self.drop(fp)
             return None
-        with contextlib.suppress(OSError):
-            os.utime(self.export(fp))  # opened: the most recently used
+        with contextlib.suppress(OSError):  # opened: the most recently used
+            os.utime(self.export(fp) if key is None else self._manifest(fp, key))
         return manifest
 
-    def seal(self, manifest: Manifest) -> None:
-        """Keep the manifest of an image whose sha256 agreed (atomically: readers see all or none)."""
+    def seal(self, manifest: Manifest, key: ObjectKey | None = None) -> None:
+        """Keep the manifest of an image (`key`: a split part's) whose sha256 agreed, atomically."""
         body = MAGIC + manifest.total.to_bytes(8, "little") + manifest.sealed()
-        final = self._manifest(manifest.fp)
+        final = self._manifest(manifest.fp, key)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}")
         try:
             tmp.write_bytes(body + digest(body))
@@ -120,8 +122,14 @@ class DiskCache:
     def drop(self, fp: str) -> None:
         self.intact.discard(fp)
         self.forget_fd(fp)
-        for path in (self._manifest(fp), self.export(fp), *(self.part(fp, i) for i in (0, 1, "sum"))):
+        for path in (self._manifest(fp), self.export(fp), *self.root.glob(f"manifest-*-{Sha256(fp)}.*")):
             path.unlink(missing_ok=True)
+        self.drop_parts(fp)
+
+    def drop_parts(self, fp: str) -> None:
+        """Drop a split image's kept parts (a block of one failed its manifest), not its manifests."""
+        for i in (0, 1, "sum"):
+            self.part(fp, i).unlink(missing_ok=True)
 
     def _open(self, fp: str, create: bool) -> int:
         """A descriptor of the image's file, for this call alone (close it); -1 if there is none.
@@ -197,10 +205,6 @@ class DiskCache:
 
     def part(self, fp: str, index: int | str) -> Path:
         return self.root / f"{ObjectKey(Sha256(fp), 'part').filename}.{index}"
-
-    def parts(self, fp: str) -> list[Path] | None:
-        """Both parts of a split image, if kept and (once per daemon) found intact."""
-        return diskparts.kept(self, fp)
 
     def keep_parts(self, fp: str, verified: list[Path]) -> None:
         """Keep a split image's parts, just checked against the fingerprint, for later mounts."""

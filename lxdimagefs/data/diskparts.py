@@ -1,72 +1,106 @@
-"""Whole files in the disk cache: a split image's parts, and unified exports a decoder reads by
-file descriptor (`.tar.zst`, `.tar.lzma` inside contents/), each checked once per daemon.
+"""Whole files on local disk: a split image's parts, read block by block against their
+manifests, and unified exports a decoder reads by file descriptor (`.tar.zst`, `.tar.lzma`
+inside contents/), checked once per daemon.
 
 LXD serves a split export only whole, so its verified parts are kept whole
-(hard-linked from the mount's spool when on the same filesystem), beside a
-sums file: each part's size and XXH3-128, then the XXH3-128 of those. A
-daemon reads both parts through once before using them (about 20 ms per
-100 MB from the page cache); parts that do not match are dropped and the
-image is downloaded again.
+(hard-linked from the mount's spool when on the same filesystem). Nothing
+about them is trusted: every read of a part, wherever the file is (the
+spool, the disk cache, the server's own images folder), is served from
+blocks checked against the part's sealed manifest (`CheckedPart`), so a
+later mount needs no pass over the whole part before its first read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import queue
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import xxhash
-
-from lxdimagefs.data.blocks import BLOCK
-from lxdimagefs.data.manifest import DIGEST, Manifest, digest
+from lxdimagefs.data.blocks import BLOCK, BlockCache
+from lxdimagefs.data.manifest import BlockSums, Manifest, digest
+from lxdimagefs.errors import IntegrityError
 
 if TYPE_CHECKING:
     from lxdimagefs.data.diskcache import DiskCache
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"lxdimagefs parts 1\n"
+
+class CheckedPart:
+    """One split part read from a local file, each 1 MiB block checked against the part's
+    manifest before any of it is served, and kept checked in the daemon's block cache.
+
+    A block that does not match is `EIO` for that read, never its bytes; `on_bad` drops the
+    copy it came from, so the next open reads another."""
+
+    def __init__(self, path: Path, manifest: Manifest, cache: BlockCache, name: str,
+                 on_bad: Callable[[], None]) -> None:
+        self.manifest, self.cache, self.name, self.on_bad = manifest, cache, name, on_bad
+        self.total = manifest.total
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def block(self, index: int) -> bytearray:
+        found = self.cache.get((self.name, index))
+        if found is not None:
+            return found
+        data = bytearray(min(BLOCK, self.total - index * BLOCK))
+        if os.preadv(self.fd, [data], index * BLOCK) != len(data) or not self.manifest.admit(index, data):
+            log.error("split image part %s: block %d does not match its manifest (the file was changed "
+                      "or damaged); EIO, and that copy is not used again", self.name, index)
+            self.on_bad()
+            raise IntegrityError(f"{self.manifest.fp} part block {index}")
+        self.cache.publish(self.name, index, data)
+        return data
+
+    def read(self, offset: int, size: int) -> memoryview | bytes:
+        end = min(offset + size, self.total)
+        if offset >= end:
+            return b""
+        first, last = offset // BLOCK, (end - 1) // BLOCK
+        lo = offset - first * BLOCK
+        if first == last:
+            return memoryview(self.block(first))[lo:lo + end - offset]
+        return b"".join(self.block(i) for i in range(first, last + 1))[lo:lo + end - offset]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def file_digest(path: Path) -> bytes:
-    h = xxhash.xxh3_128()
-    buf = bytearray(4 << 20)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(memoryview(buf)[:n])
-    return h.digest()
+def hash_parts(fp: str, paths: list[Path], what: str) -> list[Manifest] | None:
+    """Both parts read whole: their manifests if the sha256 of both, in order, is `fp`; else None."""
+    log.debug("hashing both parts of %s whole (%s)", fp[:12], what)
+    digest_, sums = hashlib.sha256(), [BlockSums() for _ in paths]
+    buf = bytearray(PartWriter.BATCH)  # large updates: hashlib lets go of the GIL for each
+    try:
+        for path, part in zip(paths, sums, strict=True):
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    digest_.update(memoryview(buf)[:n])
+                    part.update(memoryview(buf)[:n])
+        sizes = [p.stat().st_size for p in paths]
+    except OSError as e:
+        log.warning("%s of %s unreadable (%s): not used", what, fp[:12], e.strerror)
+        return None
+    if digest_.hexdigest() != fp:
+        log.error("%s of %s do not hash to its fingerprint: not used", what, fp)
+        return None
+    return [s.manifest(fp, n) for s, n in zip(sums, sizes, strict=True)]
 
 
 def kept(cache: DiskCache, fp: str) -> list[Path] | None:
-    """Both parts, if kept and found intact (checked once per daemon); else None."""
+    """Both parts, if kept (marked used); their blocks are checked as they are read."""
     paths = [cache.part(fp, 0), cache.part(fp, 1)]
-    if fp in cache.intact:
-        return paths if all(p.exists() for p in paths) else None
-    try:
-        raw = cache.part(fp, "sum").read_bytes()
-    except OSError:
+    if not all(p.exists() for p in paths):
         return None
-    body, trailer = raw[:-DIGEST], raw[-DIGEST:]
-    want = [(int.from_bytes(body[i:i + 8], "little"), body[i + 8:i + 8 + DIGEST])
-            for i in range(len(MAGIC), len(body), 8 + DIGEST)]
-    if not body.startswith(MAGIC) or digest(body) != trailer or len(want) != 2:
-        log.warning("disk cache: the part sums of %s are damaged; dropped", fp)
-        cache.drop(fp)
-        return None
-    try:
-        got = [(p.stat().st_size, file_digest(p)) for p in paths]
-    except OSError:
-        return None
-    if got != want:
-        log.warning("disk cache: the parts of %s do not match their sums (damaged or edited); "
-                    "fetched again", fp)
-        cache.drop(fp)
-        return None
-    cache.intact.add(fp)
     for p in paths:
         with contextlib.suppress(OSError):
             os.utime(p)
@@ -74,11 +108,9 @@ def kept(cache: DiskCache, fp: str) -> list[Path] | None:
 
 
 def keep(cache: DiskCache, fp: str, verified: list[Path]) -> None:
-    """Link (or copy) both parts in, then their sums, by rename: readers see all or nothing."""
-    body = bytearray(MAGIC)
+    """Link (or copy) both parts in (their manifests are sealed by the caller)."""
     try:
         for index, src in enumerate(verified):
-            body += src.stat().st_size.to_bytes(8, "little") + file_digest(src)
             dst = cache.part(fp, index)
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
             try:
@@ -86,10 +118,6 @@ def keep(cache: DiskCache, fp: str, verified: list[Path]) -> None:
             except OSError:
                 shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
-        sums = cache.part(fp, "sum")
-        tmp = sums.with_name(f".{sums.name}.{os.getpid()}")
-        tmp.write_bytes(bytes(body) + digest(body))
-        os.replace(tmp, sums)
     except OSError as e:
         log.warning("disk cache: cannot keep the parts of %s: %s", fp, e.strerror)
 
@@ -136,3 +164,67 @@ def keep_whole(cache: DiskCache, fp: str, verified: Path) -> None:
     except OSError as e:
         log.warning("disk cache: cannot keep the export of %s: %s", fp, e.strerror)
         tmp.unlink(missing_ok=True)
+
+
+class PartWriter:
+    """Writes a split export's parts to their files and hashes them, on a thread of its own.
+
+    The multipart parser hands over small pieces; they are gathered into
+    4 MiB batches, and each batch is written and hashed while the next is
+    received, so the download runs close to the socket's speed.
+    """
+
+    BATCH = 4 << 20
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.sums: list[BlockSums] = []  # each part's block digests, made by the same pass
+        self._pieces: list[memoryview] = []
+        self._size = 0
+        self._fd: int | None = None
+        self._queue: queue.Queue[tuple[int, bytes, BlockSums] | None] = queue.Queue(4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fd, data, sums = item
+            if self._error is None:
+                try:
+                    self.hash.update(data)
+                    sums.update(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                except OSError as e:
+                    self._error = e
+
+    def start(self, fd: int) -> None:
+        self.flush()
+        self._fd = fd
+        self.sums.append(BlockSums())
+
+    def add(self, piece: memoryview) -> None:
+        self._pieces.append(piece)
+        self._size += len(piece)
+        if self._size >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pieces and self._fd is not None:
+            self._queue.put((self._fd, b"".join(self._pieces), self.sums[-1]))
+        self._pieces, self._size = [], 0
+
+    def finish(self) -> str:
+        """Waits for every write; returns the sha256 of all parts, in order."""
+        self.flush()
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self.hash.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()

@@ -2,7 +2,7 @@
 
 Unified exports: one block cache for the daemon, fetches and streams
 from LXD, the whole-read check, and a read-ahead policy per open file.
-Split exports: the local spool.
+Split exports: their parts' local files, read checked (the spool).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Exports:
         self.cache = BlockCache(capacity)
         self.disk = disk
         self.fetcher = Fetcher(client, self.cache, disk=disk, images=images)
-        self.spool = SplitSpool(client, spool_dir, disk, images=images)
+        self.spool = SplitSpool(client, spool_dir, disk, images=images, cache=self.cache)
         self.server = self.spool.server  # the server of every key this reader makes
         if disk is not None:
             self.verification.on_verdict = disk.seal

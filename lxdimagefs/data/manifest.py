@@ -59,3 +59,32 @@ class Manifest:
         """The digests of a verified image, to be kept (the disk cache stores them)."""
         with self._lock:
             return bytes(self._sums)
+
+
+class BlockSums:
+    """The digests of a file's blocks as its bytes go by in pieces of any size (a split part being
+    downloaded or hashed): its manifest, made by the same pass as its sha256."""
+
+    def __init__(self) -> None:
+        self._sums = bytearray()
+        self._hash = xxhash.xxh3_128()
+        self._filled = 0  # bytes of the current block seen so far
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            take = min(BLOCK - self._filled, len(view))
+            self._hash.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == BLOCK:
+                self._sums += self._hash.digest()
+                self._hash.reset()
+                self._filled = 0
+
+    def manifest(self, fp: str, total: int) -> Manifest:
+        """The verified manifest of the `total` bytes seen (call once the whole-file hash agreed)."""
+        sums = bytes(self._sums)
+        if self._filled or not sums:  # the last, shorter block (an empty file: one empty block)
+            sums += self._hash.digest()
+        return Manifest(fp, total, sums)

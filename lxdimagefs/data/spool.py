@@ -1,17 +1,21 @@
-"""Split exports, downloaded once to a private local spool and verified before use."""
+"""Split exports: their parts' local files (the server's own, the disk cache's, or downloaded once
+to a private spool), verified before use and checked block by block on every read."""
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import os
-import queue
 import shutil
 import threading
 import time
 from pathlib import Path
 
+from lxdimagefs.data import diskparts
+from lxdimagefs.data.blocks import BlockCache
 from lxdimagefs.data.diskcache import DiskCache
+from lxdimagefs.data.diskparts import CheckedPart, PartWriter, hash_parts
+from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.errors import IntegrityError, LXDError
 from lxdimagefs.keys import ObjectKey, Sha256
 from lxdimagefs.servers.localfiles import LocalImage, open_image
@@ -22,91 +26,32 @@ from lxdimagefs.wire.rest import RestSession
 log = logging.getLogger(__name__)
 
 
-class SplitSpool:
-    """Split exports, downloaded once to local files and shared by all readers.
+Ready = tuple[list[Path], list[Manifest]]  # a split image's two part files, and their manifests
 
-    LXD serves a split export only as one multipart stream, without ranges
-    or part sizes, so random access needs a local copy. The download is
-    verified against the fingerprint before anyone reads it. The spool is
-    private to this mount and removed when it ends.
-    """
 
-    def __init__(self, client: ImageSource, directory: Path, disk: DiskCache | None = None,
-                 images: Path | None = None) -> None:
-        self.client = client
-        self.directory = directory
-        self.server = client.conn.identity()
-        self.disk = disk  # where verified parts are kept for later mounts
-        self.images = images  # a local server's images folder: its split images' parts, in place
-        self._local: dict[str, LocalImage] = {}  # verified, held open for the mount's life
+class Spool:
+    """Exports downloaded whole into a private folder of this mount (removed when it ends), each
+    verified against its fingerprint before anyone reads it."""
+
+    def __init__(self, client: ImageSource, directory: Path, disk: DiskCache | None = None) -> None:
+        self.client, self.directory, self.server = client, directory, client.conn.identity()
+        self.disk = disk  # where verified exports are kept for later mounts
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self.downloads = 0
+
+    def _lock_of(self, fp: str) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(fp, threading.Lock())
 
     def _named(self, fp: str, suffix: str) -> Path:
         """A spool file, named by its key (server and fingerprint), never by what a server sent."""
         return self.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.{suffix}"
 
-    def paths(self, fp: str, sizes: tuple[int, ...]) -> list[Path]:
-        """The local files of both parts: this mount's spool, the disk cache's, or downloaded now.
-
-        `sizes`: the parts' sizes as this server's layout gives them. The fingerprint proves both
-        parts' bytes together, not where one ends: parts split elsewhere (a download past the
-        total, a kept or local copy of other sizes) are never served as this server's."""
-        final = [self._named(fp, str(i)) for i in range(2)]
-        if all(p.exists() for p in final):
-            return final
-        with self._lock:
-            lock = self._locks.setdefault(fp, threading.Lock())
-        with lock:
-            local = self._local.get(fp) or self._open_local(fp, sizes)
-            if local is not None:
-                return [Path(f"/proc/self/fd/{p.fd}") for p in local.parts]
-            kept = self.disk.parts(fp) if self.disk is not None else None
-            if kept is not None and [p.stat().st_size for p in kept] == list(sizes):
-                return kept
-            if not all(p.exists() for p in final):
-                self._download(fp, final, sizes)
-                if self.disk is not None:
-                    self.disk.keep_parts(fp, final)
-        return final
-
-    def _open_local(self, fp: str, sizes: tuple[int, ...]) -> LocalImage | None:
-        """The server's own two files of a split image, if their sha256 (part 0, then part 1) is the
-        fingerprint. They are served through the descriptors checked here (/proc/self/fd), so a
-        file the server replaces later is not read in its place; nothing is copied."""
-        if self.images is None:
-            return None
-        local = open_image(self.images, fp, size=sum(sizes))
-        if local is None or [os.fstat(p.fd).st_size for p in local.parts] != list(sizes):
-            if local is not None:  # unified, or parts divided elsewhere than this server's layout
-                local.close()
-            return None
-        digest = hashlib.sha256()
-        buf = bytearray(PartWriter.BATCH)
-        try:
-            for part, f in enumerate(local.parts):
-                for offset in range(0, f.size, len(buf)):
-                    n = local.readinto(offset, buf, part)
-                    digest.update(memoryview(buf)[:n])
-        except OSError as e:
-            log.warning("image files of %s unreadable (%s): downloading its export", fp[:12], e.strerror)
-            local.close()
-            return None
-        if digest.hexdigest() != fp:
-            log.error("image files of %s do not hash to its fingerprint: downloading its export", fp)
-            local.close()
-            return None
-        self._local[fp] = local
-        log.debug("split image %s read from the server's own files", fp[:12])
-        return local
-
     def unified(self, fp: str, size: int) -> Path:
         """A unified export as a local file, for readers that need a file descriptor of their own."""
         final = self._named(fp, "whole")
-        with self._lock:
-            lock = self._locks.setdefault(fp, threading.Lock())
-        with lock:
+        with self._lock_of(fp):
             kept = self.disk.whole(fp, size) if self.disk is not None else None
             if kept is not None:
                 return kept
@@ -138,8 +83,9 @@ class SplitSpool:
             os.close(fd)
             tmp.unlink(missing_ok=True)
 
-    def _download(self, fp: str, final: list[Path], sizes: tuple[int, ...]) -> None:
-        size, first = sum(sizes), sizes[0]
+    def _download(self, fp: str, final: list[Path], sizes: tuple[int, ...]) -> list[Manifest]:
+        """Both parts from LXD's multipart stream into `final`, hashed on the way: their manifests."""
+        size = sum(sizes)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = [p.with_suffix(p.suffix + ".part") for p in final]
         writer = PartWriter()
@@ -168,11 +114,12 @@ class SplitSpool:
             digest = writer.finish()
             if len(fds) != 2:
                 raise LXDError(f"LXD's split export of {fp} did not hold two parts")
-            if digest != fp or os.fstat(fds[0]).st_size != first:  # the bytes, and where part 1 starts
+            if digest != fp or [os.fstat(fd).st_size for fd in fds] != list(sizes):  # where part 1 starts
                 raise IntegrityError(fp)
             for t, f in zip(tmp, final, strict=True):
                 os.replace(t, f)
-            log.debug("spooled %s (%d bytes)", fp, sum(f.stat().st_size for f in final))
+            log.debug("spooled %s (%d bytes)", fp, size)
+            return [writer.sums[i].manifest(fp, sizes[i]) for i in range(2)]
         finally:
             writer.close()
             for fd in fds:
@@ -181,9 +128,6 @@ class SplitSpool:
                 t.unlink(missing_ok=True)
 
     def remove(self) -> None:
-        for local in self._local.values():
-            local.close()
-        self._local.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     PREFIX = "lxdimagefs-spool-"
@@ -214,65 +158,135 @@ class SplitSpool:
         return removed
 
 
-class PartWriter:
-    """Writes a split export's parts to their files and hashes them, on a thread of its own.
+class SplitSpool(Spool):
+    """Split exports' parts as local files, each read checked block by block against its manifest.
 
-    The multipart parser hands over small pieces; they are gathered into
-    4 MiB batches, and each batch is written and hashed while the next is
-    received, so the download runs close to the socket's speed.
+    LXD serves a split export only as one multipart stream, without ranges
+    or part sizes, so random access needs a local copy: the server's own
+    files where the daemon can read them, else the disk cache's copy, else a
+    download into this mount's private spool (removed when it ends). The first
+    use of a copy with no sealed manifest for this server hashes both parts
+    whole (sha256 = fingerprint) and records their manifests; later mounts
+    read at once, every block checked (diskparts.CheckedPart).
     """
 
-    BATCH = 4 << 20
+    def __init__(self, client: ImageSource, directory: Path, disk: DiskCache | None = None,
+                 images: Path | None = None, cache: BlockCache | None = None) -> None:
+        super().__init__(client, directory, disk)
+        self.images = images  # a local server's images folder: its split images' parts, in place
+        self.cache = cache or BlockCache(16 << 20)  # checked blocks (the daemon's, in a mount)
+        self._local: dict[str, LocalImage] = {}  # held open for the mount's life
+        self._bad_local: set[str] = set()  # images whose own files failed a block's check
+        self._ready: dict[tuple[str, tuple[int, ...]], Ready] = {}
+        self.hashed = 0  # passes over both parts whole (no sealed manifests yet), for tests
 
-    def __init__(self) -> None:
-        self.hash = hashlib.sha256()
-        self._pieces: list[memoryview] = []
-        self._size = 0
-        self._fd: int | None = None
-        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(4)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
-        self._thread.start()
+    def open(self, fp: str, sizes: tuple[int, ...], index: int) -> CheckedPart:
+        """A reader of one part, every block checked against the part's manifest."""
+        while True:
+            paths, manifests = ready = self._resolve(fp, sizes)
+            try:
+                return CheckedPart(paths[index], manifests[index], self.cache, f"{fp}.{index}",
+                                   functools.partial(self._bad, (fp, sizes), ready))
+            except FileNotFoundError:  # the disk cache's copy, evicted since: find another
+                self._bad((fp, sizes), ready, evicted=True)
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            fd, data = item
-            if self._error is None:
-                try:
-                    self.hash.update(data)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                except OSError as e:
-                    self._error = e
+    def paths(self, fp: str, sizes: tuple[int, ...]) -> list[Path]:
+        """The local files of both parts (see `_resolve`); read them through `open`."""
+        return self._resolve(fp, sizes)[0]
 
-    def start(self, fd: int) -> None:
-        self.flush()
-        self._fd = fd
+    def _resolve(self, fp: str, sizes: tuple[int, ...]) -> Ready:
+        """Both parts' files and manifests: the server's own, the disk cache's, or downloaded now.
+        `sizes`: as this server's layout gives them. The fingerprint proves both parts' bytes
+        together, not where one ends: parts split elsewhere (a download past the total, a kept
+        or local copy of other sizes) are never served as this server's."""
+        key = (fp, sizes)
+        if (ready := self._ready.get(key)) is not None:
+            return ready
+        with self._lock_of(fp):
+            if (ready := self._ready.get(key)) is not None:
+                return ready
+            sealed = self._sealed(fp, sizes)
+            ready = self._open_local(fp, sizes, sealed) or self._kept(fp, sizes, sealed)
+            if ready is None:
+                final = [self._named(fp, str(i)) for i in range(2)]
+                ready = final, self._download(fp, final, sizes)
+                self._seal(fp, ready[1])
+                if self.disk is not None:
+                    self.disk.keep_parts(fp, final)
+            self._ready[key] = ready
+        return ready
 
-    def add(self, piece: memoryview) -> None:
-        self._pieces.append(piece)
-        self._size += len(piece)
-        if self._size >= self.BATCH:
-            self.flush()
+    def _key(self, fp: str, part: int) -> ObjectKey:
+        return ObjectKey(Sha256(fp), "manifest", self.server, part)
 
-    def flush(self) -> None:
-        if self._pieces and self._fd is not None:
-            self._queue.put((self._fd, b"".join(self._pieces)))
-        self._pieces, self._size = [], 0
+    def _sealed(self, fp: str, sizes: tuple[int, ...]) -> list[Manifest] | None:
+        """Both parts' manifests, if an earlier verdict on this server's parts sealed them."""
+        disk = self.disk
+        found = [disk.manifest(fp, n, self._key(fp, i)) for i, n in enumerate(sizes)] if disk else [None]
+        return [m for m in found if m is not None] if all(found) else None
 
-    def finish(self) -> str:
-        """Waits for every write; returns the sha256 of all parts, in order."""
-        self.flush()
-        self.close()
-        if self._error is not None:
-            raise self._error
-        return self.hash.hexdigest()
+    def _seal(self, fp: str, manifests: list[Manifest]) -> None:
+        if self.disk is not None:
+            for i, manifest in enumerate(manifests):
+                self.disk.seal(manifest, self._key(fp, i))
 
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+    def _hashed(self, fp: str, paths: list[Path], what: str) -> list[Manifest] | None:
+        """Both parts hashed whole: their manifests (sealed) if their sha256 is the fingerprint."""
+        self.hashed += 1
+        if (manifests := hash_parts(fp, paths, what)) is not None:
+            self._seal(fp, manifests)
+        return manifests
+
+    def _open_local(self, fp: str, sizes: tuple[int, ...], sealed: list[Manifest] | None) -> Ready | None:
+        """The server's own two files of a split image, served through the descriptors opened here
+        (/proc/self/fd), so a file the server replaces later is not read in its place; nothing
+        is copied. Hashed whole first unless this server's parts have sealed manifests."""
+        if self.images is None or fp in self._bad_local:
+            return None
+        local = self._local.get(fp) or open_image(self.images, fp, size=sum(sizes))
+        if local is None or [os.fstat(p.fd).st_size for p in local.parts] != list(sizes):
+            if local is not None:  # unified, or parts divided elsewhere than this server's layout
+                local.close()
+            return None
+        paths = [Path(f"/proc/self/fd/{p.fd}") for p in local.parts]
+        manifests = sealed or self._hashed(fp, paths, "image files")
+        if manifests is None:
+            local.close()
+            return None
+        self._local[fp] = local
+        log.debug("split image %s read from the server's own files", fp[:12])
+        return paths, manifests
+
+    def _kept(self, fp: str, sizes: tuple[int, ...], sealed: list[Manifest] | None) -> Ready | None:
+        """The disk cache's copy of both parts (hashed whole first if no manifest is sealed)."""
+        kept = diskparts.kept(self.disk, fp) if self.disk is not None else None
+        if self.disk is None or kept is None or [p.stat().st_size for p in kept] != list(sizes):
+            return None
+        manifests = sealed or self._hashed(fp, kept, "the kept parts")
+        if manifests is None:
+            self.disk.drop_parts(fp)
+            return None
+        return kept, manifests
+
+    def _bad(self, key: tuple[str, tuple[int, ...]], ready: Ready, evicted: bool = False) -> None:
+        """A block of `ready` failed its check: that copy is not used again (the server's own
+        files by this daemon; a spooled or kept copy is deleted), the next open finds another."""
+        with self._lock:
+            if self._ready.get(key) is not ready:
+                return  # dropped already
+            if ready[0][0].parent == Path("/proc/self/fd"):
+                self._bad_local.add(key[0])
+            elif not evicted:
+                for path in ready[0]:
+                    path.unlink(missing_ok=True)
+                if self.disk is not None:
+                    self.disk.drop_parts(key[0])  # the spool's files are linked there
+            del self._ready[key]
+
+    def remove(self) -> None:
+        for local in self._local.values():
+            local.close()
+        super().remove()
 
 
 def _alive(pid: int) -> bool:

@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Callable
 
+from lxdimagefs.data.diskparts import CheckedPart
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.commit import CommitOnClose
@@ -147,20 +148,33 @@ class UnifiedHandle(Handle):
         return Caching.KEEP if self.prefetcher.verified else Caching.FRESH
 
 
+class PartHandle(Handle):
+    """One open part of a split image: every block it serves is checked against the part's
+    manifest (verified), so the kernel may keep its pages."""
+
+    def __init__(self, part: CheckedPart, opener: int = 0) -> None:
+        super().__init__(opener)
+        self.part = part
+
+    def read(self, offset: int, size: int) -> memoryview | bytes:
+        return self.part.read(offset, size)
+
+    def close(self) -> None:
+        self.part.close()
+
+    def caching(self) -> Caching:
+        return Caching.KEEP
+
+
 class FileHandle(Handle):
-    """A local file: a split image's spooled part, or a part being written into an import folder."""
+    """A local file: a part being written into an import folder."""
 
     def __init__(self, path: str, flags: int = os.O_RDONLY, on_close: Callable[[], None] | None = None,
-                 opener: int = 0, on_abandon: Callable[[str], None] | None = None,
-                 verified: bool = False) -> None:
+                 opener: int = 0, on_abandon: Callable[[str], None] | None = None) -> None:
         super().__init__(opener)
         self.fd = os.open(path, flags, 0o600)
         self._on_close, self._on_abandon = on_close, on_abandon
         self._committed = False  # an import's part its writer's close made part of the image
-        self.verified = verified  # a spooled part, checked against the fingerprint before use
-
-    def caching(self) -> Caching:
-        return Caching.KEEP if self.verified else Caching.DIRECT
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)

@@ -20,7 +20,7 @@ from collections import Counter
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
-from lxdimagefs.fs.handles import BytesHandle, Caching, EditHandle, FileHandle, Handle, UnifiedHandle
+from lxdimagefs.fs.handles import BytesHandle, Caching, EditHandle, Handle, PartHandle, UnifiedHandle
 from lxdimagefs.fs.node import Attr, Context, Fading, check_name
 from lxdimagefs.names import METADATA
 from lxdimagefs.servers.catalog import Catalog
@@ -154,8 +154,7 @@ class ImagesNode(DeleteAndRefresh):
             return self._unified.open(part.key, part.size, path, pid)
         if self.catalog.layout(image.fingerprint).split:
             sizes = tuple(p.size for p in self.catalog.layout(image.fingerprint).parts)
-            return FileHandle(str(self.exports.spool.paths(image.fingerprint, sizes)[index]),
-                              opener=pid, verified=True)
+            return PartHandle(self.exports.spool.open(image.fingerprint, sizes, index), opener=pid)
         return self._unified.open(image.fingerprint, part.size, path, pid)
 
     def _open_for_writing(self, rest: list[str], flags: int, pid: int) -> Handle:

@@ -136,13 +136,17 @@ def test_a_split_image_is_downloaded_once_not_once_per_mount(sandbox, tmp_path):
                 assert hashlib.sha256(whole).hexdigest() == fp
                 assert ("spooled " + fp in m.log_text()) == (n == 0)  # the second mount reads the kept parts
         kept = _cache(tmp_path) / f"part-{fp}.1"
-        with open(kept, "r+b") as f:  # a kept part edited on disk: found, dropped, fetched again
+        with open(kept, "r+b") as f:  # a kept part edited on disk: EIO, never its bytes; dropped
             f.seek(100)
             f.write(b"tampered")
         with mounted(sandbox, tmp_path / "mnt3") as m:
-            whole = b"".join(p.read_bytes() for p in _parts(m, fp))
-            assert hashlib.sha256(whole).hexdigest() == fp
-            assert "do not match their sums" in m.log_text() and "spooled " + fp in m.log_text()
+            meta, rootfs = _parts(m, fp)
+            run = subprocess.run(["cat", str(rootfs)], capture_output=True)
+            assert run.returncode != 0 and b"Input/output error" in run.stderr
+            assert b"tampered" not in run.stdout
+            assert "does not match its manifest" in m.log_text() and not kept.exists()
+            whole = meta.read_bytes() + rootfs.read_bytes()  # the next open: downloaded again
+            assert hashlib.sha256(whole).hexdigest() == fp and "spooled " + fp in m.log_text()
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
 
