@@ -152,19 +152,23 @@ class DiskCache:
     def get(self, fp: str, index: int, length: int) -> bytearray | None:
         """The block as it is on disk, or None if the image has no file (unchecked: a hole reads
         as zeros; the caller checks it against the manifest)."""
+        buf = bytearray(length)
+        return buf if self.readinto(fp, index, memoryview(buf)) else None
+
+    def readinto(self, fp: str, index: int, buf: memoryview) -> bool:
+        """`get`, into the caller's buffer (as long as the block): False if it is not there."""
         fd = self._open(fp, create=False)
         if fd < 0:
-            return None
+            return False
         try:
             offset = index * BLOCK
-            buf = bytearray(length)
-            if os.preadv(fd, [buf], offset) != length:
-                return None
+            if os.preadv(fd, [buf], offset) != len(buf):
+                return False
             if index % AHEAD_EVERY == 0:  # each page asked for once, a window ahead of the reader
                 os.posix_fadvise(fd, offset + READ_AHEAD, READ_AHEAD, os.POSIX_FADV_WILLNEED)
-            return buf
+            return True
         except OSError:
-            return None
+            return False
         finally:
             os.close(fd)
 

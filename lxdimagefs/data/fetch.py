@@ -14,6 +14,7 @@ progress.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +23,7 @@ from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
-from lxdimagefs.servers.localfiles import LocalImage, open_image
+from lxdimagefs.servers.localfiles import LocalFile, LocalImage, open_image
 from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.wire.transport import Backoff, ExportStream
 
@@ -91,6 +92,7 @@ class Fetcher:
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self._streams: set[Stream] = set()
+        self._files: dict[str, LocalImage | None] = {}
         self._lock = threading.Lock()
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -127,6 +129,52 @@ class Fetcher:
                 return None
             blocks.append(data)
         return blocks
+
+    def kept_into(self, fp: str, total: int, index: int, buf: memoryview) -> int:
+        """A whole block of a verified image into `buf`, checked there: from memory, the disk cache
+        or the server's own file; 0 if it is in none of them (or `buf` is not a whole block)."""
+        length = min(BLOCK, total - index * BLOCK)
+        if len(buf) < length:
+            return 0
+        view = buf[:length]
+        data = self.cache.get((fp, index))
+        if data is not None:
+            view[:] = data
+            return length
+        manifest = self.verification.manifests.get(fp)
+        if manifest is None or not manifest.verified:
+            return 0
+        if self.disk is not None and self.disk.readinto(fp, index, view) and manifest.admit(index, view):
+            self.disk.hits += 1
+            return length
+        local = self._local(fp, total)
+        if local is not None:
+            try:
+                if local.readinto(index * BLOCK, view) == length and manifest.admit(index, view):
+                    return length
+            finally:
+                local.close()
+        return 0
+
+    def _local(self, fp: str, total: int) -> LocalFile | None:
+        if self.images is None:
+            return None
+        with self._lock:
+            if fp not in self._files:
+                image = open_image(self.images, fp, size=total)
+                if image is not None and image.split:
+                    image.close()
+                    image = None
+                self._files[fp] = image
+                while len(self._files) > 8:
+                    old = self._files.pop(next(iter(self._files)))
+                    if old is not None:
+                        old.close()
+            image = self._files[fp]
+            if image is None:
+                return None
+            part = image.parts[0]
+            return LocalFile(os.dup(part.fd), part.name, part.size)
 
     def fetch(self, fp: str, total: int, first: int, last: int) -> None:
         """Fetch the missing blocks of [first, last], each run in one bounded request."""
