@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
 from lxdimagefs.data.diskcache import DiskCache
+from lxdimagefs.data.readahead import ReadAhead
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
 from lxdimagefs.servers.localfiles import LocalFile, LocalImage, open_image
@@ -93,6 +94,7 @@ class Fetcher:
         self._pool: ThreadPoolExecutor | None = None
         self._streams: set[Stream] = set()
         self._files: dict[str, LocalImage | None] = {}
+        self.ahead = ReadAhead()
         self._lock = threading.Lock()
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -144,13 +146,14 @@ class Fetcher:
         manifest = self.verification.manifests.get(fp)
         if manifest is None or not manifest.verified:
             return 0
-        if self.disk is not None and self.disk.readinto(fp, index, view) and manifest.admit(index, view):
+        if self.disk is not None and self.disk.readinto(fp, index, view, total) and manifest.admit(index, view):
             self.disk.hits += 1
             return length
         local = self._local(fp, total)
         if local is not None:
             try:
                 if local.readinto(index * BLOCK, view) == length and manifest.admit(index, view):
+                    self.ahead.note(fp, local.fd, index * BLOCK, length, total)
                     return length
             finally:
                 local.close()
@@ -290,7 +293,7 @@ class Fetcher:
         manifest = self.verification.manifests.get(fp)
         if self.disk is None or manifest is None or not (manifest.verified or manifest.has(index)):
             return None
-        data = self.disk.get(fp, index, min(BLOCK, total - index * BLOCK))
+        data = self.disk.get(fp, index, min(BLOCK, total - index * BLOCK), total)
         if data is None:
             return None
         if not manifest.admit(index, data):
