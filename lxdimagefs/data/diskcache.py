@@ -25,8 +25,8 @@ from pathlib import Path
 from lxdimagefs.data import diskparts
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.manifest import DIGEST, Manifest, digest
-from lxdimagefs.data.readahead import ReadAhead
 from lxdimagefs.keys import ObjectKey, Sha256
+from lxdimagefs.readahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class DiskCache:
         return buf if self.readinto(fp, index, memoryview(buf), total) else None
 
     def readinto(self, fp: str, index: int, buf: memoryview, total: int | None = None) -> bool:
-        """`get`, into the caller's buffer (as long as the block): False if it is not there."""
+        """`get` into the caller's buffer; False if not there. Asks the disk ahead of a sequential reader."""
         fd = self._open(fp, create=False)
         if fd < 0:
             return False
@@ -164,8 +164,7 @@ class DiskCache:
             offset = index * BLOCK
             if os.preadv(fd, [buf], offset) != len(buf):
                 return False
-            if total is not None:
-                self.ahead.note(fp, fd, offset, len(buf), total)
+            self.ahead.note(fp, fd, offset, len(buf), total or offset + len(buf))
             return True
         except OSError:
             return False

@@ -14,17 +14,15 @@ progress.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
 from lxdimagefs.data.diskcache import DiskCache
-from lxdimagefs.data.readahead import ReadAhead
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
-from lxdimagefs.servers.localfiles import LocalFile, LocalImage, open_image
+from lxdimagefs.servers.localfiles import LocalImage, LocalImages, open_image
 from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.wire.transport import Backoff, ExportStream
 
@@ -89,12 +87,11 @@ class Fetcher:
         self.disk = disk
         self.images = images  # a local server's images folder: its files are read in place
         self.verification = Verification(cache, self.block, client.conn.identity())
+        self.local = LocalImages(images) if images is not None else None  # read in readers' threads
         self.requests = 0  # export requests made, for tests and benchmarks
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self._streams: set[Stream] = set()
-        self._files: dict[str, LocalImage | None] = {}
-        self.ahead = ReadAhead()
         self._lock = threading.Lock()
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -104,6 +101,8 @@ class Fetcher:
         return self._pool
 
     def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -118,66 +117,6 @@ class Fetcher:
             if found is not None:
                 return found
             self.fetch(fp, total, index, index)
-
-    def kept(self, fp: str, total: int, first: int, last: int) -> list[bytearray] | None:
-        """Blocks of a verified image from memory or the disk cache, read in the caller's thread
-        (the kernel's readahead asks on several at once); None if one of them is not there."""
-        if self.disk is None:
-            return None
-        blocks = []
-        for index in range(first, last + 1):
-            data = self.cache.get((fp, index)) or self._from_disk(fp, total, index)
-            if data is None:
-                return None
-            blocks.append(data)
-        return blocks
-
-    def kept_into(self, fp: str, total: int, index: int, buf: memoryview) -> int:
-        """A whole block of a verified image into `buf`, checked there: from memory, the disk cache
-        or the server's own file; 0 if it is in none of them (or `buf` is not a whole block)."""
-        length = min(BLOCK, total - index * BLOCK)
-        if len(buf) < length:
-            return 0
-        view = buf[:length]
-        data = self.cache.get((fp, index))
-        if data is not None:
-            view[:] = data
-            return length
-        manifest = self.verification.manifests.get(fp)
-        if manifest is None or not manifest.verified:
-            return 0
-        if self.disk is not None and self.disk.readinto(fp, index, view, total) and manifest.admit(index, view):
-            self.disk.hits += 1
-            return length
-        local = self._local(fp, total)
-        if local is not None:
-            try:
-                if local.readinto(index * BLOCK, view) == length and manifest.admit(index, view):
-                    self.ahead.note(fp, local.fd, index * BLOCK, length, total)
-                    return length
-            finally:
-                local.close()
-        return 0
-
-    def _local(self, fp: str, total: int) -> LocalFile | None:
-        if self.images is None:
-            return None
-        with self._lock:
-            if fp not in self._files:
-                image = open_image(self.images, fp, size=total)
-                if image is not None and image.split:
-                    image.close()
-                    image = None
-                self._files[fp] = image
-                while len(self._files) > 8:
-                    old = self._files.pop(next(iter(self._files)))
-                    if old is not None:
-                        old.close()
-            image = self._files[fp]
-            if image is None:
-                return None
-            part = image.parts[0]
-            return LocalFile(os.dup(part.fd), part.name, part.size)
 
     def fetch(self, fp: str, total: int, first: int, last: int) -> None:
         """Fetch the missing blocks of [first, last], each run in one bounded request."""
@@ -250,7 +189,7 @@ class Fetcher:
                         if stream.closing or not stream.open_ended or index > stream.last_block:
                             self._finish(stream)
                         return
-                data = self._from_disk(stream.fp, stream.total, index)
+                data = self.from_disk(stream.fp, stream.total, index)
                 if data is not None:
                     if stream.conn is not None:  # it skipped a block: reopen where the next is
                         stream.conn.close()
@@ -286,7 +225,7 @@ class Fetcher:
         if keep and self.disk is not None:
             self.disk.put(fp, index, data, total)
 
-    def _from_disk(self, fp: str, total: int, index: int) -> bytearray | None:
+    def from_disk(self, fp: str, total: int, index: int) -> bytearray | None:
         """A block from the disk cache, if it is there and matches the manifest: the verified one,
         or before the verdict the copy recorded when it first arrived (so a block that left
         memory is not asked of the server again, for a reader or for the hash)."""
@@ -297,12 +236,16 @@ class Fetcher:
         if data is None:
             return None
         if not manifest.admit(index, data):
-            if self.disk.written(fp, index):
-                log.warning("disk cache: block %d of %s does not match its manifest (damaged or edited); "
-                            "fetched again", index, fp)
+            self.damaged(fp, index)
             return None
         self.disk.hits += 1
         return data
+
+    def damaged(self, fp: str, index: int) -> None:
+        """A block read back from the disk cache did not match the manifest."""
+        if self.disk is not None and self.disk.written(fp, index):
+            log.warning("disk cache: block %d of %s does not match its manifest (damaged or edited); "
+                        "fetched again", index, fp)
 
     def _read_block(self, stream: Stream, index: int) -> bytearray:
         start = index * BLOCK

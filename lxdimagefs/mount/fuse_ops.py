@@ -83,7 +83,7 @@ class LXDImageOps(Operations):
         for watcher in self.events:
             watcher.start()  # threads start here: the daemon has forked by now
         if self.mountpoint:  # after init returns: the stat it makes is answered by this daemon
-            threading.Thread(target=raise_readahead, args=(self.mountpoint, int(os.environ.get('DR_RA', '1024'))), daemon=True,
+            threading.Thread(target=raise_readahead, args=(self.mountpoint,), daemon=True,
                              name="readahead").start()
         self.tree.started(_kernel_forgetter())
 

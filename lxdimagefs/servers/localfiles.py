@@ -18,15 +18,18 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from pathlib import Path
 
 from lxdimagefs.keys import BadKey, Fingerprint
+from lxdimagefs.readahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
 ROOTFS_SUFFIX = ".rootfs"
 INCUS_RUN_SOCKET = "/run/incus/unix.socket"
 INCUS_IMAGES = "/var/lib/incus/images"
+OPEN_IMAGES = 8  # unified images' files kept open by LocalImages
 _OPEN = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO must not hang us
 
 
@@ -88,6 +91,52 @@ class LocalImage:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LocalImages:
+    """The unified images of a server's folder, opened once and read from any thread: what serves a
+    verified image's blocks in a reader's own thread, asking the disk ahead of a sequential one."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.ahead = ReadAhead()
+        self._open: dict[str, LocalImage | None] = {}  # opened (or found unusable), oldest first
+        self._lock = threading.Lock()
+
+    def readinto(self, fingerprint: str, size: int, offset: int, buffer: memoryview) -> bool:
+        """Fill `buffer` with the export's bytes at `offset`; False where the file cannot give them."""
+        with self._lock:
+            if fingerprint not in self._open:
+                image = open_image(self.folder, fingerprint, size=size)
+                if image is not None and image.split:  # a split image's parts are the spool's
+                    image.close()
+                    image = None
+                self._open[fingerprint] = image
+                while len(self._open) > OPEN_IMAGES:
+                    old = self._open.pop(next(iter(self._open)))
+                    if old is not None:
+                        old.close()
+            image = self._open[fingerprint]
+            if image is None:
+                return False
+            fd = os.dup(image.parts[0].fd)  # our own: another thread may close the image meanwhile
+        try:
+            if LocalFile(fd, "", size).readinto(offset, buffer) != len(buffer):
+                return False
+            self.ahead.note(fingerprint, fd, offset, len(buffer), size)
+            return True
+        except OSError as e:
+            log.warning("image file %s unreadable at offset %d: %s", fingerprint[:12], offset, e.strerror)
+            return False
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for image in self._open.values():
+                if image is not None:
+                    image.close()
+            self._open.clear()
 
 
 def open_image(folder: Path, fingerprint: str, size: int | None = None, owner: int = 0) -> LocalImage | None:

@@ -16,12 +16,11 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from lxdimagefs.data.blocks import BLOCK
-
-LEAD = int(os.environ.get("DR_LEAD", "16")) * BLOCK  # how far ahead of a sequential reader the disk is asked
-STEP = int(os.environ.get("DR_STEP", "4")) * BLOCK  # asked at a time, at least
-SLACK = 4 * BLOCK  # how far a read may land from the last and still count as sequential (readahead
-# requests arrive out of order)
+MIB = 1 << 20
+LEAD = 16 * MIB  # how far ahead of a sequential reader the disk is asked
+STEP = 4 * MIB  # asked at a time, at least
+SLACK = 4 * MIB  # how far a read may land from the last and still count as sequential (the
+# kernel's readahead requests arrive out of order)
 FILES = 64  # files followed at once
 
 
