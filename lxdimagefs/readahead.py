@@ -53,8 +53,10 @@ class ReadAhead:
 
 
 def _advise(fd: int, offset: int, length: int) -> None:
+    """WILLNEED, a piece at a time: the kernel reads at most the device's largest I/O per call."""
     try:
         with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            for at in range(offset, offset + length, STEP):
+                os.posix_fadvise(fd, at, min(STEP, offset + length - at), os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)

@@ -117,7 +117,7 @@ class LocalImages:
                     if old is not None:
                         old.close()
             image = self._open[fingerprint]
-            if image is None:
+            if image is None or image.size != size:
                 return False
             fd = os.dup(image.parts[0].fd)  # our own: another thread may close the image meanwhile
         try:
