@@ -26,7 +26,7 @@ from lxdimagefs.data import diskparts
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.manifest import DIGEST, Manifest, digest
 from lxdimagefs.keys import ObjectKey, Sha256
-from lxdimagefs.readahead import ReadAhead
+from lxdimagefs.servers.localfiles import ReadAhead
 
 log = logging.getLogger(__name__)
 

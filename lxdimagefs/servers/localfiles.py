@@ -11,21 +11,36 @@ copy in the local cache. They are a source like any other: the caller checks
 what it reads against the fingerprint and the block checksums, as it checks
 the socket's bytes. A file that is not owned and guarded as the server's
 own is not used (the caller keeps the socket).
+
+A verified image is read from a local file (the server's, here, or the disk
+cache's) one 1 MiB block per FUSE request, two or three at a time: the
+kernel's own readahead on the file is too short to keep the disk busy, and
+`posix_fadvise(WILLNEED)` in the request's thread puts the page allocations
+on the reader's path. `ReadAhead` asks on a thread of its own, a window
+ahead, so the requests find their pages in memory (docs/PERFORMANCE.md,
+"a new mount").
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lxdimagefs.keys import BadKey, Fingerprint
-from lxdimagefs.readahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
+MIB = 1 << 20
+LEAD = 16 * MIB  # how far ahead of a sequential reader the disk is asked
+STEP = 4 * MIB  # asked at a time, at least
+SLACK = 4 * MIB  # how far a read may land from the last and still count as sequential (the
+# kernel's readahead requests arrive out of order)
+FILES = 64  # files followed at once
 ROOTFS_SUFFIX = ".rootfs"
 INCUS_RUN_SOCKET = "/run/incus/unix.socket"
 INCUS_IMAGES = "/var/lib/incus/images"
@@ -199,3 +214,43 @@ def _open_part(dir_fd: int, name: str, owner: int) -> LocalFile | None:
 def _guarded(st: os.stat_result, owner: int) -> bool:
     """Owned by the server's user and writable by nobody else."""
     return st.st_uid == owner and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+class ReadAhead:
+    """Local files being read in order (by key), and how far ahead of each the disk was asked."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[int, int]] = {}  # key -> (where the last read ended, asked up to)
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def note(self, key: str, fd: int, offset: int, size: int, total: int) -> None:
+        """A read of [offset, offset + size) of the file `fd` (of `total` bytes) was made."""
+        end = offset + size
+        with self._lock:
+            last, asked = self._files.pop(key, (0, 0))
+            if abs(offset - last) > SLACK:  # not sequential: no window, and start over
+                self._files[key] = (end, end)
+                return
+            start, stop = max(asked, end), min(total, end + LEAD)
+            if stop - start < STEP and stop < total:
+                start = stop  # not enough missing yet: ask in larger pieces
+            self._files[key] = (max(last, end), max(asked, stop if start < stop else asked))
+            while len(self._files) > FILES:
+                del self._files[next(iter(self._files))]
+            if start >= stop:
+                return
+            if self._pool is None:  # made on first use: the daemon forks after start-up
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="readahead")
+            pool = self._pool
+        pool.submit(_advise, os.dup(fd), start, stop - start)
+
+
+def _advise(fd: int, offset: int, length: int) -> None:
+    """WILLNEED, a piece at a time: the kernel reads at most the device's largest I/O per call."""
+    try:
+        with contextlib.suppress(OSError):
+            for at in range(offset, offset + length, STEP):
+                os.posix_fadvise(fd, at, min(STEP, offset + length - at), os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
