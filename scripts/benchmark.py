@@ -254,16 +254,27 @@ def bench_rereads(box: Sandbox, fp: str, size: int, work: Path) -> None:
     t_copy = best(1, lambda: sh("cat", str(copy)))
     row("cat of the exported file, all caches dropped", f"{gib / t_copy:.2f} GiB/s", f"{t_copy:.2f} s")
     for label, opts in (("the disk cache, -o nolocal", ("-o", "nolocal")), ("the server's own file", ())):
-        drop_caches()
-        with mount(box, "mfusepy", *opts) as (where, proc, log):
-            path = export_file(where, fp)
+        if not opts:  # as a first read by default leaves it: the manifest kept, not the bytes
+            forget_disk_cache()
+            with mount(box, "mfusepy") as (where, _proc, _log):
+                sh("cat", str(export_file(where, fp)))
+        runs: list[tuple[float, float, float]] = []  # (ratio, seconds, daemon CPU-s during the read)
+        fetched = 0.0
+        for _ in range(3):  # each against `cat` of the exported copy just before: a shared disk varies
             drop_caches()
-            t = best(1, lambda path=path: sh("cat", str(path)))
-            cpu = _cpu_seconds(proc.pid)
-            fetched = _mib_received(log, fp)
+            t_copy = best(1, lambda: sh("cat", str(copy)))
+            with mount(box, "mfusepy", *opts) as (where, proc, log):
+                path = export_file(where, fp)
+                drop_caches()
+                cpu = _cpu_seconds(proc.pid)
+                t = best(1, lambda path=path: sh("cat", str(path)))
+                runs.append((t_copy / t, t, _cpu_seconds(proc.pid) - cpu))
+                fetched += _mib_received(log, fp)
+        ratio, t, cpu = sorted(runs)[1]
         row(f"lxdimagefs, a new mount, all caches dropped ({label})", f"{gib / t:.2f} GiB/s",
-            f"{t:.2f} s, {t_copy / t:.2f}x the exported file, {fetched:.0f} MiB fetched from the server, "
-            f"daemon CPU {cpu / gib:.2f} s/GiB")
+            f"{t:.2f} s, median {ratio:.2f}x the exported file read just before "
+            f"({', '.join(f'{r:.2f}' for r, _, _ in runs)}), {fetched:.0f} MiB fetched from the server, "
+            f"daemon CPU {cpu / gib:.2f} s/GiB during the read")
     shutil.rmtree(out)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -47,3 +49,26 @@ def imported_unified(sandbox: Any, path: Path, rootfs_bytes: int) -> Iterator[st
     fp = sandbox.import_image(make_unified(path, rootfs_bytes=rootfs_bytes))
     yield fp
     sandbox.lxc("image", "delete", fp, check=False)
+
+
+def resident_pages(path: Path, start: int, end: int) -> int:
+    """Pages of [start, end) of a file in the page cache (mincore: looking does not read them in)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+        at = ctypes.c_char.from_buffer(mapped)
+        pages = (ctypes.c_ubyte * ((end - start) // 4096))()
+        address = ctypes.c_void_p(ctypes.addressof(at) + start)
+        done = libc.mincore(address, ctypes.c_size_t(end - start), pages)
+        del at
+        assert done == 0, os.strerror(ctypes.get_errno())
+        return sum(p & 1 for p in pages)
+
+
+def evict(path: Path) -> None:
+    """Write the file out and drop it from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -26,6 +26,7 @@ from lxdimagefs.data import diskparts
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.manifest import DIGEST, Manifest, digest
 from lxdimagefs.keys import ObjectKey, Sha256
+from lxdimagefs.servers.localfiles import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ MAGIC = b"lxdimagefs manifest 1\n"
 _NAME = re.compile(r"(?:export|manifest|part)-(?:[0-9a-f]{16}-)?([0-9a-f]{64})(?:\.(?:0|1|sum))?")
 KEEP_FREE = 0.05  # of the cache's filesystem, left free whatever cache_max says
 OPEN_FILES = 8  # image files kept open
-READ_AHEAD = 4 * BLOCK  # asked of the disk ahead of a reader, every AHEAD_EVERY blocks
-AHEAD_EVERY = 4
 RESCAN = 16 * BLOCK
 
 
@@ -74,6 +73,7 @@ class DiskCache:
         self.hits = 0  # blocks served from here, for tests and benchmarks
         self.intact: set[str] = set()  # exports kept whole that this daemon checked
         self._fds: dict[str, int] = {}  # open image files, least recently used first
+        self.ahead = ReadAhead()
 
     def export(self, fp: str) -> Path:
         return self.root / ObjectKey(Sha256(fp), "export").filename
@@ -157,22 +157,25 @@ class DiskCache:
         if fd is not None:
             os.close(fd)
 
-    def get(self, fp: str, index: int, length: int) -> bytearray | None:
+    def get(self, fp: str, index: int, length: int, total: int | None = None) -> bytearray | None:
         """The block as it is on disk, or None if the image has no file (unchecked: a hole reads
         as zeros; the caller checks it against the manifest)."""
+        buf = bytearray(length)
+        return buf if self.readinto(fp, index, memoryview(buf), total) else None
+
+    def readinto(self, fp: str, index: int, buf: memoryview, total: int | None = None) -> bool:
+        """`get` into the caller's buffer; False if not there. Asks the disk ahead of a sequential reader."""
         fd = self._open(fp, create=False)
         if fd < 0:
-            return None
+            return False
         try:
             offset = index * BLOCK
-            buf = bytearray(length)
-            if os.preadv(fd, [buf], offset) != length:
-                return None
-            if index % AHEAD_EVERY == 0:  # each page asked for once, a window ahead of the reader
-                os.posix_fadvise(fd, offset + READ_AHEAD, READ_AHEAD, os.POSIX_FADV_WILLNEED)
-            return buf
+            if os.preadv(fd, [buf], offset) != len(buf):
+                return False
+            self.ahead.note(fp, fd, offset, len(buf), total or offset + len(buf))
+            return True
         except OSError:
-            return None
+            return False
         finally:
             os.close(fd)
 

@@ -22,7 +22,7 @@ from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
-from lxdimagefs.servers.localfiles import LocalImage, open_image
+from lxdimagefs.servers.localfiles import LocalImage, LocalImages, open_image
 from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.wire.transport import Backoff, ExportStream
 
@@ -87,6 +87,7 @@ class Fetcher:
         self.disk = disk
         self.images = images  # a local server's images folder: its files are read in place
         self.verification = Verification(cache, self.block, client.conn.identity())
+        self.local = LocalImages(images) if images is not None else None  # read in readers' threads
         self.requests = 0  # export requests made, for tests and benchmarks
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
@@ -100,6 +101,8 @@ class Fetcher:
         return self._pool
 
     def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -114,19 +117,6 @@ class Fetcher:
             if found is not None:
                 return found
             self.fetch(fp, total, index, index)
-
-    def kept(self, fp: str, total: int, first: int, last: int) -> list[bytearray] | None:
-        """Blocks of a verified image from memory or the disk cache, read in the caller's thread
-        (the kernel's readahead asks on several at once); None if one of them is not there."""
-        if self.disk is None:
-            return None
-        blocks = []
-        for index in range(first, last + 1):
-            data = self.cache.get((fp, index)) or self._from_disk(fp, total, index)
-            if data is None:
-                return None
-            blocks.append(data)
-        return blocks
 
     def fetch(self, fp: str, total: int, first: int, last: int) -> None:
         """Fetch the missing blocks of [first, last], each run in one bounded request."""
@@ -199,7 +189,7 @@ class Fetcher:
                         if stream.closing or not stream.open_ended or index > stream.last_block:
                             self._finish(stream)
                         return
-                data = self._from_disk(stream.fp, stream.total, index)
+                data = self.from_disk(stream.fp, stream.total, index)
                 if data is not None:
                     if stream.conn is not None:  # it skipped a block: reopen where the next is
                         stream.conn.close()
@@ -235,23 +225,27 @@ class Fetcher:
         if keep and self.disk is not None:
             self.disk.put(fp, index, data, total)
 
-    def _from_disk(self, fp: str, total: int, index: int) -> bytearray | None:
+    def from_disk(self, fp: str, total: int, index: int) -> bytearray | None:
         """A block from the disk cache, if it is there and matches the manifest: the verified one,
         or before the verdict the copy recorded when it first arrived (so a block that left
         memory is not asked of the server again, for a reader or for the hash)."""
         manifest = self.verification.manifests.get(fp)
         if self.disk is None or manifest is None or not (manifest.verified or manifest.has(index)):
             return None
-        data = self.disk.get(fp, index, min(BLOCK, total - index * BLOCK))
+        data = self.disk.get(fp, index, min(BLOCK, total - index * BLOCK), total)
         if data is None:
             return None
         if not manifest.admit(index, data):
-            if self.disk.written(fp, index):
-                log.warning("disk cache: block %d of %s does not match its manifest (damaged or edited); "
-                            "fetched again", index, fp)
+            self.damaged(fp, index)
             return None
         self.disk.hits += 1
         return data
+
+    def damaged(self, fp: str, index: int) -> None:
+        """A block read back from the disk cache did not match the manifest."""
+        if self.disk is not None and self.disk.written(fp, index):
+            log.warning("disk cache: block %d of %s does not match its manifest (damaged or edited); "
+                        "fetched again", index, fp)
 
     def _read_block(self, stream: Stream, index: int) -> bytearray:
         start = index * BLOCK

@@ -7,6 +7,12 @@ reads, the window doubling from one block up to a daemon-wide share of
 half the block cache; so memory for read-ahead is capped for the whole
 daemon, not per file. A read elsewhere drops the stream (what it claimed
 is still fetched and cached) and fetches just the blocks it needs.
+
+A verified image needs none of that where this host holds its blocks
+(memory, the disk cache, the server's own file): they are read in the
+reader's own thread (the kernel's readahead asks for several at once), a
+whole block straight into libfuse's buffer and checked against the
+manifest there (docs/PERFORMANCE.md, "a new mount").
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ class Prefetcher:
         if offset >= end:
             return b""
         first, last = offset // BLOCK, (end - 1) // BLOCK
-        blocks = self.fetcher.kept(self.fp, self.total, first, last) if self.verified else None
+        blocks = self._kept(first, last) if self.verified else None
         if blocks is None:
             with self._lock:
                 self._plan(offset, end, first, last)
@@ -48,6 +54,17 @@ class Prefetcher:
             return memoryview(blocks[0])[lo:lo + end - offset]
         joined = b"".join(blocks)
         return joined[lo:lo + end - offset]
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """`read`, into the caller's buffer (libfuse's): a whole block of a verified image is read
+        straight into it and checked there, so no buffer of ours is allocated or copied."""
+        if self.verified and offset % BLOCK == 0 and offset < self.total:
+            got = self._kept_into(offset // BLOCK, buf)
+            if got:
+                return got
+        data = self.read(offset, len(buf))
+        buf[:len(data)] = data
+        return len(data)
 
     def close(self) -> None:
         with self._lock:
@@ -84,3 +101,40 @@ class Prefetcher:
         stream.consumer = last
         if not self.fetcher.extend(stream, target):
             self._stream = None
+
+    # -- a verified image, from what this host holds, in the reader's thread ----------------
+
+    def _kept(self, first: int, last: int) -> list[bytearray] | None:
+        """Blocks from memory or the disk cache; None if one is not there (then: fetched)."""
+        fetcher = self.fetcher
+        if fetcher.disk is None:
+            return None
+        blocks = []
+        for index in range(first, last + 1):
+            data = fetcher.cache.get((self.fp, index)) or fetcher.from_disk(self.fp, self.total, index)
+            if data is None:
+                return None
+            blocks.append(data)
+        return blocks
+
+    def _kept_into(self, index: int, buf: memoryview) -> int:
+        """Block `index` into the start of `buf` from memory, the disk cache or the server's own
+        file, checked against the manifest there; its length, or 0 (then: the usual way)."""
+        fetcher, fp, offset = self.fetcher, self.fp, index * BLOCK
+        length = min(BLOCK, self.total - offset)
+        manifest = fetcher.verification.manifests.get(fp)
+        if len(buf) < length or manifest is None or not manifest.verified:
+            return 0
+        view = buf[:length]
+        data = fetcher.cache.get((fp, index))
+        if data is not None:  # checked when it arrived
+            view[:] = data
+            return length
+        if fetcher.disk is not None and fetcher.disk.readinto(fp, index, view, self.total):
+            if manifest.admit(index, view):
+                fetcher.disk.hits += 1
+                return length
+            fetcher.damaged(fp, index)
+        if fetcher.local is not None and fetcher.local.readinto(fp, self.total, offset, view):
+            return length if manifest.admit(index, view) else 0
+        return 0

@@ -71,6 +71,9 @@ class OpenFiles:
     def read(self, fh: int, offset: int, size: int) -> memoryview | bytes:
         return self.handles.get(fh).read(offset, size)
 
+    def readinto(self, fh: int, offset: int, buf: memoryview) -> int:
+        return self.handles.get(fh).readinto(offset, buf)
+
     def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         handle = self.handles.get(fh)
         handle.written = True
@@ -94,6 +97,12 @@ class Handle(CommitOnClose):
 
     def read(self, offset: int, size: int) -> memoryview | bytes:
         raise fs_error(errno.EBADF, "read")
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """Fill `buf` from `offset`; the bytes filled (a handle that can, reads straight into it)."""
+        data = self.read(offset, len(buf))
+        buf[:len(data)] = data
+        return len(data)
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         raise fs_error(errno.EBADF, "write")
@@ -137,6 +146,9 @@ class UnifiedHandle(Handle):
 
     def read(self, offset: int, size: int) -> memoryview | bytes:
         return self.prefetcher.read(offset, size)
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        return self.prefetcher.readinto(offset, buf)
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -123,6 +123,10 @@ class LXDImageOps(Operations):
         return data
 
     @translated
+    def readinto(self, path: str, buf: memoryview, offset: int, fi: Any) -> int:
+        return self.tree.readinto(fi.fh, offset, buf)
+
+    @translated
     def release(self, path: str, fi: Any) -> int:
         self.tree.release(fi.fh)
         return 0

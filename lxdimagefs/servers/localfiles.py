@@ -11,22 +11,40 @@ copy in the local cache. They are a source like any other: the caller checks
 what it reads against the fingerprint and the block checksums, as it checks
 the socket's bytes. A file that is not owned and guarded as the server's
 own is not used (the caller keeps the socket).
+
+A verified image is read from a local file (the server's, here, or the disk
+cache's) one 1 MiB block per FUSE request, two or three at a time: the
+kernel's own readahead on the file is too short to keep the disk busy, and
+`posix_fadvise(WILLNEED)` in the request's thread puts the page allocations
+on the reader's path. `ReadAhead` asks on a thread of its own, a window
+ahead, so the requests find their pages in memory (docs/PERFORMANCE.md,
+"a new mount").
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lxdimagefs.keys import BadKey, Fingerprint
 
 log = logging.getLogger(__name__)
 
+MIB = 1 << 20
+LEAD = 16 * MIB  # how far ahead of a sequential reader the disk is asked
+STEP = 4 * MIB  # asked at a time, at least
+SLACK = 4 * MIB  # how far a read may land from the last and still count as sequential (the
+# kernel's readahead requests arrive out of order)
+FILES = 64  # files followed at once
 ROOTFS_SUFFIX = ".rootfs"
 INCUS_RUN_SOCKET = "/run/incus/unix.socket"
 INCUS_IMAGES = "/var/lib/incus/images"
+OPEN_IMAGES = 8  # unified images' files kept open by LocalImages
 _OPEN = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO must not hang us
 
 
@@ -90,6 +108,52 @@ class LocalImage:
         self.close()
 
 
+class LocalImages:
+    """The unified images of a server's folder, opened once and read from any thread: what serves a
+    verified image's blocks in a reader's own thread, asking the disk ahead of a sequential one."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.ahead = ReadAhead()
+        self._open: dict[str, LocalImage | None] = {}  # opened (or found unusable), oldest first
+        self._lock = threading.Lock()
+
+    def readinto(self, fingerprint: str, size: int, offset: int, buffer: memoryview) -> bool:
+        """Fill `buffer` with the export's bytes at `offset`; False where the file cannot give them."""
+        with self._lock:
+            if fingerprint not in self._open:
+                image = open_image(self.folder, fingerprint, size=size)
+                if image is not None and image.split:  # a split image's parts are the spool's
+                    image.close()
+                    image = None
+                self._open[fingerprint] = image
+                while len(self._open) > OPEN_IMAGES:
+                    old = self._open.pop(next(iter(self._open)))
+                    if old is not None:
+                        old.close()
+            image = self._open[fingerprint]
+            if image is None or image.size != size:
+                return False
+            fd = os.dup(image.parts[0].fd)  # our own: another thread may close the image meanwhile
+        try:
+            if LocalFile(fd, "", size).readinto(offset, buffer) != len(buffer):
+                return False
+            self.ahead.note(fingerprint, fd, offset, len(buffer), size)
+            return True
+        except OSError as e:
+            log.warning("image file %s unreadable at offset %d: %s", fingerprint[:12], offset, e.strerror)
+            return False
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for image in self._open.values():
+                if image is not None:
+                    image.close()
+            self._open.clear()
+
+
 def open_image(folder: Path, fingerprint: str, size: int | None = None, owner: int = 0) -> LocalImage | None:
     """The server's own file(s) of an image, or None where they cannot be used as its bytes.
 
@@ -150,3 +214,43 @@ def _open_part(dir_fd: int, name: str, owner: int) -> LocalFile | None:
 def _guarded(st: os.stat_result, owner: int) -> bool:
     """Owned by the server's user and writable by nobody else."""
     return st.st_uid == owner and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+class ReadAhead:
+    """Local files being read in order (by key), and how far ahead of each the disk was asked."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[int, int]] = {}  # key -> (where the last read ended, asked up to)
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def note(self, key: str, fd: int, offset: int, size: int, total: int) -> None:
+        """A read of [offset, offset + size) of the file `fd` (of `total` bytes) was made."""
+        end = offset + size
+        with self._lock:
+            last, asked = self._files.pop(key, (0, 0))
+            if abs(offset - last) > SLACK:  # not sequential: no window, and start over
+                self._files[key] = (end, end)
+                return
+            start, stop = max(asked, end), min(total, end + LEAD)
+            if stop - start < STEP and stop < total:
+                start = stop  # not enough missing yet: ask in larger pieces
+            self._files[key] = (max(last, end), max(asked, stop if start < stop else asked))
+            while len(self._files) > FILES:
+                del self._files[next(iter(self._files))]
+            if start >= stop:
+                return
+            if self._pool is None:  # made on first use: the daemon forks after start-up
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="readahead")
+            pool = self._pool
+        pool.submit(_advise, os.dup(fd), start, stop - start)
+
+
+def _advise(fd: int, offset: int, length: int) -> None:
+    """WILLNEED, a piece at a time: the kernel reads at most the device's largest I/O per call."""
+    try:
+        with contextlib.suppress(OSError):
+            for at in range(offset, offset + length, STEP):
+                os.posix_fadvise(fd, at, min(STEP, offset + length - at), os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)

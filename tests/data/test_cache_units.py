@@ -3,14 +3,21 @@ test_manifest.py and test_diskcache.py, on real mounts)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
+from helpers import evict, resident_pages
 
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.diskcache import CacheRefused, DiskCache
+from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.manifest import Manifest
+from lxdimagefs.servers.lxd import LXDClient
+from lxdimagefs.wire.transport import Connection
 
 FP = "ab" * 32
 
@@ -72,3 +79,58 @@ def test_a_cache_folder_is_made_private(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("")
     with pytest.raises(CacheRefused):
         DiskCache(tmp_path / "f")
+
+
+def test_a_sequential_reader_finds_the_next_blocks_asked_of_the_disk_and_a_random_one_does_not(
+        tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c")
+    total, other = 48 * BLOCK, "cd" * 32
+    for index in range(48):
+        cache.put(FP, index, bytearray([index]) * BLOCK, total)
+        cache.put(other, index, bytearray(b"r") * BLOCK, total)
+    for fp in (FP, other):
+        evict(cache.export(fp))
+        if resident_pages(cache.export(fp), 0, total):
+            pytest.skip("the page cache cannot be dropped here (tmpfs?)")
+    buf = memoryview(bytearray(BLOCK))
+    assert cache.readinto(FP, 0, buf, total) and buf[0] == 0
+    ahead = 4 * BLOCK, 17 * BLOCK  # past what the kernel reads ahead by itself, up to 16 MiB ahead
+    deadline = time.monotonic() + 10
+    while resident_pages(cache.export(FP), *ahead) < 13 * 256 and time.monotonic() < deadline:
+        time.sleep(0.05)  # asked on a thread of its own, off the reader's
+    assert resident_pages(cache.export(FP), *ahead) == 13 * 256
+    assert cache.readinto(other, 30, buf, total) and buf[0] == ord("r")  # a read out of nowhere
+    time.sleep(0.5)
+    assert resident_pages(cache.export(other), 36 * BLOCK, 48 * BLOCK) == 0  # no window for it
+
+
+def test_a_verified_block_is_read_straight_into_the_callers_buffer(tmp_path: Path) -> None:
+    """The reader's buffer (libfuse's, in the daemon) is filled and checked in place: nothing of
+    a block's size is allocated per read (it was 1 MiB zeroed and copied per block)."""
+    data = os.urandom(5 * BLOCK + 100)
+    fp = hashlib.sha256(data).hexdigest()
+    disk = DiskCache(tmp_path / "c")
+    manifest = Manifest(fp, len(data))
+    for index in range(6):
+        block = data[index * BLOCK:(index + 1) * BLOCK]
+        manifest.admit(index, block)
+        disk.put(fp, index, bytearray(block), len(data))
+    disk.seal(manifest)
+    client = LXDClient(Connection(socket=str(tmp_path / "no-server.socket")))  # never asked
+    exports = Exports(client, tmp_path / "spool", disk=disk)
+    try:
+        reader = exports.unified(fp, len(data))
+        assert reader.verified
+        buf = memoryview(bytearray(BLOCK))
+        reader.readinto(0, buf)  # the first read opens the file
+        got, peaks = bytearray(buf), []
+        for index in range(1, 6):
+            tracemalloc.start()
+            n = reader.readinto(index * BLOCK, buf)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+            got += buf[:n]
+        assert max(peaks) < BLOCK // 16, peaks
+        assert bytes(got) == data and disk.hits == 6
+    finally:
+        exports.close()

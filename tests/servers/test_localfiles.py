@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from helpers import evict, resident_pages
 
-from lxdimagefs.servers.localfiles import LocalImage, images_folder, open_image
+from lxdimagefs.servers.localfiles import LocalImage, LocalImages, images_folder, open_image
 
 FP = hashlib.sha256(b"an image").hexdigest()
 
@@ -112,3 +115,38 @@ def test_a_stream_reads_blocks_from_the_file_and_leaves_it_for_good_at_a_short_r
     (images / FP).write_bytes(data)
     assert stream.from_file(images, 2) is None  # not reopened: the rest of the stream is the socket's
     assert Stream(FP, len(data) + 1, 0, open_ended=True).from_file(images, 0) is None  # not the record's size
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="the read path takes only root's files (the server's)")
+def test_a_verified_images_file_is_read_from_any_thread_and_asked_of_the_disk_ahead(tmp_path):
+    """LocalImages: what serves a verified image's blocks in FUSE's threads (the caller checks them)."""
+    mib = 1 << 20
+    data = os.urandom(24 * mib)
+    split_fp = hashlib.sha256(b"a split image").hexdigest()
+    images = folder(tmp_path, {FP: data, split_fp: b"metadata", split_fp + ".rootfs": b"rootfs"})
+    evict(images / FP)
+    local = LocalImages(images)
+    try:
+        got: dict[int, bytes] = {}
+
+        def read(index: int) -> None:
+            buf = bytearray(mib)
+            assert local.readinto(FP, len(data), index * mib, memoryview(buf))
+            got[index] = bytes(buf)
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in (0, 1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert b"".join(got[i] for i in (0, 1, 2)) == data[:3 * mib]
+        deadline = time.monotonic() + 10
+        while resident_pages(images / FP, 4 * mib, 17 * mib) < 13 * 256 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert resident_pages(images / FP, 4 * mib, 17 * mib) == 13 * 256  # asked ahead of the reader
+        tail = bytearray(mib)
+        assert not local.readinto(FP, len(data), len(data) - 10, memoryview(tail))  # past its end
+        assert not local.readinto(FP, len(data) + 1, 0, memoryview(tail))  # not the record's size
+        assert not local.readinto(split_fp, 14, 0, memoryview(bytearray(4)))  # a split image: the spool's
+    finally:
+        local.close()
