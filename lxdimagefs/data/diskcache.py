@@ -116,9 +116,6 @@ class DiskCache:
             log.warning("disk cache: cannot keep the manifest of %s: %s", manifest.fp, e.strerror)
             tmp.unlink(missing_ok=True)
 
-    def sealed(self, fp: str) -> bool:
-        return self._manifest(fp).exists()
-
     def drop(self, fp: str) -> None:
         self.intact.discard(fp)
         self.forget_fd(fp)
@@ -195,7 +192,7 @@ class DiskCache:
         """Keep a block, if the bound leaves room for it (it is checked when it is read back)."""
         if self.max_bytes is not None and total > self.max_bytes // 2:
             return  # an image that would push out everything else is not kept
-        if not self._room(len(data)) or self.sealed(fp):
+        if not self._room(len(data)) or self._manifest(fp).exists():
             return  # no room; or sealed already: its blocks were kept by the verified read
         fd = self._open(fp, create=True)
         try:
@@ -215,10 +212,6 @@ class DiskCache:
         if (self.max_bytes is not None and sum(sizes) > self.max_bytes // 2) or not self._room(sum(sizes)):
             return
         diskparts.keep(self, fp, verified)
-
-    def whole(self, fp: str, size: int) -> Path | None:
-        """A unified export kept whole and found intact (checked once per daemon), or None."""
-        return diskparts.whole(self, fp, size)
 
     def keep_whole(self, fp: str, verified: Path) -> None:
         """Keep a unified export just checked against the fingerprint, whole, for later mounts."""
@@ -271,5 +264,5 @@ class DiskCache:
 def drop_unsealed(cache: DiskCache, fp: str) -> None:
     """A reader's check failed: drop what it kept, unless an earlier verdict sealed the image (one
     server's wrong bytes must not throw away what another server's verified copy left)."""
-    if not cache.sealed(fp):
+    if not cache._manifest(fp).exists():
         cache.drop(fp)

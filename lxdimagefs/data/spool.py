@@ -52,7 +52,7 @@ class Spool:
         """A unified export as a local file, for readers that need a file descriptor of their own."""
         final = self._named(fp, "whole")
         with self._lock_of(fp):
-            kept = self.disk.whole(fp, size) if self.disk is not None else None
+            kept = diskparts.whole(self.disk, fp, size) if self.disk is not None else None
             if kept is not None:
                 return kept
             if not final.exists():
