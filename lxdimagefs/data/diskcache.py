@@ -25,6 +25,7 @@ from pathlib import Path
 from lxdimagefs.data import diskparts
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.manifest import DIGEST, Manifest, digest
+from lxdimagefs.directwrite import DirectWriter
 from lxdimagefs.keys import ObjectKey, Sha256
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class DiskCache:
         self.hits = 0  # blocks served from here, for tests and benchmarks
         self.intact: set[str] = set()  # split images whose kept parts this daemon checked
         self._fds: dict[str, int] = {}  # open image files, least recently used first
+        self._writer = DirectWriter(BLOCK)  # blocks go to disk off the fetch thread, past the page cache
 
     def export(self, fp: str) -> Path:
         return self.root / ObjectKey(Sha256(fp), "export").filename
@@ -106,6 +108,7 @@ class DiskCache:
         """Keep the manifest of an image whose sha256 agreed (atomically: readers see all or none)."""
         body = MAGIC + manifest.total.to_bytes(8, "little") + manifest.sealed()
         final = self._manifest(manifest.fp)
+        self.flush()  # every block kept before the verdict is on disk before the manifest
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}")
         try:
             tmp.write_bytes(body + digest(body))
@@ -120,6 +123,7 @@ class DiskCache:
     def drop(self, fp: str) -> None:
         self.intact.discard(fp)
         self.forget_fd(fp)
+        self._writer.forget(str(self.export(fp)))
         for path in (self._manifest(fp), self.export(fp), *(self.part(fp, i) for i in (0, 1, "sum"))):
             path.unlink(missing_ok=True)
 
@@ -186,14 +190,14 @@ class DiskCache:
             return  # an image that would push out everything else is not kept
         if not self._room(len(data)) or self.sealed(fp):
             return  # no room; or sealed already: its blocks were kept by the verified read
-        fd = self._open(fp, create=True)
-        try:
-            os.pwrite(fd, data, index * BLOCK)
-        except OSError as e:
-            log.warning("disk cache: cannot keep block %d of %s: %s", index, fp, e.strerror)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        fd = self._open(fp, create=True)  # made here: the writer writes only to files that exist
+        if fd >= 0:
+            os.close(fd)
+            self._writer.write(str(self.export(fp)), index * BLOCK, data)
+
+    def flush(self) -> None:
+        """Wait until every block `put` so far is written."""
+        self._writer.flush()
 
     def part(self, fp: str, index: int | str) -> Path:
         return self.root / f"{ObjectKey(Sha256(fp), 'part').filename}.{index}"
@@ -226,6 +230,7 @@ class DiskCache:
             self._unscanned += size
             over_max = self.max_bytes is not None and (self._used or 0) + size > self.max_bytes
             if self._used is None or self._unscanned > RESCAN or over_max:
+                self.flush()  # what waits to be written is counted too
                 self._used, self._unscanned = self._evict(size), 0
                 if self._over(self._used + size):
                     return False

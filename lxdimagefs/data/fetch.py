@@ -230,10 +230,10 @@ class Fetcher:
         if not self.verification.admit(fp, total, index, data):
             self.cache.fail(fp, range(index, index + 1), IntegrityError(f"{fp} block {index}"))
             return
+        if keep and self.disk is not None:  # queued before the hash can seal the image without it
+            self.disk.put(fp, index, data, total)
         self.cache.publish(fp, index, data)
         self.verification.published(fp, total, index, data)
-        if keep and self.disk is not None:
-            self.disk.put(fp, index, data, total)
 
     def _from_disk(self, fp: str, total: int, index: int) -> bytearray | None:
         """A block from the disk cache, if it is there and matches the manifest: the verified one,
