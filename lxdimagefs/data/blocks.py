@@ -6,6 +6,8 @@ wants it waits on, so concurrent readers share one fetch.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import threading
 from concurrent.futures import Future
 
@@ -14,6 +16,16 @@ from cachetools import LRUCache
 BLOCK = 1 << 20
 
 Key = tuple[str, int]  # (fingerprint, block index)
+Block = bytearray | memoryview  # fetched blocks are page-aligned views (see new_block)
+
+
+def new_block(size: int) -> memoryview:
+    """A buffer for a block to be read into, page-aligned: the disk cache writes it to disk as it is,
+    with O_DIRECT and without a copy (directwrite.py). The bytearray under it cannot move: it is
+    exported to the view for as long as the view lives."""
+    raw = bytearray(size + mmap.PAGESIZE)
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % mmap.PAGESIZE
+    return memoryview(raw)[skip:skip + size]
 
 
 def last_block(total: int) -> int:
@@ -24,15 +36,15 @@ def last_block(total: int) -> int:
 class BlockCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._lru: LRUCache[Key, bytearray] = LRUCache(maxsize=capacity, getsizeof=len)
-        self._pending: dict[Key, Future[bytearray]] = {}
+        self._lru: LRUCache[Key, Block] = LRUCache(maxsize=capacity, getsizeof=len)
+        self._pending: dict[Key, Future[Block]] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: Key) -> bytearray | None:
+    def get(self, key: Key) -> Block | None:
         with self._lock:
             return self._lru.get(key)
 
-    def lookup(self, key: Key) -> bytearray | Future[bytearray] | None:
+    def lookup(self, key: Key) -> Block | Future[Block] | None:
         """The block, the Future of its fetch, or None if nobody has it."""
         with self._lock:
             found = self._lru.get(key)
@@ -66,7 +78,7 @@ class BlockCache:
                 runs.append((start, last))
         return runs
 
-    def publish(self, fp: str, index: int, data: bytearray) -> None:
+    def publish(self, fp: str, index: int, data: Block) -> None:
         with self._lock:
             fut = self._pending.pop((fp, index), None)
             self._lru[(fp, index)] = data

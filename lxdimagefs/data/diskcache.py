@@ -184,7 +184,7 @@ class DiskCache:
         finally:
             os.close(fd)
 
-    def put(self, fp: str, index: int, data: bytearray, total: int) -> None:
+    def put(self, fp: str, index: int, data: bytearray | memoryview, total: int) -> None:
         """Keep a block, if the bound leaves room for it (it is checked when it is read back)."""
         if self.max_bytes is not None and total > self.max_bytes // 2:
             return  # an image that would push out everything else is not kept

@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
+from lxdimagefs.data.blocks import BLOCK, Block, BlockCache, last_block, new_block
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
@@ -52,7 +52,7 @@ class Stream:
     def ahead(self) -> int:
         return max(0, self.claimed - self.consumer)
 
-    def from_file(self, images: Path | None, index: int) -> bytearray | None:
+    def from_file(self, images: Path | None, index: int) -> Block | None:
         """A block from the server's own file (opened on the stream's first block), or None: then
         the socket. A short read or an error closes the file for good: the socket serves the rest."""
         if not self.tried_local and images is not None:
@@ -62,9 +62,9 @@ class Stream:
                 self.close_file()
         if self.local is None:
             return None
-        buf = bytearray(min(BLOCK, self.total - index * BLOCK))
+        buf = new_block(min(BLOCK, self.total - index * BLOCK))
         try:
-            if self.local.readinto(index * BLOCK, memoryview(buf)) == len(buf):
+            if self.local.readinto(index * BLOCK, buf) == len(buf):
                 return buf
             log.warning("image file %s ended early at block %d: reading the socket", self.fp[:12], index)
         except OSError as e:
@@ -105,7 +105,7 @@ class Fetcher:
 
     # -- what readers call ----------------------------------------------------
 
-    def block(self, fp: str, total: int, index: int) -> bytearray:
+    def block(self, fp: str, total: int, index: int) -> Block:
         """One block, from the cache, a fetch under way, or a new bounded fetch."""
         while True:
             found = self.cache.lookup((fp, index))
@@ -115,12 +115,12 @@ class Fetcher:
                 return found
             self.fetch(fp, total, index, index)
 
-    def kept(self, fp: str, total: int, first: int, last: int) -> list[bytearray] | None:
+    def kept(self, fp: str, total: int, first: int, last: int) -> list[Block] | None:
         """Blocks of a verified image from memory or the disk cache, read in the caller's thread
         (the kernel's readahead asks on several at once); None if one of them is not there."""
         if self.disk is None:
             return None
-        blocks = []
+        blocks: list[Block] = []
         for index in range(first, last + 1):
             data = self.cache.get((fp, index)) or self._from_disk(fp, total, index)
             if data is None:
@@ -224,7 +224,7 @@ class Fetcher:
             if not isinstance(e, Exception):
                 raise
 
-    def _arrived(self, fp: str, total: int, index: int, data: bytearray, keep: bool = True) -> None:
+    def _arrived(self, fp: str, total: int, index: int, data: Block, keep: bool = True) -> None:
         """A block from the server: kept and hashed if its manifest admits it, else refused; on disk
         too unless `keep` is False (it came from the server's own file on this host's disk)."""
         if not self.verification.admit(fp, total, index, data):
@@ -235,7 +235,7 @@ class Fetcher:
         self.cache.publish(fp, index, data)
         self.verification.published(fp, total, index, data)
 
-    def _from_disk(self, fp: str, total: int, index: int) -> bytearray | None:
+    def _from_disk(self, fp: str, total: int, index: int) -> Block | None:
         """A block from the disk cache, if it is there and matches the manifest: the verified one,
         or before the verdict the copy recorded when it first arrived (so a block that left
         memory is not asked of the server again, for a reader or for the hash)."""
@@ -253,10 +253,9 @@ class Fetcher:
         self.disk.hits += 1
         return data
 
-    def _read_block(self, stream: Stream, index: int) -> bytearray:
+    def _read_block(self, stream: Stream, index: int) -> Block:
         start = index * BLOCK
-        buf = bytearray(min(BLOCK, stream.total - start))
-        view = memoryview(buf)
+        buf = view = new_block(min(BLOCK, stream.total - start))
         got = 0
         backoff = Backoff(self.client.patience)
         while got < len(buf):

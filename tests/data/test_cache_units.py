@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lxdimagefs.data.blocks import BLOCK
+from lxdimagefs.data.blocks import BLOCK, new_block
 from lxdimagefs.data.diskcache import CacheRefused, DiskCache
 from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.directwrite import DirectWriter
@@ -100,8 +100,10 @@ def test_blocks_are_written_past_the_page_cache_and_a_short_tail_buffered(tmp_pa
     os.fsync(fd)  # the tail was written buffered: a dirty page stays in the page cache
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # what the reads above left
     os.close(fd)
-    writer.write(str(path), 0, bytearray(blocks[1]))
-    writer.write(str(path), BLOCK, bytearray(blocks[0]))
+    writer.write(str(path), 0, bytearray(blocks[1]))  # copied into the writer's aligned buffer
+    aligned = new_block(BLOCK)  # written from where it is
+    aligned[:] = blocks[0]
+    writer.write(str(path), BLOCK, aligned)
     writer.flush()
     assert _resident(path) == 0
     assert path.read_bytes() == blocks[1] + blocks[0] + blocks[2]
