@@ -22,6 +22,8 @@ import os
 import queue
 import threading
 
+from lxdimagefs.threadname import name_this_thread
+
 log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
@@ -69,6 +71,7 @@ class DirectWriter:
                 self._close()
 
     def _run(self) -> None:
+        name_this_thread()
         while True:
             path, offset, data = self._queue.get()
             try:

@@ -24,6 +24,7 @@ from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
 from lxdimagefs.servers.localfiles import LocalImage, open_image
 from lxdimagefs.servers.protocol import ImageSource
+from lxdimagefs.threadname import name_this_thread
 from lxdimagefs.wire.transport import Backoff, ExportStream
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class Fetcher:
     def _executor(self) -> ThreadPoolExecutor:
         # Made on first use: the daemon forks after start-up, and threads do not survive a fork.
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fetch")
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fetch",
+                                            initializer=name_this_thread)
         return self._pool
 
     def close(self) -> None:

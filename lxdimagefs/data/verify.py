@@ -24,6 +24,7 @@ from lxdimagefs.data.coverage import Coverage
 from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.errors import IntegrityError
 from lxdimagefs.keys import ObjectKey, Sha256
+from lxdimagefs.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class Verification:
             raise IntegrityError(v.fp)
 
     def _hash_loop(self) -> None:
+        name_this_thread()
         item = None
         while True:
             v, data, last = item or self._queue.get()
