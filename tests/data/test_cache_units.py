@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,24 @@ def test_a_forgotten_file_gets_no_block_through_its_old_descriptor(tmp_path: Pat
     writer.flush()
     assert path.read_bytes() == b"b" * BLOCK
     assert not (tmp_path / "gone").exists()
+
+
+def test_a_manifest_is_sealed_only_once_the_blocks_kept_before_it_are_on_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another daemon (or the next mount) that finds the manifest finds the blocks too, however
+    slow the disk: seal() waits for the writer."""
+    slow = DirectWriter._write
+
+    def slowly(self: DirectWriter, path: str, offset: int, data: memoryview) -> None:
+        time.sleep(0.2)
+        slow(self, path, offset, data)
+
+    monkeypatch.setattr(DirectWriter, "_write", slowly)
+    cache = DiskCache(tmp_path / "c")
+    blocks = [os.urandom(BLOCK) for _ in range(3)]
+    m = Manifest(FP, 3 * BLOCK)
+    for index, data in enumerate(blocks):
+        m.admit(index, data)
+        cache.put(FP, index, bytearray(data), 3 * BLOCK)
+    cache.seal(m)
+    assert (tmp_path / "c" / f"export-{FP}").read_bytes() == b"".join(blocks)
