@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,7 +54,8 @@ class Stream:
     def ahead(self) -> int:
         return max(0, self.claimed - self.consumer)
 
-    def from_file(self, images: Path | None, index: int) -> Block | None:
+    def from_file(self, images: Path | None, index: int,
+                  make: Callable[[int], memoryview] = new_block) -> Block | None:
         """A block from the server's own file (opened on the stream's first block), or None: then
         the socket. A short read or an error closes the file for good: the socket serves the rest."""
         if not self.tried_local and images is not None:
@@ -63,7 +65,7 @@ class Stream:
                 self.close_file()
         if self.local is None:
             return None
-        buf = new_block(min(BLOCK, self.total - index * BLOCK))
+        buf = make(min(BLOCK, self.total - index * BLOCK))
         try:
             if self.local.readinto(index * BLOCK, buf) == len(buf):
                 return buf
@@ -208,7 +210,7 @@ class Fetcher:
                         stream.conn = None
                     self.cache.publish(stream.fp, index, data)
                     self.verification.published(stream.fp, stream.total, index, data)
-                elif (data := stream.from_file(self.images, index)) is not None:
+                elif (data := stream.from_file(self.images, index, self.cache.new_block)) is not None:
                     self._arrived(stream.fp, stream.total, index, data, keep=False)
                 else:
                     data = self._read_block(stream, index)
@@ -257,7 +259,7 @@ class Fetcher:
 
     def _read_block(self, stream: Stream, index: int) -> Block:
         start = index * BLOCK
-        buf = view = new_block(min(BLOCK, stream.total - start))
+        buf = view = self.cache.new_block(min(BLOCK, stream.total - start))
         got = 0
         backoff = Backoff(self.client.patience)
         while got < len(buf):

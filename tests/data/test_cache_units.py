@@ -3,6 +3,8 @@ test_manifest.py and test_diskcache.py, on real mounts)."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import subprocess
 import time
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lxdimagefs.data.blocks import BLOCK, new_block
+from lxdimagefs.data.blocks import BLOCK, BlockCache, new_block
 from lxdimagefs.data.diskcache import CacheRefused, DiskCache
 from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.directwrite import DirectWriter
@@ -147,3 +149,25 @@ def test_a_manifest_is_sealed_only_once_the_blocks_kept_before_it_are_on_disk(
         cache.put(FP, index, bytearray(data), 3 * BLOCK)
     cache.seal(m)
     assert (tmp_path / "c" / f"export-{FP}").read_bytes() == b"".join(blocks)
+
+
+def test_an_evicted_block_is_reused_only_once_no_view_of_it_is_left() -> None:
+    """Views of blocks go to readers and FUSE without a copy: a buffer is filled again only when
+    nothing can still see it (a reader's slice, a ctypes array over it, a queue holding it)."""
+    cache = BlockCache(2 * BLOCK)
+    blocks = [cache.new_block(BLOCK) for _ in range(4)]
+    owners = [id(b.obj) for b in blocks]
+    reader = memoryview(blocks[0])[10:20]  # what a read(2) of block 0 is handed
+    fuse = (ctypes.c_char * 10).from_buffer(memoryview(blocks[1])[:10])  # mfusepy's view of block 1
+    for index, block in enumerate(blocks):
+        cache.claim(FP, index, index)
+        cache.publish(FP, index, block)  # blocks 0 and 1 are evicted
+    del blocks, block
+    assert {id(cache.new_block(BLOCK).obj) for _ in range(3)}.isdisjoint(owners)
+    del reader
+    again = cache.new_block(BLOCK)
+    assert id(again.obj) == owners[0]
+    assert ctypes.addressof(ctypes.c_char.from_buffer(again)) % mmap.PAGESIZE == 0
+    del fuse
+    assert id(cache.new_block(BLOCK).obj) == owners[1]
+    assert cache.new_block(100).nbytes == 100  # a tail block: never a spare
