@@ -102,6 +102,37 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+WORKERS = ("hash", "fetch", "diskwrite")  # the daemon's threads that name themselves (threadname.py)
+THREADS = False  # --threads: the daemon's CPU of each first read, by thread
+
+
+def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
+    """User and system CPU so far of a process's threads, summed by name: hash, fetch (all
+    workers), diskwrite, and FUSE's threads with everything else."""
+    out: dict[str, tuple[float, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            name = re.sub(r"_\d+$", "", (task / "comm").read_text().strip())
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            key = name if name in WORKERS else "FUSE and the rest"
+            user, sys_ = out.get(key, (0.0, 0.0))
+            out[key] = (user + int(fields[11]) / tick, sys_ + int(fields[12]) / tick)
+    return out
+
+
+def by_thread(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]],
+              gib: float) -> str:
+    """CPU-s/GiB of each thread group between two `thread_cpu` snapshots (sys in brackets)."""
+    parts = []
+    for key in (*WORKERS, "FUSE and the rest"):
+        user, sys_ = after.get(key, (0.0, 0.0))
+        user0, sys0 = before.get(key, (0.0, 0.0))
+        if user + sys_ - user0 - sys0 > 0:
+            parts.append(f"{key} {(user + sys_ - user0 - sys0) / gib:.2f} (sys {(sys_ - sys0) / gib:.2f})")
+    return ", ".join(parts)
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -193,17 +224,21 @@ def bench_sequential(box: Sandbox, fp: str, size: int) -> None:
                                      ("mfusepy", ("-o", "nolocal"), "-o nolocal: the socket")):
             times = []
             peak = 0.0
-            cpu = []
+            cpu, start_up = [], []  # the read's daemon CPU; what the mount and the look-up cost before it
+            threads: list[tuple[float, str]] = []
             for _ in range(1 if cold else 3):
                 forget_disk_cache()
                 with mount(box, binding, *opts) as (where, proc, _log):
                     path = export_file(where, fp)
                     prepare()
+                    before, start_up_cpu = thread_cpu(proc.pid), _cpu_seconds(proc.pid)
                     with RSSWatch(proc.pid) as watch:
                         t = time.perf_counter()
                         sh("cat", str(path))
                         times.append(time.perf_counter() - t)
-                    cpu.append(_cpu_seconds(proc.pid))
+                    cpu.append(_cpu_seconds(proc.pid) - start_up_cpu)
+                    start_up.append(start_up_cpu)
+                    threads.append((cpu[-1], by_thread(before, thread_cpu(proc.pid), gib)))
                     peak = max(peak, watch.peak / 1024)
                     if not cold and len(times) == 1:
                         again = best(1, lambda p=path: sh("cat", str(p)))
@@ -212,7 +247,10 @@ def bench_sequential(box: Sandbox, fp: str, size: int) -> None:
             results[f"{label} {scenario}"] = t
             row(f"lxdimagefs, cat ({label}, {scenario})", f"{gib / t:.2f} GiB/s",
                 f"{t:.2f} s, {t_curl / t:.2f}x curl, {t_dgst / t:.2f}x curl | openssl, "
-                f"peak RSS {peak:.0f} MiB, daemon CPU {min(cpu) / gib:.2f} s/GiB")
+                f"peak RSS {peak:.0f} MiB, daemon CPU {min(cpu) / gib:.2f} s/GiB for the read "
+                f"(and {min(start_up):.2f} s to start, mount and look the image up before it)")
+            if THREADS:
+                row(f"  daemon CPU-s/GiB by thread ({label}, {scenario})", "", min(threads)[1])
         t = timed(lxc_export)
         row(f"lxc image export ({scenario}, to /dev/shm)", f"{gib / t:.2f} GiB/s",
             f"{t:.2f} s; lxdimagefs is {t / results[f'{DEFAULT} {scenario}']:.1f}x faster")
@@ -840,10 +878,14 @@ def main() -> int:
                    help="only cp into import/ against lxc image import, interleaved (issue 16, item 7)")
     p.add_argument("--local-files-only", action="store_true",
                    help="only the server's own image file against its export (issue 16, item 4)")
+    p.add_argument("--threads", action="store_true",
+                   help="with the sequential read: the daemon's CPU by thread (hash, fetch, diskwrite, FUSE)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved sections")
     p.add_argument("--baseline", type=Path, help="another checkout's lxdimagefs, as a third side of "
                    "--imports-only (run from a folder without lxdimagefs/ in it)")
     args = p.parse_args()
+    global THREADS
+    THREADS = args.threads
     print(f"lxdimagefs benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.cpu_count()} cores, kernel {os.uname().release}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # still stop the private LXD

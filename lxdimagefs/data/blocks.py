@@ -6,7 +6,11 @@ wants it waits on, so concurrent readers share one fetch.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 import threading
+from collections import deque
 from concurrent.futures import Future
 
 from cachetools import LRUCache
@@ -14,6 +18,31 @@ from cachetools import LRUCache
 BLOCK = 1 << 20
 
 Key = tuple[str, int]  # (fingerprint, block index)
+Block = bytearray | memoryview  # fetched blocks are page-aligned views (see new_block)
+SPARES = 8  # buffers of evicted blocks kept for new ones
+
+
+def new_block(size: int) -> memoryview:
+    """A buffer for a block to be read into, page-aligned: the disk cache writes it to disk as it is,
+    with O_DIRECT and without a copy (directwrite.py). The bytearray under it cannot move: it is
+    exported to the view for as long as the view lives."""
+    return _aligned(bytearray(size + mmap.PAGESIZE), size)
+
+
+def _aligned(raw: bytearray, size: int) -> memoryview:
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % mmap.PAGESIZE
+    return memoryview(raw)[skip:skip + size]
+
+
+def _alone() -> int:
+    """What sys.getrefcount says of a buffer taken from a deque and held by one local name only
+    (measured, not assumed: interpreters count their own references differently)."""
+    spares = deque([bytearray(1)])
+    raw = spares.popleft()
+    return sys.getrefcount(raw)
+
+
+_UNREFERENCED = _alone()  # a spare at this count has no view of it left anywhere
 
 
 def last_block(total: int) -> int:
@@ -21,18 +50,48 @@ def last_block(total: int) -> int:
     return (total - 1) // BLOCK
 
 
+class _Recycling(LRUCache[Key, Block]):
+    """The LRU, keeping the buffers of the fetched blocks it evicts (the last SPARES of them)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(maxsize=capacity, getsizeof=len)
+        self.spares: deque[bytearray] = deque(maxlen=SPARES)
+
+    def popitem(self) -> tuple[Key, Block]:
+        key, block = super().popitem()
+        raw = block.obj if isinstance(block, memoryview) else None
+        if isinstance(raw, bytearray) and len(raw) == BLOCK + mmap.PAGESIZE:  # made by new_block
+            self.spares.append(raw)
+        return key, block
+
+
 class BlockCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._lru: LRUCache[Key, bytearray] = LRUCache(maxsize=capacity, getsizeof=len)
-        self._pending: dict[Key, Future[bytearray]] = {}
+        self._lru = _Recycling(capacity)
+        self._pending: dict[Key, Future[Block]] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: Key) -> bytearray | None:
+    def new_block(self, size: int) -> memoryview:
+        """A buffer for a block to be read into: an evicted block's once nothing refers to it any
+        more, else a new one. A view of a block (a reader's, the hash's, the disk writer's) holds
+        its bytearray, so a spare whose only reference is ours has none left: reusing it skips
+        zeroing 1 MiB of memory, often fresh, for every block."""
+        if size == BLOCK:
+            with self._lock:
+                spares = self._lru.spares
+                for _ in range(len(spares)):
+                    raw = spares.popleft()
+                    if sys.getrefcount(raw) == _UNREFERENCED:
+                        return _aligned(raw, size)
+                    spares.append(raw)  # still seen by someone: later
+        return new_block(size)
+
+    def get(self, key: Key) -> Block | None:
         with self._lock:
             return self._lru.get(key)
 
-    def lookup(self, key: Key) -> bytearray | Future[bytearray] | None:
+    def lookup(self, key: Key) -> Block | Future[Block] | None:
         """The block, the Future of its fetch, or None if nobody has it."""
         with self._lock:
             found = self._lru.get(key)
@@ -66,7 +125,7 @@ class BlockCache:
                 runs.append((start, last))
         return runs
 
-    def publish(self, fp: str, index: int, data: bytearray) -> None:
+    def publish(self, fp: str, index: int, data: Block) -> None:
         with self._lock:
             fut = self._pending.pop((fp, index), None)
             self._lru[(fp, index)] = data

@@ -25,6 +25,7 @@ from pathlib import Path
 from lxdimagefs.data import diskparts
 from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.manifest import DIGEST, Manifest, digest
+from lxdimagefs.directwrite import DirectWriter
 from lxdimagefs.keys import ObjectKey, Sha256
 from lxdimagefs.servers.localfiles import ReadAhead
 
@@ -74,6 +75,7 @@ class DiskCache:
         self.intact: set[str] = set()  # exports kept whole that this daemon checked
         self._fds: dict[str, int] = {}  # open image files, least recently used first
         self.ahead = ReadAhead()
+        self._writer = DirectWriter(BLOCK)  # blocks go to disk off the fetch thread, past the page cache
 
     def export(self, fp: str) -> Path:
         return self.root / ObjectKey(Sha256(fp), "export").filename
@@ -108,6 +110,7 @@ class DiskCache:
         """Keep the manifest of an image (`key`: a split part's) whose sha256 agreed, atomically."""
         body = MAGIC + manifest.total.to_bytes(8, "little") + manifest.sealed()
         final = self._manifest(manifest.fp, key)
+        self.flush()  # every block kept before the verdict is on disk before the manifest
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}")
         try:
             tmp.write_bytes(body + digest(body))
@@ -119,6 +122,7 @@ class DiskCache:
     def drop(self, fp: str) -> None:
         self.intact.discard(fp)
         self.forget_fd(fp)
+        self._writer.forget(str(self.export(fp)))
         for path in (self._manifest(fp), self.export(fp), *self.root.glob(f"manifest-*-{Sha256(fp)}.*")):
             path.unlink(missing_ok=True)
         self.drop_parts(fp)
@@ -188,20 +192,20 @@ class DiskCache:
         finally:
             os.close(fd)
 
-    def put(self, fp: str, index: int, data: bytearray, total: int) -> None:
+    def put(self, fp: str, index: int, data: bytearray | memoryview, total: int) -> None:
         """Keep a block, if the bound leaves room for it (it is checked when it is read back)."""
         if self.max_bytes is not None and total > self.max_bytes // 2:
             return  # an image that would push out everything else is not kept
         if not self._room(len(data)) or self._manifest(fp).exists():
             return  # no room; or sealed already: its blocks were kept by the verified read
-        fd = self._open(fp, create=True)
-        try:
-            os.pwrite(fd, data, index * BLOCK)
-        except OSError as e:
-            log.warning("disk cache: cannot keep block %d of %s: %s", index, fp, e.strerror)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        fd = self._open(fp, create=True)  # made here: the writer writes only to files that exist
+        if fd >= 0:
+            os.close(fd)
+            self._writer.write(str(self.export(fp)), index * BLOCK, data)
+
+    def flush(self) -> None:
+        """Wait until every block `put` so far is written."""
+        self._writer.flush()
 
     def part(self, fp: str, index: int | str) -> Path:
         return self.root / f"{ObjectKey(Sha256(fp), 'part').filename}.{index}"
@@ -226,6 +230,7 @@ class DiskCache:
             self._unscanned += size
             over_max = self.max_bytes is not None and (self._used or 0) + size > self.max_bytes
             if self._used is None or self._unscanned > RESCAN or over_max:
+                self.flush()  # what waits to be written is counted too
                 self._used, self._unscanned = self._evict(size), 0
                 if self._over(self._used + size):
                     return False

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lxdimagefs.data.blocks import BLOCK, BlockCache
+from lxdimagefs.data.blocks import BLOCK, Block, BlockCache
 from lxdimagefs.data.manifest import BlockSums, Manifest, digest
 from lxdimagefs.errors import IntegrityError
 
@@ -46,7 +46,7 @@ class CheckedPart:
         self.total = manifest.total
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
-    def block(self, index: int) -> bytearray:
+    def block(self, index: int) -> Block:
         found = self.cache.get((self.name, index))
         if found is not None:
             return found

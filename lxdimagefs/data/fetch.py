@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from lxdimagefs.data.blocks import BLOCK, BlockCache, last_block
+from lxdimagefs.data.blocks import BLOCK, Block, BlockCache, last_block, new_block
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
 from lxdimagefs.servers.localfiles import LocalImage, LocalImages, open_image
 from lxdimagefs.servers.protocol import ImageSource
+from lxdimagefs.threadname import name_this_thread
 from lxdimagefs.wire.transport import Backoff, ExportStream
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,8 @@ class Stream:
     def ahead(self) -> int:
         return max(0, self.claimed - self.consumer)
 
-    def from_file(self, images: Path | None, index: int) -> bytearray | None:
+    def from_file(self, images: Path | None, index: int,
+                  make: Callable[[int], memoryview] = new_block) -> Block | None:
         """A block from the server's own file (opened on the stream's first block), or None: then
         the socket. A short read or an error closes the file for good: the socket serves the rest."""
         if not self.tried_local and images is not None:
@@ -62,9 +65,9 @@ class Stream:
                 self.close_file()
         if self.local is None:
             return None
-        buf = bytearray(min(BLOCK, self.total - index * BLOCK))
+        buf = make(min(BLOCK, self.total - index * BLOCK))
         try:
-            if self.local.readinto(index * BLOCK, memoryview(buf)) == len(buf):
+            if self.local.readinto(index * BLOCK, buf) == len(buf):
                 return buf
             log.warning("image file %s ended early at block %d: reading the socket", self.fp[:12], index)
         except OSError as e:
@@ -97,7 +100,8 @@ class Fetcher:
     def _executor(self) -> ThreadPoolExecutor:
         # Made on first use: the daemon forks after start-up, and threads do not survive a fork.
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fetch")
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fetch",
+                                            initializer=name_this_thread)
         return self._pool
 
     def close(self) -> None:
@@ -108,7 +112,7 @@ class Fetcher:
 
     # -- what readers call ----------------------------------------------------
 
-    def block(self, fp: str, total: int, index: int) -> bytearray:
+    def block(self, fp: str, total: int, index: int) -> Block:
         """One block, from the cache, a fetch under way, or a new bounded fetch."""
         while True:
             found = self.cache.lookup((fp, index))
@@ -196,7 +200,7 @@ class Fetcher:
                         stream.conn = None
                     self.cache.publish(stream.fp, index, data)
                     self.verification.published(stream.fp, stream.total, index, data)
-                elif (data := stream.from_file(self.images, index)) is not None:
+                elif (data := stream.from_file(self.images, index, self.cache.new_block)) is not None:
                     self._arrived(stream.fp, stream.total, index, data, keep=False)
                 else:
                     data = self._read_block(stream, index)
@@ -214,18 +218,18 @@ class Fetcher:
             if not isinstance(e, Exception):
                 raise
 
-    def _arrived(self, fp: str, total: int, index: int, data: bytearray, keep: bool = True) -> None:
+    def _arrived(self, fp: str, total: int, index: int, data: Block, keep: bool = True) -> None:
         """A block from the server: kept and hashed if its manifest admits it, else refused; on disk
         too unless `keep` is False (it came from the server's own file on this host's disk)."""
         if not self.verification.admit(fp, total, index, data):
             self.cache.fail(fp, range(index, index + 1), IntegrityError(f"{fp} block {index}"))
             return
-        if keep and self.disk is not None:  # first: the verdict (and the reader's last read) follow
-            self.disk.put(fp, index, data, total)  # it, so a sealed manifest finds every block kept
+        if keep and self.disk is not None:  # queued before the hash can seal the image without it
+            self.disk.put(fp, index, data, total)
         self.cache.publish(fp, index, data)
         self.verification.published(fp, total, index, data)
 
-    def from_disk(self, fp: str, total: int, index: int) -> bytearray | None:
+    def from_disk(self, fp: str, total: int, index: int) -> Block | None:
         """A block from the disk cache, if it is there and matches the manifest: the verified one,
         or before the verdict the copy recorded when it first arrived (so a block that left
         memory is not asked of the server again, for a reader or for the hash)."""
@@ -247,10 +251,9 @@ class Fetcher:
             log.warning("disk cache: block %d of %s does not match its manifest (damaged or edited); "
                         "fetched again", index, fp)
 
-    def _read_block(self, stream: Stream, index: int) -> bytearray:
+    def _read_block(self, stream: Stream, index: int) -> Block:
         start = index * BLOCK
-        buf = bytearray(min(BLOCK, stream.total - start))
-        view = memoryview(buf)
+        buf = view = self.cache.new_block(min(BLOCK, stream.total - start))
         got = 0
         backoff = Backoff(self.client.patience)
         while got < len(buf):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 
-from lxdimagefs.data.blocks import BLOCK, last_block
+from lxdimagefs.data.blocks import BLOCK, Block, last_block
 from lxdimagefs.data.fetch import Fetcher, Stream
 
 SLACK = 4 * BLOCK  # how far a read may land from the last one and still count as sequential
@@ -104,12 +104,12 @@ class Prefetcher:
 
     # -- a verified image, from what this host holds, in the reader's thread ----------------
 
-    def _kept(self, first: int, last: int) -> list[bytearray] | None:
+    def _kept(self, first: int, last: int) -> list[Block] | None:
         """Blocks from memory or the disk cache; None if one is not there (then: fetched)."""
         fetcher = self.fetcher
         if fetcher.disk is None:
             return None
-        blocks = []
+        blocks: list[Block] = []
         for index in range(first, last + 1):
             data = fetcher.cache.get((self.fp, index)) or fetcher.from_disk(self.fp, self.total, index)
             if data is None:

@@ -19,11 +19,12 @@ import queue
 import threading
 from collections.abc import Callable
 
-from lxdimagefs.data.blocks import BLOCK, BlockCache
+from lxdimagefs.data.blocks import BLOCK, Block, BlockCache
 from lxdimagefs.data.coverage import Coverage
 from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.errors import IntegrityError
 from lxdimagefs.keys import ObjectKey, Sha256
+from lxdimagefs.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Verifier:
         self.finish = threading.Lock()  # one catch-up pass at a time
         self._hash = hashlib.sha256()
 
-    def update(self, blocks: list[bytearray], last: bool) -> None:
+    def update(self, blocks: list[Block], last: bool) -> None:
         # Consecutive blocks waiting in the queue are hashed in one update: hashlib lets go of the
         # GIL for each update, and getting it back beside busy Python threads costs up to a
         # switch interval (5 ms) every time. Nothing is held back for a batch: memory stays
@@ -58,7 +59,7 @@ class Verification:
 
     QUEUE_BLOCKS = 8  # blocks waiting for the hashing thread, at most
 
-    def __init__(self, cache: BlockCache, fetch: Callable[[str, int, int], bytearray],
+    def __init__(self, cache: BlockCache, fetch: Callable[[str, int, int], Block],
                  server: str = "") -> None:
         self.cache = cache
         self.fetch = fetch  # (fp, total, index) -> the block, from the cache or LXD
@@ -72,7 +73,7 @@ class Verification:
         self.on_corrupt: list[Callable[[str], None]] = []
         self._verifiers: dict[str, Verifier] = {}
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[Verifier, bytearray, bool]] = queue.Queue(self.QUEUE_BLOCKS)
+        self._queue: queue.Queue[tuple[Verifier, Block, bool]] = queue.Queue(self.QUEUE_BLOCKS)
         self._thread: threading.Thread | None = None
 
     def key(self, digest: str) -> ObjectKey:
@@ -110,7 +111,7 @@ class Verification:
                 self.manifests[manifest.fp] = manifest
                 self.verified.add(manifest.fp)
 
-    def admit(self, fp: str, total: int, index: int, data: bytearray) -> bool:
+    def admit(self, fp: str, total: int, index: int, data: Block) -> bool:
         """Whether a copy of a block that just arrived may be served (see manifest.py).
 
         Before the verdict a copy that differs from the first one means a reader may
@@ -134,7 +135,7 @@ class Verification:
             self._tell_corrupt(fp)
         return False
 
-    def published(self, fp: str, total: int, index: int, data: bytearray) -> None:
+    def published(self, fp: str, total: int, index: int, data: Block) -> None:
         """A block arrived from LXD: hash it now if the hash has got that far."""
         if fp in self.verified or fp in self.corrupt:
             return
@@ -150,7 +151,7 @@ class Verification:
                     break
                 self._enqueue(v, following)
 
-    def _enqueue(self, v: Verifier, data: bytearray) -> None:
+    def _enqueue(self, v: Verifier, data: Block) -> None:
         v.queued += 1
         self._queue.put((v, data, v.queued == v.coverage.blocks))
 
@@ -184,6 +185,7 @@ class Verification:
             raise IntegrityError(v.fp)
 
     def _hash_loop(self) -> None:
+        name_this_thread()
         item = None
         while True:
             v, data, last = item or self._queue.get()
