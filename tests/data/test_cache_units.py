@@ -94,6 +94,7 @@ def test_a_sequential_reader_finds_the_next_blocks_asked_of_the_disk_and_a_rando
     for index in range(48):
         cache.put(FP, index, bytearray([index]) * BLOCK, total)
         cache.put(other, index, bytearray(b"r") * BLOCK, total)
+    cache.flush()  # put() queues: the writer thread writes
     for fp in (FP, other):
         evict(cache.export(fp))
         if resident_pages(cache.export(fp), 0, total):
