@@ -97,10 +97,10 @@ class DirectWriter:
                     self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
                     self._path = path
                 if _aligned(data):  # a block made by new_block: written as it is
-                    os.pwrite(self._fd, data, offset)
+                    _whole(os.pwrite(self._fd, data, offset), n)
                 else:
                     self._view[:n] = data
-                    os.pwrite(self._fd, self._view[:n], offset)
+                    _whole(os.pwrite(self._fd, self._view[:n], offset), n)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
@@ -109,7 +109,7 @@ class DirectWriter:
                 self._close()
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            os.pwrite(fd, data, offset)
+            _whole(os.pwrite(fd, data, offset), n)
         finally:
             os.close(fd)
 
@@ -117,6 +117,12 @@ class DirectWriter:
         if self._fd >= 0:
             os.close(self._fd)
         self._path, self._fd = None, -1
+
+
+def _whole(written: int, wanted: int) -> None:
+    """A short write (a full disk) leaves a hole the manifest would refuse: said like an error."""
+    if written != wanted:
+        raise OSError(errno.ENOSPC, f"wrote {written} of {wanted} bytes")
 
 
 def _aligned(data: memoryview) -> bool:

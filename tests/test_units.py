@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import pytest
 from hypothesis import given
@@ -358,3 +359,33 @@ def test_a_threads_process_is_its_thread_group():
     assert seen == [os.getpid()] and threading.get_native_id() != 0
     assert process_of(2**22 + 12345) == 2**22 + 12345  # no such thread: the id itself
     assert killed_by(os.getpid()) == 0  # alive, not exiting
+
+
+def test_the_last_read_racing_a_failed_verdict_is_eio() -> None:
+    """`served` looks for a verdict, then for the check in progress: a verdict that lands between
+    the two must not start a fresh check that lets the read through."""
+    good, bad = [b"g" * BLOCK, b"h" * BLOCK], [b"g" * BLOCK, b"X" * BLOCK]
+    fp, total = hashlib.sha256(b"".join(good)).hexdigest(), 2 * BLOCK
+    cache = BlockCache(8 * BLOCK)
+    verification = Verification(cache, lambda f, t, i: bytearray(bad[i]))
+    reader, concluded = threading.current_thread(), threading.Event()
+
+    class Corrupt(set[str]):  # the reader's `fp in corrupt`, then the hash concludes right there
+        def __contains__(self, item: object) -> bool:
+            found = super().__contains__(item)
+            if threading.current_thread() is reader and not found and not concluded.is_set():
+                concluded.set()
+                verification.published(fp, total, 1, bytearray(bad[1]))
+                for _ in range(200):
+                    if super().__contains__(item):
+                        break
+                    threading.Event().wait(0.01)
+                assert super().__contains__(item)
+            return found
+
+    cache.publish(fp, 0, bytearray(bad[0]))
+    verification.published(fp, total, 0, bytearray(bad[0]))
+    verification.served(fp, total, 0, BLOCK)
+    verification.corrupt = Corrupt(verification.corrupt)
+    with pytest.raises(IntegrityError):  # this read completes the file
+        verification.served(fp, total, BLOCK, total)

@@ -196,8 +196,8 @@ class DiskCache:
         """Keep a block, if the bound leaves room for it (it is checked when it is read back)."""
         if self.max_bytes is not None and total > self.max_bytes // 2:
             return  # an image that would push out everything else is not kept
-        if not self._room(len(data)) or self._manifest(fp).exists():
-            return  # no room; or sealed already: its blocks were kept by the verified read
+        if fp in self.intact or not self._room(len(data)) or self._manifest(fp).exists():
+            return  # kept whole; no room; or sealed already: its blocks were kept by the verified read
         fd = self._open(fp, create=True)  # made here: the writer writes only to files that exist
         if fd >= 0:
             os.close(fd)

@@ -154,6 +154,8 @@ def keep_whole(cache: DiskCache, fp: str, verified: Path) -> None:
         with open(verified, "rb", buffering=0) as f:
             while n := f.readinto(buf):
                 sums += digest(memoryview(buf)[:n])
+        cache.intact.add(fp)  # no block is put from now on: it would land in the verified file
+        cache.flush()  # and those put before land in the file it replaces
         try:
             os.link(verified, tmp)
         except OSError:
@@ -163,6 +165,7 @@ def keep_whole(cache: DiskCache, fp: str, verified: Path) -> None:
         cache.seal(Manifest(fp, size, bytes(sums)))
     except OSError as e:
         log.warning("disk cache: cannot keep the export of %s: %s", fp, e.strerror)
+        cache.intact.discard(fp)
         tmp.unlink(missing_ok=True)
 
 

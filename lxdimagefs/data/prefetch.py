@@ -123,8 +123,8 @@ class Prefetcher:
         fetcher, fp, offset = self.fetcher, self.fp, index * BLOCK
         length = min(BLOCK, self.total - offset)
         manifest = fetcher.verification.manifests.get(fp)
-        if len(buf) < length or manifest is None or not manifest.verified:
-            return 0
+        if len(buf) != length or manifest is None or not manifest.verified:
+            return 0  # a request of more than a block: the usual way (a short reply would be EOF)
         view = buf[:length]
         data = fetcher.cache.get((fp, index))
         if data is not None:  # checked when it arrived

@@ -89,6 +89,8 @@ class Verification:
         with self._lock:
             v = self._verifiers.get(fp)
             if v is None:
+                if fp in self.corrupt:  # concluded between the caller's look and this one
+                    raise IntegrityError(fp)
                 self.key(fp)  # a check begins only for a real sha256 (BadKey otherwise)
                 v = self._verifiers[fp] = Verifier(fp, total)
             if self._thread is None:  # made on first use: the daemon forks after start-up
@@ -105,9 +107,11 @@ class Verification:
             return found
 
     def known(self, manifest: Manifest) -> None:
-        """A manifest an earlier verdict sealed (from the disk cache): the image is verified."""
+        """A manifest an earlier verdict sealed (from the disk cache): the image is verified.
+        Not over a check this daemon began: what it handed out before is proven by that check
+        alone (another mount's seal says nothing of the bytes this one was sent)."""
         with self._lock:
-            if manifest.fp not in self.corrupt:
+            if manifest.fp not in self.corrupt and manifest.fp not in self.manifests:
                 self.manifests[manifest.fp] = manifest
                 self.verified.add(manifest.fp)
 

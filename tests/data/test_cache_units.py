@@ -8,6 +8,7 @@ import hashlib
 import mmap
 import os
 import subprocess
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -233,3 +234,47 @@ def test_an_evicted_block_is_reused_only_once_no_view_of_it_is_left() -> None:
     del fuse
     assert id(cache.new_block(BLOCK).obj) == owners[1]
     assert cache.new_block(100).nbytes == 100  # a tail block: never a spare
+
+
+def test_a_block_queued_before_an_export_is_kept_whole_never_changes_the_kept_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole export is linked into the cache as the file blocks are written to: a block still
+    queued (an unchecked copy from a range read) must land in the file it replaces, not in it."""
+    data = os.urandom(2 * BLOCK)
+    fp = hashlib.sha256(data).hexdigest()
+    gate, write = threading.Event(), DirectWriter._write
+
+    def slow(self: DirectWriter, path: str, offset: int, block: memoryview) -> None:
+        gate.wait(5)
+        write(self, path, offset, block)
+
+    monkeypatch.setattr(DirectWriter, "_write", slow)
+    cache = DiskCache(tmp_path / "c")
+    cache.put(fp, 0, bytearray(b"W" * BLOCK), len(data))
+    spooled = tmp_path / "spool-whole"
+    spooled.write_bytes(data)
+    threading.Timer(0.3, gate.set).start()
+    cache.keep_whole(fp, spooled)
+    cache.put(fp, 1, bytearray(b"W" * BLOCK), len(data))  # after: refused
+    cache.flush()
+    assert hashlib.sha256(spooled.read_bytes()).hexdigest() == fp
+    assert hashlib.sha256(cache.export(fp).read_bytes()).hexdigest() == fp
+
+
+def test_a_request_of_more_than_a_block_is_answered_whole_not_short(tmp_path: Path) -> None:
+    """A short reply to a page-cache read is end of file to the kernel: never short mid-file."""
+    data = os.urandom(5 * BLOCK + 100)
+    fp = hashlib.sha256(data).hexdigest()
+    disk, manifest = DiskCache(tmp_path / "c"), Manifest(fp, len(data))
+    for index in range(6):
+        block = data[index * BLOCK:(index + 1) * BLOCK]
+        manifest.admit(index, block)
+        disk.put(fp, index, bytearray(block), len(data))
+    disk.seal(manifest)
+    exports = Exports(LXDClient(Connection(socket=str(tmp_path / "none.socket"))), tmp_path / "s", disk=disk)
+    try:
+        reader = exports.unified(fp, len(data))
+        buf = bytearray(2 * BLOCK)
+        assert reader.readinto(0, memoryview(buf)) == 2 * BLOCK and bytes(buf) == data[:2 * BLOCK]
+    finally:
+        exports.close()

@@ -190,3 +190,35 @@ def test_an_image_looked_inside_by_descriptor_is_spooled_once_not_once_per_mount
                     f.write(b"tampered")
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_bytes_read_before_another_mounts_verdict_are_not_served_as_verified(sandbox, tmp_path):
+    """Another mount sharing the disk cache seals the image: this mount's own check, begun on
+    bytes the server got wrong for a while, still decides for what this mount was handed."""
+    fp = sandbox.import_image(make_unified(tmp_path / "img.tar", rootfs_bytes=6 * MIB))
+    stored, bad = sandbox.lxd_dir / "images" / fp, MIB + 8192
+    try:
+        good = stored.read_bytes()
+        with mounted(sandbox, tmp_path / "mnt1") as m1:
+            path1 = _export_path(m1, fp)
+            _flip(stored, bad)  # the server is wrong for a while
+            fd = os.open(path1, os.O_RDONLY)
+            try:
+                assert os.pread(fd, 4096, bad) != good[bad:bad + 4096]
+            finally:
+                os.close(fd)
+            _flip(stored, bad)  # and right again
+            with mounted(sandbox, tmp_path / "mnt2") as m2:
+                assert Path(_export_path(m2, fp)).read_bytes() == good  # verified and sealed
+            done = subprocess.run(["cat", path1], capture_output=True)
+            assert done.returncode != 0 or done.stdout == good, "wrong bytes with exit status 0"
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
