@@ -36,22 +36,24 @@ else:
         """
 
         def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-            address = ctypes.cast(buf, ctypes.c_void_p).value or 0
-            data = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
-            fh = fip.contents if self.raw_fi else fip.contents.fh
-            name = None if path is None else path.decode(self.encoding, self.errors)
+            name, data, fh = self._call(path, buf, size, fip)
             written: int = self.operations.write(name, data, offset, fh)
             return written
 
         def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
             """Reads land straight in libfuse's buffer: `readinto` fills a view of it (no copy in
             Python, no buffer of our own per request: docs/PERFORMANCE.md, a new mount)."""
+            name, view, fh = self._call(path, buf, size, fip)
+            got: int = self.operations.readinto(name, view, offset, fh)
+            return got
+
+        def _call(self, path: bytes | None, buf: Any, size: int,
+                  fip: Any) -> tuple[str | None, memoryview, Any]:
+            """A call's path, a view of libfuse's buffer (valid during the call only), its handle."""
             address = ctypes.cast(buf, ctypes.c_void_p).value or 0
             view = memoryview((ctypes.c_char * size).from_address(address)).cast("B")
             fh = fip.contents if self.raw_fi else fip.contents.fh
-            name = None if path is None else path.decode(self.encoding, self.errors)
-            got: int = self.operations.readinto(name, view, offset, fh)
-            return got
+            return None if path is None else path.decode(self.encoding, self.errors), view, fh
 
         def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
             """`ftruncate` on an open file reaches its handle (mfusepy 3.1 drops libfuse 3's file
