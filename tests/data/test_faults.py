@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -143,6 +144,72 @@ def test_pages_of_a_corrupt_image_handed_out_before_the_verdict_are_dropped(sand
             finally:
                 os.close(fd)
             assert sorted(os.listdir(m.path))  # still serving
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+@pytest.mark.parametrize("layout", [(), ("--all-projects",)])
+def test_pages_read_through_a_prefix_path_are_dropped_when_the_check_fails(sandbox, tmp_path, layout):
+    """A fingerprint prefix names the export too, as its own path in the kernel: its pages are
+    dropped on a failed check as well (and under --all-projects' project folder)."""
+    fp = sandbox.import_image(make_unified(tmp_path / "bad.tar", rootfs_bytes=6 << 20))
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", "nolocal", *layout) as m:
+            root = m.path / "default" if layout else m.path
+            full = str(next(p for p in (root / "by-fingerprint" / fp).iterdir() if p.name != "metadata.json"))
+            by_prefix = str(root / "by-fingerprint" / fp[:12] / os.path.basename(full))
+            bad = 1 << 20
+            _corrupt(sandbox.lxd_dir / "images" / fp, bad)
+            fd = os.open(by_prefix, os.O_RDONLY)
+            try:
+                assert len(os.pread(fd, 4096, bad)) == 4096  # ahead of the hash, into the prefix path's pages
+                done = subprocess.run(["cat", full], capture_output=True)
+                assert done.returncode != 0 and b"Input/output error" in done.stderr
+
+                def refused() -> bool:
+                    try:
+                        os.pread(fd, 4096, bad)
+                    except OSError as e:
+                        return e.errno == errno.EIO
+                    return False
+                within(refused, seconds=5)
+            finally:
+                os.close(fd)
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+_MAPPED = r"""
+import mmap, sys, time
+f = open(sys.argv[1], "rb")
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+bad = int(sys.argv[2])
+print(m[bad:bad + 1].hex(), flush=True)  # faulted in before the verdict
+sys.stdin.readline()  # the parent's cat has failed
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline:
+    m[bad:bad + 1]  # SIGBUS once the kernel dropped the page
+    time.sleep(0.05)
+print("still mapped", flush=True)
+"""
+
+
+def test_a_mapping_of_a_corrupt_export_made_before_the_verdict_faults_after_it(sandbox, tmp_path):
+    fp = sandbox.import_image(make_unified(tmp_path / "bad.tar", rootfs_bytes=6 << 20))
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", "nolocal") as m:
+            path = _export_path(m, fp)
+            bad = 1 << 20
+            _corrupt(sandbox.lxd_dir / "images" / fp, bad)
+            child = subprocess.Popen([sys.executable, "-c", _MAPPED, path, str(bad)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+            assert child.stdout is not None and child.stdin is not None
+            assert child.stdout.readline().strip()
+            assert subprocess.run(["cat", path], capture_output=True).returncode != 0
+            child.stdin.write("\n")
+            child.stdin.flush()
+            out, _ = child.communicate(timeout=20)
+            assert child.returncode == -signal.SIGBUS, (child.returncode, out)
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
 
