@@ -24,7 +24,7 @@ SPARES = 8  # buffers of evicted blocks kept for new ones
 
 def new_block(size: int) -> memoryview:
     """A buffer for a block to be read into, page-aligned: the disk cache writes it to disk as it is,
-    with O_DIRECT and without a copy (directwrite.py). The bytearray under it cannot move: it is
+    with O_DIRECT and without a copy (data/directwrite.py). The bytearray under it cannot move: it is
     exported to the view for as long as the view lives."""
     return _aligned(bytearray(size + mmap.PAGESIZE), size)
 

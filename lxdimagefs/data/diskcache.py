@@ -24,8 +24,8 @@ from pathlib import Path
 
 from lxdimagefs.data import diskparts
 from lxdimagefs.data.blocks import BLOCK
+from lxdimagefs.data.directwrite import DirectWriter
 from lxdimagefs.data.manifest import DIGEST, Manifest, digest
-from lxdimagefs.directwrite import DirectWriter
 from lxdimagefs.keys import ObjectKey, Sha256
 from lxdimagefs.servers.localfiles import ReadAhead
 

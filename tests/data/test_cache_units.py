@@ -17,10 +17,10 @@ import pytest
 from helpers import evict, resident_pages
 
 from lxdimagefs.data.blocks import BLOCK, BlockCache, new_block
+from lxdimagefs.data.directwrite import DirectWriter
 from lxdimagefs.data.diskcache import CacheRefused, DiskCache
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.manifest import Manifest
-from lxdimagefs.directwrite import DirectWriter
 from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.wire.transport import Connection
 

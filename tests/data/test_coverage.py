@@ -1,4 +1,4 @@
-"""Read coverage (lxdimagefs/data/coverage.py): right, and one read costs O(log n) however scattered."""
+"""Read coverage (`Coverage` in lxdimagefs/data/verify.py): right, and O(log n) a read, however scattered."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lxdimagefs.data.blocks import BLOCK
-from lxdimagefs.data.coverage import Coverage
+from lxdimagefs.data.verify import Coverage
 
 TOTAL = 3 * BLOCK // 1024 + 17  # small enough for a byte-set model
 
