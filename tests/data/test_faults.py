@@ -119,6 +119,26 @@ def test_a_corrupt_image_is_eio_whatever_order_it_is_read_in(sandbox, tmp_path, 
         sandbox.lxc("image", "delete", fp, check=False)
 
 
+def _handed_then_dropped(held: str, whole: str, bad: int) -> None:
+    """`held` is open and was handed the bad page ahead of the hash; `cat whole` fails the check;
+    then that page, read again through `held`, is EIO (the kernel dropped it), not the bytes."""
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        assert len(os.pread(fd, 4096, bad)) == 4096  # served ahead of the hash, into the page cache
+        done = subprocess.run(["cat", whole], capture_output=True)
+        assert done.returncode != 0 and b"Input/output error" in done.stderr
+
+        def refused() -> bool:
+            try:
+                os.pread(fd, 4096, bad)
+            except OSError as e:
+                return e.errno == errno.EIO
+            return False
+        within(refused, seconds=5)
+    finally:
+        os.close(fd)
+
+
 def test_pages_of_a_corrupt_image_handed_out_before_the_verdict_are_dropped(sandbox, tmp_path):
     """Unchecked reads go through the page cache: when the check fails, the kernel must drop
     what it was handed, so a reader that kept the file open gets EIO, not the bad bytes again."""
@@ -128,21 +148,7 @@ def test_pages_of_a_corrupt_image_handed_out_before_the_verdict_are_dropped(sand
             path = _export_path(m, fp)
             bad = 1 << 20  # the second block: handed out long before the read that completes the file
             _corrupt(sandbox.lxd_dir / "images" / fp, bad)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                assert len(os.pread(fd, 4096, bad)) == 4096  # served ahead of the hash, into the page cache
-                done = subprocess.run(["cat", path], capture_output=True)
-                assert done.returncode != 0 and b"Input/output error" in done.stderr
-
-                def refused() -> bool:
-                    try:
-                        os.pread(fd, 4096, bad)
-                    except OSError as e:
-                        return e.errno == errno.EIO
-                    return False
-                within(refused, seconds=5)
-            finally:
-                os.close(fd)
+            _handed_then_dropped(path, path, bad)
             assert sorted(os.listdir(m.path))  # still serving
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
@@ -160,21 +166,7 @@ def test_pages_read_through_a_prefix_path_are_dropped_when_the_check_fails(sandb
             by_prefix = str(root / "by-fingerprint" / fp[:12] / os.path.basename(full))
             bad = 1 << 20
             _corrupt(sandbox.lxd_dir / "images" / fp, bad)
-            fd = os.open(by_prefix, os.O_RDONLY)
-            try:
-                assert len(os.pread(fd, 4096, bad)) == 4096  # ahead of the hash, into the prefix path's pages
-                done = subprocess.run(["cat", full], capture_output=True)
-                assert done.returncode != 0 and b"Input/output error" in done.stderr
-
-                def refused() -> bool:
-                    try:
-                        os.pread(fd, 4096, bad)
-                    except OSError as e:
-                        return e.errno == errno.EIO
-                    return False
-                within(refused, seconds=5)
-            finally:
-                os.close(fd)
+            _handed_then_dropped(by_prefix, full, bad)
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
 
