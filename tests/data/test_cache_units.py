@@ -278,3 +278,21 @@ def test_a_request_of_more_than_a_block_is_answered_whole_not_short(tmp_path: Pa
         assert reader.readinto(0, memoryview(buf)) == 2 * BLOCK and bytes(buf) == data[:2 * BLOCK]
     finally:
         exports.close()
+
+
+def test_a_block_is_given_to_the_disk_cache_before_the_hash_can_see_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hash's verdict seals the manifest, and a sealed manifest must find every block kept:
+    so a block from the server is put before it is published to the hash (a new mount once
+    asked LXD for the last block, put after the seal)."""
+    disk = DiskCache(tmp_path / "c")
+    exports = Exports(LXDClient(Connection(socket=str(tmp_path / "none.socket"))), tmp_path / "s", disk=disk)
+    order: list[str] = []
+    monkeypatch.setattr(disk, "put", lambda *args: order.append("put"))
+    monkeypatch.setattr(exports.verification, "published", lambda *args: order.append("hash"))
+    data = bytearray(os.urandom(BLOCK))
+    try:
+        exports.fetcher._arrived(hashlib.sha256(data).hexdigest(), BLOCK, 0, data)
+    finally:
+        exports.close()
+    assert order == ["put", "hash"]
