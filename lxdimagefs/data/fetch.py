@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from lxdimagefs.data.blocks import BLOCK, Block, BlockCache, last_block, new_block
+from lxdimagefs.data.blocks import BLOCK, Block, BlockCache, last_block
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError, LXDError, LXDUnreachable
-from lxdimagefs.servers.localfiles import LocalImage, LocalImages, open_image
+from lxdimagefs.servers.localfiles import LocalImages
 from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.threadname import name_this_thread
 from lxdimagefs.wire.transport import Backoff, ExportStream
@@ -43,8 +42,6 @@ class Stream:
         self.dead = False
         self.running = False
         self.conn: ExportStream | None = None
-        self.local: LocalImage | None = None  # the server's own file, where the daemon can read it
-        self.tried_local = False
         self.lock = threading.Lock()
 
     @property
@@ -54,33 +51,6 @@ class Stream:
     def ahead(self) -> int:
         return max(0, self.claimed - self.consumer)
 
-    def from_file(self, images: Path | None, index: int,
-                  make: Callable[[int], memoryview] = new_block) -> Block | None:
-        """A block from the server's own file (opened on the stream's first block), or None: then
-        the socket. A short read or an error closes the file for good: the socket serves the rest."""
-        if not self.tried_local and images is not None:
-            self.tried_local = True
-            self.local = open_image(images, self.fp, size=self.total)
-            if self.local is not None and self.local.split:  # a split image's parts: the spool's
-                self.close_file()
-        if self.local is None:
-            return None
-        buf = make(min(BLOCK, self.total - index * BLOCK))
-        try:
-            if self.local.readinto(index * BLOCK, buf) == len(buf):
-                return buf
-            log.warning("image file %s ended early at block %d: reading the socket", self.fp[:12], index)
-        except OSError as e:
-            log.warning("image file %s unreadable at block %d (%s): reading the socket",
-                        self.fp[:12], index, e.strerror)
-        self.close_file()
-        return None
-
-    def close_file(self) -> None:
-        if self.local is not None:
-            self.local.close()
-            self.local = None
-
 
 class Fetcher:
     def __init__(self, client: ImageSource, cache: BlockCache, workers: int = 8,
@@ -88,9 +58,9 @@ class Fetcher:
         self.client = client
         self.cache = cache
         self.disk = disk
-        self.images = images  # a local server's images folder: its files are read in place
         self.verification = Verification(cache, self.block, client.conn.identity())
-        self.local = LocalImages(images) if images is not None else None  # read in readers' threads
+        # A local server's images folder: its files are read in place (by fetch workers and readers).
+        self.local = LocalImages(images) if images is not None else None
         self.requests = 0  # export requests made, for tests and benchmarks
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
@@ -179,7 +149,6 @@ class Fetcher:
         if stream.conn is not None:
             stream.conn.close()
             stream.conn = None
-        stream.close_file()
         with self._lock:
             self._streams.discard(stream)
 
@@ -200,7 +169,7 @@ class Fetcher:
                         stream.conn = None
                     self.cache.publish(stream.fp, index, data)
                     self.verification.published(stream.fp, stream.total, index, data)
-                elif (data := stream.from_file(self.images, index, self.cache.new_block)) is not None:
+                elif (data := self._from_file(stream, index)) is not None:
                     self._arrived(stream.fp, stream.total, index, data, keep=False)
                 else:
                     data = self._read_block(stream, index)
@@ -228,6 +197,13 @@ class Fetcher:
             self.disk.put(fp, index, data, total)
         self.cache.publish(fp, index, data)
         self.verification.published(fp, total, index, data)
+
+    def _from_file(self, stream: Stream, index: int) -> Block | None:
+        """A block from the server's own file, or None: then the socket."""
+        if self.local is None:
+            return None
+        buf = self.cache.new_block(min(BLOCK, stream.total - index * BLOCK))
+        return buf if self.local.readinto(stream.fp, stream.total, index * BLOCK, buf) else None
 
     def from_disk(self, fp: str, total: int, index: int) -> Block | None:
         """A block from the disk cache, if it is there and matches the manifest: the verified one,

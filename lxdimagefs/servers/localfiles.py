@@ -136,15 +136,25 @@ class LocalImages:
                 return False
             fd = os.dup(image.parts[0].fd)  # our own: another thread may close the image meanwhile
         try:
-            if LocalFile(fd, "", size).readinto(offset, buffer) != len(buffer):
-                return False
-            self.ahead.note(fingerprint, fd, offset, len(buffer), size)
-            return True
+            if LocalFile(fd, "", size).readinto(offset, buffer) == len(buffer):
+                self.ahead.note(fingerprint, fd, offset, len(buffer), size)
+                return True
+            log.warning("image file %s ended early at offset %d: reading the socket",
+                        fingerprint[:12], offset)
         except OSError as e:
-            log.warning("image file %s unreadable at offset %d: %s", fingerprint[:12], offset, e.strerror)
-            return False
+            log.warning("image file %s unreadable at offset %d (%s): reading the socket",
+                        fingerprint[:12], offset, e.strerror)
         finally:
             os.close(fd)
+        self._give_up(fingerprint, image)
+        return False
+
+    def _give_up(self, fingerprint: str, image: LocalImage) -> None:
+        """A short read or an error: the file is not read again (until it leaves the open set)."""
+        with self._lock:
+            if self._open.get(fingerprint) is image:
+                self._open[fingerprint] = None
+                image.close()
 
     def close(self) -> None:
         with self._lock:

@@ -101,20 +101,27 @@ def test_the_files_are_byte_for_byte_the_exports_lxd_serves(sandbox, images, exp
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="the read path takes only root's files (the server's)")
-def test_a_stream_reads_blocks_from_the_file_and_leaves_it_for_good_at_a_short_read(tmp_path):
+def test_blocks_are_read_from_the_file_and_it_is_left_for_good_at_a_short_read(tmp_path):
     from lxdimagefs.data.blocks import BLOCK
-    from lxdimagefs.data.fetch import Stream
 
     data = os.urandom(3 * BLOCK)
     images = folder(tmp_path, {FP: data})
-    stream = Stream(FP, len(data), 0, open_ended=True)
-    assert stream.from_file(images, 0) == data[:BLOCK] and stream.local is not None
-    os.truncate(images / FP, BLOCK + 10)  # the server cut the file under us
-    assert stream.from_file(images, 1) is None and stream.local is None  # the socket serves it
-    os.truncate(images / FP, 0)
-    (images / FP).write_bytes(data)
-    assert stream.from_file(images, 2) is None  # not reopened: the rest of the stream is the socket's
-    assert Stream(FP, len(data) + 1, 0, open_ended=True).from_file(images, 0) is None  # not the record's size
+    local = LocalImages(images)
+    try:
+        buf = bytearray(BLOCK)
+        assert local.readinto(FP, len(data), 0, memoryview(buf)) and buf == data[:BLOCK]
+        os.truncate(images / FP, BLOCK + 10)  # the server cut the file under us
+        assert not local.readinto(FP, len(data), BLOCK, memoryview(buf))  # the socket serves it
+        os.truncate(images / FP, 0)
+        (images / FP).write_bytes(data)
+        assert not local.readinto(FP, len(data), 2 * BLOCK, memoryview(buf))  # not reopened: the socket's
+    finally:
+        local.close()
+    other = LocalImages(images)
+    try:
+        assert not other.readinto(FP, len(data) + 1, 0, memoryview(buf))  # not the record's size
+    finally:
+        other.close()
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="the read path takes only root's files (the server's)")
