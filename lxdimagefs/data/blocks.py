@@ -45,6 +45,15 @@ def _alone() -> int:
 _UNREFERENCED = _alone()  # a spare at this count has no view of it left anywhere
 
 
+def cut(blocks: list[Block], offset: int, end: int) -> memoryview | bytes:
+    """Bytes [offset, end) of consecutive blocks, the first holding `offset`: a view of it when
+    it holds them all (handed to FUSE without a copy), else joined."""
+    lo = offset % BLOCK
+    if len(blocks) == 1:
+        return memoryview(blocks[0])[lo:lo + end - offset]
+    return b"".join(blocks)[lo:lo + end - offset]
+
+
 def last_block(total: int) -> int:
     """The index of a file's last block."""
     return (total - 1) // BLOCK

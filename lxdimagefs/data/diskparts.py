@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lxdimagefs.data.blocks import BLOCK, Block, BlockCache
+from lxdimagefs.data.blocks import BLOCK, Block, BlockCache, cut
 from lxdimagefs.data.manifest import BlockSums, Manifest, digest
 from lxdimagefs.errors import IntegrityError
 
@@ -63,11 +63,7 @@ class CheckedPart:
         end = min(offset + size, self.total)
         if offset >= end:
             return b""
-        first, last = offset // BLOCK, (end - 1) // BLOCK
-        lo = offset - first * BLOCK
-        if first == last:
-            return memoryview(self.block(first))[lo:lo + end - offset]
-        return b"".join(self.block(i) for i in range(first, last + 1))[lo:lo + end - offset]
+        return cut([self.block(i) for i in range(offset // BLOCK, (end - 1) // BLOCK + 1)], offset, end)
 
     def close(self) -> None:
         if self.fd >= 0:

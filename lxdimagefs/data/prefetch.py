@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 
-from lxdimagefs.data.blocks import BLOCK, Block, last_block
+from lxdimagefs.data.blocks import BLOCK, Block, cut, last_block
 from lxdimagefs.data.fetch import Fetcher, Stream
 
 SLACK = 4 * BLOCK  # how far a read may land from the last one and still count as sequential
@@ -49,11 +49,7 @@ class Prefetcher:
                 self._plan(offset, end, first, last)
             blocks = [self.fetcher.block(self.fp, self.total, i) for i in range(first, last + 1)]
             self.fetcher.verification.served(self.fp, self.total, offset, end)
-        lo = offset - first * BLOCK
-        if len(blocks) == 1:
-            return memoryview(blocks[0])[lo:lo + end - offset]
-        joined = b"".join(blocks)
-        return joined[lo:lo + end - offset]
+        return cut(blocks, offset, end)
 
     def readinto(self, offset: int, buf: memoryview) -> int:
         """`read`, into the caller's buffer (libfuse's): a whole block of a verified image is read
