@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import mmap
@@ -46,9 +47,18 @@ def export_of(mount: Any, fp: str) -> Path:
 
 def imported_unified(sandbox: Any, path: Path, rootfs_bytes: int) -> Iterator[str]:
     """A unified image of one test's own in the private LXD, for a fixture: deleted after it."""
-    fp = sandbox.import_image(make_unified(path, rootfs_bytes=rootfs_bytes))
-    yield fp
-    sandbox.lxc("image", "delete", fp, check=False)
+    with deleting(sandbox, {"": sandbox.import_image(make_unified(path, rootfs_bytes=rootfs_bytes))}) as fps:
+        yield fps[""]
+
+
+@contextlib.contextmanager
+def deleting(sandbox: Any, fps: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Images a fixture imported (more may be added inside): deleted from LXD when it ends."""
+    try:
+        yield fps
+    finally:
+        for fp in fps.values():
+            sandbox.lxc("image", "delete", fp, check=False)
 
 
 def resident_pages(path: Path, start: int, end: int) -> int:

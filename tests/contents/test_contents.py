@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import deleting
 from lxd_sandbox import make_split
 from mounts import mounted
 
@@ -74,16 +75,14 @@ def _tarball(path: Path, entries, compression: str = "") -> Path:
 def made(sandbox, tmp_path_factory):
     work = tmp_path_factory.mktemp("contents")
     entries = _entries()
-    fps = {}
-    for comp, suffix in (("", ".tar"), ("gz", ".tar.gz"), ("xz", ".tar.xz"), ("bz2", ".tar.bz2"),
-                         ("zst", ".tar.zst"), ("lzma", ".tar.lzma")):
-        fps[comp or "tar"] = sandbox.import_image(_tarball(work / f"c{suffix}", entries, comp))
-    fps["big"] = sandbox.import_image(_tarball(work / "big.tar", _entries(blob=160 << 20)))
-    meta, rootfs = make_split(work / "split", rootfs_bytes=1 << 20)
-    fps["split"] = sandbox.import_image(meta, rootfs)
-    yield fps, entries, (meta, rootfs)
-    for fp in fps.values():
-        sandbox.lxc("image", "delete", fp, check=False)
+    with deleting(sandbox, {}) as fps:
+        for comp, suffix in (("", ".tar"), ("gz", ".tar.gz"), ("xz", ".tar.xz"), ("bz2", ".tar.bz2"),
+                             ("zst", ".tar.zst"), ("lzma", ".tar.lzma")):
+            fps[comp or "tar"] = sandbox.import_image(_tarball(work / f"c{suffix}", entries, comp))
+        fps["big"] = sandbox.import_image(_tarball(work / "big.tar", _entries(blob=160 << 20)))
+        meta, rootfs = make_split(work / "split", rootfs_bytes=1 << 20)
+        fps["split"] = sandbox.import_image(meta, rootfs)
+        yield fps, entries, (meta, rootfs)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import deleting
 from helpers import sha as _digest
 from lxd_sandbox import pack_split, pack_unified
 from mounts import mounted
@@ -78,12 +79,11 @@ def distro() -> Path:
 @pytest.fixture(scope="module")
 def distro_images(sandbox, distro, tmp_path_factory) -> Iterator[dict[str, str]]:
     work = tmp_path_factory.mktemp("distro")
-    fps = {"unified": sandbox.import_image(pack_unified(distro, work / "unified.tar.gz")),
-           "split": sandbox.import_image(*pack_split(distro, work / "split"))}
-    shutil.rmtree(work)  # LXD holds its own copies
-    yield fps
-    for fp in fps.values():
-        sandbox.lxc("image", "delete", fp, check=False)
+    with deleting(sandbox, {}) as fps:
+        fps["unified"] = sandbox.import_image(pack_unified(distro, work / "unified.tar.gz"))
+        fps["split"] = sandbox.import_image(*pack_split(distro, work / "split"))
+        shutil.rmtree(work)  # LXD holds its own copies
+        yield fps
 
 
 @pytest.fixture(scope="module")
