@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +54,14 @@ else:
             fh = fip.contents if self.raw_fi else fip.contents.fh
             return None if path is None else path.decode(self.encoding, self.errors), view, fh
 
+        def init_fuse_3(self, conn: Any, config: Any) -> None:
+            """At most MAX_BACKGROUND of the kernel's readahead requests at once (its default is
+            12): libfuse allocates up to 1 MiB for each while it is served (docs/RELIABILITY.md)."""
+            if conn:
+                conn.contents.max_background = MAX_BACKGROUND
+                conn.contents.congestion_threshold = MAX_BACKGROUND * 3 // 4
+            super().init_fuse_3(conn, config)
+
         def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
             """`ftruncate` on an open file reaches its handle (mfusepy 3.1 drops libfuse 3's file
             info here: an open metadata.json truncated in place kept its old bytes)."""
@@ -72,6 +79,9 @@ else:
 # about 5 MiB of RSS (docs/RELIABILITY.md); idle ones beyond 16 exit.
 MAX_THREADS = 256
 MAX_IDLE_THREADS = 16
+# Measured with the soak: 4 in place of 12 took its peak RSS from 95-105 to 86-90 MiB, with as many
+# whole reads; one reader's readahead keeps 1 or 2 requests in flight.
+MAX_BACKGROUND = 4
 
 
 def worker_options() -> dict[str, object]:
@@ -101,31 +111,5 @@ def path_invalidator() -> Callable[[str], None] | None:
     return invalidate
 
 
-def raise_readahead(mountpoint: str, kib: int = 1024) -> bool:
-    """Let the kernel read ahead `kib` on this mount (root only), for files in the page cache.
-
-    The kernel gives a FUSE mount 128 KiB of readahead; verified exports read through the page
-    cache ask the daemon for 1 MiB at a time instead (docs/PERFORMANCE.md). Must not be called
-    from a FUSE callback: the stat asks this daemon.
-    """
-    if os.geteuid() != 0:
-        return False
-    deadline = time.monotonic() + 10
-    while not os.path.ismount(mountpoint):  # init runs before the kernel attaches the mount
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    dev = os.stat(mountpoint).st_dev
-    if os.major(dev) != 0:  # a FUSE mount's device is anonymous: never touch a disk's setting
-        return False
-    knob = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
-    try:
-        with open(knob, "w") as f:
-            f.write(f"{kib}\n")
-    except OSError:
-        return False
-    return True
-
-
 __all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "path_invalidator",
-           "raise_readahead", "worker_options"]
+           "worker_options"]
