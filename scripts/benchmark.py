@@ -487,15 +487,16 @@ def _contents_images(box: Sandbox, work: Path, size_mib: int) -> dict[str, str]:
     sh("tar", "-C", str(tree), "-cf", str(plain), "metadata.yaml", "rootfs/blob", "rootfs/etc")
     sh("sh", "-c", f"gzip -1 -c {plain} > {plain}.gz")
     sh("sh", "-c", f"xz -0 -T1 -c {plain} > {plain}.xz")  # one block: xz's own default layout
+    sh("sh", "-c", f"zstd -q -1 -T1 -c {plain} > {plain}.zst")  # one frame, as zstd makes it
     squash = work / "inside.squashfs"
     sh("mksquashfs", str(tree / "rootfs"), str(squash), "-noappend", "-quiet", "-noI", "-noD", "-noF", "-noX")
     meta = work / "inside-meta.tar"
     sh("tar", "-C", str(tree), "-cf", str(meta), "metadata.yaml")
     shutil.rmtree(tree)
     fps = {"tar": box.import_image(plain), "tar.gz": box.import_image(Path(f"{plain}.gz")),
-           "tar.xz": box.import_image(Path(f"{plain}.xz")),
+           "tar.xz": box.import_image(Path(f"{plain}.xz")), "tar.zst": box.import_image(Path(f"{plain}.zst")),
            "squashfs (split)": box.import_image(meta, squash)}
-    for p in (plain, Path(f"{plain}.gz"), Path(f"{plain}.xz"), squash, meta):
+    for p in (plain, Path(f"{plain}.gz"), Path(f"{plain}.xz"), Path(f"{plain}.zst"), squash, meta):
         p.unlink()
     return fps
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
-import lzma
 import os
-import shutil
 import stat
 import threading
 from dataclasses import dataclass
@@ -47,18 +45,6 @@ PREFERRED = ["indexed_gzip"]
 # read decompresses at most 4 MiB to reach its bytes.
 GZIP_SPACING = 4 << 20
 UNSEEKABLE = (".tar.lzma",)
-
-
-def _unpacked(path: Path, folder: Path) -> Path:
-    """A local .lzma file decompressed into the mount's spool folder, once per mount (never
-    beside a file of the disk cache, where nothing would check it again)."""
-    out = folder / f"{path.name}.tar"
-    if not out.exists():
-        tmp = out.with_suffix(".part")
-        with lzma.open(path) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 4 << 20)
-        os.replace(tmp, out)
-    return out
 
 
 class ExportFile(io.RawIOBase):
@@ -110,13 +96,14 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
 
     first = layout.parts[0]
     if first.key is None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
-        # indexed_zstd reads from a file descriptor, not a file object, and legacy .lzma has
-        # no seek points nor a decoder that indexes it: the export is spooled (verified) first,
-        # .lzma unpacked there once (the stdlib's lzma), and the tarball read from the spool.
-        spooled = exports.spool.unified(fp, first.size)
-        path = _unpacked(spooled, exports.spool.directory) if first.name.endswith(UNSEEKABLE) else spooled
-        return SQLiteIndexedTar(str(path), indexFilePath=_with(index, ".sqlite"),
-                                writeIndex=True), None
+        # indexed_zstd reads only from a file descriptor, where nothing would check its reads,
+        # and legacy .lzma has no seek points: the export is decoded once per mount into a plain
+        # tarball, whose blocks are checked at every read as a split image's parts are.
+        compression = "lzma" if first.name.endswith(UNSEEKABLE) else "zst"
+        decoded = exports.decoded(fp, first.size, compression)
+        tar = io.BufferedReader(ExportFile(decoded, decoded.total), 1 << 16)
+        return SQLiteIndexedTar(fileObject=tar, tarFileName=fp,
+                                indexFilePath=_with(index, ".decoded.sqlite"), writeIndex=True), None
     if first.key is not None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
         raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
     if not layout.split:

@@ -12,6 +12,7 @@ import mmap
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
@@ -188,6 +189,44 @@ def test_an_image_looked_inside_by_descriptor_is_spooled_once_not_once_per_mount
                 with open(_cache(tmp_path) / f"export-{fp}", "r+b") as f:
                     f.seek(1000)
                     f.write(b"tampered")
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def _packed(tar: Path, suffix: str) -> Path:
+    packed = tar.with_name(tar.stem + suffix)
+    if suffix == ".tar.zst":
+        subprocess.run(["zstd", "-q", str(tar), "-o", str(packed)], check=True)
+    else:
+        packed.write_bytes(lzma.compress(tar.read_bytes(), format=lzma.FORMAT_ALONE))
+    return packed
+
+
+@pytest.mark.parametrize("suffix", [".tar.zst", ".tar.lzma"])
+def test_a_decoded_tarball_changed_while_the_mount_uses_it_is_eio_never_wrong(sandbox, tmp_path, suffix):
+    """contents/ of a .tar.zst or .tar.lzma reads a plain tarball decoded into the mount's spool:
+    edited after the first look (or rotted), its bytes are EIO, never served."""
+    tar = make_unified(tmp_path / "z.tar", rootfs_bytes=24 * MIB)  # more than the 16 MiB block cache
+    with tarfile.open(tar) as t:
+        want = t.extractfile("rootfs/blob").read()
+    fp = sandbox.import_image(_packed(tar, suffix))
+    try:
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            blob = m.path / "contents" / "by-fingerprint" / fp / "rootfs" / "blob"
+            assert blob.read_bytes() == want  # its first blocks have left the block cache since
+            decoded = list(tmp_path.glob("lxdimagefs-spool-*/*.tar"))
+            assert len(decoded) == 1, decoded  # the plain tarball the daemon reads
+            with open(decoded[0], "r+b") as f:
+                f.seek(MIB + 4096)  # inside rootfs/blob's bytes
+                f.write(os.urandom(4096))
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the mount's pages too: ask the daemon
+            run = subprocess.run(["cat", str(blob)], capture_output=True)
+            assert run.stdout != want or run.returncode != 0, "cannot tell: the edit was not read"
+            assert run.returncode != 0 and b"Input/output error" in run.stderr, "wrong bytes, exit status 0"
+            assert not decoded[0].exists()  # that copy is not used again
+            assert (m.path / "contents" / "by-fingerprint" / fp / "metadata.yaml").exists()  # still serving
+        with mounted(sandbox, tmp_path / "mnt2") as m:  # a new mount decodes it again, right
+            assert (m.path / "contents" / "by-fingerprint" / fp / "rootfs" / "blob").read_bytes() == want
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
 
