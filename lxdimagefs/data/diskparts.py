@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import lzma
 import os
 import queue
 import shutil
@@ -97,8 +98,6 @@ def decode(source: Path, out: Path, fp: str, compression: str) -> Manifest:
     """A compressed tarball (`zst` or `lzma`) decoded into `out`, and the manifest of what was
     written, made as it was written. The compressed bytes are hashed as the decoder reads them:
     if they are not the image's (sha256 = `fp`), nothing is kept and IntegrityError is raised."""
-    import lzma
-
     import zstandard
 
     sums, written, buf = BlockSums(), 0, bytearray(PartWriter.BATCH)
@@ -115,12 +114,37 @@ def decode(source: Path, out: Path, fp: str, compression: str) -> Manifest:
                     written += n
             while hashed.readinto(buf):  # what follows the compressed stream is the image's too
                 pass
+            whole = compression != "zst" or _whole_frames(raw.fileno())  # its reader ends quietly
         if hashed.sha256.hexdigest() != fp:
             raise IntegrityError(f"{fp}: the export read to be decoded")
+        if not whole:  # LXD reads only metadata.yaml: it takes an image whose export is cut short
+            raise ValueError(f"{fp}: its export ends inside a zstd frame")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return sums.manifest(fp, written)
+
+
+def _whole_frames(fd: int) -> bool:
+    """Whether a zstd file ends where its last frame does (zstandard's reader gives what it has)."""
+    import zstandard
+
+    pos, size = 0, os.fstat(fd).st_size
+    while pos < size:
+        head = os.pread(fd, 18, pos)
+        if int.from_bytes(head[:4], "little") & ~0xF == 0x184D2A50:  # a skippable frame
+            pos += 8 + int.from_bytes(head[4:8], "little")
+            continue
+        try:
+            pos += zstandard.frame_header_size(head)
+            checksum, last = 4 if zstandard.get_frame_parameters(head).has_checksum else 0, 0
+        except zstandard.ZstdError:
+            return False
+        while not last and len(block := os.pread(fd, 3, pos)) == 3:  # 3-byte headers, to the last
+            n = int.from_bytes(block, "little")
+            last, pos = n & 1, pos + 3 + (1 if (n >> 1) & 3 == 1 else n >> 3)
+        pos += checksum if last else size
+    return pos == size
 
 
 class _Hashing(io.RawIOBase):

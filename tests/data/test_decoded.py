@@ -1,0 +1,68 @@
+"""contents/ of .tar.zst and .tar.lzma images: decoded once per mount into a checked plain tarball.
+
+Each test imports one small image (8 MiB) into the session's LXD and mounts once; about 5-10 s.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+
+import pytest
+from lxd_sandbox import make_unified
+from mounts import socket_mounted as mounted
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
+MIB = 1 << 20
+
+
+def test_a_truncated_tar_zst_that_lxd_took_is_eio_inside_never_short_bytes(sandbox, tmp_path):
+    """LXD reads only metadata.yaml of a unified image, so it takes a .tar.zst cut short after it.
+    Its sha256 is its fingerprint: the cut must show up as EIO inside, not as a shorter file
+    (zstandard's stream reader ends quietly where its input does)."""
+    tar = make_unified(tmp_path / "t.tar", rootfs_bytes=8 * MIB)
+    with tarfile.open(tar) as t:
+        want = t.extractfile("rootfs/blob").read()
+    packed = tmp_path / "t.tar.zst"
+    subprocess.run(["zstd", "-q", str(tar), "-o", str(packed)], check=True)
+    data = packed.read_bytes()
+    packed.write_bytes(data[: len(data) - 2 * MIB])  # inside rootfs/blob's bytes
+    try:
+        fp = sandbox.import_image(packed)
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"this LXD refuses a truncated .tar.zst: {e.stderr!r}")
+    try:
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            blob = m.path / "contents" / "by-fingerprint" / fp / "rootfs" / "blob"
+            run = subprocess.run(["cat", str(blob)], capture_output=True)
+            assert run.stdout != want  # it cannot be: the bytes are not in the image
+            assert run.returncode != 0, f"{len(run.stdout)} of {len(want)} bytes, exit status 0"
+            assert b"Input/output error" in run.stderr
+            spooled = tmp_path.glob("lxdimagefs-spool-*/*")
+            assert not [p for p in spooled if ".tar" in p.name]  # nothing half-made kept
+            assert (m.path / "contents" / "by-fingerprint" / fp).is_dir()  # still serving
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_tar_zst_of_several_frames_and_a_skippable_one_reads_whole(sandbox, tmp_path):
+    """What zstd itself decodes (frames one after another, skippable frames between) is read
+    whole: the check that no frame is cut short does not refuse it."""
+    import zstandard
+
+    tar = make_unified(tmp_path / "f.tar", rootfs_bytes=6 * MIB)
+    with tarfile.open(tar) as t:
+        want = t.extractfile("rootfs/blob").read()
+    data, half = tar.read_bytes(), 3 * MIB
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"lxdfs"
+    packed = tmp_path / "f.tar.zst"
+    packed.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(data[:half]) + skippable
+                       + zstandard.ZstdCompressor(write_content_size=False).compress(data[half:]))
+    assert subprocess.run(["zstd", "-dc", str(packed)], capture_output=True, check=True).stdout == data
+    fp = sandbox.import_image(packed)
+    try:
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            assert (m.path / "contents" / "by-fingerprint" / fp / "rootfs" / "blob").read_bytes() == want
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
