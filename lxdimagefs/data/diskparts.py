@@ -1,6 +1,6 @@
 """Whole files on local disk: a split image's parts, read block by block against their
-manifests; unified exports kept whole (`.tar.zst`, `.tar.lzma`, for contents/), checked
-once per daemon; and those decoded into plain tarballs, read like a part, block by block.
+manifests (`CheckedPart`, which contents/ also reads decoded tarballs through), and unified
+exports kept whole (`.tar.zst`, `.tar.lzma`, for contents/), checked once per daemon.
 
 LXD serves a split export only whole, so its verified parts are kept whole
 (hard-linked from the mount's spool when on the same filesystem). Nothing
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
-import lzma
 import os
 import queue
 import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lxdimagefs.data.blocks import BLOCK, Block, BlockCache, cut
 from lxdimagefs.data.manifest import BlockSums, Manifest, digest
@@ -92,75 +90,6 @@ def hash_parts(fp: str, paths: list[Path], what: str) -> list[Manifest] | None:
         log.error("%s of %s do not hash to its fingerprint: not used", what, fp)
         return None
     return [s.manifest(fp, n) for s, n in zip(sums, sizes, strict=True)]
-
-
-def decode(source: Path, out: Path, fp: str, compression: str) -> Manifest:
-    """A compressed tarball (`zst` or `lzma`) decoded into `out`, and the manifest of what was
-    written, made as it was written. The compressed bytes are hashed as the decoder reads them:
-    if they are not the image's (sha256 = `fp`), nothing is kept and IntegrityError is raised."""
-    import zstandard
-
-    sums, written, buf = BlockSums(), 0, bytearray(PartWriter.BATCH)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
-    try:
-        with open(source, "rb", buffering=0) as raw, open(tmp, "wb") as dst:
-            hashed = _Hashing(raw)
-            src = io.BufferedReader(hashed, PartWriter.BATCH)
-            with (zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
-                  if compression == "zst" else lzma.LZMAFile(src)) as decoder:
-                while n := decoder.readinto(buf):
-                    sums.update(memoryview(buf)[:n])
-                    dst.write(memoryview(buf)[:n])
-                    written += n
-            while hashed.readinto(buf):  # what follows the compressed stream is the image's too
-                pass
-            whole = compression != "zst" or _whole_frames(raw.fileno())  # its reader ends quietly
-        if hashed.sha256.hexdigest() != fp:
-            raise IntegrityError(f"{fp}: the export read to be decoded")
-        if not whole:  # LXD reads only metadata.yaml: it takes an image whose export is cut short
-            raise ValueError(f"{fp}: its export ends inside a zstd frame")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return sums.manifest(fp, written)
-
-
-def _whole_frames(fd: int) -> bool:
-    """Whether a zstd file ends where its last frame does (zstandard's reader gives what it has)."""
-    import zstandard
-
-    pos, size = 0, os.fstat(fd).st_size
-    while pos < size:
-        head = os.pread(fd, 18, pos)
-        if int.from_bytes(head[:4], "little") & ~0xF == 0x184D2A50:  # a skippable frame
-            pos += 8 + int.from_bytes(head[4:8], "little")
-            continue
-        try:
-            pos += zstandard.frame_header_size(head)
-            checksum, last = 4 if zstandard.get_frame_parameters(head).has_checksum else 0, 0
-        except zstandard.ZstdError:
-            return False
-        while not last and len(block := os.pread(fd, 3, pos)) == 3:  # 3-byte headers, to the last
-            n = int.from_bytes(block, "little")
-            last, pos = n & 1, pos + 3 + (1 if (n >> 1) & 3 == 1 else n >> 3)
-        pos += checksum if last else size
-    return pos == size
-
-
-class _Hashing(io.RawIOBase):
-    """A file read through, every byte handed out hashed (the decoder reads what is checked)."""
-
-    def __init__(self, raw: io.RawIOBase) -> None:
-        super().__init__()
-        self.raw, self.sha256 = raw, hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self.raw.readinto(buffer) or 0
-        self.sha256.update(memoryview(buffer)[:n])
-        return n
 
 
 def kept(cache: DiskCache, fp: str) -> list[Path] | None:

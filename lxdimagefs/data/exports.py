@@ -10,15 +10,20 @@ once per mount into the spool and read the same way.
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import logging
+import lzma
+import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from lxdimagefs.data.blocks import BlockCache
 from lxdimagefs.data.diskcache import DiskCache, drop_unsealed
-from lxdimagefs.data.diskparts import CheckedPart, decode
+from lxdimagefs.data.diskparts import CheckedPart, PartWriter
 from lxdimagefs.data.fetch import Fetcher
-from lxdimagefs.data.manifest import Manifest
+from lxdimagefs.data.manifest import BlockSums, Manifest
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.data.verify import Verification
@@ -40,7 +45,8 @@ class Exports:
         self.spool = SplitSpool(client, spool_dir, disk, images=images, cache=self.cache)
         self.server = self.spool.server  # the server of every key this reader makes
         self._decoded: dict[str, tuple[Path, Manifest]] = {}  # this mount's decoded tarballs
-        self._decoding = threading.Lock()
+        self._decoding = threading.Lock()  # guards the two dicts
+        self._decode_locks: dict[str, threading.Lock] = {}
         if disk is not None:
             self.verification.on_verdict = disk.seal
             self.verification.on_corrupt.append(functools.partial(drop_unsealed, disk))
@@ -64,10 +70,12 @@ class Exports:
         """A `.tar.zst` or `.tar.lzma` export as a plain tarball, every block of it checked.
 
         Decoded once per mount into the mount's spool (the compressed export comes from the
-        disk cache when kept there), with a manifest made as it is written: a decoded file
-        changed or damaged while the mount lives is `EIO`, then decoded again at the next open.
+        disk cache when kept there), with a manifest made as it is written. A block of it that
+        was changed or damaged since is `EIO`, and the file is deleted: the image's contents/
+        is decoded again when it is next opened (a later mount; this one's archive holds the
+        old file until it leaves contents/'s open archives).
         """
-        with self._decoding:
+        with self._decode_lock(fp):
             path, manifest = self._decoded.get(fp) or (None, None)
             if path is None or manifest is None or not path.exists():
                 path = self.spool.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.tar"
@@ -83,8 +91,13 @@ class Exports:
                         source.unlink(missing_ok=True)
                     raise
                 self._decoded[fp] = path, manifest
-        forget = functools.partial(self._forget, fp, path)
-        return CheckedPart(path, manifest, self.cache, f"{fp}.decoded", forget)
+            forget = functools.partial(self._forget, fp, path)
+            return CheckedPart(path, manifest, self.cache, f"{fp}.decoded", forget)  # opened before a forget
+
+    def _decode_lock(self, fp: str) -> threading.Lock:
+        """One image's decoding at a time; other images' go on meanwhile."""
+        with self._decoding:
+            return self._decode_locks.setdefault(fp, threading.Lock())
 
     def _forget(self, fp: str, path: Path) -> None:
         """A block of a decoded tarball failed its check: the file goes, the next open decodes anew."""
@@ -96,3 +109,81 @@ class Exports:
     def close(self) -> None:
         self.fetcher.close()
         self.spool.remove()
+
+
+def decode(source: Path, out: Path, fp: str, compression: str) -> Manifest:
+    """A compressed tarball (`zst` or `lzma`) decoded into `out`, and the manifest of what was
+    written, made as it was written. The compressed bytes are hashed as the decoder reads them:
+    if they are not the image's (sha256 = `fp`), nothing is kept and IntegrityError is raised."""
+    import zstandard
+
+    sums, written, buf = BlockSums(), 0, bytearray(PartWriter.BATCH)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        with open(source, "rb", buffering=0) as raw, open(tmp, "wb") as dst:
+            hashed = _Hashing(raw)
+            src = io.BufferedReader(hashed, PartWriter.BATCH)
+            try:
+                with (zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+                      if compression == "zst" else lzma.LZMAFile(src)) as decoder:
+                    while n := decoder.readinto(buf):
+                        sums.update(memoryview(buf)[:n])
+                        dst.write(memoryview(buf)[:n])
+                        written += n
+            except (zstandard.ZstdError, lzma.LZMAError, EOFError):
+                hashed.finish(buf, fp)  # a copy changed since its check, or the image's own fault?
+                raise
+            hashed.finish(buf, fp)
+            whole = compression != "zst" or _whole_frames(raw.fileno())  # its reader ends quietly
+        if not whole:  # LXD reads only metadata.yaml: it takes an image whose export is cut short
+            raise ValueError(f"{fp}: its export ends inside a zstd frame")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return sums.manifest(fp, written)
+
+
+def _whole_frames(fd: int) -> bool:
+    """Whether a zstd file ends where its last frame does (zstandard's reader gives what it has)."""
+    import zstandard
+
+    pos, size = 0, os.fstat(fd).st_size
+    while pos < size:
+        head = os.pread(fd, 18, pos)
+        if int.from_bytes(head[:4], "little") & ~0xF == 0x184D2A50:  # a skippable frame
+            pos += 8 + int.from_bytes(head[4:8], "little")
+            continue
+        try:
+            pos += zstandard.frame_header_size(head)
+            checksum, last = 4 if zstandard.get_frame_parameters(head).has_checksum else 0, 0
+        except zstandard.ZstdError:
+            return False
+        while not last and len(block := os.pread(fd, 3, pos)) == 3:  # 3-byte headers, to the last
+            n = int.from_bytes(block, "little")
+            last, pos = n & 1, pos + 3 + (1 if (n >> 1) & 3 == 1 else n >> 3)
+        pos += checksum if last else size
+    return pos == size
+
+
+class _Hashing(io.RawIOBase):
+    """A file read through, every byte handed out hashed (the decoder reads what is checked)."""
+
+    def __init__(self, raw: io.RawIOBase) -> None:
+        super().__init__()
+        self.raw, self.sha256 = raw, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer) or 0
+        self.sha256.update(memoryview(buffer)[:n])
+        return n
+
+    def finish(self, buf: bytearray, fp: str) -> None:
+        """Hash the rest (what follows the compressed stream is the image's too); IntegrityError
+        unless all of it hashed to the fingerprint."""
+        while self.readinto(buf):
+            pass
+        if self.sha256.hexdigest() != fp:
+            raise IntegrityError(f"{fp}: the export read to be decoded")

@@ -66,3 +66,29 @@ def test_a_tar_zst_of_several_frames_and_a_skippable_one_reads_whole(sandbox, tm
             assert (m.path / "contents" / "by-fingerprint" / fp / "rootfs" / "blob").read_bytes() == want
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
+
+
+@pytest.mark.parametrize("suffix", [".tar.zst", ".tar.lzma"])
+def test_a_copy_changed_since_its_check_is_an_integrity_error_where_the_decoder_fails_first(tmp_path, suffix):
+    """A kept export damaged after this daemon checked it (it is checked once per daemon) makes the
+    decoder fail before the hash is done: still the integrity error, so the caller drops that copy
+    (a decoder's error alone would leave it, and the image EIO for the daemon's life)."""
+    import hashlib
+    import lzma
+
+    from lxdimagefs.data.exports import decode
+    from lxdimagefs.errors import IntegrityError
+
+    tar = make_unified(tmp_path / "c.tar", rootfs_bytes=2 * MIB)
+    packed = tmp_path / f"c{suffix}"
+    if suffix == ".tar.zst":
+        subprocess.run(["zstd", "-q", str(tar), "-o", str(packed)], check=True)
+    else:
+        packed.write_bytes(lzma.compress(tar.read_bytes(), format=lzma.FORMAT_ALONE))
+    fp = hashlib.sha256(packed.read_bytes()).hexdigest()
+    with open(packed, "r+b") as f:  # the copy rots after its check
+        f.seek(MIB)
+        f.write(bytes(4096))
+    with pytest.raises(IntegrityError):
+        decode(packed, tmp_path / "out.tar", fp, suffix.rsplit(".", 1)[1])
+    assert [p.name for p in tmp_path.iterdir() if "out.tar" in p.name] == []  # nothing half-made
