@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"lxdimagefs manifest 1\n"
 # A split part's manifest is one server's (its layout says where the parts divide): manifest-SERVER-FP.N
-_NAME = re.compile(r"(?:export|manifest|part)-(?:[0-9a-f]{16}-)?([0-9a-f]{64})(?:\.(?:0|1|sum))?")
+_NAME = re.compile(r"(?:export|manifest|part)-(?:[0-9a-f]{16}-)?([0-9a-f]{64})(?:\.(?:0|1|2|sum))?")
+DECODED = 2  # the part index of a unified .tar.zst/.tar.lzma decoded for contents/ (a split image's: 0, 1)
 KEEP_FREE = 0.05  # of the cache's filesystem, left free whatever cache_max says
 OPEN_FILES = 8  # image files kept open
 RESCAN = 16 * BLOCK
@@ -128,8 +129,8 @@ class DiskCache:
         self.drop_parts(fp)
 
     def drop_parts(self, fp: str) -> None:
-        """Drop a split image's kept parts (a block of one failed its manifest), not its manifests."""
-        for i in (0, 1, "sum"):
+        """Drop an image's kept parts (a block of one failed its manifest), not their manifests."""
+        for i in (0, 1, DECODED, "sum"):
             self.part(fp, i).unlink(missing_ok=True)
 
     def _open(self, fp: str, create: bool) -> int:
@@ -210,12 +211,12 @@ class DiskCache:
     def part(self, fp: str, index: int | str) -> Path:
         return self.root / f"{ObjectKey(Sha256(fp), 'part').filename}.{index}"
 
-    def keep_parts(self, fp: str, verified: list[Path]) -> None:
-        """Keep a split image's parts, just checked against the fingerprint, for later mounts."""
+    def keep_parts(self, fp: str, verified: list[Path], first: int = 0) -> None:
+        """Keep a split image's parts (or a decoded tarball: `first` DECODED), for later mounts."""
         sizes = [p.stat().st_size for p in verified]
         if (self.max_bytes is not None and sum(sizes) > self.max_bytes // 2) or not self._room(sum(sizes)):
             return
-        diskparts.keep(self, fp, verified)
+        diskparts.keep(self, fp, verified, first)
 
     def keep_whole(self, fp: str, verified: Path) -> None:
         """Keep a unified export just checked against the fingerprint, whole, for later mounts."""

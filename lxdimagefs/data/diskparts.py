@@ -103,10 +103,10 @@ def kept(cache: DiskCache, fp: str) -> list[Path] | None:
     return paths
 
 
-def keep(cache: DiskCache, fp: str, verified: list[Path]) -> None:
-    """Link (or copy) both parts in (their manifests are sealed by the caller)."""
+def keep(cache: DiskCache, fp: str, verified: list[Path], first: int = 0) -> None:
+    """Link (or copy) parts in, numbered from `first` (their manifests are sealed by the caller)."""
     try:
-        for index, src in enumerate(verified):
+        for index, src in enumerate(verified, first):
             dst = cache.part(fp, index)
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
             try:

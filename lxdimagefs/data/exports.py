@@ -4,7 +4,7 @@ Unified exports: one block cache for the daemon, fetches and streams
 from LXD, the whole-read check, and a read-ahead policy per open file.
 Split exports: their parts' local files, read checked (the spool); and
 compressed unified ones that contents/ reads as plain tarballs, decoded
-once per mount into the spool and read the same way.
+once (kept in the disk cache) and read the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lxdimagefs.data.blocks import BlockCache
-from lxdimagefs.data.diskcache import DiskCache, drop_unsealed
+from lxdimagefs.data.diskcache import DECODED, DiskCache, drop_unsealed
 from lxdimagefs.data.diskparts import CheckedPart, PartWriter
 from lxdimagefs.data.fetch import Fetcher
 from lxdimagefs.data.manifest import BlockSums, Manifest
@@ -32,6 +32,11 @@ from lxdimagefs.keys import ObjectKey, Sha256
 from lxdimagefs.servers.protocol import ImageSource
 
 log = logging.getLogger(__name__)
+
+
+def _decoded_key(fp: str) -> ObjectKey:
+    """Where a decoded tarball's manifest is kept: content-addressed (decoding is the same anywhere)."""
+    return ObjectKey(Sha256(fp), "manifest", part=DECODED)
 
 
 class Exports:
@@ -69,30 +74,51 @@ class Exports:
     def decoded(self, fp: str, size: int, compression: str) -> CheckedPart:
         """A `.tar.zst` or `.tar.lzma` export as a plain tarball, every block of it checked.
 
-        Decoded once per mount into the mount's spool (the compressed export comes from the
-        disk cache when kept there), with a manifest made as it is written. A block of it that
-        was changed or damaged since is `EIO`, and the file is deleted: the image's contents/
-        is decoded again when it is next opened (a later mount; this one's archive holds the
-        old file until it leaves contents/'s open archives).
+        Decoded once, with a manifest made as it is written, and kept in the disk cache beside
+        that manifest for later mounts (in the mount's spool only, without one). A block
+        changed or damaged since is `EIO`, and the file is deleted: the image is decoded again
+        when contents/ next opens it (a later mount; this one's archive holds the old file
+        until it leaves contents/'s open archives).
         """
         with self._decode_lock(fp):
             path, manifest = self._decoded.get(fp) or (None, None)
             if path is None or manifest is None or not path.exists():
-                path = self.spool.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.tar"
-                self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                source = self.spool.unified(fp, size)
-                try:
-                    manifest = decode(source, path, fp, compression)
-                except IntegrityError:  # changed since its check: that copy goes, the next look fetches
-                    log.error("the export of %s changed after its check: not decoded, not kept", fp)
-                    if self.disk is not None:
-                        self.disk.drop(fp)
-                    if source.parent == self.spool.directory:
-                        source.unlink(missing_ok=True)
-                    raise
+                path, manifest = self._kept_decoded(fp) or self._decode(fp, size, compression)
                 self._decoded[fp] = path, manifest
             forget = functools.partial(self._forget, fp, path)
             return CheckedPart(path, manifest, self.cache, f"{fp}.decoded", forget)  # opened before a forget
+
+    def _kept_decoded(self, fp: str) -> tuple[Path, Manifest] | None:
+        """The tarball an earlier mount decoded, if kept with its sealed manifest."""
+        if self.disk is None:
+            return None
+        path = self.disk.part(fp, DECODED)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return None
+        manifest = self.disk.manifest(fp, size, _decoded_key(fp))
+        return None if manifest is None else (path, manifest)
+
+    def _decode(self, fp: str, size: int, compression: str) -> tuple[Path, Manifest]:
+        path = self.spool.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.tar"
+        self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        source = self.spool.unified(fp, size)
+        try:
+            manifest = decode(source, path, fp, compression)
+        except IntegrityError:  # changed since its check: that copy goes, the next look fetches
+            log.error("the export of %s changed after its check: not decoded, not kept", fp)
+            if self.disk is not None:
+                self.disk.drop(fp)
+            if source.parent == self.spool.directory:
+                source.unlink(missing_ok=True)
+            raise
+        log.debug("decoded %s for contents/ (%d bytes)", fp, manifest.total)
+        if self.disk is not None:
+            self.disk.keep_parts(fp, [path], first=DECODED)
+            if self.disk.part(fp, DECODED).exists():
+                self.disk.seal(manifest, _decoded_key(fp))
+        return path, manifest
 
     def _decode_lock(self, fp: str) -> threading.Lock:
         """One image's decoding at a time; other images' go on meanwhile."""
@@ -105,6 +131,8 @@ class Exports:
             if self._decoded.get(fp, (None,))[0] == path:
                 del self._decoded[fp]
                 path.unlink(missing_ok=True)
+                if self.disk is not None:  # the spool's file may be the kept one, linked
+                    self.disk.part(fp, DECODED).unlink(missing_ok=True)
 
     def close(self) -> None:
         self.fetcher.close()

@@ -166,32 +166,35 @@ def test_a_cache_folder_of_another_owner_is_refused_at_mount(sandbox, tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".tar.zst", ".tar.lzma"])
-def test_an_image_looked_inside_by_descriptor_is_spooled_once_not_once_per_mount(sandbox, tmp_path, suffix):
+def test_an_image_looked_inside_by_descriptor_is_decoded_once_not_once_per_mount(sandbox, tmp_path, suffix):
+    """contents/ of a .tar.zst or .tar.lzma: downloaded and decoded by the first mount, kept with
+    the decoded tarball's manifest; a later mount neither downloads nor decodes. Both kept files
+    edited: the edited block is EIO, never served; the mount after that decodes anew, right."""
     tar = make_unified(tmp_path / "z.tar", rootfs_bytes=2 * MIB)
-    packed = tmp_path / f"z{suffix}"  # read by file descriptor (zstd) or unpacked (lzma): spooled whole
-    if suffix == ".tar.zst":
-        subprocess.run(["zstd", "-q", str(tar), "-o", str(packed)], check=True)
-    else:
-        packed.write_bytes(lzma.compress(tar.read_bytes(), format=lzma.FORMAT_ALONE))
-    fp = sandbox.import_image(packed)
+    fp = sandbox.import_image(_packed(tar, suffix))
     try:
         want = None
-        for n in range(3):
+        for n in range(4):
             with mounted(sandbox, tmp_path / f"mnt{n}") as m:
-                got = (m.path / "contents" / "by-fingerprint" / fp / "rootfs/etc/hostname").read_bytes()
-                want = want or got
-                assert got == want and got.startswith(b"z.tar")
-                spooled = "spooled " + fp in m.log_text()
-                assert spooled == (n != 1), m.log_text()[-2000:]  # mount 1 uses the kept export
+                hostname = m.path / "contents/by-fingerprint" / fp / "rootfs/etc/hostname"
+                run = subprocess.run(["cat", str(hostname)], capture_output=True)
+                log = m.log_text()
+                if n == 2:  # both kept files were edited: EIO, never the edited bytes
+                    assert run.returncode != 0 and b"Input/output error" in run.stderr, run
+                else:
+                    want = want or run.stdout
+                    assert run.returncode == 0 and run.stdout == want and want.startswith(b"z.tar")
+                assert ("spooled " + fp in log) == (n in (0, 3)), log[-2000:]  # downloaded
+                assert ("decoded " + fp in log) == (n in (0, 3)), log[-2000:]
             names = {p.name for p in _cache(tmp_path).iterdir()}
-            assert names <= {f"export-{fp}", f"manifest-{fp}"}, names  # nothing unchecked beside them
-            if n == 1:  # then the kept export is edited: found, not used, downloaded again
-                with open(_cache(tmp_path) / f"export-{fp}", "r+b") as f:
-                    f.seek(1000)
-                    f.write(b"tampered")
+            assert names <= {f"export-{fp}", f"manifest-{fp}", f"part-{fp}.2", f"manifest-{fp}.2"}, names
+            if n == 1:  # the kept export and the kept decoded tarball, both edited
+                for name in (f"export-{fp}", f"part-{fp}.2"):
+                    with open(_cache(tmp_path) / name, "r+b") as f:
+                        f.seek(1000)  # the first block: metadata.yaml and rootfs/etc/hostname
+                        f.write(b"tampered")
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
-
 
 def _packed(tar: Path, suffix: str) -> Path:
     packed = tar.with_name(tar.stem + suffix)
