@@ -29,6 +29,7 @@ from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError
 from lxdimagefs.keys import ObjectKey, Sha256
+from lxdimagefs.servers.localfiles import open_image
 from lxdimagefs.servers.protocol import ImageSource
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Exports:
         self.fetcher = Fetcher(client, self.cache, disk=disk, images=images)
         self.spool = SplitSpool(client, spool_dir, disk, images=images, cache=self.cache)
         self.server = self.spool.server  # the server of every key this reader makes
+        self.images = images
         self._decoded: dict[str, tuple[Path, Manifest]] = {}  # this mount's decoded tarballs
         self._decoding = threading.Lock()  # guards the two dicts
         self._decode_locks: dict[str, threading.Lock] = {}
@@ -103,9 +105,24 @@ class Exports:
     def _decode(self, fp: str, size: int, compression: str) -> tuple[Path, Manifest]:
         path = self.spool.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.tar"
         self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        local = open_image(self.images, fp, size=size) if self.images is not None else None
+        if local is not None and not local.split:  # the server's own file: nothing to download
+            with local:
+                manifest = decode(Path(f"/proc/self/fd/{local.parts[0].fd}"), path, fp, compression)
+        else:
+            manifest = self._decode_kept(fp, size, path, compression)
+        log.debug("decoded %s for contents/ (%d bytes)", fp, manifest.total)
+        if self.disk is not None:
+            self.disk.keep_parts(fp, [path], first=DECODED)
+            if self.disk.part(fp, DECODED).exists():
+                self.disk.seal(manifest, _decoded_key(fp))
+        return path, manifest
+
+    def _decode_kept(self, fp: str, size: int, path: Path, compression: str) -> Manifest:
+        """Decoded from the export downloaded into the spool, or kept whole in the disk cache."""
         source = self.spool.unified(fp, size)
         try:
-            manifest = decode(source, path, fp, compression)
+            return decode(source, path, fp, compression)
         except IntegrityError:  # changed since its check: that copy goes, the next look fetches
             log.error("the export of %s changed after its check: not decoded, not kept", fp)
             if self.disk is not None:
@@ -113,12 +130,6 @@ class Exports:
             if source.parent == self.spool.directory:
                 source.unlink(missing_ok=True)
             raise
-        log.debug("decoded %s for contents/ (%d bytes)", fp, manifest.total)
-        if self.disk is not None:
-            self.disk.keep_parts(fp, [path], first=DECODED)
-            if self.disk.part(fp, DECODED).exists():
-                self.disk.seal(manifest, _decoded_key(fp))
-        return path, manifest
 
     def _decode_lock(self, fp: str) -> threading.Lock:
         """One image's decoding at a time; other images' go on meanwhile."""

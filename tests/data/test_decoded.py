@@ -92,3 +92,27 @@ def test_a_copy_changed_since_its_check_is_an_integrity_error_where_the_decoder_
     with pytest.raises(IntegrityError):
         decode(packed, tmp_path / "out.tar", fp, suffix.rsplit(".", 1)[1])
     assert [p.name for p in tmp_path.iterdir() if "out.tar" in p.name] == []  # nothing half-made
+
+
+def test_a_local_servers_tar_zst_is_decoded_from_its_own_file_without_a_download(sandbox, tmp_path):
+    """As root beside the server (the default), the image's own file is decoded: no export is
+    asked of LXD and nothing is spooled; the decoded tarball is kept for later mounts."""
+    from mounts import mounted as default_mounted
+
+    tar = make_unified(tmp_path / "l.tar", rootfs_bytes=4 * MIB)
+    with tarfile.open(tar) as t:
+        want = t.extractfile("rootfs/blob").read()
+    packed = tmp_path / "l.tar.zst"
+    subprocess.run(["zstd", "-q", str(tar), "-o", str(packed)], check=True)
+    fp = sandbox.import_image(packed)
+    try:
+        for n in range(2):
+            with default_mounted(sandbox, tmp_path / f"mnt{n}") as m:
+                assert (m.path / "contents" / "by-fingerprint" / fp / "rootfs" / "blob").read_bytes() == want
+                log = m.log_text()
+                asked = [line for line in log.splitlines() if f"/1.0/images/{fp}/export" in line]
+                assert all(line.endswith(" 206 1") for line in asked), asked  # the name's 1-byte probe only
+                assert "spooled " + fp not in log, log[-2000:]
+                assert ("decoded " + fp in log) == (n == 0)  # the second mount finds it kept
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
