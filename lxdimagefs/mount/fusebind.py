@@ -54,14 +54,6 @@ else:
             fh = fip.contents if self.raw_fi else fip.contents.fh
             return None if path is None else path.decode(self.encoding, self.errors), view, fh
 
-        def init_fuse_3(self, conn: Any, config: Any) -> None:
-            """At most MAX_BACKGROUND of the kernel's readahead requests at once (its default is
-            12): libfuse allocates up to 1 MiB for each while it is served (docs/RELIABILITY.md)."""
-            if conn:
-                conn.contents.max_background = MAX_BACKGROUND
-                conn.contents.congestion_threshold = MAX_BACKGROUND * 3 // 4
-            super().init_fuse_3(conn, config)
-
         def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
             """`ftruncate` on an open file reaches its handle (mfusepy 3.1 drops libfuse 3's file
             info here: an open metadata.json truncated in place kept its old bytes)."""
@@ -79,9 +71,6 @@ else:
 # about 5 MiB of RSS (docs/RELIABILITY.md); idle ones beyond 16 exit.
 MAX_THREADS = 256
 MAX_IDLE_THREADS = 16
-# Measured with the soak: 4 in place of 12 took its peak RSS from 95-105 to 86-90 MiB, with as many
-# whole reads; one reader's readahead keeps 1 or 2 requests in flight.
-MAX_BACKGROUND = 4
 
 
 def worker_options() -> dict[str, object]:
