@@ -116,3 +116,25 @@ def test_a_local_servers_tar_zst_is_decoded_from_its_own_file_without_a_download
                 assert ("decoded " + fp in log) == (n == 0)  # the second mount finds it kept
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_tar_zst_cut_at_a_frame_boundary_is_eio_inside_never_a_short_file(sandbox, tmp_path):
+    """A .tar.zst whose last frames are missing is whole to zstd (it ends where a frame ends), and
+    LXD takes it (it reads only metadata.yaml): the tarball it decodes to stops inside rootfs/blob.
+    Reading that file must fail, not end early with exit status 0 (its size says more)."""
+    import zstandard
+
+    tar = make_unified(tmp_path / "b.tar", rootfs_bytes=8 * MIB)
+    data = tar.read_bytes()
+    packed = tmp_path / "b.tar.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(data[: 4 * MIB]))  # the first frame alone
+    fp = sandbox.import_image(packed)
+    try:
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            blob = m.path / "contents" / "by-fingerprint" / fp / "rootfs" / "blob"
+            run = subprocess.run(["cat", str(blob)], capture_output=True)
+            assert run.returncode != 0, f"{len(run.stdout)} of {8 * MIB} bytes, exit status 0"
+            assert b"Input/output error" in run.stderr
+            assert (m.path / "contents" / "by-fingerprint" / fp).is_dir()  # still serving
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
