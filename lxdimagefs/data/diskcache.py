@@ -230,19 +230,20 @@ class DiskCache:
             # Free space is asked as often (a statvfs per block cost the fetch threads).
             self._unscanned += size
             over_max = self.max_bytes is not None and (self._used or 0) + size > self.max_bytes
-            if self._used is None or self._unscanned > RESCAN or over_max:
+            if self._used is None or self._unscanned > RESCAN or over_max or size > BLOCK:  # a whole file
                 self.flush()  # what waits to be written is counted too
                 self._used, self._unscanned = self._evict(size), 0
-                if self._over(self._used + size):
+                if self._over(self._used + size, size):
                     return False
             self._used += size
             return True
 
-    def _over(self, used: int) -> bool:
+    def _over(self, used: int, size: int = BLOCK) -> bool:
+        """Past cache_max, or `size` bytes more would leave less than keep_free of the filesystem."""
         if self.max_bytes is not None and used > self.max_bytes:
             return True
         fs = os.statvfs(self.root)
-        return fs.f_bavail * fs.f_frsize < self.keep_free * fs.f_blocks * fs.f_frsize + BLOCK
+        return fs.f_bavail * fs.f_frsize < self.keep_free * fs.f_blocks * fs.f_frsize + max(size, BLOCK)
 
     def _evict(self, size: int) -> int:
         """Drop the least recently used images until `size` more fits; returns the bytes left."""
@@ -259,7 +260,7 @@ class DiskCache:
         images.sort()
         used = sum(size for _, size, _ in images)
         target = int(self.max_bytes * 0.9) if self.max_bytes is not None else None
-        while images and (self._over(used + size) or (target is not None and used + size > target)):
+        while images and (self._over(used + size, size) or (target is not None and used + size > target)):
             _, gone, fp = images.pop(0)
             self.drop(fp)
             used -= gone

@@ -264,3 +264,27 @@ def _flip(path: Path, offset: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_whole_file_is_kept_only_if_it_leaves_the_free_space_and_never_leaves_a_temporary(tmp_path):
+    """A decoded tarball or split part is copied into the cache when the spool is on another
+    filesystem (root's default: /tmp and /var/cache). One that would leave less than 5% of the
+    cache's filesystem free is not kept; a copy cut by ENOSPC leaves no temporary file (eviction
+    counts only the cache's own names: one would stay for ever). A 16 MiB tmpfs; about 1 s."""
+    from lxdimagefs.data import diskparts
+    from lxdimagefs.data.diskcache import DiskCache
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        cache, fp = DiskCache(small / "cache"), "cd" * 32
+        near, big = tmp_path / "near.tar", tmp_path / "big.tar"
+        near.write_bytes(os.urandom(15 * MIB + MIB // 2))  # fits, leaving 0.5 MiB of 16 free
+        big.write_bytes(os.urandom(20 * MIB))  # does not fit
+        cache.keep_parts(fp, [near], first=2)
+        assert not cache.part(fp, 2).exists(), "kept, leaving less than 5% free"
+        diskparts.keep(cache, fp, [big], 2)  # as once keep_parts found room, then the disk filled
+        assert os.listdir(cache.root) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
