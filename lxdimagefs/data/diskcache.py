@@ -124,7 +124,9 @@ class DiskCache:
         self.intact.discard(fp)
         self.forget_fd(fp)
         self._writer.forget(str(self.export(fp)))
-        for path in (self._manifest(fp), self.export(fp), *self.root.glob(f"manifest-*-{Sha256(fp)}.*")):
+        decoded = self._manifest(fp, ObjectKey(Sha256(fp), "manifest", part=DECODED))
+        servers = self.root.glob(f"manifest-*-{Sha256(fp)}.*")
+        for path in (self._manifest(fp), decoded, self.export(fp), *servers):
             path.unlink(missing_ok=True)
         self.drop_parts(fp)
 

@@ -288,3 +288,22 @@ def test_a_whole_file_is_kept_only_if_it_leaves_the_free_space_and_never_leaves_
         assert os.listdir(cache.root) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_an_image_dropped_or_evicted_leaves_no_decoded_tarballs_manifest_behind(tmp_path):
+    """drop (eviction, a damaged manifest) removes every file of the image: a sealed manifest of
+    a decoded tarball left behind was never removed by anything, and kept counting as an image."""
+    from lxdimagefs.data.diskcache import DECODED, DiskCache
+    from lxdimagefs.data.manifest import BlockSums
+    from lxdimagefs.keys import ObjectKey, Sha256
+
+    cache, fp = DiskCache(tmp_path / "cache"), "ef" * 32
+    src = tmp_path / "decoded.tar"
+    src.write_bytes(os.urandom(3 * MIB))
+    sums = BlockSums()
+    sums.update(src.read_bytes())
+    cache.keep_parts(fp, [src], first=DECODED)
+    cache.seal(sums.manifest(fp, 3 * MIB), ObjectKey(Sha256(fp), "manifest", part=DECODED))
+    assert sorted(os.listdir(cache.root)) == [f"manifest-{fp}.2", f"part-{fp}.2"]
+    cache.drop(fp)
+    assert os.listdir(cache.root) == []
