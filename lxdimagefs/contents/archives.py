@@ -201,7 +201,10 @@ class ImageArchive:
         if size <= 0:
             return b""
         with self._lock:
-            return entry.source.read(entry.info, size, offset)
+            data = entry.source.read(entry.info, size, offset)
+        if len(data) != size:  # an archive cut short inside the file (LXD reads only metadata.yaml)
+            raise ValueError(f"the archive ends inside the file: {len(data)} of {size} bytes at {offset}")
+        return data
 
     def close(self) -> None:
         for source in (self._top, self._rootfs):

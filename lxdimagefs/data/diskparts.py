@@ -110,10 +110,13 @@ def keep(cache: DiskCache, fp: str, verified: list[Path], first: int = 0) -> Non
             dst = cache.part(fp, index)
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
             try:
-                os.link(src, tmp)  # the spool's file itself, when on the same filesystem
-            except OSError:
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+                try:
+                    os.link(src, tmp)  # the spool's file itself, when on the same filesystem
+                except OSError:
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)  # a copy cut short (ENOSPC): eviction would never see it
     except OSError as e:
         log.warning("disk cache: cannot keep the parts of %s: %s", fp, e.strerror)
 

@@ -264,3 +264,46 @@ def _flip(path: Path, offset: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_whole_file_is_kept_only_if_it_leaves_the_free_space_and_never_leaves_a_temporary(tmp_path):
+    """A decoded tarball or split part is copied into the cache when the spool is on another
+    filesystem (root's default: /tmp and /var/cache). One that would leave less than 5% of the
+    cache's filesystem free is not kept; a copy cut by ENOSPC leaves no temporary file (eviction
+    counts only the cache's own names: one would stay for ever). A 16 MiB tmpfs; about 1 s."""
+    from lxdimagefs.data import diskparts
+    from lxdimagefs.data.diskcache import DiskCache
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        cache, fp = DiskCache(small / "cache"), "cd" * 32
+        near, big = tmp_path / "near.tar", tmp_path / "big.tar"
+        near.write_bytes(os.urandom(15 * MIB + MIB // 2))  # fits, leaving 0.5 MiB of 16 free
+        big.write_bytes(os.urandom(20 * MIB))  # does not fit
+        cache.keep_parts(fp, [near], first=2)
+        assert not cache.part(fp, 2).exists(), "kept, leaving less than 5% free"
+        diskparts.keep(cache, fp, [big], 2)  # as once keep_parts found room, then the disk filled
+        assert os.listdir(cache.root) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_an_image_dropped_or_evicted_leaves_no_decoded_tarballs_manifest_behind(tmp_path):
+    """drop (eviction, a damaged manifest) removes every file of the image: a sealed manifest of
+    a decoded tarball left behind was never removed by anything, and kept counting as an image."""
+    from lxdimagefs.data.diskcache import DECODED, DiskCache
+    from lxdimagefs.data.manifest import BlockSums
+    from lxdimagefs.keys import ObjectKey, Sha256
+
+    cache, fp = DiskCache(tmp_path / "cache"), "ef" * 32
+    src = tmp_path / "decoded.tar"
+    src.write_bytes(os.urandom(3 * MIB))
+    sums = BlockSums()
+    sums.update(src.read_bytes())
+    cache.keep_parts(fp, [src], first=DECODED)
+    cache.seal(sums.manifest(fp, 3 * MIB), ObjectKey(Sha256(fp), "manifest", part=DECODED))
+    assert sorted(os.listdir(cache.root)) == [f"manifest-{fp}.2", f"part-{fp}.2"]
+    cache.drop(fp)
+    assert os.listdir(cache.root) == []
