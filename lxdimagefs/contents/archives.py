@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import lzma
 import os
 import stat
 import threading
@@ -45,6 +46,20 @@ PREFERRED = ["indexed_gzip"]
 # read decompresses at most 4 MiB to reach its bytes.
 GZIP_SPACING = 4 << 20
 UNSEEKABLE = (".tar.lzma",)
+META_MAX = 64 << 20  # a split image's zstd or lzma metadata tarball, decoded in memory
+
+
+def _in_memory(raw: Any, compression: str) -> bytes:
+    """A split image's metadata tarball in `.tar.zst` or `.tar.lzma`, decoded whole from its
+    checked reader: it holds metadata.yaml and templates, so it is small (over META_MAX: EIO)."""
+    import zstandard
+
+    with (zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+          if compression == "zst" else lzma.LZMAFile(raw)) as decoder:
+        data: bytes = decoder.read(META_MAX + 1)
+    if len(data) > META_MAX:
+        raise ValueError(f"a metadata tarball of over {META_MAX >> 20} MiB")
+    return data
 
 
 class ExportFile(io.RawIOBase):
@@ -95,17 +110,18 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
     from lxdimagefs.contents.squashfs import INDEX, SquashfsRootfs
 
     first = layout.parts[0]
-    if first.key is None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
-        # indexed_zstd reads only from a file descriptor, where nothing would check its reads,
-        # and legacy .lzma has no seek points: the export is decoded once per mount into a plain
-        # tarball, whose blocks are checked at every read as a split image's parts are.
-        compression = "lzma" if first.name.endswith(UNSEEKABLE) else "zst"
+    # indexed_zstd reads only from a file descriptor, where nothing would check its reads, and
+    # legacy .lzma has no seek points: ratarmountcore reads neither through a file object.
+    compressed = first.name.endswith(NEEDS_A_FILE + UNSEEKABLE)
+    compression = "lzma" if first.name.endswith(UNSEEKABLE) else "zst"
+    if compressed and not layout.split:
+        if first.key is not None:
+            raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
+        # Decoded once into a plain tarball whose blocks are checked at every read (data/exports.py).
         decoded = exports.decoded(fp, first.size, compression)
         tar = io.BufferedReader(ExportFile(decoded, decoded.total), 1 << 16)
         return SQLiteIndexedTar(fileObject=tar, tarFileName=fp,
                                 indexFilePath=_with(index, ".decoded.sqlite"), writeIndex=True), None
-    if first.key is not None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
-        raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
     if not layout.split:
         return SQLiteIndexedTar(
             fileObject=_lazy(exports, first.key or fp, first.size), tarFileName=fp,
@@ -119,7 +135,8 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         # LXD sends a split image as one multipart stream: its parts are local files, read checked
         return io.BufferedReader(ExportFile(exports.spool.open(fp, sizes, i), sizes[i]), 1 << 16)
 
-    top = SQLiteIndexedTar(fileObject=part(0), tarFileName=f"{fp}.meta",
+    meta = io.BytesIO(_in_memory(part(0), compression)) if compressed else part(0)
+    top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
                            indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
     if not layout.parts[1].name.endswith(".squashfs"):
         return top, None
