@@ -6,7 +6,7 @@ Starts a private LXD, makes 8 images, mounts them, then for --seconds runs
 checked by sha256), 2 uploaders (import a fresh tarball, check it landed,
 delete it) and one alias churner (create, rename, retarget, delete). It
 stops by itself and prints what it did and the daemon's RSS, open file
-descriptors and threads before and after. Needs root.
+descriptors and threads before and after, and its peak RSS (VmHWM). Needs root.
 
     .venv/bin/python scripts/soak.py [--seconds 120]
 """
