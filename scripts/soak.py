@@ -6,7 +6,7 @@ Starts a private LXD, makes 8 images, mounts them, then for --seconds runs
 checked by sha256), 2 uploaders (import a fresh tarball, check it landed,
 delete it) and one alias churner (create, rename, retarget, delete). It
 stops by itself and prints what it did and the daemon's RSS, open file
-descriptors and threads before and after. Needs root.
+descriptors and threads before and after, and its peak RSS (VmHWM). Needs root.
 
     .venv/bin/python scripts/soak.py [--seconds 120]
 """
@@ -35,7 +35,7 @@ def daemon_stats(pid: int) -> dict[str, int]:
         key, _, value = line.partition(":")
         if value.split():
             field[key] = value.split()[0]
-    return {"rss_kib": int(field["VmRSS"]), "threads": int(field["Threads"]),
+    return {"rss_kib": int(field["VmRSS"]), "peak_kib": int(field["VmHWM"]), "threads": int(field["Threads"]),
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
@@ -158,7 +158,7 @@ def main() -> int:
         print(f"  daemon at 1/3: RSS {warm['rss_kib'] / 1024:.0f} MiB, {warm['fds']} fds, "
               f"{warm['threads']} threads")
         print(f"  daemon after:  RSS {after['rss_kib'] / 1024:.0f} MiB, {after['fds']} fds, "
-              f"{after['threads']} threads")
+              f"{after['threads']} threads; peak RSS {after['peak_kib'] / 1024:.0f} MiB (the kernel's VmHWM)")
         log = Path(args.log or work / "daemon.log").read_text()
         print(f"  export requests: {log.count('/export bytes=')}, blocks received: {log.count(' in (')}")
         print(f"  errors: {len(errors)}")

@@ -17,7 +17,6 @@ import io
 import logging
 import lzma
 import os
-import shutil
 import stat
 import threading
 from dataclasses import dataclass
@@ -47,18 +46,20 @@ PREFERRED = ["indexed_gzip"]
 # read decompresses at most 4 MiB to reach its bytes.
 GZIP_SPACING = 4 << 20
 UNSEEKABLE = (".tar.lzma",)
+META_MAX = 64 << 20  # a split image's zstd or lzma metadata tarball, decoded in memory
 
 
-def _unpacked(path: Path, folder: Path) -> Path:
-    """A local .lzma file decompressed into the mount's spool folder, once per mount (never
-    beside a file of the disk cache, where nothing would check it again)."""
-    out = folder / f"{path.name}.tar"
-    if not out.exists():
-        tmp = out.with_suffix(".part")
-        with lzma.open(path) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 4 << 20)
-        os.replace(tmp, out)
-    return out
+def _in_memory(raw: Any, compression: str) -> bytes:
+    """A split image's metadata tarball in `.tar.zst` or `.tar.lzma`, decoded whole from its
+    checked reader: it holds metadata.yaml and templates, so it is small (over META_MAX: EIO)."""
+    import zstandard
+
+    with (zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+          if compression == "zst" else lzma.LZMAFile(raw)) as decoder:
+        data: bytes = decoder.read(META_MAX + 1)
+    if len(data) > META_MAX:
+        raise ValueError(f"a metadata tarball of over {META_MAX >> 20} MiB")
+    return data
 
 
 class ExportFile(io.RawIOBase):
@@ -109,16 +110,18 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
     from lxdimagefs.contents.squashfs import INDEX, SquashfsRootfs
 
     first = layout.parts[0]
-    if first.key is None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
-        # indexed_zstd reads from a file descriptor, not a file object, and legacy .lzma has
-        # no seek points nor a decoder that indexes it: the export is spooled (verified) first,
-        # .lzma unpacked there once (the stdlib's lzma), and the tarball read from the spool.
-        spooled = exports.spool.unified(fp, first.size)
-        path = _unpacked(spooled, exports.spool.directory) if first.name.endswith(UNSEEKABLE) else spooled
-        return SQLiteIndexedTar(str(path), indexFilePath=_with(index, ".sqlite"),
-                                writeIndex=True), None
-    if first.key is not None and first.name.endswith(NEEDS_A_FILE + UNSEEKABLE):
-        raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
+    # indexed_zstd reads only from a file descriptor, where nothing would check its reads, and
+    # legacy .lzma has no seek points: ratarmountcore reads neither through a file object.
+    compressed = first.name.endswith(NEEDS_A_FILE + UNSEEKABLE)
+    compression = "lzma" if first.name.endswith(UNSEEKABLE) else "zst"
+    if compressed and not layout.split:
+        if first.key is not None:
+            raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
+        # Decoded once into a plain tarball whose blocks are checked at every read (data/exports.py).
+        decoded = exports.decoded(fp, first.size, compression)
+        tar = io.BufferedReader(ExportFile(decoded, decoded.total), 1 << 16)
+        return SQLiteIndexedTar(fileObject=tar, tarFileName=fp,
+                                indexFilePath=_with(index, ".decoded.sqlite"), writeIndex=True), None
     if not layout.split:
         return SQLiteIndexedTar(
             fileObject=_lazy(exports, first.key or fp, first.size), tarFileName=fp,
@@ -132,7 +135,8 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         # LXD sends a split image as one multipart stream: its parts are local files, read checked
         return io.BufferedReader(ExportFile(exports.spool.open(fp, sizes, i), sizes[i]), 1 << 16)
 
-    top = SQLiteIndexedTar(fileObject=part(0), tarFileName=f"{fp}.meta",
+    meta = io.BytesIO(_in_memory(part(0), compression)) if compressed else part(0)
+    top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
                            indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
     if not layout.parts[1].name.endswith(".squashfs"):
         return top, None
@@ -214,7 +218,10 @@ class ImageArchive:
         if size <= 0:
             return b""
         with self._lock:
-            return entry.source.read(entry.info, size, offset)
+            data = entry.source.read(entry.info, size, offset)
+        if len(data) != size:  # an archive cut short inside the file (LXD reads only metadata.yaml)
+            raise ValueError(f"the archive ends inside the file: {len(data)} of {size} bytes at {offset}")
+        return data
 
     def close(self) -> None:
         for source in (self._top, self._rootfs):

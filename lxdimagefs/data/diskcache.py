@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"lxdimagefs manifest 1\n"
 # A split part's manifest is one server's (its layout says where the parts divide): manifest-SERVER-FP.N
-_NAME = re.compile(r"(?:export|manifest|part)-(?:[0-9a-f]{16}-)?([0-9a-f]{64})(?:\.(?:0|1|sum))?")
+_NAME = re.compile(r"(?:export|manifest|part)-(?:[0-9a-f]{16}-)?([0-9a-f]{64})(?:\.(?:0|1|2|sum))?")
+DECODED = 2  # the part index of a unified .tar.zst/.tar.lzma decoded for contents/ (a split image's: 0, 1)
 KEEP_FREE = 0.05  # of the cache's filesystem, left free whatever cache_max says
 OPEN_FILES = 8  # image files kept open
 RESCAN = 16 * BLOCK
@@ -123,13 +124,15 @@ class DiskCache:
         self.intact.discard(fp)
         self.forget_fd(fp)
         self._writer.forget(str(self.export(fp)))
-        for path in (self._manifest(fp), self.export(fp), *self.root.glob(f"manifest-*-{Sha256(fp)}.*")):
+        decoded = self._manifest(fp, ObjectKey(Sha256(fp), "manifest", part=DECODED))
+        servers = self.root.glob(f"manifest-*-{Sha256(fp)}.*")
+        for path in (self._manifest(fp), decoded, self.export(fp), *servers):
             path.unlink(missing_ok=True)
         self.drop_parts(fp)
 
     def drop_parts(self, fp: str) -> None:
-        """Drop a split image's kept parts (a block of one failed its manifest), not its manifests."""
-        for i in (0, 1, "sum"):
+        """Drop an image's kept parts (a block of one failed its manifest), not their manifests."""
+        for i in (0, 1, DECODED, "sum"):
             self.part(fp, i).unlink(missing_ok=True)
 
     def _open(self, fp: str, create: bool) -> int:
@@ -210,12 +213,12 @@ class DiskCache:
     def part(self, fp: str, index: int | str) -> Path:
         return self.root / f"{ObjectKey(Sha256(fp), 'part').filename}.{index}"
 
-    def keep_parts(self, fp: str, verified: list[Path]) -> None:
-        """Keep a split image's parts, just checked against the fingerprint, for later mounts."""
+    def keep_parts(self, fp: str, verified: list[Path], first: int = 0) -> None:
+        """Keep a split image's parts (or a decoded tarball: `first` DECODED), for later mounts."""
         sizes = [p.stat().st_size for p in verified]
         if (self.max_bytes is not None and sum(sizes) > self.max_bytes // 2) or not self._room(sum(sizes)):
             return
-        diskparts.keep(self, fp, verified)
+        diskparts.keep(self, fp, verified, first)
 
     def keep_whole(self, fp: str, verified: Path) -> None:
         """Keep a unified export just checked against the fingerprint, whole, for later mounts."""
@@ -229,19 +232,13 @@ class DiskCache:
             # Free space is asked as often (a statvfs per block cost the fetch threads).
             self._unscanned += size
             over_max = self.max_bytes is not None and (self._used or 0) + size > self.max_bytes
-            if self._used is None or self._unscanned > RESCAN or over_max:
+            if self._used is None or self._unscanned > RESCAN or over_max or size > BLOCK:  # a whole file
                 self.flush()  # what waits to be written is counted too
                 self._used, self._unscanned = self._evict(size), 0
-                if self._over(self._used + size):
+                if _over(self, self._used + size, size):
                     return False
             self._used += size
             return True
-
-    def _over(self, used: int) -> bool:
-        if self.max_bytes is not None and used > self.max_bytes:
-            return True
-        fs = os.statvfs(self.root)
-        return fs.f_bavail * fs.f_frsize < self.keep_free * fs.f_blocks * fs.f_frsize + BLOCK
 
     def _evict(self, size: int) -> int:
         """Drop the least recently used images until `size` more fits; returns the bytes left."""
@@ -258,12 +255,20 @@ class DiskCache:
         images.sort()
         used = sum(size for _, size, _ in images)
         target = int(self.max_bytes * 0.9) if self.max_bytes is not None else None
-        while images and (self._over(used + size) or (target is not None and used + size > target)):
+        while images and (_over(self, used + size, size) or (target is not None and used + size > target)):
             _, gone, fp = images.pop(0)
             self.drop(fp)
             used -= gone
             log.debug("disk cache: dropped %s (%d bytes), least recently used", fp, gone)
         return used
+
+
+def _over(cache: DiskCache, used: int, size: int) -> bool:
+    """Past cache_max, or `size` bytes more would leave less than keep_free of the filesystem."""
+    if cache.max_bytes is not None and used > cache.max_bytes:
+        return True
+    fs = os.statvfs(cache.root)
+    return fs.f_bavail * fs.f_frsize < cache.keep_free * fs.f_blocks * fs.f_frsize + max(size, BLOCK)
 
 
 def drop_unsealed(cache: DiskCache, fp: str) -> None:

@@ -1,6 +1,6 @@
 """Whole files on local disk: a split image's parts, read block by block against their
-manifests, and unified exports a decoder reads by file descriptor (`.tar.zst`, `.tar.lzma`
-inside contents/), checked once per daemon.
+manifests (`CheckedPart`, which contents/ also reads decoded tarballs through), and unified
+exports kept whole (`.tar.zst`, `.tar.lzma`, for contents/), checked once per daemon.
 
 LXD serves a split export only whole, so its verified parts are kept whole
 (hard-linked from the mount's spool when on the same filesystem). Nothing
@@ -103,17 +103,20 @@ def kept(cache: DiskCache, fp: str) -> list[Path] | None:
     return paths
 
 
-def keep(cache: DiskCache, fp: str, verified: list[Path]) -> None:
-    """Link (or copy) both parts in (their manifests are sealed by the caller)."""
+def keep(cache: DiskCache, fp: str, verified: list[Path], first: int = 0) -> None:
+    """Link (or copy) parts in, numbered from `first` (their manifests are sealed by the caller)."""
     try:
-        for index, src in enumerate(verified):
+        for index, src in enumerate(verified, first):
             dst = cache.part(fp, index)
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
             try:
-                os.link(src, tmp)  # the spool's file itself, when on the same filesystem
-            except OSError:
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+                try:
+                    os.link(src, tmp)  # the spool's file itself, when on the same filesystem
+                except OSError:
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)  # a copy cut short (ENOSPC): eviction would never see it
     except OSError as e:
         log.warning("disk cache: cannot keep the parts of %s: %s", fp, e.strerror)
 

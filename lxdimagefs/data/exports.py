@@ -2,22 +2,42 @@
 
 Unified exports: one block cache for the daemon, fetches and streams
 from LXD, the whole-read check, and a read-ahead policy per open file.
-Split exports: their parts' local files, read checked (the spool).
+Split exports: their parts' local files, read checked (the spool); and
+compressed unified ones that contents/ reads as plain tarballs, decoded
+once (kept in the disk cache) and read the same way.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
+import logging
+import lzma
+import os
+import threading
 from pathlib import Path
+from typing import Any
 
 from lxdimagefs.data.blocks import BlockCache
-from lxdimagefs.data.diskcache import DiskCache, drop_unsealed
+from lxdimagefs.data.diskcache import DECODED, DiskCache, drop_unsealed
+from lxdimagefs.data.diskparts import CheckedPart, PartWriter
 from lxdimagefs.data.fetch import Fetcher
+from lxdimagefs.data.manifest import BlockSums, Manifest
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError
+from lxdimagefs.keys import ObjectKey, Sha256
+from lxdimagefs.servers.localfiles import open_image
 from lxdimagefs.servers.protocol import ImageSource
+
+log = logging.getLogger(__name__)
+
+
+def _decoded_key(fp: str) -> ObjectKey:
+    """Where a decoded tarball's manifest is kept: content-addressed (decoding is the same anywhere)."""
+    return ObjectKey(Sha256(fp), "manifest", part=DECODED)
 
 
 class Exports:
@@ -30,6 +50,10 @@ class Exports:
         self.fetcher = Fetcher(client, self.cache, disk=disk, images=images)
         self.spool = SplitSpool(client, spool_dir, disk, images=images, cache=self.cache)
         self.server = self.spool.server  # the server of every key this reader makes
+        self.images = images
+        self._decoded: dict[str, tuple[Path, Manifest]] = {}  # this mount's decoded tarballs
+        self._decoding = threading.Lock()  # guards the two dicts
+        self._decode_locks: dict[str, threading.Lock] = {}
         if disk is not None:
             self.verification.on_verdict = disk.seal
             self.verification.on_corrupt.append(functools.partial(drop_unsealed, disk))
@@ -49,6 +73,156 @@ class Exports:
         window = self.cache.capacity // 4
         return Prefetcher(self.fetcher, fp, size, max_window=min(window, max_window or window))
 
+    def decoded(self, fp: str, size: int, compression: str) -> CheckedPart:
+        """A `.tar.zst` or `.tar.lzma` export as a plain tarball, every block of it checked.
+
+        Decoded once, with a manifest made as it is written, and kept in the disk cache beside
+        that manifest for later mounts (in the mount's spool only, without one). A block
+        changed or damaged since is `EIO`, and the file is deleted: the image is decoded again
+        when contents/ next opens it (a later mount; this one's archive holds the old file
+        until it leaves contents/'s open archives).
+        """
+        with self._decode_lock(fp):
+            path, manifest = self._decoded.get(fp) or (None, None)
+            if path is None or manifest is None or not path.exists():
+                path, manifest = self._kept_decoded(fp) or self._decode(fp, size, compression)
+                self._decoded[fp] = path, manifest
+            forget = functools.partial(self._forget, fp, path)
+            return CheckedPart(path, manifest, self.cache, f"{fp}.decoded", forget)  # opened before a forget
+
+    def _kept_decoded(self, fp: str) -> tuple[Path, Manifest] | None:
+        """The tarball an earlier mount decoded, if kept with its sealed manifest."""
+        if self.disk is None:
+            return None
+        path = self.disk.part(fp, DECODED)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return None
+        manifest = self.disk.manifest(fp, size, _decoded_key(fp))
+        return None if manifest is None else (path, manifest)
+
+    def _decode(self, fp: str, size: int, compression: str) -> tuple[Path, Manifest]:
+        path = self.spool.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.tar"
+        self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        local = open_image(self.images, fp, size=size) if self.images is not None else None
+        if local is not None and not local.split:  # the server's own file: nothing to download
+            with local:
+                manifest = decode(Path(f"/proc/self/fd/{local.parts[0].fd}"), path, fp, compression)
+        else:
+            manifest = self._decode_kept(fp, size, path, compression)
+        log.debug("decoded %s for contents/ (%d bytes)", fp, manifest.total)
+        if self.disk is not None:
+            self.disk.keep_parts(fp, [path], first=DECODED)
+            if self.disk.part(fp, DECODED).exists():
+                self.disk.seal(manifest, _decoded_key(fp))
+        return path, manifest
+
+    def _decode_kept(self, fp: str, size: int, path: Path, compression: str) -> Manifest:
+        """Decoded from the export downloaded into the spool, or kept whole in the disk cache."""
+        source = self.spool.unified(fp, size)
+        try:
+            return decode(source, path, fp, compression)
+        except IntegrityError:  # changed since its check: that copy goes, the next look fetches
+            log.error("the export of %s changed after its check: not decoded, not kept", fp)
+            if self.disk is not None:
+                self.disk.drop(fp)
+            if source.parent == self.spool.directory:
+                source.unlink(missing_ok=True)
+            raise
+
+    def _decode_lock(self, fp: str) -> threading.Lock:
+        """One image's decoding at a time; other images' go on meanwhile."""
+        with self._decoding:
+            return self._decode_locks.setdefault(fp, threading.Lock())
+
+    def _forget(self, fp: str, path: Path) -> None:
+        """A block of a decoded tarball failed its check: the file goes, the next open decodes anew."""
+        with self._decoding:
+            if self._decoded.get(fp, (None,))[0] == path:
+                del self._decoded[fp]
+                path.unlink(missing_ok=True)
+                if self.disk is not None:  # the spool's file may be the kept one, linked
+                    self.disk.part(fp, DECODED).unlink(missing_ok=True)
+
     def close(self) -> None:
         self.fetcher.close()
         self.spool.remove()
+
+
+def decode(source: Path, out: Path, fp: str, compression: str) -> Manifest:
+    """A compressed tarball (`zst` or `lzma`) decoded into `out`, and the manifest of what was
+    written, made as it was written. The compressed bytes are hashed as the decoder reads them:
+    if they are not the image's (sha256 = `fp`), nothing is kept and IntegrityError is raised."""
+    import zstandard
+
+    sums, written, buf = BlockSums(), 0, bytearray(PartWriter.BATCH)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        with open(source, "rb", buffering=0) as raw, open(tmp, "wb") as dst:
+            hashed = _Hashing(raw)
+            src = io.BufferedReader(hashed, PartWriter.BATCH)
+            try:
+                with (zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
+                      if compression == "zst" else lzma.LZMAFile(src)) as decoder:
+                    while n := decoder.readinto(buf):
+                        sums.update(memoryview(buf)[:n])
+                        dst.write(memoryview(buf)[:n])
+                        written += n
+            except (zstandard.ZstdError, lzma.LZMAError, EOFError):
+                hashed.finish(buf, fp)  # a copy changed since its check, or the image's own fault?
+                raise
+            hashed.finish(buf, fp)
+            whole = compression != "zst" or _whole_frames(raw.fileno())  # its reader ends quietly
+        if not whole:  # LXD reads only metadata.yaml: it takes an image whose export is cut short
+            raise ValueError(f"{fp}: its export ends inside a zstd frame")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return sums.manifest(fp, written)
+
+
+def _whole_frames(fd: int) -> bool:
+    """Whether a zstd file ends where its last frame does (zstandard's reader gives what it has)."""
+    import zstandard
+
+    pos, size = 0, os.fstat(fd).st_size
+    while pos < size:
+        head = os.pread(fd, 18, pos)
+        if int.from_bytes(head[:4], "little") & ~0xF == 0x184D2A50:  # a skippable frame
+            pos += 8 + int.from_bytes(head[4:8], "little")
+            continue
+        try:
+            pos += zstandard.frame_header_size(head)
+            checksum, last = 4 if zstandard.get_frame_parameters(head).has_checksum else 0, 0
+        except zstandard.ZstdError:
+            return False
+        while not last and len(block := os.pread(fd, 3, pos)) == 3:  # 3-byte headers, to the last
+            n = int.from_bytes(block, "little")
+            last, pos = n & 1, pos + 3 + (1 if (n >> 1) & 3 == 1 else n >> 3)
+        pos += checksum if last else size
+    return pos == size
+
+
+class _Hashing(io.RawIOBase):
+    """A file read through, every byte handed out hashed (the decoder reads what is checked)."""
+
+    def __init__(self, raw: io.RawIOBase) -> None:
+        super().__init__()
+        self.raw, self.sha256 = raw, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer) or 0
+        self.sha256.update(memoryview(buffer)[:n])
+        return n
+
+    def finish(self, buf: bytearray, fp: str) -> None:
+        """Hash the rest (what follows the compressed stream is the image's too); IntegrityError
+        unless all of it hashed to the fingerprint."""
+        while self.readinto(buf):
+            pass
+        if self.sha256.hexdigest() != fp:
+            raise IntegrityError(f"{fp}: the export read to be decoded")

@@ -21,7 +21,8 @@ from lxdimagefs.fs import access
 from lxdimagefs.fs.commit import process_of
 from lxdimagefs.fs.handles import Caching
 from lxdimagefs.fs.node import inode_number
-from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator, raise_readahead
+from lxdimagefs.mount import tuning
+from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator
 from lxdimagefs.servers.events import EventWatcher
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,7 @@ class LXDImageOps(Operations):
         self.served = True
         for watcher in self.events:
             watcher.start()  # threads start here: the daemon has forked by now
-        if self.mountpoint:  # after init returns: the stat it makes is answered by this daemon
-            threading.Thread(target=raise_readahead, args=(self.mountpoint,), daemon=True,
-                             name="readahead").start()
+        tuning.start(self.mountpoint)
         self.tree.started(_kernel_forgetter())
 
     @translated

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -101,31 +100,5 @@ def path_invalidator() -> Callable[[str], None] | None:
     return invalidate
 
 
-def raise_readahead(mountpoint: str, kib: int = 1024) -> bool:
-    """Let the kernel read ahead `kib` on this mount (root only), for files in the page cache.
-
-    The kernel gives a FUSE mount 128 KiB of readahead; verified exports read through the page
-    cache ask the daemon for 1 MiB at a time instead (docs/PERFORMANCE.md). Must not be called
-    from a FUSE callback: the stat asks this daemon.
-    """
-    if os.geteuid() != 0:
-        return False
-    deadline = time.monotonic() + 10
-    while not os.path.ismount(mountpoint):  # init runs before the kernel attaches the mount
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    dev = os.stat(mountpoint).st_dev
-    if os.major(dev) != 0:  # a FUSE mount's device is anonymous: never touch a disk's setting
-        return False
-    knob = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
-    try:
-        with open(knob, "w") as f:
-            f.write(f"{kib}\n")
-    except OSError:
-        return False
-    return True
-
-
 __all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "path_invalidator",
-           "raise_readahead", "worker_options"]
+           "worker_options"]

@@ -12,6 +12,7 @@ import mmap
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
@@ -165,29 +166,70 @@ def test_a_cache_folder_of_another_owner_is_refused_at_mount(sandbox, tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".tar.zst", ".tar.lzma"])
-def test_an_image_looked_inside_by_descriptor_is_spooled_once_not_once_per_mount(sandbox, tmp_path, suffix):
+def test_an_image_looked_inside_by_descriptor_is_decoded_once_not_once_per_mount(sandbox, tmp_path, suffix):
+    """contents/ of a .tar.zst or .tar.lzma: downloaded and decoded by the first mount, kept with
+    the decoded tarball's manifest; a later mount neither downloads nor decodes. Both kept files
+    edited: the edited block is EIO, never served; the mount after that decodes anew, right."""
     tar = make_unified(tmp_path / "z.tar", rootfs_bytes=2 * MIB)
-    packed = tmp_path / f"z{suffix}"  # read by file descriptor (zstd) or unpacked (lzma): spooled whole
+    fp = sandbox.import_image(_packed(tar, suffix))
+    try:
+        want = None
+        for n in range(4):
+            with mounted(sandbox, tmp_path / f"mnt{n}") as m:
+                hostname = m.path / "contents/by-fingerprint" / fp / "rootfs/etc/hostname"
+                run = subprocess.run(["cat", str(hostname)], capture_output=True)
+                log = m.log_text()
+                if n == 2:  # both kept files were edited: EIO, never the edited bytes
+                    assert run.returncode != 0 and b"Input/output error" in run.stderr, run
+                else:
+                    want = want or run.stdout
+                    assert run.returncode == 0 and run.stdout == want and want.startswith(b"z.tar")
+                assert ("spooled " + fp in log) == (n in (0, 3)), log[-2000:]  # downloaded
+                assert ("decoded " + fp in log) == (n in (0, 3)), log[-2000:]
+            names = {p.name for p in _cache(tmp_path).iterdir()}
+            assert names <= {f"export-{fp}", f"manifest-{fp}", f"part-{fp}.2", f"manifest-{fp}.2"}, names
+            if n == 1:  # the kept export and the kept decoded tarball, both edited
+                for name in (f"export-{fp}", f"part-{fp}.2"):
+                    with open(_cache(tmp_path) / name, "r+b") as f:
+                        f.seek(1000)  # the first block: metadata.yaml and rootfs/etc/hostname
+                        f.write(b"tampered")
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+def _packed(tar: Path, suffix: str) -> Path:
+    packed = tar.with_name(tar.stem + suffix)
     if suffix == ".tar.zst":
         subprocess.run(["zstd", "-q", str(tar), "-o", str(packed)], check=True)
     else:
         packed.write_bytes(lzma.compress(tar.read_bytes(), format=lzma.FORMAT_ALONE))
-    fp = sandbox.import_image(packed)
+    return packed
+
+
+@pytest.mark.parametrize("suffix", [".tar.zst", ".tar.lzma"])
+def test_a_decoded_tarball_changed_while_the_mount_uses_it_is_eio_never_wrong(sandbox, tmp_path, suffix):
+    """contents/ of a .tar.zst or .tar.lzma reads a plain tarball decoded into the mount's spool:
+    edited after the first look (or rotted), its bytes are EIO, never served."""
+    tar = make_unified(tmp_path / "z.tar", rootfs_bytes=24 * MIB)  # more than the 16 MiB block cache
+    with tarfile.open(tar) as t:
+        want = t.extractfile("rootfs/blob").read()
+    fp = sandbox.import_image(_packed(tar, suffix))
     try:
-        want = None
-        for n in range(3):
-            with mounted(sandbox, tmp_path / f"mnt{n}") as m:
-                got = (m.path / "contents" / "by-fingerprint" / fp / "rootfs/etc/hostname").read_bytes()
-                want = want or got
-                assert got == want and got.startswith(b"z.tar")
-                spooled = "spooled " + fp in m.log_text()
-                assert spooled == (n != 1), m.log_text()[-2000:]  # mount 1 uses the kept export
-            names = {p.name for p in _cache(tmp_path).iterdir()}
-            assert names <= {f"export-{fp}", f"manifest-{fp}"}, names  # nothing unchecked beside them
-            if n == 1:  # then the kept export is edited: found, not used, downloaded again
-                with open(_cache(tmp_path) / f"export-{fp}", "r+b") as f:
-                    f.seek(1000)
-                    f.write(b"tampered")
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            blob = m.path / "contents" / "by-fingerprint" / fp / "rootfs" / "blob"
+            assert blob.read_bytes() == want  # its first blocks have left the block cache since
+            decoded = list(tmp_path.glob("lxdimagefs-spool-*/*.tar"))
+            assert len(decoded) == 1, decoded  # the plain tarball the daemon reads
+            with open(decoded[0], "r+b") as f:
+                f.seek(MIB + 4096)  # inside rootfs/blob's bytes
+                f.write(os.urandom(4096))
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the mount's pages too: ask the daemon
+            run = subprocess.run(["cat", str(blob)], capture_output=True)
+            assert run.stdout != want or run.returncode != 0, "cannot tell: the edit was not read"
+            assert run.returncode != 0 and b"Input/output error" in run.stderr, "wrong bytes, exit status 0"
+            assert not decoded[0].exists()  # that copy is not used again
+            assert (m.path / "contents" / "by-fingerprint" / fp / "metadata.yaml").exists()  # still serving
+        with mounted(sandbox, tmp_path / "mnt2") as m:  # a new mount decodes it again, right
+            assert (m.path / "contents" / "by-fingerprint" / fp / "rootfs" / "blob").read_bytes() == want
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
 
@@ -222,3 +264,46 @@ def _flip(path: Path, offset: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_whole_file_is_kept_only_if_it_leaves_the_free_space_and_never_leaves_a_temporary(tmp_path):
+    """A decoded tarball or split part is copied into the cache when the spool is on another
+    filesystem (root's default: /tmp and /var/cache). One that would leave less than 5% of the
+    cache's filesystem free is not kept; a copy cut by ENOSPC leaves no temporary file (eviction
+    counts only the cache's own names: one would stay for ever). A 16 MiB tmpfs; about 1 s."""
+    from lxdimagefs.data import diskparts
+    from lxdimagefs.data.diskcache import DiskCache
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        cache, fp = DiskCache(small / "cache"), "cd" * 32
+        near, big = tmp_path / "near.tar", tmp_path / "big.tar"
+        near.write_bytes(os.urandom(15 * MIB + MIB // 2))  # fits, leaving 0.5 MiB of 16 free
+        big.write_bytes(os.urandom(20 * MIB))  # does not fit
+        cache.keep_parts(fp, [near], first=2)
+        assert not cache.part(fp, 2).exists(), "kept, leaving less than 5% free"
+        diskparts.keep(cache, fp, [big], 2)  # as once keep_parts found room, then the disk filled
+        assert os.listdir(cache.root) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_an_image_dropped_or_evicted_leaves_no_decoded_tarballs_manifest_behind(tmp_path):
+    """drop (eviction, a damaged manifest) removes every file of the image: a sealed manifest of
+    a decoded tarball left behind was never removed by anything, and kept counting as an image."""
+    from lxdimagefs.data.diskcache import DECODED, DiskCache
+    from lxdimagefs.data.manifest import BlockSums
+    from lxdimagefs.keys import ObjectKey, Sha256
+
+    cache, fp = DiskCache(tmp_path / "cache"), "ef" * 32
+    src = tmp_path / "decoded.tar"
+    src.write_bytes(os.urandom(3 * MIB))
+    sums = BlockSums()
+    sums.update(src.read_bytes())
+    cache.keep_parts(fp, [src], first=DECODED)
+    cache.seal(sums.manifest(fp, 3 * MIB), ObjectKey(Sha256(fp), "manifest", part=DECODED))
+    assert sorted(os.listdir(cache.root)) == [f"manifest-{fp}.2", f"part-{fp}.2"]
+    cache.drop(fp)
+    assert os.listdir(cache.root) == []
