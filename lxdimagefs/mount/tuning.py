@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import threading
 import time
+from pathlib import Path
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 TRIM_EVERY = 2.0  # seconds between two malloc_trim calls
@@ -62,27 +64,49 @@ def _glibc() -> ctypes.CDLL | None:
     return None
 
 
-def raise_readahead(mountpoint: str, kib: int = 1024) -> bool:
+def raise_readahead(mountpoint: str, kib: int = 1024, settle: float = 1.0) -> bool:
     """Let the kernel read ahead `kib` on this mount (root only), for files in the page cache.
 
     The kernel gives a FUSE mount 128 KiB of readahead; verified exports read through the page
-    cache ask the daemon for 1 MiB at a time instead (docs/PERFORMANCE.md). Must not be called
-    from a FUSE callback: the stat asks this daemon.
+    cache ask the daemon for 1 MiB at a time instead (docs/PERFORMANCE.md). The kernel sets the
+    value again when the daemon's INIT answer arrives, which this thread cannot see without
+    asking the mount: it writes until the value has held for `settle` seconds.
     """
     if os.geteuid() != 0:
         return False
     deadline = time.monotonic() + 10
-    while not os.path.ismount(mountpoint):  # init runs before the kernel attaches the mount
+    while (dev := mount_device(mountpoint)) is None:  # init runs before the kernel attaches the mount
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
-    dev = os.stat(mountpoint).st_dev
-    if os.major(dev) != 0:  # a FUSE mount's device is anonymous: never touch a disk's setting
-        return False
-    knob = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    knob = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+    held = 0.0
     try:
-        with open(knob, "w") as f:
-            f.write(f"{kib}\n")
+        while held < settle and time.monotonic() < deadline:
+            if knob.read_text().strip() != str(kib):
+                knob.write_text(f"{kib}\n")
+                held = 0.0
+            time.sleep(0.1)
+            held += 0.1
     except OSError:
         return False
-    return True
+    return held >= settle
+
+
+def mount_device(mountpoint: str) -> str | None:
+    """The FUSE mount's device ("0:N") on `mountpoint`, from /proc/self/mountinfo: asking the mount
+    itself (a stat) would hold it while the daemon answers, and a `fusermount -u` made meanwhile
+    failed with EBUSY (seen in CI right after a mount)."""
+    where = os.path.join(os.path.realpath(os.path.dirname(mountpoint)), os.path.basename(mountpoint))
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):  # the newest mount on a path is listed last
+        fields, _, kind = line.partition(" - ")
+        parts = fields.split()
+        unescaped = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+        if unescaped == where and kind.startswith("fuse") and parts[2].startswith("0:"):
+            return parts[2]
+    return None

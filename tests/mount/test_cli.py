@@ -91,6 +91,23 @@ def test_fusermount_u_ends_the_daemon_with_exit_0(sandbox, images, tmp_path):
         assert m.proc.wait(timeout=20) == 0
 
 
+def test_a_mount_unmounted_at_once_is_never_busy(sandbox, tmp_path):
+    """The daemon raises its mount's readahead from a thread once mounted. It used to stat the
+    mount point for that, and a `fusermount -u` made while that stat waited on the daemon failed
+    with EBUSY: 24 times in 30 mounts unmounted at once (2026-12-01). It now reads mountinfo."""
+    where = tmp_path / "mnt"
+    where.mkdir()
+    busy = 0
+    for _ in range(10):
+        subprocess.run([sys.executable, "-m", "lxdimagefs", "--socket", sandbox.socket, "--cache-dir",
+                        str(tmp_path), str(where)], check=True, timeout=60)  # returns once mounted
+        done = subprocess.run(["fusermount", "-u", str(where)], capture_output=True, text=True)
+        if done.returncode != 0:
+            busy += 1
+            unmount(where)
+    assert busy == 0, f"{busy} of 10 unmounts refused (EBUSY)"
+
+
 def _dead_socket(path: Path) -> Path:
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(path))
