@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import logging
-import lzma
 import os
 import stat
 import threading
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxdimagefs.contents import inodes
 from lxdimagefs.data.diskparts import CheckedPart
-from lxdimagefs.data.exports import Exports
+from lxdimagefs.data.exports import Exports, decoder_of
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.keys import Fingerprint, ObjectKey
 from lxdimagefs.names import fits
@@ -52,10 +51,7 @@ META_MAX = 64 << 20  # a split image's zstd or lzma metadata tarball, decoded in
 def _in_memory(raw: Any, compression: str) -> bytes:
     """A split image's metadata tarball in `.tar.zst` or `.tar.lzma`, decoded whole from its
     checked reader: it holds metadata.yaml and templates, so it is small (over META_MAX: EIO)."""
-    import zstandard
-
-    with (zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-          if compression == "zst" else lzma.LZMAFile(raw)) as decoder:
+    with decoder_of(raw, compression) as decoder:
         data: bytes = decoder.read(META_MAX + 1)
     if len(data) > META_MAX:
         raise ValueError(f"a metadata tarball of over {META_MAX >> 20} MiB")

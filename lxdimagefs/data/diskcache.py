@@ -46,6 +46,10 @@ def _digest_of(name: str) -> str | None:
     return found.group(1) if found else None
 
 
+def decoded_key(fp: str) -> ObjectKey:
+    """Where a decoded tarball's manifest is kept: content-addressed (decoding is the same anywhere)."""
+    return ObjectKey(Sha256(fp), "manifest", part=DECODED)
+
 class CacheRefused(Exception):
     """The cache folder cannot be made private to this user."""
 
@@ -124,7 +128,7 @@ class DiskCache:
         self.intact.discard(fp)
         self.forget_fd(fp)
         self._writer.forget(str(self.export(fp)))
-        decoded = self._manifest(fp, ObjectKey(Sha256(fp), "manifest", part=DECODED))
+        decoded = self._manifest(fp, decoded_key(fp))
         servers = self.root.glob(f"manifest-*-{Sha256(fp)}.*")
         for path in (self._manifest(fp), decoded, self.export(fp), *servers):
             path.unlink(missing_ok=True)

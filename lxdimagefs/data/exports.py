@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lxdimagefs.data.blocks import BlockCache
-from lxdimagefs.data.diskcache import DECODED, DiskCache, drop_unsealed
+from lxdimagefs.data.diskcache import DECODED, DiskCache, decoded_key, drop_unsealed
 from lxdimagefs.data.diskparts import CheckedPart, PartWriter
 from lxdimagefs.data.fetch import Fetcher
 from lxdimagefs.data.manifest import BlockSums, Manifest
@@ -28,16 +28,10 @@ from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError
-from lxdimagefs.keys import ObjectKey, Sha256
 from lxdimagefs.servers.localfiles import open_image
 from lxdimagefs.servers.protocol import ImageSource
 
 log = logging.getLogger(__name__)
-
-
-def _decoded_key(fp: str) -> ObjectKey:
-    """Where a decoded tarball's manifest is kept: content-addressed (decoding is the same anywhere)."""
-    return ObjectKey(Sha256(fp), "manifest", part=DECODED)
 
 
 class Exports:
@@ -99,11 +93,11 @@ class Exports:
             size = path.stat().st_size
         except OSError:
             return None
-        manifest = self.disk.manifest(fp, size, _decoded_key(fp))
+        manifest = self.disk.manifest(fp, size, decoded_key(fp))
         return None if manifest is None else (path, manifest)
 
     def _decode(self, fp: str, size: int, compression: str) -> tuple[Path, Manifest]:
-        path = self.spool.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.tar"
+        path = self.spool.named(fp, "tar")
         self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         local = open_image(self.images, fp, size=size) if self.images is not None else None
         if local is not None and not local.split:  # the server's own file: nothing to download
@@ -115,7 +109,7 @@ class Exports:
         if self.disk is not None:
             self.disk.keep_parts(fp, [path], first=DECODED)
             if self.disk.part(fp, DECODED).exists():
-                self.disk.seal(manifest, _decoded_key(fp))
+                self.disk.seal(manifest, decoded_key(fp))
         return path, manifest
 
     def _decode_kept(self, fp: str, size: int, path: Path, compression: str) -> Manifest:
@@ -150,6 +144,15 @@ class Exports:
         self.spool.remove()
 
 
+def decoder_of(raw: Any, compression: str) -> Any:
+    """A reader of what `raw` (a `zst` or `lzma` stream) decodes to, across zstd frames."""
+    import zstandard
+
+    if compression == "zst":
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return lzma.LZMAFile(raw)
+
+
 def decode(source: Path, out: Path, fp: str, compression: str) -> Manifest:
     """A compressed tarball (`zst` or `lzma`) decoded into `out`, and the manifest of what was
     written, made as it was written. The compressed bytes are hashed as the decoder reads them:
@@ -163,8 +166,7 @@ def decode(source: Path, out: Path, fp: str, compression: str) -> Manifest:
             hashed = _Hashing(raw)
             src = io.BufferedReader(hashed, PartWriter.BATCH)
             try:
-                with (zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
-                      if compression == "zst" else lzma.LZMAFile(src)) as decoder:
+                with decoder_of(src, compression) as decoder:
                     while n := decoder.readinto(buf):
                         sums.update(memoryview(buf)[:n])
                         dst.write(memoryview(buf)[:n])

@@ -44,13 +44,13 @@ class Spool:
         with self._lock:
             return self._locks.setdefault(fp, threading.Lock())
 
-    def _named(self, fp: str, suffix: str) -> Path:
+    def named(self, fp: str, suffix: str) -> Path:
         """A spool file, named by its key (server and fingerprint), never by what a server sent."""
         return self.directory / f"{ObjectKey(Sha256(fp), 'spool', self.server).filename}.{suffix}"
 
     def unified(self, fp: str, size: int) -> Path:
         """A unified export as a local file, for readers that need a file descriptor of their own."""
-        final = self._named(fp, "whole")
+        final = self.named(fp, "whole")
         with self._lock_of(fp):
             kept = diskparts.whole(self.disk, fp, size) if self.disk is not None else None
             if kept is not None:
@@ -208,7 +208,7 @@ class SplitSpool(Spool):
             sealed = self._sealed(fp, sizes)
             ready = self._open_local(fp, sizes, sealed) or self._kept(fp, sizes, sealed)
             if ready is None:
-                final = [self._named(fp, str(i)) for i in range(2)]
+                final = [self.named(fp, str(i)) for i in range(2)]
                 ready = final, self._download(fp, final, sizes)
                 self._seal(fp, ready[1])
                 if self.disk is not None:

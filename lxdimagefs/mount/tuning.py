@@ -22,7 +22,7 @@ TRIM_EVERY = 2.0  # seconds between two malloc_trim calls
 
 def start(mountpoint: str) -> None:
     """The mount is served from now on: raise its readahead, and keep handing freed memory back."""
-    if mountpoint:  # in a thread: the stat it makes must be answered by this daemon, after init
+    if mountpoint:  # in a thread: it waits for the kernel to attach the mount, after init
         threading.Thread(target=raise_readahead, args=(mountpoint,), daemon=True, name="readahead").start()
     libc = _glibc()
     if libc is not None:

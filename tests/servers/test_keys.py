@@ -111,10 +111,10 @@ def test_a_verdict_is_kept_by_server_and_digest():
 def test_the_spool_names_files_by_key(tmp_path):
     lxd = FakeLXD()
     exports = Exports(lxd, tmp_path / "spool")  # type: ignore[arg-type]
-    name = exports.spool._named("b" * 64, "0").name
+    name = exports.spool.named("b" * 64, "0").name
     assert name.startswith("spool-") and name.endswith("b" * 64 + ".0")
     with pytest.raises(ValueError):
-        exports.spool._named("../../x", "0")
+        exports.spool.named("../../x", "0")
 
 
 def test_the_daemon_refuses_a_private_image_to_other_users(tmp_path):
