@@ -28,7 +28,6 @@ from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError
-from lxdimagefs.servers.localfiles import open_image
 from lxdimagefs.servers.protocol import ImageSource
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,6 @@ class Exports:
         self.fetcher = Fetcher(client, self.cache, disk=disk, images=images)
         self.spool = SplitSpool(client, spool_dir, disk, images=images, cache=self.cache)
         self.server = self.spool.server  # the server of every key this reader makes
-        self.images = images
         self._decoded: dict[str, tuple[Path, Manifest]] = {}  # this mount's decoded tarballs
         self._decoding = threading.Lock()  # guards the two dicts
         self._decode_locks: dict[str, threading.Lock] = {}
@@ -99,10 +97,12 @@ class Exports:
     def _decode(self, fp: str, size: int, compression: str) -> tuple[Path, Manifest]:
         path = self.spool.named(fp, "tar")
         self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        local = open_image(self.images, fp, size=size) if self.images is not None else None
-        if local is not None and not local.split:  # the server's own file: nothing to download
-            with local:
-                manifest = decode(Path(f"/proc/self/fd/{local.parts[0].fd}"), path, fp, compression)
+        local = self.fetcher.local.opened(fp, size) if self.fetcher.local is not None else None
+        if local is not None:  # the server's own file: nothing to download
+            try:
+                manifest = decode(Path(f"/proc/self/fd/{local}"), path, fp, compression)
+            finally:
+                os.close(local)
         else:
             manifest = self._decode_kept(fp, size, path, compression)
         log.debug("decoded %s for contents/ (%d bytes)", fp, manifest.total)

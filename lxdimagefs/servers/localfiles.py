@@ -118,8 +118,13 @@ class LocalImages:
         self._open: dict[str, LocalImage | None] = {}  # opened (or found unusable), oldest first
         self._lock = threading.Lock()
 
-    def readinto(self, fingerprint: str, size: int, offset: int, buffer: memoryview) -> bool:
-        """Fill `buffer` with the export's bytes at `offset`; False where the file cannot give them."""
+    def opened(self, fingerprint: str, size: int) -> int | None:
+        """A descriptor of our own (the caller closes it: another thread may close the image
+        meanwhile) on the unified export's file, or None where it cannot be used."""
+        found = self._dup(fingerprint, size)
+        return None if found is None else found[0]
+
+    def _dup(self, fingerprint: str, size: int) -> tuple[int, LocalImage] | None:
         with self._lock:
             if fingerprint not in self._open:
                 image = open_image(self.folder, fingerprint, size=size)
@@ -133,8 +138,15 @@ class LocalImages:
                         old.close()
             image = self._open[fingerprint]
             if image is None or image.size != size:
-                return False
-            fd = os.dup(image.parts[0].fd)  # our own: another thread may close the image meanwhile
+                return None
+            return os.dup(image.parts[0].fd), image
+
+    def readinto(self, fingerprint: str, size: int, offset: int, buffer: memoryview) -> bool:
+        """Fill `buffer` with the export's bytes at `offset`; False where the file cannot give them."""
+        found = self._dup(fingerprint, size)
+        if found is None:
+            return False
+        fd, image = found
         try:
             if LocalFile(fd, "", size).readinto(offset, buffer) == len(buffer):
                 self.ahead.note(fingerprint, fd, offset, len(buffer), size)
