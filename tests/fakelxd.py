@@ -63,6 +63,15 @@ class FakeLXD:
     def image_exists(self, fp: str) -> bool:
         return fp in self.records
 
+    def alias(self, name: str) -> str | None:
+        try:
+            return self._alias_owner(name)
+        except LXDError:
+            return None
+
+    def count_images(self) -> int:
+        return len(self.records)
+
     def alias_exists(self, name: str) -> bool:
         try:
             self._alias_owner(name)

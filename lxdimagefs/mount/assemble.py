@@ -128,7 +128,7 @@ def probe(built: Built) -> None:
         if isinstance(built.tree, Projects):
             built.tree.sync()
         else:
-            built.tree.catalog.snapshot()  # reachable, and the project exists
+            built.tree.catalog.probe()  # reachable, and the project exists; listed at the first call
         if client.server_info().get("auth") != "trusted":
             log.warning("%s does not trust this client: only its public images are visible",
                         client.conn.describe())
