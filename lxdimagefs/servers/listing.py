@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -170,9 +171,15 @@ class Follows:
         """The images to ask again: those named, and for an alias its image before and after."""
         snap = self._snap
         fps = set(batch.images)
-        for alias in batch.aliases:
-            before = snap.aliases.get(alias_to_filename(alias)) if snap else None
-            fps |= {fp for fp in (before, self.server.alias(alias)) if fp}
+        for named in batch.aliases:
+            # LXD 5.0 quotes an alias's name twice in its event's source (churn/1 comes as
+            # churn%252F1): the name once unquoted is the one asked for if the first is not found.
+            for alias in dict.fromkeys((named, urllib.parse.unquote(named))):
+                before = snap.aliases.get(alias_to_filename(alias)) if snap else None
+                now = self.server.alias(alias)
+                fps |= {fp for fp in (before, now) if fp}
+                if now is not None:
+                    break
         return fps
 
     def _record(self, fp: str) -> Image | None:
