@@ -169,3 +169,35 @@ def test_a_fresh_mount_lists_once(sandbox, images, tmp_path):
         _shown(m)
         _shown(m)
         assert _listings(m) == 1
+
+
+def _within(check, what: str, seconds: float = 1.0) -> None:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < seconds, f"{what} not within {seconds} s"
+        time.sleep(0.01)
+
+
+def test_with_the_kernels_long_caches_changes_made_elsewhere_show_within_a_second(sandbox, images, tmp_path):
+    """Every server follows events: the kernel keeps names for an hour, and forgets exactly what changed."""
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        _wait_for_log(m, LISTENING)
+        c = _import(sandbox, tmp_path, "kc-c", alias="kc")
+        d = _import(sandbox, tmp_path, "kc-d")
+        try:
+            fps, alias = m.path / "by-fingerprint", m.path / "by-alias" / "kc"
+            meta, inside = fps / c / "metadata.json", m.path / "contents" / "by-fingerprint" / c
+            _within(lambda: os.path.lexists(alias), "the new alias")
+            assert os.readlink(alias).endswith(c) and os.listdir(inside)  # now in the kernel's caches
+            size = os.stat(meta).st_size
+            sandbox.rest("/1.0/images/aliases/kc", "PUT", {"target": d, "description": ""})
+            _within(lambda: os.readlink(alias).endswith(d), "the retargeted alias")
+            sandbox.rest(f"/1.0/images/{c}", "PATCH", {"properties": {"note": "x" * 100}})
+            _within(lambda: os.stat(meta).st_size > size, "metadata.json's new size")
+            assert os.stat(meta).st_size == len(meta.read_bytes())
+            sandbox.lxc("image", "delete", c)
+            _within(lambda: not os.path.exists(fps / c) and not os.path.exists(inside), "the deletion")
+            assert "no_events" not in m.log_text()
+        finally:
+            sandbox.lxc("image", "delete", c, check=False)
+            sandbox.lxc("image", "delete", d, check=False)
