@@ -170,7 +170,8 @@ def assemble(servers: list[tuple[Remote, Connection]], settings: Settings, fores
 # How long the kernel keeps a name and its attributes where every server follows LXD's events:
 # each change those carry reaches the kernel as an invalidation of exactly the names it touched
 # (compose/root.py), and what is inside an image never changes. Elsewhere (-o no_events, a
-# simplestreams index) freshness rests on metadata_ttl, and the kernel keeps names 1 s at most.
+# simplestreams index) freshness rests on metadata_ttl, and the kernel keeps names 1 s, as libfuse
+# does by default.
 FOLLOWED = 3600.0
 UNFOLLOWED = 1.0
 
@@ -178,6 +179,6 @@ UNFOLLOWED = 1.0
 def kernel_timeouts(built: list[Built], settings: Settings) -> dict[str, float]:
     """The FUSE options for the kernel's entry and attribute caches (-o entry_timeout=… sets others)."""
     followed = settings.events and all(not b.remote.simplestreams for b in built)
-    seconds = FOLLOWED if followed else min(UNFOLLOWED, settings.metadata_ttl)
+    seconds = FOLLOWED if followed else UNFOLLOWED
     return {"entry_timeout": seconds, "attr_timeout": seconds}
 

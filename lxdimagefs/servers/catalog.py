@@ -215,27 +215,28 @@ class Catalog(Follows):
         """A full fingerprint, or a unique prefix of at least 12 hex digits."""
         snap = self.snapshot()
         image = snap.images.get(name)
-        if image is None and len(name) == 64 and not self._missing(name):
-            image = self._look_up(name)  # made a moment ago elsewhere, before its event came
         if image is not None:
             return image
         if not is_fingerprint(name, MIN_PREFIX):
             raise OSError(errno.ENOENT, "no such image", name)
-        found = [img for fp, img in snap.images.items() if fp.startswith(name)]
+        found = [img for fp, img in snap.images.items() if fp.startswith(name)] if len(name) < 64 else []
+        if not found and (looked := self._look_up(name)) is not None:
+            found = [looked]  # made a moment ago elsewhere, before its event came
         if len(found) != 1:
             raise OSError(errno.ENOENT, "no image, or more than one, has this prefix", name)
         return found[0]
 
-    def _look_up(self, fp: str) -> Image | None:
-        """One image the listing lacks, asked of LXD alone (an index has nothing it does not list)."""
-        if Fingerprint.parse(fp) is None or not isinstance(self.client, ImageServer):
+    def _look_up(self, name: str) -> Image | None:
+        """An image the listing lacks, by fingerprint or prefix: one small request to LXD, a miss
+        remembered (an index has nothing it does not list)."""
+        if self._missing(name) or not isinstance(self.client, ImageServer):
             return None
         seq = self._seq
-        image = self._record(fp)
+        image = self.client.image_by_prefix(name)
         if image is None:
-            self._miss(fp)
+            self._miss(name)
         else:
-            self._put(fp, image, seq)
+            self._put(image.fingerprint, image, seq)
         return image
 
     def alias_target(self, filename: str) -> str | None:

@@ -18,6 +18,7 @@ import requests
 
 from lxdimagefs.errors import LXDError
 from lxdimagefs.keys import BadKey, Fingerprint
+from lxdimagefs.names import is_fingerprint
 from lxdimagefs.servers.lxdserver import LXDServer, quote
 from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, images_from, part_name
 from lxdimagefs.wire.chunked import ChunkedPost
@@ -63,6 +64,19 @@ class LXDClient(LXDServer):
 
     def image(self, fingerprint: str) -> Image:
         return Image.from_record(self._sync("GET", _image(fingerprint)))
+
+    def image_by_prefix(self, prefix: str) -> Image | None:
+        """The one image whose fingerprint starts with `prefix` (LXD matches a unique prefix itself,
+        as `lxc image info` does); None if none or several do."""
+        if not is_fingerprint(prefix, 12):
+            return None
+        try:
+            image = Image.from_record(self._sync("GET", f"/images/{prefix}"))
+        except LXDError as e:
+            if 400 <= e.status < 500:
+                return None
+            raise
+        return image if image.fingerprint.startswith(prefix) else None
 
     def image_exists(self, fingerprint: str) -> bool:
         try:

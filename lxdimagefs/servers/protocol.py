@@ -61,6 +61,10 @@ class ImageServer(ImageSource, Protocol):
         """One image's record (LXDError 404 if there is none): what an event about it changed."""
         ...
 
+    def image_by_prefix(self, prefix: str) -> Image | None:
+        """The one image a fingerprint or a unique prefix of it names, else None."""
+        ...
+
     def alias(self, name: str) -> str | None:
         """The fingerprint an alias points to, None if there is no such alias."""
         ...

@@ -145,7 +145,7 @@ def test_events_lost_while_the_stream_reconnects_are_made_up_by_one_listing(sand
             sandbox.lxc("image", "delete", fp, check=False)
 
 
-def test_a_miss_is_asked_once_and_a_short_prefix_never(sandbox, images, tmp_path):
+def test_a_miss_is_asked_once_and_never_lists_again(sandbox, images, tmp_path):
     with mounted(sandbox, tmp_path / "mnt", "-o", "metadata_ttl=600") as m:
         _wait_for_log(m, LISTENING)
         _shown(m)
@@ -160,6 +160,7 @@ def test_a_miss_is_asked_once_and_a_short_prefix_never(sandbox, images, tmp_path
                 os.lstat(m.path / "by-alias" / "no-such-alias")
         assert m.log_text().count("client: GET /images/aliases/no-such-alias\n") == 1
         assert m.log_text().count(f"client: GET /images/{absent}\n") == 1
+        assert m.log_text().count("client: GET /images/0123456789abcdef\n") == 1
         assert _listings(m) == listed
 
 
