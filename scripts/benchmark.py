@@ -772,9 +772,15 @@ def bench_listings(box: Sandbox, count: int) -> None:
             if reader:
                 looper.start()
             lxd0, t = _cpu_seconds(box.pid), time.perf_counter()
+            ours0, events0 = _cpu_seconds(proc.pid), log.read_text().count("event EventSubject")
             with Churn(box, 4, delete=True, count=100) as churn:
                 churn.join()
             storm.append((_cpu_seconds(box.pid) - lxd0, time.perf_counter() - t))
+            time.sleep(1)  # the last events applied
+            if not reader:
+                events = log.read_text().count("event EventSubject") - events0
+                row(f"  daemon CPU per event, nothing read ({events} events)",
+                    f"{(_cpu_seconds(proc.pid) - ours0) / max(events, 1) * 1000:.2f} ms", "")
             stop.set()
             if reader:
                 looper.join()
