@@ -404,17 +404,6 @@ def _listing_with(fake):
     return catalog, told
 
 
-def _settled(catalog) -> None:
-    """The event thread has applied everything queued."""
-    import time
-
-    deadline = time.monotonic() + 5
-    while catalog._queue or catalog._full_since is not None or catalog._wake.is_set():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(0.05)
-
-
 def test_an_event_asks_for_its_image_alone_and_says_what_changed():
     from fakelxd import FakeLXD
 
@@ -426,12 +415,12 @@ def test_an_event_asks_for_its_image_alone_and_says_what_changed():
     fake.images = lambda: calls.append("all") or []  # a full listing now would be seen
     fake.retarget_alias("os/1", b)
     catalog.heard(aliases=frozenset({"os/1"}))
-    _settled(catalog)
+    catalog.settled()
     assert catalog.snapshot().aliases == {alias_to_filename("os/1"): b}
-    assert any(alias_to_filename("os/1") in c.retargeted for c in told)
+    assert any(alias_to_filename("os/1") in c.aliases for c in told)
     fake.delete_image(b)
     catalog.heard(images=frozenset({b}))
-    _settled(catalog)
+    catalog.settled()
     assert b not in catalog.snapshot().images and catalog.snapshot().aliases == {}
     assert calls == []
     catalog.close()
@@ -450,6 +439,6 @@ def test_a_burst_of_events_is_one_full_listing():
     with catalog._fill:  # the event thread waits while the burst piles up
         for fp in made:
             catalog.heard(images=frozenset({fp}))
-    _settled(catalog)
+    catalog.settled()
     assert len(listed) == 1 and set(made) <= set(catalog.snapshot().images)
     catalog.close()

@@ -118,6 +118,8 @@ class Catalog(Follows):
         self._full_since: float | None = None  # a full listing is due, newer than this
         self._heard: list[Changes] | None = None  # what events named while a full listing was on the way
         self._seq = 0  # events heard: a lookup's answer older than the last event is not kept
+        self._done = 0
+        self._applied = threading.Condition(self._lock)
         self._misses: dict[str, float] = {}
         self._wake = threading.Event()
         self._worker: threading.Thread | None = None
@@ -156,6 +158,11 @@ class Catalog(Follows):
             return self._list() if snap is None or self._stale(snap) else snap
         finally:
             self._fill.release()
+
+    def listing(self) -> Snapshot:
+        """The listing for a `readdir`: with the events heard so far applied (Follows.settled)."""
+        self.settled()
+        return self.snapshot()
 
     def _stale(self, snap: Snapshot) -> bool:
         return self._asked != self._listed or (not self.events_live()

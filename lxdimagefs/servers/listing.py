@@ -22,6 +22,7 @@ from lxdimagefs.servers.records import Image
 
 log = logging.getLogger(__name__)
 BURST = 64  # more changed images than this at once: one full listing costs less than one request each
+SETTLE = 2.0  # seconds a listing waits at most for the events heard before it to be applied
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,6 @@ class Changes:
 
     images: frozenset[str] = field(default_factory=frozenset)
     aliases: frozenset[str] = field(default_factory=frozenset)
-    retargeted: frozenset[str] = field(default_factory=frozenset)  # alias names that pointed elsewhere
 
     def __bool__(self) -> bool:
         return bool(self.images or self.aliases)
@@ -76,10 +76,9 @@ def upsert(snap: Snapshot, fp: str, image: Image | None) -> tuple[Snapshot, Chan
         images[fp] = image
         aliases.update((name, fp) for name in alias_names(image))
     touched = {n for n, was in before.items() if aliases.get(n) != was}
-    moved = {n for n in touched if before[n] is not None and aliases.get(n) is not None}
     same = old is not None and image is not None and old.record == image.record
     return (Snapshot(images, aliases, snap.taken_at),
-            Changes(frozenset(() if same else (fp,)), frozenset(touched), frozenset(moved)))
+            Changes(frozenset(() if same else (fp,)), frozenset(touched)))
 
 
 def diff(old: Snapshot, new: Snapshot) -> Changes:
@@ -88,8 +87,7 @@ def diff(old: Snapshot, new: Snapshot) -> Changes:
     images |= {fp for fp in old.images.keys() & new.images.keys()
                if old.images[fp].record != new.images[fp].record}
     aliases = {n for n in old.aliases.keys() | new.aliases.keys() if old.aliases.get(n) != new.aliases.get(n)}
-    moved = {n for n in aliases if n in old.aliases and n in new.aliases}
-    return Changes(frozenset(images), frozenset(aliases), frozenset(moved))
+    return Changes(frozenset(images), frozenset(aliases))
 
 
 class Follows:
@@ -102,6 +100,9 @@ class Follows:
     _full_since: float | None
     _heard: list[Changes] | None
     _seq: int
+    _done: int  # the events heard up to this one are applied
+    _applied: threading.Condition  # on _lock: notified as each batch lands
+    events_live: Callable[[], bool]
     _misses: dict[str, float]
     _wake: threading.Event
     _worker: threading.Thread | None
@@ -132,6 +133,18 @@ class Follows:
                     self._heard.append(named)
         self._kick()
 
+    def settled(self) -> None:
+        """Wait (SETTLE at most) until the events heard before this call are applied, so that a
+        listing made right after `lxc` returns shows its change. Only those: under a stream of
+        events a listing waits for one batch, never for the stream to stop."""
+        if not self.events_live():
+            return
+        deadline = time.monotonic() + SETTLE
+        with self._applied:
+            target = self._seq
+            while self._done < target and (left := deadline - time.monotonic()) > 0:
+                self._applied.wait(left)
+
     def close(self) -> None:
         self._closed = True
         self._wake.set()
@@ -150,16 +163,19 @@ class Follows:
                 return
             self._wake.clear()
             with self._lock:
-                batch, self._queue, since = self._queue, Changes(), self._full_since
+                batch, self._queue, since, seq = self._queue, Changes(), self._full_since, self._seq
             try:
                 if since is not None or len(batch.images) + 2 * len(batch.aliases) > BURST:
                     with self._fill:
                         snap = self._snap
                         if snap is None or since is None or snap.taken_at < since:
                             self._list()
-                    continue
-                for fp in self._images_of(batch):
-                    self._put(fp, self._record(fp))
+                else:
+                    for fp in self._images_of(batch):
+                        self._put(fp, self._record(fp))
+                with self._applied:
+                    self._done = max(self._done, seq)
+                    self._applied.notify_all()
             except Exception as e:  # LXD away: its stream is too, and reopening it lists again
                 log.warning("could not apply LXD's events (%s); trying again", e)
                 with self._lock:
