@@ -442,3 +442,25 @@ def test_a_burst_of_events_is_one_full_listing():
     catalog.settled()
     assert len(listed) == 1 and set(made) <= set(catalog.snapshot().images)
     catalog.close()
+
+
+def test_an_event_queued_with_a_reconnect_is_applied_when_the_listing_is_newer_than_it():
+    from fakelxd import FakeLXD
+
+    from lxdimagefs.servers.catalog import Catalog
+
+    fake, now = FakeLXD(), [100.0]
+    catalog = Catalog(fake, ttl=600, clock=lambda: now[0])
+    catalog.events_live = lambda: True
+    catalog.snapshot()  # taken at 100
+    made = fake.add(b"made")
+    kick, catalog._kick = catalog._kick, lambda: None  # both land in one batch of the event thread
+    now[0] = 50.0
+    catalog.refresh()  # the stream reopened at 50: the listing of 100 covers it
+    catalog.heard(images=frozenset({made}))
+    catalog._kick = kick
+    now[0] = 200.0
+    kick()
+    catalog.settled()
+    assert made in catalog.snapshot().images
+    catalog.close()

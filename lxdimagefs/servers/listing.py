@@ -170,9 +170,9 @@ class Follows:
                         snap = self._snap
                         if snap is None or since is None or snap.taken_at < since:
                             self._list()
-                else:
-                    for fp in self._images_of(batch):
-                        self._put(fp, self._record(fp))
+                            batch = Changes()  # the listing began after these events
+                for fp in self._images_of(batch):  # (a listing newer than `since` may be older than them)
+                    self._put(fp, self._record(fp))
                 with self._applied:
                     self._done = max(self._done, seq)
                     self._applied.notify_all()
