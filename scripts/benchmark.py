@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -660,6 +661,143 @@ def bench_listing(box: Sandbox, count: int) -> None:
             f"layouts from the journal: {probes} probes")
 
 
+class Churn:
+    """Images created (and, with `delete`, deleted again) `at_once` at a time through pylxd, until stopped."""
+
+    def __init__(self, box: Sandbox, at_once: int, delete: bool = False, count: int | None = None) -> None:
+        self.box, self.delete, self.left = box, delete, count
+        self.made: list[str] = []
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._work = Path(tempfile.mkdtemp(prefix="bench-churn-"))
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(at_once)]
+
+    def _run(self, k: int) -> None:
+        import pylxd
+
+        client, i = pylxd.Client(endpoint=self.box.socket), 0
+        while not self._stop.is_set():
+            with self._lock:
+                if self.left is not None:
+                    if self.left <= 0:
+                        return
+                    self.left -= 1
+            i += 1
+            seed = f"churn-{k}-{i}-{time.time_ns()}"
+            path = make_unified(self._work / f"c{k}-{i}.tar", rootfs_bytes=64, seed=seed)
+            image = client.images.create(path.read_bytes(), wait=True)
+            path.unlink()
+            if self.delete:
+                image.delete(wait=True)
+            else:
+                self.made.append(image.fingerprint)
+
+    def __enter__(self) -> Churn:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.join()
+        shutil.rmtree(self._work, ignore_errors=True)
+
+
+def _timed(*cmd: str, env: dict | None = None) -> float:
+    t = time.perf_counter()
+    sh(*cmd, env=env)
+    return time.perf_counter() - t
+
+
+def bench_listings(box: Sandbox, count: int) -> None:
+    """Issue 28: listings at scale and while images keep arriving, beside `lxc image list`."""
+    lxc = ("lxc", "image", "list", "--format", "csv")
+    t = time.perf_counter()
+    make_many(box, count)
+    print(f"\nListings, {count} images (made in {time.perf_counter() - t:.0f} s, 4 at a time)", flush=True)
+    curl = ("curl", "-s", "-o", "/dev/null", "--unix-socket", box.socket, "http://lxd/1.0/images?recursion=1")
+    t_curl = min(_timed(*curl) for _ in range(3))
+    row("one curl of /1.0/images?recursion=1", f"{t_curl * 1000:.0f} ms", "")
+    drop_caches()
+    t = time.perf_counter()
+    with mount(box) as (where, proc, log):
+        t_mount = time.perf_counter() - t
+        t = time.perf_counter()
+        os.listdir(where / "by-fingerprint")
+        t_first = time.perf_counter() - t
+        row("fresh mount (until mounted), then its first listing",
+            f"{t_mount * 1000:.0f} + {t_first * 1000:.0f} ms",
+            f"{(t_mount + t_first) / t_curl:.2f}x one curl; python start-up included")
+        listings = sum(1 for line in log.read_text().splitlines() if "recursion=1 HTTP" in line)
+        row("full listings made by the mount so far", f"{listings}", "")
+        for folder in ("by-fingerprint", "by-alias"):
+            t_ls, t_lxc = _timed("ls", "-l", str(where / folder)), _timed(*lxc, env=box.env())
+            row(f"quiet: ls -l {folder} / lxc image list", f"{t_ls * 1000:.0f} / {t_lxc * 1000:.0f} ms",
+                f"{t_ls / t_lxc:.2f}x lxc")
+        for at_once in (2, 4):
+            cpu0, events0 = _cpu_seconds(proc.pid), log.read_text().count("event EventSubject")
+            ratios = []
+            with Churn(box, at_once) as churn:
+                time.sleep(1)
+                for _ in range(5):
+                    t_ls = _timed("ls", "-l", str(where / "by-fingerprint"))
+                    ratios.append((t_ls, _timed(*lxc, env=box.env())))
+                t_find = _timed("find", str(where), "-maxdepth", "3")
+            events = log.read_text().count("event EventSubject") - events0
+            cpu = _cpu_seconds(proc.pid) - cpu0
+            worst = max(ratios, key=lambda r: r[0] / r[1])
+            row(f"{at_once} imports at a time: ls -l by-fingerprint / lxc (median ratio)",
+                f"{statistics.median(r[0] for r in ratios) * 1000:.0f} / "
+                f"{statistics.median(r[1] for r in ratios) * 1000:.0f} ms",
+                f"{statistics.median(r[0] / r[1] for r in ratios):.2f}x lxc, "
+                f"worst {worst[0] / worst[1]:.2f}x; "
+                f"find -maxdepth 3 {t_find * 1000:.0f} ms")
+            row(f"  daemon CPU per event ({events} events, {len(churn.made)} images made)",
+                f"{cpu / max(events, 1) * 1000:.2f} ms", "ls -l and find included")
+            for fp in churn.made:
+                box.lxc("image", "delete", fp, check=False)
+        storm = []
+        for reader in (False, True):
+            stop = threading.Event()
+
+            def read(stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    subprocess.run(["ls", "-l", str(where / "by-fingerprint")], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+
+            looper = threading.Thread(target=read, daemon=True)
+            if reader:
+                looper.start()
+            lxd0, t = _cpu_seconds(box.pid), time.perf_counter()
+            ours0, events0 = _cpu_seconds(proc.pid), log.read_text().count("event EventSubject")
+            with Churn(box, 4, delete=True, count=100) as churn:
+                churn.join()
+            storm.append((_cpu_seconds(box.pid) - lxd0, time.perf_counter() - t))
+            time.sleep(1)  # the last events applied
+            if not reader:
+                events = log.read_text().count("event EventSubject") - events0
+                row(f"  daemon CPU per event, nothing read ({events} events)",
+                    f"{(_cpu_seconds(proc.pid) - ours0) / max(events, 1) * 1000:.2f} ms", "")
+            stop.set()
+            if reader:
+                looper.join()
+        row("100+100 create/delete storm: LXD CPU without / with an ls -l loop",
+            f"{storm[0][0]:.1f} / {storm[1][0]:.1f} s", f"{storm[1][0] / storm[0][0]:.2f}x; wall "
+            f"{storm[0][1]:.1f} / {storm[1][1]:.1f} s")
+        miss = where / "by-fingerprint" / "0123456789abcdef"
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(miss)
+            times.append(time.perf_counter() - t)
+        row("stat of a short fingerprint that matches nothing", f"{max(times) * 1000:.1f} ms", "worst of 5")
+        row("daemon peak RSS", f"{peak_rss_mib(proc.pid):.0f} MiB", f"{count} images")
+
+
 def setup_image(box: Sandbox, tarball: Path) -> str:
     print("\nSetting up", flush=True)
     t = time.perf_counter()
@@ -926,6 +1064,8 @@ def main() -> int:
     p.add_argument("--cluster-only", action="store_true",
                    help="only reads through a cluster member that does not hold the image")
     p.add_argument("--listing-only", action="store_true", help="only listing --many images")
+    p.add_argument("--listings-only", action="store_true",
+                   help="only issue 28's listings: fresh, during imports, a storm, a miss (--many images)")
     p.add_argument("--remotes-only", action="store_true",
                    help="only copies between servers, simplestreams, and Incus")
     p.add_argument("--imports-only", action="store_true",
@@ -955,6 +1095,8 @@ def main() -> int:
             bench_split(box, work)
         elif args.cluster_only:
             bench_cluster_section(work, args.size_mib)
+        elif args.listings_only:
+            bench_listings(box, args.many)
         elif args.listing_only:
             make_many(box, args.many)
             bench_listing(box, args.many)

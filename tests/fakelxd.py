@@ -63,6 +63,19 @@ class FakeLXD:
     def image_exists(self, fp: str) -> bool:
         return fp in self.records
 
+    def image_by_prefix(self, prefix: str) -> Image | None:
+        found = [fp for fp in self.records if fp.startswith(prefix)]
+        return self.image(found[0]) if len(found) == 1 else None
+
+    def alias(self, name: str) -> str | None:
+        try:
+            return self._alias_owner(name)
+        except LXDError:
+            return None
+
+    def count_images(self) -> int:
+        return len(self.records)
+
     def alias_exists(self, name: str) -> bool:
         try:
             self._alias_owner(name)

@@ -389,3 +389,78 @@ def test_the_last_read_racing_a_failed_verdict_is_eio() -> None:
     verification.corrupt = Corrupt(verification.corrupt)
     with pytest.raises(IntegrityError):  # this read completes the file
         verification.served(fp, total, BLOCK, total)
+
+
+# -- the listing, one change at a time (servers/listing.py, the catalog's event thread) ----------
+
+
+def _listing_with(fake):
+    from lxdimagefs.servers.catalog import Catalog
+
+    catalog = Catalog(fake, ttl=600)
+    catalog.events_live = lambda: True
+    told: list = []
+    catalog.listeners.append(told.append)
+    return catalog, told
+
+
+def test_an_event_asks_for_its_image_alone_and_says_what_changed():
+    from fakelxd import FakeLXD
+
+    fake = FakeLXD()
+    a, b = fake.add(b"a", ("os/1",)), fake.add(b"b")
+    catalog, told = _listing_with(fake)
+    assert catalog.snapshot().aliases == {alias_to_filename("os/1"): a}
+    calls = []
+    fake.images = lambda: calls.append("all") or []  # a full listing now would be seen
+    fake.retarget_alias("os/1", b)
+    catalog.heard(aliases=frozenset({"os/1"}))
+    catalog.settled()
+    assert catalog.snapshot().aliases == {alias_to_filename("os/1"): b}
+    assert any(alias_to_filename("os/1") in c.aliases for c in told)
+    fake.delete_image(b)
+    catalog.heard(images=frozenset({b}))
+    catalog.settled()
+    assert b not in catalog.snapshot().images and catalog.snapshot().aliases == {}
+    assert calls == []
+    catalog.close()
+
+
+def test_a_burst_of_events_is_one_full_listing():
+    from fakelxd import FakeLXD
+
+    fake = FakeLXD()
+    catalog, _ = _listing_with(fake)
+    catalog.snapshot()
+    made = [fake.add(str(i).encode()) for i in range(100)]
+    listed = []
+    real = fake.images
+    fake.images = lambda: listed.append(1) or real()
+    with catalog._fill:  # the event thread waits while the burst piles up
+        for fp in made:
+            catalog.heard(images=frozenset({fp}))
+    catalog.settled()
+    assert len(listed) == 1 and set(made) <= set(catalog.snapshot().images)
+    catalog.close()
+
+
+def test_an_event_queued_with_a_reconnect_is_applied_when_the_listing_is_newer_than_it():
+    from fakelxd import FakeLXD
+
+    from lxdimagefs.servers.catalog import Catalog
+
+    fake, now = FakeLXD(), [100.0]
+    catalog = Catalog(fake, ttl=600, clock=lambda: now[0])
+    catalog.events_live = lambda: True
+    catalog.snapshot()  # taken at 100
+    made = fake.add(b"made")
+    kick, catalog._kick = catalog._kick, lambda: None  # both land in one batch of the event thread
+    now[0] = 50.0
+    catalog.refresh()  # the stream reopened at 50: the listing of 100 covers it
+    catalog.heard(images=frozenset({made}))
+    catalog._kick = kick
+    now[0] = 200.0
+    kick()
+    catalog.settled()
+    assert made in catalog.snapshot().images
+    catalog.close()

@@ -11,6 +11,7 @@ import errno
 
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.node import Attr, Context, Node
+from lxdimagefs.tree.xattrs import PREFIX
 
 
 class Attributes:
@@ -42,6 +43,9 @@ class Attributes:
         raise self.ctx.refusal(op, path, "modes, owners, times and attributes are LXD's")
 
     def getxattr(self, path: str, name: str) -> bytes:
+        if not name.startswith(PREFIX):  # security.selinux, system.posix_acl_*: asked by ls -l of every entry
+            self.getattr(path)
+            raise fs_error(errno.ENODATA, path)
         value = self.listxattrs(path).get(name)
         if value is None:
             raise fs_error(errno.ENODATA, path)

@@ -22,9 +22,10 @@ from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
 from lxdimagefs.fs.node import Attr, Context, Node
-from lxdimagefs.names import METADATA, alias_to_filename, filename_to_alias
+from lxdimagefs.names import METADATA, filename_to_alias
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.events import EventSubject
+from lxdimagefs.servers.listing import Changes
 from lxdimagefs.servers.pull import Source
 from lxdimagefs.tree.aliases import ALIAS_DIR, AliasesNode
 from lxdimagefs.tree.images import FP_DIR, ImagesNode
@@ -56,6 +57,7 @@ class Tree(Attributes, OpenFiles):
             self.nodes[CONTENTS_DIR] = ContentsNode(self.ctx, catalog, exports, self.images, index)
         self.handles = handles or HandleTable()
         self.space = Space(catalog)
+        catalog.listeners.append(self._changed)
 
     @property
     def readonly(self) -> bool:
@@ -67,6 +69,7 @@ class Tree(Attributes, OpenFiles):
         self.exports.spool.claim()
 
     def close(self) -> None:
+        self.catalog.close()
         self.exports.close()
 
     def invalidate(self) -> None:
@@ -199,16 +202,24 @@ class Tree(Attributes, OpenFiles):
     # -- what LXD's events mean here ---------------------------------------------------
 
     def changed_elsewhere(self, subject: EventSubject) -> None:
-        """An image or alias changed in LXD: drop the listing, and the kernel's entries for it."""
-        before = self.catalog.cached()
-        self.catalog.invalidate()
+        """An image or alias changed in LXD: the catalog asks for that one again (in the background)."""
+        images: frozenset[str] = frozenset((subject.fingerprint,)) if subject.fingerprint else frozenset()
+        aliases = frozenset((subject.alias,)) if subject.alias is not None else frozenset()
+        if subject.action == "image-refreshed":
+            images = aliases = frozenset()  # a new image took its place, announced by nothing else
+        self.catalog.heard(images, aliases)
+
+    def _changed(self, changes: Changes) -> None:
+        """What the catalog found changed: the kernel forgets exactly those names (from the
+        catalog's thread, never a FUSE request's, which may hold their folder)."""
         paths = []
-        if subject.alias is not None:
-            paths.append(f"/{ALIAS_DIR}/{alias_to_filename(subject.alias)}")
-        if subject.fingerprint is not None:
-            fp = subject.fingerprint
-            paths += [f"/{FP_DIR}/{fp}/{METADATA}", f"/{FP_DIR}/{fp}"]
-            image = before.images.get(fp) if before else None
-            paths += [f"/{ALIAS_DIR}/{alias_to_filename(a)}" for a in (image.aliases if image else ())]
+        for fp in changes.images:
+            paths += [f"/{FP_DIR}/{fp}/{METADATA}", f"/{FP_DIR}/{fp}", f"/{CONTENTS_DIR}/{FP_DIR}/{fp}"]
+        for name in changes.aliases:
+            paths += [f"/{ALIAS_DIR}/{name}", f"/{CONTENTS_DIR}/{ALIAS_DIR}/{name}"]
+        if changes.images:
+            paths += [f"/{FP_DIR}", f"/{CONTENTS_DIR}/{FP_DIR}"]
+        if changes.aliases:
+            paths += [f"/{ALIAS_DIR}", f"/{CONTENTS_DIR}/{ALIAS_DIR}"]
         for path in paths:
             self.ctx.on_change(path)

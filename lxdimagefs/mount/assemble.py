@@ -128,7 +128,7 @@ def probe(built: Built) -> None:
         if isinstance(built.tree, Projects):
             built.tree.sync()
         else:
-            built.tree.catalog.snapshot()  # reachable, and the project exists
+            built.tree.catalog.probe()  # reachable, and the project exists; listed at the first call
         if client.server_info().get("auth") != "trusted":
             log.warning("%s does not trust this client: only its public images are visible",
                         client.conn.describe())
@@ -165,3 +165,20 @@ def assemble(servers: list[tuple[Remote, Connection]], settings: Settings, fores
         except LXDError as e:
             b.slot.failed(e)
     return Forest([b.slot for b in built], handles, settings.readonly, settings.mountpoint), built
+
+
+# How long the kernel keeps a name and its attributes where every server follows LXD's events:
+# each change those carry reaches the kernel as an invalidation of exactly the names it touched
+# (compose/root.py), and what is inside an image never changes. Elsewhere (-o no_events, a
+# simplestreams index) freshness rests on metadata_ttl, and the kernel keeps names 1 s, as libfuse
+# does by default.
+FOLLOWED = 3600.0
+UNFOLLOWED = 1.0
+
+
+def kernel_timeouts(built: list[Built], settings: Settings) -> dict[str, float]:
+    """The FUSE options for the kernel's entry and attribute caches (-o entry_timeout=… sets others)."""
+    followed = settings.events and all(not b.remote.simplestreams for b in built)
+    seconds = FOLLOWED if followed else UNFOLLOWED
+    return {"entry_timeout": seconds, "attr_timeout": seconds}
+

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported late: loading libfuse is not needed for --help or a usage error.
     from lxdimagefs.data.diskcache import CacheRefused, DiskCache
-    from lxdimagefs.mount.assemble import Settings, assemble
+    from lxdimagefs.mount.assemble import Settings, assemble, kernel_timeouts
     from lxdimagefs.mount.fuse_ops import LXDImageOps
     from lxdimagefs.mount.fusebind import FUSE, worker_options
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     # its file's number, as tar, du and rsync -H need to see it as one file.
     fuse_opts.setdefault("use_ino", True)
     fuse_opts.setdefault("subtype", "lxdimagefs")
-    for key, value in worker_options().items():
+    for key, value in {**worker_options(), **kernel_timeouts(built, settings)}.items():
         fuse_opts.setdefault(key, value)
     log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None], mountpoint)

@@ -2,40 +2,42 @@
 
 One `GET /1.0/images?recursion=1` answers every listing and `stat`: the
 records carry their aliases, so no request is made per image. While LXD's
-event stream is live the listing is kept until an event says it changed;
-while it is down, for the metadata lifetime only. Export layouts (file
-names and sizes) are fixed by the fingerprint, so they are cached for good,
-and journaled for the next mount.
+event stream is live that listing is kept, and each event is applied to it:
+the image it names (or the alias's old and new image) is asked again, by
+one thread in the background, so no call waits for it; a burst too large
+for that is one full listing. While the stream is down, the listing lives
+the metadata lifetime, and whoever finds it old lists again while the
+others are answered from the old one. A miss is remembered until the next
+event or the lifetime's end. Export layouts (file names and sizes) are
+fixed by the fingerprint, so they are cached for good, and journaled for
+the next mount.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from cachetools import LRUCache
 
 from lxdimagefs.errors import fs_error
 from lxdimagefs.keys import Fingerprint, ObjectKey
-from lxdimagefs.names import alias_to_filename, filename_to_alias, fits, is_fingerprint
+from lxdimagefs.names import filename_to_alias, is_fingerprint
+from lxdimagefs.servers.listing import Changes, Follows, Snapshot, build, diff, merge
 from lxdimagefs.servers.protocol import ImageServer, ImageSource
 from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, part_name
 
+log = logging.getLogger(__name__)
+
 MIN_PREFIX = 12
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    images: dict[str, Image]
-    aliases: dict[str, str]  # file name under by-alias/ -> fingerprint
-    taken_at: float
+MISSES = 4096  # names remembered as missing, at most
 
 
 class LayoutJournal:
@@ -97,18 +99,31 @@ class LayoutJournal:
                     f.write(line.encode())
 
 
-class Catalog:
+class Catalog(Follows):
     def __init__(self, client: ImageSource, ttl: float = 3.0, clock: Callable[[], float] = time.monotonic,
                  journal: LayoutJournal | None = None) -> None:
         self.client = client
         self.journal = journal
         self.ttl = ttl
         self.events_live: Callable[[], bool] = lambda: False  # set by whoever follows LXD's events
+        self.listeners: list[Callable[[Changes], None]] = []  # told what each change touched
         self._snap: Snapshot | None = None
         self._layouts: LRUCache[Fingerprint, ExportLayout] = LRUCache(maxsize=100_000)
         if journal is not None:
             self._layouts.update(journal.load())
-        self._lock = threading.Lock()
+        self._fill = threading.Lock()  # one full listing at a time
+        self._lock = threading.Lock()  # the snapshot's swaps, the queue of changes, the misses
+        self._asked = self._listed = 0  # own changes asked for a new listing / the last one covered
+        self._queue = Changes()  # images and aliases events named, not asked yet
+        self._full_since: float | None = None  # a full listing is due, newer than this
+        self._heard: list[Changes] | None = None  # what events named while a full listing was on the way
+        self._seq = 0  # events heard: a lookup's answer older than the last event is not kept
+        self._done = 0
+        self._applied = threading.Condition(self._lock)
+        self._misses: dict[str, float] = {}
+        self._wake = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._closed = False
         self._layouts_lock = threading.Lock()
         self._layout_locks: dict[str, threading.Lock] = {}
         self._clock = clock
@@ -120,65 +135,130 @@ class Catalog:
             raise fs_error(errno.EROFS, "", "this server is an index to read, it takes no changes")
         return self.client
 
+    def probe(self) -> None:
+        """The server answers and the project exists: LXD's cheap list, not the full one (which a
+        server too large for `-o timeout` may not give in time); an index is read whole."""
+        if isinstance(self.client, ImageServer):
+            self.client.count_images()
+        else:
+            self.snapshot()
+
     def snapshot(self) -> Snapshot:
-        with self._lock:  # one fill at a time: a burst of stat() makes one request
-            snap = self._snap
-            if snap is None or (not self.events_live() and self._clock() - snap.taken_at >= self.ttl):
-                snap = self._snap = self._build(self._fetch())
+        """The listing: fetched if there is none, or it is older than the lifetime and no event stream
+        vouches for it; then only by the first caller, the others answered from the old one."""
+        snap = self._snap
+        if snap is not None and not self._stale(snap):
             return snap
+        if snap is not None and self._asked == self._listed and not self._fill.acquire(blocking=False):
+            return snap  # someone is listing already: not waited for
+        if snap is None or self._asked != self._listed:
+            self._fill.acquire()  # nothing to answer from, or our own change to see
+        try:
+            snap = self._snap
+            return self._list() if snap is None or self._stale(snap) else snap
+        finally:
+            self._fill.release()
+
+    def listing(self) -> Snapshot:
+        """The listing for a `readdir`: with the events heard so far applied (Follows.settled)."""
+        self.settled()
+        return self.snapshot()
+
+    def _stale(self, snap: Snapshot) -> bool:
+        return self._asked != self._listed or (not self.events_live()
+                                               and self._clock() - snap.taken_at >= self.ttl)
 
     def cached(self) -> Snapshot | None:
         """The listing held now, if any, without asking LXD."""
         return self._snap
 
     def refresh(self) -> None:
-        """Fetch the listing now (from a background thread, so that no call waits for it)."""
+        """The event stream (re)opened: what changed while it was closed comes with one full
+        listing, in the background (none if one started since)."""
         with self._lock:
-            self._snap = self._build(self._fetch())
-
-    def _fetch(self) -> list[Image]:
-        return self.client.images()
-
-    def _build(self, images: list[Image]) -> Snapshot:
-        aliases: dict[str, str] = {}
-        for image in images:
-            for alias in image.aliases:
-                name = alias_to_filename(alias)
-                if fits(name):
-                    aliases[name] = image.fingerprint
-        return Snapshot({i.fingerprint: i for i in images}, aliases, self._clock())
+            self._full_since = self._clock()
+        self._kick()
 
     def invalidate(self) -> None:
+        """Our own change: the next call lists again, and sees it."""
         with self._lock:
-            self._snap = None
+            self._asked += 1
+            self._misses.clear()
+
+    def _list(self) -> Snapshot:
+        """A full listing (with _fill held); events heard meanwhile are asked again after it."""
+        with self._lock:
+            asked, self._heard = self._asked, []
+        started = self._clock()
+        try:
+            new = build(self.client.images(), started)
+        finally:
+            with self._lock:
+                heard, self._heard = self._heard or [], None
+                self._queue = merge(self._queue, *heard)
+        with self._lock:
+            old, self._snap, self._listed = self._snap, new, max(self._listed, asked)
+            if self._full_since is not None and self._full_since <= started:
+                self._full_since = None
+        if heard:
+            self._kick()
+        if old is not None:
+            self._tell(diff(old, new))
+        return new
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def _missing(self, name: str) -> bool:
+        at = self._misses.get(name)
+        return at is not None and self._clock() - at < self.ttl
+
+    def _miss(self, name: str) -> None:
+        with self._lock:
+            if len(self._misses) >= MISSES:
+                self._misses.clear()
+            self._misses[name] = self._clock()
 
     def resolve(self, name: str) -> Image:
         """A full fingerprint, or a unique prefix of at least 12 hex digits."""
         snap = self.snapshot()
         image = snap.images.get(name)
-        if image is None and Fingerprint.parse(name) is not None and self.client.image_exists(name):
-            # Made a moment ago elsewhere (lxc, another mount): the listing is out of date.
-            self.invalidate()
-            image = self.snapshot().images.get(name)
         if image is not None:
             return image
         if not is_fingerprint(name, MIN_PREFIX):
             raise OSError(errno.ENOENT, "no such image", name)
-        found = [img for fp, img in snap.images.items() if fp.startswith(name)]
-        if not found and len(name) < 64:  # perhaps made a moment ago, before its event arrived
-            self.invalidate()
-            found = [img for fp, img in self.snapshot().images.items() if fp.startswith(name)]
+        found = [img for fp, img in snap.images.items() if fp.startswith(name)] if len(name) < 64 else []
+        if not found and (looked := self._look_up(name)) is not None:
+            found = [looked]  # made a moment ago elsewhere, before its event came
         if len(found) != 1:
             raise OSError(errno.ENOENT, "no image, or more than one, has this prefix", name)
         return found[0]
 
+    def _look_up(self, name: str) -> Image | None:
+        """An image the listing lacks, by fingerprint or prefix: one small request to LXD, a miss
+        remembered (an index has nothing it does not list)."""
+        if self._missing(name) or not isinstance(self.client, ImageServer):
+            return None
+        seq = self._seq
+        image = self.client.image_by_prefix(name)
+        if image is None:
+            self._miss(name)
+        else:
+            self._put(image.fingerprint, image, seq)
+        return image
+
     def alias_target(self, filename: str) -> str | None:
         """The fingerprint an alias (by its file name) points to, asking LXD on a miss."""
         fp = self.snapshot().aliases.get(filename)
-        if fp is None and self.client.alias_exists(filename_to_alias(filename)):
-            self.invalidate()
-            fp = self.snapshot().aliases.get(filename)
-        return fp
+        if fp is not None or self._missing("alias:" + filename) or not isinstance(self.client, ImageServer):
+            return fp
+        seq = self._seq
+        fp = self.client.alias(filename_to_alias(filename))
+        image = self._record(fp) if fp else None
+        if image is None:
+            self._miss("alias:" + filename)
+            return None
+        self._put(image.fingerprint, image, seq)
+        return image.fingerprint
 
     def layout(self, fingerprint: Fingerprint) -> ExportLayout:
         with self._layouts_lock:  # an LRU reorders itself on every get: not thread-safe alone
@@ -199,3 +279,4 @@ class Catalog:
         with self._lock:
             self._layout_locks.pop(fingerprint, None)
         return layout
+

@@ -18,6 +18,7 @@ import requests
 
 from lxdimagefs.errors import LXDError
 from lxdimagefs.keys import BadKey, Fingerprint
+from lxdimagefs.names import is_fingerprint
 from lxdimagefs.servers.lxdserver import LXDServer, quote
 from lxdimagefs.servers.records import ExportLayout, ExportPart, Image, images_from, part_name
 from lxdimagefs.wire.chunked import ChunkedPost
@@ -26,6 +27,7 @@ from lxdimagefs.wire.rest import json_body
 from lxdimagefs.wire.transport import Backoff, ExportStream
 
 log = logging.getLogger(__name__)
+LISTING_DEADLINE = 10  # the whole listing may take ten timeouts (a read timeout still ends a silent one)
 request_log = logging.getLogger("lxdimagefs.client")  # request lines under one name, as rest.py
 
 
@@ -47,12 +49,34 @@ class LXDClient(LXDServer):
         return headers
 
     def images(self) -> list[Image]:
-        """Every image of the project, in one request."""
-        records = self._sync("GET", "/images", params={"recursion": "1"}) or ()
+        """Every image of the project, in one request.
+
+        LXD spends about 1.6 ms of CPU per image on this answer: a server of tens of thousands
+        takes longer than `-o timeout`, so this one call has LISTING_DEADLINE timeouts of its own.
+        """
+        records = self._sync("GET", "/images", params={"recursion": "1"},
+                             patience=LISTING_DEADLINE * self.conn.timeout[1]) or ()
         return images_from(records, self.conn.describe())
+
+    def count_images(self) -> int:
+        """How many images the project has: the cheap answer (10 ms for 2,000) that proves it is there."""
+        return len(self._sync("GET", "/images") or ())
 
     def image(self, fingerprint: str) -> Image:
         return Image.from_record(self._sync("GET", _image(fingerprint)))
+
+    def image_by_prefix(self, prefix: str) -> Image | None:
+        """The one image whose fingerprint starts with `prefix` (LXD matches a unique prefix itself,
+        as `lxc image info` does); None if none or several do."""
+        if not is_fingerprint(prefix, 12):
+            return None
+        try:
+            image = Image.from_record(self._sync("GET", f"/images/{prefix}"))
+        except LXDError as e:
+            if 400 <= e.status < 500:
+                return None
+            raise
+        return image if image.fingerprint.startswith(prefix) else None
 
     def image_exists(self, fingerprint: str) -> bool:
         try:
@@ -63,6 +87,16 @@ class LXDClient(LXDServer):
 
     def alias_exists(self, name: str) -> bool:
         return self._exists(f"/images/aliases/{quote(name)}")
+
+    def alias(self, name: str) -> str | None:
+        """The fingerprint an alias points to; None if there is no such alias."""
+        try:
+            record = self._sync("GET", f"/images/aliases/{quote(name)}") or {}
+        except LXDError as e:
+            if e.status == 404:
+                return None
+            raise
+        return str(record.get("target") or "") or None
 
     def _exists(self, path: str) -> bool:
         try:

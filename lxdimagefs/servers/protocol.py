@@ -57,6 +57,22 @@ class ImageServer(ImageSource, Protocol):
     A simplestreams index is an `ImageSource` only; `Catalog.server` refuses its changes.
     """
 
+    def image(self, fingerprint: str) -> Image:
+        """One image's record (LXDError 404 if there is none): what an event about it changed."""
+        ...
+
+    def image_by_prefix(self, prefix: str) -> Image | None:
+        """The one image a fingerprint or a unique prefix of it names, else None."""
+        ...
+
+    def alias(self, name: str) -> str | None:
+        """The fingerprint an alias points to, None if there is no such alias."""
+        ...
+
+    def count_images(self) -> int:
+        """How many images there are, in the cheapest answer (the mount's first call)."""
+        ...
+
     def image_with_etag(self, fingerprint: str) -> tuple[Image, str]: ...
 
     def update_image(self, fingerprint: str, fields: dict[str, Any], etag: str) -> None:

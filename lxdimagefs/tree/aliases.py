@@ -35,7 +35,7 @@ class AliasesNode(Node):
         if rest:
             self.getattr(rest)
             raise fs_error(errno.ENOTDIR, self.path(rest))
-        return sorted(self.catalog.snapshot().aliases)
+        return sorted(self.catalog.listing().aliases)
 
     def readlink(self, rest: list[str]) -> str:
         if len(rest) == 1 and fits(rest[0]) and valid(rest[0]):

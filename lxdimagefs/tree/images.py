@@ -122,7 +122,7 @@ class ImagesNode(DeleteAndRefresh):
 
     def readdir(self, rest: list[str]) -> list[str]:
         if not rest:
-            return sorted(self.catalog.snapshot().images)
+            return sorted(self.catalog.listing().images)
         if len(rest) != 1:
             self.getattr(rest)
             raise fs_error(errno.ENOTDIR, self.path(rest))
