@@ -24,8 +24,8 @@ from cachetools import LRUCache
 from lxdimagefs.contents.archives import Entry, ImageArchive, IndexFolder
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
-from lxdimagefs.fs.handles import BytesHandle, Handle
-from lxdimagefs.fs.node import Attr, Context, Node, inode_number
+from lxdimagefs.fs.handles import BytesHandle, Caching, Handle
+from lxdimagefs.fs.node import Attr, Context, Listing, Node, inode_number
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.tree.images import FP_DIR, ImagesNode, is_public
@@ -60,6 +60,19 @@ class EntryHandle(Handle):
 
     def read(self, offset: int, size: int) -> bytes:
         return _guarded(self.archive.fp, lambda: self.archive.read(self.entry, offset, size))
+
+    def caching(self) -> Caching:
+        """What is inside an image never changes (its name is its fingerprint): bytes served
+        from checked blocks stay in the kernel's pages for as long as it keeps them; bytes of
+        an export whose check is under way are read afresh at each open (docs/SEMANTICS.md)."""
+        return Caching.KEEP if self.archive.proven(self.entry) else Caching.FRESH
+
+
+class KeptListing(Handle):
+    """An open folder inside an image: what it lists never changes (its name is its fingerprint)."""
+
+    def caching(self) -> Caching:
+        return Caching.KEEP
 
 
 def _guarded(fp: str, call: Callable[[], T]) -> T:
@@ -138,9 +151,11 @@ class ContentsNode(Node):
         if not rest:
             return [CACHEDIR_TAG, FP_DIR, ALIASES]
         if rest == [FP_DIR]:
-            return sorted(self.catalog.snapshot().images)
+            images = sorted(self.catalog.snapshot().images)
+            return Listing(images, dict.fromkeys(images, stat.S_IFDIR))
         if rest == [ALIASES]:
-            return sorted(self.catalog.snapshot().aliases)
+            aliases = sorted(self.catalog.snapshot().aliases)
+            return Listing(aliases, dict.fromkeys(aliases, stat.S_IFLNK))
         if rest[0] != FP_DIR or len(rest) < 2:
             self.getattr(rest)
             raise fs_error(errno.ENOTDIR, self.path(rest))
@@ -161,6 +176,10 @@ class ContentsNode(Node):
                 return entry.info.linkname
         self.getattr(rest)
         raise fs_error(errno.EINVAL, self.path(rest))
+
+    def opendir(self, rest: list[str], pid: int) -> Handle:
+        """A folder inside an image: its listing is the image's, for as long as the kernel keeps it."""
+        return KeptListing(pid) if len(rest) >= 2 and rest[0] == FP_DIR else Handle(pid)
 
     def open(self, rest: list[str], flags: int, pid: int) -> Handle:
         if rest == [CACHEDIR_TAG]:

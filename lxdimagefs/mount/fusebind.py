@@ -54,6 +54,16 @@ else:
             fh = fip.contents if self.raw_fi else fip.contents.fh
             return None if path is None else path.decode(self.encoding, self.errors), view, fh
 
+        def opendir(self, path: bytes, fip: Any) -> int:
+            """A folder whose listing never changes (inside an image) keeps it in the kernel's
+            cache (cache_readdir, libfuse 3.5 on): a second `ls`, find or diff lists it from there."""
+            fh = self.operations.opendir(path.decode(self.encoding, self.errors))
+            fip.contents.fh = fh
+            if hasattr(fip.contents, "cache_readdir") and self.operations.listing_kept(fh):
+                fip.contents.cache_readdir = 1
+                fip.contents.keep_cache = 1
+            return 0
+
         def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
             """`ftruncate` on an open file reaches its handle (mfusepy 3.1 drops libfuse 3's file
             info here: an open metadata.json truncated in place kept its old bytes)."""

@@ -64,7 +64,12 @@ def _remove(work: Path) -> None:
 
 @pytest.fixture(scope="session")
 def distro() -> Path:
-    """Today's Debian 12 minbase tree, made once a day and kept; older days' trees are removed."""
+    return debian_minbase()
+
+
+def debian_minbase() -> Path:
+    """Today's Debian 12 minbase tree, made once a day and kept; older days' trees are removed
+    (scripts/bench_inside.py measures on the same tree)."""
     where = CACHE / f"{PREFIX}{datetime.date.today():%Y%m%d}"
     with open(CACHE / f"{PREFIX}lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build, however many test runs ask at once
