@@ -203,11 +203,16 @@ class Tree(Attributes, OpenFiles):
         before = self.catalog.cached()
         self.catalog.invalidate()
         paths = []
+        inside = f"/{CONTENTS_DIR}/{FP_DIR}" if CONTENTS_DIR in self.nodes else None
         if subject.alias is not None:
             paths.append(f"/{ALIAS_DIR}/{alias_to_filename(subject.alias)}")
+            paths += [f"/{CONTENTS_DIR}/{ALIAS_DIR}/{subject.alias}"] if inside else []
         if subject.fingerprint is not None:
             fp = subject.fingerprint
             paths += [f"/{FP_DIR}/{fp}/{METADATA}", f"/{FP_DIR}/{fp}"]
+            # What the kernel keeps inside an image (entries, pages, listings: docs/SEMANTICS.md)
+            # goes with the image's folder there.
+            paths += [f"{inside}/{fp}"] if inside else []
             image = before.images.get(fp) if before else None
             paths += [f"/{ALIAS_DIR}/{alias_to_filename(a)}" for a in (image.aliases if image else ())]
         for path in paths:

@@ -61,8 +61,9 @@ def decode_later(exports: Exports, fp: str, size: int, compression: str, index: 
         except Exception:
             log.exception("contents/ of %s: decoding failed; read through its seek points", fp[:12])
             return
-        log.debug("contents/ of %s: read from its decoded tarball from now on", fp[:12])
-        if not use(source):
+        if use(source):
+            log.debug("contents/ of %s: read from its decoded tarball from now on", fp[:12])
+        else:
             source.__exit__(None, None, None)
 
     thread = threading.Thread(target=run, name=f"decode_{fp[:8]}", daemon=True)
