@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cachetools import LRUCache
+
 from lxdimagefs.contents import inodes
 from lxdimagefs.contents.plain import AT_ONCE, compression_of, decode_later, plain_tar
 from lxdimagefs.data.diskparts import CheckedPart
@@ -47,6 +49,7 @@ PREFERRED = ["indexed_gzip"]
 GZIP_SPACING = 4 << 20
 LISTED = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK)  # types a listing gives as they are indexed
 META_MAX = 64 << 20  # a split image's zstd or lzma metadata tarball, decoded in memory
+ENTRIES_KEPT = 2048  # an image's entries kept looked up (a few hundred bytes each)
 
 
 def _in_memory(raw: Any, compression: str) -> bytes:
@@ -97,8 +100,7 @@ def _lazy(exports: Exports, key: str, size: int) -> io.BufferedReader:
     return io.BufferedReader(ExportFile(exports.unified(key, size, max_window=4 << 20), size), 1 << 16)
 
 
-def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports,
-          index: Path) -> tuple[Any, Any, dict[str, str]]:
+def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> tuple[Any, Any, dict]:
     """An image's sources: its (metadata) tarball, a split image's squashfs rootfs, and the
     keys of those read lazily from an export (their bytes proven only once it is verified)."""
     # Imported on the first look inside an image (about 0.15 s), not with the module: the
@@ -131,16 +133,14 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports,
         # LXD sends a split image as one multipart stream: its parts are local files, read checked
         return io.BufferedReader(ExportFile(exports.spool.open(fp, sizes, i), sizes[i]), 1 << 16)
 
-    meta_compression = "lzma" if first.name.endswith(".tar.lzma") else "zst"
-    in_memory = compression in AT_ONCE  # ratarmountcore reads the others itself
-    meta = io.BytesIO(_in_memory(part(0), meta_compression)) if in_memory else part(0)
+    # zstd and lzma decoded in memory; ratarmountcore reads the others itself
+    meta = io.BytesIO(_in_memory(part(0), compression)) if compression in AT_ONCE else part(0)
     top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
                            indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
     lazy = {} if first.key is None else {"top": first.key, ROOTFS: layout.parts[1].key or ""}
     if not layout.parts[1].name.endswith(".squashfs"):
         return top, None, lazy
-    rootfs = SquashfsRootfs(part(1), indexFilePath=_with(index, f".{INDEX}.sqlite"), writeIndex=True)
-    return top, rootfs, lazy
+    return top, SquashfsRootfs(part(1), indexFilePath=_with(index, f".{INDEX}.sqlite"), writeIndex=True), lazy
 
 
 @dataclass(frozen=True)
@@ -167,15 +167,13 @@ class ImageArchive:
         # How many names each hard-linked file has: one query of each index, here, not per stat.
         self._tar_links = inodes.tar_links(self._top)
         self._rootfs_links = inodes.squashfs_links(self._rootfs) if self._rootfs else {}
-        self._closed = False
-        first = layout.parts[0]
-        compression = compression_of(first.name)
-        if self._lazy.get("top") == fp and compression and compression not in AT_ONCE:
+        self._closed, self._entries = False, LRUCache[str, tuple[Entry | None]](maxsize=ENTRIES_KEPT)
+        first, compression = layout.parts[0], compression_of(layout.parts[0].name)
+        if self._lazy.get("top") == fp and compression and compression not in AT_ONCE:  # from LXD
             decode_later(exports, fp, first.size, compression, _with(index, ".decoded.sqlite"), self._use)
 
     def _use(self, plain: Any) -> bool:
-        """The decoded tarball serves from now on (the same bytes at the same offsets: entries
-        looked up before read from it too); False if this archive is closed already."""
+        """The decoded tarball serves from now on (the same bytes at the same offsets as before)."""
         links = inodes.tar_links(plain)
         with self._lock:
             if self._closed:
@@ -186,8 +184,7 @@ class ImageArchive:
         return True
 
     def proven(self, entry: Entry) -> bool:
-        """Whether an entry's bytes are proven as they are served: read from checked blocks (split
-        parts, decoded tarballs, a verified export), not from an export whose check is under way."""
+        """Whether an entry's bytes are served checked (not from an export whose check is under way)."""
         key = self._lazy.get(ROOTFS if entry.source is self._rootfs else "top")
         return key is None or key in self._verified
 
@@ -197,7 +194,17 @@ class ImageArchive:
             return self._rootfs, path[len(ROOTFS) + 1:] or "/"
         return self._top, path
 
-    def lookup(self, path: str, depth: int = 0) -> Entry | None:
+    def lookup(self, path: str) -> Entry | None:
+        """An entry by its path, kept: a stat, an open and their checks ask for the same one."""
+        with self._lock:
+            kept = self._entries.get(path)
+        if kept is None:
+            kept = (self._lookup(path),)
+            with self._lock:
+                self._entries[path] = kept
+        return kept[0]
+
+    def _lookup(self, path: str, depth: int = 0) -> Entry | None:
         source, inner = self._route(path)
         with self._lock:
             info = source.lookup(inner) if source else None
@@ -206,7 +213,7 @@ class ImageArchive:
         if not stat.S_IFMT(info.mode) and info.linkname:
             # A tar hard link: no file type of its own, the name of its target (relative to the
             # archive's root) in linkname. It is that file; a loop or a dangling one is absent.
-            return self.lookup(inodes.inside(info.linkname), depth + 1) if depth < 8 else None
+            return self._lookup(inodes.inside(info.linkname), depth + 1) if depth < 8 else None
         rdev = 0
         if source is self._rootfs:
             nlink = self._rootfs_links.get(inodes.header(info), 1)
@@ -226,8 +233,7 @@ class ImageArchive:
         return Entry(source, info, rdev, nlink, place)
 
     def list(self, path: str) -> Listing:
-        """A folder's names, with the types the index is sure of (a tar's hard links and devices
-        are told apart only from their headers: those are left to a stat)."""
+        """A folder's names, with the types its index is sure of (LISTED; the rest, by a stat)."""
         source, inner = self._route(path)
         with self._lock:
             found = source.list(inner) if source else None

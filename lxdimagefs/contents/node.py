@@ -68,13 +68,6 @@ class EntryHandle(Handle):
         return Caching.KEEP if self.archive.proven(self.entry) else Caching.FRESH
 
 
-class KeptListing(Handle):
-    """An open folder inside an image: what it lists never changes (its name is its fingerprint)."""
-
-    def caching(self) -> Caching:
-        return Caching.KEEP
-
-
 def _guarded(fp: str, call: Callable[[], T]) -> T:
     """Archive errors (a corrupt or unreadable image) are EIO and a log line; the mount goes on."""
     try:
@@ -176,10 +169,6 @@ class ContentsNode(Node):
                 return entry.info.linkname
         self.getattr(rest)
         raise fs_error(errno.EINVAL, self.path(rest))
-
-    def opendir(self, rest: list[str], pid: int) -> Handle:
-        """A folder inside an image: its listing is the image's, for as long as the kernel keeps it."""
-        return KeptListing(pid) if len(rest) >= 2 and rest[0] == FP_DIR else Handle(pid)
 
     def open(self, rest: list[str], flags: int, pid: int) -> Handle:
         if rest == [CACHEDIR_TAG]:

@@ -22,14 +22,13 @@ from lxdimagefs.fs.commit import process_of
 from lxdimagefs.fs.handles import Caching
 from lxdimagefs.fs.node import Listing, inode_number
 from lxdimagefs.mount import tuning
-from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator
+from lxdimagefs.mount.fusebind import Operations, fuse_get_context, listed, path_invalidator
 from lxdimagefs.servers.events import EventWatcher
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_UNKNOWN_INO = 0xFFFFFFFF  # FUSE_UNKNOWN_INO
 
 # Refusals that are the ordinary answer to a question, not worth a warning.
 _QUIET = {errno.ENOENT, errno.ENODATA, errno.ENOTSUP}
@@ -94,14 +93,8 @@ class LXDImageOps(Operations):
     @translated
     def readdir(self, path: str, fh: Any) -> list[tuple[str, dict[str, int], int]]:
         _may(self.tree, path, access.R)
-        # Under use_ino a bare name would list with inode number 0, which tar and fts skip as a
-        # deleted entry: each gets libfuse's "unknown" instead, as without use_ino; stat has the number.
-        # A file type known from the listing goes with its name (d_type); 0 is "unknown", and is
-        # always given: the binding keeps one stat buffer for all names, and sets only what it is told.
         names = self.tree.readdir(path)
-        kinds = names.kinds if isinstance(names, Listing) else {}
-        return [(name, {"st_ino": _UNKNOWN_INO, "st_mode": kinds.get(name, 0)}, 0)
-                for name in (".", "..", *names)]
+        return listed([".", "..", *names], names.kinds if isinstance(names, Listing) else {})
 
     @translated
     def readlink(self, path: str) -> str:
@@ -197,10 +190,6 @@ class LXDImageOps(Operations):
     @translated
     def opendir(self, path: str) -> int:
         return self.tree.opendir(path, _pid())
-
-    def listing_kept(self, fh: int) -> bool:
-        """Whether the kernel may keep an open folder's listing (it never changes)."""
-        return self.tree.caching(fh) is Caching.KEEP
 
     @translated
     def releasedir(self, path: str, fh: int) -> int:

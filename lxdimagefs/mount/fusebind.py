@@ -54,16 +54,6 @@ else:
             fh = fip.contents if self.raw_fi else fip.contents.fh
             return None if path is None else path.decode(self.encoding, self.errors), view, fh
 
-        def opendir(self, path: bytes, fip: Any) -> int:
-            """A folder whose listing never changes (inside an image) keeps it in the kernel's
-            cache (cache_readdir, libfuse 3.5 on): a second `ls`, find or diff lists it from there."""
-            fh = self.operations.opendir(path.decode(self.encoding, self.errors))
-            fip.contents.fh = fh
-            if hasattr(fip.contents, "cache_readdir") and self.operations.listing_kept(fh):
-                fip.contents.cache_readdir = 1
-                fip.contents.keep_cache = 1
-            return 0
-
         def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
             """`ftruncate` on an open file reaches its handle (mfusepy 3.1 drops libfuse 3's file
             info here: an open metadata.json truncated in place kept its old bytes)."""
@@ -80,6 +70,7 @@ else:
 # ten such reads used to leave no thread for a `stat` (23 s measured). 200 blocked threads cost
 # about 5 MiB of RSS (docs/RELIABILITY.md); idle ones beyond 16 exit.
 MAX_THREADS = 256
+UNKNOWN_INO = 0xFFFFFFFF  # FUSE_UNKNOWN_INO
 MAX_IDLE_THREADS = 16
 
 
@@ -88,6 +79,16 @@ def worker_options() -> dict[str, object]:
     if LIBFUSE != 3 or BINDING == "fusepy":
         return {}  # libfuse 2 takes neither option
     return {"max_threads": MAX_THREADS, "max_idle_threads": MAX_IDLE_THREADS}
+
+
+def listed(names: list[str], kinds: dict[str, int]) -> list[tuple[str, dict[str, int], int]]:
+    """readdir's rows: each name with the file type the listing knows (d_type; 0: unknown).
+
+    Under use_ino a bare name would list with inode number 0, which tar and fts skip as a deleted
+    entry: each gets libfuse's "unknown" instead, as without use_ino (stat has the number). Both
+    fields are always given: mfusepy keeps one stat buffer for all names, and sets only what it is given.
+    """
+    return [(name, {"st_ino": UNKNOWN_INO, "st_mode": kinds.get(name, 0)}, 0) for name in names]
 
 
 def path_invalidator() -> Callable[[str], None] | None:
@@ -110,5 +111,5 @@ def path_invalidator() -> Callable[[str], None] | None:
     return invalidate
 
 
-__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "path_invalidator",
+__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "listed", "path_invalidator",
            "worker_options"]
