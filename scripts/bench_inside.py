@@ -50,6 +50,10 @@ def _commands(u: str, s: str) -> list[tuple[str, str]]:
     ]
 
 
+def _inside(mnt: str, fps: dict[str, str]) -> tuple[str, str]:
+    return f"{mnt}/contents/by-fingerprint/{fps['unified']}", f"{mnt}/contents/by-fingerprint/{fps['split']}"
+
+
 def _timed(command: str, files: Path) -> tuple[float, str]:
     t = time.perf_counter()
     done = subprocess.run(command.replace("{files}", str(files)), shell=True, capture_output=True, text=True)
@@ -107,7 +111,7 @@ def bench_inside(box: Sandbox, work: Path, rounds: int = 1) -> None:
     index.mkdir()
     for opts, name in (((), "default timeouts"), (LONG, "entry/attr_timeout=86400")):
         _first_look(box, fps, index, opts, name, files)
-        for label, command in _commands(*(f"{{mnt}}/contents/by-fingerprint/{fps[k]}" for k in ("unified", "split"))):
+        for label, command in _commands(*_inside("{mnt}", fps)):
             cold_plain, warm_plain = plain[label]
             alt = extract["split" if "(split)" in label else "unified"] if "(" in label else both
             with mount(box, "mfusepy", "--cache-dir", str(index), *opts) as (where, proc, _log):
@@ -116,11 +120,13 @@ def bench_inside(box: Sandbox, work: Path, rounds: int = 1) -> None:
                 with RSSWatch(proc.pid) as rss:
                     cold, out = _timed(command, files)
                     repeat = min(_timed(command, files)[0] for _ in range(rounds))
+            other = alt + cold_plain
             row(f"{label}, {name}: fresh mount", f"{cold:.2f} s",
-                f"{cold / (alt + cold_plain):.2f}x export+extract+command ({alt + cold_plain:.2f} s); out {out!r}")
+                f"{cold / other:.2f}x export+extract+command ({other:.2f} s); out {out!r}")
             row(f"{label}, {name}: repeat", f"{repeat:.3f} s",
                 f"{repeat / warm_plain:.1f}x the unpacked tree's repeat ({warm_plain:.3f} s), "
-                f"{repeat / cold_plain:.1f}x its cold ({cold_plain:.3f} s); daemon RSS peak {rss.peak / 1024:.0f} MiB")
+                f"{repeat / cold_plain:.1f}x its cold ({cold_plain:.3f} s); "
+                f"daemon RSS peak {rss.peak / 1024:.0f} MiB")
     for fp in fps.values():
         box.lxc("image", "delete", fp)
 
@@ -136,10 +142,11 @@ def _first_look(box: Sandbox, fps: dict[str, str], index: Path, opts: tuple[str,
             sh("cat", f"{where}/contents/by-fingerprint/{fp}/rootfs/etc/os-release")
             row(f"cat rootfs/etc/os-release ({kind}), {name}: new mount",
                 f"{(time.perf_counter() - t) * 1000:.0f} ms")
-        label, command = _commands(*(f"{where}/contents/by-fingerprint/{fps[k]}" for k in ("unified", "split")))[0]
+        label, command = _commands(*_inside(str(where), fps))[0]
         with RSSWatch(proc.pid) as rss:
             took, _ = _timed(command, files)
-        row(f"{label}, {name}: on that mount, at once", f"{took:.2f} s", f"daemon RSS peak {rss.peak / 1024:.0f} MiB")
+        row(f"{label}, {name}: on that mount, at once", f"{took:.2f} s",
+            f"daemon RSS peak {rss.peak / 1024:.0f} MiB")
 
 
 def scratch() -> Path:
