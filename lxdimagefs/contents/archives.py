@@ -162,7 +162,9 @@ class ImageArchive:
     def __init__(self, fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> None:
         """`index`: where this image's index files go, a suffix added per source."""
         self.fp, self._verified = fp, exports.verification.verified
-        self._lock = threading.Lock()  # ratarmountcore's sources are not made for concurrent use
+        # ratarmountcore's sources are not made for concurrent use; held across a lookup, which a
+        # hard link makes recursive, so that the decoded tarball's source never replaces one midway.
+        self._lock = threading.RLock()
         self._top, self._rootfs, self._lazy = _open(fp, layout, exports, index)
         # How many names each hard-linked file has: one query of each index, here, not per stat.
         self._tar_links = inodes.tar_links(self._top)
@@ -198,10 +200,8 @@ class ImageArchive:
         """An entry by its path, kept: a stat, an open and their checks ask for the same one."""
         with self._lock:
             kept = self._entries.get(path)
-        if kept is None:
-            kept = (self._lookup(path),)
-            with self._lock:
-                self._entries[path] = kept
+            if kept is None:
+                kept = self._entries[path] = (self._lookup(path),)
         return kept[0]
 
     def _lookup(self, path: str, depth: int = 0) -> Entry | None:
@@ -234,8 +234,8 @@ class ImageArchive:
 
     def list(self, path: str) -> Listing:
         """A folder's names, with the types its index is sure of (LISTED; the rest, by a stat)."""
-        source, inner = self._route(path)
         with self._lock:
+            source, inner = self._route(path)
             found = source.list(inner) if source else None
         if found is None:
             return Listing([], {})
