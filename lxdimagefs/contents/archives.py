@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachetools import LRUCache
-
 from lxdimagefs.contents import inodes
 from lxdimagefs.contents.plain import AT_ONCE, compression_of, decode_later, plain_tar
 from lxdimagefs.data.diskparts import CheckedPart
@@ -49,7 +47,6 @@ PREFERRED = ["indexed_gzip"]
 GZIP_SPACING = 4 << 20
 LISTED = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK)  # types a listing gives as they are indexed
 META_MAX = 64 << 20  # a split image's zstd or lzma metadata tarball, decoded in memory
-ENTRIES_KEPT = 2048  # an image's entries kept looked up (a few hundred bytes each)
 
 
 def _in_memory(raw: Any, compression: str) -> bytes:
@@ -169,7 +166,7 @@ class ImageArchive:
         # How many names each hard-linked file has: one query of each index, here, not per stat.
         self._tar_links = inodes.tar_links(self._top)
         self._rootfs_links = inodes.squashfs_links(self._rootfs) if self._rootfs else {}
-        self._closed, self._entries = False, LRUCache[str, tuple[Entry | None]](maxsize=ENTRIES_KEPT)
+        self._closed = False
         first, compression = layout.parts[0], compression_of(layout.parts[0].name)
         if self._lazy.get("top") == fp and compression and compression not in AT_ONCE:  # from LXD
             decode_later(exports, fp, first.size, compression, _with(index, ".decoded.sqlite"), self._use)
@@ -197,12 +194,8 @@ class ImageArchive:
         return self._top, path
 
     def lookup(self, path: str) -> Entry | None:
-        """An entry by its path, kept: a stat, an open and their checks ask for the same one."""
-        with self._lock:
-            kept = self._entries.get(path)
-            if kept is None:
-                kept = self._entries[path] = (self._lookup(path),)
-        return kept[0]
+        with self._lock:  # throughout (a hard link makes it recursive): no source is replaced midway
+            return self._lookup(path)
 
     def _lookup(self, path: str, depth: int = 0) -> Entry | None:
         source, inner = self._route(path)

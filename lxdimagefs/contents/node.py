@@ -32,6 +32,7 @@ from lxdimagefs.tree.images import FP_DIR, ImagesNode, is_public
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Found = tuple[ImageArchive, Entry, Attr]
 
 CONTENTS_DIR = "contents"
 ALIASES = "by-alias"
@@ -84,12 +85,14 @@ class ContentsNode(Node):
 
     read_only = True
     MAX_OPEN = 16  # archives kept open at once (each holds its index and decoder state)
+    ENTRIES_KEPT = 8192  # entries inside images kept looked up, across them (about 500 bytes each)
 
     def __init__(self, ctx: Context, catalog: Catalog, exports: Exports, images: ImagesNode,
                  index: IndexFolder) -> None:
         super().__init__(ctx, CONTENTS_DIR)
         self.catalog, self.exports, self.images, self.index = catalog, exports, images, index
         self._archives: LRUCache[str, ImageArchive] = LRUCache(maxsize=self.MAX_OPEN)
+        self._entries: LRUCache[tuple[str, ...], Found] = LRUCache(self.ENTRIES_KEPT)
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
 
@@ -110,13 +113,24 @@ class ContentsNode(Node):
                     self._archives[fp] = archive
         return archive
 
-    def _entry(self, rest: list[str]) -> tuple[ImageArchive, Entry]:
-        fp = self.images.image(rest[1], self.path(rest)).fingerprint
-        archive = self._archive(fp)
-        entry = _guarded(fp, lambda: archive.lookup("/" + "/".join(rest[2:])))
-        if entry is None:
-            raise fs_error(errno.ENOENT, self.path(rest))
-        return archive, entry
+    def _entry(self, rest: list[str]) -> Found:
+        """An entry inside an image and its attributes, worked out once (they never change): a
+        stat, an open and their checks ask for the same one."""
+        fp = self.images.image(rest[1], self.path(rest)).fingerprint  # still an image: asked every time
+        key = (fp, *rest[2:])
+        with self._lock:
+            found = self._entries.get(key)
+        if found is None:
+            archive = self._archive(fp)
+            entry = _guarded(fp, lambda: archive.lookup("/" + "/".join(rest[2:])))
+            if entry is None:
+                raise fs_error(errno.ENOENT, self.path(rest))
+            # The names of one file share its number; the same image under two remotes of a forest does not.
+            ino = None if entry.place is None else inode_number(self.ctx.mountpoint, fp, *entry.place)
+            found = archive, entry, _attr(entry, ino)
+            with self._lock:
+                self._entries[key] = found
+        return found
 
     def getattr(self, rest: list[str]) -> Attr:
         t = self.ctx.started
@@ -135,10 +149,7 @@ class ContentsNode(Node):
             image = self.images.image(rest[1], self.path(rest))
             up = image.uploaded_at  # a private image's is the mounter's alone
             return Attr(stat.S_IFDIR | (0o555 if is_public(image) else 0o500), 0, up, up, up, 2)
-        archive, entry = self._entry(rest)
-        # The names of one file share its number; the same image under two remotes of a forest does not.
-        ino = None if entry.place is None else inode_number(self.ctx.mountpoint, archive.fp, *entry.place)
-        return _attr(entry, ino)
+        return self._entry(rest)[2]
 
     def readdir(self, rest: list[str]) -> list[str]:
         if not rest:
@@ -152,7 +163,7 @@ class ContentsNode(Node):
         if rest[0] != FP_DIR or len(rest) < 2:
             self.getattr(rest)
             raise fs_error(errno.ENOTDIR, self.path(rest))
-        archive, entry = self._entry(rest)  # one lookup serves the check and the listing
+        archive, entry, _ = self._entry(rest)  # one lookup serves the check and the listing
         if not stat.S_ISDIR(entry.info.mode):
             raise fs_error(errno.ENOTDIR, self.path(rest))
         return _guarded(archive.fp, lambda: archive.list("/" + "/".join(rest[2:])))
@@ -164,7 +175,7 @@ class ContentsNode(Node):
                 raise fs_error(errno.ENOENT, self.path(rest))
             return f"../{FP_DIR}/{fp}"
         if len(rest) >= 2 and rest[0] == FP_DIR:
-            _, entry = self._entry(rest)
+            _, entry, _ = self._entry(rest)
             if stat.S_ISLNK(entry.info.mode):
                 return entry.info.linkname
         self.getattr(rest)
@@ -175,5 +186,5 @@ class ContentsNode(Node):
             return BytesHandle(TAG)
         if len(rest) < 3 or rest[0] != FP_DIR:
             raise fs_error(errno.ENOENT, self.path(rest))
-        archive, entry = self._entry(rest)
+        archive, entry, _ = self._entry(rest)
         return EntryHandle(archive, entry, opener=pid)
