@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 COMPRESSIONS = {".tar.zst": "zst", ".tar.zstd": "zst", ".tar.lzma": "lzma", ".tar.gz": "gz",
                 ".tar.xz": "xz", ".tar.bz2": "bz2"}
 AT_ONCE = ("zst", "lzma")  # no seek points ratarmountcore can read through a checked file object
+# One background decode at a time in the daemon: `find contents/` opens every image, and each
+# decode holds a core and a few MiB of buffers.
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def compression_of(name: str) -> str | None:
@@ -52,9 +55,10 @@ def decode_later(exports: Exports, fp: str, size: int, compression: str, index: 
 
     def run() -> None:
         try:
-            decoded = exports.decoded(fp, size, compression)
-            assert decoded is not None
-            source = plain_tar(fp, decoded, index)
+            with _ONE_AT_A_TIME:
+                decoded = exports.decoded(fp, size, compression)
+                assert decoded is not None
+                source = plain_tar(fp, decoded, index)
         except (IntegrityError, OSError, ValueError) as e:
             log.warning("contents/ of %s: not decoded (%s); read through its seek points", fp[:12], e)
             return
