@@ -52,10 +52,11 @@ def test_a_compressed_tarball_is_decoded_after_the_first_look_and_rot_is_eio_nev
             # The plain tarball the daemon reads, in its spool and (a link) in the disk cache.
             decoded = [*tmp_path.glob("lxdimagefs-spool-*/*.tar"), *tmp_path.rglob(f"part-{fp}.2")]
             assert decoded, sorted(tmp_path.rglob("*"))
-            for path in decoded:
+            for path in decoded:  # every 1 MiB block of rootfs/blob's: more than the block cache holds
                 with open(path, "r+b") as f:
-                    f.seek(MIB + 4096)  # inside rootfs/blob's bytes
-                    f.write(os.urandom(4096))
+                    for at in range(MIB + 4096, len(want), MIB):
+                        f.seek(at)
+                        f.write(os.urandom(4096))
             again = subprocess.run(["cat", str(blob)], capture_output=True)  # the kernel's pages
             assert again.stdout == want or again.returncode != 0, "wrong bytes, exit status 0"
             _drop_caches()
