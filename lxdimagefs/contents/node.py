@@ -80,6 +80,19 @@ def _guarded(fp: str, call: Callable[[], T]) -> T:
         raise fs_error(errno.EIO, fp, f"cannot read inside the image: {e}") from None
 
 
+class _Archives(LRUCache[str, ImageArchive]):
+    """The open archives; `on_evict` is told of each that leaves."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[str], None]) -> None:
+        super().__init__(maxsize)
+        self.on_evict = on_evict
+
+    def popitem(self) -> tuple[str, ImageArchive]:
+        fp, archive = super().popitem()
+        self.on_evict(fp)
+        return fp, archive
+
+
 class ContentsNode(Node):
     """Nothing inside an image changes: the root refuses every change here with EROFS."""
 
@@ -91,10 +104,16 @@ class ContentsNode(Node):
                  index: IndexFolder) -> None:
         super().__init__(ctx, CONTENTS_DIR)
         self.catalog, self.exports, self.images, self.index = catalog, exports, images, index
-        self._archives: LRUCache[str, ImageArchive] = LRUCache(maxsize=self.MAX_OPEN)
+        self._archives = _Archives(self.MAX_OPEN, self._forget_entries)
         self._entries: LRUCache[tuple[str, ...], Found] = LRUCache(self.ENTRIES_KEPT)
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
+
+    def _forget_entries(self, fp: str) -> None:
+        """An archive left the open ones: its entries go too (they would keep it, and its
+        decoder's memory, alive). Called with the lock held."""
+        for key in [key for key in self._entries if key[0] == fp]:
+            del self._entries[key]
 
     def _archive(self, fp: Fingerprint) -> ImageArchive:
         with self._lock:
