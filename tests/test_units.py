@@ -464,3 +464,18 @@ def test_an_event_queued_with_a_reconnect_is_applied_when_the_listing_is_newer_t
     catalog.settled()
     assert made in catalog.snapshot().images
     catalog.close()
+
+
+def test_an_archive_leaving_contents_open_ones_takes_its_kept_entries_along():
+    """contents/ keeps entries looked up inside images; each holds its archive (an image's index
+    and decoder state): an archive pushed out of the 16 open ones must not stay alive through them."""
+    from lxdimagefs.contents.node import ContentsNode
+    from lxdimagefs.fs.node import Context
+
+    node = ContentsNode(Context(), None, None, None, None)  # type: ignore[arg-type]  # no image is opened
+    node._entries[("a" * 64, "rootfs", "etc")] = ("archive a",)  # type: ignore[assignment]
+    node._entries[("b" * 64, "rootfs")] = ("archive b",)  # type: ignore[assignment]
+    with node._lock:
+        for fp in ["a" * 64, *(f"{i:064x}" for i in range(ContentsNode.MAX_OPEN))]:  # "a": pushed out
+            node._archives[fp] = object()  # type: ignore[assignment]
+    assert [key[0][0] for key in node._entries] == ["b"]

@@ -213,13 +213,15 @@ class Tree(Attributes, OpenFiles):
         """What the catalog found changed: the kernel forgets exactly those names (from the
         catalog's thread, never a FUSE request's, which may hold their folder)."""
         paths = []
+        inside = CONTENTS_DIR in self.nodes  # what the kernel keeps inside an image goes with its folder
         for fp in changes.images:
-            paths += [f"/{FP_DIR}/{fp}/{METADATA}", f"/{FP_DIR}/{fp}", f"/{CONTENTS_DIR}/{FP_DIR}/{fp}"]
+            paths += [f"/{FP_DIR}/{fp}/{METADATA}", f"/{FP_DIR}/{fp}"]
+            paths += [f"/{CONTENTS_DIR}/{FP_DIR}/{fp}"] if inside else []
         for name in changes.aliases:
-            paths += [f"/{ALIAS_DIR}/{name}", f"/{CONTENTS_DIR}/{ALIAS_DIR}/{name}"]
+            paths += [f"/{ALIAS_DIR}/{name}"] + ([f"/{CONTENTS_DIR}/{ALIAS_DIR}/{name}"] if inside else [])
         if changes.images:
-            paths += [f"/{FP_DIR}", f"/{CONTENTS_DIR}/{FP_DIR}"]
+            paths += [f"/{FP_DIR}"] + ([f"/{CONTENTS_DIR}/{FP_DIR}"] if inside else [])
         if changes.aliases:
-            paths += [f"/{ALIAS_DIR}", f"/{CONTENTS_DIR}/{ALIAS_DIR}"]
+            paths += [f"/{ALIAS_DIR}"] + ([f"/{CONTENTS_DIR}/{ALIAS_DIR}"] if inside else [])
         for path in paths:
             self.ctx.on_change(path)

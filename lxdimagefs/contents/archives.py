@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxdimagefs.contents import inodes
+from lxdimagefs.contents.plain import AT_ONCE, compression_of, decode_later, plain_tar
 from lxdimagefs.data.diskparts import CheckedPart
 from lxdimagefs.data.exports import Exports, decoder_of
 from lxdimagefs.data.prefetch import Prefetcher
+from lxdimagefs.fs.node import Listing
 from lxdimagefs.keys import Fingerprint, ObjectKey
 from lxdimagefs.names import fits
 from lxdimagefs.servers.records import ExportLayout
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROOTFS = "rootfs"
-NEEDS_A_FILE = (".tar.zst", ".tar.zstd")
 # indexed_gzip over rapidgzip: the same seek points for far less memory (rapidgzip decodes in
 # parallel chunks, which a daemon sharing 2 cores with its readers does not want).
 PREFERRED = ["indexed_gzip"]
@@ -44,7 +45,7 @@ PREFERRED = ["indexed_gzip"]
 # 16 MiB default made a daemon reading one .tar.gz hold 136-231 MiB; this, about a quarter), and a
 # read decompresses at most 4 MiB to reach its bytes.
 GZIP_SPACING = 4 << 20
-UNSEEKABLE = (".tar.lzma",)
+LISTED = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK)  # types a listing gives as they are indexed
 META_MAX = 64 << 20  # a split image's zstd or lzma metadata tarball, decoded in memory
 
 
@@ -96,8 +97,9 @@ def _lazy(exports: Exports, key: str, size: int) -> io.BufferedReader:
     return io.BufferedReader(ExportFile(exports.unified(key, size, max_window=4 << 20), size), 1 << 16)
 
 
-def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> tuple[Any, Any]:
-    """An image's sources: its (metadata) tarball, and a split image's squashfs rootfs."""
+def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> tuple[Any, Any, dict]:
+    """An image's sources: its (metadata) tarball, a split image's squashfs rootfs, and the
+    keys of those read lazily from an export (their bytes proven only once it is verified)."""
     # Imported on the first look inside an image (about 0.15 s), not with the module: the
     # library and its decoders add about 15 MiB (32 MiB at rest without them, 47 with),
     # which a daemon that only serves exports should not carry.
@@ -106,23 +108,20 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
     from lxdimagefs.contents.squashfs import INDEX, SquashfsRootfs
 
     first = layout.parts[0]
-    # indexed_zstd reads only from a file descriptor, where nothing would check its reads, and
-    # legacy .lzma has no seek points: ratarmountcore reads neither through a file object.
-    compressed = first.name.endswith(NEEDS_A_FILE + UNSEEKABLE)
-    compression = "lzma" if first.name.endswith(UNSEEKABLE) else "zst"
-    if compressed and not layout.split:
-        if first.key is not None:
+    compression = compression_of(first.name)
+    if compression and not layout.split:
+        if first.key is not None and compression in AT_ONCE:
             raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
-        # Decoded once into a plain tarball whose blocks are checked at every read (data/exports.py).
-        decoded = exports.decoded(fp, first.size, compression)
-        tar = io.BufferedReader(ExportFile(decoded, decoded.total), 1 << 16)
-        return SQLiteIndexedTar(fileObject=tar, tarFileName=fp,
-                                indexFilePath=_with(index, ".decoded.sqlite"), writeIndex=True), None
+        # Decoded once into a plain tarball whose blocks are checked at every read (contents/plain.py).
+        decoded = None if first.key is not None else exports.decoded(
+            fp, first.size, compression, decode=compression in AT_ONCE)
+        if decoded is not None:
+            return plain_tar(fp, decoded, _with(index, ".decoded.sqlite")), None, {}
     if not layout.split:
         return SQLiteIndexedTar(
             fileObject=_lazy(exports, first.key or fp, first.size), tarFileName=fp,
             indexFilePath=_with(index, ".sqlite"), writeIndex=True,
-            prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING), None
+            prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING), None, {"top": first.key or fp}
     sizes = tuple(p.size for p in layout.parts)
 
     def part(i: int) -> Any:
@@ -131,12 +130,14 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         # LXD sends a split image as one multipart stream: its parts are local files, read checked
         return io.BufferedReader(ExportFile(exports.spool.open(fp, sizes, i), sizes[i]), 1 << 16)
 
-    meta = io.BytesIO(_in_memory(part(0), compression)) if compressed else part(0)
+    # zstd and lzma decoded in memory; ratarmountcore reads the others itself
+    meta = io.BytesIO(_in_memory(part(0), compression)) if compression in AT_ONCE else part(0)
     top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
                            indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
+    lazy = {} if first.key is None else {"top": first.key, ROOTFS: layout.parts[1].key or ""}
     if not layout.parts[1].name.endswith(".squashfs"):
-        return top, None
-    return top, SquashfsRootfs(part(1), indexFilePath=_with(index, f".{INDEX}.sqlite"), writeIndex=True)
+        return top, None, lazy
+    return top, SquashfsRootfs(part(1), indexFilePath=_with(index, f".{INDEX}.sqlite"), writeIndex=True), lazy
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,34 @@ class ImageArchive:
 
     def __init__(self, fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> None:
         """`index`: where this image's index files go, a suffix added per source."""
-        self.fp = fp
-        self._lock = threading.Lock()  # ratarmountcore's sources are not made for concurrent use
-        self._top, self._rootfs = _open(fp, layout, exports, index)
+        self.fp, self._verified = fp, exports.verification.verified
+        # ratarmountcore's sources are not made for concurrent use; held across a lookup, which a
+        # hard link makes recursive, so that the decoded tarball's source never replaces one midway.
+        self._lock = threading.RLock()
+        self._top, self._rootfs, self._lazy = _open(fp, layout, exports, index)
         # How many names each hard-linked file has: one query of each index, here, not per stat.
         self._tar_links = inodes.tar_links(self._top)
         self._rootfs_links = inodes.squashfs_links(self._rootfs) if self._rootfs else {}
+        self._closed = False
+        first, compression = layout.parts[0], compression_of(layout.parts[0].name)
+        if self._lazy.get("top") == fp and compression and compression not in AT_ONCE:  # from LXD
+            decode_later(exports, fp, first.size, compression, _with(index, ".decoded.sqlite"), self._use)
+
+    def _use(self, plain: Any) -> bool:
+        """The decoded tarball serves from now on (the same bytes at the same offsets as before)."""
+        links = inodes.tar_links(plain)
+        with self._lock:
+            if self._closed:
+                return False
+            old, self._top, self._tar_links = self._top, plain, links
+            del self._lazy["top"]
+            old.__exit__(None, None, None)
+        return True
+
+    def proven(self, entry: Entry) -> bool:
+        """Whether an entry's bytes are served checked (not from an export whose check is under way)."""
+        key = self._lazy.get(ROOTFS if entry.source is self._rootfs else "top")
+        return key is None or key in self._verified
 
     def _route(self, path: str) -> tuple[MountSource | None, str]:
         """Which source holds a path (split images: rootfs/ is the squashfs), and its path there."""
@@ -170,7 +193,11 @@ class ImageArchive:
             return self._rootfs, path[len(ROOTFS) + 1:] or "/"
         return self._top, path
 
-    def lookup(self, path: str, depth: int = 0) -> Entry | None:
+    def lookup(self, path: str) -> Entry | None:
+        with self._lock:  # throughout (a hard link makes it recursive): no source is replaced midway
+            return self._lookup(path)
+
+    def _lookup(self, path: str, depth: int = 0) -> Entry | None:
         source, inner = self._route(path)
         with self._lock:
             info = source.lookup(inner) if source else None
@@ -179,7 +206,7 @@ class ImageArchive:
         if not stat.S_IFMT(info.mode) and info.linkname:
             # A tar hard link: no file type of its own, the name of its target (relative to the
             # archive's root) in linkname. It is that file; a loop or a dangling one is absent.
-            return self.lookup(inodes.inside(info.linkname), depth + 1) if depth < 8 else None
+            return self._lookup(inodes.inside(info.linkname), depth + 1) if depth < 8 else None
         rdev = 0
         if source is self._rootfs:
             nlink = self._rootfs_links.get(inodes.header(info), 1)
@@ -198,31 +225,38 @@ class ImageArchive:
             "rootfs" if source is self._rootfs else "top", inodes.header(info))
         return Entry(source, info, rdev, nlink, place)
 
-    def list(self, path: str) -> list[str]:
-        source, inner = self._route(path)
+    def list(self, path: str) -> Listing:
+        """A folder's names, with the types its index is sure of (LISTED; the rest, by a stat)."""
         with self._lock:
+            source, inner = self._route(path)
             found = source.list(inner) if source else None
         if found is None:
-            return []
+            return Listing([], {})
         names = [n for n in found if n not in ("", ".", "..") and "/" not in n and fits(n)]
+        kinds = {} if not isinstance(found, dict) else {
+            n: kind for n in names if (kind := stat.S_IFMT(found[n].mode)) in LISTED}
         if path == "/" and self._rootfs is not None and ROOTFS not in names:
             names.append(ROOTFS)
-        return sorted(names)
+            kinds[ROOTFS] = stat.S_IFDIR
+        return Listing(sorted(names), kinds)
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
         size = min(size, entry.info.size - offset)  # the kernel does not stop at the size with direct_io
         if size <= 0:
             return b""
-        with self._lock:
-            data = entry.source.read(entry.info, size, offset)
+        with self._lock:  # the tarball's source may have been replaced by its decoded one since
+            source = entry.source if entry.source is self._rootfs else self._top
+            data = source.read(entry.info, size, offset)
         if len(data) != size:  # an archive cut short inside the file (LXD reads only metadata.yaml)
             raise ValueError(f"the archive ends inside the file: {len(data)} of {size} bytes at {offset}")
         return data
 
     def close(self) -> None:
-        for source in (self._top, self._rootfs):
-            if source is not None:
-                source.__exit__(None, None, None)
+        with self._lock:
+            self._closed = True
+            for source in (self._top, self._rootfs):
+                if source is not None:
+                    source.__exit__(None, None, None)
 
 
 def _with(index: Path, suffix: str) -> str:

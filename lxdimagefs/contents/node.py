@@ -24,14 +24,15 @@ from cachetools import LRUCache
 from lxdimagefs.contents.archives import Entry, ImageArchive, IndexFolder
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
-from lxdimagefs.fs.handles import BytesHandle, Handle
-from lxdimagefs.fs.node import Attr, Context, Node, inode_number
+from lxdimagefs.fs.handles import BytesHandle, Caching, Handle
+from lxdimagefs.fs.node import Attr, Context, Listing, Node, inode_number
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.tree.images import FP_DIR, ImagesNode, is_public
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Found = tuple[ImageArchive, Entry, Attr]
 
 CONTENTS_DIR = "contents"
 ALIASES = "by-alias"
@@ -61,6 +62,12 @@ class EntryHandle(Handle):
     def read(self, offset: int, size: int) -> bytes:
         return _guarded(self.archive.fp, lambda: self.archive.read(self.entry, offset, size))
 
+    def caching(self) -> Caching:
+        """What is inside an image never changes (its name is its fingerprint): bytes served
+        from checked blocks stay in the kernel's pages for as long as it keeps them; bytes of
+        an export whose check is under way are read afresh at each open (docs/SEMANTICS.md)."""
+        return Caching.KEEP if self.archive.proven(self.entry) else Caching.FRESH
+
 
 def _guarded(fp: str, call: Callable[[], T]) -> T:
     """Archive errors (a corrupt or unreadable image) are EIO and a log line; the mount goes on."""
@@ -73,19 +80,40 @@ def _guarded(fp: str, call: Callable[[], T]) -> T:
         raise fs_error(errno.EIO, fp, f"cannot read inside the image: {e}") from None
 
 
+class _Archives(LRUCache[str, ImageArchive]):
+    """The open archives; `on_evict` is told of each that leaves."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[str], None]) -> None:
+        super().__init__(maxsize)
+        self.on_evict = on_evict
+
+    def popitem(self) -> tuple[str, ImageArchive]:
+        fp, archive = super().popitem()
+        self.on_evict(fp)
+        return fp, archive
+
+
 class ContentsNode(Node):
     """Nothing inside an image changes: the root refuses every change here with EROFS."""
 
     read_only = True
     MAX_OPEN = 16  # archives kept open at once (each holds its index and decoder state)
+    ENTRIES_KEPT = 8192  # entries inside images kept looked up, across them (about 500 bytes each)
 
     def __init__(self, ctx: Context, catalog: Catalog, exports: Exports, images: ImagesNode,
                  index: IndexFolder) -> None:
         super().__init__(ctx, CONTENTS_DIR)
         self.catalog, self.exports, self.images, self.index = catalog, exports, images, index
-        self._archives: LRUCache[str, ImageArchive] = LRUCache(maxsize=self.MAX_OPEN)
+        self._archives = _Archives(self.MAX_OPEN, self._forget_entries)
+        self._entries: LRUCache[tuple[str, ...], Found] = LRUCache(self.ENTRIES_KEPT)
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
+
+    def _forget_entries(self, fp: str) -> None:
+        """An archive left the open ones: its entries go too (they would keep it, and its
+        decoder's memory, alive). Called with the lock held."""
+        for key in [key for key in self._entries if key[0] == fp]:
+            del self._entries[key]
 
     def _archive(self, fp: Fingerprint) -> ImageArchive:
         with self._lock:
@@ -104,13 +132,24 @@ class ContentsNode(Node):
                     self._archives[fp] = archive
         return archive
 
-    def _entry(self, rest: list[str]) -> tuple[ImageArchive, Entry]:
-        fp = self.images.image(rest[1], self.path(rest)).fingerprint
-        archive = self._archive(fp)
-        entry = _guarded(fp, lambda: archive.lookup("/" + "/".join(rest[2:])))
-        if entry is None:
-            raise fs_error(errno.ENOENT, self.path(rest))
-        return archive, entry
+    def _entry(self, rest: list[str]) -> Found:
+        """An entry inside an image and its attributes, worked out once (they never change): a
+        stat, an open and their checks ask for the same one."""
+        fp = self.images.image(rest[1], self.path(rest)).fingerprint  # still an image: asked every time
+        key = (fp, *rest[2:])
+        with self._lock:
+            found = self._entries.get(key)
+        if found is None:
+            archive = self._archive(fp)
+            entry = _guarded(fp, lambda: archive.lookup("/" + "/".join(rest[2:])))
+            if entry is None:
+                raise fs_error(errno.ENOENT, self.path(rest))
+            # The names of one file share its number; the same image under two remotes of a forest does not.
+            ino = None if entry.place is None else inode_number(self.ctx.mountpoint, fp, *entry.place)
+            found = archive, entry, _attr(entry, ino)
+            with self._lock:
+                self._entries[key] = found
+        return found
 
     def getattr(self, rest: list[str]) -> Attr:
         t = self.ctx.started
@@ -129,22 +168,21 @@ class ContentsNode(Node):
             image = self.images.image(rest[1], self.path(rest))
             up = image.uploaded_at  # a private image's is the mounter's alone
             return Attr(stat.S_IFDIR | (0o555 if is_public(image) else 0o500), 0, up, up, up, 2)
-        archive, entry = self._entry(rest)
-        # The names of one file share its number; the same image under two remotes of a forest does not.
-        ino = None if entry.place is None else inode_number(self.ctx.mountpoint, archive.fp, *entry.place)
-        return _attr(entry, ino)
+        return self._entry(rest)[2]
 
     def readdir(self, rest: list[str]) -> list[str]:
         if not rest:
             return [CACHEDIR_TAG, FP_DIR, ALIASES]
         if rest == [FP_DIR]:
-            return sorted(self.catalog.snapshot().images)
+            images = sorted(self.catalog.snapshot().images)
+            return Listing(images, dict.fromkeys(images, stat.S_IFDIR))
         if rest == [ALIASES]:
-            return sorted(self.catalog.snapshot().aliases)
+            aliases = sorted(self.catalog.snapshot().aliases)
+            return Listing(aliases, dict.fromkeys(aliases, stat.S_IFLNK))
         if rest[0] != FP_DIR or len(rest) < 2:
             self.getattr(rest)
             raise fs_error(errno.ENOTDIR, self.path(rest))
-        archive, entry = self._entry(rest)  # one lookup serves the check and the listing
+        archive, entry, _ = self._entry(rest)  # one lookup serves the check and the listing
         if not stat.S_ISDIR(entry.info.mode):
             raise fs_error(errno.ENOTDIR, self.path(rest))
         return _guarded(archive.fp, lambda: archive.list("/" + "/".join(rest[2:])))
@@ -156,7 +194,7 @@ class ContentsNode(Node):
                 raise fs_error(errno.ENOENT, self.path(rest))
             return f"../{FP_DIR}/{fp}"
         if len(rest) >= 2 and rest[0] == FP_DIR:
-            _, entry = self._entry(rest)
+            _, entry, _ = self._entry(rest)
             if stat.S_ISLNK(entry.info.mode):
                 return entry.info.linkname
         self.getattr(rest)
@@ -167,5 +205,5 @@ class ContentsNode(Node):
             return BytesHandle(TAG)
         if len(rest) < 3 or rest[0] != FP_DIR:
             raise fs_error(errno.ENOENT, self.path(rest))
-        archive, entry = self._entry(rest)
+        archive, entry, _ = self._entry(rest)
         return EntryHandle(archive, entry, opener=pid)

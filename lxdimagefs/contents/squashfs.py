@@ -9,6 +9,7 @@ inode's own values: they go into the index as they are.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -20,6 +21,7 @@ from lxdimagefs.contents.inodes import header
 
 # Part of the index's file name: an index written from ratarmountcore's own rows is never read.
 INDEX = "rootfs2"
+BLOCKS_KEPT = 16
 
 
 class SquashfsRootfs(SquashFSMountSource):
@@ -27,6 +29,10 @@ class SquashfsRootfs(SquashFSMountSource):
 
     def __init__(self, path: Any, **options: Any) -> None:
         super().__init__(path, **options)
+        # PySquashfsImage keeps 256 decoded blocks (32 MiB of 128 KiB ones) for all images at
+        # once: a few per image serve a reader in path order (a fragment holds many small files).
+        decode = type(self.image)._read_data_block.__wrapped__.__get__(self.image)
+        self.image._read_data_block = functools.lru_cache(maxsize=BLOCKS_KEPT)(decode)
         ref = self.image.sblk.root_inode
         root = self.image.read_inode(ref)
         place = SQLiteIndexedTarUserData(offset=0, offsetheader=ref, istar=False, issparse=False,

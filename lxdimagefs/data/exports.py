@@ -9,13 +9,16 @@ once (kept in the disk cache) and read the same way.
 
 from __future__ import annotations
 
+import bz2
 import functools
+import gzip
 import hashlib
 import io
 import logging
 import lzma
 import os
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +68,9 @@ class Exports:
         window = self.cache.capacity // 4
         return Prefetcher(self.fetcher, fp, size, max_window=min(window, max_window or window))
 
-    def decoded(self, fp: str, size: int, compression: str) -> CheckedPart:
-        """A `.tar.zst` or `.tar.lzma` export as a plain tarball, every block of it checked.
+    def decoded(self, fp: str, size: int, compression: str, decode: bool = True) -> CheckedPart | None:
+        """A compressed unified export (`compression`: see `decoder_of`) as a plain tarball, every
+        block of it checked; None if `decode` is false and it was not decoded before.
 
         Decoded once, with a manifest made as it is written, and kept in the disk cache beside
         that manifest for later mounts (in the mount's spool only, without one). A block
@@ -77,8 +81,10 @@ class Exports:
         with self._decode_lock(fp):
             path, manifest = self._decoded.get(fp) or (None, None)
             if path is None or manifest is None or not path.exists():
-                path, manifest = self._kept_decoded(fp) or self._decode(fp, size, compression)
-                self._decoded[fp] = path, manifest
+                found = self._kept_decoded(fp) or (self._decode(fp, size, compression) if decode else None)
+                if found is None:
+                    return None
+                path, manifest = self._decoded[fp] = found
             forget = functools.partial(self._forget, fp, path)
             return CheckedPart(path, manifest, self.cache, f"{fp}.decoded", forget)  # opened before a forget
 
@@ -145,16 +151,21 @@ class Exports:
 
 
 def decoder_of(raw: Any, compression: str) -> Any:
-    """A reader of what `raw` (a `zst` or `lzma` stream) decodes to, across zstd frames."""
+    """A reader of what `raw` decodes to: `zst` (across frames), `gz` (across members), `bz2`,
+    or `lzma`/`xz` (either container)."""
     import zstandard
 
     if compression == "zst":
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    if compression == "gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "bz2":
+        return bz2.BZ2File(raw)
     return lzma.LZMAFile(raw)
 
 
 def decode(source: Path, out: Path, fp: str, compression: str) -> Manifest:
-    """A compressed tarball (`zst` or `lzma`) decoded into `out`, and the manifest of what was
+    """A compressed tarball (see `decoder_of`) decoded into `out`, and the manifest of what was
     written, made as it was written. The compressed bytes are hashed as the decoder reads them:
     if they are not the image's (sha256 = `fp`), nothing is kept and IntegrityError is raised."""
     import zstandard
@@ -171,7 +182,7 @@ def decode(source: Path, out: Path, fp: str, compression: str) -> Manifest:
                         sums.update(memoryview(buf)[:n])
                         dst.write(memoryview(buf)[:n])
                         written += n
-            except (zstandard.ZstdError, lzma.LZMAError, EOFError):
+            except (zstandard.ZstdError, lzma.LZMAError, zlib.error, EOFError, OSError):  # bz2, gzip: OSError
                 hashed.finish(buf, fp)  # a copy changed since its check, or the image's own fault?
                 raise
             hashed.finish(buf, fp)

@@ -23,6 +23,7 @@ reason in `import/NAME.error`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,13 @@ PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
 
 def process_of(tid: int) -> int:
     """The process (thread group id, `Tgid:` in /proc/<tid>/status) a thread belongs to."""
-    try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
+    try:  # asked at every open and close: one read of the file's head, no file object
+        fd = os.open(f"/proc/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, 512)  # Name (at most 64 bytes escaped), Umask, State, Tgid
+        finally:
+            os.close(fd)
+        return int(head.split(b"\nTgid:", 1)[1].split(None, 1)[0])
     except (OSError, ValueError, IndexError):
         pass
     return tid  # gone already (or no /proc): the id is all there is

@@ -38,6 +38,15 @@ class Attr:
     ino: int | None = None  # None: a number made from the path (inode_number)
 
 
+class Listing(list[str]):
+    """A folder's names, and the file type of those whose type is known from the listing itself
+    (given to the kernel with the names, so that find, du and diff need not stat each)."""
+
+    def __init__(self, names: list[str], kinds: dict[str, int]) -> None:
+        super().__init__(names)
+        self.kinds = kinds
+
+
 def inode_number(*key: object) -> int:
     """A file's inode number, made from what identifies it: the same in every mount, never 0 or 1.
 

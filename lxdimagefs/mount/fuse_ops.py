@@ -20,16 +20,15 @@ from lxdimagefs.errors import LXDError
 from lxdimagefs.fs import access
 from lxdimagefs.fs.commit import process_of
 from lxdimagefs.fs.handles import Caching
-from lxdimagefs.fs.node import inode_number
+from lxdimagefs.fs.node import Listing, inode_number
 from lxdimagefs.mount import tuning
-from lxdimagefs.mount.fusebind import Operations, fuse_get_context, path_invalidator
+from lxdimagefs.mount.fusebind import Operations, fuse_get_context, listed, path_invalidator
 from lxdimagefs.servers.events import EventWatcher
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_UNKNOWN = {"st_ino": 0xFFFFFFFF}  # FUSE_UNKNOWN_INO
 
 # Refusals that are the ordinary answer to a question, not worth a warning.
 _QUIET = {errno.ENOENT, errno.ENODATA, errno.ENOTSUP}
@@ -94,9 +93,8 @@ class LXDImageOps(Operations):
     @translated
     def readdir(self, path: str, fh: Any) -> list[tuple[str, dict[str, int], int]]:
         _may(self.tree, path, access.R)
-        # Under use_ino a bare name would list with inode number 0, which tar and fts skip as a
-        # deleted entry: each gets libfuse's "unknown" instead, as without use_ino; stat has the number.
-        return [(name, _UNKNOWN, 0) for name in (".", "..", *self.tree.readdir(path))]
+        names = self.tree.readdir(path)
+        return listed([".", "..", *names], names.kinds if isinstance(names, Listing) else {})
 
     @translated
     def readlink(self, path: str) -> str:

@@ -70,6 +70,7 @@ else:
 # ten such reads used to leave no thread for a `stat` (23 s measured). 200 blocked threads cost
 # about 5 MiB of RSS (docs/RELIABILITY.md); idle ones beyond 16 exit.
 MAX_THREADS = 256
+UNKNOWN_INO = 0xFFFFFFFF  # FUSE_UNKNOWN_INO
 MAX_IDLE_THREADS = 16
 
 
@@ -78,6 +79,16 @@ def worker_options() -> dict[str, object]:
     if LIBFUSE != 3 or BINDING == "fusepy":
         return {}  # libfuse 2 takes neither option
     return {"max_threads": MAX_THREADS, "max_idle_threads": MAX_IDLE_THREADS}
+
+
+def listed(names: list[str], kinds: dict[str, int]) -> list[tuple[str, dict[str, int], int]]:
+    """readdir's rows: each name with the file type the listing knows (d_type; 0: unknown).
+
+    Under use_ino a bare name would list with inode number 0, which tar and fts skip as a deleted
+    entry: each gets libfuse's "unknown" instead, as without use_ino (stat has the number). Both
+    fields are always given: mfusepy keeps one stat buffer for all names, and sets only what it is given.
+    """
+    return [(name, {"st_ino": UNKNOWN_INO, "st_mode": kinds.get(name, 0)}, 0) for name in names]
 
 
 def path_invalidator() -> Callable[[str], None] | None:
@@ -100,5 +111,5 @@ def path_invalidator() -> Callable[[str], None] | None:
     return invalidate
 
 
-__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "path_invalidator",
+__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "listed", "path_invalidator",
            "worker_options"]

@@ -64,7 +64,12 @@ def _remove(work: Path) -> None:
 
 @pytest.fixture(scope="session")
 def distro() -> Path:
-    """Today's Debian 12 minbase tree, made once a day and kept; older days' trees are removed."""
+    return debian_minbase()
+
+
+def debian_minbase() -> Path:
+    """Today's Debian 12 minbase tree, made once a day and kept; older days' trees are removed
+    (scripts/bench_inside.py measures on the same tree)."""
     where = CACHE / f"{PREFIX}{datetime.date.today():%Y%m%d}"
     with open(CACHE / f"{PREFIX}lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build, however many test runs ask at once
@@ -165,3 +170,35 @@ def test_tar_c_of_contents_keeps_hard_links_and_devices(distro, distro_images, d
     table = subprocess.run(["tar", "-tvf", str(tmp_path / "t.tar")], capture_output=True, text=True,
                            check=True).stdout
     assert "usr/bin/perl5.36.0 link to usr/bin/perl" in table and "1,3" in table.replace(" ", ""), table
+
+
+@pytest.mark.parametrize("kind", ["unified", "split"])
+def test_listings_give_each_entrys_type_as_stat_does(distro_images, distro_mnt, kind, tmp_path):
+    """A folder's listing gives the types its index is sure of (d_type), so that find, du and
+    diff need not stat each name: every type given is the one stat gives, and the common ones
+    (folders, files, symlinks) are given."""
+    root = distro_mnt.path / "contents" / "by-fingerprint" / distro_images[kind] / "rootfs"
+    given, wrong, folders = 0, [], [root]
+    while folders:
+        with os.scandir(folders.pop()) as listing:
+            for entry in listing:
+                # DirEntry answers from d_type when it is known: is_symlink() then costs no stat.
+                listed = (entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False),
+                          entry.is_symlink())
+                mode = os.lstat(entry.path).st_mode
+                if listed != (stat.S_ISDIR(mode), stat.S_ISREG(mode), stat.S_ISLNK(mode)):
+                    wrong.append(entry.path)
+                if stat.S_ISDIR(mode):
+                    folders.append(Path(entry.path))
+                given += 1
+    assert not wrong, wrong[:10]
+    assert given > 6000
+    # The listing itself says so: `find -type d` stats the folders, not every name (as on a disk).
+    if not shutil.which("strace"):
+        pytest.fail("strace is not installed (scripts/install.sh installs it)")
+    counts = tmp_path / "strace"
+    subprocess.run(["strace", "-f", "-c", "-o", str(counts), "find", str(root), "-type", "d"],
+                   capture_output=True, check=True)
+    stats = sum(int(line.split()[3]) for line in counts.read_text().splitlines()
+                if line.split()[-1:] in (["newfstatat"], ["lstat"], ["fstatat64"], ["statx"]))
+    assert stats < given * 0.6, f"{stats} stats for {given} names: the listing gave no types"

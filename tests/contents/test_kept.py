@@ -1,0 +1,96 @@
+"""contents/ as a place to work: what the kernel and the daemon keep of an image's insides, and
+that keeping it never serves a wrong byte nor an image that is gone (issue 24)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from lxd_sandbox import make_unified
+from mounts import mounted
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
+MIB = 1 << 20
+LONG = ("-o", "entry_timeout=86400,attr_timeout=86400")  # the kernel keeps entries for the test's length
+
+
+def _until(what, within: float = 60.0) -> bool:
+    deadline = time.monotonic() + within
+    while not what():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _drop_caches() -> None:
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the mount's pages too: ask the daemon
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tar.xz", ".tar.bz2"])
+def test_a_compressed_tarball_is_decoded_after_the_first_look_and_rot_is_eio_never_wrong(
+        sandbox, tmp_path, suffix):
+    """A .tar.gz (.xz, .bz2) is read through its seek points at first, decoded in the background
+    into a checked plain tarball, then read from that. Its bytes rotting afterwards: the pages the
+    kernel kept are the right bytes, and what it asks again is EIO, never the rotted bytes."""
+    image = make_unified(tmp_path / f"z{suffix}", rootfs_bytes=24 * MIB)  # more than the block cache
+    with tarfile.open(image) as t:
+        want = t.extractfile("rootfs/blob").read()
+    fp = sandbox.import_image(image)
+    try:
+        with mounted(sandbox, tmp_path / "mnt", *LONG) as m:
+            blob = m.path / "contents" / "by-fingerprint" / fp / "rootfs" / "blob"
+            assert blob.read_bytes() == want  # the first look
+            assert _until(lambda: "read from its decoded tarball" in m.log_text()), m.log_text()[-3000:]
+            assert blob.read_bytes() == want  # from the decoded tarball, kept by the kernel
+            # The plain tarball the daemon reads, in its spool and (a link) in the disk cache.
+            decoded = [*tmp_path.glob("lxdimagefs-spool-*/*.tar"), *tmp_path.rglob(f"part-{fp}.2")]
+            assert decoded, sorted(tmp_path.rglob("*"))
+            for path in decoded:  # every 1 MiB block of rootfs/blob's: more than the block cache holds
+                with open(path, "r+b") as f:
+                    for at in range(MIB + 4096, len(want), MIB):
+                        f.seek(at)
+                        f.write(os.urandom(4096))
+            again = subprocess.run(["cat", str(blob)], capture_output=True)  # the kernel's pages
+            assert again.stdout == want or again.returncode != 0, "wrong bytes, exit status 0"
+            _drop_caches()
+            run = subprocess.run(["cat", str(blob)], capture_output=True)
+            assert run.stdout != want or run.returncode != 0, ("cannot tell: the edit was not read",
+                                                                  decoded, m.log_text()[-3000:])
+            assert run.returncode != 0 and b"Input/output error" in run.stderr, "wrong bytes, exit status 0"
+            run = subprocess.run(["cat", str(blob)], capture_output=True)  # and on every later pass
+            assert run.returncode != 0 or run.stdout == want, "wrong bytes, exit status 0"
+            assert (m.path / "contents" / "by-fingerprint" / fp / "metadata.yaml").exists()  # still serving
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_an_image_deleted_while_the_kernel_keeps_its_insides_leaves_contents(sandbox, tmp_path):
+    """Entries, pages and listings inside an image are kept by the kernel (here for a day): the
+    image deleted in LXD, its folder leaves contents/ all the same, and what was open inside it
+    cannot be opened again."""
+    fp = sandbox.import_image(make_unified(tmp_path / "d.tar.gz", rootfs_bytes=MIB))
+    deleted = False
+    try:
+        with mounted(sandbox, tmp_path / "mnt", *LONG) as m:
+            folder = m.path / "contents" / "by-fingerprint" / fp
+            hostname = folder / "rootfs" / "etc" / "hostname"
+            for _ in range(2):  # the second pass is the kernel's
+                assert hostname.read_bytes().startswith(b"d.tar.gz")
+                assert sorted(os.listdir(folder / "rootfs")) == ["blob", "etc"]
+            sandbox.lxc("image", "delete", fp)
+            deleted = True
+            assert _until(lambda: not folder.exists(), within=10), "still in contents/ after its delete"
+            assert fp not in os.listdir(m.path / "contents" / "by-fingerprint")
+            with pytest.raises(OSError) as e:
+                hostname.read_bytes()
+            assert e.value.errno == errno.ENOENT
+    finally:
+        if not deleted:
+            sandbox.lxc("image", "delete", fp, check=False)
