@@ -13,7 +13,9 @@ import logging.handlers
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lxdimagefs import __version__
 from lxdimagefs.errors import LXDError
@@ -157,6 +159,33 @@ def setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
+def serving(built: list, disk: Any) -> Callable[[], str]:
+    """What STATUS= says the mount serves: its images (as listed last), remotes, disk cache use."""
+    def status() -> str:
+        images = sum(len(snap.images) for b in built
+                     if (snap := getattr(getattr(b.tree, "catalog", None), "cached", lambda: None)()))
+        said = [f"{images} images listed" if images else "",
+                "from " + ", ".join(b.remote.name for b in built)]
+        if disk is not None:
+            bound = "no bound" if disk.max_bytes is None else f"{disk.max_bytes >> 20} MiB"
+            said.append(f"disk cache {(disk.in_use() or 0) >> 20} MiB of {bound}")
+        return "; ".join(filter(None, said))
+    return status
+
+
+def serve(ops: Any, mountpoint: str, foreground: bool, fuse_opts: dict, status: Callable[[], str]) -> None:
+    """libfuse's loop; under -f, systemd is told when the mount answers and when it is over."""
+    from lxdimagefs.mount.fusebind import FUSE
+    from lxdimagefs.mount.notify import Readiness
+    readiness = Readiness(mountpoint, status)
+    if foreground:  # no fork: a thread started now serves on
+        readiness.start()
+    try:
+        FUSE(ops, mountpoint, foreground=foreground, raw_fi=True, **fuse_opts)
+    finally:
+        readiness.stopping()
+
+
 def joined(args: argparse.Namespace, own: MountOptions) -> int | None:
     """Join the server with the token (one line and exit 1 if that fails); None once joined."""
     from lxdimagefs.mount.trust import TrustError, join
@@ -194,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from lxdimagefs.data.diskcache import CacheRefused, DiskCache
     from lxdimagefs.mount.assemble import Settings, assemble
     from lxdimagefs.mount.fuse_ops import LXDImageOps
-    from lxdimagefs.mount.fusebind import FUSE, worker_options
+    from lxdimagefs.mount.fusebind import worker_options
 
     disk = None
     if own.cache_max != 0:
@@ -234,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None], mountpoint)
     try:
-        FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)
+        serve(ops, mountpoint, args.foreground, fuse_opts, serving(built, disk))
     except RuntimeError as e:
         # libfuse 3 reports an exit by SIGINT/SIGTERM as an error; after a live mount it is not one.
         if not ops.served:
