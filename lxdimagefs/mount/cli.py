@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import os
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 
 from lxdimagefs import __version__
 from lxdimagefs.errors import LXDError
+from lxdimagefs.mount import logs
 from lxdimagefs.mount.options import OPTIONS_HELP, MountOptions, UsageError, parse_options
 from lxdimagefs.mount.sources import check_joining, servers, source_name
 from lxdimagefs.mount.tuning import limit_malloc_arenas
@@ -118,12 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached; SIGINT/SIGTERM unmount")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="FUSE's options and lxdimagefs's own (below)")
-    p.add_argument("--log-file", metavar="FILE",
-                   help="log here (default: stderr in the foreground, syslog in the background)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where split images are spooled, export layouts remembered and contents "
                         "indexed (default: $TMPDIR); the disk cache too, when given")
-    p.add_argument("--debug", action="store_true", help="log every request (never a credential)")
+    logs.add_arguments(p)
     p.add_argument("--version", action="version", version=f"lxdimagefs {__version__}")
     return p
 
@@ -138,25 +136,6 @@ def check_mountpoint(path: str) -> str:
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise UsageError(f"mount point {path} is not writable by this user")
     return path
-
-
-def setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.debug else logging.INFO
-    handler: logging.Handler
-    if args.log_file:
-        handler = logging.FileHandler(args.log_file)
-    elif args.foreground or not os.path.exists("/dev/log"):
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.handlers.SysLogHandler("/dev/log")
-        handler.setFormatter(logging.Formatter("lxdimagefs[%(process)d]: %(levelname)s %(message)s"))
-    if not isinstance(handler, logging.handlers.SysLogHandler):
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(level)
-    if not args.debug:  # urllib3's debug lines would carry request details
-        logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 def serving(built: list, disk: Any) -> Callable[[], str]:
@@ -211,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"lxdimagefs: {e}", file=sys.stderr)
         return 2
-    setup_logging(args)
+    logs.setup(args, chosen[0][0].name if len(chosen) == 1 else None)
     if args.trust_token:
         failed = joined(args, own)
         if failed is not None:

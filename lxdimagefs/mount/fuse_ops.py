@@ -36,15 +36,17 @@ _QUIET = {errno.ENOENT, errno.ENODATA, errno.ENOTSUP}
 
 
 def to_errno(op: str, args: tuple, exc: BaseException) -> int:
-    """The one place an exception becomes an errno."""
+    """The one place an exception becomes an errno (logged with both, for --log-format json)."""
+    number = exc.errno if isinstance(exc, (LXDError, OSError)) and exc.errno else errno.EIO
+    fields = {"operation": op, "errno": errno.errorcode.get(number, number)}
     if isinstance(exc, LXDError):
-        log.warning("%s %s: LXD: %s", op, args[:1], exc.message)
-        return exc.errno
-    if isinstance(exc, OSError) and exc.errno:
-        (log.debug if exc.errno in _QUIET else log.warning)("%s %s: %s", op, args[:1], exc.strerror)
-        return exc.errno
-    log.exception("%s %s failed unexpectedly", op, args[:1])
-    return errno.EIO
+        log.warning("%s %s: LXD: %s", op, args[:1], exc.message, extra=fields)
+    elif isinstance(exc, OSError) and exc.errno:
+        (log.debug if number in _QUIET else log.warning)("%s %s: %s", op, args[:1], exc.strerror,
+                                                         extra=fields)
+    else:
+        log.exception("%s %s failed unexpectedly", op, args[:1], extra=fields)
+    return number
 
 
 def translated(func: F) -> F:
