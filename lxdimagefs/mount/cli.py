@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                         metadata_ttl=own.metadata_ttl, cache_bytes=own.cache_bytes,
                         events=not own.no_events, contents=not own.nocontents,
                         all_projects=args.all_projects,
-                        allow_delete=own.allow_delete, local_files=not own.nolocal)
+                        allow_delete=own.allow_delete, local_files=not own.nolocal, own=own.own)
     forest = args.all_remotes or len(args.remote) > 1
     try:
         root, built = assemble(chosen, settings, forest)
