@@ -19,21 +19,12 @@ from typing import Any
 from lxdimagefs import __version__
 from lxdimagefs.errors import LXDError
 from lxdimagefs.mount import logs
+from lxdimagefs.mount.cachetool import disk_cache_root, made_cache_dir
 from lxdimagefs.mount.options import OPTIONS_HELP, MountOptions, UsageError, parse_options
 from lxdimagefs.mount.sources import check_joining, servers, source_name
 from lxdimagefs.mount.tuning import limit_malloc_arenas
 
 log = logging.getLogger("lxdimagefs")
-
-
-def disk_cache_root(cache_dir: str | None) -> Path:
-    """Where verified exports are kept: beside --cache-dir's other files, else the user's cache."""
-    if cache_dir:
-        return Path(cache_dir) / f"lxdimagefs-cache-{os.getuid()}"
-    if os.geteuid() == 0:
-        return Path("/var/cache/lxdimagefs")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lxdimagefs"
 
 
 HELP_EPILOG = f"""\
@@ -126,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def subcommand(argv: list[str]) -> Callable[[list[str]], int] | None:
+    """`lxdimagefs cache …` and `lxdimagefs stats MOUNTPOINT`: tools, not a mount (a remote named
+    `cache` or `stats` is mounted with --remote NAME)."""
+    if argv[:1] == ["cache"]:
+        from lxdimagefs.mount import cachetool
+        return cachetool.main
+    return None
+
+
 def check_mountpoint(path: str) -> str:
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -177,12 +177,16 @@ def joined(args: argparse.Namespace, own: MountOptions) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    tool = subcommand(argv)
+    if tool is not None:
+        return tool(argv[1:])
     args = build_parser().parse_intermixed_args(argv)  # SOURCE may stand apart from MOUNTPOINT
     try:
         own, fuse_opts = parse_options(args.options)
         mountpoint = check_mountpoint(args.mountpoint)
-        if args.cache_dir and not os.path.isdir(args.cache_dir):
-            raise UsageError(f"cache folder {args.cache_dir} does not exist")
+        if args.cache_dir:
+            made_cache_dir(args.cache_dir)
         chosen = [] if args.trust_token else servers(args, own)
         if args.all_projects and args.project != "default":
             raise UsageError("give --project NAME or --all-projects, not both")
