@@ -74,6 +74,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
         streams = StreamsClient(conn)
         catalog = Catalog(streams, ttl=max(settings.metadata_ttl, STREAMS_TTL))
         exports = Exports(streams, spool, capacity=cache_bytes, disk=settings.disk)
+        exports.verification.remote = remote.name
         tree = Tree(catalog, exports, settings.own, readonly=True, mountpoint=mountpoint, index=index,
                     imports=False, handles=handles)
         slot = Slot(remote.name, tree, streams.reachable, from_simplestreams(streams.base))
@@ -83,6 +84,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
     images = images_folder(conn.socket) if conn.socket and settings.local_files else None
     exports = Exports(client, spool, capacity=cache_bytes, disk=settings.disk, images=images)
+    exports.verification.remote = remote.name  # the stats' label
     tree = Tree(catalog, exports, settings.own, readonly=settings.readonly, mountpoint=mountpoint,
                 index=index, handles=handles, allow_delete=settings.allow_delete)
     events = None

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lxdimagefs import __version__
+from lxdimagefs import __version__, stats
 from lxdimagefs.errors import LXDError
-from lxdimagefs.mount import logs
-from lxdimagefs.mount.cachetool import disk_cache_root, made_cache_dir
+from lxdimagefs.mount.admin import logs
+from lxdimagefs.mount.admin.cachetool import disk_cache_root, made_cache_dir
 from lxdimagefs.mount.options import OPTIONS_HELP, MountOptions, UsageError, parse_options
 from lxdimagefs.mount.sources import check_joining, servers, source_name
 from lxdimagefs.mount.tuning import limit_malloc_arenas
@@ -121,8 +121,11 @@ def subcommand(argv: list[str]) -> Callable[[list[str]], int] | None:
     """`lxdimagefs cache …` and `lxdimagefs stats MOUNTPOINT`: tools, not a mount (a remote named
     `cache` or `stats` is mounted with --remote NAME)."""
     if argv[:1] == ["cache"]:
-        from lxdimagefs.mount import cachetool
+        from lxdimagefs.mount.admin import cachetool
         return cachetool.main
+    if argv[:1] == ["stats"] and len(argv) >= 2:
+        from lxdimagefs.mount.admin import metrics
+        return metrics.main
     return None
 
 
@@ -139,7 +142,12 @@ def check_mountpoint(path: str) -> str:
 
 
 def serving(built: list, disk: Any) -> Callable[[], str]:
-    """What STATUS= says the mount serves: its images (as listed last), remotes, disk cache use."""
+    """What STATUS= says the mount serves: its images (as listed last), remotes, disk cache use,
+    LXD operations under way; the disk cache's use and bound go to the stats too."""
+    if disk is not None:
+        stats.gauge("disk_cache_bytes", lambda: [({}, float(disk.in_use() or 0))])
+        stats.gauge("disk_cache_max_bytes", lambda: [({}, float(disk.max_bytes or 0))])
+
     def status() -> str:
         images = sum(len(snap.images) for b in built
                      if (snap := getattr(getattr(b.tree, "catalog", None), "cached", lambda: None)()))
@@ -148,20 +156,28 @@ def serving(built: list, disk: Any) -> Callable[[], str]:
         if disk is not None:
             bound = "no bound" if disk.max_bytes is None else f"{disk.max_bytes >> 20} MiB"
             said.append(f"disk cache {(disk.in_use() or 0) >> 20} MiB of {bound}")
+        said += [f"{what} {f'{done:.0%}' if done >= 0 else 'under way'}"
+                 for _, what, done in stats.progress()]
         return "; ".join(filter(None, said))
     return status
 
 
-def serve(ops: Any, mountpoint: str, foreground: bool, fuse_opts: dict, status: Callable[[], str]) -> None:
-    """libfuse's loop; under -f, systemd is told when the mount answers and when it is over."""
+def serve(ops: Any, mountpoint: str, foreground: bool, fuse_opts: dict, status: Callable[[], str],
+          metrics_at: str | None) -> None:
+    """libfuse's loop; under -f, systemd is told when the mount answers and when it is over. The
+    stats socket opens once the daemon has forked (in FUSE's init)."""
+    from lxdimagefs.mount.admin.metrics import MetricsSocket, socket_for
+    from lxdimagefs.mount.admin.notify import Readiness
     from lxdimagefs.mount.fusebind import FUSE
-    from lxdimagefs.mount.notify import Readiness
     readiness = Readiness(mountpoint, status)
+    stats_socket = MetricsSocket(Path(metrics_at) if metrics_at else socket_for(mountpoint))
+    ops.on_init.append(stats_socket.start)
     if foreground:  # no fork: a thread started now serves on
         readiness.start()
     try:
         FUSE(ops, mountpoint, foreground=foreground, raw_fi=True, **fuse_opts)
     finally:
+        stats_socket.close()
         readiness.stopping()
 
 
@@ -246,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None], mountpoint)
     try:
-        serve(ops, mountpoint, args.foreground, fuse_opts, serving(built, disk))
+        serve(ops, mountpoint, args.foreground, fuse_opts, serving(built, disk), own.metrics)
     except RuntimeError as e:
         # libfuse 3 reports an exit by SIGINT/SIGTERM as an error; after a live mount it is not one.
         if not ops.served:

@@ -47,6 +47,7 @@ class MountOptions:
     allow_delete: bool = False  # rm -r / rmdir of by-fingerprint/<fp> deletes the image (else EPERM)
     nolocal: bool = False  # never read a local server's own image files: always its socket
     own: Ownership = field(default_factory=Ownership)  # uid=, gid=, file_mode=, dir_mode=
+    metrics: str | None = None  # the stats socket (default: one per mount point, mount/metrics.py)
 
     @property
     def cache_bytes(self) -> int:
@@ -102,7 +103,9 @@ def parse_options(values: list[str]) -> tuple[MountOptions, dict[str, object]]:
                 continue
             if key == "umask":
                 raise UsageError("option umask: give file_mode= and dir_mode= instead")
-            if key in OWNERSHIP:
+            if key == "metrics" and val:
+                own["metrics"] = val
+            elif key in OWNERSHIP:
                 owner[key] = OWNERSHIP[key](key, val)
             elif key in OWN_FLAGS and not sep:
                 own[key] = True
@@ -150,6 +153,9 @@ options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
   dir_mode=MODE         and 0755): a private image keeps only the owner's bits,
                         and the group's too when gid= is given (with allow_other,
                         that group reads private images)
+  metrics=PATH          the unix socket `lxdimagefs stats` and a Prometheus
+                        scraper read (default: one per mount point in
+                        /run/lxdimagefs, or $XDG_RUNTIME_DIR for a user)
   nolocal               read exports only through the socket; by default, as root
                         beside a local server, its own image files are read in
                         place (checked like its exports)

@@ -54,7 +54,7 @@ def test_ready_only_once_the_mount_lists_then_stopping_at_exit(sandbox, images, 
 
 
 def test_no_notify_socket_no_message(tmp_path, monkeypatch):
-    from lxdimagefs.mount.notify import notify
+    from lxdimagefs.mount.admin.notify import notify
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert not notify("READY=1")
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))

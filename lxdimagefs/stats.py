@@ -1,0 +1,94 @@
+"""What the daemon did and is doing, counted where it happens: one small table for the whole
+process, read by `lxdimagefs stats` and the Prometheus text (mount/metrics.py).
+
+Cheap enough for the read path: one add under one lock per block or per call (a read of a
+verified block costs tens of microseconds; this, well under one). Nothing here logs or allocates
+per call beyond the key tuple.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+Key = tuple[str, tuple[tuple[str, str], ...]]
+
+_lock = threading.Lock()
+_counts: dict[Key, float] = {}
+_gauges: dict[str, Callable[[], list[tuple[dict[str, str], float]]]] = {}
+_progress: dict[str, tuple[str, str, float]] = {}  # id -> (kind, name, fraction done, or -1)
+_PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)%")
+
+
+def add(name: str, value: float = 1, **labels: str) -> None:
+    """Count `value` more of `name` (a counter: only ever grows)."""
+    key = (name, tuple(sorted(labels.items())))
+    with _lock:
+        _counts[key] = _counts.get(key, 0) + value
+
+
+def timed(operation: str, seconds: float) -> None:
+    """One call of a FUSE operation and how long it took."""
+    add("operation_seconds_count", 1, operation=operation)
+    add("operation_seconds_sum", seconds, operation=operation)
+
+
+def gauge(name: str, read: Callable[[], list[tuple[dict[str, str], float]]]) -> None:
+    """A value read when asked (labels, value) pairs: the disk cache's use, things in flight."""
+    _gauges[name] = read
+
+
+@contextmanager
+def underway(kind: str, name: str) -> Iterator[Callable[..., None]]:
+    """A long operation (an import unpacked, a server-side copy, a refresh) while it runs; the
+    function it yields records how far along it is (0..1)."""
+    key = f"{kind}:{name}:{id(object())}:{time.monotonic()}"
+    with _lock:
+        _progress[key] = (kind, name, -1.0)
+
+    def say(fraction: float, what: str = "") -> None:
+        with _lock:
+            if key in _progress:
+                _progress[key] = (kind, what or name, max(-1.0, min(1.0, fraction)))
+
+    try:
+        yield say
+    finally:
+        with _lock:
+            _progress.pop(key, None)
+
+
+def fraction(metadata: object) -> float:
+    """How far along an LXD operation says it is (`"download_progress": "rootfs: 45% (3 MB/s)"`,
+    `"progress": {"percent": "45"}`): 0..1, or -1 when it says nothing."""
+    if isinstance(metadata, dict):
+        for key, value in metadata.items():
+            if "progress" in str(key):
+                if isinstance(value, dict) and "percent" in value:
+                    value = f"{value['percent']}%"
+                found = _PERCENT.search(str(value))
+                if found:
+                    return float(found.group(1)) / 100
+    return -1.0
+
+
+def progress() -> list[tuple[str, str, float]]:
+    """The long operations under way: (kind, name, fraction done, -1 while unknown)."""
+    with _lock:
+        return list(_progress.values())
+
+
+def snapshot() -> tuple[dict[Key, float], dict[str, list[tuple[dict[str, str], float]]]]:
+    """(counters, gauges) as of now."""
+    with _lock:
+        counts = dict(_counts)
+    values = {}
+    for name, read in list(_gauges.items()):
+        try:
+            values[name] = read()
+        except Exception:  # a gauge must never break the report
+            values[name] = []
+    return counts, values
