@@ -20,6 +20,7 @@ _lock = threading.Lock()
 _counts: dict[Key, float] = {}
 _gauges: dict[str, Callable[[], list[tuple[dict[str, str], float]]]] = {}
 _progress: dict[str, tuple[str, str, float]] = {}  # id -> (kind, name, fraction done, or -1)
+_within = threading.local()  # the operations this thread runs, outermost first
 _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)%")
 
 
@@ -46,17 +47,24 @@ def underway(kind: str, name: str) -> Iterator[Callable[..., None]]:
     """A long operation (an import unpacked, a server-side copy, a refresh) while it runs; the
     function it yields records how far along it is (0..1)."""
     key = f"{kind}:{name}:{id(object())}:{time.monotonic()}"
+    stack = _within.__dict__.setdefault("stack", [])
+    outer = stack[0] if stack else None  # an import whose LXD operation this is: it shows its progress
     with _lock:
         _progress[key] = (kind, name, -1.0)
+    stack.append(key)
 
     def say(fraction: float, what: str = "") -> None:
+        fraction = max(-1.0, min(1.0, fraction))
         with _lock:
             if key in _progress:
-                _progress[key] = (kind, what or name, max(-1.0, min(1.0, fraction)))
+                _progress[key] = (kind, what or name, fraction)
+            if outer in _progress:
+                _progress[outer] = (*_progress[outer][:2], fraction)
 
     try:
         yield say
     finally:
+        stack.remove(key)
         with _lock:
             _progress.pop(key, None)
 
@@ -75,10 +83,10 @@ def fraction(metadata: object) -> float:
     return -1.0
 
 
-def progress() -> list[tuple[str, str, float]]:
-    """The long operations under way: (kind, name, fraction done, -1 while unknown)."""
+def progress(kind: str | None = None, name: str | None = None) -> list[tuple[str, str, float]]:
+    """The long operations under way (of that kind and name): (kind, name, fraction done, or -1)."""
     with _lock:
-        return list(_progress.values())
+        return [p for p in _progress.values() if kind in (None, p[0]) and name in (None, p[1])]
 
 
 def snapshot() -> tuple[dict[Key, float], dict[str, list[tuple[dict[str, str], float]]]]:

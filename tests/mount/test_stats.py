@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import tarfile
 
 import pytest
 from lxd_sandbox import make_unified
@@ -70,3 +71,40 @@ def test_stats_change_as_reads_and_imports_happen(sandbox, images, tmp_path):
     gone = subprocess.run([sys.executable, "-m", "lxdimagefs", "stats", str(m2.path)],
                           capture_output=True, text=True, timeout=30)
     assert gone.returncode == 1 and "no running mount" in gone.stderr
+
+
+def test_an_import_lxd_is_unpacking_shows_its_progress(sandbox, tmp_path):
+    """While LXD works on an upload (a 768 MiB tarball: longer than a second, as in
+    tests/upload/test_long_operations.py), `getfattr -n user.lxdimagefs.progress import/NAME`, the
+    stats and STATUS= say so; once it is done, nothing is under way."""
+    blob, meta = tmp_path / "blob", tmp_path / "metadata.yaml"
+    with open(blob, "wb") as f:
+        f.truncate(768 << 20)
+    meta.write_text("architecture: x86_64\ncreation_date: 1700000000\n"
+                    f"properties:\n  description: progress {os.getpid()}\n")
+    tarball = tmp_path / "big.tar"
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(meta, "metadata.yaml")
+        tar.add(blob, "rootfs/blob")
+    blob.unlink()
+    with open(tarball, "rb") as f:
+        fp = hashlib.file_digest(f, "sha256").hexdigest()
+    sock = tmp_path / "metrics.sock"
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}") as m:
+            cp = subprocess.Popen(["cp", str(tarball), str(m.path / "import")])
+            said, scraped = set(), []
+            while cp.poll() is None:
+                try:
+                    said.add(os.getxattr(m.path / "import/big.tar", "user.lxdimagefs.progress").decode())
+                    scraped.append(scrape(str(sock)))
+                except OSError:
+                    pass  # not there yet, or no operation yet: the upload is still being written
+            assert cp.returncode == 0
+            assert said and all(s == "under way" or s.endswith("%") for s in said), said
+            assert any(value(s, "lxdimagefs_lxd_operation_progress", kind="import") != 0 for s in scraped)
+            assert not value(scrape(str(sock)), "lxdimagefs_lxd_operation_progress", kind="import")
+            assert fp in os.listdir(m.path / "by-fingerprint")
+    finally:
+        tarball.unlink(missing_ok=True)
+        sandbox.lxc("image", "delete", fp, check=False)
