@@ -63,6 +63,10 @@ the tree:
   lxdimagefs --all-remotes --all-projects ~/l  ~/l/REMOTE/PROJECT/...
   lxdimagefs --trust-token TOKEN lxd1 ~/images join lxd1, then mount it
 
+tools:
+  lxdimagefs cache [--cache-dir DIR] du|ls|verify|prune  what is kept on disk
+  lxdimagefs stats MOUNTPOINT [--prometheus]             what a mount did
+
 fstab:
   local  /srv/images  fuse.lxdimagefs  _netdev,nofail,allow_other  0 0
 
