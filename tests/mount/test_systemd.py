@@ -64,11 +64,13 @@ def test_no_notify_socket_no_message(tmp_path, monkeypatch):
 @pytest.mark.parametrize("unit", ["lxdimagefs@.service", "srv-images.mount"])
 def test_shipped_units_verify(unit, tmp_path):
     """systemd-analyze checks the units as systemd would load them (offline: no systemd runs here).
-    The service names `lxdimagefs` as systemd's own PATH finds it: here, where pip put it."""
+    The service names `lxdimagefs` as systemd's own PATH finds it: here, a stand-in that runs it."""
     assert shutil.which("systemd-analyze"), "systemd-analyze is missing: scripts/install.sh installs systemd"
     name = unit.replace("@.", "@local.")
     text = (UNITS / unit).read_text()
-    command = shutil.which("lxdimagefs") or str(Path(sys.executable).parent / "lxdimagefs")
+    command = tmp_path / "lxdimagefs"  # where pip put it depends on the environment: a stand-in
+    command.write_text(f"#!/bin/sh\nexec {sys.executable} -m lxdimagefs \"$@\"\n")
+    command.chmod(0o755)
     (tmp_path / name).write_text(text.replace("ExecStart=lxdimagefs ", f"ExecStart={command} "))
     done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / name)],
                           capture_output=True, text=True, cwd=tmp_path)
