@@ -255,6 +255,14 @@ class Fetcher:
         return buf
 
 
+_KEYS: dict[tuple[str, str], stats.Key] = {}
+
+
 def count(fetcher: Fetcher, source: str, size: int) -> None:
-    """Bytes a reader or the hash got, by where they came from (stats.py): cheap, once a block."""
-    stats.add("bytes", size, source=source, remote=fetcher.verification.remote)
+    """Bytes a reader or the hash got, by where they came from (stats.py): once a block, its key
+    made once."""
+    remote = fetcher.verification.remote
+    counter = _KEYS.get((source, remote))
+    if counter is None:
+        counter = _KEYS[source, remote] = stats.key("bytes", source=source, remote=remote)
+    stats.add_to(counter, size)

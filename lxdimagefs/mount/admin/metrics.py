@@ -59,18 +59,14 @@ class Collector:
         families: dict[str, Any] = {}
         summary = SummaryMetricFamily(PREFIX + "operation_seconds", "FUSE calls and their time",
                                       labels=["operation"])
-        ops: dict[str, list[float]] = {}
         for (name, labels), value in sorted(counts.items()):
-            if name.startswith("operation_seconds_"):
-                ops.setdefault(dict(labels)["operation"], [0, 0])[name.endswith("_sum")] = value
-                continue
             family = families.get(name)
             if family is None:
                 family = families[name] = CounterMetricFamily(PREFIX + name, HELP.get(name, name),
                                                               labels=[k for k, _ in labels])
             family.add_metric([v for _, v in labels], value)
-        for op, (count, total) in sorted(ops.items()):
-            summary.add_metric([op], int(count), total)
+        for op, (count, total) in sorted(stats.times().items()):
+            summary.add_metric([op], count, total)
         yield from families.values()
         yield summary
         for name, values in gauges.items():
