@@ -56,10 +56,12 @@ class Readiness:
     def __init__(self, mountpoint: str, status: Callable[[], str]) -> None:
         self.mountpoint, self.status = mountpoint, status
         self._stop = threading.Event()
+        self._started = False
 
     def start(self) -> None:
         """In the foreground only: the daemon that forks is the one systemd must not wait for."""
         if os.environ.get("NOTIFY_SOCKET"):
+            self._started = True
             threading.Thread(target=self._run, name="sd_notify", daemon=True).start()
 
     def _run(self) -> None:
@@ -84,4 +86,5 @@ class Readiness:
 
     def stopping(self) -> None:
         self._stop.set()
-        notify("STOPPING=1")
+        if self._started:
+            notify("STOPPING=1")
