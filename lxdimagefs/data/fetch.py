@@ -174,7 +174,8 @@ class Fetcher:
                 elif (data := self._from_file(stream, index)) is not None:
                     self._arrived(stream.fp, stream.total, index, data, keep=False)
                 else:
-                    data = self._read_block(stream, index)  # counted in the stats (_arrived)
+                    data = self._read_block(stream, index)
+                    log.debug("block %d of %s in (%d bytes)", index, stream.fp, len(data))
                     self._arrived(stream.fp, stream.total, index, data)
                 with stream.lock:
                     stream.next = index + 1
@@ -189,8 +190,7 @@ class Fetcher:
                 raise
 
     def _arrived(self, fp: str, total: int, index: int, data: Block, keep: bool = True) -> None:
-        """A block from the server: kept and hashed if its manifest admits it, else refused; on disk
-        too unless `keep` is False (it came from the server's own file on this host's disk)."""
+        """A block from the server, if its manifest admits it (`keep` False: its own file, not kept)."""
         count(self, "server" if keep else "local", len(data))
         if not self.verification.admit(fp, total, index, data):
             self.cache.fail(fp, range(index, index + 1), IntegrityError(f"{fp} block {index}"))
