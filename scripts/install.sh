@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_PACKAGES=(lxd lxd-client fuse3 libfuse2 libfuse3-3 squashfs-tools qemu-utils xz-utils zstd curl openssl
               vim-tiny attr rsync python3 python3-venv
-              debootstrap restic borgbackup strace)  # a real distribution tree for contents/; backup tools;
+              debootstrap restic borgbackup strace  # a real distribution tree for contents/; backup tools;
               # strace: which calls a command makes over contents/
+              systemd)  # systemd-analyze verify checks the unit files shipped (no systemd need run)
 INCUS_PACKAGES=(incus-base incus-client)  # the daemon without its VM parts, and the client
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }

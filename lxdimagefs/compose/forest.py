@@ -23,7 +23,7 @@ from typing import Any
 from lxdimagefs.compose.root import Tree
 from lxdimagefs.errors import LXDTLSError, LXDUnreachable, fs_error
 from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
-from lxdimagefs.fs.node import Attr, Context
+from lxdimagefs.fs.node import Attr, Context, Ownership
 from lxdimagefs.servers.pull import Source
 from lxdimagefs.tree.space import Usage
 
@@ -76,12 +76,14 @@ class Slot:
 
 
 class Forest(OpenFiles):
-    def __init__(self, slots: list[Slot], handles: HandleTable, readonly: bool, mountpoint: str) -> None:
+    def __init__(self, slots: list[Slot], handles: HandleTable, readonly: bool, mountpoint: str,
+                 own: Ownership | None = None) -> None:
         self.slots = {s.name: s for s in slots}
         self.handles = handles
-        self.ctx = Context(readonly=readonly, mountpoint=mountpoint.rstrip("/"))
-        self.uid: int = slots[0].tree.uid if slots else os.getuid()
-        self.gid: int = slots[0].tree.gid if slots else os.getgid()
+        own = own or Ownership()
+        self.ctx = Context(readonly=readonly, mountpoint=mountpoint.rstrip("/"), own=own)
+        self.uid: int = os.getuid() if own.uid is None else own.uid
+        self.gid: int = os.getgid() if own.gid is None else own.gid
 
     @property
     def readonly(self) -> bool:

@@ -20,7 +20,7 @@ from lxdimagefs.compose.forest import Forest, Slot
 from lxdimagefs.compose.root import Tree
 from lxdimagefs.errors import LXDError
 from lxdimagefs.fs.handles import HandleTable
-from lxdimagefs.fs.node import Attr
+from lxdimagefs.fs.node import Attr, Ownership
 from lxdimagefs.names import fits
 from lxdimagefs.servers.events import EventSubject
 
@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 class Projects(Forest):
     def __init__(self, listing: Callable[[], dict[str, str]], make: Callable[[str], Slot],
-                 handles: HandleTable, readonly: bool, mountpoint: str, ttl: float = 3.0) -> None:
-        super().__init__([], handles, readonly, mountpoint)
+                 handles: HandleTable, readonly: bool, mountpoint: str, ttl: float = 3.0,
+                 own: Ownership | None = None) -> None:
+        super().__init__([], handles, readonly, mountpoint, own)
         self._listing = listing  # project -> the project whose images it shows
         self._make = make  # a project's folder (its tree, not yet started)
         self.ttl = ttl

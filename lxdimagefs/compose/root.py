@@ -21,8 +21,8 @@ from lxdimagefs.contents.node import CONTENTS_DIR, ContentsNode
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
-from lxdimagefs.fs.node import Attr, Context, Node
-from lxdimagefs.names import METADATA, filename_to_alias
+from lxdimagefs.fs.node import Attr, Context, Node, Ownership
+from lxdimagefs.names import METADATA, alias_to_filename, filename_to_alias
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.events import EventSubject
 from lxdimagefs.servers.listing import Changes
@@ -36,15 +36,17 @@ from lxdimagefs.tree.space import Space
 class Tree(Attributes, OpenFiles):
     """The mount's root: dispatches each call to its subtree; compose/attributes.py the attribute calls."""
 
-    def __init__(self, catalog: Catalog, exports: Exports, uid: int | None = None, gid: int | None = None,
+    def __init__(self, catalog: Catalog, exports: Exports, own: Ownership | None = None,
                  readonly: bool = True, mountpoint: str = "", spool_dir: Path | None = None,
                  index: IndexFolder | None = None, imports: bool = True,
                  handles: HandleTable | None = None, allow_delete: bool = False) -> None:
         self.catalog = catalog
         self.exports = exports
-        self.uid = os.getuid() if uid is None else uid
-        self.gid = os.getgid() if gid is None else gid
-        self.ctx = Context(readonly=readonly, allow_delete=allow_delete, mountpoint=mountpoint.rstrip("/"))
+        own = own or Ownership()
+        self.uid = os.getuid() if own.uid is None else own.uid
+        self.gid = os.getgid() if own.gid is None else own.gid
+        self.ctx = Context(readonly=readonly, allow_delete=allow_delete, mountpoint=mountpoint.rstrip("/"),
+                           own=own)
         self.images = ImagesNode(self.ctx, catalog, exports)
         self.nodes: dict[str, Node] = {
             FP_DIR: self.images,

@@ -82,6 +82,10 @@ class DiskCache:
         self.ahead = ReadAhead()
         self._writer = DirectWriter(BLOCK)  # blocks go to disk off the fetch thread, past the page cache
 
+    def in_use(self) -> int | None:
+        """Bytes held, as of the last scan and writes since (None: not scanned yet)."""
+        return self._used
+
     def export(self, fp: str) -> Path:
         return self.root / ObjectKey(Sha256(fp), "export").filename
 

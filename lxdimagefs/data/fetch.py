@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from lxdimagefs import stats
 from lxdimagefs.data.blocks import BLOCK, Block, BlockCache, last_block
 from lxdimagefs.data.diskcache import DiskCache
 from lxdimagefs.data.verify import Verification
@@ -89,6 +90,7 @@ class Fetcher:
             if isinstance(found, Future):
                 return found.result()
             if found is not None:
+                count(self, "memory", len(found))
                 return found
             self.fetch(fp, total, index, index)
 
@@ -188,8 +190,8 @@ class Fetcher:
                 raise
 
     def _arrived(self, fp: str, total: int, index: int, data: Block, keep: bool = True) -> None:
-        """A block from the server: kept and hashed if its manifest admits it, else refused; on disk
-        too unless `keep` is False (it came from the server's own file on this host's disk)."""
+        """A block from the server, if its manifest admits it (`keep` False: its own file, not kept)."""
+        count(self, "server" if keep else "local", len(data))
         if not self.verification.admit(fp, total, index, data):
             self.cache.fail(fp, range(index, index + 1), IntegrityError(f"{fp} block {index}"))
             return
@@ -206,9 +208,8 @@ class Fetcher:
         return buf if self.local.readinto(stream.fp, stream.total, index * BLOCK, buf) else None
 
     def from_disk(self, fp: str, total: int, index: int) -> Block | None:
-        """A block from the disk cache, if it is there and matches the manifest: the verified one,
-        or before the verdict the copy recorded when it first arrived (so a block that left
-        memory is not asked of the server again, for a reader or for the hash)."""
+        """A block from the disk cache if it matches the manifest: the verified one, or before the verdict
+        the copy recorded on arrival (a block that left memory is not asked of the server again)."""
         manifest = self.verification.manifests.get(fp)
         if self.disk is None or manifest is None or not (manifest.verified or manifest.has(index)):
             return None
@@ -219,6 +220,7 @@ class Fetcher:
             self.damaged(fp, index)
             return None
         self.disk.hits += 1
+        count(self, "disk", len(data))
         return data
 
     def damaged(self, fp: str, index: int) -> None:
@@ -251,3 +253,16 @@ class Fetcher:
                 log.warning("export %s dropped at offset %d: %s", stream.fp[:12], start + got, e.message)
                 backoff.pause(e, f"resuming export {stream.fp[:12]} at offset {start + got}")
         return buf
+
+
+_KEYS: dict[tuple[str, str], stats.Key] = {}
+
+
+def count(fetcher: Fetcher, source: str, size: int) -> None:
+    """Bytes a reader or the hash got, by where they came from (stats.py): once a block, its key
+    made once."""
+    remote = fetcher.verification.remote
+    counter = _KEYS.get((source, remote))
+    if counter is None:
+        counter = _KEYS[source, remote] = stats.key("bytes", source=source, remote=remote)
+    stats.add_to(counter, size)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 
 from lxdimagefs.data.blocks import BLOCK, Block, cut, last_block
-from lxdimagefs.data.fetch import Fetcher, Stream
+from lxdimagefs.data.fetch import Fetcher, Stream, count
 
 SLACK = 4 * BLOCK  # how far a read may land from the last one and still count as sequential
 
@@ -107,8 +107,10 @@ class Prefetcher:
             return None
         blocks: list[Block] = []
         for index in range(first, last + 1):
-            data = fetcher.cache.get((self.fp, index)) or fetcher.from_disk(self.fp, self.total, index)
-            if data is None:
+            data = fetcher.cache.get((self.fp, index))
+            if data is not None:
+                count(fetcher, "memory", len(data))
+            elif (data := fetcher.from_disk(self.fp, self.total, index)) is None:  # counted there
                 return None
             blocks.append(data)
         return blocks
@@ -125,12 +127,16 @@ class Prefetcher:
         data = fetcher.cache.get((fp, index))
         if data is not None:  # checked when it arrived
             view[:] = data
+            count(fetcher, "memory", length)
             return length
         if fetcher.disk is not None and fetcher.disk.readinto(fp, index, view, self.total):
             if manifest.admit(index, view):
                 fetcher.disk.hits += 1
+                count(fetcher, "disk", length)
                 return length
             fetcher.damaged(fp, index)
-        if fetcher.local is not None and fetcher.local.readinto(fp, self.total, offset, view):
-            return length if manifest.admit(index, view) else 0
+        local = fetcher.local
+        if local is not None and local.readinto(fp, self.total, offset, view) and manifest.admit(index, view):
+            count(fetcher, "local", length)
+            return length
         return 0

@@ -20,6 +20,7 @@ import threading
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 
+from lxdimagefs import stats
 from lxdimagefs.data.blocks import BLOCK, Block, BlockCache
 from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.errors import IntegrityError
@@ -112,6 +113,7 @@ class Verification:
         self.corrupt: set[str] = set()
         self.manifests: dict[str, Manifest] = {}  # every image read, checked or being checked
         self.on_verdict: Callable[[Manifest], None] = lambda manifest: None  # the disk cache keeps it
+        self.remote = ""  # the remote's name, for the stats (mount/assemble.py names it)
         # Told of every image that fails: the disk cache drops what it has of it, the tree has the
         # kernel drop its pages.
         self.on_corrupt: list[Callable[[str], None]] = []
@@ -264,6 +266,7 @@ class Verification:
             if v.state != "ok":
                 self.manifests.pop(v.fp, None)
         v.done.set()
+        stats.add("images_checked", verdict="verified" if v.state == "ok" else "failed", remote=self.remote)
         if v.state == "ok" and manifest is not None:
             self.on_verdict(manifest)
         if v.state == "mismatch" and not twice:

@@ -57,6 +57,21 @@ def inode_number(*key: object) -> int:
     return (int.from_bytes(digest.digest(), "big") >> 1) | 2
 
 
+@dataclass(frozen=True)
+class Ownership:
+    """-o uid=,gid=,file_mode=,dir_mode=: the owner and modes of the mount's own entries (never of
+    what is inside an image, whose entries carry their own). A private image keeps its other bits
+    clear; with a gid, its group bits are the file_mode's and dir_mode's, so that group reads it."""
+
+    uid: int | None = None  # None: the user who mounted
+    gid: int | None = None
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+
+    def bits(self, mode: int, public: bool) -> int:
+        return mode if public else mode & (0o700 if self.gid is None else 0o770)
+
+
 @dataclass
 class Context:
     """The mount's settings, the refusals every node words alike, and change notices."""
@@ -64,21 +79,22 @@ class Context:
     readonly: bool = True
     allow_delete: bool = False  # -o allow_delete: rm -r and rmdir of an image folder delete the image
     mountpoint: str = ""
+    own: Ownership = field(default_factory=Ownership)
     started: float = field(default_factory=time.time)
     # Told of paths that changed behind the caller's back; wait=True where no directory lock
     # can be held (close), so the caller sees the change when its call returns.
     on_change: Callable[..., None] = lambda path, wait=False: None
 
     def dir(self, mtime: float, nlink: int = 2, writable: bool = False) -> Attr:
-        mode = 0o755 if writable and not self.readonly else 0o555
+        mode = self.own.dir_mode if writable and not self.readonly else self.own.dir_mode & ~0o222
         return Attr(stat.S_IFDIR | mode, 0, mtime, mtime, mtime, nlink)
 
-    def mode(self, writable: int, readonly: int) -> int:
-        return readonly if self.readonly else writable
+    def mode(self, mode: int, public: bool) -> int:
+        return self.own.bits(mode & ~0o222 if self.readonly else mode, public)
 
     def dir_mode(self, public: bool) -> int:
         """An image's folder: everyone's to enter if the image is public, else the mounter's alone."""
-        return stat.S_IFDIR | (self.mode(0o755, 0o555) if public else self.mode(0o700, 0o500))
+        return stat.S_IFDIR | self.mode(self.own.dir_mode, public)
 
     def file_mode(self, public: bool) -> int:
         """An image's file: readable by all if public, else by the mounter alone.
@@ -86,7 +102,7 @@ class Context:
         Writable by the mounter on a read-write mount, as the kernel's checks
         (default_permissions) want for setxattr; writes themselves are the node's to refuse.
         """
-        return self.mode(0o644, 0o444) if public else self.mode(0o600, 0o400)
+        return self.mode(self.own.file_mode, public)
 
     def writable(self, path: str, op: str) -> None:
         if self.readonly:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lxdimagefs.compose.forest import Forest, Slot
@@ -23,6 +23,7 @@ from lxdimagefs.data.exports import Exports
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.errors import LXDError
 from lxdimagefs.fs.handles import HandleTable
+from lxdimagefs.fs.node import Ownership
 from lxdimagefs.mount.remotes import Remote
 from lxdimagefs.servers.catalog import Catalog, LayoutJournal
 from lxdimagefs.servers.events import EventWatcher
@@ -51,6 +52,7 @@ class Settings:
     allow_delete: bool = False
     disk: DiskCache | None = None  # verified exports on disk, shared by every server's tree
     local_files: bool = True  # a local server's own image files read in place (-o nolocal: never)
+    own: Ownership = field(default_factory=Ownership)  # -o uid=,gid=,file_mode=,dir_mode=
 
 
 @dataclass
@@ -72,8 +74,9 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
         streams = StreamsClient(conn)
         catalog = Catalog(streams, ttl=max(settings.metadata_ttl, STREAMS_TTL))
         exports = Exports(streams, spool, capacity=cache_bytes, disk=settings.disk)
-        tree = Tree(catalog, exports, readonly=True, mountpoint=mountpoint, index=index, imports=False,
-                    handles=handles)
+        exports.verification.remote = remote.name
+        tree = Tree(catalog, exports, settings.own, readonly=True, mountpoint=mountpoint, index=index,
+                    imports=False, handles=handles)
         slot = Slot(remote.name, tree, streams.reachable, from_simplestreams(streams.base))
         return Built(remote, tree, None, slot)
     client = LXDClient(conn)
@@ -81,8 +84,9 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     catalog = Catalog(client, ttl=settings.metadata_ttl, journal=journal)
     images = images_folder(conn.socket) if conn.socket and settings.local_files else None
     exports = Exports(client, spool, capacity=cache_bytes, disk=settings.disk, images=images)
-    tree = Tree(catalog, exports, readonly=settings.readonly, mountpoint=mountpoint, index=index,
-                handles=handles, allow_delete=settings.allow_delete)
+    exports.verification.remote = remote.name  # the stats' label
+    tree = Tree(catalog, exports, settings.own, readonly=settings.readonly, mountpoint=mountpoint,
+                index=index, handles=handles, allow_delete=settings.allow_delete)
     events = None
     if settings.events:
         events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1],
@@ -107,7 +111,7 @@ def build_projects(remote: Remote, conn: Connection, settings: Settings, mountpo
         return Slot(name, b.tree, b.slot.reachable, b.slot.source)
 
     projects = Projects(client.projects, make, handles, settings.readonly, mountpoint,
-                        ttl=settings.metadata_ttl)
+                        ttl=settings.metadata_ttl, own=settings.own)
     if settings.events:
         watcher = EventWatcher(client, projects.changed_elsewhere, projects.connected,
                                timeout=conn.timeout[1], ping=min(10.0, conn.timeout[1]), all_projects=True)
@@ -164,7 +168,8 @@ def assemble(servers: list[tuple[Remote, Connection]], settings: Settings, fores
             probe(b)
         except LXDError as e:
             b.slot.failed(e)
-    return Forest([b.slot for b in built], handles, settings.readonly, settings.mountpoint), built
+    root = Forest([b.slot for b in built], handles, settings.readonly, settings.mountpoint, settings.own)
+    return root, built
 
 
 # How long the kernel keeps a name and its attributes where every server follows LXD's events:
@@ -181,4 +186,3 @@ def kernel_timeouts(built: list[Built], settings: Settings) -> dict[str, float]:
     followed = settings.events and all(not b.remote.simplestreams for b in built)
     seconds = FOLLOWED if followed else UNFOLLOWED
     return {"entry_timeout": seconds, "attr_timeout": seconds}
-

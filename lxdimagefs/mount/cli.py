@@ -9,29 +9,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from lxdimagefs import __version__
+from lxdimagefs import __version__, stats
 from lxdimagefs.errors import LXDError
+from lxdimagefs.mount.admin import logs
+from lxdimagefs.mount.admin.cachetool import disk_cache_root, made_cache_dir
 from lxdimagefs.mount.options import OPTIONS_HELP, MountOptions, UsageError, parse_options
 from lxdimagefs.mount.sources import check_joining, servers, source_name
 from lxdimagefs.mount.tuning import limit_malloc_arenas
 
 log = logging.getLogger("lxdimagefs")
-
-
-def disk_cache_root(cache_dir: str | None) -> Path:
-    """Where verified exports are kept: beside --cache-dir's other files, else the user's cache."""
-    if cache_dir:
-        return Path(cache_dir) / f"lxdimagefs-cache-{os.getuid()}"
-    if os.geteuid() == 0:
-        return Path("/var/cache/lxdimagefs")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lxdimagefs"
 
 
 HELP_EPILOG = f"""\
@@ -69,6 +62,10 @@ the tree:
   lxdimagefs --all-projects ~/images           ~/images/PROJECT/...
   lxdimagefs --all-remotes --all-projects ~/l  ~/l/REMOTE/PROJECT/...
   lxdimagefs --trust-token TOKEN lxd1 ~/images join lxd1, then mount it
+
+tools:
+  lxdimagefs cache [--cache-dir DIR] du|ls|verify|prune  what is kept on disk
+  lxdimagefs stats MOUNTPOINT [--prometheus]             what a mount did
 
 fstab:
   local  /srv/images  fuse.lxdimagefs  _netdev,nofail,allow_other  0 0
@@ -116,14 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="stay attached; SIGINT/SIGTERM unmount")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                    help="FUSE's options and lxdimagefs's own (below)")
-    p.add_argument("--log-file", metavar="FILE",
-                   help="log here (default: stderr in the foreground, syslog in the background)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where split images are spooled, export layouts remembered and contents "
                         "indexed (default: $TMPDIR); the disk cache too, when given")
-    p.add_argument("--debug", action="store_true", help="log every request (never a credential)")
+    logs.add_arguments(p)
     p.add_argument("--version", action="version", version=f"lxdimagefs {__version__}")
     return p
+
+
+def subcommand(argv: list[str]) -> Callable[[list[str]], int] | None:
+    """`lxdimagefs cache …` and `lxdimagefs stats MOUNTPOINT`: tools, not a mount (a remote named
+    `cache` or `stats` is mounted with --remote NAME)."""
+    if argv[:1] == ["cache"]:
+        from lxdimagefs.mount.admin import cachetool
+        return cachetool.main
+    if argv[:1] == ["stats"] and len(argv) >= 2:
+        from lxdimagefs.mount.admin import metrics
+        return metrics.main
+    return None
 
 
 def check_mountpoint(path: str) -> str:
@@ -138,23 +145,44 @@ def check_mountpoint(path: str) -> str:
     return path
 
 
-def setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.debug else logging.INFO
-    handler: logging.Handler
-    if args.log_file:
-        handler = logging.FileHandler(args.log_file)
-    elif args.foreground or not os.path.exists("/dev/log"):
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.handlers.SysLogHandler("/dev/log")
-        handler.setFormatter(logging.Formatter("lxdimagefs[%(process)d]: %(levelname)s %(message)s"))
-    if not isinstance(handler, logging.handlers.SysLogHandler):
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(level)
-    if not args.debug:  # urllib3's debug lines would carry request details
-        logging.getLogger("urllib3").setLevel(logging.WARNING)
+def serving(built: list, disk: Any) -> Callable[[], str]:
+    """What STATUS= says the mount serves: its images (as listed last), remotes, disk cache use,
+    LXD operations under way; the disk cache's use and bound go to the stats too."""
+    if disk is not None:
+        stats.gauge("disk_cache_bytes", lambda: [({}, float(disk.in_use() or 0))])
+        stats.gauge("disk_cache_max_bytes", lambda: [({}, float(disk.max_bytes or 0))])
+
+    def status() -> str:
+        images = sum(len(snap.images) for b in built
+                     if (snap := getattr(getattr(b.tree, "catalog", None), "cached", lambda: None)()))
+        said = [f"{images} images listed" if images else "",
+                "from " + ", ".join(b.remote.name for b in built)]
+        if disk is not None:
+            bound = "no bound" if disk.max_bytes is None else f"{disk.max_bytes >> 20} MiB"
+            said.append(f"disk cache {(disk.in_use() or 0) >> 20} MiB of {bound}")
+        said += [f"{what} {f'{done:.0%}' if done >= 0 else 'under way'}"
+                 for _, what, done in stats.progress()]
+        return "; ".join(filter(None, said))
+    return status
+
+
+def serve(ops: Any, mountpoint: str, foreground: bool, fuse_opts: dict, status: Callable[[], str],
+          metrics_at: str | None) -> None:
+    """libfuse's loop; under -f, systemd is told when the mount answers and when it is over. The
+    stats socket opens once the daemon has forked (in FUSE's init)."""
+    from lxdimagefs.mount.admin.metrics import MetricsSocket, socket_for
+    from lxdimagefs.mount.admin.notify import Readiness
+    from lxdimagefs.mount.fusebind import FUSE
+    readiness = Readiness(mountpoint, status)
+    stats_socket = MetricsSocket(Path(metrics_at) if metrics_at else socket_for(mountpoint))
+    ops.on_init.append(stats_socket.start)
+    if foreground:  # no fork: a thread started now serves on
+        readiness.start()
+    try:
+        FUSE(ops, mountpoint, foreground=foreground, raw_fi=True, **fuse_opts)
+    finally:
+        stats_socket.close()
+        readiness.stopping()
 
 
 def joined(args: argparse.Namespace, own: MountOptions) -> int | None:
@@ -169,12 +197,16 @@ def joined(args: argparse.Namespace, own: MountOptions) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    tool = subcommand(argv)
+    if tool is not None:
+        return tool(argv[1:])
     args = build_parser().parse_intermixed_args(argv)  # SOURCE may stand apart from MOUNTPOINT
     try:
         own, fuse_opts = parse_options(args.options)
         mountpoint = check_mountpoint(args.mountpoint)
-        if args.cache_dir and not os.path.isdir(args.cache_dir):
-            raise UsageError(f"cache folder {args.cache_dir} does not exist")
+        if args.cache_dir:
+            made_cache_dir(args.cache_dir)
         chosen = [] if args.trust_token else servers(args, own)
         if args.all_projects and args.project != "default":
             raise UsageError("give --project NAME or --all-projects, not both")
@@ -182,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"lxdimagefs: {e}", file=sys.stderr)
         return 2
-    setup_logging(args)
+    logs.setup(args, chosen[0][0].name if len(chosen) == 1 else None)
     if args.trust_token:
         failed = joined(args, own)
         if failed is not None:
@@ -194,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from lxdimagefs.data.diskcache import CacheRefused, DiskCache
     from lxdimagefs.mount.assemble import Settings, assemble, kernel_timeouts
     from lxdimagefs.mount.fuse_ops import LXDImageOps
-    from lxdimagefs.mount.fusebind import FUSE, worker_options
+    from lxdimagefs.mount.fusebind import worker_options
 
     disk = None
     if own.cache_max != 0:
@@ -209,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         metadata_ttl=own.metadata_ttl, cache_bytes=own.cache_bytes,
                         events=not own.no_events, contents=not own.nocontents,
                         all_projects=args.all_projects,
-                        allow_delete=own.allow_delete, local_files=not own.nolocal)
+                        allow_delete=own.allow_delete, local_files=not own.nolocal, own=own.own)
     forest = args.all_remotes or len(args.remote) > 1
     try:
         root, built = assemble(chosen, settings, forest)
@@ -234,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None], mountpoint)
     try:
-        FUSE(ops, mountpoint, foreground=args.foreground, raw_fi=True, **fuse_opts)
+        serve(ops, mountpoint, args.foreground, fuse_opts, serving(built, disk), own.metrics)
     except RuntimeError as e:
         # libfuse 3 reports an exit by SIGINT/SIGTERM as an error; after a live mount it is not one.
         if not ops.served:

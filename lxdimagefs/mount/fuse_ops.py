@@ -9,11 +9,11 @@ import errno
 import functools
 import logging
 import os
-import queue
-import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+from lxdimagefs import stats
 from lxdimagefs.compose.forest import Forest
 from lxdimagefs.compose.root import Attr, Tree
 from lxdimagefs.errors import LXDError
@@ -22,7 +22,7 @@ from lxdimagefs.fs.commit import process_of
 from lxdimagefs.fs.handles import Caching
 from lxdimagefs.fs.node import Listing, inode_number
 from lxdimagefs.mount import tuning
-from lxdimagefs.mount.fusebind import Operations, fuse_get_context, listed, path_invalidator
+from lxdimagefs.mount.fusebind import Operations, fuse_get_context, kernel_forgetter, listed
 from lxdimagefs.servers.events import EventWatcher
 
 log = logging.getLogger(__name__)
@@ -35,24 +35,31 @@ _QUIET = {errno.ENOENT, errno.ENODATA, errno.ENOTSUP}
 
 
 def to_errno(op: str, args: tuple, exc: BaseException) -> int:
-    """The one place an exception becomes an errno."""
+    """The one place an exception becomes an errno (logged with both, for --log-format json)."""
+    number = exc.errno if isinstance(exc, (LXDError, OSError)) and exc.errno else errno.EIO
+    fields = {"operation": op, "errno": errno.errorcode.get(number, number)}
     if isinstance(exc, LXDError):
-        log.warning("%s %s: LXD: %s", op, args[:1], exc.message)
-        return exc.errno
-    if isinstance(exc, OSError) and exc.errno:
-        (log.debug if exc.errno in _QUIET else log.warning)("%s %s: %s", op, args[:1], exc.strerror)
-        return exc.errno
-    log.exception("%s %s failed unexpectedly", op, args[:1])
-    return errno.EIO
+        log.warning("%s %s: LXD: %s", op, args[:1], exc.message, extra=fields)
+    elif isinstance(exc, OSError) and exc.errno:
+        (log.debug if number in _QUIET else log.warning)("%s %s: %s", op, args[:1], exc.strerror,
+                                                         extra=fields)
+    else:
+        log.exception("%s %s failed unexpectedly", op, args[:1], extra=fields)
+    return number
 
 
 def translated(func: F) -> F:
+    op = func.__name__.removesuffix("into")  # readinto is the read(2) a user sees, for the stats
+
     @functools.wraps(func)
     def wrapper(self: Any, *args: Any) -> Any:
+        started = time.perf_counter()
         try:
             return func(self, *args)
         except Exception as exc:
             raise OSError(to_errno(func.__name__, args, exc), "") from None
+        finally:
+            stats.timed(op, time.perf_counter() - started)
     return cast(F, wrapper)
 
 
@@ -78,13 +85,16 @@ class LXDImageOps(Operations):
         self.events = events or []
         self.mountpoint = mountpoint
         self.served = False  # set once the kernel has the mount
+        self.on_init: list[Callable[[], None]] = []
 
     def init(self, path: str) -> None:
         self.served = True
         for watcher in self.events:
             watcher.start()  # threads start here: the daemon has forked by now
         tuning.start(self.mountpoint)
-        self.tree.started(_kernel_forgetter())
+        self.tree.started(kernel_forgetter())
+        for hook in self.on_init:  # the metrics socket: threads start after the fork
+            hook()
 
     @translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
@@ -265,32 +275,6 @@ def _may_change(tree: Tree | Forest, path: str) -> None:
     access.may_change(tree.getattr, path, fuse_get_context(), (tree.uid, tree.gid))
 
 
-def _kernel_forgetter() -> Callable[..., None]:
-    """What the tree calls when it drops a name as a side effect (an import that landed, the
-    aliases of a deleted image), so it does not linger in the kernel's caches: dropped off the
-    request threads, since the kernel may hold their directory until we answer."""
-    invalidate = path_invalidator()
-    if invalidate is None:
-        return lambda path, wait=False: None
-    changed: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
-
-    def on_change(path: str, wait: bool = False) -> None:
-        done = threading.Event()
-        changed.put((path, done))
-        if wait:
-            done.wait(5)
-
-    threading.Thread(target=_drain, args=(changed, invalidate), daemon=True, name="invalidate").start()
-    return on_change
-
-
 def _pid() -> int:
     """The calling process: FUSE tells the thread, and a process's threads are one writer."""
     return process_of(fuse_get_context()[2])
-
-
-def _drain(changed: queue.Queue[tuple[str, threading.Event]], invalidate: Callable[[str], None]) -> None:
-    while True:
-        path, done = changed.get()
-        invalidate(path)
-        done.set()

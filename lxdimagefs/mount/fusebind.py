@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -111,5 +113,31 @@ def path_invalidator() -> Callable[[str], None] | None:
     return invalidate
 
 
-__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "listed", "path_invalidator",
-           "worker_options"]
+def kernel_forgetter() -> Callable[..., None]:
+    """What the tree calls when it drops a name as a side effect (an import that landed, the
+    aliases of a deleted image), so it does not linger in the kernel's caches: dropped off the
+    request threads, since the kernel may hold their directory until we answer."""
+    invalidate = path_invalidator()
+    if invalidate is None:
+        return lambda path, wait=False: None
+    changed: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
+
+    def on_change(path: str, wait: bool = False) -> None:
+        done = threading.Event()
+        changed.put((path, done))
+        if wait:
+            done.wait(5)
+
+    threading.Thread(target=_drain, args=(changed, invalidate), daemon=True, name="invalidate").start()
+    return on_change
+
+
+def _drain(changed: queue.Queue[tuple[str, threading.Event]], invalidate: Callable[[str], None]) -> None:
+    while True:
+        path, done = changed.get()
+        invalidate(path)
+        done.set()
+
+
+__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "kernel_forgetter", "listed",
+           "path_invalidator", "worker_options"]

@@ -5,10 +5,14 @@ dropped, so an fstab line mounts as it reads.
 
 from __future__ import annotations
 
+import grp
 import math
+import pwd
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from lxdimagefs.fs.node import Ownership
 
 
 class UsageError(Exception):
@@ -42,6 +46,8 @@ class MountOptions:
     nocontents: bool = False  # leave out contents/, e.g. for backups of the whole mount
     allow_delete: bool = False  # rm -r / rmdir of by-fingerprint/<fp> deletes the image (else EPERM)
     nolocal: bool = False  # never read a local server's own image files: always its socket
+    own: Ownership = field(default_factory=Ownership)  # uid=, gid=, file_mode=, dir_mode=
+    metrics: str | None = None  # the stats socket (default: one per mount point, mount/metrics.py)
 
     @property
     def cache_bytes(self) -> int:
@@ -59,22 +65,55 @@ OWN_FLAGS = {f.name for f in fields(MountOptions) if f.type == "bool"}
 MOUNT_ONLY = {"_netdev", "nofail", "user", "users", "nouser", "auto", "noauto", "defaults"}
 
 
+def _owner(key: str, val: str) -> int:
+    """A user or group by name or number."""
+    try:
+        if val.isdigit():
+            return int(val)
+        return pwd.getpwnam(val).pw_uid if key == "uid" else grp.getgrnam(val).gr_gid
+    except KeyError:
+        raise UsageError(f"option {key}: no {'user' if key == 'uid' else 'group'} named {val!r}") from None
+
+
+def _mode(key: str, val: str) -> int:
+    try:
+        mode = int(val, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise UsageError(f"option {key} needs an octal mode such as 0644, not {val!r}")
+    return mode
+
+
+# Ownership and modes: read here, never given to libfuse, whose own uid=, gid= and umask= would
+# overwrite every entry's, the owners inside images (contents/) too.
+OWNERSHIP: dict[str, Callable[[str, str], int]] = {"uid": _owner, "gid": _owner, "file_mode": _mode,
+                                                   "dir_mode": _mode}
+
+
 def parse_options(values: list[str]) -> tuple[MountOptions, dict[str, object]]:
     """Split `-o a,b=c` lists into (lxdimagefs options, FUSE options)."""
     own: dict[str, Any] = {}
+    owner: dict[str, int] = {}
     fuse: dict[str, object] = {}
     for value in values:
         for item in filter(None, value.split(",")):
             key, sep, val = item.partition("=")
             if key in MOUNT_ONLY or key.startswith("x-"):
                 continue
-            if key in OWN_FLAGS and not sep:
+            if key == "umask":
+                raise UsageError("option umask: give file_mode= and dir_mode= instead")
+            if key == "metrics" and val:
+                own["metrics"] = val
+            elif key in OWNERSHIP:
+                owner[key] = OWNERSHIP[key](key, val)
+            elif key in OWN_FLAGS and not sep:
                 own[key] = True
             elif key in OWN_OPTIONS:
                 own[key] = _number(key, val)
             else:
                 fuse[key] = val if sep else True
-    return MountOptions(**own), fuse
+    return MountOptions(**own, own=Ownership(**owner)), fuse
 
 
 def _number(key: str, val: str) -> float:
@@ -107,6 +146,16 @@ options for -o (besides FUSE's own: ro, allow_other, default_permissions, ...):
   nocontents            leave out contents/ (backups of the whole mount)
   allow_delete          let rm -r (or rmdir) of by-fingerprint/<fp> delete the
                         image; without it deleting an image is refused (EPERM)
+  uid=USER, gid=GROUP   owner of by-fingerprint/, by-alias/, import/ and their
+                        entries (default: the mounter); never of what is inside
+                        an image (contents/ keeps the image's own owners)
+  file_mode=MODE        their files' and folders' modes (octal; default 0644
+  dir_mode=MODE         and 0755): a private image keeps only the owner's bits,
+                        and the group's too when gid= is given (with allow_other,
+                        that group reads private images)
+  metrics=PATH          the unix socket `lxdimagefs stats` and a Prometheus
+                        scraper read (default: one per mount point in
+                        /run/lxdimagefs, or $XDG_RUNTIME_DIR for a user)
   nolocal               read exports only through the socket; by default, as root
                         beside a local server, its own image files are read in
                         place (checked like its exports)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import websocket
 
+from lxdimagefs import stats
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.servers.lxd import LXDClient
 from lxdimagefs.wire.bounded import cap_frames
@@ -108,6 +109,7 @@ class EventWatcher:
                 self._ws = cap_frames(self.client.lifecycle_events(self.timeout, self.all_projects))
                 self._ws.settimeout(self.ping)  # events come when they come; pings keep it honest
                 self.live.set()
+                stats.add("event_connects")
                 self.on_connect()  # whatever changed before the stream opened
                 log.info("listening to LXD's lifecycle events")
                 backoff = 0.5

@@ -6,6 +6,7 @@ import errno
 import logging
 import threading
 
+from lxdimagefs import stats
 from lxdimagefs.errors import ImportFailed, LXDError, fs_error
 from lxdimagefs.fs.node import Fading, Node, check_name
 from lxdimagefs.names import filename_to_alias, is_fingerprint
@@ -16,6 +17,7 @@ from lxdimagefs.upload.folders import FolderImport
 from lxdimagefs.upload.streamed import Upload
 
 log = logging.getLogger(__name__)
+PROGRESS = "user.lxdimagefs.progress"
 
 IMPORT_DIR = "import"
 ERROR_SUFFIX = ".error"
@@ -58,7 +60,8 @@ class LinkImports(Node):
             # LXD makes the image before it adds the alias: a taken name would leave an image behind.
             if aliases and self.client.alias_exists(aliases[0]):
                 raise LXDError(f"Alias already exists: {aliases[0]}", 409)
-            fp = source.create(self.client, aliases)
+            with stats.underway("pull", name):  # LXD's download progress shows in the stats
+                fp = source.create(self.client, aliases)
         except LXDError as e:
             failure = ImportFailed((e.errno if e.status else None) or errno.EIO, e.message)
             self._failed(name, failure)
@@ -77,3 +80,14 @@ class LinkImports(Node):
         if pulled is None:
             return super().readlink(rest)
         return pulled
+
+    def xattrs(self, rest: list[str]) -> dict[str, bytes]:
+        """`user.lxdimagefs.progress` of an import/ name LXD is working on (unpacking an upload):
+        how far along LXD says it is, or `under way` while it says nothing."""
+        self.getattr(rest)
+        name = rest[0] if len(rest) == 1 else None
+        running = [p for p in stats.progress(name=name) if p[0] in ("import", "pull")] if name else []
+        if not running:
+            return {}
+        done = running[0][2]
+        return {PROGRESS: (f"{done:.0%}" if done >= 0 else "under way").encode()}

@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 
+from lxdimagefs import stats
 from lxdimagefs.errors import ImportFailed, LXDError
 from lxdimagefs.servers.protocol import ImageServer
 from lxdimagefs.wire.chunked import ChunkedPost
@@ -142,13 +143,16 @@ class Upload:
             post = self._post
             assert post is not None
             try:
-                self.fingerprint = self.client.finish_upload(post)
+                with stats.underway("import", self.name):  # LXD unpacks and checks it
+                    self.fingerprint = self.client.finish_upload(post)
             except BaseException as e:
                 if not already_held(e):
+                    stats.add("imports", result="failed")
                     raise self._break(failure(e)) from None
                 log.info("%s: LXD holds this image already: nothing to do", self.name)
             finally:
                 post.close()
+        stats.add("imports", result="created" if self.fingerprint else "held already")
         if self.fingerprint:
             log.info("imported %s as %s", self.name, self.fingerprint)
         return self.fingerprint or ""

@@ -22,6 +22,7 @@ import urllib3.exceptions
 from requests_unixsocket.adapters import UnixHTTPConnectionPool
 from urllib3.connectionpool import HTTPConnectionPool
 
+from lxdimagefs import stats
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.wire.bounded import JSON_CAP, WATCHDOG, Overdue, error_body, read_capped
 from lxdimagefs.wire.tls import ContextAdapter, tls_error, tls_refusal
@@ -35,7 +36,7 @@ from lxdimagefs.wire.transport import (
 # Every request line (--debug) carries one logger name, whichever module sends it: the client.
 log = logging.getLogger("lxdimagefs.client")
 
-OPERATION_POLL = 30  # seconds LXD holds one wait for an operation that is still running
+OPERATION_POLL = 5  # seconds LXD holds one wait for a running operation: its progress is read as often
 DEADLINE_GRACE = 1.0  # seconds past the retry budget: an operation wait LXD ends at the timeout itself
 
 
@@ -217,14 +218,16 @@ class RestSession:
         op_id = operation.rstrip("/").rsplit("/", 1)[-1]
         poll = min(OPERATION_POLL, max(1, int(self.conn.timeout[1])))
         budget = poll + self.conn.timeout[1]
-        while True:
-            meta = self._sync("GET", f"/operations/{op_id}/wait", params={"timeout": str(poll)},
-                              timeout=(self.conn.timeout[0], budget), patience=budget)
-            status = meta.get("status_code", 0)
-            if status == 200:
-                return meta.get("metadata")
-            if status >= 400 or meta.get("status") in ("Failure", "Cancelled"):
-                raise LXDError(meta.get("err") or f"LXD's operation {op_id} failed", 400)
+        with stats.underway("lxd_operation", op_id) as say:  # its progress, for stats and STATUS=
+            while True:
+                meta = self._sync("GET", f"/operations/{op_id}/wait", params={"timeout": str(poll)},
+                                  timeout=(self.conn.timeout[0], budget), patience=budget)
+                status = meta.get("status_code", 0)
+                if status == 200:
+                    return meta.get("metadata")
+                if status >= 400 or meta.get("status") in ("Failure", "Cancelled"):
+                    raise LXDError(meta.get("err") or f"LXD's operation {op_id} failed", 400)
+                say(stats.fraction(meta.get("metadata")), str(meta.get("description") or op_id))
 
     @staticmethod
     def iter_chunks(resp: requests.Response, size: int = 1 << 20) -> Iterator[bytes]:

@@ -19,6 +19,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
+from lxdimagefs import stats
 from lxdimagefs.errors import LXDError, LXDUnreachable
 from lxdimagefs.wire.tls import client_context, pin_matches, tls_error, tls_refusal
 
@@ -85,6 +86,8 @@ class Backoff:
             raise err
         if self.tries == 0:
             log.warning("%s: %s; retrying for up to %.0f s", what, err.message, left)
+            stats.add("outages")
+        stats.add("retries")
         self.tries += 1
         time.sleep(min(self.delay * random.uniform(0.5, 1.0), left))
         self.delay = min(self.delay * 2, self.MOST)

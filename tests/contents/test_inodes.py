@@ -15,6 +15,9 @@ from ratarmountcore.mountsource.formats.tar import SQLiteIndexedTar
 from lxdimagefs.contents import inodes
 from lxdimagefs.contents.squashfs import SquashfsRootfs
 
+# No LXD or mount, but device nodes: root, as the rest of the suite; `pytest -m "not lxd"` leaves it out.
+pytestmark = pytest.mark.lxd
+
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:

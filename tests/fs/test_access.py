@@ -192,3 +192,37 @@ def test_a_fingerprint_typed_with_a_query_reaches_no_url(sandbox, mnt, images):
     requests = [line for line in mnt.log_text().splitlines() if " GET /images/" in line]
     assert requests and not [r for r in requests if "?project=other" in r or "#a=b" in r]
     assert os.stat(mnt.path / "by-fingerprint" / fp).st_mode  # the mount goes on serving
+
+
+def test_uid_gid_and_modes_own_the_mounts_entries_never_an_images(sandbox, two, shared):
+    """-o uid=,gid=,file_mode=,dir_mode= (as mountpoint-s3's): seen by another user's stat; the group
+    reads private images; everyone else still reads public ones only; contents/ keeps its owners."""
+    public, private = two
+    opts = f"allow_other,uid=4242,gid={NOBODY},file_mode=0644,dir_mode=0755"
+    with mounted(sandbox, shared / "mnt", "-o", opts) as m:
+        fps = m.path / "by-fingerprint"
+        seen = as_nobody("stat", "-c", "%u %g %a %n", str(fps), str(fps / public), str(fps / private),
+                         str(fps / private / "metadata.json"), str(m.path / "by-alias"),
+                         str(m.path / "import"), groups=str(NOBODY))
+        assert seen.returncode == 0, seen.stderr
+        assert [line.split()[:3] for line in seen.stdout.splitlines()] == [
+            ["4242", str(NOBODY), "755"], ["4242", str(NOBODY), "755"], ["4242", str(NOBODY), "750"],
+            ["4242", str(NOBODY), "640"], ["4242", str(NOBODY), "755"], ["4242", str(NOBODY), "755"]]
+        # The group reads a private image; a user outside it does not, but reads a public one.
+        got = as_nobody("sha256sum", str(fps / private / f"{private}.tar.gz"), groups=str(NOBODY))
+        assert got.stdout.split()[:1] == [private], got.stderr
+        other = ["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups"]
+        refused = subprocess.run([*other, "cat", str(fps / private / "metadata.json")], capture_output=True)
+        assert refused.returncode != 0 and b"Permission denied" in refused.stderr
+        assert subprocess.run([*other, "cat", str(fps / public / "metadata.json")]).returncode == 0
+        # Inside an image, its own owners (the tarball's root), not the mount's.
+        inside = os.stat(m.path / "contents/by-fingerprint" / public / "metadata.yaml")
+        assert (inside.st_uid, inside.st_gid) == (0, 0)
+
+
+@pytest.mark.parametrize("bad", ["uid=no-such-user-here", "gid=no-such-group-here", "file_mode=0999",
+                                 "dir_mode=rwx", "umask=022"])
+def test_bad_ownership_options_are_usage_errors(bad, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "lxdimagefs", "-o", bad, str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and bad.split("=")[0] in done.stderr, done.stderr
