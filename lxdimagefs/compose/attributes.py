@@ -11,7 +11,8 @@ import errno
 
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.node import Attr, Context, Node
-from lxdimagefs.tree.xattrs import PREFIX
+
+USER = "user."  # the only namespace any node keeps (user.lxd.*, user.lxdimagefs.progress)
 
 
 class Attributes:
@@ -43,7 +44,7 @@ class Attributes:
         raise self.ctx.refusal(op, path, "modes, owners, times and attributes are LXD's")
 
     def getxattr(self, path: str, name: str) -> bytes:
-        if not name.startswith(PREFIX):  # security.selinux, system.posix_acl_*: asked by ls -l of every entry
+        if not name.startswith(USER):  # security.selinux, system.posix_acl_*: asked by ls -l of every entry
             self.getattr(path)
             raise fs_error(errno.ENODATA, path)
         value = self.listxattrs(path).get(name)

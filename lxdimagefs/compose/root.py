@@ -22,7 +22,7 @@ from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
 from lxdimagefs.fs.node import Attr, Context, Node, Ownership
-from lxdimagefs.names import METADATA, alias_to_filename, filename_to_alias
+from lxdimagefs.names import METADATA, filename_to_alias
 from lxdimagefs.servers.catalog import Catalog
 from lxdimagefs.servers.events import EventSubject
 from lxdimagefs.servers.listing import Changes
