@@ -18,6 +18,7 @@ from lxdimagefs.data.diskparts import CheckedPart, PartWriter, hash_parts
 from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.errors import IntegrityError, LXDError
 from lxdimagefs.keys import ObjectKey, Sha256
+from lxdimagefs.private import private_folder
 from lxdimagefs.servers.localfiles import LocalImage, open_image
 from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.wire.multipart import PartStream
@@ -62,7 +63,7 @@ class Spool:
         return final
 
     def _download_unified(self, fp: str, size: int, final: Path) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(self.directory)  # made again if it went (a cleaner of $TMPDIR): if still ours
         tmp = final.with_suffix(".part")
         writer = PartWriter()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -86,7 +87,7 @@ class Spool:
     def _download(self, fp: str, final: list[Path], sizes: tuple[int, ...]) -> list[Manifest]:
         """Both parts from LXD's multipart stream into `final`, hashed on the way: their manifests."""
         size = sum(sizes)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(self.directory)  # made again if it went (a cleaner of $TMPDIR): if still ours
         tmp = [p.with_suffix(p.suffix + ".part") for p in final]
         writer = PartWriter()
         fds: list[int] = []
