@@ -36,3 +36,14 @@ def open_own(path: Path | str, flags: int, mode: int = 0o600) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def alive(pid: int) -> bool:
+    """Whether the process that claimed a folder here (its pid in it) still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
