@@ -3,10 +3,12 @@
 A unified image's export is one tarball (any compression LXD takes), read
 over the mount's own lazy reader: an uncompressed tarball is read only at
 the offsets that hold what is asked for; a compressed one costs one
-sequential pass to build its index (gzip seek points and the like), which
-is kept on disk, keyed by fingerprint, so later mounts open any file at
-once (named by the image's key: server and fingerprint, so one server's
-index never answers for another's bytes). A split image's parts are local files (the spool's):
+sequential pass to build its index (gzip seek points and the like). An
+index built from checked bytes only (the image verified before its first
+read) is kept on disk, so later mounts open any file at once (named by the
+image's key: server and fingerprint, so one server's index never answers
+for another's bytes); one built from lazy reads before the check is this
+mount's alone, in its spool. A split image's parts are local files (the spool's):
 its metadata tarball is the top of the tree, its squashfs rootfs (PySquashfsImage) `rootfs/`,
 both read through the parts' checked readers, never by path, so every byte is checked.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import stat
 import threading
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxdimagefs.contents import inodes
+from lxdimagefs.contents.indexes import CHECKED, Place, with_suffix
 from lxdimagefs.contents.plain import AT_ONCE, compression_of, decode_later, plain_tar
 from lxdimagefs.data.diskparts import CheckedPart
 from lxdimagefs.data.exports import Exports, decoder_of
@@ -30,6 +32,7 @@ from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.fs.node import Listing
 from lxdimagefs.keys import Fingerprint, ObjectKey
 from lxdimagefs.names import fits
+from lxdimagefs.private import private_folder
 from lxdimagefs.servers.records import ExportLayout
 
 if TYPE_CHECKING:
@@ -92,9 +95,12 @@ class ExportFile(io.RawIOBase):
         super().close()
 
 
-def _lazy(exports: Exports, key: str, size: int) -> io.BufferedReader:
-    """A file object over the lazy reader: read at the offsets the archive asks for."""
-    return io.BufferedReader(ExportFile(exports.unified(key, size, max_window=4 << 20), size), 1 << 16)
+def _lazy(exports: Exports, key: str, size: int) -> tuple[io.BufferedReader, str | None]:
+    """A file object over the lazy reader: read at the offsets the archive asks for; and its
+    key if the image is not verified yet (verified: this daemon's check passed, or the disk cache
+    sealed a verdict, and every read is checked against its manifest)."""
+    reader = exports.unified(key, size, max_window=4 << 20)
+    return io.BufferedReader(ExportFile(reader, size), 1 << 16), None if reader.verified else key
 
 
 def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> tuple[Any, Any, dict]:
@@ -107,37 +113,47 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
 
     from lxdimagefs.contents.squashfs import INDEX, SquashfsRootfs
 
+    def indexed(make: Any, source: Any, suffix: str, *unchecked: str | None, **options: Any) -> Any:
+        place = Place(exports, fp, index, suffix, [k for k in unchecked if k])
+        built = make(fileObject=source, indexFilePath=place.path, writeIndex=True, **options)
+        place.done()
+        return built
+
     first = layout.parts[0]
     compression = compression_of(first.name)
     if compression and not layout.split:
         if first.key is not None and compression in AT_ONCE:
             raise ValueError(f"{first.name}: this compression is read inside images from LXD only")
-        # Decoded once into a plain tarball whose blocks are checked at every read (contents/plain.py).
+        # Decoded once into a plain tarball whose blocks are checked at every read (contents/plain.py):
+        # its bytes hashed to the fingerprint as they were decoded, so its index may be kept.
         decoded = None if first.key is not None else exports.decoded(
             fp, first.size, compression, decode=compression in AT_ONCE)
         if decoded is not None:
-            return plain_tar(fp, decoded, _with(index, ".decoded.sqlite")), None, {}
+            return plain_tar(fp, decoded, with_suffix(index, CHECKED + ".decoded.sqlite")), None, {}
     if not layout.split:
-        return SQLiteIndexedTar(
-            fileObject=_lazy(exports, first.key or fp, first.size), tarFileName=fp,
-            indexFilePath=_with(index, ".sqlite"), writeIndex=True,
-            prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING), None, {"top": first.key or fp}
+        lazy, unchecked = _lazy(exports, first.key or fp, first.size)
+        return indexed(SQLiteIndexedTar, lazy, ".sqlite", unchecked, tarFileName=fp,
+                       prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING), \
+            None, {"top": first.key or fp}
     sizes = tuple(p.size for p in layout.parts)
 
-    def part(i: int) -> Any:
+    def part(i: int) -> tuple[Any, str | None]:
         if first.key is not None:  # a simplestreams server's parts: each read lazily on its own
             return _lazy(exports, layout.parts[i].key or "", sizes[i])
-        # LXD sends a split image as one multipart stream: its parts are local files, read checked
-        return io.BufferedReader(ExportFile(exports.spool.open(fp, sizes, i), sizes[i]), 1 << 16)
+        # LXD sends a split image as one multipart stream: its parts are local files, verified
+        # whole before use and read checked
+        return io.BufferedReader(ExportFile(exports.spool.open(fp, sizes, i), sizes[i]), 1 << 16), None
 
     # zstd and lzma decoded in memory; ratarmountcore reads the others itself
-    meta = io.BytesIO(_in_memory(part(0), compression)) if compression in AT_ONCE else part(0)
-    top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
-                           indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
+    meta, unchecked = part(0)
+    meta = io.BytesIO(_in_memory(meta, compression)) if compression in AT_ONCE else meta
+    top = indexed(SQLiteIndexedTar, meta, ".meta.sqlite", unchecked, tarFileName=f"{fp}.meta")
     lazy = {} if first.key is None else {"top": first.key, ROOTFS: layout.parts[1].key or ""}
     if not layout.parts[1].name.endswith(".squashfs"):
         return top, None, lazy
-    return top, SquashfsRootfs(part(1), indexFilePath=_with(index, f".{INDEX}.sqlite"), writeIndex=True), lazy
+    rootfs, unchecked = part(1)
+    return top, indexed(lambda fileObject, **o: SquashfsRootfs(fileObject, **o), rootfs, f".{INDEX}.sqlite",
+                        unchecked), lazy
 
 
 @dataclass(frozen=True)
@@ -169,7 +185,8 @@ class ImageArchive:
         self._closed = False
         first, compression = layout.parts[0], compression_of(layout.parts[0].name)
         if self._lazy.get("top") == fp and compression and compression not in AT_ONCE:  # from LXD
-            decode_later(exports, fp, first.size, compression, _with(index, ".decoded.sqlite"), self._use)
+            decoded_index = with_suffix(index, CHECKED + ".decoded.sqlite")
+            decode_later(exports, fp, first.size, compression, decoded_index, self._use)
 
     def _use(self, plain: Any) -> bool:
         """The decoded tarball serves from now on (the same bytes at the same offsets as before)."""
@@ -259,10 +276,6 @@ class ImageArchive:
                     source.__exit__(None, None, None)
 
 
-def _with(index: Path, suffix: str) -> str:
-    return str(index.with_name(index.name + suffix))
-
-
 class IndexFolder:
     """Where archive indexes are kept between mounts: a folder only its owner can use, size-capped."""
 
@@ -271,10 +284,7 @@ class IndexFolder:
         self.cap = cap
 
     def ready(self) -> Path:
-        self.path.mkdir(mode=0o700, exist_ok=True)
-        st = os.lstat(self.path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
-            raise PermissionError(f"{self.path} is not a folder only this user can use")
+        private_folder(self.path)
         self._trim()
         return self.path
 

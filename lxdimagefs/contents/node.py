@@ -116,6 +116,10 @@ class ContentsNode(Node):
             del self._entries[key]
 
     def _archive(self, fp: Fingerprint) -> ImageArchive:
+        if self.exports.verification.failed(fp):  # its index may be from the bytes that failed
+            with self._lock:
+                self._archives.pop(fp, None)
+            raise fs_error(errno.EIO, fp, "the image failed its check")
         with self._lock:
             archive = self._archives.get(fp)
             if archive is not None:

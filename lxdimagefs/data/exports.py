@@ -31,6 +31,7 @@ from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError
+from lxdimagefs.private import private_folder
 from lxdimagefs.servers.protocol import ImageSource
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class Exports:
 
     def _decode(self, fp: str, size: int, compression: str) -> tuple[Path, Manifest]:
         path = self.spool.named(fp, "tar")
-        self.spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(self.spool.directory)
         local = self.fetcher.local.opened(fp, size) if self.fetcher.local is not None else None
         if local is not None:  # the server's own file: nothing to download
             try:

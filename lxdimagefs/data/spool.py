@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from stat import S_ISDIR
 
 from lxdimagefs.data import diskparts
 from lxdimagefs.data.blocks import BlockCache
@@ -18,6 +19,7 @@ from lxdimagefs.data.diskparts import CheckedPart, PartWriter, hash_parts
 from lxdimagefs.data.manifest import Manifest
 from lxdimagefs.errors import IntegrityError, LXDError
 from lxdimagefs.keys import ObjectKey, Sha256
+from lxdimagefs.private import alive, open_own, private_folder
 from lxdimagefs.servers.localfiles import LocalImage, open_image
 from lxdimagefs.servers.protocol import ImageSource
 from lxdimagefs.wire.multipart import PartStream
@@ -62,7 +64,7 @@ class Spool:
         return final
 
     def _download_unified(self, fp: str, size: int, final: Path) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(self.directory)  # made again if it went (a cleaner of $TMPDIR): if still ours
         tmp = final.with_suffix(".part")
         writer = PartWriter()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -86,7 +88,7 @@ class Spool:
     def _download(self, fp: str, final: list[Path], sizes: tuple[int, ...]) -> list[Manifest]:
         """Both parts from LXD's multipart stream into `final`, hashed on the way: their manifests."""
         size = sum(sizes)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(self.directory)  # made again if it went (a cleaner of $TMPDIR): if still ours
         tmp = [p.with_suffix(p.suffix + ".part") for p in final]
         writer = PartWriter()
         fds: list[int] = []
@@ -141,17 +143,18 @@ class Spool:
         """Remove the spools of daemons that died without unmounting (killed, crashed)."""
         removed = []
         for path in root.glob(cls.PREFIX + "*"):
-            try:
-                if path.stat().st_uid != os.getuid():
+            st = None
+            try:  # never through a link, never another user's, never a read that waits (a FIFO)
+                st = os.lstat(path)
+                if not S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
                     continue
-                pid = int((path / "pid").read_text())
+                with os.fdopen(open_own(path / "pid", os.O_RDONLY), "rb") as f:
+                    pid = int(f.read(32))
             except FileNotFoundError:  # never claimed: a start-up that failed, unless brand new
-                pid = 0
-                if time.time() - path.stat().st_mtime < grace:
-                    continue
+                pid = -1 if st is None or time.time() - st.st_mtime < grace else 0
             except (OSError, ValueError):
                 continue
-            if pid and _alive(pid):
+            if pid < 0 or (pid and alive(pid)):
                 continue
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -288,12 +291,3 @@ class SplitSpool(Spool):
             local.close()
         super().remove()
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -57,7 +57,9 @@ class LayoutJournal:
 
     def _open(self, flags: int) -> int | None:
         try:
-            fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            # Never waits: in a shared folder another user's FIFO at this name would stall the
+            # mount for good (a FIFO opens at once non-blocking, or ENXIO, and is refused below).
+            fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError:
             return None
         st = os.fstat(fd)
@@ -66,6 +68,7 @@ class LayoutJournal:
                 or st.st_nlink != 1):
             os.close(fd)
             return None
+        os.set_blocking(fd, True)
         return fd
 
     def _key(self, fingerprint: str) -> str:

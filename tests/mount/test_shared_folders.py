@@ -1,0 +1,37 @@
+"""Files another local user put in a shared folder ($TMPDIR, --cache-dir) never stall a mount
+(issue #27, 4): every open there is non-blocking and refuses what is not this user's own file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from mounts import mounted
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
+NOBODY = 65534
+
+
+def _fifo(path):
+    os.mkfifo(path, 0o666)
+    os.chown(path, NOBODY, NOBODY)
+
+
+def test_another_users_fifos_in_the_shared_folder_do_not_stall_the_mount(sandbox, images, tmp_path,
+                                                                         monkeypatch):
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp is
+    _fifo(shared / f"lxdimagefs-layouts-{os.getuid()}.jsonl")  # the layout journal's name
+    # A "spool" of this user's, by a link to a folder of this user's where anyone may write: its
+    # pid file, another user's FIFO, would be read by the sweep of dead daemons' spools.
+    os.symlink(shared, shared / "lxdimagefs-spool-planted")
+    _fifo(shared / "pid")
+    monkeypatch.setenv("TMPDIR", str(shared))
+    for n in range(2):  # the second mount reads the journal the first would have written
+        with mounted(sandbox, tmp_path / f"m{n}", "--cache-dir", str(shared)) as m:  # within 20 s
+            assert os.listdir(m.path / "by-fingerprint")
+            assert (m.path / "by-alias" / "plain").is_symlink()
+    assert (shared / "lxdimagefs-spool-planted").is_symlink()  # left as it was
+    assert os.stat(shared / f"lxdimagefs-layouts-{os.getuid()}.jsonl").st_uid == NOBODY
