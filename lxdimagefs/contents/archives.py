@@ -3,14 +3,12 @@
 A unified image's export is one tarball (any compression LXD takes), read
 over the mount's own lazy reader: an uncompressed tarball is read only at
 the offsets that hold what is asked for; a compressed one costs one
-sequential pass to build its index (gzip seek points and the like). An
-index built from checked bytes only (the image verified before its first
-read) is kept on disk, so later mounts open any file at once (named by the
-image's key: server and fingerprint, so one server's index never answers
-for another's bytes); one built from lazy reads before the check is this
-mount's alone, in its spool. A split image's parts are local files (the spool's):
-its metadata tarball is the top of the tree, its squashfs rootfs (PySquashfsImage) `rootfs/`,
-both read through the parts' checked readers, never by path, so every byte is checked.
+sequential pass to build its index (gzip seek points and the like). An index
+built from checked bytes only is kept on disk for later mounts, named by the
+image's key (server and fingerprint); one built from lazy reads before the
+check is this mount's alone, in its spool (contents/indexes.py). A split
+image's parts are local files: its metadata tarball is the top of the tree,
+its squashfs `rootfs/`, both read through the parts' checked readers.
 """
 
 from __future__ import annotations
@@ -106,15 +104,14 @@ def _lazy(exports: Exports, key: str, size: int) -> tuple[io.BufferedReader, str
 def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> tuple[Any, Any, dict]:
     """An image's sources: its (metadata) tarball, a split image's squashfs rootfs, and the
     keys of those read lazily from an export (their bytes proven only once it is verified)."""
-    # Imported on the first look inside an image (about 0.15 s), not with the module: the
-    # library and its decoders add about 15 MiB (32 MiB at rest without them, 47 with),
-    # which a daemon that only serves exports should not carry.
+    # Imported on the first look inside (0.15 s): the library and its decoders add about 15 MiB
+    # (32 MiB at rest without them, 47 with), which a daemon serving only exports need not carry.
     from ratarmountcore.mountsource.formats.tar import SQLiteIndexedTar
 
     from lxdimagefs.contents.squashfs import INDEX, SquashfsRootfs
 
-    def indexed(make: Any, source: Any, suffix: str, *unchecked: str | None, **options: Any) -> Any:
-        place = Place(exports, fp, index, suffix, [k for k in unchecked if k])
+    def indexed(make: Any, source: Any, unchecked: str | None, suffix: str, **options: Any) -> Any:
+        place = Place(exports, fp, index, suffix, [unchecked] if unchecked else [])
         built = make(fileObject=source, indexFilePath=place.path, writeIndex=True, **options)
         place.done()
         return built
@@ -131,9 +128,8 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         if decoded is not None:
             return plain_tar(fp, decoded, with_suffix(index, CHECKED + ".decoded.sqlite")), None, {}
     if not layout.split:
-        lazy, unchecked = _lazy(exports, first.key or fp, first.size)
-        return indexed(SQLiteIndexedTar, lazy, ".sqlite", unchecked, tarFileName=fp,
-                       prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING), \
+        return indexed(SQLiteIndexedTar, *_lazy(exports, first.key or fp, first.size), suffix=".sqlite",
+                       tarFileName=fp, prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING), \
             None, {"top": first.key or fp}
     sizes = tuple(p.size for p in layout.parts)
 
@@ -147,13 +143,13 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
     # zstd and lzma decoded in memory; ratarmountcore reads the others itself
     meta, unchecked = part(0)
     meta = io.BytesIO(_in_memory(meta, compression)) if compression in AT_ONCE else meta
-    top = indexed(SQLiteIndexedTar, meta, ".meta.sqlite", unchecked, tarFileName=f"{fp}.meta")
+    top = indexed(SQLiteIndexedTar, meta, unchecked, ".meta.sqlite", tarFileName=f"{fp}.meta")
     lazy = {} if first.key is None else {"top": first.key, ROOTFS: layout.parts[1].key or ""}
     if not layout.parts[1].name.endswith(".squashfs"):
         return top, None, lazy
     rootfs, unchecked = part(1)
-    return top, indexed(lambda fileObject, **o: SquashfsRootfs(fileObject, **o), rootfs, f".{INDEX}.sqlite",
-                        unchecked), lazy
+    return top, indexed(lambda fileObject, **o: SquashfsRootfs(fileObject, **o), rootfs, unchecked,
+                        f".{INDEX}.sqlite"), lazy
 
 
 @dataclass(frozen=True)
