@@ -27,7 +27,7 @@ from lxdimagefs.wire.rest import json_body
 from lxdimagefs.wire.transport import Backoff, ExportStream
 
 log = logging.getLogger(__name__)
-LISTING_DEADLINE = 10  # the whole listing may take ten timeouts (a read timeout still ends a silent one)
+LISTING_DEADLINE = 10  # the whole listing may take ten timeouts; a silent server is given up on after one
 request_log = logging.getLogger("lxdimagefs.client")  # request lines under one name, as rest.py
 
 
@@ -55,7 +55,7 @@ class LXDClient(LXDServer):
         takes longer than `-o timeout`, so this one call has LISTING_DEADLINE timeouts of its own.
         """
         records = self._sync("GET", "/images", params={"recursion": "1"},
-                             patience=LISTING_DEADLINE * self.conn.timeout[1]) or ()
+                             answer_within=LISTING_DEADLINE * self.conn.timeout[1]) or ()
         return images_from(records, self.conn.describe())
 
     def count_images(self) -> int:

@@ -137,13 +137,16 @@ class RestSession:
 
     def _request(self, method: str, path: str, *, stream: bool = False,
                  headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
-                 retry: str = "", patience: float | None = None, **kwargs: Any) -> requests.Response:
+                 retry: str = "", patience: float | None = None, answer_within: float | None = None,
+                 **kwargs: Any) -> requests.Response:
         """One request, retried through an outage shorter than the timeout.
 
         `retry`: "all" (the default for GET) retries refused or dropped
         connections and 502/503/504; "connect" (other methods) only failures
         to connect, where the request cannot have reached LXD; "none".
         `patience`: seconds this request may take, outages included (default: the timeout).
+        `answer_within`: seconds an answer that is coming may take in all (a long listing), while
+        a server that says nothing is still given up on after `patience`.
         """
         retry = retry or ("all" if method == "GET" else "connect")
         url = self._url(path, **(params or {}))
@@ -153,7 +156,7 @@ class RestSession:
             kwargs["timeout"] = backoff.clamp(kwargs.get("timeout") or self.conn.timeout)
             try:
                 # An upload's body may take minutes to send: it has the per-read timeout alone.
-                whole = max(backoff.left(), self.conn.timeout[1]) + DEADLINE_GRACE
+                whole = max(backoff.left(), answer_within or self.conn.timeout[1]) + DEADLINE_GRACE
                 seconds = None if "data" in kwargs else whole
                 resp = self._send(method, url, stream, seconds, headers=headers, **kwargs)
             except requests.RequestException as e:

@@ -254,13 +254,15 @@ def test_stopped_lxd_gives_eio_after_the_timeout_and_the_mount_recovers(sandbox,
             sandbox.halt()
             try:
                 time.sleep(0.3)
+                # A call may first wait for the listing the event stream's drop started (its own
+                # timeout), then list itself: two timeouts at most (docs/SEMANTICS.md), no longer.
                 for call in (lambda: os.listdir(m.path / "by-fingerprint"),
                              lambda: os.pread(fd, 10, 3 << 20)):
                     started = time.monotonic()
                     with pytest.raises(OSError) as e:
                         call()
                     assert e.value.errno == errno.EIO
-                    assert 1.5 < time.monotonic() - started < 4  # retried for the timeout, no longer
+                    assert 1.5 < time.monotonic() - started < 2 * 2 + 1.5
             finally:
                 sandbox.resume()
             assert fp in os.listdir(m.path / "by-fingerprint")
