@@ -18,7 +18,8 @@ def _fifo(path):
     os.chown(path, NOBODY, NOBODY)
 
 
-def test_another_users_fifos_in_the_shared_folder_do_not_stall_the_mount(sandbox, images, tmp_path, monkeypatch):
+def test_another_users_fifos_in_the_shared_folder_do_not_stall_the_mount(sandbox, images, tmp_path,
+                                                                         monkeypatch):
     shared = tmp_path / "tmp"
     shared.mkdir()
     os.chmod(shared, 0o1777)  # as /tmp is
