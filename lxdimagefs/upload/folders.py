@@ -20,6 +20,7 @@ from lxdimagefs.errors import ImportFailed, LXDError
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.names import METADATA
 from lxdimagefs.servers.protocol import ImageServer
+from lxdimagefs.upload.ending import ending
 from lxdimagefs.upload.streamed import ROOTFS_KINDS, SNIFF_BYTES, already_held, failure, sniff
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ class FolderImport:
                 kinds[n] = sniff(f.read(SNIFF_BYTES))
             if kinds[n] is None:
                 raise ImportFailed(errno.EINVAL, f"{self.name}/{n} is not an image file")
+            early = _ended_early(self.path(n), str(kinds[n]))
+            if early:  # its writer failed part-way and closed: LXD would take a cut tarball
+                raise ImportFailed(errno.EINVAL, f"{self.name}/{n}: {early}: not a whole image file, "
+                                                 "nothing was created")
         public, properties = False, None
         if METADATA in self.files:
             public, properties = _copied_record(self.name, self.path(METADATA).read_bytes())
@@ -114,6 +119,16 @@ class FolderImport:
 
     def remove_spool(self) -> None:
         shutil.rmtree(self.spool, ignore_errors=True)
+
+
+def _ended_early(path: Path, kind: str) -> str | None:
+    """Why a spooled part does not end as its format ends (upload/ending.py), or None."""
+    end, total = ending(kind), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            end.feed(chunk)
+            total += len(chunk)
+    return end.ended_early(total)
 
 
 def _copied_record(folder: str, data: bytes) -> tuple[bool, dict[str, str] | None]:

@@ -11,10 +11,12 @@ import errno
 import logging
 import re
 import threading
+from typing import Any
 
 from lxdimagefs import stats
 from lxdimagefs.errors import ImportFailed, LXDError
 from lxdimagefs.servers.protocol import ImageServer
+from lxdimagefs.upload.ending import ending
 from lxdimagefs.wire.chunked import ChunkedPost
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class Upload:
         self.error: ImportFailed | None = None
         self._head = bytearray()
         self._post: ChunkedPost | None = None
+        self._end: Any = None  # what checks the bytes end as the image they start ends (ending.py)
         self._lock = threading.Lock()
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
@@ -117,6 +120,7 @@ class Upload:
                                                     f"{bytes(self._head[:16])!r}, not a tarball, "
                                                     "squashfs or qcow2")
             raise self.error
+        self._end = ending(kind)
         try:
             self._post = self.client.start_upload(self.client.upload_headers(final_name(self.name)))
         except BaseException as e:
@@ -126,6 +130,7 @@ class Upload:
 
     def _send(self, data: bytes | memoryview) -> None:
         assert self._post is not None  # sent only after _start
+        self._end.feed(data)
         try:
             self._post.send(data)
         except BaseException as e:
@@ -142,6 +147,11 @@ class Upload:
                     self._send(bytes(self._head))
             post = self._post
             assert post is not None
+            early = self._end.ended_early(self.size)
+            if early:  # a writer that failed part-way and closed: LXD would take a cut tarball
+                log.warning("%s: %s: broken off, nothing created", self.name, early)
+                raise self._break(ImportFailed(errno.EINVAL, f"{self.name}: {early}: not a whole "
+                                                             "image, nothing was created"))
             try:
                 with stats.underway("import", self.name):  # LXD unpacks and checks it
                     self.fingerprint = self.client.finish_upload(post)
