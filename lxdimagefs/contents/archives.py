@@ -135,6 +135,9 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
     top = SQLiteIndexedTar(fileObject=meta, tarFileName=f"{fp}.meta",
                            indexFilePath=_with(index, ".meta.sqlite"), writeIndex=True)
     lazy = {} if first.key is None else {"top": first.key, ROOTFS: layout.parts[1].key or ""}
+    if layout.parts[1].name.endswith(".qcow2"):
+        from lxdimagefs.contents.disk.root import vm_root
+        return top, vm_root(part(1), layout.parts[1].name), lazy
     if not layout.parts[1].name.endswith(".squashfs"):
         return top, None, lazy
     return top, SquashfsRootfs(part(1), indexFilePath=_with(index, f".{INDEX}.sqlite"), writeIndex=True), lazy
@@ -165,7 +168,7 @@ class ImageArchive:
         self._top, self._rootfs, self._lazy = _open(fp, layout, exports, index)
         # How many names each hard-linked file has: one query of each index, here, not per stat.
         self._tar_links = inodes.tar_links(self._top)
-        self._rootfs_links = inodes.squashfs_links(self._rootfs) if self._rootfs else {}
+        self._rootfs_links = inodes.squashfs_links(self._rootfs) if hasattr(self._rootfs, "index") else {}
         self._closed = False
         first, compression = layout.parts[0], compression_of(layout.parts[0].name)
         if self._lazy.get("top") == fp and compression and compression not in AT_ONCE:  # from LXD
@@ -209,7 +212,7 @@ class ImageArchive:
             return self._lookup(inodes.inside(info.linkname), depth + 1) if depth < 8 else None
         rdev = 0
         if source is self._rootfs:
-            nlink = self._rootfs_links.get(inodes.header(info), 1)
+            nlink = self._rootfs_links.get(inodes.header(info)) or getattr(source, "nlink", lambda i: 1)(info)
             if stat.S_IFMT(info.mode) in inodes.DEVICES:
                 with self._lock:
                     rdev = source.device(info)

@@ -52,7 +52,8 @@ class Ext4Rootfs(EXT4MountSource):
             return f.read(size)
 
     def nlink(self, info: FileInfo) -> int:
-        return int(self._inode(info).i_links_count)
+        """How many names a file has (a folder: 1, as for a squashfs root)."""
+        return 1 if stat.S_ISDIR(info.mode) else int(self._inode(info).i_links_count)
 
     def device(self, info: FileInfo) -> int:
         """A device's number: the old 16-bit encoding in i_block[0], else the new one in i_block[1]."""
