@@ -3,8 +3,10 @@ rootfs/ is the guest's ext4 root, entry by entry as the folder it was made from 
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import struct
 import subprocess
 import tarfile
 from pathlib import Path
@@ -70,3 +72,24 @@ def test_a_vm_images_rootfs_is_its_ext4_root(sandbox, tmp_path: Path) -> None:
                     seen += 1
             assert seen == 11
             assert os.lstat(root / "rootfs/big").st_ino == os.lstat(root / "rootfs/etc/big-again").st_ino
+
+
+def test_a_cluster_past_the_end_of_the_disk_is_eio_and_the_mount_serves_on(sandbox, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    _tree(tree)
+    meta, disk = _vm(tmp_path / "hostile", [], tree)
+    raw = (tmp_path / "hostile" / "disk.raw").read_bytes()
+    cluster = raw.index((tree / "big").read_bytes()[:4096]) // 65536 + 1  # inside big, not its first
+    image = bytearray(disk.read_bytes())
+    l1 = struct.unpack_from(">Q", image, 40)[0]
+    l2 = struct.unpack_from(">Q", image, l1 + 8 * (cluster // 8192))[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", image, l2 + 8 * (cluster % 8192), (1 << 63) | (len(image) + (1 << 30)))
+    disk.write_bytes(image)
+    fp = sandbox.import_image(meta, disk)
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        root = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+        with pytest.raises(OSError) as caught:
+            (root / "big").read_bytes()
+        assert caught.value.errno == errno.EIO
+        assert (root / "etc/os-release").read_bytes() == (tree / "etc/os-release").read_bytes()
+        assert fp in os.listdir(m.path / "by-fingerprint")

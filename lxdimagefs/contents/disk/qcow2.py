@@ -166,7 +166,12 @@ class Qcow2Reader(io.RawIOBase):
         while done < len(view) and self._pos < self.size:
             number, within = divmod(self._pos, self._cluster)
             step = min(len(view) - done, self._cluster - within, self.size - self._pos)
-            data = self._cluster_data(number)
+            try:
+                data = self._cluster_data(number)
+            except OSError:
+                if done:  # a short read: a buffer's read-ahead must not fail the bytes before it
+                    return done
+                raise
             if data is None:
                 view[done:done + step] = bytes(step)
             else:
