@@ -4,7 +4,7 @@
 # make images with, and a virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES=(lxd lxd-client fuse3 libfuse2 libfuse3-3 squashfs-tools qemu-utils xz-utils zstd curl openssl
+APT_PACKAGES=(lxd lxd-client fuse3 libfuse2 libfuse3-3 squashfs-tools qemu-utils fdisk dosfstools mtools xz-utils zstd curl openssl
               vim-tiny attr rsync python3 python3-venv
               debootstrap restic borgbackup strace  # a real distribution tree for contents/; backup tools;
               # strace: which calls a command makes over contents/

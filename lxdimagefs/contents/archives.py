@@ -94,9 +94,8 @@ class ExportFile(io.RawIOBase):
 
 
 def _lazy(exports: Exports, key: str, size: int) -> tuple[io.BufferedReader, str | None]:
-    """A file object over the lazy reader: read at the offsets the archive asks for; and its
-    key if the image is not verified yet (verified: this daemon's check passed, or the disk cache
-    sealed a verdict, and every read is checked against its manifest)."""
+    """A file object over the lazy reader, and its key if the image is not verified yet (by this
+    daemon's check or the disk cache's sealed verdict: then every read is checked)."""
     reader = exports.unified(key, size, max_window=4 << 20)
     return io.BufferedReader(ExportFile(reader, size), 1 << 16), None if reader.verified else key
 
@@ -115,7 +114,6 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         built = make(fileObject=source, indexFilePath=place.path, writeIndex=True, **options)
         place.done()
         return built
-
     first = layout.parts[0]
     compression = compression_of(first.name)
     if compression and not layout.split:
@@ -145,9 +143,12 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
     meta = io.BytesIO(_in_memory(meta, compression)) if compression in AT_ONCE else meta
     top = indexed(SQLiteIndexedTar, meta, unchecked, ".meta.sqlite", tarFileName=f"{fp}.meta")
     lazy = {} if first.key is None else {"top": first.key, ROOTFS: layout.parts[1].key or ""}
-    if not layout.parts[1].name.endswith(".squashfs"):
+    if not layout.parts[1].name.endswith((".squashfs", ".qcow2")):
         return top, None, lazy
     rootfs, unchecked = part(1)
+    if layout.parts[1].name.endswith(".qcow2"):  # a VM's disk: its ext4 root (contents/disk/)
+        from lxdimagefs.contents.disk.root import vm_root
+        return top, vm_root(rootfs, layout.parts[1].name), lazy
     return top, indexed(lambda fileObject, **o: SquashfsRootfs(fileObject, **o), rootfs, unchecked,
                         f".{INDEX}.sqlite"), lazy
 
@@ -177,7 +178,7 @@ class ImageArchive:
         self._top, self._rootfs, self._lazy = _open(fp, layout, exports, index)
         # How many names each hard-linked file has: one query of each index, here, not per stat.
         self._tar_links = inodes.tar_links(self._top)
-        self._rootfs_links = inodes.squashfs_links(self._rootfs) if self._rootfs else {}
+        self._rootfs_links = inodes.squashfs_links(self._rootfs) if hasattr(self._rootfs, "index") else {}
         self._closed = False
         first, compression = layout.parts[0], compression_of(layout.parts[0].name)
         if self._lazy.get("top") == fp and compression and compression not in AT_ONCE:  # from LXD
@@ -222,7 +223,7 @@ class ImageArchive:
             return self._lookup(inodes.inside(info.linkname), depth + 1) if depth < 8 else None
         rdev = 0
         if source is self._rootfs:
-            nlink = self._rootfs_links.get(inodes.header(info), 1)
+            nlink = self._rootfs_links.get(inodes.header(info)) or getattr(source, "nlink", lambda i: 1)(info)
             if stat.S_IFMT(info.mode) in inodes.DEVICES:
                 with self._lock:
                     rdev = source.device(info)

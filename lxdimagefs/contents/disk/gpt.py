@@ -1,0 +1,132 @@
+"""A GPT disk's partitions, and one partition as a file: where a VM image's root filesystem is.
+
+Own code (a few dozen lines of a fixed format) over any seekable file object, such as the qcow2
+reader. The header and entry array carry CRC32s: a table that fails them is refused (EIO).
+"""
+
+import errno
+import io
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO
+
+ROOT_X86_64 = uuid.UUID("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709")
+LINUX_DATA = uuid.UUID("0FC63DAF-8483-4772-8E79-3D69D8477DE4")
+ESP = uuid.UUID("C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
+EXT4_MAGIC_AT = 1080  # the superblock (at 1024) has its 0xEF53 magic at offset 56
+MAX_ENTRIES = 1024
+
+
+class GptError(OSError):
+    """A disk without a GPT this reader can trust (errno EIO)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.EIO, f"GPT: {why}")
+
+
+@dataclass(frozen=True)
+class Partition:
+    type: uuid.UUID
+    unique: uuid.UUID
+    name: str
+    first_lba: int
+    last_lba: int
+    sector: int
+
+    @property
+    def offset(self) -> int:
+        return self.first_lba * self.sector
+
+    @property
+    def length(self) -> int:
+        return (self.last_lba - self.first_lba + 1) * self.sector
+
+
+def _read(disk: BinaryIO, offset: int, length: int) -> bytes:
+    disk.seek(offset)
+    return disk.read(length)
+
+
+def partitions(disk: BinaryIO) -> list[Partition]:
+    """The used entries of a disk's GPT (512- or 4096-byte sectors), in table order."""
+    mbr = _read(disk, 0, 512)
+    if len(mbr) < 512 or mbr[510:512] != b"\x55\xaa" or 0xEE not in (mbr[446 + 16 * i + 4] for i in range(4)):
+        raise GptError("no protective MBR (not a GPT disk)")
+    for sector in (512, 4096):
+        head = _read(disk, sector, 92)
+        if head[:8] == b"EFI PART":
+            break
+    else:
+        raise GptError("no GPT header at LBA 1")
+    size = struct.unpack_from("<I", head, 12)[0]
+    head = _read(disk, sector, size) if 92 <= size <= sector else b""
+    if not head or zlib.crc32(head[:16] + b"\0\0\0\0" + head[20:]) != struct.unpack_from("<I", head, 16)[0]:
+        raise GptError("header fails its CRC32")
+    entries_lba, count, entry_size, entries_crc = struct.unpack_from("<QIII", head, 72)
+    if count > MAX_ENTRIES or not 128 <= entry_size <= 4096 or entry_size % 8:
+        raise GptError(f"implausible entry array: {count} entries of {entry_size} bytes")
+    raw = _read(disk, entries_lba * sector, count * entry_size)
+    if len(raw) != count * entry_size or zlib.crc32(raw) != entries_crc:
+        raise GptError("entry array fails its CRC32 or lies past the end of the disk")
+    found = []
+    for i in range(count):
+        e = raw[i * entry_size:(i + 1) * entry_size]
+        kind = uuid.UUID(bytes_le=e[:16])
+        if kind.int == 0:
+            continue
+        first, last = struct.unpack_from("<QQ", e, 32)
+        if last < first:
+            raise GptError(f"partition {i + 1} ends before it starts")
+        name = e[56:128].decode("utf-16-le", "replace").split("\0")[0]
+        found.append(Partition(kind, uuid.UUID(bytes_le=e[16:32]), name, first, last, sector))
+    return found
+
+
+def has_ext4(disk: BinaryIO, part: Partition) -> bool:
+    return part.length > EXT4_MAGIC_AT + 2 and _read(disk, part.offset + EXT4_MAGIC_AT, 2) == b"\x53\xef"
+
+
+def root_of(disk: BinaryIO, parts: list[Partition]) -> Partition | None:
+    """The Linux root: an x86-64 root or Linux data partition, those holding ext4 first."""
+    linux = [p for p in parts if p.type in (ROOT_X86_64, LINUX_DATA)]
+    linux.sort(key=lambda p: (not has_ext4(disk, p), p.type != ROOT_X86_64))
+    return linux[0] if linux else None
+
+
+def esp_of(parts: list[Partition]) -> Partition | None:
+    return next((p for p in parts if p.type == ESP), None)
+
+
+class Slice(io.RawIOBase):
+    """A window [offset, offset + length) of a seekable file, as a read-only file of its own."""
+
+    def __init__(self, disk: BinaryIO, offset: int, length: int) -> None:
+        super().__init__()
+        self._disk, self._offset, self.size, self._pos = disk, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.size - self._pos))
+        self._disk.seek(self._offset + self._pos)
+        data = self._disk.read(n) if n else b""
+        view[:len(data)] = data
+        self._pos += len(data)
+        return len(data)

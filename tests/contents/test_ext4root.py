@@ -1,0 +1,81 @@
+"""contents/disk/ext4root.py: a real mkfs.ext4 -d root, inside a GPT disk inside a zlib and a zstd qcow2,
+read entry by entry against the folder it was made from."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lxdimagefs.contents.disk import gpt
+from lxdimagefs.contents.disk.ext4root import Ext4Rootfs
+from lxdimagefs.contents.disk.qcow2 import Qcow2Reader
+
+MiB = 1 << 20
+
+
+def _tree(root: Path) -> None:
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/os-release").write_text("ID=test\nNAME=Test\n")
+    (root / "etc/fstab").write_text("LABEL=root / ext4 defaults 0 1\n")
+    (root / "big").write_bytes(os.urandom(300_000))
+    (root / "suid").write_bytes(b"x")
+    os.chmod(root / "suid", 0o4750)
+    os.chown(root / "suid", 100000, 200001)
+    os.link(root / "big", root / "etc/big-again")
+    os.symlink("../big", root / "etc/rel")
+    os.symlink("x" * 200, root / "long")  # not a fast symlink: its target in a block
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "tty", 0o620 | stat.S_IFCHR, os.makedev(4, 5))
+    os.mknod(root / "blk", 0o600 | stat.S_IFBLK, os.makedev(259, 300))
+    os.utime(root / "big", (1_600_000_000, 1_600_000_000), follow_symlinks=False)
+
+
+@pytest.mark.parametrize("options", [["-c"], ["-c", "-o", "compression_type=zstd"]])
+def test_an_ext4_root_reads_as_its_source_tree(tmp_path: Path, options: list[str]) -> None:
+    tree, raw, disk = tmp_path / "tree", tmp_path / "root.img", tmp_path / "disk.raw"
+    _tree(tree)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(raw), "16M"], check=True)
+    with open(disk, "wb") as f:
+        f.truncate(20 * MiB)
+    subprocess.run(["sfdisk", "-q", str(disk)], check=True,
+                   input=f"label: gpt\nstart=2048, size=32768, type={gpt.ROOT_X86_64}\n".encode())
+    subprocess.run(["dd", f"if={raw}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc", "status=none"],
+                   check=True)
+    subprocess.run(["qemu-img", "convert", *options, "-f", "raw", "-O", "qcow2", str(disk),
+                    str(tmp_path / "d.qcow2")], check=True)
+    with open(tmp_path / "d.qcow2", "rb") as f:
+        reader = io.BufferedReader(Qcow2Reader(f))
+        root = gpt.root_of(reader, gpt.partitions(reader))  # type: ignore[arg-type]
+        assert root is not None
+        fs = Ext4Rootfs(io.BufferedReader(gpt.Slice(reader, root.offset, root.length)))  # type: ignore[arg-type]
+        seen = 0
+        for dirpath, dirs, files in os.walk(tree):
+            listed = fs.list("/" + os.path.relpath(dirpath, tree).lstrip("."))
+            assert listed is not None
+            assert set(listed) - {"lost+found"} == set(dirs + files)
+            for name in files + dirs:
+                path = Path(dirpath) / name
+                inner = "/" + str(path.relative_to(tree))
+                want, got = os.lstat(path), fs.lookup(inner)
+                assert got is not None, inner
+                assert (got.mode, got.uid, got.gid, got.mtime) == (
+                    want.st_mode, want.st_uid, want.st_gid, int(want.st_mtime)), inner
+                assert fs.nlink(got) == (1 if stat.S_ISDIR(want.st_mode) else want.st_nlink), inner
+                if stat.S_ISLNK(want.st_mode):
+                    assert got.linkname == os.readlink(path)
+                elif stat.S_ISREG(want.st_mode):
+                    assert got.size == want.st_size
+                    assert fs.read(got, want.st_size, 0) == path.read_bytes()
+                    assert fs.read(got, 10, 5) == path.read_bytes()[5:15]
+                elif stat.S_ISCHR(want.st_mode) or stat.S_ISBLK(want.st_mode):
+                    assert fs.device(got) == want.st_rdev, inner
+                seen += 1
+        assert seen == 11
+        big, again = fs.lookup("/big"), fs.lookup("/etc/big-again")
+        assert big is not None and again is not None
+        assert big.userdata[-1].offsetheader == again.userdata[-1].offsetheader  # one inode, two names

@@ -1,0 +1,95 @@
+"""contents/ of a VM image (metadata tarball + qcow2 disk) through a real LXD and a real mount:
+rootfs/ is the guest's ext4 root, entry by entry as the folder it was made from (zlib and zstd)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from mounts import mounted
+from test_ext4root import _tree
+
+from lxdimagefs.contents.disk import gpt
+
+pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
+
+META = b"architecture: x86_64\ncreation_date: 1700000000\nproperties:\n  description: vm contents test\n"
+
+
+def _vm(work: Path, options: list[str], tree: Path | None) -> tuple[Path, Path]:
+    """A split VM image: a metadata tarball and a qcow2 GPT disk (its ext4 root made from `tree`)."""
+    work.mkdir(parents=True)
+    (work / "metadata.yaml").write_bytes(META + work.name.encode().join([b"  seed: ", b"\n"]))
+    with tarfile.open(work / "meta.tar.xz", "w:xz") as tar:
+        tar.add(work / "metadata.yaml", "metadata.yaml")
+    disk = work / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(20 << 20)
+    subprocess.run(["sfdisk", "-q", str(disk)], check=True,
+                   input=f"label: gpt\nstart=2048, size=32768, type={gpt.ROOT_X86_64}\n".encode())
+    if tree is not None:
+        subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(work / "root.img"), "16M"], check=True)
+        subprocess.run(["dd", f"if={work / 'root.img'}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc",
+                        "status=none"], check=True)
+    subprocess.run(["qemu-img", "convert", *options, "-f", "raw", "-O", "qcow2", str(disk),
+                    str(work / "rootfs.img")], check=True)
+    return work / "meta.tar.xz", work / "rootfs.img"
+
+
+def test_a_vm_images_rootfs_is_its_ext4_root(sandbox, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    _tree(tree)
+    fps = {name: sandbox.import_image(*_vm(tmp_path / name, options, tree if name != "blank" else None))
+           for name, options in [("zlib", ["-c"]), ("zstd", ["-c", "-o", "compression_type=zstd"]),
+                                 ("blank", ["-c"])]}
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        blank = m.path / "contents" / "by-fingerprint" / fps["blank"]
+        assert sorted(os.listdir(blank)) == ["metadata.yaml"]  # a disk not understood: metadata only
+        for name in ("zlib", "zstd"):
+            root = m.path / "contents" / "by-fingerprint" / fps[name]
+            assert sorted(os.listdir(root)) == ["metadata.yaml", "rootfs"]
+            seen = 0
+            for dirpath, dirs, files in os.walk(tree):
+                for entry in dirs + files:
+                    want_path = Path(dirpath) / entry
+                    got_path = root / "rootfs" / want_path.relative_to(tree)
+                    want, got = os.lstat(want_path), os.lstat(got_path)
+                    assert (got.st_mode, got.st_uid, got.st_gid, int(got.st_mtime)) == (
+                        want.st_mode, want.st_uid, want.st_gid, int(want.st_mtime)), got_path
+                    if stat.S_ISLNK(want.st_mode):
+                        assert os.readlink(got_path) == os.readlink(want_path)
+                    elif stat.S_ISREG(want.st_mode):
+                        assert got_path.read_bytes() == want_path.read_bytes()
+                        assert got.st_nlink == want.st_nlink, got_path
+                    elif stat.S_ISCHR(want.st_mode) or stat.S_ISBLK(want.st_mode):
+                        assert got.st_rdev == want.st_rdev, got_path
+                    seen += 1
+            assert seen == 11
+            assert os.lstat(root / "rootfs/big").st_ino == os.lstat(root / "rootfs/etc/big-again").st_ino
+
+
+def test_a_cluster_past_the_end_of_the_disk_is_eio_and_the_mount_serves_on(sandbox, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    _tree(tree)
+    meta, disk = _vm(tmp_path / "hostile", [], tree)
+    raw = (tmp_path / "hostile" / "disk.raw").read_bytes()
+    cluster = raw.index((tree / "big").read_bytes()[:4096]) // 65536 + 1  # inside big, not its first
+    image = bytearray(disk.read_bytes())
+    l1 = struct.unpack_from(">Q", image, 40)[0]
+    l2 = struct.unpack_from(">Q", image, l1 + 8 * (cluster // 8192))[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", image, l2 + 8 * (cluster % 8192), (1 << 63) | (len(image) + (1 << 30)))
+    disk.write_bytes(image)
+    fp = sandbox.import_image(meta, disk)
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        root = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+        with pytest.raises(OSError) as caught:
+            (root / "big").read_bytes()
+        assert caught.value.errno == errno.EIO
+        assert (root / "etc/os-release").read_bytes() == (tree / "etc/os-release").read_bytes()
+        assert fp in os.listdir(m.path / "by-fingerprint")
