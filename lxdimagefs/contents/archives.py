@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from lxdimagefs.contents import inodes
 from lxdimagefs.contents.indexes import CHECKED, Place, with_suffix
 from lxdimagefs.contents.plain import AT_ONCE, compression_of, decode_later, plain_tar
+from lxdimagefs.contents.seekable import Seekable
 from lxdimagefs.data.diskparts import CheckedPart
 from lxdimagefs.data.exports import Exports, decoder_of
 from lxdimagefs.data.prefetch import Prefetcher
@@ -60,26 +61,12 @@ def _in_memory(raw: Any, compression: str) -> bytes:
     return data
 
 
-class ExportFile(io.RawIOBase):
+class ExportFile(Seekable):
     """An export as a seekable file, read lazily through a read-ahead of its own."""
 
     def __init__(self, reader: Prefetcher | CheckedPart, size: int) -> None:
         super().__init__()
-        self._reader, self._size, self._pos = reader, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
+        self._reader, self.size, self._pos = reader, size, 0
 
     def readinto(self, buffer: Any) -> int:
         data = self._reader.read(self._pos, len(buffer))

@@ -5,12 +5,13 @@ reader. The header and entry array carry CRC32s: a table that fails them is refu
 """
 
 import errno
-import io
 import struct
 import uuid
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
+
+from lxdimagefs.contents.seekable import Seekable
 
 ROOT_X86_64 = uuid.UUID("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709")
 LINUX_DATA = uuid.UUID("0FC63DAF-8483-4772-8E79-3D69D8477DE4")
@@ -99,28 +100,12 @@ def esp_of(parts: list[Partition]) -> Partition | None:
     return next((p for p in parts if p.type == ESP), None)
 
 
-class Slice(io.RawIOBase):
+class Slice(Seekable):
     """A window [offset, offset + length) of a seekable file, as a read-only file of its own."""
 
     def __init__(self, disk: BinaryIO, offset: int, length: int) -> None:
         super().__init__()
         self._disk, self._offset, self.size, self._pos = disk, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise OSError(errno.EINVAL, "negative seek position")
-        self._pos = base + offset
-        return self._pos
 
     def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")

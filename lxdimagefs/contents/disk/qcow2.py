@@ -16,6 +16,8 @@ from typing import BinaryIO
 import cachetools
 import zstandard
 
+from lxdimagefs.contents.seekable import Seekable
+
 MAGIC = b"QFI\xfb"
 _OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55 of an L1 or standard L2 entry
 _COMPRESSED = 1 << 62
@@ -31,7 +33,7 @@ class Qcow2Error(OSError):
         super().__init__(errno.EIO, f"qcow2: {why}")
 
 
-class Qcow2Reader(io.RawIOBase):
+class Qcow2Reader(Seekable):
     """The guest disk of a qcow2 image as a read-only raw file: unallocated and zero clusters read 0."""
 
     def __init__(self, fileobj: BinaryIO, cache_clusters: int = 64) -> None:
@@ -143,22 +145,6 @@ class Qcow2Reader(io.RawIOBase):
             raise Qcow2Error(f"compressed cluster at {offset:#x} inflates to {len(data)} bytes, "
                              f"not the cluster size {self._cluster}")
         return data
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise OSError(errno.EINVAL, "negative seek position")
-        self._pos = base + offset
-        return self._pos
 
     def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
