@@ -7,6 +7,7 @@ import ctypes
 import hashlib
 import mmap
 import os
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,22 @@ def sha(*paths: Path | str) -> str:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def big_tarball(where: Path, label: str, size: int = 768 << 20) -> tuple[Path, str]:
+    """An uncompressed image tarball of `size` bytes of zeros (a sparse blob: quick to make) that
+    LXD takes more than a second to unpack, and its fingerprint; `label` makes it an image of its own."""
+    blob, meta = where / "blob", where / "metadata.yaml"
+    with open(blob, "wb") as f:
+        f.truncate(size)
+    meta.write_text("architecture: x86_64\ncreation_date: 1700000000\n"
+                    f"properties:\n  description: {label} {os.getpid()} {where.name}\n")
+    tarball = where / "big.tar"
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(meta, "metadata.yaml")
+        tar.add(blob, "rootfs/blob")
+    blob.unlink()
+    return tarball, sha(tarball)
 
 
 def lxd_fps(sandbox: Any) -> set[str]:

@@ -8,9 +8,9 @@ import os
 import stat
 import subprocess
 import sys
-import tarfile
 
 import pytest
+from helpers import big_tarball
 from lxd_sandbox import make_unified
 from mounts import mounted
 from prometheus_client.parser import text_string_to_metric_families
@@ -77,18 +77,7 @@ def test_an_import_lxd_is_unpacking_shows_its_progress(sandbox, tmp_path):
     """While LXD works on an upload (a 768 MiB tarball: longer than a second, as in
     tests/upload/test_long_operations.py), `getfattr -n user.lxdimagefs.progress import/NAME`, the
     stats and STATUS= say so; once it is done, nothing is under way."""
-    blob, meta = tmp_path / "blob", tmp_path / "metadata.yaml"
-    with open(blob, "wb") as f:
-        f.truncate(768 << 20)
-    meta.write_text("architecture: x86_64\ncreation_date: 1700000000\n"
-                    f"properties:\n  description: progress {os.getpid()}\n")
-    tarball = tmp_path / "big.tar"
-    with tarfile.open(tarball, "w") as tar:
-        tar.add(meta, "metadata.yaml")
-        tar.add(blob, "rootfs/blob")
-    blob.unlink()
-    with open(tarball, "rb") as f:
-        fp = hashlib.file_digest(f, "sha256").hexdigest()
+    tarball, fp = big_tarball(tmp_path, "progress")
     sock = tmp_path / "metrics.sock"
     try:
         with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}") as m:

@@ -7,42 +7,18 @@ metadata) runs for longer than the timeout.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
-import tarfile
-from pathlib import Path
 
 import pytest
+from helpers import big_tarball
 from mounts import mounted
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
-BIG = 768 << 20
-
-
-def _big_tarball(where: Path) -> tuple[Path, str]:
-    """An uncompressed image tarball of BIG bytes of zeros (a sparse blob: quick to make)."""
-    blob = where / "blob"
-    with open(blob, "wb") as f:
-        f.truncate(BIG)
-    meta = where / "metadata.yaml"
-    meta.write_text("architecture: x86_64\ncreation_date: 1700000000\n"
-                    f"properties:\n  description: long operation {os.getpid()} {where.name}\n")
-    tarball = where / "big.tar"
-    with tarfile.open(tarball, "w") as tar:
-        tar.add(meta, "metadata.yaml")
-        tar.add(blob, "rootfs/blob")
-    blob.unlink()
-    h = hashlib.sha256()
-    with open(tarball, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return tarball, h.hexdigest()
-
 
 def test_an_import_that_outlasts_the_timeout_succeeds(sandbox, tmp_path):
-    tarball, fp = _big_tarball(tmp_path)
+    tarball, fp = big_tarball(tmp_path, "long operation")
     try:
         with mounted(sandbox, tmp_path / "mnt", "-o", "timeout=1") as m:
             done = subprocess.run(["cp", str(tarball), str(m.path / "import")],
