@@ -10,6 +10,7 @@ once (kept in the disk cache) and read the same way.
 from __future__ import annotations
 
 import bz2
+import errno
 import functools
 import gzip
 import hashlib
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lxdimagefs.data.blocks import BlockCache
-from lxdimagefs.data.diskcache import DECODED, DiskCache, decoded_key, drop_unsealed
+from lxdimagefs.data.diskcache import DECODED, KEEP_FREE, DiskCache, decoded_key, drop_unsealed
 from lxdimagefs.data.diskparts import CheckedPart, PartWriter
 from lxdimagefs.data.fetch import Fetcher
 from lxdimagefs.data.manifest import BlockSums, Manifest
@@ -50,6 +51,7 @@ class Exports:
         self._decoded: dict[str, tuple[Path, Manifest]] = {}  # this mount's decoded tarballs
         self._decoding = threading.Lock()  # guards the two dicts
         self._decode_locks: dict[str, threading.Lock] = {}
+        self._too_large: dict[str, str] = {}  # images whose decode stopped at its bound, and why
         if disk is not None:
             self.verification.on_verdict = disk.seal
             self.verification.on_corrupt.append(functools.partial(drop_unsealed, disk))
@@ -80,6 +82,8 @@ class Exports:
         until it leaves contents/'s open archives).
         """
         with self._decode_lock(fp):
+            if fp in self._too_large:  # remembered for the mount: a bomb is not set off per lookup
+                raise DecodeBound(errno.EIO, self._too_large[fp])
             path, manifest = self._decoded.get(fp) or (None, None)
             if path is None or manifest is None or not path.exists():
                 found = self._kept_decoded(fp) or (self._decode(fp, size, compression) if decode else None)
@@ -104,14 +108,20 @@ class Exports:
     def _decode(self, fp: str, size: int, compression: str) -> tuple[Path, Manifest]:
         path = self.spool.named(fp, "tar")
         private_folder(self.spool.directory)
+        cap = self.disk.max_bytes if self.disk is not None else None
         local = self.fetcher.local.opened(fp, size) if self.fetcher.local is not None else None
-        if local is not None:  # the server's own file: nothing to download
-            try:
-                manifest = decode(Path(f"/proc/self/fd/{local}"), path, fp, compression)
-            finally:
+        try:
+            if local is not None:  # the server's own file: nothing to download
+                manifest = decode(Path(f"/proc/self/fd/{local}"), path, fp, compression, cap)
+            else:
+                manifest = self._decode_kept(fp, size, path, compression, cap)
+        except DecodeBound as e:
+            why = self._too_large[fp] = str(e.strerror)
+            log.error("contents/ of %s: %s; its contents/ is EIO until the mount ends", fp[:12], why)
+            raise
+        finally:
+            if local is not None:
                 os.close(local)
-        else:
-            manifest = self._decode_kept(fp, size, path, compression)
         log.debug("decoded %s for contents/ (%d bytes)", fp, manifest.total)
         if self.disk is not None:
             self.disk.keep_parts(fp, [path], first=DECODED)
@@ -119,11 +129,11 @@ class Exports:
                 self.disk.seal(manifest, decoded_key(fp))
         return path, manifest
 
-    def _decode_kept(self, fp: str, size: int, path: Path, compression: str) -> Manifest:
+    def _decode_kept(self, fp: str, size: int, path: Path, compression: str, cap: int | None) -> Manifest:
         """Decoded from the export downloaded into the spool, or kept whole in the disk cache."""
         source = self.spool.unified(fp, size)
         try:
-            return decode(source, path, fp, compression)
+            return decode(source, path, fp, compression, cap)
         except IntegrityError:  # changed since its check: that copy goes, the next look fetches
             log.error("the export of %s changed after its check: not decoded, not kept", fp)
             if self.disk is not None:
@@ -165,24 +175,54 @@ def decoder_of(raw: Any, compression: str) -> Any:
     return lzma.LZMAFile(raw)
 
 
-def decode(source: Path, out: Path, fp: str, compression: str) -> Manifest:
+class DecodeBound(OSError):
+    """A decode stopped at its bound: a decompression bomb, or an image the disk cannot hold."""
+
+
+def _bound(folder: Path, written: int, more: int, cap: int | None) -> str | None:
+    """Why `more` bytes after `written` may not be decoded into `folder` (None: they may): past
+    what the disk cache may hold, or leaving under KEEP_FREE of the filesystem free."""
+    if cap is not None and written + more > cap:
+        return f"decoding stopped at {written} bytes, past the disk cache's bound of {cap} (-o cache_max)"
+    fs = os.statvfs(folder)
+    if fs.f_bavail * fs.f_frsize < KEEP_FREE * fs.f_blocks * fs.f_frsize + more:
+        return (f"decoding stopped at {written} bytes: more would leave under {KEEP_FREE:.0%} "
+                f"of {folder}'s filesystem free")
+    return None
+
+
+def decode(source: Path, out: Path, fp: str, compression: str, cap: int | None = None) -> Manifest:
     """A compressed tarball (see `decoder_of`) decoded into `out`, and the manifest of what was
     written, made as it was written. The compressed bytes are hashed as the decoder reads them:
-    if they are not the image's (sha256 = `fp`), nothing is kept and IntegrityError is raised."""
+    if they are not the image's (sha256 = `fp`), nothing is kept and IntegrityError is raised.
+    Bounded (DecodeBound) by `cap` bytes and the free space `out`'s filesystem must keep: what a
+    few KiB decode to is not known until decoded. The temporary file is the daemon's own (0600,
+    made anew, never through a link)."""
     import zstandard
 
     sums, written, buf = BlockSums(), 0, bytearray(PartWriter.BATCH)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
     try:
-        with open(source, "rb", buffering=0) as raw, open(tmp, "wb") as dst:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(source, "rb", buffering=0) as raw, open(os.open(tmp, flags, 0o600), "wb") as dst:
             hashed = _Hashing(raw)
             src = io.BufferedReader(hashed, PartWriter.BATCH)
             try:
                 with decoder_of(src, compression) as decoder:
                     while n := decoder.readinto(buf):
+                        if why := _bound(tmp.parent, written, n, cap):
+                            raise DecodeBound(errno.EIO, why)
+                        try:
+                            dst.write(memoryview(buf)[:n])
+                        except OSError as e:
+                            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                                raise
+                            why = f"decoding stopped at {written} bytes: {e.strerror}"
+                            raise DecodeBound(errno.EIO, why) from e
                         sums.update(memoryview(buf)[:n])
-                        dst.write(memoryview(buf)[:n])
                         written += n
+            except DecodeBound:
+                raise
             except (zstandard.ZstdError, lzma.LZMAError, zlib.error, EOFError, OSError):  # bz2, gzip: OSError
                 hashed.finish(buf, fp)  # a copy changed since its check, or the image's own fault?
                 raise
