@@ -179,11 +179,15 @@ class DecodeBound(OSError):
     """A decode stopped at its bound: a decompression bomb, or an image the disk cannot hold."""
 
 
-def _bound(folder: Path, written: int, more: int, cap: int | None) -> str | None:
+MAX_RATIO = 200  # a tarball decodes to at most this many times its size (real rootfs: 2-5x; gzip ~1000x)
+
+
+def _bound(folder: Path, written: int, more: int, caps: list[tuple[int, str]]) -> str | None:
     """Why `more` bytes after `written` may not be decoded into `folder` (None: they may): past
-    what the disk cache may hold, or leaving under KEEP_FREE of the filesystem free."""
-    if cap is not None and written + more > cap:
-        return f"decoding stopped at {written} bytes, past the disk cache's bound of {cap} (-o cache_max)"
+    one of `caps` (bytes, what it is), or leaving under KEEP_FREE of the filesystem free."""
+    for cap, what in caps:
+        if written + more > cap:
+            return f"decoding stopped at {written} bytes: {what} is {cap} bytes"
     fs = os.statvfs(folder)
     if fs.f_bavail * fs.f_frsize < KEEP_FREE * fs.f_blocks * fs.f_frsize + more:
         return (f"decoding stopped at {written} bytes: more would leave under {KEEP_FREE:.0%} "
@@ -195,12 +199,15 @@ def decode(source: Path, out: Path, fp: str, compression: str, cap: int | None =
     """A compressed tarball (see `decoder_of`) decoded into `out`, and the manifest of what was
     written, made as it was written. The compressed bytes are hashed as the decoder reads them:
     if they are not the image's (sha256 = `fp`), nothing is kept and IntegrityError is raised.
-    Bounded (DecodeBound) by `cap` bytes and the free space `out`'s filesystem must keep: what a
-    few KiB decode to is not known until decoded. The temporary file is the daemon's own (0600,
+    Bounded (DecodeBound) by `cap` bytes (the disk cache's bound), MAX_RATIO times the source's
+    size and the free space `out`'s filesystem must keep: what a few KiB decode to is not known
+    until decoded. The temporary file is the daemon's own (0600,
     made anew, never through a link)."""
     import zstandard
 
     sums, written, buf = BlockSums(), 0, bytearray(PartWriter.BATCH)
+    caps = [(MAX_RATIO * os.stat(source).st_size, f"{MAX_RATIO} times the export's size")]
+    caps += [(cap, "the disk cache's bound (-o cache_max)")] if cap is not None else []
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -210,7 +217,7 @@ def decode(source: Path, out: Path, fp: str, compression: str, cap: int | None =
             try:
                 with decoder_of(src, compression) as decoder:
                     while n := decoder.readinto(buf):
-                        if why := _bound(tmp.parent, written, n, cap):
+                        if why := _bound(tmp.parent, written, n, caps):
                             raise DecodeBound(errno.EIO, why)
                         try:
                             dst.write(memoryview(buf)[:n])

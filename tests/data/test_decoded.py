@@ -163,24 +163,28 @@ def test_a_split_image_whose_metadata_is_a_tar_zst_shows_its_contents(sandbox, t
         sandbox.lxc("image", "delete", fp, check=False)
 
 
-def test_a_decompression_bomb_stops_at_the_bound_is_eio_and_is_not_set_off_again(sandbox, tmp_path):
-    """A .tar.zst of a few KiB that holds 256 MiB of zeros, read inside through a mount whose
-    cache folder is a 64 MiB tmpfs: the decode stops before the filesystem fills, contents/ of
-    that image is EIO (not ENOSPC), with one log line saying why, nothing half-made is left, and
-    later lookups do not decode again."""
+@pytest.mark.parametrize("noise, nothing, why", [(64 << 10, 256 * MIB, "200 times the export's size"),
+                                               (MIB, 128 * MIB, "filesystem free")])
+def test_a_decompression_bomb_stops_at_the_bound_is_eio_and_is_not_set_off_again(sandbox, tmp_path, noise,
+                                                                                  nothing, why):
+    """A .tar.zst of a few KiB that holds 256 MiB of zeros (past 200 times its size), or of 1 MiB
+    that holds 128 MiB (within that, but past the room), read inside through a mount whose cache
+    folder is a 64 MiB tmpfs: the decode stops before the filesystem fills, contents/ of that
+    image is EIO (not ENOSPC), with one log line saying why, nothing half-made is left, and later
+    lookups do not decode again."""
     import os
 
-    tar = make_unified(tmp_path / "b.tar")
+    tar = make_unified(tmp_path / "b.tar", rootfs_bytes=noise)
     zeros = tmp_path / "zeros"
     with open(zeros, "wb") as f:
-        f.truncate(256 * MIB)
+        f.truncate(nothing)
     with tarfile.open(tar, "a") as t:
         t.add(zeros, "rootfs/zeros")
     zeros.unlink()
     packed = tmp_path / "b.tar.zst"
     subprocess.run(["zstd", "-q", "-19", str(tar), "-o", str(packed)], check=True)
     tar.unlink()
-    assert packed.stat().st_size < MIB
+    assert packed.stat().st_size < 2 * MIB
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M,mode=0755", "tmpfs", str(small)], check=True)
@@ -195,6 +199,7 @@ def test_a_decompression_bomb_stops_at_the_bound_is_eio_and_is_not_set_off_again
                 fs = os.statvfs(small)
                 assert fs.f_bavail > 0.04 * fs.f_blocks  # the folder never filled
             assert m.log_text().count("is EIO until the mount ends") == 1, m.log_text()[-2000:]
+            assert why in m.log_text()
             assert (m.path / "by-fingerprint" / fp / "metadata.json").read_bytes()  # still serving
         assert not [p for p in small.rglob("*") if p.is_file() and ".tar" in p.name]  # nothing half-made
     finally:
