@@ -77,7 +77,7 @@ class DiskCache:
         self._unscanned = 0  # bytes written since the last scan
         self._lock = threading.RLock()  # eviction drops files, which closes their descriptors
         self.hits = 0  # blocks served from here, for tests and benchmarks
-        self.intact: set[str] = set()  # exports kept whole that this daemon checked
+        self.intact: dict[str, tuple[int, int]] = {}  # exports kept whole this daemon checked: their inodes
         self._fds: dict[str, int] = {}  # open image files, least recently used first
         self.ahead = ReadAhead()
         self._writer = DirectWriter(BLOCK)  # blocks go to disk off the fetch thread, past the page cache
@@ -129,7 +129,7 @@ class DiskCache:
             tmp.unlink(missing_ok=True)
 
     def drop(self, fp: str) -> None:
-        self.intact.discard(fp)
+        self.intact.pop(fp, None)
         self.forget_fd(fp)
         self._writer.forget(str(self.export(fp)))
         decoded = self._manifest(fp, decoded_key(fp))

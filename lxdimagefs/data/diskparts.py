@@ -125,7 +125,9 @@ def whole(cache: DiskCache, fp: str, size: int) -> Path | None:
     """A unified export kept whole, if its manifest is sealed and every block matches it."""
     path = cache.export(fp)
     if fp in cache.intact:
-        return path if path.exists() else None
+        if _identity(path, size) == cache.intact[fp]:
+            return path
+        del cache.intact[fp]  # another daemon evicted it (and wrote it again?): checked anew
     manifest = cache.manifest(fp, size)
     if manifest is None:
         return None
@@ -138,8 +140,27 @@ def whole(cache: DiskCache, fp: str, size: int) -> Path | None:
                     return None  # a block missing (never fetched) or not matching: not whole
     except OSError:
         return None
-    cache.intact.add(fp)
+    if (found := _identity(path, size)) is not None:
+        cache.intact[fp] = found
     return path
+
+
+def _identity(path: Path, size: int) -> tuple[int, int] | None:
+    """The file this daemon checked whole, as long as it is that one: its inode, if the file is
+    `size` bytes long without a hole (an inode freed by another daemon's eviction may be given
+    to a file it writes block by block: a hole, or too short)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        whole = st.st_size == size and (size == 0 or os.lseek(fd, 0, os.SEEK_HOLE) >= size)
+        return (st.st_dev, st.st_ino) if whole else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def keep_whole(cache: DiskCache, fp: str, verified: Path) -> None:
@@ -153,7 +174,7 @@ def keep_whole(cache: DiskCache, fp: str, verified: Path) -> None:
         with open(verified, "rb", buffering=0) as f:
             while n := f.readinto(buf):
                 sums += digest(memoryview(buf)[:n])
-        cache.intact.add(fp)  # no block is put from now on: it would land in the verified file
+        cache.intact[fp] = (-1, -1)  # no block is put from now on: it would land in the verified file
         cache.flush()  # and those put before land in the file it replaces
         try:
             os.link(verified, tmp)
@@ -161,10 +182,11 @@ def keep_whole(cache: DiskCache, fp: str, verified: Path) -> None:
             shutil.copyfile(verified, tmp)
         cache.forget_fd(fp)
         os.replace(tmp, dst)
+        cache.intact[fp] = _identity(dst, size) or (-1, -1)  # (-1, -1): checked anew on use
         cache.seal(Manifest(fp, size, bytes(sums)))
     except OSError as e:
         log.warning("disk cache: cannot keep the export of %s: %s", fp, e.strerror)
-        cache.intact.discard(fp)
+        cache.intact.pop(fp, None)
         tmp.unlink(missing_ok=True)
 
 

@@ -296,3 +296,25 @@ def test_a_block_is_given_to_the_disk_cache_before_the_hash_can_see_it(
     finally:
         exports.close()
     assert order == ["put", "hash"]
+
+
+def test_an_export_another_daemon_evicted_and_wrote_again_is_checked_anew_not_trusted(tmp_path: Path) -> None:
+    """Two daemons share the folder (two DiskCaches on it). One checked an export whole and marked
+    it intact; the other evicts it and starts it again block by block (no manifest yet): the
+    first must not hand that file out as whole (its readers would meet holes: EIO)."""
+    from lxdimagefs.data import diskparts
+
+    data = os.urandom(3 * BLOCK)
+    fp = hashlib.sha256(data).hexdigest()
+    spooled = tmp_path / "spool-whole"
+    spooled.write_bytes(data)
+    one, other = DiskCache(tmp_path / "c"), DiskCache(tmp_path / "c")
+    one.keep_whole(fp, spooled)
+    assert diskparts.whole(one, fp, len(data)) == one.export(fp)
+    other.drop(fp)  # evicted
+    other.put(fp, 2, bytearray(data[2 * BLOCK:]), len(data))  # a reader of the last block
+    other.flush()
+    assert one.export(fp).stat().st_size == len(data)
+    assert diskparts.whole(one, fp, len(data)) is None, "a stale intact mark was trusted"
+    other.keep_whole(fp, spooled)  # whole again, by the other daemon: checked, then used
+    assert diskparts.whole(one, fp, len(data)) == one.export(fp)
