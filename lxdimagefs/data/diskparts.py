@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import queue
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 from lxdimagefs.data.blocks import BLOCK, Block, BlockCache, cut
 from lxdimagefs.data.manifest import BlockSums, Manifest, digest
 from lxdimagefs.errors import IntegrityError
+from lxdimagefs.private import Temporary
 
 if TYPE_CHECKING:
     from lxdimagefs.data.diskcache import DiskCache
@@ -108,15 +108,8 @@ def keep(cache: DiskCache, fp: str, verified: list[Path], first: int = 0) -> Non
     try:
         for index, src in enumerate(verified, first):
             dst = cache.part(fp, index)
-            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
-            try:
-                try:
-                    os.link(src, tmp)  # the spool's file itself, when on the same filesystem
-                except OSError:
-                    shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
-            finally:
-                tmp.unlink(missing_ok=True)  # a copy cut short (ENOSPC): eviction would never see it
+            with Temporary.of(dst, src) as tmp:  # the spool's file itself, when on the same filesystem
+                os.replace(tmp.path, dst)  # (a copy cut short, ENOSPC: removed by the exit)
     except OSError as e:
         log.warning("disk cache: cannot keep the parts of %s: %s", fp, e.strerror)
 
@@ -169,25 +162,20 @@ def keep_whole(cache: DiskCache, fp: str, verified: Path) -> None:
     sums = bytearray()
     buf = bytearray(BLOCK)
     dst = cache.export(fp)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
     try:
         with open(verified, "rb", buffering=0) as f:
             while n := f.readinto(buf):
                 sums += digest(memoryview(buf)[:n])
         cache.intact[fp] = (-1, -1)  # no block is put from now on: it would land in the verified file
         cache.flush()  # and those put before land in the file it replaces
-        try:
-            os.link(verified, tmp)
-        except OSError:
-            shutil.copyfile(verified, tmp)
-        cache.forget_fd(fp)
-        os.replace(tmp, dst)
+        with Temporary.of(dst, verified) as tmp:
+            cache.forget_fd(fp)
+            os.replace(tmp.path, dst)
         cache.intact[fp] = _identity(dst, size) or (-1, -1)  # (-1, -1): checked anew on use
         cache.seal(Manifest(fp, size, bytes(sums)))
     except OSError as e:
         log.warning("disk cache: cannot keep the export of %s: %s", fp, e.strerror)
         cache.intact.pop(fp, None)
-        tmp.unlink(missing_ok=True)
 
 
 class PartWriter:
