@@ -107,3 +107,13 @@ def abandoned(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def moved(fd: int, path: Path | str) -> bool:
+    """Whether `path` no longer names the file open as `fd`: removed, or replaced (another daemon
+    sharing the folder evicted it, and maybe made it again)."""
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+    except OSError:
+        return True
+    return (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino)

@@ -41,7 +41,10 @@ class Place:
     def __init__(self, exports: Exports, fp: str, index: Path, suffix: str, unchecked: list[str]) -> None:
         self.exports, self.unchecked = exports, [k for k in unchecked if k]
         self.kept = with_suffix(index, CHECKED + suffix)
-        self.path = str(exports.spool.named(fp, "index" + suffix))
+        # A copy of a checked index, or one built from checked bytes, is never the same file as
+        # one built here from unchecked bytes: that one must not be kept as checked later.
+        checked = "" if self.unchecked else CHECKED
+        self.path = str(exports.spool.named(fp, "index" + checked + suffix))
         self.taken = False  # copied from the folder: nothing to keep
 
     def ready(self) -> str:

@@ -25,7 +25,7 @@ from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.directwrite import DirectWriter
 from lxdimagefs.data.manifest import DIGEST, Manifest, digest
 from lxdimagefs.keys import ObjectKey, Sha256
-from lxdimagefs.private import Temporary, abandoned
+from lxdimagefs.private import Temporary, abandoned, moved
 from lxdimagefs.servers.localfiles import ReadAhead
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,8 @@ class DiskCache:
         """
         with self._lock:
             fd = self._fds.pop(fp, None)
-            if fd is not None and os.fstat(fd).st_nlink == 0:  # evicted by another daemon: writes
-                os.close(fd)  # must go to a file the bound counts, or nowhere
+            if fd is not None and create and moved(fd, self.export(fp)):  # evicted by another daemon:
+                os.close(fd)  # writes go to a file the bound counts (reads may go on through it)
                 fd = None
             if fd is None:
                 try:
