@@ -45,7 +45,7 @@ class Place:
         # one built here from unchecked bytes: that one must not be kept as checked later.
         checked = "" if self.unchecked else CHECKED
         self.path = str(exports.spool.named(fp, "index" + checked + suffix))
-        self.taken = False  # copied from the folder: nothing to keep
+        self.taken: tuple[int, int] | None = None  # copied from the folder: its size and mtime then
 
     def ready(self) -> str:
         """The mount's own index file: a copy of the kept one, if its bytes may be trusted."""
@@ -55,14 +55,16 @@ class Place:
             try:
                 shutil.copyfile(self.kept, tmp)
                 os.replace(tmp, self.path)
-                self.taken = True
+                self.taken = _stamp(self.path)
             except OSError:  # none kept (or trimmed since): built here
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         return self.path
 
     def done(self) -> None:
-        if self.taken or not all(k in self.exports.verification.verified for k in self.unchecked):
+        """Keep the index built (a copy taken up and rebuilt, one of an older ratarmountcore: too)."""
+        if (self.taken is not None and self.taken == _stamp(self.path)) or not all(
+                k in self.exports.verification.verified for k in self.unchecked):
             return
         tmp = f"{self.kept}.{os.getpid()}.{threading.get_ident()}"
         try:
@@ -77,3 +79,11 @@ class Place:
 
 def with_suffix(index: Path, suffix: str) -> str:
     return str(index.with_name(index.name + suffix))
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
