@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxdimagefs.contents import inodes
-from lxdimagefs.contents.indexes import CHECKED, Place, with_suffix
+from lxdimagefs.contents.indexes import Place
 from lxdimagefs.contents.plain import AT_ONCE, compression_of, decode_later, plain_tar
 from lxdimagefs.contents.seekable import Seekable
 from lxdimagefs.data.diskparts import CheckedPart
@@ -98,7 +98,7 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
 
     def indexed(make: Any, source: Any, unchecked: str | None, suffix: str, **options: Any) -> Any:
         place = Place(exports, fp, index, suffix, [unchecked] if unchecked else [])
-        built = make(fileObject=source, indexFilePath=place.path, writeIndex=True, **options)
+        built = make(fileObject=source, indexFilePath=place.ready(), writeIndex=True, **options)
         place.done()
         return built
     first = layout.parts[0]
@@ -111,7 +111,7 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         decoded = None if first.key is not None else exports.decoded(
             fp, first.size, compression, decode=compression in AT_ONCE)
         if decoded is not None:
-            return plain_tar(fp, decoded, with_suffix(index, CHECKED + ".decoded.sqlite")), None, {}
+            return plain_tar(fp, decoded, Place(exports, fp, index, ".decoded.sqlite", [])), None, {}
     if not layout.split:
         return indexed(SQLiteIndexedTar, *_lazy(exports, first.key or fp, first.size), suffix=".sqlite",
                        tarFileName=fp, prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING), \
@@ -169,7 +169,7 @@ class ImageArchive:
         self._closed = False
         first, compression = layout.parts[0], compression_of(layout.parts[0].name)
         if self._lazy.get("top") == fp and compression and compression not in AT_ONCE:  # from LXD
-            decoded_index = with_suffix(index, CHECKED + ".decoded.sqlite")
+            decoded_index = Place(exports, fp, index, ".decoded.sqlite", [])
             decode_later(exports, fp, first.size, compression, decoded_index, self._use)
 
     def _use(self, plain: Any) -> bool:

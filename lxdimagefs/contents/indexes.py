@@ -28,22 +28,43 @@ class Place:
     Kept in the index folder only when every byte it is built from is checked. A lazy read of an
     image not verified yet is not (its check ends only when every byte has been read): an index
     built from it would answer, in a later mount where the image verifies, with what those bytes
-    said (another file's bytes under a name). Such an index is built in this mount's spool,
-    removed with it; if the check passed during the index pass (a compressed tarball's is one
-    whole read), every byte the pass read was the verified one and it is kept after all.
-    (SQLite in memory is bound to the thread that made it: not an option.)
+    said (another file's bytes under a name). If the check passed during the index pass (a
+    compressed tarball's is one whole read), every byte the pass read was the verified one and
+    it is kept after all. (SQLite in memory is bound to the thread that made it: not an option.)
+
+    A mount never opens the index folder's file itself: ratarmountcore holds each index it opens
+    locked (SQLite's EXCLUSIVE locking mode) for as long as it is open, so a second mount sharing
+    the folder met "database is locked". Each mount reads its own copy, in its spool, and an
+    index it built enters the folder whole, by rename.
     """
 
     def __init__(self, exports: Exports, fp: str, index: Path, suffix: str, unchecked: list[str]) -> None:
         self.exports, self.unchecked = exports, [k for k in unchecked if k]
         self.kept = with_suffix(index, CHECKED + suffix)
-        self.path = self.kept
-        if self.unchecked:
-            private_folder(exports.spool.directory)
-            self.path = str(exports.spool.named(fp, "index" + suffix))
+        # A copy of a checked index, or one built from checked bytes, is never the same file as
+        # one built here from unchecked bytes: that one must not be kept as checked later.
+        checked = "" if self.unchecked else CHECKED
+        self.path = str(exports.spool.named(fp, "index" + checked + suffix))
+        self.taken: tuple[int, int] | None = None  # copied from the folder: its size and mtime then
+
+    def ready(self) -> str:
+        """The mount's own index file: a copy of the kept one, if its bytes may be trusted."""
+        private_folder(self.exports.spool.directory)
+        if not self.unchecked and not os.path.exists(self.path):
+            tmp = f"{self.path}.{threading.get_ident()}"
+            try:
+                shutil.copyfile(self.kept, tmp)
+                os.replace(tmp, self.path)
+                self.taken = _stamp(self.path)
+            except OSError:  # none kept (or trimmed since): built here
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        return self.path
 
     def done(self) -> None:
-        if self.path == self.kept or not all(k in self.exports.verification.verified for k in self.unchecked):
+        """Keep the index built (a copy taken up and rebuilt, one of an older ratarmountcore: too)."""
+        if (self.taken is not None and self.taken == _stamp(self.path)) or not all(
+                k in self.exports.verification.verified for k in self.unchecked):
             return
         tmp = f"{self.kept}.{os.getpid()}.{threading.get_ident()}"
         try:
@@ -58,3 +79,11 @@ class Place:
 
 def with_suffix(index: Path, suffix: str) -> str:
     return str(index.with_name(index.name + suffix))
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from lxdimagefs.contents.indexes import Place
 from lxdimagefs.data.diskparts import CheckedPart
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import IntegrityError
@@ -38,17 +39,19 @@ def compression_of(name: str) -> str | None:
     return next((kind for suffix, kind in COMPRESSIONS.items() if name.endswith(suffix)), None)
 
 
-def plain_tar(fp: str, decoded: CheckedPart, index: str) -> Any:
-    """The decoded tarball as a ratarmountcore source, its index at `index`."""
+def plain_tar(fp: str, decoded: CheckedPart, index: Place) -> Any:
+    """The decoded tarball as a ratarmountcore source, its index at `index` (its bytes are checked)."""
     from ratarmountcore.mountsource.formats.tar import SQLiteIndexedTar
 
     from lxdimagefs.contents.archives import ExportFile
 
     tar = io.BufferedReader(ExportFile(decoded, decoded.total), 1 << 16)
-    return SQLiteIndexedTar(fileObject=tar, tarFileName=fp, indexFilePath=index, writeIndex=True)
+    built = SQLiteIndexedTar(fileObject=tar, tarFileName=fp, indexFilePath=index.ready(), writeIndex=True)
+    index.done()
+    return built
 
 
-def decode_later(exports: Exports, fp: str, size: int, compression: str, index: str,
+def decode_later(exports: Exports, fp: str, size: int, compression: str, index: Place,
                  use: Callable[[Any], bool]) -> threading.Thread:
     """Decode in the background, then hand the plain tarball's source to `use` (False: it was
     not wanted any more, and is closed). A failure leaves the seek points serving, and is logged."""

@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 
+from lxdimagefs.private import moved
 from lxdimagefs.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class DirectWriter:
         if self._direct and n <= self.size and n % ALIGN == 0 and offset % ALIGN == 0:
             assert self._view is not None
             try:
-                if self._path != path:
+                if self._path != path or moved(self._fd, path):  # or evicted by another daemon
                     self._close()
                     self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
                     self._path = path

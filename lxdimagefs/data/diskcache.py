@@ -5,11 +5,9 @@ never stale, whichever server or mount fetched it. Each image is one sparse
 file (`export-<fp>`, blocks at their own offsets) beside its sealed manifest
 (`manifest-<fp>`, written once the sha256 agreed). A block is served from here
 only if the image has a sealed manifest and the block's XXH3-128 matches it:
-a file damaged or edited on disk is never served, it is fetched again. Files
-are written in place and manifests by rename, so daemons sharing the folder
-stay correct (at worst one rewrites a block another wrote). The folder is
-bounded (`cache_max`, and 5% of its filesystem kept free), whole images
-leaving it least recently opened first.
+a file damaged or edited on disk is never served, it is fetched again. Daemons
+sharing the folder stay correct (blocks written in place, manifests by rename).
+Bounded (`cache_max`, 5% of its filesystem free): least recently opened out first.
 """
 
 from __future__ import annotations
@@ -27,13 +25,15 @@ from lxdimagefs.data.blocks import BLOCK
 from lxdimagefs.data.directwrite import DirectWriter
 from lxdimagefs.data.manifest import DIGEST, Manifest, digest
 from lxdimagefs.keys import ObjectKey, Sha256
+from lxdimagefs.private import Temporary, abandoned, moved
 from lxdimagefs.servers.localfiles import ReadAhead
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"lxdimagefs manifest 1\n"
-# A split part's manifest is one server's (its layout says where the parts divide): manifest-SERVER-FP.N
+# manifest-SERVER-FP.N: a split part's manifest is one server's (its layout says where parts divide)
 _NAME = re.compile(r"(?:export|manifest|part)-(?:[0-9a-f]{16}-)?([0-9a-f]{64})(?:\.(?:0|1|2|sum))?")
+_TEMPORARY = re.compile(r"\.(?:export|manifest|part)-.+\.[0-9]+\.[0-9]+")  # private.Temporary's
 DECODED = 2  # the part index of a unified .tar.zst/.tar.lzma decoded for contents/ (a split image's: 0, 1)
 KEEP_FREE = 0.05  # of the cache's filesystem, left free whatever cache_max says
 OPEN_FILES = 8  # image files kept open
@@ -77,7 +77,7 @@ class DiskCache:
         self._unscanned = 0  # bytes written since the last scan
         self._lock = threading.RLock()  # eviction drops files, which closes their descriptors
         self.hits = 0  # blocks served from here, for tests and benchmarks
-        self.intact: set[str] = set()  # exports kept whole that this daemon checked
+        self.intact: dict[str, tuple[int, int]] = {}  # exports kept whole this daemon checked: their inodes
         self._fds: dict[str, int] = {}  # open image files, least recently used first
         self.ahead = ReadAhead()
         self._writer = DirectWriter(BLOCK)  # blocks go to disk off the fetch thread, past the page cache
@@ -120,16 +120,15 @@ class DiskCache:
         body = MAGIC + manifest.total.to_bytes(8, "little") + manifest.sealed()
         final = self._manifest(manifest.fp, key)
         self.flush()  # every block kept before the verdict is on disk before the manifest
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}")
         try:
-            tmp.write_bytes(body + digest(body))
-            os.replace(tmp, final)
+            with Temporary(final) as tmp:
+                tmp.path.write_bytes(body + digest(body))  # the file just made, ours, locked
+                os.replace(tmp.path, final)
         except OSError as e:
             log.warning("disk cache: cannot keep the manifest of %s: %s", manifest.fp, e.strerror)
-            tmp.unlink(missing_ok=True)
 
     def drop(self, fp: str) -> None:
-        self.intact.discard(fp)
+        self.intact.pop(fp, None)
         self.forget_fd(fp)
         self._writer.forget(str(self.export(fp)))
         decoded = self._manifest(fp, decoded_key(fp))
@@ -151,6 +150,9 @@ class DiskCache:
         """
         with self._lock:
             fd = self._fds.pop(fp, None)
+            if fd is not None and create and moved(fd, self.export(fp)):  # evicted by another daemon:
+                os.close(fd)  # writes go to a file the bound counts (reads may go on through it)
+                fd = None
             if fd is None:
                 try:
                     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
@@ -250,18 +252,10 @@ class DiskCache:
 
     def _evict(self, size: int) -> int:
         """Drop the least recently used images until `size` more fits; returns the bytes left."""
-        mtimes: dict[str, float] = {}
-        sizes: dict[str, int] = {}
-        for entry in os.scandir(self.root):
-            fp = _digest_of(entry.name)
-            if fp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    st = entry.stat()
-                    mtimes[fp] = max(mtimes.get(fp, 0.0), st.st_mtime)
-                    sizes[fp] = sizes.get(fp, 0) + st.st_blocks * 512
+        mtimes, sizes, temporary = _scan(self.root)
         images = [(mtime, sizes[fp], fp) for fp, mtime in mtimes.items()]
         images.sort()
-        used = sum(size for _, size, _ in images)
+        used = temporary + sum(size for _, size, _ in images)
         target = int(self.max_bytes * 0.9) if self.max_bytes is not None else None
         while images and (_over(self, used + size, size) or (target is not None and used + size > target)):
             _, gone, fp = images.pop(0)
@@ -269,6 +263,26 @@ class DiskCache:
             used -= gone
             log.debug("disk cache: dropped %s (%d bytes), least recently used", fp, gone)
         return used
+
+
+def _scan(root: Path) -> tuple[dict[str, float], dict[str, int], int]:
+    """Each image's last use and bytes, and the bytes of files on their way in (a writer's
+    `Temporary`); one left by a writer that is gone (killed mid-write) is removed."""
+    mtimes: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    temporary = 0
+    for entry in os.scandir(root):
+        fp = _digest_of(entry.name)
+        with contextlib.suppress(FileNotFoundError):
+            st = entry.stat(follow_symlinks=False)
+            if fp is not None:
+                mtimes[fp] = max(mtimes.get(fp, 0.0), st.st_mtime)
+                sizes[fp] = sizes.get(fp, 0) + st.st_blocks * 512
+            elif _TEMPORARY.fullmatch(entry.name) and abandoned(entry.path):
+                log.info("disk cache: removed %s, left by a writer that is gone", entry.name)
+            elif _TEMPORARY.fullmatch(entry.name):
+                temporary += st.st_blocks * 512
+    return mtimes, sizes, temporary
 
 
 def _over(cache: DiskCache, used: int, size: int) -> bool:

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import queue
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 from lxdimagefs.data.blocks import BLOCK, Block, BlockCache, cut
 from lxdimagefs.data.manifest import BlockSums, Manifest, digest
 from lxdimagefs.errors import IntegrityError
+from lxdimagefs.private import Temporary
 
 if TYPE_CHECKING:
     from lxdimagefs.data.diskcache import DiskCache
@@ -108,15 +108,8 @@ def keep(cache: DiskCache, fp: str, verified: list[Path], first: int = 0) -> Non
     try:
         for index, src in enumerate(verified, first):
             dst = cache.part(fp, index)
-            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
-            try:
-                try:
-                    os.link(src, tmp)  # the spool's file itself, when on the same filesystem
-                except OSError:
-                    shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
-            finally:
-                tmp.unlink(missing_ok=True)  # a copy cut short (ENOSPC): eviction would never see it
+            with Temporary.of(dst, src) as tmp:  # the spool's file itself, when on the same filesystem
+                os.replace(tmp.path, dst)  # (a copy cut short, ENOSPC: removed by the exit)
     except OSError as e:
         log.warning("disk cache: cannot keep the parts of %s: %s", fp, e.strerror)
 
@@ -125,7 +118,9 @@ def whole(cache: DiskCache, fp: str, size: int) -> Path | None:
     """A unified export kept whole, if its manifest is sealed and every block matches it."""
     path = cache.export(fp)
     if fp in cache.intact:
-        return path if path.exists() else None
+        if _identity(path, size) == cache.intact[fp]:
+            return path
+        del cache.intact[fp]  # another daemon evicted it (and wrote it again?): checked anew
     manifest = cache.manifest(fp, size)
     if manifest is None:
         return None
@@ -138,8 +133,27 @@ def whole(cache: DiskCache, fp: str, size: int) -> Path | None:
                     return None  # a block missing (never fetched) or not matching: not whole
     except OSError:
         return None
-    cache.intact.add(fp)
+    if (found := _identity(path, size)) is not None:
+        cache.intact[fp] = found
     return path
+
+
+def _identity(path: Path, size: int) -> tuple[int, int] | None:
+    """The file this daemon checked whole, as long as it is that one: its inode, if the file is
+    `size` bytes long without a hole (an inode freed by another daemon's eviction may be given
+    to a file it writes block by block: a hole, or too short)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        whole = st.st_size == size and (size == 0 or os.lseek(fd, 0, os.SEEK_HOLE) >= size)
+        return (st.st_dev, st.st_ino) if whole else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def keep_whole(cache: DiskCache, fp: str, verified: Path) -> None:
@@ -148,24 +162,20 @@ def keep_whole(cache: DiskCache, fp: str, verified: Path) -> None:
     sums = bytearray()
     buf = bytearray(BLOCK)
     dst = cache.export(fp)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}")
     try:
         with open(verified, "rb", buffering=0) as f:
             while n := f.readinto(buf):
                 sums += digest(memoryview(buf)[:n])
-        cache.intact.add(fp)  # no block is put from now on: it would land in the verified file
+        cache.intact[fp] = (-1, -1)  # no block is put from now on: it would land in the verified file
         cache.flush()  # and those put before land in the file it replaces
-        try:
-            os.link(verified, tmp)
-        except OSError:
-            shutil.copyfile(verified, tmp)
-        cache.forget_fd(fp)
-        os.replace(tmp, dst)
+        with Temporary.of(dst, verified) as tmp:
+            cache.forget_fd(fp)
+            os.replace(tmp.path, dst)
+        cache.intact[fp] = _identity(dst, size) or (-1, -1)  # (-1, -1): checked anew on use
         cache.seal(Manifest(fp, size, bytes(sums)))
     except OSError as e:
         log.warning("disk cache: cannot keep the export of %s: %s", fp, e.strerror)
-        cache.intact.discard(fp)
-        tmp.unlink(missing_ok=True)
+        cache.intact.pop(fp, None)
 
 
 class PartWriter:

@@ -11,6 +11,7 @@ from pathlib import Path
 from lxdimagefs.errors import ImportFailed, fs_error
 from lxdimagefs.fs.handles import FileHandle
 from lxdimagefs.fs.node import check_name
+from lxdimagefs.private import private_folder
 from lxdimagefs.tree.import_links import ERROR_SUFFIX, LinkImports
 from lxdimagefs.tree.landed import Landed, Landing
 from lxdimagefs.upload.folders import FolderImport
@@ -32,8 +33,10 @@ class FolderImports(LinkImports):
         with self._lock:
             if rest[0] in self._folders or rest[0] in self._uploads or rest[0] in self._errors:
                 raise fs_error(errno.EEXIST, path)
-            base = self.spool_dir / "import"
-            base.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:  # made again if a cleaner of $TMPDIR removed it: only if still this user's alone
+                base = private_folder(private_folder(self.spool_dir) / "import")
+            except PermissionError as e:
+                raise self.ctx.refuse(errno.EACCES, "mkdir", path, str(e)) from None
             spool = Path(tempfile.mkdtemp(dir=base))  # its own: the folder may be renamed
             self._folders[rest[0]] = FolderImport(self.client, rest[0], spool)
 

@@ -17,7 +17,8 @@ proven, per format (docs/SEMANTICS.md, "Uploads that end early"):
 - bzip2: the end-of-stream marker and CRC in the last bytes;
 - lzma (legacy): decoded as it passes, to its end;
 - squashfs: the file holds its superblock's `bytes_used`;
-- qcow2: the file holds its L1 and refcount tables (and snapshot table).
+- qcow2: the file holds its L1, refcount and snapshot tables, and reaches into the last
+  cluster its refcounts use (upload/qcow2end.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import lzma
 import struct
 import zlib
 from typing import Any, cast
+
+from lxdimagefs.upload.qcow2end import Qcow2End
 
 TAIL = 1 << 20  # the last bytes kept: xz's index and footer, bzip2's end marker
 _HEADER_ONLY = b"1234567"  # tar entries whose size says nothing of data that follows (as Go reads them)
@@ -209,7 +212,7 @@ class _Decoded:
 
 
 class _Tail:
-    """Formats whose end says where it is: xz, bzip2 (the last bytes); squashfs, qcow2 (the first)."""
+    """Formats whose end says where it is: xz, bzip2 (the last bytes); squashfs (the first)."""
 
     def __init__(self, kind: str) -> None:
         self.kind, self.head, self.tail = kind, bytearray(), bytearray()
@@ -264,17 +267,6 @@ class _Tail:
         used = int.from_bytes(self.head[40:48], "little")
         return None if total >= used else f"the file ended early ({total} of its {used} bytes)"
 
-    def _qcow2(self, total: int) -> str | None:
-        (cluster_bits,) = struct.unpack(">I", self.head[20:24])
-        l1_size, l1_offset, rc_offset, rc_clusters, snapshots, snapshots_offset = struct.unpack(
-            ">IQQIIQ", self.head[36:72])
-        ends = [l1_offset + 8 * l1_size, rc_offset + (rc_clusters << cluster_bits)]
-        if snapshots:
-            ends.append(snapshots_offset + 1)
-        need = max(ends)
-        return None if total >= need else f"the file ended early ({total} of at least {need} bytes its " \
-            "tables say)"
-
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
@@ -296,4 +288,6 @@ def ending(kind: str) -> Any:
         return _Zstd()
     if kind in ("gzip", "lzma"):
         return _Decoded(kind)
+    if kind == "qcow2":
+        return Qcow2End()
     return _Tail(kind)

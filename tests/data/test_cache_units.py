@@ -3,6 +3,7 @@ test_manifest.py and test_diskcache.py, on real mounts)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import mmap
@@ -296,3 +297,59 @@ def test_a_block_is_given_to_the_disk_cache_before_the_hash_can_see_it(
     finally:
         exports.close()
     assert order == ["put", "hash"]
+
+
+def test_an_export_another_daemon_evicted_and_wrote_again_is_checked_anew_not_trusted(tmp_path: Path) -> None:
+    """Two daemons share the folder (two DiskCaches on it). One checked an export whole and marked
+    it intact; the other evicts it and starts it again block by block (no manifest yet): the
+    first must not hand that file out as whole (its readers would meet holes: EIO)."""
+    from lxdimagefs.data import diskparts
+
+    data = os.urandom(3 * BLOCK)
+    fp = hashlib.sha256(data).hexdigest()
+    spooled = tmp_path / "spool-whole"
+    spooled.write_bytes(data)
+    one, other = DiskCache(tmp_path / "c"), DiskCache(tmp_path / "c")
+    one.keep_whole(fp, spooled)
+    assert diskparts.whole(one, fp, len(data)) == one.export(fp)
+    other.drop(fp)  # evicted
+    other.put(fp, 2, bytearray(data[2 * BLOCK:]), len(data))  # a reader of the last block
+    other.flush()
+    assert one.export(fp).stat().st_size == len(data)
+    assert diskparts.whole(one, fp, len(data)) is None, "a stale intact mark was trusted"
+    other.keep_whole(fp, spooled)  # whole again, by the other daemon: checked, then used
+    assert diskparts.whole(one, fp, len(data)) == one.export(fp)
+
+
+def test_blocks_written_after_another_daemon_evicted_the_file_go_to_a_file_the_bound_counts(
+        tmp_path: Path) -> None:
+    """One daemon keeps an image's file open (its descriptor, and the writer's); another evicts
+    it. Blocks the first writes next must land in a file of that name (counted by every scan),
+    not in the unlinked one, which no scan sees and whose space comes back only when closed."""
+    data = os.urandom(2 * BLOCK)
+    fp = hashlib.sha256(data).hexdigest()
+    one, other = DiskCache(tmp_path / "c"), DiskCache(tmp_path / "c")
+    one.put(fp, 0, bytearray(data[:BLOCK]), len(data))
+    one.flush()
+    other.drop(fp)  # evicted by the other daemon
+    one.put(fp, 1, bytearray(data[BLOCK:]), len(data))
+    one.flush()
+    assert one.written(fp, 1) and one.get(fp, 1, BLOCK) == data[BLOCK:]
+    assert other._evict(0) >= BLOCK  # counted
+    held = []
+    for n in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed since
+            held.append(os.readlink(f"/proc/self/fd/{n}"))
+    assert not [p for p in held if p.startswith(str(one.root)) and p.endswith("(deleted)")]
+
+
+def test_a_temporary_file_being_written_is_counted_and_never_removed_under_its_writer(tmp_path: Path) -> None:
+    from lxdimagefs.private import Temporary
+
+    cache = DiskCache(tmp_path / "c")
+    with Temporary(cache.export(FP)) as tmp:
+        os.write(tmp.fd, b"x" * BLOCK)
+        assert cache._evict(0) >= BLOCK  # counted against the bound
+        assert tmp.path.exists()  # its writer holds its lock
+        assert os.stat(tmp.path).st_mode & 0o777 == 0o600
+    assert os.listdir(cache.root) == []

@@ -307,3 +307,60 @@ def test_an_image_dropped_or_evicted_leaves_no_decoded_tarballs_manifest_behind(
     assert sorted(os.listdir(cache.root)) == [f"manifest-{fp}.2", f"part-{fp}.2"]
     cache.drop(fp)
     assert os.listdir(cache.root) == []
+
+
+def test_a_temporary_file_of_a_daemon_killed_while_writing_it_is_removed_by_the_next(sandbox, tmp_path):
+    """A daemon killed (SIGKILL) while it copies a decoded tarball into the disk cache leaves its
+    temporary file (`.part-…`), which matches no image's name: before, never evicted nor counted.
+    The next daemon's scan of the folder removes it (its writer's lock is free) and says so.
+    The cache folder is a tmpfs of its own, so the copy is a copy (not a link) that takes a while:
+    a .tar.zst of 384 MiB of zeros, a few KiB."""
+    import time
+
+    from mounts import mounted as any_mounted
+    from mounts import unmount, wait_mounted
+
+    tar = make_unified(tmp_path / "z.tar")
+    zeros = tmp_path / "zeros"
+    with open(zeros, "wb") as f:
+        f.truncate(384 * MIB)
+    with tarfile.open(tar, "a") as t:
+        t.add(zeros, "rootfs/zeros")
+    zeros.unlink()
+    packed = tmp_path / "z.tar.zst"
+    subprocess.run(["zstd", "-q", "-19", str(tar), "-o", str(packed)], check=True)
+    tar.unlink()
+    cache = tmp_path / "cache"
+    root = _cache(cache)
+    root.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1G,mode=0700", "tmpfs", str(root)], check=True)
+    fp = sandbox.import_image(packed)
+    where = tmp_path / "mnt"
+    where.mkdir()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--socket", sandbox.socket,
+                                 "--cache-dir", str(cache), str(where)], stdin=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            wait_mounted(where, proc)
+            looker = threading.Thread(target=lambda: os.path.exists(
+                where / "contents" / "by-fingerprint" / fp / "rootfs" / "zeros"), daemon=True)
+            looker.start()
+            deadline = time.monotonic() + 120
+            left: list[str] = []
+            while not left and time.monotonic() < deadline and proc.poll() is None:
+                left = [n for n in os.listdir(root) if n.startswith(".part-")]
+            proc.kill()
+            proc.wait()
+        finally:
+            unmount(where)
+        left = [n for n in os.listdir(root) if n.startswith(".")]
+        assert left, "no temporary file was caught (the copy ended before the kill)"
+        with any_mounted(sandbox, tmp_path / "again", "--cache-dir", str(cache)) as m:
+            inside = m.path / "contents" / "by-fingerprint" / fp
+            assert (inside / "rootfs" / "zeros").stat().st_size == 384 * MIB
+            assert "left by a writer that is gone" in m.log_text()
+            assert not [n for n in os.listdir(root) if n.startswith(".")]
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+        subprocess.run(["umount", str(root)], check=False)

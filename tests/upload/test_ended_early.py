@@ -92,3 +92,61 @@ def test_every_cut_of_a_compressed_tarball_is_seen_and_the_whole_one_passes(tmp_
     tail = () if command == "cat" else (len(data) - 1025, len(data) - 13, len(data) - 1)  # tar: zero padding
     for cut in (600, len(data) // 3, len(data) // 2, *tail):
         assert early(data[:cut]) is not None, cut
+
+
+def _noise_qcow2(tmp_path, *options):
+    """qemu-img's qcow2 of an 8 MiB disk holding 6 MiB of noise."""
+    raw = tmp_path / "raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(1 << 20)
+        f.write(os.urandom(6 << 20))
+    disk = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", *options, str(raw), str(disk)], check=True)
+    raw.unlink()
+    return disk
+
+
+def test_a_vm_image_with_a_qcow2_cut_among_its_data_clusters_creates_no_image(mnt, sandbox, tmp_path):
+    meta = make_unified(tmp_path / "vm-meta.tar", rootfs_bytes=0, description="vm image")
+    disk = _noise_qcow2(tmp_path)
+    before = lxd_fps(sandbox)
+    folder = mnt.path / "import" / "cutvm"
+    os.mkdir(folder)
+    subprocess.run(["cp", str(meta), str(folder)], check=True)
+    done = _copy_then_fail(disk, folder / disk.name, disk.stat().st_size * 2 // 3)
+    assert done.returncode == 1
+    assert lxd_fps(sandbox) == before  # LXD takes a qcow2 cut there
+    assert "ended early" in _error_of(mnt.path / "import" / "cutvm.error")
+    subprocess.run(["rm", "-rf", str(folder)], check=False)
+    os.mkdir(folder)  # whole, the same files are an image: only the cut is refused
+    subprocess.run(["cp", str(meta), str(disk), str(folder)], check=True)
+    made = lxd_fps(sandbox) - before
+    try:
+        assert len(made) == 1
+    finally:
+        for fp in made:
+            sandbox.lxc("image", "delete", fp, check=False)
+
+
+@pytest.mark.parametrize("options", [[], ["-c"], ["-o", "refcount_bits=1"],
+                                     ["-o", "refcount_bits=64,cluster_size=4096"]])
+def test_a_qcow2_cut_among_its_data_clusters_is_seen(tmp_path, options):
+    """Before, only the header's tables were checked: a disk cut anywhere after them (among its
+    data clusters, most of the file) passed. Made by qemu-img from 6 MiB of noise in an 8 MiB disk."""
+    from lxdimagefs.upload.ending import ending
+
+    data = _noise_qcow2(tmp_path, *options).read_bytes()
+
+    def early(b: bytes) -> str | None:
+        end = ending("qcow2")
+        for i in range(0, len(b), 65536):
+            end.feed(b[i:i + 65536])
+        return end.ended_early(len(b))
+
+    assert early(data) is None
+    for cut in (len(data) // 3, len(data) // 2, len(data) - (70 << 10)):
+        assert early(data[:cut]) is not None, cut
+    empty = tmp_path / "e.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(empty), "8M"], check=True)
+    assert early(empty.read_bytes()) is None
