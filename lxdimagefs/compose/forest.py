@@ -91,7 +91,8 @@ class Forest(OpenFiles):
 
     def started(self, on_change: Callable[..., None]) -> None:
         for slot in self.slots.values():
-            slot.tree.started(lambda path, wait=False, name=slot.name: on_change(f"/{name}{path}", wait))
+            slot.tree.started(lambda path, wait=False, entry=True, name=slot.name:
+                              on_change(f"/{name}{path}", wait, entry))
 
     def close(self) -> None:
         for slot in self.slots.values():

@@ -77,7 +77,7 @@ class Projects(Forest):
         slot = self._make(name)
         if self._on_change is not None:
             on_change = self._on_change
-            slot.tree.started(lambda path, wait=False: on_change(f"/{name}{path}", wait))
+            slot.tree.started(lambda path, wait=False, entry=True: on_change(f"/{name}{path}", wait, entry))
         return slot
 
     def _fresh(self) -> None:

@@ -214,16 +214,18 @@ class Tree(Attributes, OpenFiles):
     def _changed(self, changes: Changes) -> None:
         """What the catalog found changed: the kernel forgets exactly those names (from the
         catalog's thread, never a FUSE request's, which may hold their folder)."""
-        paths = []
+        paths, folders = [], []
         inside = CONTENTS_DIR in self.nodes  # what the kernel keeps inside an image goes with its folder
-        for fp in changes.images:
-            paths += [f"/{FP_DIR}/{fp}/{METADATA}", f"/{FP_DIR}/{fp}"]
+        for fp in changes.images:  # the names go, and with an image's folder every name below it
+            paths += [f"/{FP_DIR}/{fp}/{METADATA}", f"/{FP_DIR}/{fp}"]  # an open metadata.json's too
             paths += [f"/{CONTENTS_DIR}/{FP_DIR}/{fp}"] if inside else []
         for name in changes.aliases:
             paths += [f"/{ALIAS_DIR}/{name}"] + ([f"/{CONTENTS_DIR}/{ALIAS_DIR}/{name}"] if inside else [])
-        if changes.images:
-            paths += [f"/{FP_DIR}"] + ([f"/{CONTENTS_DIR}/{FP_DIR}"] if inside else [])
+        if changes.images:  # listings changed: the folders keep their names
+            folders += [f"/{FP_DIR}"] + ([f"/{CONTENTS_DIR}/{FP_DIR}"] if inside else [])
         if changes.aliases:
-            paths += [f"/{ALIAS_DIR}"] + ([f"/{CONTENTS_DIR}/{ALIAS_DIR}"] if inside else [])
+            folders += [f"/{ALIAS_DIR}"] + ([f"/{CONTENTS_DIR}/{ALIAS_DIR}"] if inside else [])
         for path in paths:
             self.ctx.on_change(path)
+        for path in folders:
+            self.ctx.on_change(path, entry=False)

@@ -83,7 +83,7 @@ class Context:
     started: float = field(default_factory=time.time)
     # Told of paths that changed behind the caller's back; wait=True where no directory lock
     # can be held (close), so the caller sees the change when its call returns.
-    on_change: Callable[..., None] = lambda path, wait=False: None
+    on_change: Callable[..., None] = lambda path, wait=False, entry=True: None
 
     def dir(self, mtime: float, nlink: int = 2, writable: bool = False) -> Attr:
         mode = self.own.dir_mode if writable and not self.readonly else self.own.dir_mode & ~0o222

@@ -90,7 +90,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     events = None
     if settings.events:
         events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1],
-                              ping=min(10.0, conn.timeout[1]))
+                              ping=min(10.0, conn.timeout[1]), poll=settings.metadata_ttl)
         catalog.events_live = events.live.is_set
     return Built(remote, tree, events, Slot(remote.name, tree, client.reachable, from_lxd(client)))
 
@@ -114,7 +114,8 @@ def build_projects(remote: Remote, conn: Connection, settings: Settings, mountpo
                         ttl=settings.metadata_ttl, own=settings.own)
     if settings.events:
         watcher = EventWatcher(client, projects.changed_elsewhere, projects.connected,
-                               timeout=conn.timeout[1], ping=min(10.0, conn.timeout[1]), all_projects=True)
+                               timeout=conn.timeout[1], ping=min(10.0, conn.timeout[1]), all_projects=True,
+                               poll=settings.metadata_ttl)
         projects.events_live = watcher.live.is_set
     return Built(remote, projects, watcher, Slot(remote.name, projects, client.reachable), client)
 

@@ -92,7 +92,7 @@ class LXDImageOps(Operations):
         for watcher in self.events:
             watcher.start()  # threads start here: the daemon has forked by now
         tuning.start(self.mountpoint)
-        self.tree.started(kernel_forgetter())
+        self.tree.started(kernel_forgetter(self.mountpoint))
         for hook in self.on_init:  # the metrics socket: threads start after the fork
             hook()
 

@@ -93,38 +93,73 @@ def listed(names: list[str], kinds: dict[str, int]) -> list[tuple[str, dict[str,
     return [(name, {"st_ino": UNKNOWN_INO, "st_mode": kinds.get(name, 0)}, 0) for name in names]
 
 
-def path_invalidator() -> Callable[[str], None] | None:
-    """A function that drops the kernel's cached entry and attributes of a path.
+def path_invalidator(mountpoint: str = "") -> Callable[[str, bool], None] | None:
+    """A function that drops the kernel's cached attributes of a path (its pages, a folder's
+    listing) and, if asked, its name: `invalidate(path, entry)`.
 
-    Only libfuse 3's high-level API has it (`fuse_invalidate_path`); it must be
-    called from inside a FUSE callback first (to learn the session), and the
-    returned function must not be called from a callback that holds the
-    path's directory (it would wait on the kernel, which waits on us).
+    Only libfuse 3's high-level API has the first (`fuse_invalidate_path`); it must be called
+    from inside a FUSE callback first (to learn the session). A name needs its folder's node
+    id, which only the kernel tells a high-level file system: it is read from a file handle of
+    the folder (`name_to_handle_at` under `mountpoint`). Never call it from a callback that
+    holds the path's folder (it would wait on the kernel, which waits on us).
     """
     if LIBFUSE != 3 or BINDING == "fusepy":
         return None
     lib = mfusepy._libfuse
     fuse = lib.fuse_get_context().contents.fuse
     lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.fuse_get_session.argtypes, lib.fuse_get_session.restype = [ctypes.c_void_p], ctypes.c_void_p
+    lib.fuse_lowlevel_notify_inval_entry.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p,
+                                                      ctypes.c_size_t]
+    session = lib.fuse_get_session(fuse)
 
-    def invalidate(path: str) -> None:
-        lib.fuse_invalidate_path(fuse, path.encode("utf-8", "surrogateescape"))
+    def invalidate(path: str, entry: bool = False) -> None:
+        raw = path.encode("utf-8", "surrogateescape")
+        lib.fuse_invalidate_path(fuse, raw)  # ENOENT: the kernel does not hold it
+        folder, _, name = raw.rpartition(b"/")
+        if entry and name and mountpoint:
+            node = 1 if not folder else _node_id(os.fsencode(mountpoint) + folder)
+            if node is not None:  # ENOENT: the kernel does not hold it
+                lib.fuse_lowlevel_notify_inval_entry(session, node, name, len(name))
 
     return invalidate
 
 
-def kernel_forgetter() -> Callable[..., None]:
-    """What the tree calls when it drops a name as a side effect (an import that landed, the
-    aliases of a deleted image), so it does not linger in the kernel's caches: dropped off the
-    request threads, since the kernel may hold their directory until we answer."""
-    invalidate = path_invalidator()
-    if invalidate is None:
-        return lambda path, wait=False: None
-    changed: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_uint32 * 8)]
 
-    def on_change(path: str, wait: bool = False) -> None:
+
+_FILEID_INO64_GEN = 0x81  # what FUSE's encode_fh gives: the node id's two halves, the generation
+
+
+def _node_id(path: bytes) -> int | None:
+    """The FUSE node id the kernel gave `path` (a folder of this mount), from its file handle."""
+    handle, mount_id = _FileHandle(handle_bytes=ctypes.sizeof(ctypes.c_uint32 * 8)), ctypes.c_int()
+    at_fdcwd = -100  # and no flags: a link is not followed
+    if _libc.name_to_handle_at(at_fdcwd, path, ctypes.byref(handle), ctypes.byref(mount_id),
+                               0) != 0 or handle.handle_type != _FILEID_INO64_GEN:
+        return None
+    return int(handle.f_handle[0]) << 32 | int(handle.f_handle[1])
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def kernel_forgetter(mountpoint: str = "") -> Callable[..., None]:
+    """What the tree calls when a path changes without a call of the kernel's (an import that
+    landed, an image LXD deleted, an alias retargeted elsewhere): `on_change(path, wait=False,
+    entry=True)`. Its attributes are dropped, and its name unless `entry` is false (a folder
+    whose listing changed keeps its name): the kernel keeps names for an hour where events
+    are followed. Done off the request threads, since the kernel may hold their folder."""
+    invalidate = path_invalidator(mountpoint)
+    if invalidate is None:
+        return lambda path, wait=False, entry=True: None
+    changed: queue.Queue[tuple[str, bool, threading.Event]] = queue.Queue()
+
+    def on_change(path: str, wait: bool = False, entry: bool = True) -> None:
         done = threading.Event()
-        changed.put((path, done))
+        changed.put((path, entry, done))
         if wait:
             done.wait(5)
 
@@ -132,10 +167,11 @@ def kernel_forgetter() -> Callable[..., None]:
     return on_change
 
 
-def _drain(changed: queue.Queue[tuple[str, threading.Event]], invalidate: Callable[[str], None]) -> None:
+def _drain(changed: queue.Queue[tuple[str, bool, threading.Event]],
+           invalidate: Callable[[str, bool], None]) -> None:
     while True:
-        path, done = changed.get()
-        invalidate(path)
+        path, entry, done = changed.get()
+        invalidate(path, entry)
         done.set()
 
 

@@ -81,8 +81,9 @@ class EventWatcher:
 
     def __init__(self, client: LXDClient, on_image_event: Callable[[EventSubject], None],
                  on_connect: Callable[[], None], timeout: float = 30.0, ping: float = 10.0,
-                 all_projects: bool = False) -> None:
+                 all_projects: bool = False, poll: float | None = None) -> None:
         self.client = client
+        self.poll = poll  # while the stream is down, `on_connect` again every this many seconds
         self.all_projects = all_projects  # one stream for every project (and their own lifecycle)
         self.on_image_event = on_image_event
         self.on_connect = on_connect
@@ -122,8 +123,29 @@ class EventWatcher:
                 if self._ws is not None:
                     self._ws.abort()
                     self._ws = None
-            self._stop.wait(backoff)
+            self._down_for(backoff)
             backoff = min(backoff * 2, self.MAX_BACKOFF)
+
+    def _down_for(self, seconds: float) -> None:
+        """Wait to reconnect. Meanwhile what the stream would have said comes from a full listing
+        every `poll` seconds (the kernel keeps names for an hour while events flow, and only an
+        invalidation, made from a listing's changes now, tells it)."""
+        until = time.monotonic() + seconds
+        while not self._stop.wait(min(self.poll or seconds, max(0.0, until - time.monotonic()))):
+            if time.monotonic() >= until:
+                return
+            if self.poll is not None:
+                self._down_since_poll()
+
+    def _down_since_poll(self) -> None:
+        """A listing, if the server answers (a reverse proxy without websockets, say): a server
+        away altogether is left to the calls, which wait for it and give up (a listing in flight
+        would answer them from the old one instead)."""
+        try:
+            if self.client.reachable():
+                self.on_connect()
+        except Exception as e:  # a server down altogether: the next try says so again
+            log.debug("a listing while LXD's event stream is down failed: %s", e)
 
     def _listen(self, ws: websocket.WebSocket) -> None:
         """Hand image events on; a stream silent past two pings is taken as dropped.

@@ -73,6 +73,19 @@ class LXDServer(RestSession):
                 found[name] = name if own else "default"
         return found
 
+    def images_project(self) -> str:
+        """The project whose images this one shows, and so whose events tell of them: LXD tags an
+        image event with the project that holds the image (default's, for a project without
+        features.images). Asked at each (re)connect; this project's own if it cannot be read."""
+        name = self.conn.project or "default"
+        if name == "default":
+            return name
+        try:
+            rec = self._sync("GET", f"/projects/{quote(name)}", retry="none") or {}
+        except LXDError:
+            return name
+        return name if str((rec.get("config") or {}).get("features.images")).lower() == "true" else "default"
+
     # -- storage (what df reports) ------------------------------------------------
 
     def pool_resources(self, pool: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -95,7 +108,7 @@ class LXDServer(RestSession):
 
     def lifecycle_events(self, timeout: float, all_projects: bool = False) -> websocket.WebSocket:
         """A websocket of LXD's lifecycle events for this project, or all of them (unix socket or HTTPS)."""
-        scope = {"all-projects": "true"} if all_projects else {"project": self.conn.project}
+        scope = {"all-projects": "true"} if all_projects else {"project": self.images_project()}
         query = urllib.parse.urlencode({"type": "lifecycle", **scope})
         try:
             if self.conn.socket:

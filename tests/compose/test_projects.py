@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -132,3 +133,21 @@ def test_without_events_the_list_of_projects_lives_metadata_ttl(sandbox, images,
             shows_within(lambda: "later" in os.listdir(m.path), seconds=2.5)  # no event: the lifetime
         finally:
             sandbox.lxc("project", "delete", "later")
+
+
+def test_a_mount_of_a_project_without_its_own_images_hears_the_default_projects_changes(sandbox, images,
+                                                                                          projects, tmp_path):
+    """LXD tags the events of the images a features.images=false project shows with `default`: a
+    mount of that project alone must listen there (the kernel keeps names for an hour)."""
+    with mounted(sandbox, tmp_path / "mnt", "--project", "shared") as m:
+        deadline = time.monotonic() + 20
+        while "listening to LXD's lifecycle events" not in m.log_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.listdir(m.path / "by-alias")  # cached now
+        sandbox.lxc("image", "alias", "create", "made-in-default", images.fps["plain"])
+        try:
+            shows_within(lambda: "made-in-default" in os.listdir(m.path / "by-alias"))
+        finally:
+            sandbox.lxc("image", "alias", "delete", "made-in-default")
+        shows_within(lambda: not os.path.lexists(m.path / "by-alias" / "made-in-default"))

@@ -196,9 +196,35 @@ def test_with_the_kernels_long_caches_changes_made_elsewhere_show_within_a_secon
             sandbox.rest(f"/1.0/images/{c}", "PATCH", {"properties": {"note": "x" * 100}})
             _within(lambda: os.stat(meta).st_size > size, "metadata.json's new size")
             assert os.stat(meta).st_size == len(meta.read_bytes())
+            files = [fps / c / name for name in os.listdir(fps / c)] + [inside / "rootfs/etc/hostname"]
+            assert all(os.stat(f) for f in files)  # the names and attributes, in the kernel's caches
             sandbox.lxc("image", "delete", c)
             _within(lambda: not os.path.exists(fps / c) and not os.path.exists(inside), "the deletion")
+            _within(lambda: not any(os.path.exists(f) for f in files), "the deletion of its files")
             assert "no_events" not in m.log_text()
         finally:
             sandbox.lxc("image", "delete", c, check=False)
             sandbox.lxc("image", "delete", d, check=False)
+
+
+def test_with_the_event_stream_refused_changes_show_within_the_metadata_lifetime(sandbox, images, proxy,
+                                                                                 tmp_path):
+    """LXD answers everything but its event stream (a proxy without websockets): the kernel keeps
+    names for an hour as the mount asked for events, so while the stream is down a listing every
+    metadata_ttl must tell it what changed (SPEC, Freshness)."""
+    from faultproxy import Rule
+
+    proxy.add(Rule(match="/1.0/events", status=503, times=-1))
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", "metadata_ttl=1") as m:
+        _wait_for_log(m, "event stream is down")
+        c = _import(sandbox, tmp_path, "down-c", alias="down-a")
+        try:
+            meta, alias = m.path / "by-fingerprint" / c / "metadata.json", m.path / "by-alias" / "down-a"
+            _within(lambda: os.path.lexists(alias), "the new alias", seconds=3)
+            size = os.stat(meta).st_size  # now in the kernel's caches
+            sandbox.rest(f"/1.0/images/{c}", "PATCH", {"properties": {"note": "x" * 100}})
+            _within(lambda: os.stat(meta).st_size > size, "metadata.json's new size", seconds=8)
+            sandbox.lxc("image", "alias", "delete", "down-a")
+            _within(lambda: not os.path.lexists(alias), "the deleted alias", seconds=8)
+        finally:
+            sandbox.lxc("image", "delete", c, check=False)

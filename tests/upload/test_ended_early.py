@@ -150,3 +150,22 @@ def test_a_qcow2_cut_among_its_data_clusters_is_seen(tmp_path, options):
     empty = tmp_path / "e.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(empty), "8M"], check=True)
     assert early(empty.read_bytes()) is None
+
+
+def test_a_refused_upload_written_again_under_its_name_with_a_plain_open_lands(mnt, sandbox, tmp_path):
+    """`cp junk k.tar` is refused; `rm k.tar.error`, then `open("k.tar", "wb")` (a shell's `>`,
+    which does not stat first). The kernel keeps names for an hour where events are followed: the
+    refused name must leave its cache, or the open reaches the daemon as an open of a file that is
+    not there (ENOENT) instead of a create."""
+    junk = tmp_path / "junk"
+    junk.write_bytes(os.urandom(64 << 10))
+    target = mnt.path / "import" / "again.tar"
+    assert subprocess.run(["cp", str(junk), str(target)], capture_output=True).returncode != 0
+    _error_of(mnt.path / "import" / "again.tar.error")
+    tarball = make_unified(tmp_path / "again.tar")
+    with open(target, "wb") as f:
+        f.write(tarball.read_bytes())
+    try:
+        assert sha(tarball) in lxd_fps(sandbox)
+    finally:
+        sandbox.lxc("image", "delete", sha(tarball), check=False)
