@@ -214,18 +214,13 @@ class Tree(Attributes, OpenFiles):
     def _changed(self, changes: Changes) -> None:
         """What the catalog found changed: the kernel forgets exactly those names (from the
         catalog's thread, never a FUSE request's, which may hold their folder)."""
-        paths, folders = [], []
-        inside = CONTENTS_DIR in self.nodes  # what the kernel keeps inside an image goes with its folder
-        for fp in changes.images:  # the names go, and with an image's folder every name below it
-            paths += [f"/{FP_DIR}/{fp}/{METADATA}", f"/{FP_DIR}/{fp}"]  # an open metadata.json's too
-            paths += [f"/{CONTENTS_DIR}/{FP_DIR}/{fp}"] if inside else []
-        for name in changes.aliases:
-            paths += [f"/{ALIAS_DIR}/{name}"] + ([f"/{CONTENTS_DIR}/{ALIAS_DIR}/{name}"] if inside else [])
-        if changes.images:  # listings changed: the folders keep their names
-            folders += [f"/{FP_DIR}"] + ([f"/{CONTENTS_DIR}/{FP_DIR}"] if inside else [])
-        if changes.aliases:
-            folders += [f"/{ALIAS_DIR}"] + ([f"/{CONTENTS_DIR}/{ALIAS_DIR}"] if inside else [])
-        for path in paths:
+        tops = [""] + ([f"/{CONTENTS_DIR}"] if CONTENTS_DIR in self.nodes else [])  # contents/ mirrors
+        names = [f"/{FP_DIR}/{fp}/{METADATA}" for fp in changes.images]  # an open metadata.json's too
+        names += [f"{top}/{FP_DIR}/{fp}" for fp in changes.images for top in tops]
+        names += [f"{top}/{ALIAS_DIR}/{name}" for name in changes.aliases for top in tops]
+        folders = [f"{top}/{d}" for d, hit in ((FP_DIR, changes.images), (ALIAS_DIR, changes.aliases))
+                   if hit for top in tops]
+        for path in names:  # each name goes, and every name below it (all an image's folder holds)
             self.ctx.on_change(path)
-        for path in folders:
+        for path in folders:  # their listings changed: they keep their names
             self.ctx.on_change(path, entry=False)
