@@ -22,7 +22,7 @@ from lxdimagefs.fs.commit import process_of
 from lxdimagefs.fs.handles import Caching
 from lxdimagefs.fs.node import Listing, inode_number
 from lxdimagefs.mount import tuning
-from lxdimagefs.mount.fusebind import Operations, fuse_get_context, kernel_forgetter, listed
+from lxdimagefs.mount.fusebind import NOFLUSH, Operations, fuse_get_context, kernel_forgetter, listed
 from lxdimagefs.servers.events import EventWatcher
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ def to_errno(op: str, args: tuple, exc: BaseException) -> int:
 
 
 def translated(func: F) -> F:
-    op = func.__name__.removesuffix("into")  # readinto is the read(2) a user sees, for the stats
+    # readinto is the read(2) a user sees, readdir_from a listing, for the stats
+    op = func.__name__.removesuffix("into").removesuffix("_from")
 
     @functools.wraps(func)
     def wrapper(self: Any, *args: Any) -> Any:
@@ -85,6 +86,7 @@ class LXDImageOps(Operations):
         self.events = events or []
         self.mountpoint = mountpoint
         self.served = False  # set once the kernel has the mount
+        self._listings: dict[int, list[tuple[str, int, int]]] = {}  # open folders' rows, by handle
         self.on_init: list[Callable[[], None]] = []
 
     def init(self, path: str) -> None:
@@ -107,6 +109,16 @@ class LXDImageOps(Operations):
         return listed([".", "..", *names], names.kinds if isinstance(names, Listing) else {})
 
     @translated
+    def readdir_from(self, path: str, fh: int, offset: int) -> list[tuple[str, int, int]]:
+        """A listing's (name, d_type, next offset) from `offset` on (libfuse 3: made at offset 0,
+        kept with the open folder until its release)."""
+        rows = None if offset == 0 else self._listings.get(fh)
+        if rows is None:
+            listing = self.readdir(path, fh)
+            rows = self._listings[fh] = [(n, st["st_mode"], i) for i, (n, st, _) in enumerate(listing, 1)]
+        return rows[offset:]
+
+    @translated
     def readlink(self, path: str) -> str:
         return self.tree.readlink(path)
 
@@ -119,6 +131,8 @@ class LXDImageOps(Operations):
         caching = self.tree.caching(fi.fh)
         fi.keep_cache = int(caching is Caching.KEEP)
         fi.direct_io = int(caching is Caching.DIRECT)
+        if NOFLUSH:  # a close commits only what its writer wrote: one opened to read needs no FLUSH
+            fi.noflush = int(not fi.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
         return 0
 
     @translated
@@ -203,6 +217,7 @@ class LXDImageOps(Operations):
 
     @translated
     def releasedir(self, path: str, fh: int) -> int:
+        self._listings.pop(fh, None)
         self.tree.release(fh)
         return 0
 
