@@ -114,7 +114,7 @@ class LXDImageOps(Operations):
         kept with the open folder until its release)."""
         rows = None if offset == 0 else self._listings.get(fh)
         if rows is None:
-            listing = self.readdir(path, fh)
+            listing = LXDImageOps.readdir.__wrapped__(self, path, fh)  # type: ignore[attr-defined]
             rows = self._listings[fh] = [(n, st["st_mode"], i) for i, (n, st, _) in enumerate(listing, 1)]
         return rows[offset:]
 
@@ -125,7 +125,7 @@ class LXDImageOps(Operations):
     @translated
     def open(self, path: str, fi: Any) -> int:
         _may(self.tree, path, access.W if fi.flags & (os.O_WRONLY | os.O_RDWR) else access.R)
-        fi.fh = self.tree.open(path, fi.flags, _pid())
+        fi.fh = self.tree.open(path, fi.flags, _pid(self.tree, path))
         # Proven bytes keep the kernel's pages (re-reads at memory speed, shared mmap); bytes
         # being checked go through the page cache emptied at open; the rest is direct_io.
         caching = self.tree.caching(fi.fh)
@@ -173,7 +173,7 @@ class LXDImageOps(Operations):
     @translated
     def create(self, path: str, mode: int, fi: Any) -> int:
         _may_change(self.tree, path)
-        fi.fh = self.tree.create(path, fi.flags, _pid())
+        fi.fh = self.tree.create(path, fi.flags, _pid(self.tree))
         fi.direct_io = 1  # what is written here is ours, not a cache's
         return 0
 
@@ -190,7 +190,7 @@ class LXDImageOps(Operations):
 
     @translated
     def flush(self, path: str, fi: Any) -> int:
-        self.tree.flush(fi.fh, _pid())
+        self.tree.flush(fi.fh, _pid(self.tree))
         return 0
 
     @translated
@@ -208,12 +208,12 @@ class LXDImageOps(Operations):
     @translated
     def unlink(self, path: str) -> int:
         _may_change(self.tree, path)
-        self.tree.unlink(path, _pid())
+        self.tree.unlink(path, _pid(self.tree))
         return 0
 
     @translated
     def opendir(self, path: str) -> int:
-        return self.tree.opendir(path, _pid())
+        return self.tree.opendir(path, _pid(self.tree, path))
 
     @translated
     def releasedir(self, path: str, fh: int) -> int:
@@ -232,7 +232,7 @@ class LXDImageOps(Operations):
     def rename(self, old: str, new: str) -> int:
         _may_change(self.tree, old)
         _may_change(self.tree, new)
-        self.tree.rename(old, new, _pid())
+        self.tree.rename(old, new, _pid(self.tree))
         return 0
 
     @translated
@@ -290,6 +290,7 @@ def _may_change(tree: Tree | Forest, path: str) -> None:
     access.may_change(tree.getattr, path, fuse_get_context(), (tree.uid, tree.gid))
 
 
-def _pid() -> int:
-    """The calling process: FUSE tells the thread, and a process's threads are one writer."""
-    return process_of(fuse_get_context()[2])
+def _pid(tree: Tree | Forest, path: str = "") -> int:
+    """The calling process: FUSE tells the thread, and a process's threads are one writer. Inside
+    an image nothing is written, and no one is told who opened what: not looked up (a /proc read)."""
+    return 0 if tree.inside_image(path) else process_of(fuse_get_context()[2])

@@ -63,7 +63,7 @@ else:
             the kernel looks none of them up (at offset 0, libfuse 3.14 sends none: its list mode)."""
             name = None if path is None else path.decode(self.encoding, self.errors)
             rows = self.operations.readdir_from(name, fip.contents.fh, offset)
-            plus = bool(flags & READDIR_PLUS) and name is not None and inside_image(name)
+            plus = bool(flags & READDIR_PLUS) and name is not None and self.operations.tree.inside_image(name)
             st = mfusepy.c_stat()
             for entry, kind, after in rows:
                 attrs = self._attributes(f"{name}/{entry}") if plus and entry not in (".", "..") else None
@@ -114,15 +114,6 @@ def worker_options() -> dict[str, object]:
     if LIBFUSE != 3 or BINDING == "fusepy":
         return {}  # libfuse 2 takes neither option
     return {"max_threads": MAX_THREADS, "max_idle_threads": MAX_IDLE_THREADS}
-
-
-def inside_image(path: str) -> bool:
-    """Whether a folder is inside an image under contents/ (/contents/by-fingerprint/FP/..., below
-    a remote's or a project's folder in a forest): what is there never changes, so its names'
-    attributes may go with the listing, for as long as the kernel keeps a looked-up name."""
-    parts = path.split("/", 5)
-    return any(parts[i] == "contents" and parts[i + 1] == "by-fingerprint" and len(parts) > i + 2
-               and parts[i + 2] != "" for i in range(1, min(4, len(parts) - 2)))
 
 
 def listed(names: list[str], kinds: dict[str, int]) -> list[tuple[str, dict[str, int], int]]:
@@ -181,6 +172,6 @@ def _drain(changed: queue.Queue[tuple[str, threading.Event]], invalidate: Callab
         done.set()
 
 
-__all__ = ["BINDING", "FUSE", "LIBFUSE", "NOFLUSH", "Operations", "fuse_get_context", "inside_image",
-           "kernel_forgetter", "listed",
+__all__ = ["BINDING", "FUSE", "LIBFUSE", "NOFLUSH", "Operations", "fuse_get_context", "kernel_forgetter",
+           "listed",
            "path_invalidator", "worker_options"]
