@@ -148,12 +148,15 @@ class ContentsNode(Node):
             entry = _guarded(fp, lambda: archive.lookup("/" + "/".join(rest[2:])))
             if entry is None:
                 raise fs_error(errno.ENOENT, self.path(rest))
-            # The names of one file share its number; the same image under two remotes of a forest does not.
-            ino = None if entry.place is None else inode_number(self.ctx.mountpoint, fp, *entry.place)
-            found = archive, entry, _attr(entry, ino)
+            found = self._found(archive, entry)
             with self._lock:
                 self._entries[key] = found
         return found
+
+    def _found(self, archive: ImageArchive, entry: Entry) -> Found:
+        # The names of one file share its number; the same image under two remotes of a forest does not.
+        ino = None if entry.place is None else inode_number(self.ctx.mountpoint, archive.fp, *entry.place)
+        return archive, entry, _attr(entry, ino)
 
     def getattr(self, rest: list[str]) -> Attr:
         t = self.ctx.started
@@ -189,7 +192,12 @@ class ContentsNode(Node):
         archive, entry, _ = self._entry(rest)  # one lookup serves the check and the listing
         if not stat.S_ISDIR(entry.info.mode):
             raise fs_error(errno.ENOTDIR, self.path(rest))
-        return _guarded(archive.fp, lambda: archive.list("/" + "/".join(rest[2:])))
+        listing, entries = _guarded(archive.fp, lambda: archive.list("/" + "/".join(rest[2:])))
+        if len(entries) <= self.ENTRIES_KEPT // 4:  # the stat of each name that follows: no lookup
+            found = {(archive.fp, *rest[2:], name): self._found(archive, e) for name, e in entries.items()}
+            with self._lock:
+                self._entries.update(found)
+        return listing
 
     def readlink(self, rest: list[str]) -> str:
         if len(rest) == 2 and rest[0] == ALIASES:
