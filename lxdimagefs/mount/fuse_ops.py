@@ -110,12 +110,11 @@ class LXDImageOps(Operations):
 
     @translated
     def readdir_from(self, path: str, fh: int, offset: int) -> list[tuple[str, int, int]]:
-        """A listing's (name, d_type, next offset) from `offset` on (libfuse 3: made at offset 0,
-        kept with the open folder until its release)."""
+        """A listing's (name, d_type, next offset) from `offset` on: made at 0, kept until releasedir."""
         rows = None if offset == 0 else self._listings.get(fh)
-        if rows is None:
-            listing = LXDImageOps.readdir.__wrapped__(self, path, fh)  # type: ignore[attr-defined]
-            rows = self._listings[fh] = [(n, st["st_mode"], i) for i, (n, st, _) in enumerate(listing, 1)]
+        if rows is None:  # readdir undecorated: one listing is one call in the stats
+            rows = self._listings[fh] = [(n, st["st_mode"], i) for i, (n, st, _) in enumerate(
+                LXDImageOps.readdir.__wrapped__(self, path, fh), 1)]  # type: ignore[attr-defined]
         return rows[offset:]
 
     @translated
@@ -126,8 +125,7 @@ class LXDImageOps(Operations):
     def open(self, path: str, fi: Any) -> int:
         _may(self.tree, path, access.W if fi.flags & (os.O_WRONLY | os.O_RDWR) else access.R)
         fi.fh = self.tree.open(path, fi.flags, _pid(self.tree, path))
-        # Proven bytes keep the kernel's pages (re-reads at memory speed, shared mmap); bytes
-        # being checked go through the page cache emptied at open; the rest is direct_io.
+        # Proven bytes keep the kernel's pages; bytes being checked: emptied at open; the rest: direct_io.
         caching = self.tree.caching(fi.fh)
         fi.keep_cache = int(caching is Caching.KEEP)
         fi.direct_io = int(caching is Caching.DIRECT)
