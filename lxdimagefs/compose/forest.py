@@ -114,6 +114,11 @@ class Forest(OpenFiles):
             raise fs_error(errno.ENOENT, path)
         return slot, "/" + "/".join(parts[1:])
 
+    def inside_image(self, path: str) -> bool:
+        name, _, sub = path.lstrip("/").partition("/")
+        slot = self.slots.get(name)
+        return slot is not None and slot.tree.inside_image("/" + sub)
+
     def _in(self, path: str, call: str, *args: Any) -> Any:
         """`call` on the tree `path` is in, with the path below the remote's folder."""
         slot, sub = self._split(path)

@@ -86,6 +86,12 @@ class Tree(Attributes, OpenFiles):
             raise fs_error(errno.ENOENT, path)
         return node, parts[1:]
 
+    def inside_image(self, path: str) -> bool:
+        """Whether `path` is inside an image under contents/ (never changes, nothing is written)."""
+        parts = path.split("/", 4)
+        return len(parts) > 3 and parts[1] == CONTENTS_DIR and parts[2] == FP_DIR and parts[3] != "" \
+            and CONTENTS_DIR in self.nodes
+
     # -- reading --------------------------------------------------------------------
 
     def getattr(self, path: str) -> Attr:

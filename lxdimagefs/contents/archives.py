@@ -202,8 +202,10 @@ class ImageArchive:
         source, inner = self._route(path)
         with self._lock:
             info = source.lookup(inner) if source else None
-        if info is None or source is None:
-            return None
+        return None if info is None or source is None else self._entry(source, path, info, depth)
+
+    def _entry(self, source: MountSource, path: str, info: FileInfo, depth: int = 0) -> Entry | None:
+        """The entry of `path`, whose row in `source`'s index is `info`."""
         if not stat.S_IFMT(info.mode) and info.linkname:
             # A tar hard link: no file type of its own, the name of its target (relative to the
             # archive's root) in linkname. It is that file; a loop or a dangling one is absent.
@@ -226,20 +228,23 @@ class ImageArchive:
             "rootfs" if source is self._rootfs else "top", inodes.header(info))
         return Entry(source, info, rdev, nlink, place)
 
-    def list(self, path: str) -> Listing:
-        """A folder's names, with the types its index is sure of (LISTED; the rest, by a stat)."""
+    def list(self, path: str) -> tuple[Listing, dict[str, Entry]]:
+        """A folder's names, with the types its index is sure of (LISTED; the rest, by a stat), and
+        their entries made from the listing's own rows (the stat of each name asks no index again)."""
         with self._lock:
             source, inner = self._route(path)
             found = source.list(inner) if source else None
-        if found is None:
-            return Listing([], {})
-        names = [n for n in found if n not in ("", ".", "..") and "/" not in n and fits(n)]
+            if found is None or source is None:
+                return Listing([], {}), {}
+            names = [n for n in found if n not in ("", ".", "..") and "/" not in n and fits(n)]
+            entries = {} if not isinstance(found, dict) else {
+                n: e for n in names if (e := self._entry(source, f"{path.rstrip('/')}/{n}", found[n]))}
         kinds = {} if not isinstance(found, dict) else {
             n: kind for n in names if (kind := stat.S_IFMT(found[n].mode)) in LISTED}
         if path == "/" and self._rootfs is not None and ROOTFS not in names:
             names.append(ROOTFS)
             kinds[ROOTFS] = stat.S_IFDIR
-        return Listing(sorted(names), kinds)
+        return Listing(sorted(names), kinds), entries
 
     def read(self, entry: Entry, offset: int, size: int) -> bytes:
         size = min(size, entry.info.size - offset)  # the kernel does not stop at the size with direct_io

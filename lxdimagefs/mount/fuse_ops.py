@@ -22,7 +22,7 @@ from lxdimagefs.fs.commit import process_of
 from lxdimagefs.fs.handles import Caching
 from lxdimagefs.fs.node import Listing, inode_number
 from lxdimagefs.mount import tuning
-from lxdimagefs.mount.fusebind import Operations, fuse_get_context, kernel_forgetter, listed
+from lxdimagefs.mount.fusebind import NOFLUSH, Operations, fuse_get_context, kernel_forgetter, listed
 from lxdimagefs.servers.events import EventWatcher
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ def to_errno(op: str, args: tuple, exc: BaseException) -> int:
 
 
 def translated(func: F) -> F:
-    op = func.__name__.removesuffix("into")  # readinto is the read(2) a user sees, for the stats
+    # readinto is the read(2) a user sees, readdir_from a listing, for the stats
+    op = func.__name__.removesuffix("into").removesuffix("_from")
 
     @functools.wraps(func)
     def wrapper(self: Any, *args: Any) -> Any:
@@ -85,6 +86,7 @@ class LXDImageOps(Operations):
         self.events = events or []
         self.mountpoint = mountpoint
         self.served = False  # set once the kernel has the mount
+        self._listings: dict[int, list[tuple[str, int, int]]] = {}  # open folders' rows, by handle
         self.on_init: list[Callable[[], None]] = []
 
     def init(self, path: str) -> None:
@@ -107,18 +109,28 @@ class LXDImageOps(Operations):
         return listed([".", "..", *names], names.kinds if isinstance(names, Listing) else {})
 
     @translated
+    def readdir_from(self, path: str, fh: int, offset: int) -> list[tuple[str, int, int]]:
+        """A listing's (name, d_type, next offset) from `offset` on: made at 0, kept until releasedir."""
+        rows = None if offset == 0 else self._listings.get(fh)
+        if rows is None:  # readdir undecorated: one listing is one call in the stats
+            rows = self._listings[fh] = [(n, st["st_mode"], i) for i, (n, st, _) in enumerate(
+                LXDImageOps.readdir.__wrapped__(self, path, fh), 1)]  # type: ignore[attr-defined]
+        return rows[offset:]
+
+    @translated
     def readlink(self, path: str) -> str:
         return self.tree.readlink(path)
 
     @translated
     def open(self, path: str, fi: Any) -> int:
         _may(self.tree, path, access.W if fi.flags & (os.O_WRONLY | os.O_RDWR) else access.R)
-        fi.fh = self.tree.open(path, fi.flags, _pid())
-        # Proven bytes keep the kernel's pages (re-reads at memory speed, shared mmap); bytes
-        # being checked go through the page cache emptied at open; the rest is direct_io.
+        fi.fh = self.tree.open(path, fi.flags, _pid(self.tree, path))
+        # Proven bytes keep the kernel's pages; bytes being checked: emptied at open; the rest: direct_io.
         caching = self.tree.caching(fi.fh)
         fi.keep_cache = int(caching is Caching.KEEP)
         fi.direct_io = int(caching is Caching.DIRECT)
+        if NOFLUSH:  # a close commits only what its writer wrote: one opened to read needs no FLUSH
+            fi.noflush = int(not fi.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
         return 0
 
     @translated
@@ -159,7 +171,7 @@ class LXDImageOps(Operations):
     @translated
     def create(self, path: str, mode: int, fi: Any) -> int:
         _may_change(self.tree, path)
-        fi.fh = self.tree.create(path, fi.flags, _pid())
+        fi.fh = self.tree.create(path, fi.flags, _pid(self.tree))
         fi.direct_io = 1  # what is written here is ours, not a cache's
         return 0
 
@@ -176,7 +188,7 @@ class LXDImageOps(Operations):
 
     @translated
     def flush(self, path: str, fi: Any) -> int:
-        self.tree.flush(fi.fh, _pid())
+        self.tree.flush(fi.fh, _pid(self.tree))
         return 0
 
     @translated
@@ -194,15 +206,16 @@ class LXDImageOps(Operations):
     @translated
     def unlink(self, path: str) -> int:
         _may_change(self.tree, path)
-        self.tree.unlink(path, _pid())
+        self.tree.unlink(path, _pid(self.tree))
         return 0
 
     @translated
     def opendir(self, path: str) -> int:
-        return self.tree.opendir(path, _pid())
+        return self.tree.opendir(path, _pid(self.tree, path))
 
     @translated
     def releasedir(self, path: str, fh: int) -> int:
+        self._listings.pop(fh, None)
         self.tree.release(fh)
         return 0
 
@@ -217,7 +230,7 @@ class LXDImageOps(Operations):
     def rename(self, old: str, new: str) -> int:
         _may_change(self.tree, old)
         _may_change(self.tree, new)
-        self.tree.rename(old, new, _pid())
+        self.tree.rename(old, new, _pid(self.tree))
         return 0
 
     @translated
@@ -275,6 +288,7 @@ def _may_change(tree: Tree | Forest, path: str) -> None:
     access.may_change(tree.getattr, path, fuse_get_context(), (tree.uid, tree.gid))
 
 
-def _pid() -> int:
-    """The calling process: FUSE tells the thread, and a process's threads are one writer."""
-    return process_of(fuse_get_context()[2])
+def _pid(tree: Tree | Forest, path: str = "") -> int:
+    """The calling process: FUSE tells the thread, and a process's threads are one writer. Inside
+    an image nothing is written, and no one is told who opened what: not looked up (a /proc read)."""
+    return 0 if tree.inside_image(path) else process_of(fuse_get_context()[2])

@@ -56,6 +56,35 @@ else:
             fh = fip.contents if self.raw_fi else fip.contents.fh
             return None if path is None else path.decode(self.encoding, self.errors), view, fh
 
+        def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any,
+                           flags: int) -> int:
+            """A listing with offsets, from `offset` on: libfuse then sends each reply as we fill it,
+            and a READDIRPLUS reply carries the attributes of the names the tree can vouch for, so
+            the kernel looks none of them up (at offset 0, libfuse 3.14 sends none: its list mode)."""
+            name = None if path is None else path.decode(self.encoding, self.errors)
+            rows = self.operations.readdir_from(name, fip.contents.fh, offset)
+            plus = bool(flags & READDIR_PLUS) and name is not None and self.operations.tree.inside_image(name)
+            st = mfusepy.c_stat()
+            for entry, kind, after in rows:
+                attrs = self._attributes(f"{name}/{entry}") if plus and entry not in (".", "..") else None
+                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+                if attrs is None:
+                    st.st_ino, st.st_mode = UNKNOWN_INO, kind
+                else:
+                    mfusepy.set_st_attrs(st, attrs, use_ns=self.use_ns)
+                encoded = entry.encode(self.encoding, self.errors)
+                if filler(buf, encoded, st, after, FILL_DIR_PLUS if attrs else 0) != 0:
+                    break  # the kernel's buffer is full: it asks again from this row's offset
+            return 0
+
+        def _attributes(self, path: str) -> dict[str, int] | None:
+            """A name's stat as its LOOKUP would answer; None (the kernel then asks) if that fails."""
+            try:  # the undecorated call: the stats count the kernel's own getattr calls alone
+                attrs: dict[str, int] = self.operations.getattr.__wrapped__(self.operations, path)
+            except Exception:
+                return None
+            return attrs
+
         def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
             """`ftruncate` on an open file reaches its handle (mfusepy 3.1 drops libfuse 3's file
             info here: an open metadata.json truncated in place kept its old bytes)."""
@@ -74,6 +103,10 @@ else:
 MAX_THREADS = 256
 UNKNOWN_INO = 0xFFFFFFFF  # FUSE_UNKNOWN_INO
 MAX_IDLE_THREADS = 16
+# FOPEN_NOFLUSH (libfuse >= 3.11, kernel >= 5.16): the kernel sends no FLUSH at a close of the file.
+NOFLUSH = BINDING == "mfusepy" and LIBFUSE == 3 and hasattr(mfusepy.fuse_file_info, "noflush")
+READDIR_PLUS = 1  # enum fuse_readdir_flags: the kernel asked for attributes with the names
+FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags: this name's attributes are given, whole
 
 
 def worker_options() -> dict[str, object]:
@@ -175,5 +208,6 @@ def _drain(changed: queue.Queue[tuple[str, bool, threading.Event]],
         done.set()
 
 
-__all__ = ["BINDING", "FUSE", "LIBFUSE", "Operations", "fuse_get_context", "kernel_forgetter", "listed",
+__all__ = ["BINDING", "FUSE", "LIBFUSE", "NOFLUSH", "Operations", "fuse_get_context", "kernel_forgetter",
+           "listed",
            "path_invalidator", "worker_options"]

@@ -162,6 +162,23 @@ def test_contents_equal_a_debian_tree_entry_by_entry(distro, distro_images, dist
     assert os.lstat(root / "usr/bin/passwd").st_mode & stat.S_ISUID
 
 
+@pytest.mark.parametrize("kind", ["unified", "split"])
+def test_names_stat_after_their_listing_equal_the_tree(sandbox, distro, distro_images, kind, tmp_path):
+    """Each folder listed first, on a new mount: every name's attributes are then made from its
+    listing's rows (and go to the kernel with it), not looked up one by one. They must be the
+    same, to the link count, device number and inode shared by a hard link's names; and again
+    once the kernel has forgotten them, from the listings the daemon keeps."""
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        root = m.path / "contents" / "by-fingerprint" / distro_images[kind] / "rootfs"
+        listed = sum(len(names) + len(folders) for _, folders, names in os.walk(root))
+        wrong = _differences(distro, root)
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")  # the kernel's names and inodes
+        assert sum(len(names) + len(folders) for _, folders, names in os.walk(root)) == listed
+        wrong += _differences(distro, root)
+    assert listed > 6000
+    assert not wrong, f"{len(wrong)} entries differ, first: " + "\n".join(wrong[:25])
+
+
 def test_tar_c_of_contents_keeps_hard_links_and_devices(distro, distro_images, distro_mnt, tmp_path):
     """What tools make of it: tar -c over contents/ archives a hard link as a link, a device as one."""
     root = distro_mnt.path / "contents" / "by-fingerprint" / distro_images["split"] / "rootfs"

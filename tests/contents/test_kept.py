@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from lxd_sandbox import make_unified
 from mounts import mounted
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
@@ -94,3 +97,50 @@ def test_an_image_deleted_while_the_kernel_keeps_its_insides_leaves_contents(san
     finally:
         if not deleted:
             sandbox.lxc("image", "delete", fp, check=False)
+
+
+def _calls(sock: Path, op: str = "getattr") -> int:
+    """How many calls of a FUSE operation (getattr: the kernel's LOOKUP and GETATTR) the daemon answered."""
+    done = subprocess.run([sys.executable, "-m", "lxdimagefs", "stats", "--prometheus", str(sock)],
+                          capture_output=True, text=True, timeout=30, check=True)
+    return sum(int(float(s.value)) for f in text_string_to_metric_families(done.stdout) for s in f.samples
+               if s.name == "lxdimagefs_operation_seconds_count" and s.labels.get("operation") == op)
+
+
+def test_a_listing_inside_an_image_carries_each_names_exact_attributes(sandbox, tmp_path):
+    """READDIRPLUS: a folder listed inside an image, its names' stat comes from the listing (no
+    getattr reaches the daemon) and is the image's own, field by field; outside contents/ names
+    are looked up as before. A file opened to read is closed without a FLUSH."""
+    tarball = make_unified(tmp_path / "p.tar.gz", rootfs_bytes=MIB)
+    with tarfile.open(tarball) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    fp = sandbox.import_image(tarball)
+    sock = tmp_path / "metrics.sock"
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}", *LONG) as m:
+            folder = m.path / "contents" / "by-fingerprint" / fp
+            (folder / "rootfs" / "etc" / "hostname").read_bytes()  # the archive opened and checked
+            for name in ("", "rootfs"):
+                at = folder / name
+                before = _calls(sock)
+                names = sorted(os.listdir(at))
+                seen = {n: os.lstat(at / n) for n in names}
+                assert _calls(sock) == before, f"the listing of {name or '.'} gave no attributes"
+                for n, st in seen.items():
+                    want = members[f"{name}/{n}".lstrip("/")]
+                    assert (st.st_mode, st.st_uid, st.st_gid, int(st.st_mtime)) == (
+                        want.mode | (stat.S_IFDIR if want.isdir() else stat.S_IFREG),
+                        want.uid, want.gid, int(want.mtime)), n
+                    assert st.st_size == (0 if want.isdir() else want.size), n
+                    assert st.st_nlink == (2 if want.isdir() else 1), n
+            flushes, opens = _calls(sock, "flush"), _calls(sock, "open")
+            (folder / "rootfs" / "blob").read_bytes()
+            assert (_calls(sock, "flush"), _calls(sock, "open")) == (flushes, opens + 1)  # FOPEN_NOFLUSH
+            exports = m.path / "by-fingerprint" / fp
+            before = _calls(sock)
+            names = os.listdir(exports)
+            for n in names:
+                os.lstat(exports / n)
+            assert _calls(sock) >= before + len(names)  # an image's exports can change: looked up
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)

@@ -211,3 +211,25 @@ def test_import_folders_and_error_files(tree, tmp_path):
     tree.rmdir("/import/split")
     assert tree.readdir("/import") == []
     assert not list((tmp_path / "spool").glob("import/*"))
+
+
+def test_only_paths_inside_an_image_under_contents_are_inside_an_image(lxd, tmp_path):
+    """What may carry attributes with a listing and skips the opener's /proc read: inside an
+    image's folder under contents/, in a tree or below a remote's folder of a forest; nothing else."""
+    from lxdimagefs.compose.forest import Forest, Slot
+    from lxdimagefs.contents.archives import IndexFolder
+    from lxdimagefs.fs.handles import HandleTable
+
+    fp = "a" * 64
+    with_contents = Tree(Catalog(lxd, ttl=0), Exports(lxd, tmp_path / "spool"), mountpoint="/mnt",
+                         index=IndexFolder(tmp_path / "index"))
+    inside = [f"/contents/by-fingerprint/{fp}", f"/contents/by-fingerprint/{fp}/rootfs/etc"]
+    outside = ["", "/", "/contents", "/contents/by-fingerprint", "/contents/by-fingerprint/",
+               f"/contents/by-alias/{fp}", f"/by-fingerprint/{fp}", f"/by-fingerprint/{fp}/rootfs.squashfs",
+               f"/import/{fp}", f"/x/contents/by-fingerprint/{fp}"]
+    assert [p for p in inside if not with_contents.inside_image(p)] == []
+    assert [p for p in outside if with_contents.inside_image(p)] == []
+    assert not make_tree(lxd, tmp_path).inside_image(inside[1])  # -o nocontents: no contents/ at all
+    forest = Forest([Slot("contents", with_contents, lambda: True)], HandleTable(), True, "/mnt")
+    assert forest.inside_image("/contents" + inside[1])
+    assert not any(forest.inside_image(p) for p in [*inside, *("/contents" + p for p in outside)])
