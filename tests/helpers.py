@@ -42,6 +42,24 @@ def big_tarball(where: Path, label: str, size: int = 768 << 20) -> tuple[Path, s
     return tarball, sha(tarball)
 
 
+def zeros_tar_zst(where: Path, zeros: int, noise: int = 64 << 10) -> Path:
+    """`where` (.tar.zst): an image whose rootfs holds `zeros` bytes of zeros beside `noise` bytes
+    of noise, at zstd -19: a few KiB for hundreds of MiB (a decode stops past 200 times the
+    export's size: noise keeps it under that where a test needs the whole decode)."""
+    import subprocess
+
+    tar = make_unified(where.with_suffix(""), rootfs_bytes=noise)
+    blank = where.with_name(where.name + ".zeros")
+    with open(blank, "wb") as f:
+        f.truncate(zeros)
+    with tarfile.open(tar, "a") as t:
+        t.add(blank, "rootfs/zeros")
+    blank.unlink()
+    subprocess.run(["zstd", "-q", "-19", str(tar), "-o", str(where)], check=True)
+    tar.unlink()
+    return where
+
+
 def lxd_fps(sandbox: Any) -> set[str]:
     """The fingerprints the private LXD holds, asked of LXD itself."""
     return {r["fingerprint"] for r in sandbox.rest("/1.0/images?recursion=1")}

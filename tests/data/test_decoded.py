@@ -9,6 +9,7 @@ import subprocess
 import tarfile
 
 import pytest
+from helpers import zeros_tar_zst
 from lxd_sandbox import make_split, make_unified
 from mounts import socket_mounted as mounted
 
@@ -174,16 +175,7 @@ def test_a_decompression_bomb_stops_at_the_bound_is_eio_and_is_not_set_off_again
     lookups do not decode again."""
     import os
 
-    tar = make_unified(tmp_path / "b.tar", rootfs_bytes=noise)
-    zeros = tmp_path / "zeros"
-    with open(zeros, "wb") as f:
-        f.truncate(nothing)
-    with tarfile.open(tar, "a") as t:
-        t.add(zeros, "rootfs/zeros")
-    zeros.unlink()
-    packed = tmp_path / "b.tar.zst"
-    subprocess.run(["zstd", "-q", "-19", str(tar), "-o", str(packed)], check=True)
-    tar.unlink()
+    packed = zeros_tar_zst(tmp_path / "b.tar.zst", nothing, noise)
     assert packed.stat().st_size < 2 * MIB
     small = tmp_path / "small"
     small.mkdir()

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import export_of, imported_unified
+from helpers import export_of, imported_unified, zeros_tar_zst
 from lxd_sandbox import make_split, make_unified
 from mounts import socket_mounted as mounted
 
@@ -320,16 +320,7 @@ def test_a_temporary_file_of_a_daemon_killed_while_writing_it_is_removed_by_the_
     from mounts import mounted as any_mounted
     from mounts import unmount, wait_mounted
 
-    tar = make_unified(tmp_path / "z.tar")
-    zeros = tmp_path / "zeros"
-    with open(zeros, "wb") as f:
-        f.truncate(384 * MIB)
-    with tarfile.open(tar, "a") as t:
-        t.add(zeros, "rootfs/zeros")
-    zeros.unlink()
-    packed = tmp_path / "z.tar.zst"
-    subprocess.run(["zstd", "-q", "-19", str(tar), "-o", str(packed)], check=True)
-    tar.unlink()
+    packed = zeros_tar_zst(tmp_path / "z.tar.zst", 384 * MIB, noise=4 * MIB)  # within 200 times its size
     cache = tmp_path / "cache"
     root = _cache(cache)
     root.mkdir(parents=True)
