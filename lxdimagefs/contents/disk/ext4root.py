@@ -18,7 +18,7 @@ from ratarmountcore.mountsource.MountSource import FileInfo
 from ratarmountcore.SQLiteIndex import SQLiteIndexedTarUserData
 
 
-def _place(number: int) -> SQLiteIndexedTarUserData:
+def place(number: int) -> SQLiteIndexedTarUserData:
     return SQLiteIndexedTarUserData(offset=0, offsetheader=number, istar=False, issparse=False,
                                     isgenerated=False, recursiondepth=0)
 
@@ -26,8 +26,10 @@ def _place(number: int) -> SQLiteIndexedTarUserData:
 class Ext4Rootfs(EXT4MountSource):
     """ratarmountcore's ext4 source with full owners, symlink targets, devices and link counts."""
 
-    def __init__(self, fileobj: Any) -> None:
+    def __init__(self, fileobj: Any, tag: int = 0) -> None:
+        """`tag`: added to each inode number in an entry's place (another ext4 than the root's)."""
         super().__init__(fileobj)
+        self._tag = tag
         self._convert_ext4_directory_entry_to_file_info = self._info
 
     def _info(self, inode: Any) -> FileInfo:
@@ -38,10 +40,10 @@ class Ext4Rootfs(EXT4MountSource):
                         mode=mode, linkname=link,
                         uid=int(inode.i_uid) | int(high.l_i_uid_high) << 16,
                         gid=int(inode.i_gid) | int(high.l_i_gid_high) << 16,
-                        userdata=[_place(int(inode.i_no))])
+                        userdata=[place(self._tag | int(inode.i_no))])
 
     def _inode(self, info: FileInfo) -> Any:
-        return self.fileSystem.inodes[int(info.userdata[-1].offsetheader)]
+        return self.fileSystem.inodes[int(info.userdata[-1].offsetheader) & 0xFFFFFFFF]
 
     def open(self, fileInfo: FileInfo, buffering: int = -1) -> IO[bytes]:
         return self._inode(fileInfo).open()
