@@ -94,5 +94,6 @@ def test_a_cluster_past_the_end_of_the_disk_is_eio_and_the_mount_serves_on(sandb
         with pytest.raises(OSError) as caught:
             (root / "big").read_bytes()
         assert caught.value.errno == errno.EIO
+        assert "lies past the end of the file" in m.log_text()  # the reason, in one log line
         assert (root / "etc/os-release").read_bytes() == (tree / "etc/os-release").read_bytes()
         assert fp in os.listdir(m.path / "by-fingerprint")

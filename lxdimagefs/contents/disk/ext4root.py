@@ -17,6 +17,8 @@ from ratarmountcore.mountsource.formats.ext4 import EXT4MountSource
 from ratarmountcore.mountsource.MountSource import FileInfo
 from ratarmountcore.SQLiteIndex import SQLiteIndexedTarUserData
 
+from lxdimagefs.contents.disk.ext4check import CheckedInodes, Ext4Fault
+
 
 def place(number: int) -> SQLiteIndexedTarUserData:
     return SQLiteIndexedTarUserData(offset=0, offsetheader=number, istar=False, issparse=False,
@@ -30,6 +32,7 @@ class Ext4Rootfs(EXT4MountSource):
         """`tag`: added to each inode number in an entry's place (another ext4 than the root's)."""
         super().__init__(fileobj)
         self._tag = tag
+        self.fileSystem.inodes = CheckedInodes(self.fileSystem, fileobj)
         self._convert_ext4_directory_entry_to_file_info = self._info
 
     def _info(self, inode: Any) -> FileInfo:
@@ -64,6 +67,19 @@ class Ext4Rootfs(EXT4MountSource):
             return os.makedev((block[0] >> 8) & 0xFF, block[0] & 0xFF)
         dev = block[1]
         return os.makedev((dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00))
+
+    def lookup(self, path: str, fileVersion: int = 0) -> FileInfo | None:
+        """An entry; EIO where a folder on its path is one of the folders above it (a loop)."""
+        found = super().lookup(path)
+        if found is not None:
+            parts = [p for p in path.split("/") if p]
+            seen = {2}
+            for depth in range(1, len(parts) + 1):
+                inode = self.fileSystem.inode_at("/" + "/".join(parts[:depth]))
+                if stat.S_ISDIR(self._info(inode).mode) and int(inode.i_no) in seen:
+                    raise Ext4Fault(f"{path}: a directory loop (inode {inode.i_no} is its own ancestor)")
+                seen.add(int(inode.i_no))
+        return found
 
     def list(self, path: str) -> dict[str, FileInfo] | None:
         """A folder's entries; a name is its first name_len bytes (the `ext4` package's name runs

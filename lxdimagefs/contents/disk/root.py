@@ -4,7 +4,7 @@ in NOTE beside rootfs/."""
 
 from __future__ import annotations
 
-import dataclasses
+import errno
 import io
 import logging
 import stat
@@ -25,9 +25,9 @@ class GuestTree:
     """The root filesystem with others mounted on its folders: each call goes to the filesystem
     that holds the path (the deepest mount point above it), as the guest's kernel would."""
 
-    def __init__(self, root: Any, mounted: dict[str, tuple[int, Any]]) -> None:
+    def __init__(self, name: str, root: Any, mounted: dict[str, tuple[int, Any]]) -> None:
         """`mounted`: each mount point's filesystem and the tag its entries' places carry."""
-        self._root, self._mounted = root, {point: fs for point, (_, fs) in mounted.items()}
+        self._name, self._root, self._mounted = name, root, {point: fs for point, (_, fs) in mounted.items()}
         self._by_tag = {tag >> 48: fs for tag, fs in mounted.values()}
         self._order = sorted(mounted, key=len, reverse=True)
 
@@ -40,16 +40,30 @@ class GuestTree:
     def _owner(self, info: Any) -> Any:
         return self._by_tag.get(int(info.userdata[-1].offsetheader) >> 48, self._root)
 
+    def _fault(self, what: str, e: Exception) -> OSError:
+        """Whatever a reader of the untrusted disk raises: EIO for this call, and a log line."""
+        log.warning("%s: %s: %s: %s", self._name, what, type(e).__name__, e)
+        return OSError(errno.EIO, f"{what}: {e}")
+
     def lookup(self, path: str, fileVersion: int = 0) -> Any:
-        source, inner = self._route("/" + path.strip("/") if path.strip("/") else "/")
-        return source.lookup(inner)
+        source, inner = self._route("/" + path.strip("/"))
+        try:
+            return source.lookup(inner)
+        except Exception as e:
+            raise self._fault(f"rootfs{path}", e) from None
 
     def list(self, path: str) -> Any:
-        source, inner = self._route("/" + path.strip("/") if path.strip("/") else "/")
-        return source.list(inner)
+        source, inner = self._route("/" + path.strip("/"))
+        try:
+            return source.list(inner)
+        except Exception as e:
+            raise self._fault(f"rootfs{path}/", e) from None
 
     def read(self, info: Any, size: int, offset: int) -> bytes:
-        return bytes(self._owner(info).read(info, size, offset))
+        try:
+            return bytes(self._owner(info).read(info, size, offset))
+        except Exception as e:
+            raise self._fault(f"{size} bytes at {offset} of a file", e) from None
 
     def nlink(self, info: Any) -> int:
         return int(self._owner(info).nlink(info))
@@ -67,9 +81,11 @@ class WithNote:
 
     def __init__(self, top: Any, text: str) -> None:
         self._top, self._text = top, text.encode()
-        proto = top.lookup("/")
-        self._info = dataclasses.replace(proto, size=len(self._text), mode=stat.S_IFREG | 0o444, linkname="",
-                                         userdata=[place(NOTE_PLACE)])
+        from ratarmountcore.mountsource.MountSource import FileInfo
+        folder = top.lookup("/")  # the note has its folder's time
+        self._info = FileInfo(size=len(self._text), mtime=folder.mtime if folder else 0,
+                              mode=stat.S_IFREG | 0o444, linkname="", uid=0, gid=0,
+                              userdata=[place(NOTE_PLACE)])
 
     def __getattr__(self, name: str) -> Any:  # the index (hard links) and the rest: the tarball's
         return getattr(self._top, name)
@@ -114,7 +130,7 @@ def _guest(disk: Qcow2Reader, name: str, why: list[str]) -> GuestTree | None:
             mounted[point] = (i << 48, _filesystem(kind, disk, part, options, i << 48))
         except (OSError, ValueError) as e:
             why.append(f"{point}: {kind} on partition {part.unique} not read: {e}")
-    return GuestTree(ext4, mounted)
+    return GuestTree(name, ext4, mounted)
 
 
 def vm_root(top: Any, part: Any, name: str) -> tuple[Any, GuestTree | None]:
