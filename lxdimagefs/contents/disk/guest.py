@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import uuid
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from lxdimagefs.contents.disk import gpt
 
@@ -63,9 +63,10 @@ def _matches(spec: str, names: dict[str, str]) -> bool:
     return False
 
 
-def mounts(disk: BinaryIO, parts: list[gpt.Partition], root: gpt.Partition, fstab: str,
-           has_folder: Any) -> tuple[list[tuple[str, str, gpt.Partition, dict[str, str]]], list[str]]:
-    """The (mount point, filesystem, partition, options) to show, and why any other is not."""
+def mounts(disk: BinaryIO, parts: list[gpt.Partition], root: gpt.Partition,
+           fstab: str) -> tuple[list[tuple[str, str, gpt.Partition, dict[str, str]]], list[str]]:
+    """The (mount point, filesystem, partition, options) to show, outer ones first (/boot before
+    /boot/efi), and why any other is not."""
     shown, why = [], []
     known = [(p, *identity(disk, p)) for p in parts if p != root]
     for spec, point, kind, options in fstab_lines(fstab):
@@ -76,8 +77,6 @@ def mounts(disk: BinaryIO, parts: list[gpt.Partition], root: gpt.Partition, fsta
             why.append(f"{point}: {spec} is no partition of this disk (or not one read here)")
         elif part[1] is None or (kind not in ("auto", part[1]) and not (kind in EXT and part[1] == "ext4")):
             why.append(f"{point}: {spec} holds no filesystem read here (fstab says {kind})")
-        elif not has_folder(point):
-            why.append(f"{point}: the root has no such folder to mount {spec} on")
         else:
             shown.append((point, part[1], part[0], options))
-    return shown, why
+    return sorted(shown, key=lambda m: m[0].count("/")), why

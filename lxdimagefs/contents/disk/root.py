@@ -118,17 +118,17 @@ def _guest(disk: Qcow2Reader, name: str, why: list[str]) -> GuestTree | None:
     fstab = ext4.lookup("/etc/fstab")
     text = ext4.read(fstab, min(fstab.size, guest.FSTAB_MAX), 0).decode("utf-8", "replace") if (
         fstab is not None and stat.S_ISREG(fstab.mode)) else ""
-
-    def has_folder(point: str) -> bool:
-        found = ext4.lookup(point)
-        return found is not None and stat.S_ISDIR(found.mode)
-    shown, not_shown = guest.mounts(disk, parts, root, text, has_folder)  # type: ignore[arg-type]
+    shown, not_shown = guest.mounts(disk, parts, root, text)  # type: ignore[arg-type]
     why += not_shown
-    mounted = {}
+    mounted: dict[str, tuple[int, Any]] = {}
     for i, (point, kind, part, options) in enumerate(shown, 1):
+        found = GuestTree(name, ext4, mounted).lookup(point)  # on what is mounted so far: /boot/efi on /boot
+        if point in mounted or found is None or not stat.S_ISDIR(found.mode):
+            why.append(f"{point}: no folder to mount {kind} on (or mounted twice)")
+            continue
         try:
             mounted[point] = (i << 48, _filesystem(kind, disk, part, options, i << 48))
-        except (OSError, ValueError) as e:
+        except Exception as e:  # untrusted bytes: whatever the reader raises, the rest shows
             why.append(f"{point}: {kind} on partition {part.unique} not read: {e}")
     return GuestTree(name, ext4, mounted)
 
