@@ -1061,6 +1061,8 @@ def main() -> int:
     p.add_argument("--contents-only", action="store_true", help="only what is inside images")
     p.add_argument("--contents", action="store_true", help="only whole-tree commands inside a real "
                    "Debian 12 image, against lxc image export + extract (scripts/bench_inside.py)")
+    p.add_argument("--vm", action="store_true", help="only contents/ of a real VM image (qcow2, GPT, ext4, "
+                   "FAT ESP) against qemu-img convert + debugfs (scripts/bench_vm.py)")
     p.add_argument("--split-only", action="store_true", help="only reads of a split image's rootfs")
     p.add_argument("--https-only", action="store_true", help="only the sequential read over HTTPS")
     p.add_argument("--cluster-only", action="store_true",
@@ -1098,6 +1100,11 @@ def main() -> int:
             from bench_inside import bench_inside
 
             bench_inside(box, work, args.rounds)
+        elif args.vm:
+            sys.modules.setdefault("benchmark", sys.modules[__name__])
+            from bench_vm import bench_vm
+
+            bench_vm(box, work)
         elif args.split_only:
             bench_split(box, work)
         elif args.cluster_only:

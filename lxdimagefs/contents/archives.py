@@ -134,8 +134,8 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         return top, None, lazy
     rootfs, unchecked = part(1)
     if layout.parts[1].name.endswith(".qcow2"):  # a VM's disk: its ext4 root (contents/disk/)
-        from lxdimagefs.contents.disk.root import vm_root
-        return top, vm_root(rootfs, layout.parts[1].name), lazy
+        from lxdimagefs.contents.disk.root import vm_root  # its files, or why not in a note beside
+        return *vm_root(top, rootfs, layout.parts[1].name), lazy
     return top, indexed(lambda fileObject, **o: SquashfsRootfs(fileObject, **o), rootfs, unchecked,
                         f".{INDEX}.sqlite"), lazy
 

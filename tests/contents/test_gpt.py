@@ -62,3 +62,17 @@ def test_a_damaged_table_or_no_gpt_is_eio(tmp_path: Path) -> None:
     assert caught.value.errno == errno.EIO and "CRC32" in str(caught.value)
     with pytest.raises(gpt.GptError, match="protective MBR"):
         gpt.partitions(io.BytesIO(bytes(4096)))
+
+
+@pytest.mark.parametrize("kind", [gpt.ROOT_AARCH64, gpt.LINUX_DATA])
+def test_the_root_of_another_architecture_or_linux_data(tmp_path: Path, kind: object) -> None:
+    """An arm64 image's root is an aarch64 root partition (or plain Linux data): found as the
+    x86-64 one is, before a Linux data partition holding no ext4."""
+    disk, root_bytes = _disk(tmp_path)
+    layout = (f"label: gpt\nstart=2048, size=4096, type={gpt.LINUX_DATA}, name=data\n"
+              f"start=6144, size=16384, type={kind}, name=root\n")
+    subprocess.run(["sfdisk", "-q", str(disk)], input=layout.encode(), check=True)
+    with open(disk, "rb") as f:
+        root = gpt.root_of(f, gpt.partitions(f))
+        assert root is not None and root.name == "root" and root.type == kind
+        assert gpt.Slice(f, root.offset, root.length).read() == root_bytes  # type: ignore[arg-type]

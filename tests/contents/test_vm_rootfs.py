@@ -16,6 +16,7 @@ from mounts import mounted
 from test_ext4root import _tree
 
 from lxdimagefs.contents.disk import gpt
+from lxdimagefs.contents.disk.root import NOTE
 
 pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 
@@ -50,7 +51,9 @@ def test_a_vm_images_rootfs_is_its_ext4_root(sandbox, tmp_path: Path) -> None:
                                  ("blank", ["-c"])]}
     with mounted(sandbox, tmp_path / "mnt") as m:
         blank = m.path / "contents" / "by-fingerprint" / fps["blank"]
-        assert sorted(os.listdir(blank)) == ["metadata.yaml"]  # a disk not understood: metadata only
+        assert sorted(os.listdir(blank)) == ["metadata.yaml", NOTE]  # a disk not understood: and why
+        assert "no ext4 Linux root partition" in (blank / NOTE).read_text()
+        assert "no ext4 Linux root partition" in m.log_text()
         for name in ("zlib", "zstd"):
             root = m.path / "contents" / "by-fingerprint" / fps[name]
             assert sorted(os.listdir(root)) == ["metadata.yaml", "rootfs"]
@@ -91,5 +94,6 @@ def test_a_cluster_past_the_end_of_the_disk_is_eio_and_the_mount_serves_on(sandb
         with pytest.raises(OSError) as caught:
             (root / "big").read_bytes()
         assert caught.value.errno == errno.EIO
+        assert "lies past the end of the file" in m.log_text()  # the reason, in one log line
         assert (root / "etc/os-release").read_bytes() == (tree / "etc/os-release").read_bytes()
         assert fp in os.listdir(m.path / "by-fingerprint")

@@ -14,6 +14,13 @@ from typing import BinaryIO
 from lxdimagefs.contents.seekable import Seekable
 
 ROOT_X86_64 = uuid.UUID("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709")
+ROOT_AARCH64 = uuid.UUID("B921B045-1DF0-41C3-AF44-4C6F280D3FAE")
+# The Discoverable Partitions Specification's root of every architecture LXD builds images for
+# (x86-64, i686, aarch64, armv7l, ppc64le, riscv64, s390x), as util-linux's sfdisk names them.
+ROOTS = frozenset({ROOT_X86_64, ROOT_AARCH64, *map(uuid.UUID, (
+    "44479540-F297-41B2-9AF7-D131D5F0458A", "69DAD710-2CE4-4E3C-B16C-21A1D49ABED3",
+    "C31C45E6-3F39-412E-80FB-4809C4980599", "72EC70A6-CF74-40E6-BD49-4BDA08E8F224",
+    "5EEAD9A9-FE09-4A1E-A1D7-520D00531306"))})
 LINUX_DATA = uuid.UUID("0FC63DAF-8483-4772-8E79-3D69D8477DE4")
 ESP = uuid.UUID("C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
 EXT4_MAGIC_AT = 1080  # the superblock (at 1024) has its 0xEF53 magic at offset 56
@@ -90,9 +97,10 @@ def has_ext4(disk: BinaryIO, part: Partition) -> bool:
 
 
 def root_of(disk: BinaryIO, parts: list[Partition]) -> Partition | None:
-    """The Linux root: an x86-64 root or Linux data partition, those holding ext4 first."""
-    linux = [p for p in parts if p.type in (ROOT_X86_64, LINUX_DATA)]
-    linux.sort(key=lambda p: (not has_ext4(disk, p), p.type != ROOT_X86_64))
+    """The Linux root: a root partition of any architecture in ROOTS, or a Linux data partition;
+    those holding ext4 first, then a root type before Linux data, then table order."""
+    linux = [p for p in parts if p.type in ROOTS or p.type == LINUX_DATA]
+    linux.sort(key=lambda p: (not has_ext4(disk, p), p.type not in ROOTS))
     return linux[0] if linux else None
 
 

@@ -135,7 +135,8 @@ class Qcow2Reader(Seekable):
         raw = self._read_at(offset, length, "compressed cluster")  # may end at EOF: qemu trims it
         try:
             if self._zstd:
-                data = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+                # a bounded read: a frame saying it holds gigabytes is cut at one byte past a cluster
+                data = zstandard.ZstdDecompressor().stream_reader(raw).read(self._cluster + 1)
             else:
                 inflater = zlib.decompressobj(-15)  # qemu deflates raw, window -12: -15 reads it
                 data = inflater.decompress(raw, self._cluster + 1)

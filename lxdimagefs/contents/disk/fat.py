@@ -1,0 +1,110 @@
+"""A VM's EFI system partition (FAT12/16/32) as the guest's kernel shows it, over ratarmountcore's
+FAT source (its own copy of pyfatfs, MIT: no new dependency).
+
+pyfatfs reads the boot sector and the FAT (4 bytes a cluster: 100 KiB for a 100 MiB ESP) when
+opened, directories as they are looked in, files cluster by cluster: lazy enough over the qcow2
+reader. FAT keeps no owner, mode or link; Linux's vfat makes them from the mount's options
+(uid=, gid=, umask=, fmask=, dmask=; root and umask 022 without them), and reads its times
+(2-second steps, no zone) as UTC: so are they here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import errno
+import hashlib
+import stat
+from typing import IO, Any
+
+from ratarmountcore.mountsource.formats.fat import FATMountSource, PyFATException
+from ratarmountcore.mountsource.MountSource import FileInfo
+
+from lxdimagefs.contents.disk.ext4root import place
+
+
+def _octal(options: dict[str, str], name: str, default: int) -> int:
+    try:
+        return int(options[name], 8) & 0o777 if name in options else default
+    except ValueError:
+        return default
+
+
+def name_of(entry: Any) -> str:
+    """An entry's name as Linux shows it: its long name, else its 8.3 name with the case the NT
+    flags ask for (0x08: the base in lower case, 0x10: the extension), as mtools and Windows write."""
+    if entry.lfn_entry is not None:
+        return str(entry.lfn_entry)
+    base, dot, ext = entry.get_short_name().partition(".")
+    return (base.lower() if entry.ntres & 0x08 else base) + dot + (ext.lower() if entry.ntres & 0x10 else ext)
+
+
+class FatFs(FATMountSource):
+    """One FAT filesystem; `options` are its fstab options (`umask=0077`, …); `tag` is added to
+    each entry's place, so that its inode numbers are its own."""
+
+    def __init__(self, fileobj: Any, options: dict[str, str], tag: int) -> None:
+        super().__init__(fileobj)
+        umask = _octal(options, "umask", 0o022)
+        self._fmode = stat.S_IFREG | (0o777 & ~_octal(options, "fmask", umask))
+        self._dmode = stat.S_IFDIR | (0o777 & ~_octal(options, "dmask", umask))
+        self._uid, self._gid = int(options.get("uid", "0") or 0), int(options.get("gid", "0") or 0)
+        self._tag = tag
+
+    def _info(self, entry: Any, path: str) -> FileInfo:
+        """`path`: the entry's names as Linux shows them; its first userdata, the names pyfatfs finds
+        it by (the 8.3 names in upper case)."""
+        when = entry.get_mtime() if path != "/" else datetime.datetime(1970, 1, 1)
+        number = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=5).digest(), "big")
+        return FileInfo(size=0 if entry.is_directory() else int(entry.filesize),
+                        mtime=int(when.replace(tzinfo=datetime.UTC).timestamp()),
+                        mode=self._dmode if entry.is_directory() else self._fmode, linkname="",
+                        uid=self._uid, gid=self._gid,
+                        userdata=["/" + entry.get_full_path().lstrip("/"), place(self._tag | number)])
+
+    def _entries(self, folder: Any) -> dict[str, Any]:
+        try:
+            dirs, files, _ = folder.get_entries()
+        except PyFATException as e:
+            raise OSError(errno.EIO, f"FAT: {e}") from e
+        return {name: e for e in dirs + files if (name := name_of(e)) not in (".", "..")}
+
+    def _entry(self, path: str) -> Any:
+        """The entry at a path, each name matched as Linux's vfat does (exactly, else ignoring case)."""
+        entry = self.fileSystem.root_dir
+        for name in filter(None, path.split("/")):
+            if not entry.is_directory():
+                return None
+            found = self._entries(entry)
+            entry = found.get(name) or next((e for n, e in found.items() if n.casefold() == name.casefold()),
+                                            None)
+            if entry is None:
+                return None
+        return entry
+
+    def lookup(self, path: str, fileVersion: int = 0) -> FileInfo | None:
+        path = "/" + path.strip("/")
+        entry = self._entry(path)
+        return None if entry is None else self._info(entry, path)
+
+    def list(self, path: str) -> dict[str, FileInfo] | None:
+        path = "/" + path.strip("/")
+        folder = self._entry(path)
+        if folder is None or not folder.is_directory():
+            return None
+        inside = path.rstrip("/")
+        return {name: self._info(e, f"{inside}/{name}") for name, e in self._entries(folder).items()}
+
+    def open(self, fileInfo: FileInfo, buffering: int = -1) -> IO[bytes]:
+        return super().open(dataclasses.replace(fileInfo, userdata=fileInfo.userdata[:1]))
+
+    def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
+        with self.open(fileInfo) as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def nlink(self, info: FileInfo) -> int:
+        return 1
+
+    def device(self, info: FileInfo) -> int:
+        return 0

@@ -1,0 +1,126 @@
+"""contents/ of VM images (issue 25): the Debian 12 minbase tree the fidelity tests use, as a
+distrobuilder-like VM image (GPT, FAT32 ESP at /boot/efi by UUID, ext4 root, compressed qcow2;
+tests/contents/vmdisk.py), once with zlib and once with zstd, imported into the private LXD:
+
+    .venv/bin/python scripts/benchmark.py --vm
+
+Against what a user has without this: the qcow2 converted to raw with `qemu-img convert`, then
+`debugfs -R 'cat /etc/os-release'` on the root partition (libguestfs's virt-cat, when installed,
+too). Each mount is new with the page cache dropped; its daemon's RSS is sampled throughout.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmark import RSSWatch, _mib_received, drop_caches, mount, row, sh
+from lxd_sandbox import Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Counting(io.RawIOBase):
+    """A file that counts the bytes read from it (the disk image, as the daemon's checked part)."""
+
+    def __init__(self, path: Path) -> None:
+        self._f, self.read_bytes = open(path, "rb"), 0  # noqa: SIM115
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._f.readinto(buffer)
+        self.read_bytes += n
+        return n
+
+
+def _bytes_for_os_release(disk: Path) -> tuple[int, str]:
+    """What contents/disk/ reads of the qcow2 to open the guest and cat /etc/os-release (the
+    daemon's own code, over the file, counted)."""
+    from lxdimagefs.contents.disk.root import vm_root
+
+    counted = _Counting(disk)
+    _, tree = vm_root(None, counted, disk.name)
+    assert tree is not None
+    path = "/etc/os-release"
+    info = tree.lookup(path)
+    while stat.S_ISLNK(info.mode):  # Debian's is a link to ../usr/lib/os-release: cat follows it
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(path), info.linkname))
+        info = tree.lookup(path)
+    tree.read(info, 1 << 16, 0)
+    return counted.read_bytes, path
+
+
+def _timed(command: str) -> tuple[float, str]:
+    t = time.perf_counter()
+    done = subprocess.run(command, shell=True, capture_output=True, text=True)
+    if done.returncode not in (0, 1):  # diff: 1 for what differs (boot/efi: the ESP's files)
+        raise RuntimeError(f"{command}: {done.returncode} {done.stderr[-500:]}")
+    return time.perf_counter() - t, done.stdout.strip()[-60:]
+
+
+def bench_vm(box: Sandbox, work: Path) -> None:
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "contents")]
+    import vmdisk
+    from test_fidelity import debian_minbase
+
+    tree = debian_minbase()
+    print(f"\ncontents/ of VM images: Debian 12 minbase ({tree}) in a GPT qcow2", flush=True)
+    esp, root = vmdisk.esp_tree(work / "esp"), vmdisk.root_tree(tree, work / "root")
+    offset = (1 + vmdisk.ESP_MIB) << 20
+    for kind in vmdisk.OPTIONS:
+        meta, disk = vmdisk.vm_image(work / kind, root, esp, kind)
+        fp, size = box.import_image(meta, disk), disk.stat().st_size
+        read, target = _bytes_for_os_release(disk)
+        row(f"{kind}: qcow2 of {size / (1 << 20):.0f} MiB (guest disk {(offset >> 20) + 1}+ MiB)",
+            f"{read / 1024:.0f} KiB read", f"to open the guest and cat /etc/os-release: {read / size:.2%}")
+        inside = "{where}/contents/by-fingerprint/" + fp + "/rootfs"
+        results = {}
+        for label, command in [("cat rootfs/etc/os-release", f"cat {inside}/etc/os-release"),
+                               ("find rootfs | wc -l", f"find {inside} | wc -l"),
+                               ("diff -r --no-dereference source rootfs",
+                                f"diff -r --no-dereference {root} {inside} | grep -c ."),]:
+            with mount(box) as (where, proc, log):
+                drop_caches()
+                with RSSWatch(proc.pid) as rss:
+                    took, out = _timed(command.replace("{where}", str(where)))
+                results[label] = took
+                row(f"{kind}: {label}, new mount", f"{took * 1000:.0f} ms" if took < 10 else f"{took:.1f} s",
+                    f"out {out!r}; daemon RSS peak {rss.peak / 1024:.0f} MiB; "
+                    f"{_mib_received(log, fp):.0f} MiB from LXD")
+        raw = work / kind / "disk.raw"
+        drop_caches()
+        t = time.perf_counter()
+        sh("qemu-img", "convert", "-O", "raw", str(disk), str(raw))
+        # debugfs does not follow links: it is given the file /etc/os-release links to, and must read it
+        done = subprocess.run(["debugfs", "-R", f"cat {target}", f"{raw}?offset={offset}"],
+                              capture_output=True)
+        if b"VERSION_ID" not in done.stdout:
+            raise RuntimeError(f"debugfs: {done.stderr[-300:]!r}")
+        other = time.perf_counter() - t
+        row(f"{kind}: qemu-img convert to raw + debugfs cat {target}", f"{other:.2f} s",
+            f"contents/: {other / results['cat rootfs/etc/os-release']:.1f}x faster (the qcow2 already "
+            "local for the alternative: no lxc image export counted)")
+        raw.unlink()
+        if shutil.which("virt-cat"):
+            drop_caches()
+            took, _ = _timed(f"virt-cat -a {disk} /etc/os-release")
+            row(f"{kind}: virt-cat -a disk /etc/os-release", f"{took:.2f} s")
+        box.lxc("image", "delete", fp)
