@@ -82,7 +82,9 @@ class Context:
     own: Ownership = field(default_factory=Ownership)
     started: float = field(default_factory=time.time)
     # Told of paths that changed behind the caller's back; wait=True where no directory lock
-    # can be held (close), so the caller sees the change when its call returns.
+    # can be held (close), so the caller sees the change when its call returns; entry=False
+    # keeps the name (attributes only), which is all a caller that may hold its folder's lock
+    # (a rename) may wait for: dropping a name takes that lock.
     on_change: Callable[..., None] = lambda path, wait=False, entry=True: None
 
     def dir(self, mtime: float, nlink: int = 2, writable: bool = False) -> Attr:

@@ -8,11 +8,14 @@ libfuse 2, `LXDIMAGEFS_FUSE=mfusepy2` mfusepy on libfuse 2.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 BINDING = os.environ.get("LXDIMAGEFS_FUSE", "mfusepy")
 
@@ -193,8 +196,8 @@ def kernel_forgetter(mountpoint: str = "") -> Callable[..., None]:
     def on_change(path: str, wait: bool = False, entry: bool = True) -> None:
         done = threading.Event()
         changed.put((path, entry, done))
-        if wait:
-            done.wait(5)
+        if wait and not done.wait(5):  # a caller holding the folder a dropped name is in
+            log.warning("the kernel's caches: %s not dropped within 5 s; going on", path)
 
     threading.Thread(target=_drain, args=(changed, invalidate), daemon=True, name="invalidate").start()
     return on_change

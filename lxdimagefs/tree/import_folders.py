@@ -97,7 +97,10 @@ class FolderImports(LinkImports):
                 folder.remove_spool()
                 with self._lock:
                     self._folders.pop(folder.name, None)
-                for name in folder.files:
-                    self.ctx.on_change(self.path([folder.name, name]), wait=True)
-                self.ctx.on_change(self.path([folder.name]), wait=True)
+                for name in [*folder.files, ""]:  # its files' attributes, then the folder's
+                    self.ctx.on_change(self.path([folder.name, name] if name else [folder.name]), wait=True,
+                                       entry=False)
+                # its name, and every name below it: not waited for (a rename into the folder,
+                # rsync's last step, holds the folder's lock, which dropping a name in it takes)
+                self.ctx.on_change(self.path([folder.name]))
         self.catalog.invalidate()

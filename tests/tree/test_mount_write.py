@@ -191,6 +191,25 @@ def test_split_image_from_a_folder(mnt, sandbox, tmp_path):
         sandbox.lxc("image", "delete", fp, check=False)
 
 
+def test_a_split_image_whose_last_part_is_renamed_into_its_folder_lands_without_a_stall(mnt, sandbox,
+                                                                                        tmp_path):
+    """rsync's way: the last part written under a temporary name, then renamed into place. The
+    rename's call holds the folder's lock while the image lands: the kernel's caches are told to
+    drop the folder's names without waiting on that lock (each wait ran out: 5 s per part)."""
+    meta, rootfs = make_split(tmp_path / "r", rootfs_bytes=1 << 20)
+    fp, folder = sha(meta, rootfs), mnt.path / "import" / "renamed"
+    try:
+        os.mkdir(folder)
+        shutil.copy(meta, folder / "meta.tar.xz")
+        shutil.copy(rootfs, folder / ".rootfs.squashfs.tmp")
+        os.rename(folder / ".rootfs.squashfs.tmp", folder / "rootfs.squashfs")
+        assert fp in lxd_fps(sandbox)
+        assert "not dropped within" not in mnt.log_text()
+        assert os.listdir(mnt.path / "import") == []
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
 def test_cp_r_copies_an_image_to_another_server(mnt, sandbox, fresh, tmp_path):
     """The other server is another LXD project: its own images, through its own mount."""
     fp = fresh(rootfs_bytes=1 << 20)
