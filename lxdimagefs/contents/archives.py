@@ -224,7 +224,9 @@ class ImageArchive:
                     mode, rdev = inodes.tar_special(source, info)
                 info = info.clone()
                 info.mode = mode
-        place = None if inodes.generated(info) else (
+        # A folder takes its number from its path: ratarmountcore gives one it made up (a tarball
+        # of files only) its first file's place, and a folder has no other names to share it with.
+        place = None if inodes.generated(info) or stat.S_ISDIR(info.mode) else (
             "rootfs" if source is self._rootfs else "top", inodes.header(info))
         return Entry(source, info, rdev, nlink, place)
 

@@ -323,3 +323,27 @@ def test_find_newer_and_ls_work_inside(cmnt, made, tmp_path):
     listing = subprocess.run(["ls", "-ln", str(root / "rootfs/etc")], capture_output=True, text=True,
                              check=True).stdout
     assert " 1000 1000 " in listing and "motd -> os-release" in listing
+
+
+def test_folders_a_tarball_never_names_have_inode_numbers_of_their_own(sandbox, tmp_path):
+    """A tarball of files only (no `rootfs/` or `rootfs/dN/` headers, as some tools write them):
+    ratarmountcore gives a folder it makes up the place of its first file, so `rootfs`,
+    `rootfs/d0` and `rootfs/d0/f0` had one inode number, and GNU find left d0 out as a loop."""
+    tar = tmp_path / "files-only.tar"
+    with tarfile.open(tar, "w") as t:
+        for name, data in [("metadata.yaml", b"architecture: x86_64\ncreation_date: 1\n")] + [
+                (f"rootfs/d{i}/f{j}", b"y") for i in range(3) for j in range(4)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    fp = sandbox.import_image(tar)
+    try:
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            root = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+            numbers = [os.lstat(p).st_ino for p in [root, root / "d0", root / "d1", root / "d0" / "f0",
+                                                    root / "d0" / "f1", root / "d1" / "f0"]]
+            assert len(set(numbers)) == len(numbers), numbers
+            found = subprocess.run(["find", str(root)], capture_output=True, text=True, check=True).stdout
+            assert len(found.split()) == 1 + 3 + 12
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
