@@ -289,8 +289,7 @@ def _over(cache: DiskCache, used: int, size: int) -> bool:
     """Past cache_max, or `size` bytes more would leave less than keep_free of the filesystem."""
     if cache.max_bytes is not None and used > cache.max_bytes:
         return True
-    fs = os.statvfs(cache.root)
-    return fs.f_bavail * fs.f_frsize < cache.keep_free * fs.f_blocks * fs.f_frsize + max(size, BLOCK)
+    return diskparts.too_full(cache.root, max(size, BLOCK), cache.keep_free)
 
 
 def drop_unsealed(cache: DiskCache, fp: str) -> None:

@@ -240,3 +240,9 @@ class PartWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+
+
+def too_full(folder: Path, more: int, keep_free: float) -> bool:
+    """Whether `more` bytes written in `folder` would leave under `keep_free` of its filesystem free."""
+    fs = os.statvfs(folder)
+    return fs.f_bavail * fs.f_frsize < keep_free * fs.f_blocks * fs.f_frsize + more

@@ -25,14 +25,14 @@ from typing import Any
 
 from lxdimagefs.data.blocks import BlockCache
 from lxdimagefs.data.diskcache import DECODED, KEEP_FREE, DiskCache, decoded_key, drop_unsealed
-from lxdimagefs.data.diskparts import CheckedPart, PartWriter
+from lxdimagefs.data.diskparts import CheckedPart, PartWriter, too_full
 from lxdimagefs.data.fetch import Fetcher
 from lxdimagefs.data.manifest import BlockSums, Manifest
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.data.spool import SplitSpool
 from lxdimagefs.data.verify import Verification
 from lxdimagefs.errors import IntegrityError
-from lxdimagefs.private import private_folder
+from lxdimagefs.private import Temporary, private_folder
 from lxdimagefs.servers.protocol import ImageSource
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,7 @@ def _bound(folder: Path, written: int, more: int, caps: list[tuple[int, str]]) -
     for cap, what in caps:
         if written + more > cap:
             return f"decoding stopped at {written} bytes: {what} is {cap} bytes"
-    fs = os.statvfs(folder)
-    if fs.f_bavail * fs.f_frsize < KEEP_FREE * fs.f_blocks * fs.f_frsize + more:
+    if too_full(folder, more, KEEP_FREE):
         return (f"decoding stopped at {written} bytes: more would leave under {KEEP_FREE:.0%} "
                 f"of {folder}'s filesystem free")
     return None
@@ -201,45 +200,42 @@ def decode(source: Path, out: Path, fp: str, compression: str, cap: int | None =
     if they are not the image's (sha256 = `fp`), nothing is kept and IntegrityError is raised.
     Bounded (DecodeBound) by `cap` bytes (the disk cache's bound), MAX_RATIO times the source's
     size and the free space `out`'s filesystem must keep: what a few KiB decode to is not known
-    until decoded. The temporary file is the daemon's own (0600,
-    made anew, never through a link)."""
+    until decoded. The temporary file is a private.Temporary (0600, made anew, never through a
+    link)."""
     import zstandard
 
     sums, written, buf = BlockSums(), 0, bytearray(PartWriter.BATCH)
     caps = [(MAX_RATIO * os.stat(source).st_size, f"{MAX_RATIO} times the export's size")]
     caps += [(cap, "the disk cache's bound (-o cache_max)")] if cap is not None else []
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with open(source, "rb", buffering=0) as raw, open(os.open(tmp, flags, 0o600), "wb") as dst:
-            hashed = _Hashing(raw)
-            src = io.BufferedReader(hashed, PartWriter.BATCH)
-            try:
-                with decoder_of(src, compression) as decoder:
-                    while n := decoder.readinto(buf):
-                        if why := _bound(tmp.parent, written, n, caps):
-                            raise DecodeBound(errno.EIO, why)
-                        try:
-                            dst.write(memoryview(buf)[:n])
-                        except OSError as e:
-                            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                                raise
-                            why = f"decoding stopped at {written} bytes: {e.strerror}"
-                            raise DecodeBound(errno.EIO, why) from e
-                        sums.update(memoryview(buf)[:n])
-                        written += n
-            except DecodeBound:
-                raise
-            except (zstandard.ZstdError, lzma.LZMAError, zlib.error, EOFError, OSError):  # bz2, gzip: OSError
-                hashed.finish(buf, fp)  # a copy changed since its check, or the image's own fault?
-                raise
-            hashed.finish(buf, fp)
-            whole = compression != "zst" or _whole_frames(raw.fileno())  # its reader ends quietly
-        if not whole:  # LXD reads only metadata.yaml: it takes an image whose export is cut short
+    with Temporary(out) as tmp, open(source, "rb", buffering=0) as raw, \
+            open(tmp.fd, "wb", closefd=False) as dst:
+        hashed = _Hashing(raw)
+        src = io.BufferedReader(hashed, PartWriter.BATCH)
+        try:
+            with decoder_of(src, compression) as decoder:
+                while n := decoder.readinto(buf):
+                    if why := _bound(tmp.path.parent, written, n, caps):
+                        raise DecodeBound(errno.EIO, why)
+                    try:
+                        dst.write(memoryview(buf)[:n])
+                    except OSError as e:
+                        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        why = f"decoding stopped at {written} bytes: {e.strerror}"
+                        raise DecodeBound(errno.EIO, why) from e
+                    sums.update(memoryview(buf)[:n])
+                    written += n
+        except DecodeBound:
+            raise
+        except (zstandard.ZstdError, lzma.LZMAError, zlib.error, EOFError, OSError):  # bz2, gzip: OSError
+            hashed.finish(buf, fp)  # a copy changed since its check, or the image's own fault?
+            raise
+        hashed.finish(buf, fp)
+        if compression == "zst" and not _whole_frames(raw.fileno()):  # its reader ends quietly
+            # LXD reads only metadata.yaml: it takes an image whose export is cut short
             raise ValueError(f"{fp}: its export ends inside a zstd frame")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        dst.flush()
+        os.replace(tmp.path, out)
     return sums.manifest(fp, written)
 
 

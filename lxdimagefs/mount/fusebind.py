@@ -212,5 +212,4 @@ def _drain(changed: queue.Queue[tuple[str, bool, threading.Event]],
 
 
 __all__ = ["BINDING", "FUSE", "LIBFUSE", "NOFLUSH", "Operations", "fuse_get_context", "kernel_forgetter",
-           "listed",
-           "path_invalidator", "worker_options"]
+           "listed", "path_invalidator", "worker_options"]
