@@ -39,6 +39,10 @@ else:
         once more in Python: docs/PERFORMANCE.md, issue 16).
         """
 
+        def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+            _STATES.keep()
+            return super()._wrapper(func, *args, **kwargs)
+
         def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
             name, data, fh = self._call(path, buf, size, fip)
             written: int = self.operations.write(name, data, offset, fh)
@@ -110,6 +114,47 @@ MAX_IDLE_THREADS = 16
 NOFLUSH = BINDING == "mfusepy" and LIBFUSE == 3 and hasattr(mfusepy.fuse_file_info, "noflush")
 READDIR_PLUS = 1  # enum fuse_readdir_flags: the kernel asked for attributes with the names
 FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags: this name's attributes are given, whole
+
+
+class ThreadStates:
+    """One Python thread state per libfuse worker, kept for the worker's life.
+
+    A callback on a thread Python did not start runs in a thread state ctypes makes for it
+    and deletes after it: per request, a state and its 16 KiB frame stack mapped, then
+    unmapped (a third of the daemon's CPU per `open` and `release` inside an image:
+    docs/PERFORMANCE.md). A worker's first callback takes one more hold on its state, so the
+    ones after it reuse it. libfuse ends idle workers beyond max_idle_threads without telling
+    us: the states of ended workers are deleted when the next worker keeps its own (at most
+    max_threads are ever kept).
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[int, int] = {}  # native thread id -> its PyThreadState*
+        self._mine = threading.local()  # lives in the thread state: set once it is kept
+        self._main = threading.get_ident()  # `-s`: libfuse calls on Python's own main thread
+        api = ctypes.pythonapi
+        api.PyGILState_Ensure.restype, api.PyThreadState_Get.restype = ctypes.c_int, ctypes.c_void_p
+        api.PyThreadState_Clear.argtypes = api.PyThreadState_Delete.argtypes = [ctypes.c_void_p]
+
+    def keep(self) -> None:
+        if getattr(self._mine, "kept", False) or threading.get_ident() == self._main:
+            return
+        self._mine.kept = True
+        api = ctypes.pythonapi
+        me = threading.get_native_id()  # a state kept under this id is an ended worker's
+        alive = {int(tid) for tid in os.listdir("/proc/self/task")} - {me}
+        ended = [tid for tid in self._kept if tid not in alive]
+        for tid in ended:  # the GIL is held: no other callback runs meanwhile
+            state = self._kept.pop(tid)
+            api.PyThreadState_Clear(state)
+            api.PyThreadState_Delete(state)
+        if ended:
+            log.debug("deleted the Python thread states of %d ended libfuse workers", len(ended))
+        api.PyGILState_Ensure()  # ctypes' release after this callback leaves the state alive
+        self._kept[me] = api.PyThreadState_Get()
+
+
+_STATES = ThreadStates()
 
 
 def worker_options() -> dict[str, object]:

@@ -158,3 +158,21 @@ def test_a_server_whose_certificate_fails_is_its_own_error_not_an_empty_folder(s
     finally:
         unmount(where)
         stranger.stop()
+
+
+def test_workers_libfuse_ends_leave_no_thread_state_behind(sandbox, images, proxy, tmp_path):
+    """Each libfuse worker keeps one Python thread state (mount/fusebind.py ThreadStates); with
+    max_idle_threads=1 the workers of a burst end once idle, and the next worker started deletes
+    their states. The mount serves on and exits cleanly."""
+    opts = "timeout=30,max_idle_threads=1"
+    with mounted(sandbox, tmp_path / "mnt", "--socket", proxy.path, "-o", opts) as m:
+        path = _export(m, images.fps["plain"])
+        for _ in range(2):  # the first burst's workers end after it; the second's first deletes them
+            proxy.add(Rule("/export", delay=2, times=-1))
+            with _stalled(proxy, [["cat", str(path)]] * 6):
+                pass
+            time.sleep(0.5)
+        assert os.listdir(m.path / "by-alias")
+        said = "deleted the Python thread states of"
+        assert any(said in line for line in m.log.read_text().splitlines())
+    assert m.proc.returncode == 0
