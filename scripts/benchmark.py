@@ -1063,6 +1063,8 @@ def main() -> int:
                    "Debian 12 image, against lxc image export + extract (scripts/bench_inside.py)")
     p.add_argument("--vm", action="store_true", help="only contents/ of a real VM image (qcow2, GPT, ext4, "
                    "FAT ESP) against qemu-img convert + debugfs (scripts/bench_vm.py)")
+    p.add_argument("--requests", action="store_true", help="only the cost of a request inside an image "
+                   "(scripts/bench_requests.py; with --baseline, another checkout beside it)")
     p.add_argument("--split-only", action="store_true", help="only reads of a split image's rootfs")
     p.add_argument("--https-only", action="store_true", help="only the sequential read over HTTPS")
     p.add_argument("--cluster-only", action="store_true",
@@ -1080,7 +1082,7 @@ def main() -> int:
                    help="with the sequential read: the daemon's CPU by thread (hash, fetch, diskwrite, FUSE)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved sections")
     p.add_argument("--baseline", type=Path, help="another checkout's lxdimagefs, as a third side of "
-                   "--imports-only (run from a folder without lxdimagefs/ in it)")
+                   "--imports-only or --requests (run from a folder without lxdimagefs/ in it)")
     args = p.parse_args()
     global THREADS
     THREADS = args.threads
@@ -1105,6 +1107,11 @@ def main() -> int:
             from bench_vm import bench_vm
 
             bench_vm(box, work)
+        elif args.requests:
+            sys.modules.setdefault("benchmark", sys.modules[__name__])
+            from bench_requests import bench_requests
+
+            bench_requests(box, work, args.baseline)
         elif args.split_only:
             bench_split(box, work)
         elif args.cluster_only:

@@ -15,9 +15,17 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from cachetools import LRUCache
+
+from lxdimagefs.mount.threadstates import KEPT
+
 log = logging.getLogger(__name__)
 
 BINDING = os.environ.get("LXDIMAGEFS_FUSE", "mfusepy")
+# A listing as libfuse's filler takes it: names encoded, their stats (an array of struct stat), which
+# stats are whole (FILL_DIR_PLUS), each row's offset.
+Filled = tuple[list[bytes], Any, bytearray, list[int]]
+LISTED_ROWS = 8192  # rows of folders inside images kept filled, across them (about 200 bytes each)
 
 if BINDING == "fusepy":
     from fuse import FUSE, Operations, fuse_get_context
@@ -39,8 +47,14 @@ else:
         once more in Python: docs/PERFORMANCE.md, issue 16).
         """
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._listed: LRUCache[tuple[str, int], Filled] = LRUCache(LISTED_ROWS,
+                                                                       getsizeof=lambda f: len(f[0]))
+            self._listed_lock = threading.Lock()
+            super().__init__(*args, **kwargs)  # serves the mount until it ends
+
         def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-            _STATES.keep()
+            KEPT.keep()
             return super()._wrapper(func, *args, **kwargs)
 
         def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
@@ -70,19 +84,49 @@ else:
             the kernel looks none of them up (at offset 0, libfuse 3.14 sends none: its list mode)."""
             name = None if path is None else path.decode(self.encoding, self.errors)
             rows = self.operations.readdir_from(name, fip.contents.fh, offset)
-            plus = bool(flags & READDIR_PLUS) and name is not None and self.operations.tree.inside_image(name)
-            st = mfusepy.c_stat()
-            for entry, kind, after in rows:
-                attrs = self._attributes(f"{name}/{entry}") if plus and entry not in (".", "..") else None
-                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
-                if attrs is None:
-                    st.st_ino, st.st_mode = UNKNOWN_INO, kind
-                else:
-                    mfusepy.set_st_attrs(st, attrs, use_ns=self.use_ns)
-                encoded = entry.encode(self.encoding, self.errors)
-                if filler(buf, encoded, st, after, FILL_DIR_PLUS if attrs else 0) != 0:
+            if not rows:
+                return 0
+            if flags & READDIR_PLUS and name is not None and self.operations.tree.inside_image(name):
+                filled, first = self._filled(name, rows, offset)
+            else:
+                filled, first = self._fill(name, rows, False), 0
+            names, stats, plused, offsets = filled
+            for i in range(first, len(names)):
+                if filler(buf, names[i], stats[i], offsets[i], plused[i]) != 0:
                     break  # the kernel's buffer is full: it asks again from this row's offset
             return 0
+
+        def _filled(self, name: str, rows: list[tuple[str, int, int]], offset: int) -> tuple[Filled, int]:
+            """A folder inside an image as the filler takes it, and where `offset` is in it: made
+            once and kept, for what is inside an image never changes and the kernel asks for every
+            name's attributes again at each listing's start. Kept by the folder's inode number too
+            (a short fingerprint's folder may name another image later)."""
+            folder = self._attributes(name)
+            key = (name, folder["st_ino"] if folder else -1)
+            with self._listed_lock:
+                kept = self._listed.get(key)
+            if kept is not None:
+                return kept, offset
+            filled = self._fill(name, rows, True)
+            if offset == 0 and folder is not None:  # the whole listing
+                with self._listed_lock:
+                    self._listed[key] = filled
+            return filled, 0
+
+        def _fill(self, name: str | None, rows: list[tuple[str, int, int]], plus: bool) -> Filled:
+            """Each name encoded with its stat as a LOOKUP would answer (with `plus`, where the tree
+            vouches for it), else its type alone (the kernel asks for the rest)."""
+            stats = (mfusepy.c_stat * len(rows))()
+            plused = bytearray(len(rows))
+            for i, (entry, kind, _) in enumerate(rows):
+                attrs = self._attributes(f"{name}/{entry}") if plus and entry not in (".", "..") else None
+                if attrs is None:
+                    stats[i].st_ino, stats[i].st_mode = UNKNOWN_INO, kind
+                else:
+                    mfusepy.set_st_attrs(stats[i], attrs, use_ns=self.use_ns)
+                    plused[i] = FILL_DIR_PLUS
+            names = [entry.encode(self.encoding, self.errors) for entry, _, _ in rows]
+            return names, stats, plused, [after for _, _, after in rows]
 
         def _attributes(self, path: str) -> dict[str, int] | None:
             """A name's stat as its LOOKUP would answer; None (the kernel then asks) if that fails."""
@@ -114,47 +158,6 @@ MAX_IDLE_THREADS = 16
 NOFLUSH = BINDING == "mfusepy" and LIBFUSE == 3 and hasattr(mfusepy.fuse_file_info, "noflush")
 READDIR_PLUS = 1  # enum fuse_readdir_flags: the kernel asked for attributes with the names
 FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags: this name's attributes are given, whole
-
-
-class ThreadStates:
-    """One Python thread state per libfuse worker, kept for the worker's life.
-
-    A callback on a thread Python did not start runs in a thread state ctypes makes for it
-    and deletes after it: per request, a state and its 16 KiB frame stack mapped, then
-    unmapped (a third of the daemon's CPU per `open` and `release` inside an image:
-    docs/PERFORMANCE.md). A worker's first callback takes one more hold on its state, so the
-    ones after it reuse it. libfuse ends idle workers beyond max_idle_threads without telling
-    us: the states of ended workers are deleted when the next worker keeps its own (at most
-    max_threads are ever kept).
-    """
-
-    def __init__(self) -> None:
-        self._kept: dict[int, int] = {}  # native thread id -> its PyThreadState*
-        self._mine = threading.local()  # lives in the thread state: set once it is kept
-        self._main = threading.get_ident()  # `-s`: libfuse calls on Python's own main thread
-        api = ctypes.pythonapi
-        api.PyGILState_Ensure.restype, api.PyThreadState_Get.restype = ctypes.c_int, ctypes.c_void_p
-        api.PyThreadState_Clear.argtypes = api.PyThreadState_Delete.argtypes = [ctypes.c_void_p]
-
-    def keep(self) -> None:
-        if getattr(self._mine, "kept", False) or threading.get_ident() == self._main:
-            return
-        self._mine.kept = True
-        api = ctypes.pythonapi
-        me = threading.get_native_id()  # a state kept under this id is an ended worker's
-        alive = {int(tid) for tid in os.listdir("/proc/self/task")} - {me}
-        ended = [tid for tid in self._kept if tid not in alive]
-        for tid in ended:  # the GIL is held: no other callback runs meanwhile
-            state = self._kept.pop(tid)
-            api.PyThreadState_Clear(state)
-            api.PyThreadState_Delete(state)
-        if ended:
-            log.debug("deleted the Python thread states of %d ended libfuse workers", len(ended))
-        api.PyGILState_Ensure()  # ctypes' release after this callback leaves the state alive
-        self._kept[me] = api.PyThreadState_Get()
-
-
-_STATES = ThreadStates()
 
 
 def worker_options() -> dict[str, object]:
