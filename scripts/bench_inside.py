@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmark import RSSWatch, drop_caches, mount, row, sh
+from benchmark import RSSWatch, drop_caches, drops_by_others, mount, row, sh
 from lxd_sandbox import Sandbox, pack_split, pack_unified
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,14 +119,17 @@ def bench_inside(box: Sandbox, work: Path, rounds: int = 1) -> None:
                 drop_caches()
                 with RSSWatch(proc.pid) as rss:
                     cold, out = _timed(command, files)
+                    drops = drops_by_others()
                     repeat = min(_timed(command, files)[0] for _ in range(rounds))
+                    drops = drops_by_others() - drops
             other = alt + cold_plain
             row(f"{label}, {name}: fresh mount", f"{cold:.2f} s",
                 f"{cold / other:.2f}x export+extract+command ({other:.2f} s); out {out!r}")
             row(f"{label}, {name}: repeat", f"{repeat:.3f} s",
                 f"{repeat / warm_plain:.1f}x the unpacked tree's repeat ({warm_plain:.3f} s), "
                 f"{repeat / cold_plain:.1f}x its cold ({cold_plain:.3f} s); "
-                f"daemon RSS peak {rss.peak / 1024:.0f} MiB")
+                f"daemon RSS peak {rss.peak / 1024:.0f} MiB"
+                + (f"; NOT VALID: {drops} page-cache drops by other work during the repeat" if drops else ""))
     for fp in fps.values():
         box.lxc("image", "delete", fp)
 
