@@ -17,7 +17,9 @@ from typing import Any
 
 from cachetools import LRUCache
 
+from lxdimagefs.keys import Sha256
 from lxdimagefs.mount.threadstates import KEPT
+from lxdimagefs.tree.images import FP_DIR
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,7 @@ else:
         """
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self._listed: LRUCache[tuple[str, int], Filled] = LRUCache(LISTED_ROWS,
-                                                                       getsizeof=lambda f: len(f[0]))
+            self._listed: LRUCache[str, Filled] = LRUCache(LISTED_ROWS, getsizeof=lambda f: len(f[0]))
             self._listed_lock = threading.Lock()
             super().__init__(*args, **kwargs)  # serves the mount until it ends
 
@@ -99,18 +100,18 @@ else:
         def _filled(self, name: str, rows: list[tuple[str, int, int]], offset: int) -> tuple[Filled, int]:
             """A folder inside an image as the filler takes it, and where `offset` is in it: made
             once and kept, for what is inside an image never changes and the kernel asks for every
-            name's attributes again at each listing's start. Kept by the folder's inode number too
-            (a short fingerprint's folder may name another image later)."""
-            folder = self._attributes(name)
-            key = (name, folder["st_ino"] if folder else -1)
+            name's attributes again at each listing's start. Kept only under an image's full
+            fingerprint (a short one may name another image later) and if not too long."""
+            parts = name.split("/")
+            whole = FP_DIR in parts[:-1] and Sha256.parse(parts[parts.index(FP_DIR) + 1]) is not None
             with self._listed_lock:
-                kept = self._listed.get(key)
+                kept = self._listed.get(name) if whole else None
             if kept is not None:
                 return kept, offset
             filled = self._fill(name, rows, True)
-            if offset == 0 and folder is not None:  # the whole listing
+            if whole and offset == 0 and len(rows) <= LISTED_ROWS // 4:  # the whole listing
                 with self._listed_lock:
-                    self._listed[key] = filled
+                    self._listed[name] = filled
             return filled, 0
 
         def _fill(self, name: str | None, rows: list[tuple[str, int, int]], plus: bool) -> Filled:

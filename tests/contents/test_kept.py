@@ -144,3 +144,23 @@ def test_a_listing_inside_an_image_carries_each_names_exact_attributes(sandbox, 
             assert _calls(sock) >= before + len(names)  # an image's exports can change: looked up
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_folder_of_more_names_than_are_kept_lists_whole_every_time(sandbox, tmp_path):
+    """The daemon keeps the rows of folders listed inside images (8,192 across them): a folder
+    of more names than that is listed whole, twice, with each name's attributes (before: EINVAL,
+    found by review), and one of a short fingerprint's folder too."""
+    tar = make_unified(tmp_path / "many.tar", rootfs_bytes=1024)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    with tarfile.open(tar, "a") as t:
+        for i in range(9000):
+            t.add(empty, f"rootfs/many/f{i:05}")
+    fp = sandbox.import_image(tar)
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        for image in (fp, fp[:12]):
+            folder = m.path / "contents" / "by-fingerprint" / image / "rootfs" / "many"
+            for _ in range(2):
+                names = os.listdir(folder)
+                assert len(names) == 9000 and "f08999" in names
+            assert os.lstat(folder / "f08999").st_size == 0
