@@ -137,7 +137,7 @@ def _within(seconds: float, call):
 @pytest.mark.parametrize("case", ["loop", "deep", "self"])
 def test_a_hostile_ext4_is_eio_for_its_fault_alone_with_a_log_line(hostile_ext4, case, caplog) -> None:
     disk = io.BytesIO(hostile_ext4[case].read_bytes())
-    tree = GuestTree("vm.qcow2", Ext4Rootfs(io.BufferedReader(disk)), {})  # type: ignore[arg-type]
+    tree = GuestTree("vm.qcow2", Ext4Rootfs(io.BufferedReader(disk)))  # type: ignore[arg-type]
     path = "/a/b/up/b" if case == "loop" else "/a/f"
     with caplog.at_level(logging.WARNING):
         got = _within(60, lambda: tree.read(tree.lookup(path), 300_000, 0))

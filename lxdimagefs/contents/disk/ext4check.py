@@ -19,6 +19,9 @@ EXTENTS_FL, INLINE_FL = 0x80000, 0x10000000
 MAGIC = 0xF30A
 MAX_DEPTH = 5
 MAX_NODES = 4096
+RECORD = 0x8C  # up to i_mtime_extra
+INLINE_MAX = 60  # the bytes of i_block: a fast symlink's target
+DATA = (0x8000, 0x4000, 0xA000)  # regular file, folder, symlink
 
 
 class Ext4Fault(OSError):
@@ -27,20 +30,33 @@ class Ext4Fault(OSError):
 
 
 class CheckedInodes:
-    """The volume's inode table with each inode's extent tree checked the first time it is read."""
+    """The volume's inode table with each inode's extent tree checked the first time it is read;
+    the first RECORD bytes of each checked inode are kept (4,096 of them), for an entry's stat."""
 
     def __init__(self, volume: Any, stream: Any) -> None:
         self._inodes, self._stream, self._block = volume.inodes, stream, int(volume.block_size)
-        self._checked: cachetools.LRUCache[int, bool] = cachetools.LRUCache(4096)
+        self.inode_size = int(volume.superblock.s_inode_size)
+        self.extra = self.inode_size > 128  # a large inode: its fields past 128 bytes (ns times)
+        self._count = int(volume.superblock.s_inodes_count)
+        self._raw: cachetools.LRUCache[int, bytes] = cachetools.LRUCache(4096)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inodes, name)
 
     def __getitem__(self, number: int) -> Any:
-        if number not in self._checked:
-            self._check(int(number))
-            self._checked[number] = True
+        self.raw(number)
         return self._inodes[number]
+
+    def raw(self, number: int) -> bytes:
+        """Inode `number`'s first RECORD bytes (128 for a small inode), its extent tree checked."""
+        found = self._raw.get(number)
+        if found is None:
+            if not 1 <= number <= self._count:
+                raise Ext4Fault(f"inode {number} is not one of the {self._count} the volume has")
+            found = self._read(int(self._inodes.offset(number)), RECORD if self.extra else 128)
+            self._check(number, found)
+            self._raw[number] = found
+        return found
 
     def _read(self, offset: int, length: int) -> bytes:
         self._stream.seek(offset)
@@ -49,10 +65,13 @@ class CheckedInodes:
             raise Ext4Fault(f"{length} bytes at {offset:#x} lie past the end of the filesystem")
         return data
 
-    def _check(self, number: int) -> None:
-        raw = self._read(int(self._inodes.offset(number)), 100)
+    def _check(self, number: int, raw: bytes) -> None:
         flags = struct.unpack_from("<I", raw, 0x20)[0]
         if not flags & EXTENTS_FL or flags & INLINE_FL:
+            size = struct.unpack_from("<I", raw, 4)[0] | struct.unpack_from("<I", raw, 0x6C)[0] << 32
+            if size > INLINE_MAX and struct.unpack_from("<H", raw, 0)[0] & 0xF000 in DATA:
+                # the `ext4` package would read it as bytes in the inode: wrong ones
+                raise Ext4Fault(f"inode {number}: {size} bytes in block maps or inline data (not read here)")
             return
         todo, nodes = [(raw[0x28:0x28 + 60], None)], 0
         while todo:
