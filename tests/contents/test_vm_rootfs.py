@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import vmdisk
 from mounts import mounted
 from test_ext4root import _tree
 
@@ -120,3 +121,24 @@ def test_a_vm_images_times_are_exact_to_the_nanosecond(sandbox, tmp_path: Path) 
         assert os.lstat(root / "etc").st_mtime_ns == 1_600_000_000_000_000_007
         assert os.lstat(root / "etc/big-again").st_mtime_ns == os.lstat(root / "big").st_mtime_ns
         assert int(os.lstat(root / "etc/fstab").st_mtime) == int(os.lstat(tree / "etc/fstab").st_mtime)
+
+
+def test_an_esp_no_reader_can_read_is_eio_under_boot_efi_and_the_rest_serves(sandbox, tmp_path: Path) -> None:
+    """The ESP is opened when a path under /boot/efi is first reached (not for a `cat` in /etc):
+    one whose FAT cannot be read is EIO there, with the reason in the log; the root reads on."""
+    tree = tmp_path / "tree"
+    _tree(tree)
+    root, esp = vmdisk.root_tree(tree, tmp_path / "root"), vmdisk.esp_tree(tmp_path / "esp")
+    fp = sandbox.import_image(*vmdisk.vm_image(tmp_path / "vm", root, esp, "zlib", no_fat=True))
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        top = m.path / "contents" / "by-fingerprint" / fp
+        assert (top / "rootfs/etc/os-release").read_bytes() == (tree / "etc/os-release").read_bytes()
+        assert sorted(os.listdir(top)) == ["metadata.yaml", "rootfs"]
+        assert "At least one FAT expected" not in m.log_text()  # not read for /etc
+        for _ in range(2):
+            with pytest.raises(OSError) as caught:
+                os.listdir(top / "rootfs/boot/efi/EFI")
+            assert caught.value.errno == errno.EIO
+        assert "/boot/efi not read: PyFATException: At least one FAT expected" in m.log_text()
+        assert (top / "rootfs/big").read_bytes() == (tree / "big").read_bytes()
+        assert sorted(os.listdir(top / "rootfs/boot")) == ["efi"]

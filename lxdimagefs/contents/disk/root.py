@@ -4,6 +4,7 @@ in NOTE beside rootfs/."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -54,6 +55,7 @@ class GuestTree:
                 found = self._open[point] = self._openers[point]()
             except Exception as e:  # untrusted bytes: whatever the reader raises, the rest shows
                 self._failed[point] = f"{point} not read: {type(e).__name__}: {e}"
+                log.warning("%s: %s", self._name, self._failed[point])
                 raise OSError(errno.EIO, self._failed[point]) from None
             log.info("%s: %s opened", self._name, point)
         return found
@@ -81,11 +83,20 @@ class GuestTree:
             raise self._fault(f"rootfs{path}", e) from None
 
     def list(self, path: str) -> Any:
+        """A folder's entries; a mount point among them is the root of what is mounted on it (as
+        its stat is), so listing /boot opens the ESP; one that cannot be opened keeps the folder's."""
+        path = "/" + path.strip("/")
         try:
-            source, inner = self._route("/" + path.strip("/"))
-            return source.list(inner)
+            source, inner = self._route(path)
+            found = source.list(inner)
         except Exception as e:
             raise self._fault(f"rootfs{path}/", e) from None
+        for point in self._order if isinstance(found, dict) else ():
+            above, _, name = point.rpartition("/")
+            if (above or "/") == path and name in found:
+                with contextlib.suppress(OSError):  # said in the log, and EIO at its own lookup
+                    found[name] = self._mounted(point).lookup("/")
+        return found
 
     def read(self, info: Any, size: int, offset: int) -> bytes:
         try:
