@@ -4,7 +4,9 @@ The package follows an inode's extent tree as its headers say: an index block po
 loops for ever, a tree deeper than ext4 allows reads blocks as index nodes. Each inode's tree is
 walked here first (its index nodes only: a few blocks for a large file), every node's depth one
 less than its parent's, at most MAX_DEPTH (the kernel's limit) and MAX_NODES of them; a path whose
-folders come back to one of their own is a loop. Both are EIO (Ext4Fault).
+folders come back to one of their own is a loop. Both are EIO (Ext4Fault), and so is what the
+package would read wrong: an extent of 32,768 blocks (read as zeros), a file of block maps or of
+inline data past its inode's 60 bytes (read as the inode's own bytes).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ MAGIC = 0xF30A
 MAX_DEPTH = 5
 MAX_NODES = 4096
 RECORD = 0x8C  # up to i_mtime_extra
+FULL = 32768  # an extent's largest initialized length
 INLINE_MAX = 60  # the bytes of i_block: a fast symlink's target
 DATA = (0x8000, 0x4000, 0xA000)  # regular file, folder, symlink
 
@@ -38,7 +41,7 @@ class CheckedInodes:
         self.inode_size = int(volume.superblock.s_inode_size)
         self.extra = self.inode_size > 128  # a large inode: its fields past 128 bytes (ns times)
         self._count = int(volume.superblock.s_inodes_count)
-        self._raw: cachetools.LRUCache[int, bytes] = cachetools.LRUCache(4096)
+        self._raw: cachetools.LRUCache[int, bytes] = cachetools.LRUCache(1024)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inodes, name)
@@ -86,6 +89,10 @@ class CheckedInodes:
                                 "may be (a loop or a corrupt tree)")
             if nodes + len(todo) + (entries if depth else 0) > MAX_NODES:
                 raise Ext4Fault(f"inode {number}: an extent tree of over {MAX_NODES} nodes")
+            if not depth and any(struct.unpack_from("<H", node, 12 + 12 * i + 4)[0] == FULL
+                                 for i in range(entries)):
+                # initialized (the kernel's EXT_INIT_MAX_LEN), but the package reads it as zeros
+                raise Ext4Fault(f"inode {number}: an extent of {FULL} blocks (not read here)")
             for i in range(entries if depth else 0):
                 low, high = struct.unpack_from("<IH", node, 12 + 12 * i + 4)
                 todo.append((self._read((low | high << 32) * self._block, self._block), depth - 1))

@@ -52,10 +52,10 @@ class Ext4Rootfs(EXT4MountSource):
         self._tag = tag
         self._inodes = CheckedInodes(self.fileSystem, fileobj)
         self.fileSystem.inodes = self._inodes
-        self._known: cachetools.LRUCache[str, Ext4Info] = cachetools.LRUCache(8192)  # by path
+        self._known: cachetools.LRUCache[str, Ext4Info] = cachetools.LRUCache(2048)  # by path
         # each folder's names and their inode numbers, by the folder's inode number
         self._names: cachetools.LRUCache[int, dict[bytes, int]] = cachetools.LRUCache(
-            1 << 16, getsizeof=lambda names: max(1, len(names)))
+            1 << 14, getsizeof=lambda names: max(1, len(names)))
 
     def _info(self, number: int) -> Ext4Info:
         """An entry as inode `number`'s own bytes say (the kernel's reading of its fields)."""
