@@ -3,14 +3,15 @@ put back and its paths resolved as the kernel does.
 
 ratarmountcore 0.11's EXT4MountSource (over the `ext4` package) gives no symlink target, only the
 low 16 bits of an owner and group, whole seconds, no device number and no link count, and finds
-each path from the root again (reading every folder on the way). Here an entry's stat is read from
-its inode's own bytes (ext4check.CheckedInodes), a path from its parent folder's entries (kept by
-inode number, bounded), and the package only opens files and folders and reads symlinks.
+each path from the root again (reading every folder on the way). Here an entry's stat, a folder's
+names and a file's bytes are read from the inode itself (ext4check.CheckedInodes), a path from its
+parent folder's names (kept by inode number, bounded); the package only finds where inodes are.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import stat
 import struct
@@ -22,6 +23,7 @@ from ratarmountcore.mountsource.MountSource import FileInfo
 from ratarmountcore.SQLiteIndex import SQLiteIndexedTarUserData
 
 from lxdimagefs.contents.disk.ext4check import CheckedInodes, Ext4Fault
+from lxdimagefs.contents.seekable import Seekable
 
 ROOT = 2
 KINDS = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
@@ -51,7 +53,6 @@ class Ext4Rootfs(EXT4MountSource):
         super().__init__(fileobj)
         self._tag = tag
         self._inodes = CheckedInodes(self.fileSystem, fileobj)
-        self.fileSystem.inodes = self._inodes
         self._known: cachetools.LRUCache[str, Ext4Info] = cachetools.LRUCache(2048)  # by path
         # each folder's names and their inode numbers, by the folder's inode number
         self._names: cachetools.LRUCache[int, dict[bytes, int]] = cachetools.LRUCache(
@@ -74,7 +75,7 @@ class Ext4Rootfs(EXT4MountSource):
         if stat.S_ISLNK(mode):
             if size > LINK_MAX:
                 raise Ext4Fault(f"inode {number}: a symlink target of {size} bytes")
-            link = os.fsdecode(self._inodes[number].readlink())
+            link = os.fsdecode(self._inodes.data(number, 0, size))
         rdev = 0
         if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK):
             # the old 16-bit encoding in i_block[0], else the new one in i_block[1]
@@ -87,15 +88,9 @@ class Ext4Rootfs(EXT4MountSource):
                         nlink=nlink, rdev=rdev)
 
     def _entries(self, number: int) -> dict[bytes, int]:
-        """A folder's names (each its first name_len bytes: the `ext4` package's name runs on into
-        the record's padding, `fifo\\x13`) and their inode numbers."""
         found = self._names.get(number)
         if found is None:
-            folder = self._inodes[number]
-            found = {e.name[:e.name_len]: int(e.inode) for e, _ in folder.opendir()}
-            found.pop(b".", None)
-            found.pop(b"..", None)
-            self._names[number] = found
+            found = self._names[number] = self._inodes.entries(number)
         return found
 
     def _number(self, info: FileInfo) -> int:
@@ -150,16 +145,11 @@ class Ext4Rootfs(EXT4MountSource):
             found[os.fsdecode(name)] = info
         return found
 
-    def _inode(self, info: FileInfo) -> Any:
-        return self._inodes[self._number(info)]
-
     def open(self, fileInfo: FileInfo, buffering: int = -1) -> IO[bytes]:
-        return self._inode(fileInfo).open()
+        return io.BufferedReader(_File(self, fileInfo))
 
     def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
-        with self.open(fileInfo) as f:
-            f.seek(offset)
-            return f.read(size)
+        return self._inodes.data(self._number(fileInfo), offset, size)
 
     def nlink(self, info: FileInfo) -> int:
         """How many names a file has (a folder: 1, as for a squashfs root)."""
@@ -167,3 +157,17 @@ class Ext4Rootfs(EXT4MountSource):
 
     def device(self, info: FileInfo) -> int:
         return int(getattr(info, "rdev", 0))
+
+
+class _File(Seekable):
+    """An entry's bytes as a file (what MountSource.open gives)."""
+
+    def __init__(self, fs: Ext4Rootfs, info: FileInfo) -> None:
+        super().__init__()
+        self._fs, self._info, self.size = fs, info, info.size
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._fs.read(self._info, len(buffer), self._pos)
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
