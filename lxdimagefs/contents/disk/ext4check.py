@@ -105,9 +105,9 @@ class CheckedInodes:
                 found.append(extent)
         return sorted(found)
 
-    def data(self, number: int, offset: int, length: int) -> bytes:
+    def data(self, number: int, offset: int, length: int) -> bytes | bytearray:
         """Up to `length` bytes of inode `number`'s file at `offset`: holes and extents not yet
-        written read as zeros, as the kernel reads them."""
+        written read as zeros, as the kernel reads them (read into one buffer, not copied)."""
         raw = self.raw(number)
         end = min(size(raw), offset + length)
         if end <= offset:
@@ -118,20 +118,23 @@ class CheckedInodes:
         if extents is None:
             extents = self._extents[number] = self._walk(number, raw)
         out, bs = bytearray(end - offset), self.block
+        view = memoryview(out)
         at = max(0, bisect.bisect_right(extents, (offset // bs, FULL + 1)) - 1)
         for first, blocks, disk, written in extents[at:]:
             lo, hi = max(offset, first * bs), min(end, (first + blocks) * bs)
             if first * bs >= end:
                 break
             if lo < hi and written:
-                out[lo - offset:hi - offset] = self._read(disk * bs + lo - first * bs, hi - lo)
-        return bytes(out)
+                self._stream.seek(disk * bs + lo - first * bs)
+                if self._stream.readinto(view[lo - offset:hi - offset]) != hi - lo:
+                    raise Ext4Fault(f"inode {number}: an extent past the end of the filesystem")
+        return out
 
     def entries(self, number: int) -> dict[bytes, int]:
         """A folder's names (without . and ..) and their inode numbers, from its blocks."""
         if size(self.raw(number)) > FOLDER_MAX:
             raise Ext4Fault(f"inode {number}: a folder of {size(self.raw(number))} bytes")
-        data, bs, at, found = self.data(number, 0, FOLDER_MAX), self.block, 0, {}
+        data, bs, at, found = bytes(self.data(number, 0, FOLDER_MAX)), self.block, 0, {}
         while at + 8 <= len(data):
             inode, rec_len, name_len = struct.unpack_from("<IHB" if self.filetype else "<IHH", data, at)
             if rec_len in (0, 65535) and bs == 1 << 16:

@@ -15,12 +15,11 @@ import io
 import os
 import stat
 import struct
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import cachetools
 from ratarmountcore.mountsource.formats.ext4 import EXT4MountSource
 from ratarmountcore.mountsource.MountSource import FileInfo
-from ratarmountcore.SQLiteIndex import SQLiteIndexedTarUserData
 
 from lxdimagefs.contents.disk.ext4check import CheckedInodes, Ext4Fault
 from lxdimagefs.contents.seekable import Seekable
@@ -31,9 +30,15 @@ KINDS = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.
 LINK_MAX = 4096  # PATH_MAX: no longer target is read
 
 
-def place(number: int) -> SQLiteIndexedTarUserData:
-    return SQLiteIndexedTarUserData(offset=0, offsetheader=number, istar=False, issparse=False,
-                                    isgenerated=False, recursiondepth=0)
+class Place(NamedTuple):
+    """Where an entry is (contents/inodes.header reads `offsetheader`): a tuple, not the 6-field
+    dataclass a tarball's entry carries, for thousands of entries kept."""
+
+    offsetheader: int
+
+
+def place(number: int) -> Place:
+    return Place(number)
 
 
 @dataclasses.dataclass
@@ -75,7 +80,7 @@ class Ext4Rootfs(EXT4MountSource):
         if stat.S_ISLNK(mode):
             if size > LINK_MAX:
                 raise Ext4Fault(f"inode {number}: a symlink target of {size} bytes")
-            link = os.fsdecode(self._inodes.data(number, 0, size))
+            link = os.fsdecode(bytes(self._inodes.data(number, 0, size)))
         rdev = 0
         if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK):
             # the old 16-bit encoding in i_block[0], else the new one in i_block[1]
@@ -149,7 +154,7 @@ class Ext4Rootfs(EXT4MountSource):
         return io.BufferedReader(_File(self, fileInfo))
 
     def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
-        return self._inodes.data(self._number(fileInfo), offset, size)
+        return bytes(self._inodes.data(self._number(fileInfo), offset, size))
 
     def nlink(self, info: FileInfo) -> int:
         """How many names a file has (a folder: 1, as for a squashfs root)."""

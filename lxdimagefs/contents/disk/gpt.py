@@ -134,7 +134,7 @@ class Window(io.RawIOBase):
     two chunks or more goes to the disk whole, keeping nothing. Not thread-safe: its owner locks."""
 
     def __init__(self, disk: BinaryIO, offset: int, length: int, chunk: int = 1 << 16,
-                 keep: int = 32) -> None:
+                 keep: int = 16) -> None:
         super().__init__()
         self._disk, self._offset, self.size, self._pos = disk, offset, length, 0
         self._chunk_size, self._keep = chunk, keep
@@ -193,9 +193,18 @@ class Window(io.RawIOBase):
         return data
 
     def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        memoryview(buffer).cast("B")[:len(data)] = data
-        return len(data)
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.size - self._pos))
+        if n < 2 * self._chunk_size:
+            data = self.read(n)
+            view[:len(data)] = data
+            return len(data)
+        self._disk.seek(self._offset + self._pos)  # a file's bytes: straight into the caller's buffer
+        done = 0
+        while done < n and (got := self._disk.readinto(view[done:n])):  # type: ignore[attr-defined]
+            done += got
+        self._pos += done
+        return done
 
     def close(self) -> None:
         self._chunks.clear()
