@@ -79,3 +79,23 @@ def test_an_ext4_root_reads_as_its_source_tree(tmp_path: Path, options: list[str
         big, again = fs.lookup("/big"), fs.lookup("/etc/big-again")
         assert big is not None and again is not None
         assert big.userdata[-1].offsetheader == again.userdata[-1].offsetheader  # one inode, two names
+
+
+def test_a_meta_bg_volume_reads_past_its_first_descriptor_block(tmp_path: Path) -> None:
+    """meta_bg (a volume grown past its reserved descriptor table): group 16 on of 1 KiB blocks
+    has its descriptor at the start of its own meta group; eight inodes a group put files there."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(150):
+        (tree / f"f{i}").write_text(f"file {i}\n")
+    image = tmp_path / "m.img"
+    subprocess.run(["mkfs.ext4", "-q", "-O", "meta_bg,^resize_inode", "-b", "1024", "-I", "128", "-N", "200",
+                    "-d", str(tree), str(image), "200M"], check=True, capture_output=True)
+    with open(image, "rb") as f:
+        fs = Ext4Rootfs(io.BufferedReader(f))
+        numbers = set()
+        for i in range(150):
+            got = fs.lookup(f"/f{i}")
+            assert got is not None and fs.read(got, 100, 0) == f"file {i}\n".encode()
+            numbers.add(got.userdata[-1].offsetheader)
+        assert max(numbers) > 16 * 8  # an inode of group 16 or later was read

@@ -1,9 +1,9 @@
-"""An ext4 volume's inodes, file bytes and folder entries, read and checked here: the `ext4`
-package only finds where each inode is (its superblock and group descriptors).
+"""An ext4 volume's superblock, inodes, file bytes and folder entries, read and checked here.
 
-Own code because the package reads a block per call through several layers (most of a `diff -r`),
-reads an extent of 32,768 blocks (the kernel's largest initialized one) as zeros, and follows an
-extent tree as its headers say: an index block pointing at itself loops for ever. Here an inode's
+Own code, because the `ext4` package (MIT, through ratarmountcore's ext4 source) read a block per
+call through several layers (most of a `diff -r`), took 15 ms to import with a cold page cache,
+read an extent of 32,768 blocks (the kernel's largest initialized one) as zeros, and followed an
+extent tree as its headers said: an index block pointing at itself looped for ever. Here an inode's
 tree is walked once when the inode is first read: every node's depth one less than its parent's,
 at most MAX_DEPTH (the kernel's limit) and MAX_NODES of them, no extent past the volume's end; a
 file of block maps or inline data past its inode's 60 bytes (ext2/3's layout) is not read. Each
@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import bisect
 import errno
+import io
 import struct
 from typing import Any
 
 import cachetools
 
 EXTENTS_FL, INLINE_FL = 0x80000, 0x10000000
+INCOMPAT_64BIT = 0x80
+INCOMPAT_META_BG = 0x10
+INCOMPAT_REFUSED = 0x1 | 0x8 | 0x1000  # compression, a journal device, dirdata
 MAGIC = 0xF30A
 MAX_DEPTH = 5
 MAX_NODES = 4096
@@ -38,18 +42,74 @@ class Ext4Fault(OSError):
 
 
 class CheckedInodes:
-    """The volume's inodes, each checked the first time it is read: the first RECORD bytes of
+    """An ext4 volume's inodes, each checked the first time it is read: the first RECORD bytes of
     1,024 of them are kept (an entry's stat), and the extents of 64 (the files being read)."""
 
-    def __init__(self, volume: Any, stream: Any) -> None:
-        self._inodes, self._stream, self.block = volume.inodes, stream, int(volume.block_size)
-        self.inode_size = int(volume.superblock.s_inode_size)
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        sb = self._read(1024, 1024)
+        self._count, _, _, _, _, first, log_block, _, group_blocks, _, self._per_group = struct.unpack_from(
+            "<11I", sb)
+        rev, inode_size = struct.unpack_from("<I", sb, 0x4C)[0], struct.unpack_from("<H", sb, 0x58)[0]
+        incompat = struct.unpack_from("<I", sb, 0x60)[0]
+        wide = bool(incompat & INCOMPAT_64BIT)
+        self._desc_size = struct.unpack_from("<H", sb, 0xFE)[0] if wide else 32
+        self.block, self.inode_size = 1024 << min(log_block, 7), inode_size if rev else 128
+        isize = self.inode_size
+        if struct.unpack_from("<H", sb, 0x38)[0] != 0xEF53 or log_block > 6 or not self._per_group or (
+                isize < 128 or isize > self.block or isize & (isize - 1)
+                or not 32 <= self._desc_size <= 1024 or (wide and self._desc_size < 64)):
+            raise Ext4Fault("not a superblock this reader can read")
+        if incompat & INCOMPAT_REFUSED:
+            raise Ext4Fault(f"incompatible features {incompat & INCOMPAT_REFUSED:#x} (compression, a "
+                            "journal device or dirdata) are not read here")
+        self._first, self._group_blocks = first, group_blocks
+        # meta_bg (a volume grown past its reserved table): the table's blocks from s_first_meta_bg
+        # on are each at the start of the meta group they describe (after its superblock backup)
+        self._first_meta = struct.unpack_from("<I", sb, 0x104)[0] if incompat & INCOMPAT_META_BG else 1 << 32
+        compat, ro_compat = struct.unpack_from("<I", sb, 0x5C)[0], struct.unpack_from("<I", sb, 0x64)[0]
+        self._backups = set(struct.unpack_from("<II", sb, 0x24C)) if compat & 0x200 else None  # sparse_super2
+        self._sparse = bool(ro_compat & 0x1)
         self.extra = self.inode_size > 128  # a large inode: its fields past 128 bytes (ns times)
-        self._count = int(volume.superblock.s_inodes_count)
-        self.filetype = bool(int(volume.superblock.s_feature_incompat) & 0x2)
-        self._blocks = len(volume) // self.block  # what the partition holds
+        self.filetype = bool(incompat & 0x2)
+        self._blocks = stream.seek(0, io.SEEK_END) // self.block  # what the partition holds
+        self._tables: cachetools.LRUCache[int, int] = cachetools.LRUCache(4096)  # inode table, by group
         self._raw: cachetools.LRUCache[int, bytes] = cachetools.LRUCache(1024)
         self._extents: cachetools.LRUCache[int, list[Extent]] = cachetools.LRUCache(64)
+
+    def _offset(self, number: int) -> int:
+        """Where inode `number` is: its group's inode table (from the group's descriptor), then its
+        place in it."""
+        group, index = divmod(number - 1, self._per_group)
+        table = self._tables.get(group)
+        if table is None:
+            desc = self._read(self._descriptor(group), self._desc_size)
+            low, high = struct.unpack_from("<I", desc, 8)[0], struct.unpack_from("<I", desc, 0x28)[0]
+            table = self._tables[group] = low | (high << 32 if self._desc_size >= 64 else 0)
+        return table * self.block + index * self.inode_size
+
+    def _descriptor(self, group: int) -> int:
+        """Where group `group`'s descriptor is (the kernel's descriptor_loc)."""
+        per_block = self.block // self._desc_size
+        nr, at = divmod(group, per_block)
+        if nr < self._first_meta:
+            return (self._first + 1 + nr) * self.block + at * self._desc_size
+        first_group = nr * per_block
+        block = self._first + first_group * self._group_blocks + self._has_super(first_group)
+        return block * self.block + at * self._desc_size
+
+    def _has_super(self, group: int) -> bool:
+        if group == 0 or (self._backups is None and not self._sparse):
+            return True
+        if self._backups is not None:
+            return group in self._backups
+        for base in (3, 5, 7):
+            power = base
+            while power < group:
+                power *= base
+            if power == group:
+                return True
+        return group == 1
 
     def raw(self, number: int) -> bytes:
         """Inode `number`'s first RECORD bytes (128 for a small inode), its extent tree checked."""
@@ -57,7 +117,7 @@ class CheckedInodes:
         if found is None:
             if not 1 <= number <= self._count:
                 raise Ext4Fault(f"inode {number} is not one of the {self._count} the volume has")
-            found = self._read(int(self._inodes.offset(number)), RECORD if self.extra else 128)
+            found = self._read(self._offset(number), RECORD if self.extra else 128)
             self._extents[number] = self._walk(number, found)
             self._raw[number] = found
         return found

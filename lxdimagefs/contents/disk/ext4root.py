@@ -1,11 +1,10 @@
-"""A VM's ext4 root filesystem over ratarmountcore's ext4 source, with what its entries leave out
-put back and its paths resolved as the kernel does.
+"""A VM's ext4 filesystems as contents/ reads a source, its entries as complete as a container's.
 
-ratarmountcore 0.11's EXT4MountSource (over the `ext4` package) gives no symlink target, only the
-low 16 bits of an owner and group, whole seconds, no device number and no link count, and finds
-each path from the root again (reading every folder on the way). Here an entry's stat, a folder's
-names and a file's bytes are read from the inode itself (ext4check.CheckedInodes), a path from its
-parent folder's names (kept by inode number, bounded); the package only finds where inodes are.
+ratarmountcore 0.11's EXT4MountSource (over the `ext4` package), used before, gave no symlink
+target, only the low 16 bits of an owner and group, whole seconds, no device number and no link
+count, and found each path from the root again (reading every folder on the way). Here an entry's
+stat, a folder's names and a file's bytes are read from the inode itself (ext4check.CheckedInodes),
+a path from its parent folder's names (kept by inode number, bounded), as the kernel does.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import struct
 from typing import IO, Any, NamedTuple
 
 import cachetools
-from ratarmountcore.mountsource.formats.ext4 import EXT4MountSource
 from ratarmountcore.mountsource.MountSource import FileInfo
 
 from lxdimagefs.contents.disk.ext4check import CheckedInodes, Ext4Fault
@@ -50,14 +48,14 @@ class Ext4Info(FileInfo):
     rdev: int = 0
 
 
-class Ext4Rootfs(EXT4MountSource):
-    """ratarmountcore's ext4 source with full owners, ns times, symlink targets, devices and link counts."""
+class Ext4Rootfs:
+    """An ext4 volume as contents/ reads a source: lookup, list, read, with full owners, ns times,
+    symlink targets, devices and link counts."""
 
     def __init__(self, fileobj: Any, tag: int = 0) -> None:
         """`tag`: added to each inode number in an entry's place (another ext4 than the root's)."""
-        super().__init__(fileobj)
         self._tag = tag
-        self._inodes = CheckedInodes(self.fileSystem, fileobj)
+        self._inodes = CheckedInodes(fileobj)
         self._known: cachetools.LRUCache[str, Ext4Info] = cachetools.LRUCache(2048)  # by path
         # each folder's names and their inode numbers, by the folder's inode number
         self._names: cachetools.LRUCache[int, dict[bytes, int]] = cachetools.LRUCache(
@@ -162,6 +160,9 @@ class Ext4Rootfs(EXT4MountSource):
 
     def device(self, info: FileInfo) -> int:
         return int(getattr(info, "rdev", 0))
+
+    def __exit__(self, *exc: object) -> None:
+        """Nothing to release: the partition's file belongs to the disk's reader."""
 
 
 class _File(Seekable):
