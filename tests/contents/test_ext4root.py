@@ -99,3 +99,21 @@ def test_a_meta_bg_volume_reads_past_its_first_descriptor_block(tmp_path: Path) 
             assert got is not None and fs.read(got, 100, 0) == f"file {i}\n".encode()
             numbers.add(got.userdata[-1].offsetheader)
         assert max(numbers) > 16 * 8  # an inode of group 16 or later was read
+
+
+def test_a_folder_of_more_names_than_are_kept_lists_and_looks_up(tmp_path: Path, monkeypatch) -> None:
+    """A folder's names are kept (NAMES in all, by folder); a larger folder is read again for each
+    lookup in it, never refused (cachetools would raise `value too large`)."""
+    monkeypatch.setattr(Ext4Rootfs, "NAMES", 1000)
+    (tmp_path / "t/d").mkdir(parents=True)
+    for i in range(1500):
+        (tmp_path / f"t/d/f{i}").write_text(str(i))
+    subprocess.run(["mkfs.ext4", "-q", "-N", "4000", "-d", str(tmp_path / "t"), str(tmp_path / "b.img"),
+                    "16M"], check=True, capture_output=True)
+    with open(tmp_path / "b.img", "rb") as f:
+        fs = Ext4Rootfs(io.BufferedReader(f))
+        listed = fs.list("/d")
+        assert listed is not None and len(listed) == 1500
+        for i in (0, 777, 1499):
+            got = fs.lookup(f"/d/f{i}")
+            assert got is not None and fs.read(got, 10, 0) == str(i).encode()

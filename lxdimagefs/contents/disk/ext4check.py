@@ -131,8 +131,7 @@ class CheckedInodes:
 
     def _walk(self, number: int, raw: bytes) -> list[Extent]:
         """The inode's extents in file order (none for a fast symlink, a device), checked."""
-        flags = struct.unpack_from("<I", raw, 0x20)[0]
-        if not flags & EXTENTS_FL or flags & INLINE_FL:
+        if not extents_of(raw):
             if size(raw) > INLINE_MAX and struct.unpack_from("<H", raw, 0)[0] & 0xF000 in DATA:
                 raise Ext4Fault(f"inode {number}: {size(raw)} bytes in block maps or inline data "
                                 "(not read here)")
@@ -172,7 +171,7 @@ class CheckedInodes:
         end = min(size(raw), offset + length)
         if end <= offset:
             return b""
-        if not struct.unpack_from("<I", raw, 0x20)[0] & EXTENTS_FL:  # in i_block (at most 60 bytes)
+        if not extents_of(raw):  # in i_block (at most 60 bytes)
             return raw[0x28 + offset:0x28 + end]
         extents = self._extents.get(number)
         if extents is None:
@@ -192,8 +191,10 @@ class CheckedInodes:
 
     def entries(self, number: int) -> dict[bytes, int]:
         """A folder's names (without . and ..) and their inode numbers, from its blocks."""
-        if size(self.raw(number)) > FOLDER_MAX:
-            raise Ext4Fault(f"inode {number}: a folder of {size(self.raw(number))} bytes")
+        raw = self.raw(number)
+        if size(raw) > FOLDER_MAX or not extents_of(raw):
+            raise Ext4Fault(f"inode {number}: a folder of {size(raw)} bytes, or of inline data "
+                            "(not read here)")
         data, bs, at, found = bytes(self.data(number, 0, FOLDER_MAX)), self.block, 0, {}
         while at + 8 <= len(data):
             inode, rec_len, name_len = struct.unpack_from("<IHB" if self.filetype else "<IHH", data, at)
@@ -210,3 +211,9 @@ class CheckedInodes:
 
 def size(raw: bytes) -> int:
     return int(struct.unpack_from("<I", raw, 4)[0] | struct.unpack_from("<I", raw, 0x6C)[0] << 32)
+
+
+def extents_of(raw: bytes) -> bool:
+    """Whether an inode's bytes are in extents (else in its i_block: a fast symlink, inline data)."""
+    flags = struct.unpack_from("<I", raw, 0x20)[0]
+    return bool(flags & EXTENTS_FL and not flags & INLINE_FL)

@@ -52,14 +52,16 @@ class Ext4Rootfs:
     """An ext4 volume as contents/ reads a source: lookup, list, read, with full owners, ns times,
     symlink targets, devices and link counts."""
 
+    NAMES = 1 << 16
+
     def __init__(self, fileobj: Any, tag: int = 0) -> None:
         """`tag`: added to each inode number in an entry's place (another ext4 than the root's)."""
         self._tag = tag
         self._inodes = CheckedInodes(fileobj)
         self._known: cachetools.LRUCache[str, Ext4Info] = cachetools.LRUCache(2048)  # by path
-        # each folder's names and their inode numbers, by the folder's inode number
+        # each folder's names and their inode numbers, by the folder's inode number, NAMES in all
         self._names: cachetools.LRUCache[int, dict[bytes, int]] = cachetools.LRUCache(
-            1 << 14, getsizeof=lambda names: max(1, len(names)))
+            self.NAMES, getsizeof=lambda names: max(1, len(names)))
 
     def _info(self, number: int) -> Ext4Info:
         """An entry as inode `number`'s own bytes say (the kernel's reading of its fields)."""
@@ -93,7 +95,9 @@ class Ext4Rootfs:
     def _entries(self, number: int) -> dict[bytes, int]:
         found = self._names.get(number)
         if found is None:
-            found = self._names[number] = self._inodes.entries(number)
+            found = self._inodes.entries(number)
+            if len(found) <= self.NAMES:  # a larger folder is read again for each lookup in it
+                self._names[number] = found
         return found
 
     def _number(self, info: FileInfo) -> int:
