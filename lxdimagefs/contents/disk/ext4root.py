@@ -10,17 +10,15 @@ a path from its parent folder's names (kept by inode number, bounded), as the ke
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import stat
 import struct
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import cachetools
 from ratarmountcore.mountsource.MountSource import FileInfo
 
 from lxdimagefs.contents.disk.ext4check import CheckedInodes, Ext4Fault
-from lxdimagefs.contents.seekable import Seekable
 
 ROOT = 2
 KINDS = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
@@ -152,9 +150,6 @@ class Ext4Rootfs:
             found[os.fsdecode(name)] = info
         return found
 
-    def open(self, fileInfo: FileInfo, buffering: int = -1) -> IO[bytes]:
-        return io.BufferedReader(_File(self, fileInfo))
-
     def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
         return bytes(self._inodes.data(self._number(fileInfo), offset, size))
 
@@ -168,16 +163,3 @@ class Ext4Rootfs:
     def __exit__(self, *exc: object) -> None:
         """Nothing to release: the partition's file belongs to the disk's reader."""
 
-
-class _File(Seekable):
-    """An entry's bytes as a file (what MountSource.open gives)."""
-
-    def __init__(self, fs: Ext4Rootfs, info: FileInfo) -> None:
-        super().__init__()
-        self._fs, self._info, self.size = fs, info, info.size
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._fs.read(self._info, len(buffer), self._pos)
-        buffer[:len(data)] = data
-        self._pos += len(data)
-        return len(data)

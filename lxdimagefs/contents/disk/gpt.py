@@ -169,12 +169,6 @@ class Window(io.RawIOBase):
             self._chunks.popitem(last=False)
         return found
 
-    def peek(self, size: int = 1) -> bytes:
-        at = self._pos
-        data = self.read(max(size, 1))
-        self._pos = at
-        return data
-
     def read(self, size: int | None = -1) -> bytes:
         start = self._pos
         end = self.size if size is None or size < 0 else min(self.size, start + size)
