@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -117,3 +118,30 @@ def test_a_folder_of_more_names_than_are_kept_lists_and_looks_up(tmp_path: Path,
         for i in (0, 777, 1499):
             got = fs.lookup(f"/d/f{i}")
             assert got is not None and fs.read(got, 10, 0) == str(i).encode()
+
+
+def test_an_extent_of_32768_blocks_reads_its_bytes(tmp_path: Path) -> None:
+    """32,768 blocks is the longest initialized extent (the kernel's EXT_INIT_MAX_LEN), not an
+    unwritten one: its bytes are the file's, not zeros. mke2fs stops at 32,767: the first two
+    extents of a contiguous file are joined in the inode with debugfs."""
+    (tmp_path / "t").mkdir()
+    data = os.urandom(40 << 20)
+    (tmp_path / "t/f").write_bytes(data)
+    image = tmp_path / "f.img"
+    subprocess.run(["mkfs.ext4", "-q", "-b", "1024", "-G", "64", "-O", "sparse_super2,^has_journal", "-E",
+                    "num_backup_sb=0", "-d", str(tmp_path / "t"), str(image), "64M"], check=True,
+                   capture_output=True)
+    lines = subprocess.run(["debugfs", "-R", "ex /f", str(image)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()[1:3]
+    first, second = ([int(n) for n in re.findall(r"\d+", line)][4:9] for line in lines)
+    assert first[4] == 32767 and first[3] + 1 == second[2]  # one run on disk, cut at 32,767 blocks
+    joined = ["sif /f block[4] 32768", "sif /f block[6] 32768", f"sif /f block[7] {second[4] - 1}",
+              f"sif /f block[8] {second[2] + 1}"]
+    subprocess.run(["debugfs", "-w", "-f", "-", str(image)], input="\n".join(joined).encode(), check=True,
+                   capture_output=True)
+    assert "32768" in subprocess.run(["debugfs", "-R", "ex /f", str(image)], capture_output=True, text=True,
+                                     check=True).stdout
+    with open(image, "rb") as f:
+        fs = Ext4Rootfs(io.BufferedReader(f))
+        got = fs.lookup("/f")
+        assert got is not None and fs.read(got, got.size, 0) == data
