@@ -51,7 +51,7 @@ def _attr(entry: Entry, ino: int | None) -> Attr:
     size = len(info.linkname.encode("utf-8", "surrogateescape")) if kind == stat.S_IFLNK else info.size
     return Attr(info.mode, size if kind in (stat.S_IFREG, stat.S_IFLNK) else 0, info.mtime, info.mtime,
                 info.mtime, 2 if kind == stat.S_IFDIR else entry.nlink, uid=info.uid, gid=info.gid,
-                rdev=entry.rdev, ino=ino)
+                rdev=entry.rdev, ino=ino, mtime_ns=getattr(info, "mtime_ns", None))
 
 
 class EntryHandle(Handle):

@@ -36,6 +36,7 @@ class Attr:
     gid: int | None = None
     rdev: int = 0
     ino: int | None = None  # None: a number made from the path (inode_number)
+    mtime_ns: int | None = None  # mtime to the ns, which a float cannot hold (atime, ctime too when equal)
 
 
 class Listing(list[str]):

@@ -72,8 +72,9 @@ def _stat(attr: Attr, uid: int, gid: int, path: str) -> dict[str, int]:
         "st_uid": uid if attr.uid is None else attr.uid, "st_gid": gid if attr.gid is None else attr.gid,
         "st_blksize": attr.blksize,
         "st_blocks": (attr.size + 511) // 512,
-        "st_mtime": int(attr.mtime * ns), "st_atime": int(attr.atime * ns),
-        "st_ctime": int(attr.ctime * ns),
+        "st_mtime": exact if (exact := attr.mtime_ns) is not None else int(attr.mtime * ns),
+        "st_atime": exact if exact is not None and attr.atime == attr.mtime else int(attr.atime * ns),
+        "st_ctime": exact if exact is not None and attr.ctime == attr.mtime else int(attr.ctime * ns),
     }
 
 

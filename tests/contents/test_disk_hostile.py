@@ -95,7 +95,8 @@ def test_a_backing_file_shows_the_metadata_and_says_why(caplog) -> None:
 @pytest.fixture(scope="module")
 def hostile_ext4(tmp_path_factory) -> dict[str, Path]:
     """An ext4 holding /a/b and a 200 kB /a/f: sound, with a/b/up linking back to /a (a loop), with
-    /a/f's extent tree claiming depth 6, and with its one index block pointing at itself."""
+    /a/f's extent tree claiming depth 6, with its one index block pointing at itself, and with its
+    one extent claiming 32,768 blocks, past the volume's end (the `ext4` package read it as zeros)."""
     work = tmp_path_factory.mktemp("ext4")
     (work / "t/a/b").mkdir(parents=True)
     (work / "t/a/f").write_bytes(b"f" * 200_000)
@@ -106,8 +107,9 @@ def hostile_ext4(tmp_path_factory) -> dict[str, Path]:
                                check=True).stdout.split()[-1])  # /a/f's first block: its index node
     self_loop = ["sif /a/f block[0] 0x0001F30A", "sif /a/f block[1] 0x00010004", "sif /a/f block[3] 0",
                  f"sif /a/f block[4] {first}", "sif /a/f block[5] 0"]
+    past = ["sif /a/f block[4] 32768"]  # its one extent (in the inode) claims 32,768 blocks: ee_len
     for name, commands in {"loop": ["link /a /a/b/up"], "deep": ["sif /a/f block[1] 0x00060004"],
-                           "self": self_loop}.items():
+                           "self": self_loop, "past": past}.items():
         images[name] = work / f"{name}.img"
         images[name].write_bytes(sound.read_bytes())
         subprocess.run(["debugfs", "-w", "-f", "-", str(images[name])], input="\n".join(commands).encode(),
@@ -134,15 +136,16 @@ def _within(seconds: float, call):
     return out[0]
 
 
-@pytest.mark.parametrize("case", ["loop", "deep", "self"])
+@pytest.mark.parametrize("case", ["loop", "deep", "self", "past"])
 def test_a_hostile_ext4_is_eio_for_its_fault_alone_with_a_log_line(hostile_ext4, case, caplog) -> None:
     disk = io.BytesIO(hostile_ext4[case].read_bytes())
-    tree = GuestTree("vm.qcow2", Ext4Rootfs(io.BufferedReader(disk)), {})  # type: ignore[arg-type]
+    tree = GuestTree("vm.qcow2", Ext4Rootfs(io.BufferedReader(disk)))  # type: ignore[arg-type]
     path = "/a/b/up/b" if case == "loop" else "/a/f"
     with caplog.at_level(logging.WARNING):
         got = _within(60, lambda: tree.read(tree.lookup(path), 300_000, 0))
     assert isinstance(got, OSError) and got.errno == errno.EIO, got
-    assert {"loop": "directory loop", "deep": "depth 6", "self": "depth 1 where 0"}[case] in caplog.text
+    assert {"loop": "directory loop", "deep": "depth 6", "self": "depth 1 where 0",
+            "past": "an extent past the end of the filesystem"}[case] in caplog.text
     assert caplog.text.count("vm.qcow2") == 1
     assert tree.lookup("/a/b") is not None  # the rest reads on
     if case == "loop":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -79,3 +80,68 @@ def test_an_ext4_root_reads_as_its_source_tree(tmp_path: Path, options: list[str
         big, again = fs.lookup("/big"), fs.lookup("/etc/big-again")
         assert big is not None and again is not None
         assert big.userdata[-1].offsetheader == again.userdata[-1].offsetheader  # one inode, two names
+
+
+def test_a_meta_bg_volume_reads_past_its_first_descriptor_block(tmp_path: Path) -> None:
+    """meta_bg (a volume grown past its reserved descriptor table): group 16 on of 1 KiB blocks
+    has its descriptor at the start of its own meta group; eight inodes a group put files there."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(150):
+        (tree / f"f{i}").write_text(f"file {i}\n")
+    image = tmp_path / "m.img"
+    subprocess.run(["mkfs.ext4", "-q", "-O", "meta_bg,^resize_inode", "-b", "1024", "-I", "128", "-N", "200",
+                    "-d", str(tree), str(image), "200M"], check=True, capture_output=True)
+    with open(image, "rb") as f:
+        fs = Ext4Rootfs(io.BufferedReader(f))
+        numbers = set()
+        for i in range(150):
+            got = fs.lookup(f"/f{i}")
+            assert got is not None and fs.read(got, 100, 0) == f"file {i}\n".encode()
+            numbers.add(got.userdata[-1].offsetheader)
+        assert max(numbers) > 16 * 8  # an inode of group 16 or later was read
+
+
+def test_a_folder_of_more_names_than_are_kept_lists_and_looks_up(tmp_path: Path, monkeypatch) -> None:
+    """A folder's names are kept (NAMES in all, by folder); a larger folder is read again for each
+    lookup in it, never refused (cachetools would raise `value too large`)."""
+    monkeypatch.setattr(Ext4Rootfs, "NAMES", 1000)
+    (tmp_path / "t/d").mkdir(parents=True)
+    for i in range(1500):
+        (tmp_path / f"t/d/f{i}").write_text(str(i))
+    subprocess.run(["mkfs.ext4", "-q", "-N", "4000", "-d", str(tmp_path / "t"), str(tmp_path / "b.img"),
+                    "16M"], check=True, capture_output=True)
+    with open(tmp_path / "b.img", "rb") as f:
+        fs = Ext4Rootfs(io.BufferedReader(f))
+        listed = fs.list("/d")
+        assert listed is not None and len(listed) == 1500
+        for i in (0, 777, 1499):
+            got = fs.lookup(f"/d/f{i}")
+            assert got is not None and fs.read(got, 10, 0) == str(i).encode()
+
+
+def test_an_extent_of_32768_blocks_reads_its_bytes(tmp_path: Path) -> None:
+    """32,768 blocks is the longest initialized extent (the kernel's EXT_INIT_MAX_LEN), not an
+    unwritten one: its bytes are the file's, not zeros. mke2fs stops at 32,767: the first two
+    extents of a contiguous file are joined in the inode with debugfs."""
+    (tmp_path / "t").mkdir()
+    data = os.urandom(40 << 20)
+    (tmp_path / "t/f").write_bytes(data)
+    image = tmp_path / "f.img"
+    subprocess.run(["mkfs.ext4", "-q", "-b", "1024", "-G", "64", "-O", "sparse_super2,^has_journal", "-E",
+                    "num_backup_sb=0", "-d", str(tmp_path / "t"), str(image), "64M"], check=True,
+                   capture_output=True)
+    lines = subprocess.run(["debugfs", "-R", "ex /f", str(image)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()[1:3]
+    first, second = ([int(n) for n in re.findall(r"\d+", line)][4:9] for line in lines)
+    assert first[4] == 32767 and first[3] + 1 == second[2]  # one run on disk, cut at 32,767 blocks
+    joined = ["sif /f block[4] 32768", "sif /f block[6] 32768", f"sif /f block[7] {second[4] - 1}",
+              f"sif /f block[8] {second[2] + 1}"]
+    subprocess.run(["debugfs", "-w", "-f", "-", str(image)], input="\n".join(joined).encode(), check=True,
+                   capture_output=True)
+    assert "32768" in subprocess.run(["debugfs", "-R", "ex /f", str(image)], capture_output=True, text=True,
+                                     check=True).stdout
+    with open(image, "rb") as f:
+        fs = Ext4Rootfs(io.BufferedReader(f))
+        got = fs.lookup("/f")
+        assert got is not None and fs.read(got, got.size, 0) == data

@@ -107,3 +107,18 @@ def test_a_vm_disk_whose_stored_copy_rots_is_eio_or_right_never_wrong(sandbox, v
                     assert b"Input/output error" in run.stderr, run.stderr
                     failed += 1
             assert right + failed == len(files) + 1
+
+
+def test_the_esp_is_opened_when_reached_and_its_folder_lists_as_it_stats(sandbox, vm_images, tmp_path):
+    """A `cat` in /etc opens no ESP (its FAT is read whole when opened); listing /boot does, and
+    gives efi as its stat does: the ESP's root (umask=0077), not the folder it is mounted on."""
+    fps, root, _ = vm_images
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        rootfs = m.path / "contents" / "by-fingerprint" / fps["zstd"] / "rootfs"
+        assert (rootfs / "etc/os-release").read_bytes() == (root / "etc/os-release").read_bytes()
+        assert "/boot/efi opened" not in m.log_text()
+        with os.scandir(rootfs / "boot") as listing:
+            modes = {e.name: e.stat(follow_symlinks=False).st_mode for e in listing}
+        assert modes == {"efi": stat.S_IFDIR | 0o700}, modes
+        assert "/boot/efi opened" in m.log_text()
+        assert os.lstat(rootfs / "boot/efi").st_mode == stat.S_IFDIR | 0o700

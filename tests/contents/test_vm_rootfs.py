@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import vmdisk
 from mounts import mounted
 from test_ext4root import _tree
 
@@ -23,8 +24,9 @@ pytestmark = pytest.mark.lxd  # a real LXD and /dev/fuse, as root
 META = b"architecture: x86_64\ncreation_date: 1700000000\nproperties:\n  description: vm contents test\n"
 
 
-def _vm(work: Path, options: list[str], tree: Path | None) -> tuple[Path, Path]:
-    """A split VM image: a metadata tarball and a qcow2 GPT disk (its ext4 root made from `tree`)."""
+def _vm(work: Path, options: list[str], tree: Path | None, edit: str = "") -> tuple[Path, Path]:
+    """A split VM image: a metadata tarball and a qcow2 GPT disk (its ext4 root made from `tree`,
+    then changed by the debugfs commands `edit`)."""
     work.mkdir(parents=True)
     (work / "metadata.yaml").write_bytes(META + work.name.encode().join([b"  seed: ", b"\n"]))
     with tarfile.open(work / "meta.tar.xz", "w:xz") as tar:
@@ -36,6 +38,9 @@ def _vm(work: Path, options: list[str], tree: Path | None) -> tuple[Path, Path]:
                    input=f"label: gpt\nstart=2048, size=32768, type={gpt.ROOT_X86_64}\n".encode())
     if tree is not None:
         subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(work / "root.img"), "16M"], check=True)
+        if edit:
+            subprocess.run(["debugfs", "-w", "-f", "-", str(work / "root.img")], input=edit.encode(),
+                           check=True, capture_output=True)
         subprocess.run(["dd", f"if={work / 'root.img'}", f"of={disk}", "bs=1M", "seek=1", "conv=notrunc",
                         "status=none"], check=True)
     subprocess.run(["qemu-img", "convert", *options, "-f", "raw", "-O", "qcow2", str(disk),
@@ -97,3 +102,43 @@ def test_a_cluster_past_the_end_of_the_disk_is_eio_and_the_mount_serves_on(sandb
         assert "lies past the end of the file" in m.log_text()  # the reason, in one log line
         assert (root / "etc/os-release").read_bytes() == (tree / "etc/os-release").read_bytes()
         assert fp in os.listdir(m.path / "by-fingerprint")
+
+
+def test_a_vm_images_times_are_exact_to_the_nanosecond(sandbox, tmp_path: Path) -> None:
+    """ext4 keeps a time's nanoseconds and epoch bits (past 2038) in i_mtime_extra: the mount shows
+    them exactly (a float of seconds holds a time of 2023 only to 0.24 us)."""
+    tree = tmp_path / "tree"
+    _tree(tree)
+    # mkfs.ext4 -d keeps whole seconds: the nanoseconds are set in the image itself
+    edit = ("sif /etc/os-release mtime @1700000000\nsif /etc/os-release mtime_extra "
+            f"{123_456_789 << 2}\nsif /big mtime @5\nsif /big mtime_extra {1 | 999_999_999 << 2}\n"
+            f"sif /etc mtime @1600000000\nsif /etc mtime_extra {7 << 2}\n")
+    fp = sandbox.import_image(*_vm(tmp_path / "ns", ["-c"], tree, edit))
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        root = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+        assert os.lstat(root / "etc/os-release").st_mtime_ns == 1_700_000_000_123_456_789
+        assert os.lstat(root / "big").st_mtime_ns == ((1 << 32) + 5) * 10**9 + 999_999_999  # 2106
+        assert os.lstat(root / "etc").st_mtime_ns == 1_600_000_000_000_000_007
+        assert os.lstat(root / "etc/big-again").st_mtime_ns == os.lstat(root / "big").st_mtime_ns
+        assert int(os.lstat(root / "etc/fstab").st_mtime) == int(os.lstat(tree / "etc/fstab").st_mtime)
+
+
+def test_an_esp_no_reader_can_read_is_eio_under_boot_efi_and_the_rest_serves(sandbox, tmp_path: Path) -> None:
+    """The ESP is opened when a path under /boot/efi is first reached (not for a `cat` in /etc):
+    one whose FAT cannot be read is EIO there, with the reason in the log; the root reads on."""
+    tree = tmp_path / "tree"
+    _tree(tree)
+    root, esp = vmdisk.root_tree(tree, tmp_path / "root"), vmdisk.esp_tree(tmp_path / "esp")
+    fp = sandbox.import_image(*vmdisk.vm_image(tmp_path / "vm", root, esp, "zlib", no_fat=True))
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        top = m.path / "contents" / "by-fingerprint" / fp
+        assert (top / "rootfs/etc/os-release").read_bytes() == (tree / "etc/os-release").read_bytes()
+        assert sorted(os.listdir(top)) == ["metadata.yaml", "rootfs"]
+        assert "At least one FAT expected" not in m.log_text()  # not read for /etc
+        for _ in range(2):
+            with pytest.raises(OSError) as caught:
+                os.listdir(top / "rootfs/boot/efi/EFI")
+            assert caught.value.errno == errno.EIO
+        assert "/boot/efi not read: PyFATException: At least one FAT expected" in m.log_text()
+        assert (top / "rootfs/big").read_bytes() == (tree / "big").read_bytes()
+        assert sorted(os.listdir(top / "rootfs/boot")) == ["efi"]

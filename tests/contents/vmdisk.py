@@ -37,8 +37,9 @@ def root_tree(source: Path, where: Path) -> Path:
     return where
 
 
-def vm_image(work: Path, root: Path, esp: Path, compression: str) -> tuple[Path, Path]:
-    """(metadata tarball, qcow2 disk) of a VM image holding `root` and `esp`."""
+def vm_image(work: Path, root: Path, esp: Path, compression: str, no_fat: bool = False) -> tuple[Path, Path]:
+    """(metadata tarball, qcow2 disk) of a VM image holding `root` and `esp`; `no_fat`: the ESP's
+    boot sector says it has no FAT (a vfat by its signature that no reader can read)."""
     work.mkdir(parents=True)
     (work / "metadata.yaml").write_bytes(b"architecture: x86_64\ncreation_date: 1700000000\n"
                                          b"properties:\n  description: vm disk " + work.name.encode() + b"\n")
@@ -52,6 +53,10 @@ def vm_image(work: Path, root: Path, esp: Path, compression: str) -> tuple[Path,
                     "-C", str(fat), str(ESP_MIB << 10)], check=True, capture_output=True)
     subprocess.run(["mcopy", "-s", "-m", "-i", str(fat), *map(str, esp.iterdir()), "::/"], check=True,
                    env={**os.environ, "TZ": "UTC", "MTOOLS_SKIP_CHECK": "1"})
+    if no_fat:
+        with open(fat, "r+b") as f:
+            f.seek(16)  # BPB_NumFATs
+            f.write(b"\0")
     subprocess.run(["mkfs.ext4", "-q", "-L", "rootfs", "-b", "4096", "-i", "8192", "-d", str(root), str(ext4),
                     f"{root_mib}M"], check=True)
     with open(disk, "wb") as f:

@@ -1,109 +1,165 @@
-"""A VM's ext4 root filesystem as ratarmountcore reads it, with what its entries leave out put back.
+"""A VM's ext4 filesystems as contents/ reads a source, its entries as complete as a container's.
 
-ratarmountcore 0.11's EXT4MountSource (over the `ext4` package) gives no symlink target, only the
-low 16 bits of an owner and group, no device number and no link count; its userdata is a bare
-inode number where the rest of contents/ reads a squashfs-like place (inodes.header); its folder
-listing gives names with trailing padding bytes. Each inode
-has them all: they are put back here, so a VM's files look as a container's do.
+ratarmountcore 0.11's EXT4MountSource (over the `ext4` package), used before, gave no symlink
+target, only the low 16 bits of an owner and group, whole seconds, no device number and no link
+count, and found each path from the root again (reading every folder on the way). Here an entry's
+stat, a folder's names and a file's bytes are read from the inode itself (ext4check.CheckedInodes),
+a path from its parent folder's names (kept by inode number, bounded), as the kernel does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
-from typing import IO, Any
+import struct
+from typing import Any, NamedTuple
 
 import cachetools
-from ratarmountcore.mountsource.formats.ext4 import EXT4MountSource
 from ratarmountcore.mountsource.MountSource import FileInfo
-from ratarmountcore.SQLiteIndex import SQLiteIndexedTarUserData
 
 from lxdimagefs.contents.disk.ext4check import CheckedInodes, Ext4Fault
 
+ROOT = 2
+KINDS = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+                   stat.S_IFSOCK})
+LINK_MAX = 4096  # PATH_MAX: no longer target is read
 
-def place(number: int) -> SQLiteIndexedTarUserData:
-    return SQLiteIndexedTarUserData(offset=0, offsetheader=number, istar=False, issparse=False,
-                                    isgenerated=False, recursiondepth=0)
+
+class Place(NamedTuple):
+    """Where an entry is (contents/inodes.header reads `offsetheader`): a tuple, not the 6-field
+    dataclass a tarball's entry carries, for thousands of entries kept."""
+
+    offsetheader: int
 
 
-class Ext4Rootfs(EXT4MountSource):
-    """ratarmountcore's ext4 source with full owners, symlink targets, devices and link counts."""
+def place(number: int) -> Place:
+    return Place(number)
+
+
+@dataclasses.dataclass
+class Ext4Info(FileInfo):
+    """An entry with what FileInfo has no field for: its exact time, link count and device."""
+
+    mtime_ns: int = 0
+    nlink: int = 1
+    rdev: int = 0
+
+
+class Ext4Rootfs:
+    """An ext4 volume as contents/ reads a source: lookup, list, read, with full owners, ns times,
+    symlink targets, devices and link counts."""
+
+    NAMES = 1 << 16
 
     def __init__(self, fileobj: Any, tag: int = 0) -> None:
         """`tag`: added to each inode number in an entry's place (another ext4 than the root's)."""
-        super().__init__(fileobj)
         self._tag = tag
-        self.fileSystem.inodes = CheckedInodes(self.fileSystem, fileobj)
-        # entries a listing found, by path, for the lookups that follow it: the `ext4` package
-        # resolves each path from the root again, reading every folder on the way
-        self._known: cachetools.LRUCache[str, FileInfo] = cachetools.LRUCache(8192)
-        self._convert_ext4_directory_entry_to_file_info = self._info
+        self._inodes = CheckedInodes(fileobj)
+        self._known: cachetools.LRUCache[str, Ext4Info] = cachetools.LRUCache(2048)  # by path
+        # each folder's names and their inode numbers, by the folder's inode number, NAMES in all
+        self._names: cachetools.LRUCache[int, dict[bytes, int]] = cachetools.LRUCache(
+            self.NAMES, getsizeof=lambda names: max(1, len(names)))
 
-    def _info(self, inode: Any) -> FileInfo:
-        high = inode.osd2.linux2
-        mode = int(inode.i_mode.value if hasattr(inode.i_mode, "value") else inode.i_mode)
-        link = os.fsdecode(inode.readlink()) if stat.S_ISLNK(mode) else ""
-        return FileInfo(size=0 if stat.S_ISDIR(mode) else int(inode.i_size), mtime=int(inode.i_mtime),
-                        mode=mode, linkname=link,
-                        uid=int(inode.i_uid) | int(high.l_i_uid_high) << 16,
-                        gid=int(inode.i_gid) | int(high.l_i_gid_high) << 16,
-                        userdata=[place(self._tag | int(inode.i_no))])
+    def _info(self, number: int) -> Ext4Info:
+        """An entry as inode `number`'s own bytes say (the kernel's reading of its fields)."""
+        raw = self._inodes.raw(number)
+        mode, uid, size, mtime, gid, nlink = struct.unpack_from("<HHIxxxxxxxxixxxxHH", raw)
+        if stat.S_IFMT(mode) not in KINDS:
+            raise Ext4Fault(f"inode {number}: unknown file type {mode:#o}")
+        size |= struct.unpack_from("<I", raw, 0x6C)[0] << 32
+        uid_high, gid_high = struct.unpack_from("<HH", raw, 0x78)
+        ns = 0
+        extra_size = struct.unpack_from("<H", raw, 0x80)[0] if self._inodes.extra else 0
+        if 12 <= extra_size <= self._inodes.inode_size - 128:  # i_mtime_extra is in the inode
+            extra = struct.unpack_from("<I", raw, 0x88)[0]
+            mtime, ns = mtime + ((extra & 3) << 32), extra >> 2
+        link = ""
+        if stat.S_ISLNK(mode):
+            if size > LINK_MAX:
+                raise Ext4Fault(f"inode {number}: a symlink target of {size} bytes")
+            link = os.fsdecode(bytes(self._inodes.data(number, 0, size)))
+        rdev = 0
+        if stat.S_IFMT(mode) in (stat.S_IFCHR, stat.S_IFBLK):
+            # the old 16-bit encoding in i_block[0], else the new one in i_block[1]
+            old, new = struct.unpack_from("<II", raw, 0x28)
+            rdev = os.makedev((old >> 8) & 0xFF, old & 0xFF) if old else os.makedev(
+                (new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))
+        return Ext4Info(size=0 if stat.S_ISDIR(mode) else size, mtime=mtime + ns / 1e9, mode=mode,
+                        linkname=link, uid=uid | uid_high << 16, gid=gid | gid_high << 16,
+                        userdata=[place(self._tag | number)], mtime_ns=mtime * 1_000_000_000 + ns,
+                        nlink=nlink, rdev=rdev)
 
-    def _inode(self, info: FileInfo) -> Any:
-        return self.fileSystem.inodes[int(info.userdata[-1].offsetheader) & 0xFFFFFFFF]
-
-    def open(self, fileInfo: FileInfo, buffering: int = -1) -> IO[bytes]:
-        return self._inode(fileInfo).open()
-
-    def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
-        with self.open(fileInfo) as f:
-            f.seek(offset)
-            return f.read(size)
-
-    def nlink(self, info: FileInfo) -> int:
-        """How many names a file has (a folder: 1, as for a squashfs root)."""
-        return 1 if stat.S_ISDIR(info.mode) else int(self._inode(info).i_links_count)
-
-    def device(self, info: FileInfo) -> int:
-        """A device's number: the old 16-bit encoding in i_block[0], else the new one in i_block[1]."""
-        block = self._inode(info).i_block
-        if block[0]:
-            return os.makedev((block[0] >> 8) & 0xFF, block[0] & 0xFF)
-        dev = block[1]
-        return os.makedev((dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00))
-
-    def lookup(self, path: str, fileVersion: int = 0) -> FileInfo | None:
-        """An entry; EIO where it is a folder that is one of the folders above it (a loop: the
-        kernel looks up each folder of a path in turn, so a path through a loop meets this)."""
-        path = "/" + path.strip("/")
-        found = self._known.get(path) or super().lookup(path)
-        if found is not None and stat.S_ISDIR(found.mode):
-            parts = [p for p in path.split("/") if p]
-            seen = {2}
-            for depth in range(1, len(parts) + 1):
-                above = "/" + "/".join(parts[:depth])
-                known = self._known.get(above)
-                number = self._number(known) if known else int(self.fileSystem.inode_at(above).i_no)
-                if number in seen:
-                    raise Ext4Fault(f"{path}: a directory loop (inode {number} is its own ancestor)")
-                seen.add(number)
+    def _entries(self, number: int) -> dict[bytes, int]:
+        found = self._names.get(number)
+        if found is None:
+            found = self._inodes.entries(number)
+            if len(found) <= self.NAMES:  # a larger folder is read again for each lookup in it
+                self._names[number] = found
         return found
 
     def _number(self, info: FileInfo) -> int:
         return int(info.userdata[-1].offsetheader) & 0xFFFFFFFF
 
-    def list(self, path: str) -> dict[str, FileInfo] | None:
-        """A folder's entries; a name is its first name_len bytes (the `ext4` package's name runs
-        on into the record's padding: `fifo\\x13`)."""
-        try:
-            folder = self.fileSystem.inode_at(path)
-        except FileNotFoundError:
-            return None
-        if not stat.S_ISDIR(self._info(folder).mode):
-            return None
-        found = {os.fsdecode(e.name[:e.name_len]): self._info(self.fileSystem.inodes[e.inode])
-                 for e, _ in folder.opendir() if e.name[:e.name_len] not in (b".", b"..")}
-        inside = "/" + path.strip("/")
-        for name, info in found.items():  # `ls -l`, `find`: each name's lookup follows its listing
-            self._known[f"{inside.rstrip('/')}/{name}"] = info
+    def lookup(self, path: str, fileVersion: int = 0) -> Ext4Info | None:
+        """An entry, found from its parent folder as the kernel does; EIO where a folder on the way
+        is one of the folders above it (a loop)."""
+        parts = [p for p in path.split("/") if p]
+        info = self._known.get("/" + "/".join(parts))
+        if info is not None and not stat.S_ISDIR(info.mode):
+            return info
+        info, seen, at = self._root(), {ROOT}, ""
+        for name in parts:
+            if not stat.S_ISDIR(info.mode):
+                return None
+            at += "/" + name
+            found = self._known.get(at)
+            if found is None:
+                number = self._entries(self._number(info)).get(os.fsencode(name))
+                if number is None:
+                    return None
+                found = self._known[at] = self._info(number)
+            if stat.S_ISDIR(found.mode):
+                if self._number(found) in seen:
+                    raise Ext4Fault(f"{path}: a directory loop (inode {self._number(found)} is its own "
+                                    "ancestor)")
+                seen.add(self._number(found))
+            info = found
+        return info
+
+    def _root(self) -> Ext4Info:
+        found = self._known.get("/")
+        if found is None:
+            found = self._known["/"] = self._info(ROOT)
+            if not stat.S_ISDIR(found.mode):
+                raise Ext4Fault("the root inode is no folder")
         return found
+
+    def list(self, path: str) -> dict[str, FileInfo] | None:
+        """A folder's entries; each is kept by path, for the lookups that follow (`ls -l`, `find`)."""
+        folder = self.lookup(path)
+        if folder is None or not stat.S_ISDIR(folder.mode):
+            return None
+        inside = "/" + "/".join(p for p in path.split("/") if p)
+        found: dict[str, FileInfo] = {}
+        for name, number in self._entries(self._number(folder)).items():
+            key = f"{inside.rstrip('/')}/{os.fsdecode(name)}"
+            info = self._known.get(key)
+            if info is None:
+                info = self._known[key] = self._info(number)
+            found[os.fsdecode(name)] = info
+        return found
+
+    def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
+        return bytes(self._inodes.data(self._number(fileInfo), offset, size))
+
+    def nlink(self, info: FileInfo) -> int:
+        """How many names a file has (a folder: 1, as for a squashfs root)."""
+        return 1 if stat.S_ISDIR(info.mode) else int(getattr(info, "nlink", 1))
+
+    def device(self, info: FileInfo) -> int:
+        return int(getattr(info, "rdev", 0))
+
+    def __exit__(self, *exc: object) -> None:
+        """Nothing to release: the partition's file belongs to the disk's reader."""
+

@@ -5,9 +5,11 @@ reader. The header and entry array carry CRC32s: a table that fails them is refu
 """
 
 import errno
+import io
 import struct
 import uuid
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -123,3 +125,81 @@ class Slice(Seekable):
         view[:len(data)] = data
         self._pos += len(data)
         return len(data)
+
+
+class Window(io.RawIOBase):
+    """A partition as a read-only file for the ext4 and FAT readers, which read a few hundred bytes
+    at a time (an inode, a directory entry), most of them near the last: whole chunks of the disk
+    are kept, `keep` of them (least recently used out), and a read is a slice of one. A read of
+    two chunks or more goes to the disk whole, keeping nothing. Not thread-safe: its owner locks."""
+
+    def __init__(self, disk: BinaryIO, offset: int, length: int, chunk: int = 1 << 16,
+                 keep: int = 16) -> None:
+        super().__init__()
+        self._disk, self._offset, self.size, self._pos = disk, offset, length, 0
+        self._chunk_size, self._keep = chunk, keep
+        self._chunks: OrderedDict[int, bytes] = OrderedDict()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def _chunk(self, index: int) -> bytes:
+        found = self._chunks.get(index)
+        if found is not None:
+            self._chunks.move_to_end(index)
+            return found
+        at = index * self._chunk_size
+        self._disk.seek(self._offset + at)
+        found = self._disk.read(min(self._chunk_size, self.size - at))
+        self._chunks[index] = found
+        if len(self._chunks) > self._keep:
+            self._chunks.popitem(last=False)
+        return found
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self._pos
+        end = self.size if size is None or size < 0 else min(self.size, start + size)
+        if end <= start:
+            return b""
+        chunk = self._chunk_size
+        first, last = start // chunk, (end - 1) // chunk
+        if last - first >= 2:
+            self._disk.seek(self._offset + start)
+            data = self._disk.read(end - start)
+        elif first == last:
+            data = self._chunk(first)[start - first * chunk:end - first * chunk]
+        else:
+            data = (self._chunk(first) + self._chunk(last))[start - first * chunk:end - first * chunk]
+        self._pos = start + len(data)
+        return data
+
+    def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.size - self._pos))
+        if n < 2 * self._chunk_size:
+            data = self.read(n)
+            view[:len(data)] = data
+            return len(data)
+        self._disk.seek(self._offset + self._pos)  # a file's bytes: straight into the caller's buffer
+        done = 0
+        while done < n and (got := self._disk.readinto(view[done:n])):  # type: ignore[attr-defined]
+            done += got
+        self._pos += done
+        return done
+
+    def close(self) -> None:
+        self._chunks.clear()
+        super().close()

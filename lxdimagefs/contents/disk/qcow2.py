@@ -36,7 +36,9 @@ class Qcow2Error(OSError):
 class Qcow2Reader(Seekable):
     """The guest disk of a qcow2 image as a read-only raw file: unallocated and zero clusters read 0."""
 
-    def __init__(self, fileobj: BinaryIO, cache_clusters: int = 64) -> None:
+    def __init__(self, fileobj: BinaryIO, cache_clusters: int = 8, cache_tables: int = 16) -> None:
+        """Kept: `cache_clusters` clusters (the partitions' gpt.Window keeps what ext4 reads again)
+        and `cache_tables` L2 tables (each maps 512 MiB of a disk of 64 KiB clusters)."""
         super().__init__()
         self._file = fileobj
         self._lock = threading.Lock()  # the file's position is shared
@@ -79,7 +81,7 @@ class Qcow2Reader(Seekable):
         if len(raw) != 8 * l1_size:
             raise Qcow2Error("L1 table past the end of the file")
         self._l1 = struct.unpack(f">{l1_size}Q", raw)
-        self._l2_cache: cachetools.LRUCache[int, tuple[int, ...]] = cachetools.LRUCache(cache_clusters)
+        self._l2_cache: cachetools.LRUCache[int, bytes] = cachetools.LRUCache(cache_tables)
         self._data_cache: cachetools.LRUCache[int, bytes] = cachetools.LRUCache(cache_clusters)
         self._pos = 0
 
@@ -90,7 +92,7 @@ class Qcow2Reader(Seekable):
             self._file.seek(offset)
             return self._file.read(length)
 
-    def _l2(self, index: int) -> tuple[int, ...] | None:
+    def _l2(self, index: int) -> bytes | None:
         offset = self._l1[index] & _OFFSET_MASK
         if not offset:
             return None
@@ -98,8 +100,9 @@ class Qcow2Reader(Seekable):
         if table is None:
             if offset % self._cluster:
                 raise Qcow2Error(f"L2 table offset {offset:#x} not cluster-aligned")
-            raw = self._read_at(offset, self._cluster, "L2 table")
-            table = struct.unpack(f">{self._cluster // 8}Q", raw)
+            table = self._read_at(offset, self._cluster, "L2 table")
+            if len(table) != self._cluster:
+                raise Qcow2Error(f"L2 table at {offset:#x} cut short by the end of the file")
             self._l2_cache[offset] = table
         return table
 
@@ -107,7 +110,7 @@ class Qcow2Reader(Seekable):
         """The guest cluster `number`, or None when it reads as zeros."""
         l2_entries = self._cluster // 8
         table = self._l2(number // l2_entries)
-        entry = table[number % l2_entries] if table is not None else 0
+        entry = struct.unpack_from(">Q", table, 8 * (number % l2_entries))[0] if table is not None else 0
         if not entry & ~(1 << 63):
             return None
         cached = self._data_cache.get(entry)

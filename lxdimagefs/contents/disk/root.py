@@ -4,10 +4,12 @@ in NOTE beside rootfs/."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import io
+import functools
 import logging
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from lxdimagefs.contents.disk import gpt, guest
@@ -18,27 +20,55 @@ log = logging.getLogger(__name__)
 
 NOTE = "rootfs-not-shown.txt"
 NOTE_PLACE = 1 << 62  # past any tar header's offset
-BUFFER = 1 << 16
 
 
 class GuestTree:
     """The root filesystem with others mounted on its folders: each call goes to the filesystem
-    that holds the path (the deepest mount point above it), as the guest's kernel would."""
+    that holds the path (the deepest mount point above it), as the guest's kernel would. A mounted
+    filesystem is opened when a path at or under its mount point is first reached (the ESP's FAT
+    is read whole when opened: a `cat` in /etc need not pay for it); if it cannot be, each call
+    there is EIO with the reason in the log."""
 
-    def __init__(self, name: str, root: Any, mounted: dict[str, tuple[int, Any]]) -> None:
-        """`mounted`: each mount point's filesystem and the tag its entries' places carry."""
-        self._name, self._root, self._mounted = name, root, {point: fs for point, (_, fs) in mounted.items()}
-        self._by_tag = {tag >> 48: fs for tag, fs in mounted.values()}
-        self._order = sorted(mounted, key=len, reverse=True)
+    def __init__(self, name: str, root: Any) -> None:
+        self._name, self._root = name, root
+        self._openers: dict[str, Callable[[], Any]] = {}
+        self._by_tag: dict[int, str] = {}
+        self._order: list[str] = []
+        self._open: dict[str, Any] = {}
+        self._failed: dict[str, str] = {}
+
+    def mount(self, point: str, tag: int, opener: Callable[[], Any]) -> None:
+        """`opener` makes the filesystem on `point` when first reached; `tag` is in its entries' places."""
+        self._openers[point], self._by_tag[tag >> 48] = opener, point
+        self._order = sorted(self._openers, key=len, reverse=True)
+
+    @property
+    def points(self) -> list[str]:
+        return self._order
+
+    def _mounted(self, point: str) -> Any:
+        found = self._open.get(point)
+        if found is None:
+            if point in self._failed:
+                raise OSError(errno.EIO, self._failed[point])
+            try:
+                found = self._open[point] = self._openers[point]()
+            except Exception as e:  # untrusted bytes: whatever the reader raises, the rest shows
+                self._failed[point] = f"{point} not read: {type(e).__name__}: {e}"
+                log.warning("%s: %s", self._name, self._failed[point])
+                raise OSError(errno.EIO, self._failed[point]) from None
+            log.info("%s: %s opened", self._name, point)
+        return found
 
     def _route(self, path: str) -> tuple[Any, str]:
         for point in self._order:
             if path == point or path.startswith(point + "/"):
-                return self._mounted[point], path[len(point):] or "/"
+                return self._mounted(point), path[len(point):] or "/"
         return self._root, path
 
     def _owner(self, info: Any) -> Any:
-        return self._by_tag.get(int(info.userdata[-1].offsetheader) >> 48, self._root)
+        point = self._by_tag.get(int(info.userdata[-1].offsetheader) >> 48)
+        return self._root if point is None else self._mounted(point)
 
     def _fault(self, what: str, e: Exception) -> OSError:
         """Whatever a reader of the untrusted disk raises: EIO for this call, and a log line."""
@@ -46,18 +76,27 @@ class GuestTree:
         return OSError(errno.EIO, f"{what}: {e}")
 
     def lookup(self, path: str, fileVersion: int = 0) -> Any:
-        source, inner = self._route("/" + path.strip("/"))
         try:
+            source, inner = self._route("/" + path.strip("/"))
             return source.lookup(inner)
         except Exception as e:
             raise self._fault(f"rootfs{path}", e) from None
 
     def list(self, path: str) -> Any:
-        source, inner = self._route("/" + path.strip("/"))
+        """A folder's entries; a mount point among them is the root of what is mounted on it (as
+        its stat is), so listing /boot opens the ESP; one that cannot be opened keeps the folder's."""
+        path = "/" + path.strip("/")
         try:
-            return source.list(inner)
+            source, inner = self._route(path)
+            found = source.list(inner)
         except Exception as e:
             raise self._fault(f"rootfs{path}/", e) from None
+        for point in self._order if isinstance(found, dict) else ():
+            above, _, name = point.rpartition("/")
+            if (above or "/") == path and name in found:
+                with contextlib.suppress(OSError):  # said in the log, and EIO at its own lookup
+                    found[name] = self._mounted(point).lookup("/")
+        return found
 
     def read(self, info: Any, size: int, offset: int) -> bytes:
         try:
@@ -72,7 +111,7 @@ class GuestTree:
         return int(self._owner(info).device(info))
 
     def __exit__(self, *exc: object) -> None:
-        for fs in (self._root, *self._mounted.values()):
+        for fs in (self._root, *self._open.values()):
             fs.__exit__(None, None, None)
 
 
@@ -104,9 +143,11 @@ class WithNote:
 
 
 def _filesystem(kind: str, disk: Qcow2Reader, part: gpt.Partition, options: dict[str, str], tag: int) -> Any:
-    from lxdimagefs.contents.disk.fat import FatFs
-    window = io.BufferedReader(gpt.Slice(disk, part.offset, part.length), BUFFER)  # type: ignore[arg-type]
-    return FatFs(window, options, tag) if kind == "vfat" else Ext4Rootfs(window, tag)
+    window = gpt.Window(disk, part.offset, part.length)  # type: ignore[arg-type]
+    if kind == "vfat":
+        from lxdimagefs.contents.disk.fat import FatFs
+        return FatFs(window, options, tag)
+    return Ext4Rootfs(window, tag)
 
 
 def _guest(disk: Qcow2Reader, name: str, why: list[str]) -> GuestTree | None:
@@ -114,23 +155,23 @@ def _guest(disk: Qcow2Reader, name: str, why: list[str]) -> GuestTree | None:
     root = gpt.root_of(disk, parts)  # type: ignore[arg-type]
     if root is None or not gpt.has_ext4(disk, root):  # type: ignore[arg-type]
         raise OSError("no ext4 Linux root partition (LUKS, LVM, another filesystem?)")
-    ext4 = Ext4Rootfs(io.BufferedReader(gpt.Slice(disk, root.offset, root.length), BUFFER))  # type: ignore[arg-type]
+    ext4 = Ext4Rootfs(gpt.Window(disk, root.offset, root.length))  # type: ignore[arg-type]
     fstab = ext4.lookup("/etc/fstab")
     text = ext4.read(fstab, min(fstab.size, guest.FSTAB_MAX), 0).decode("utf-8", "replace") if (
         fstab is not None and stat.S_ISREG(fstab.mode)) else ""
     shown, not_shown = guest.mounts(disk, parts, root, text)  # type: ignore[arg-type]
     why += not_shown
-    mounted: dict[str, tuple[int, Any]] = {}
+    tree = GuestTree(name, ext4)
     for i, (point, kind, part, options) in enumerate(shown, 1):
-        found = GuestTree(name, ext4, mounted).lookup(point)  # on what is mounted so far: /boot/efi on /boot
-        if point in mounted or found is None or not stat.S_ISDIR(found.mode):
+        try:  # on what is mounted so far: /boot/efi on /boot
+            found = tree.lookup(point)
+        except OSError:
+            found = None
+        if point in tree.points or found is None or not stat.S_ISDIR(found.mode):
             why.append(f"{point}: no folder to mount {kind} on (or mounted twice)")
             continue
-        try:
-            mounted[point] = (i << 48, _filesystem(kind, disk, part, options, i << 48))
-        except Exception as e:  # untrusted bytes: whatever the reader raises, the rest shows
-            why.append(f"{point}: {kind} on partition {part.unique} not read: {e}")
-    return GuestTree(name, ext4, mounted)
+        tree.mount(point, i << 48, functools.partial(_filesystem, kind, disk, part, options, i << 48))
+    return tree
 
 
 def vm_root(top: Any, part: Any, name: str) -> tuple[Any, GuestTree | None]:
