@@ -3,47 +3,35 @@
 Own code, because the `ext4` package (MIT, through ratarmountcore's ext4 source) read a block per
 call through several layers (most of a `diff -r`), took 15 ms to import with a cold page cache,
 read an extent of 32,768 blocks (the kernel's largest initialized one) as zeros, and followed an
-extent tree as its headers said: an index block pointing at itself looped for ever. Here an inode's
-tree is walked once when the inode is first read: every node's depth one less than its parent's,
-at most MAX_DEPTH (the kernel's limit) and MAX_NODES of them, no extent past the volume's end; a
-file of block maps or inline data past its inode's 60 bytes (ext2/3's layout) is not read. Each
-fault is EIO (Ext4Fault), for that inode alone.
+extent tree as its headers said: an index block pointing at itself looped for ever. Here a file's
+extent tree or block maps are walked when it is first read (ext4map.py), not at its stat; a file
+of inline data past its inode's 60 bytes, or encrypted, is not read. Each fault is EIO
+(Ext4Fault), for that inode alone.
 """
 
 from __future__ import annotations
 
-import bisect
-import errno
 import io
 import struct
 from typing import Any
 
 import cachetools
 
-EXTENTS_FL, INLINE_FL = 0x80000, 0x10000000
+from lxdimagefs.contents.disk.ext4map import Ext4Fault, Runs, block_maps, extents
+
+EXTENTS_FL, INLINE_FL, ENCRYPT_FL, HUGE_FILE_FL = 0x80000, 0x10000000, 0x800, 0x40000
 INCOMPAT_64BIT = 0x80
 INCOMPAT_META_BG = 0x10
 INCOMPAT_REFUSED = 0x1 | 0x8 | 0x1000  # compression, a journal device, dirdata
-MAGIC = 0xF30A
-MAX_DEPTH = 5
-MAX_NODES = 4096
-MAX_EXTENTS = 1 << 16
 RECORD = 0x8C  # up to i_mtime_extra
-FULL = 32768  # an extent's largest initialized length
 INLINE_MAX = 60  # the bytes of i_block: a fast symlink's target
-DATA = (0x8000, 0x4000, 0xA000)  # regular file, folder, symlink
 FOLDER_MAX = 16 << 20  # a folder's bytes read whole: some 500,000 names
-Extent = tuple[int, int, int, bool]  # first block in the file, blocks, first block on disk, initialized
-
-
-class Ext4Fault(OSError):
-    def __init__(self, why: str) -> None:
-        super().__init__(errno.EIO, f"ext4: {why}")
+RUNS_KEPT = 1 << 18  # the runs kept, of all files (24 bytes each)
 
 
 class CheckedInodes:
     """An ext4 volume's inodes, each checked the first time it is read: the first RECORD bytes of
-    1,024 of them are kept (an entry's stat), and the extents of 64 (the files being read)."""
+    1,024 of them are kept (an entry's stat), and the runs of the files being read, RUNS_KEPT in all."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -75,7 +63,10 @@ class CheckedInodes:
         self._blocks = stream.seek(0, io.SEEK_END) // self.block  # what the partition holds
         self._tables: cachetools.LRUCache[int, int] = cachetools.LRUCache(4096)  # inode table, by group
         self._raw: cachetools.LRUCache[int, bytes] = cachetools.LRUCache(1024)
-        self._extents: cachetools.LRUCache[int, list[Extent]] = cachetools.LRUCache(64)
+        self._runs: cachetools.LRUCache[int, Runs] = cachetools.LRUCache(
+            RUNS_KEPT, getsizeof=lambda runs: max(1, len(runs)))
+        self._faults: cachetools.LRUCache[int, str] = cachetools.LRUCache(1024)  # a walk's fault, by inode
+        self.first_ino = struct.unpack_from("<I", sb, 0x54)[0] if rev else 11
 
     def _offset(self, number: int) -> int:
         """Where inode `number` is: its group's inode table (from the group's descriptor), then its
@@ -84,8 +75,9 @@ class CheckedInodes:
         table = self._tables.get(group)
         if table is None:
             desc = self._read(self._descriptor(group), self._desc_size)
-            low, high = struct.unpack_from("<I", desc, 8)[0], struct.unpack_from("<I", desc, 0x28)[0]
-            table = self._tables[group] = low | (high << 32 if self._desc_size >= 64 else 0)
+            low = struct.unpack_from("<I", desc, 8)[0]  # a 32-byte descriptor (no 64bit) has no high word
+            high = struct.unpack_from("<I", desc, 0x28)[0] if self._desc_size >= 64 else 0
+            table = self._tables[group] = low | high << 32
         return table * self.block + index * self.inode_size
 
     def _descriptor(self, group: int) -> int:
@@ -112,14 +104,13 @@ class CheckedInodes:
         return group == 1
 
     def raw(self, number: int) -> bytes:
-        """Inode `number`'s first RECORD bytes (128 for a small inode), its extent tree checked."""
+        """Inode `number`'s first RECORD bytes (128 for a small inode); its blocks are found when
+        it is first read (a stat walks nothing)."""
         found = self._raw.get(number)
         if found is None:
             if not 1 <= number <= self._count:
                 raise Ext4Fault(f"inode {number} is not one of the {self._count} the volume has")
-            found = self._read(self._offset(number), RECORD if self.extra else 128)
-            self._extents[number] = self._walk(number, found)
-            self._raw[number] = found
+            found = self._raw[number] = self._read(self._offset(number), RECORD if self.extra else 128)
         return found
 
     def _read(self, offset: int, length: int) -> bytes:
@@ -129,40 +120,42 @@ class CheckedInodes:
             raise Ext4Fault(f"{length} bytes at {offset:#x} lie past the end of the filesystem")
         return data
 
-    def _walk(self, number: int, raw: bytes) -> list[Extent]:
-        """The inode's extents in file order (none for a fast symlink, a device), checked."""
-        if not extents_of(raw):
-            if size(raw) > INLINE_MAX and struct.unpack_from("<H", raw, 0)[0] & 0xF000 in DATA:
-                raise Ext4Fault(f"inode {number}: {size(raw)} bytes in block maps or inline data "
-                                "(not read here)")
-            return []
-        todo: list[tuple[bytes, int | None]] = [(raw[0x28:0x28 + 60], None)]
-        nodes, found = 0, list[Extent]()
-        while todo:
-            node, depth_wanted = todo.pop()
-            nodes += 1
-            magic, entries, most, depth = struct.unpack_from("<HHHH", node)
-            if magic != MAGIC or entries > most or 12 + 12 * entries > len(node):
-                raise Ext4Fault(f"inode {number}: a bad extent node")
-            if depth > MAX_DEPTH or depth_wanted not in (None, depth):
-                raise Ext4Fault(f"inode {number}: an extent node of depth {depth} where "
-                                f"{depth_wanted if depth_wanted is not None else f'at most {MAX_DEPTH}'} "
-                                "may be (a loop or a corrupt tree)")
-            if nodes + len(todo) + (entries if depth else 0) > MAX_NODES:
-                raise Ext4Fault(f"inode {number}: an extent tree of over {MAX_NODES} nodes")
-            for i in range(entries):
-                if depth:
-                    low, high = struct.unpack_from("<IH", node, 12 + 12 * i + 4)
-                    todo.append((self._read((low | high << 32) * self.block, self.block), depth - 1))
-                    continue
-                first, length, high, low = struct.unpack_from("<IHHI", node, 12 + 12 * i)
-                written = length <= FULL
-                extent = (first, length if written else length - FULL, low | high << 32, written)
-                if extent[2] + extent[1] > self._blocks or len(found) >= MAX_EXTENTS:
-                    raise Ext4Fault(f"inode {number}: an extent past the end of the filesystem "
-                                    f"(or over {MAX_EXTENTS})")
-                found.append(extent)
-        return sorted(found)
+    def _block(self, number: int) -> bytes:
+        return self._read(number * self.block, self.block)
+
+    def runs(self, number: int, raw: bytes) -> Runs:
+        """The file's runs, walked once (a fault too is kept: a stat or read again repeats no walk)."""
+        found = self._runs.get(number)
+        if found is None:
+            fault = self._faults.get(number)
+            if fault is not None:
+                raise Ext4Fault(fault)
+            flags = struct.unpack_from("<I", raw, 0x20)[0]
+            try:
+                if flags & ENCRYPT_FL:
+                    raise Ext4Fault(f"inode {number}: encrypted (fscrypt): its bytes are not shown")
+                if flags & INLINE_FL:
+                    raise Ext4Fault(f"inode {number}: {size(raw)} bytes of inline data, past its "
+                                    f"{INLINE_MAX} bytes in the inode (not read here)")
+                i_block = raw[0x28:0x28 + 60]
+                found = (extents(number, i_block, self._block, self._blocks) if flags & EXTENTS_FL
+                         else block_maps(number, i_block, size(raw), self._block, self._blocks, self.block))
+            except Ext4Fault as e:
+                self._faults[number] = str(e).removeprefix("ext4: ")
+                raise
+            self._runs[number] = found
+        return found
+
+    def in_inode(self, raw: bytes) -> bool:
+        """Whether a file's bytes are its i_block itself: inline data that fits it, or a fast
+        symlink (no block of its own, as the kernel's ext4_inode_is_fast_symlink says)."""
+        flags, mode = struct.unpack_from("<I", raw, 0x20)[0], struct.unpack_from("<H", raw, 0)[0]
+        if flags & INLINE_FL:
+            return not flags & ENCRYPT_FL
+        acl = struct.unpack_from("<I", raw, 0x68)[0] | struct.unpack_from("<H", raw, 0x76)[0] << 32
+        blocks = struct.unpack_from("<I", raw, 0x1C)[0] | struct.unpack_from("<H", raw, 0x74)[0] << 32
+        own = blocks - ((1 if flags & HUGE_FILE_FL else self.block >> 9) if acl else 0)
+        return mode & 0xF000 == 0xA000 and not flags & (EXTENTS_FL | ENCRYPT_FL) and own == 0
 
     def data(self, number: int, offset: int, length: int) -> bytes | bytearray:
         """Up to `length` bytes of inode `number`'s file at `offset`: holes and extents not yet
@@ -171,18 +164,19 @@ class CheckedInodes:
         end = min(size(raw), offset + length)
         if end <= offset:
             return b""
-        if not extents_of(raw):  # in i_block (at most 60 bytes)
+        if self.in_inode(raw):
+            if size(raw) > INLINE_MAX:
+                raise Ext4Fault(f"inode {number}: {size(raw)} bytes of inline data or a fast symlink, "
+                                f"past the {INLINE_MAX} bytes the inode holds (not read here)")
             return raw[0x28 + offset:0x28 + end]
-        extents = self._extents.get(number)
-        if extents is None:
-            extents = self._extents[number] = self._walk(number, raw)
+        runs = self.runs(number, raw)
         out, bs = bytearray(end - offset), self.block
         view = memoryview(out)
-        at = max(0, bisect.bisect_right(extents, (offset // bs, FULL + 1)) - 1)
-        for first, blocks, disk, written in extents[at:]:
-            lo, hi = max(offset, first * bs), min(end, (first + blocks) * bs)
+        for at in range(runs.start(offset // bs), len(runs)):
+            first, blocks, disk, written = runs[at]
             if first * bs >= end:
                 break
+            lo, hi = max(offset, first * bs), min(end, (first + blocks) * bs)
             if lo < hi and written:
                 self._stream.seek(disk * bs + lo - first * bs)
                 if self._stream.readinto(view[lo - offset:hi - offset]) != hi - lo:
@@ -190,9 +184,10 @@ class CheckedInodes:
         return out
 
     def entries(self, number: int) -> dict[bytes, int]:
-        """A folder's names (without . and ..) and their inode numbers, from its blocks."""
+        """A folder's names (without . and ..) and their inode numbers, from its blocks; a name
+        no path can hold (with '/' or NUL) or naming a reserved inode is left out."""
         raw = self.raw(number)
-        if size(raw) > FOLDER_MAX or not extents_of(raw):
+        if size(raw) > FOLDER_MAX or struct.unpack_from("<I", raw, 0x20)[0] & INLINE_FL:
             raise Ext4Fault(f"inode {number}: a folder of {size(raw)} bytes, or of inline data "
                             "(not read here)")
         data, bs, at, found = bytes(self.data(number, 0, FOLDER_MAX)), self.block, 0, {}
@@ -203,7 +198,8 @@ class CheckedInodes:
             if rec_len < 8 or rec_len % 4 or at % bs + rec_len > bs or 8 + name_len > rec_len:
                 raise Ext4Fault(f"inode {number}: a bad folder entry at byte {at}")
             name = data[at + 8:at + 8 + name_len]
-            if inode and name_len and name not in (b".", b".."):
+            if inode and name_len and name not in (b".", b"..") and b"/" not in name and (
+                    b"\0" not in name and (inode == 2 or inode >= self.first_ino)):
                 found[name] = inode
             at += rec_len
         return found
@@ -212,8 +208,3 @@ class CheckedInodes:
 def size(raw: bytes) -> int:
     return int(struct.unpack_from("<I", raw, 4)[0] | struct.unpack_from("<I", raw, 0x6C)[0] << 32)
 
-
-def extents_of(raw: bytes) -> bool:
-    """Whether an inode's bytes are in extents (else in its i_block: a fast symlink, inline data)."""
-    flags = struct.unpack_from("<I", raw, 0x20)[0]
-    return bool(flags & EXTENTS_FL and not flags & INLINE_FL)

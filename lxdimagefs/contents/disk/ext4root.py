@@ -10,15 +10,22 @@ a path from its parent folder's names (kept by inode number, bounded), as the ke
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import os
 import stat
 import struct
+from array import array
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import cachetools
 from ratarmountcore.mountsource.MountSource import FileInfo
 
-from lxdimagefs.contents.disk.ext4check import CheckedInodes, Ext4Fault
+from lxdimagefs.contents.disk.ext4check import CheckedInodes
+from lxdimagefs.contents.disk.ext4map import Ext4Fault
+
+log = logging.getLogger(__name__)
 
 ROOT = 2
 KINDS = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
@@ -35,6 +42,34 @@ class Place(NamedTuple):
 
 def place(number: int) -> Place:
     return Place(number)
+
+
+class Packed:
+    """A large folder's names, sorted and packed (their bytes end to end, two 4-byte numbers a
+    name, not a dict of objects): kept alone, so the lookups after its listing (`ls -l`) do not
+    read it again."""
+
+    def __init__(self, names: dict[bytes, int]) -> None:
+        order = sorted(names)
+        self._blob = b"".join(order)
+        self._ends = array("I", itertools.accumulate(map(len, order)))
+        self._numbers = array("I", (names[name] for name in order))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def _name(self, i: int) -> bytes:
+        return self._blob[self._ends[i - 1] if i else 0:self._ends[i]]
+
+    def get(self, name: bytes) -> int | None:
+        lo, hi = 0, len(self._ends)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if self._name(mid) < name else (lo, mid)
+        return self._numbers[lo] if lo < len(self._ends) and self._name(lo) == name else None
+
+    def items(self) -> Iterator[tuple[bytes, int]]:
+        return ((self._name(i), self._numbers[i]) for i in range(len(self._ends)))
 
 
 @dataclasses.dataclass
@@ -60,13 +95,14 @@ class Ext4Rootfs:
         # each folder's names and their inode numbers, by the folder's inode number, NAMES in all
         self._names: cachetools.LRUCache[int, dict[bytes, int]] = cachetools.LRUCache(
             self.NAMES, getsizeof=lambda names: max(1, len(names)))
+        self._large: tuple[int, Packed] | None = None  # the last folder of more than NAMES names
 
     def _info(self, number: int) -> Ext4Info:
         """An entry as inode `number`'s own bytes say (the kernel's reading of its fields)."""
         raw = self._inodes.raw(number)
         mode, uid, size, mtime, gid, nlink = struct.unpack_from("<HHIxxxxxxxxixxxxHH", raw)
-        if stat.S_IFMT(mode) not in KINDS:
-            raise Ext4Fault(f"inode {number}: unknown file type {mode:#o}")
+        if stat.S_IFMT(mode) not in KINDS or not nlink:
+            raise Ext4Fault(f"inode {number}: unknown file type {mode:#o}, or no link (a deleted inode)")
         size |= struct.unpack_from("<I", raw, 0x6C)[0] << 32
         uid_high, gid_high = struct.unpack_from("<HH", raw, 0x78)
         ns = 0
@@ -90,12 +126,19 @@ class Ext4Rootfs:
                         userdata=[place(self._tag | number)], mtime_ns=mtime * 1_000_000_000 + ns,
                         nlink=nlink, rdev=rdev)
 
-    def _entries(self, number: int) -> dict[bytes, int]:
-        found = self._names.get(number)
+    def _entries(self, number: int) -> dict[bytes, int] | Packed:
+        found: dict[bytes, int] | Packed | None = self._names.get(number)
+        if found is None and self._large is not None and self._large[0] == number:
+            found = self._large[1]
         if found is None:
-            found = self._inodes.entries(number)
-            if len(found) <= self.NAMES:  # a larger folder is read again for each lookup in it
-                self._names[number] = found
+            names = self._inodes.entries(number)
+            if len(names) <= self.NAMES:
+                found = self._names[number] = names
+            else:  # packed, in a slot of its own: one large folder is kept at a time
+                self._large, found = None, None
+                found = Packed(names)
+                del names
+                self._large = (number, found)
         return found
 
     def _number(self, info: FileInfo) -> int:
@@ -146,7 +189,11 @@ class Ext4Rootfs:
             key = f"{inside.rstrip('/')}/{os.fsdecode(name)}"
             info = self._known.get(key)
             if info is None:
-                info = self._known[key] = self._info(number)
+                try:
+                    info = self._known[key] = self._info(number)
+                except OSError as e:  # that entry's own lookup is EIO; the folder lists on
+                    log.warning("%s left out of its folder's listing: %s", key, e)
+                    continue
             found[os.fsdecode(name)] = info
         return found
 

@@ -131,7 +131,8 @@ class Window(io.RawIOBase):
     """A partition as a read-only file for the ext4 and FAT readers, which read a few hundred bytes
     at a time (an inode, a directory entry), most of them near the last: whole chunks of the disk
     are kept, `keep` of them (least recently used out), and a read is a slice of one. A read of
-    two chunks or more goes to the disk whole, keeping nothing. Not thread-safe: its owner locks."""
+    two chunks or more goes to the disk whole, keeping nothing. A read is whole or raises the
+disk's fault (a bad cluster). Not thread-safe: its owner locks."""
 
     def __init__(self, disk: BinaryIO, offset: int, length: int, chunk: int = 1 << 16,
                  keep: int = 16) -> None:
@@ -162,12 +163,26 @@ class Window(io.RawIOBase):
             self._chunks.move_to_end(index)
             return found
         at = index * self._chunk_size
-        self._disk.seek(self._offset + at)
-        found = self._disk.read(min(self._chunk_size, self.size - at))
+        found = self._exact(at, min(self._chunk_size, self.size - at))
         self._chunks[index] = found
         if len(self._chunks) > self._keep:
             self._chunks.popitem(last=False)
         return found
+
+    def _exact(self, at: int, length: int) -> bytes:
+        """`length` bytes at `at`, or the disk's own fault: a short read (the qcow2 reader stops
+        before a bad cluster after good ones) is never kept, nor returned as if whole."""
+        self._disk.seek(self._offset + at)
+        data = self._disk.read(length)
+        if len(data) != length:
+            self._fault(at + len(data))
+        return data
+
+    def _fault(self, at: int) -> None:
+        """Raise what reading at `at` raises (a bad cluster's reason), else: past the disk's end."""
+        self._disk.seek(self._offset + at)
+        self._disk.read(1)
+        raise OSError(errno.EIO, f"partition: byte {at:#x} lies past the end of the disk")
 
     def read(self, size: int | None = -1) -> bytes:
         start = self._pos
@@ -177,8 +192,7 @@ class Window(io.RawIOBase):
         chunk = self._chunk_size
         first, last = start // chunk, (end - 1) // chunk
         if last - first >= 2:
-            self._disk.seek(self._offset + start)
-            data = self._disk.read(end - start)
+            data = self._exact(start, end - start)
         elif first == last:
             data = self._chunk(first)[start - first * chunk:end - first * chunk]
         else:
@@ -197,6 +211,8 @@ class Window(io.RawIOBase):
         done = 0
         while done < n and (got := self._disk.readinto(view[done:n])):  # type: ignore[attr-defined]
             done += got
+        if done < n:
+            self._fault(self._pos + done)
         self._pos += done
         return done
 
