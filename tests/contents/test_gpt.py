@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import io
+import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -76,3 +78,27 @@ def test_the_root_of_another_architecture_or_linux_data(tmp_path: Path, kind: ob
         root = gpt.root_of(f, gpt.partitions(f))
         assert root is not None and root.name == "root" and root.type == kind
         assert gpt.Slice(f, root.offset, root.length).read() == root_bytes  # type: ignore[arg-type]
+
+
+def test_a_window_never_keeps_or_joins_a_chunk_cut_short_by_a_bad_cluster(tmp_path: Path) -> None:
+    """The qcow2 reader stops before a bad cluster after good ones (a short read): a Window chunk
+    holding one is not kept, nor joined to the next chunk as if whole (that served the bytes of
+    the next chunk at the wrong offsets); the read is EIO with the cluster's own fault."""
+    raw, qcow2 = tmp_path / "d.raw", tmp_path / "d.qcow2"
+    data = os.urandom(MiB)
+    raw.write_bytes(data)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True)
+    image = bytearray(qcow2.read_bytes())
+    l1 = struct.unpack_from(">Q", image, 40)[0]
+    l2 = struct.unpack_from(">Q", image, l1)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", image, l2 + 8 * 3, (1 << 63) | (len(image) + (1 << 30)))  # cluster 3: past the end
+    window = gpt.Window(Qcow2Reader(io.BytesIO(bytes(image))), 0, MiB, chunk=4 << 16)  # chunk 0: clusters 0-3
+    assert window.seek(5 << 16) and window.read(100) == data[5 << 16:(5 << 16) + 100]  # chunk 1 is sound
+    for at, size in ((0, 10), ((4 << 16) - 4, 8), (0, 3 << 17)):
+        window.seek(at)
+        with pytest.raises(OSError) as caught:
+            window.read(size)
+        assert caught.value.errno == errno.EIO and "past the end of the file" in str(caught.value)
+    window.seek(1 << 16)
+    with pytest.raises(OSError, match="past the end of the file"):
+        window.readinto(bytearray(9 << 16))
