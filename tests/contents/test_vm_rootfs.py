@@ -142,3 +142,43 @@ def test_an_esp_no_reader_can_read_is_eio_under_boot_efi_and_the_rest_serves(san
         assert "/boot/efi not read: PyFATException: At least one FAT expected" in m.log_text()
         assert (top / "rootfs/big").read_bytes() == (tree / "big").read_bytes()
         assert sorted(os.listdir(top / "rootfs/boot")) == ["efi"]
+
+
+def test_an_ext2_boot_of_block_maps_reads_and_a_bad_entry_is_eio_alone(sandbox, tmp_path: Path) -> None:
+    """An ext2 /boot (block maps, 32-byte group descriptors: EIO or a crash before) mounted by its
+    fstab line reads as its source; in the root, an inode of no known type is left out of its
+    folder's listing (which listed nothing before) and is EIO alone, with a log line."""
+    tree, boot = tmp_path / "tree", tmp_path / "boot"
+    _tree(tree)
+    (tree / "boot").mkdir()
+    (tree / "etc/fstab").write_text("LABEL=root / ext4 defaults 0 1\nLABEL=BOOT /boot ext2 defaults 0 2\n")
+    (boot / "grub").mkdir(parents=True)
+    (boot / "vmlinuz").write_bytes(os.urandom(700_000))
+    (boot / "grub/grub.cfg").write_text("set default=0\n")
+    work = tmp_path / "vm"
+    meta, _ = _vm(work, [], tree, "sif /suid mode 0170750")
+    disk = work / "disk.raw"
+    with open(disk, "r+b") as f:
+        f.truncate(28 << 20)
+    subprocess.run(["sfdisk", "-q", "-a", str(disk)], check=True,
+                   input=f"start=34816, size=16384, type={gpt.LINUX_DATA}\n".encode())
+    subprocess.run(["mke2fs", "-q", "-t", "ext2", "-b", "1024", "-L", "BOOT", "-d", str(boot),
+                    str(work / "boot.img"), "8M"], check=True)
+    subprocess.run(["dd", f"if={work / 'boot.img'}", f"of={disk}", "bs=1M", "seek=17", "conv=notrunc",
+                    "status=none"], check=True)
+    (work / "rootfs.img").unlink()
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(disk),
+                    str(work / "rootfs.img")],
+                   check=True)
+    fp = sandbox.import_image(meta, work / "rootfs.img")
+    with mounted(sandbox, tmp_path / "mnt") as m:
+        root = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+        assert sorted(os.listdir(root / "boot")) == ["grub", "lost+found", "vmlinuz"]
+        assert (root / "boot/vmlinuz").read_bytes() == (boot / "vmlinuz").read_bytes()
+        assert (root / "boot/grub/grub.cfg").read_bytes() == b"set default=0\n"
+        assert "suid" not in os.listdir(root) and "big" in os.listdir(root)
+        with pytest.raises(OSError) as caught:
+            os.lstat(root / "suid")
+        assert caught.value.errno == errno.EIO
+        assert "unknown file type" in m.log_text()
+        assert (root / "big").read_bytes() == (tree / "big").read_bytes()
