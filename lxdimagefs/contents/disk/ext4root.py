@@ -135,7 +135,7 @@ class Ext4Rootfs:
             if len(names) <= self.NAMES:
                 found = self._names[number] = names
             else:  # packed, in a slot of its own: one large folder is kept at a time
-                self._large, found = None, None
+                self._large = None  # the last one let go before this one is packed
                 found = Packed(names)
                 del names
                 self._large = (number, found)
