@@ -2,9 +2,10 @@
 and ext4 files converted from them), walked once when the file is first read, into Runs.
 
 Both are untrusted: the walk goes one node at a time (at most MAX_DEPTH nodes held, not a whole
-index node's children), reads at most MAX_NODES nodes, and refuses (EIO, Ext4Fault) a node of the
-wrong depth (a loop), a block past the volume's end, an extent of no blocks or one overlapping or
-before the one preceding it (the kernel's ext4_valid_extent_entries), or over MAX_EXTENTS runs.
+index node's children), reads at most MAX_NODES nodes (a block map: 16 MiB of them), and refuses
+(EIO, Ext4Fault) a node of the wrong depth (a loop), a block past the volume's end, an extent of
+no blocks or one overlapping or before the one preceding it (the kernel's
+ext4_valid_extent_entries), or over MAX_EXTENTS runs.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def block_maps(number: int, i_block: bytes, size: int, read: Read, volume: int, 
     indirect one (pointer 0: a hole), as far as the file's `size` reaches."""
     runs, need, per = Runs(), -(-size // block), block // 4
     pointers = struct.unpack_from("<15I", i_block)
-    nodes = 0
+    nodes, most = 0, MAX_NODES * 4096 // block  # 16 MiB of indirect blocks: 4M pointers, whatever the block
 
     def add(at: int, disk: int) -> None:
         if disk >= volume:
@@ -128,8 +129,8 @@ def block_maps(number: int, i_block: bytes, size: int, read: Read, volume: int, 
     def walk(pointer: int, level: int, start: int) -> None:
         nonlocal nodes
         nodes += 1
-        if nodes > MAX_NODES or pointer >= volume:
-            raise Ext4Fault(f"inode {number}: a block map of over {MAX_NODES} indirect blocks, or one past "
+        if nodes > most or pointer >= volume:
+            raise Ext4Fault(f"inode {number}: a block map of over {most} indirect blocks, or one past "
                             "the end of the filesystem")
         span = per ** (level - 1)
         for k, child in enumerate(struct.unpack(f"<{per}I", read(pointer))):
