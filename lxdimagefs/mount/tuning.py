@@ -41,10 +41,10 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     And allocations of MMAP_FROM and more (a block, libfuse's buffer for a 1 MiB read) are
     mappings of their own, handed back the moment they are freed: glibc's default raises that
     threshold to the size of the first one freed, after which they came from the heap and left
-    holes in it until the next trim. contents/, `diff -r` of two images: RSS peak 106-111 -> 98-100
-    MiB; the first mount (a .tar.gz decoded meanwhile) 128 -> 107 MiB. The price: each 1 MiB
-    read's buffer is faulted in afresh, 0.2 s more of the read handler for a 200 MB `tar -c`
-    (430 -> 620 ms); 1 MiB + 4 KiB kept that speed but lost the saving (107 MiB; docs/PERFORMANCE.md).
+    holes in it until the next trim. contents/, `diff -r` of two images: RSS peak 106-111 -> 96-100
+    MiB; the first mount (a .tar.gz decoded meanwhile) 128 -> 99-108 MiB. Each 1 MiB READ's
+    buffer (libfuse's) is now faulted in afresh; blocks reuse evicted buffers (data/diskparts.py),
+    so whole-tree reads are no slower (docs/PERFORMANCE.md).
     """
     libc = _glibc()
     if libc is not None:
