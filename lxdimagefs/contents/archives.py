@@ -22,22 +22,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxdimagefs.contents import inodes
+from lxdimagefs.contents.indexes import IndexFolder as IndexFolder  # where it was first
 from lxdimagefs.contents.indexes import Place
-from lxdimagefs.contents.plain import AT_ONCE, compression_of, decode_later, plain_tar
+from lxdimagefs.contents.plain import AT_ONCE, compression_of, decode_later, plain_tar, spans
 from lxdimagefs.contents.seekable import Seekable
 from lxdimagefs.data.diskparts import CheckedPart
 from lxdimagefs.data.exports import Exports, decoder_of
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.fs.node import Listing
-from lxdimagefs.keys import Fingerprint, ObjectKey
+from lxdimagefs.keys import Fingerprint
 from lxdimagefs.names import fits
-from lxdimagefs.private import private_folder
 from lxdimagefs.servers.records import ExportLayout
 
 if TYPE_CHECKING:
     from ratarmountcore.mountsource.MountSource import FileInfo, MountSource
 
 log = logging.getLogger(__name__)
+Pieces = list[bytes | memoryview]  # a read's bytes, in order
 
 ROOTFS = "rootfs"
 # indexed_gzip over rapidgzip: the same seek points for far less memory (rapidgzip decodes in
@@ -49,16 +50,23 @@ PREFERRED = ["indexed_gzip"]
 GZIP_SPACING = 4 << 20
 LISTED = (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK)  # types a listing gives as they are indexed
 META_MAX = 64 << 20  # a split image's zstd or lzma metadata tarball, decoded in memory
+# Other metadata tarballs up to this are decoded in memory too: python-xz held an 8 MiB block
+# buffer for as long as the image was open, for a tarball of a few KiB (metadata.yaml, templates).
+META_KEPT = 1 << 20
 
 
-def _in_memory(raw: Any, compression: str) -> bytes:
-    """A split image's metadata tarball in `.tar.zst` or `.tar.lzma`, decoded whole from its
-    checked reader: it holds metadata.yaml and templates, so it is small (over META_MAX: EIO)."""
-    with decoder_of(raw, compression) as decoder:
-        data: bytes = decoder.read(META_MAX + 1)
-    if len(data) > META_MAX:
+def _in_memory(raw: Any, compression: str) -> bytes | None:
+    """A split image's metadata tarball decoded whole from its checked reader (then closed): it
+    holds metadata.yaml and templates, so it is small. Over META_KEPT: None, but `.tar.zst` and
+    `.tar.lzma`, which ratarmountcore cannot read itself, up to META_MAX (over it: EIO)."""
+    cap = META_MAX if compression in AT_ONCE else META_KEPT
+    with raw, decoder_of(raw, compression) as decoder:
+        data: bytes = decoder.read(cap + 1)
+    if len(data) <= cap:
+        return data
+    if compression in AT_ONCE:
         raise ValueError(f"a metadata tarball of over {META_MAX >> 20} MiB")
-    return data
+    return None
 
 
 class ExportFile(Seekable):
@@ -74,6 +82,10 @@ class ExportFile(Seekable):
         buffer[:n] = data
         self._pos += n
         return n
+
+    def pread(self, offset: int, size: int) -> memoryview | bytes:
+        """Bytes at `offset`, the position left alone: both readers are safe from any thread."""
+        return self._reader.read(offset, size)
 
     def close(self) -> None:
         self._reader.close()
@@ -125,10 +137,11 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         # whole before use and read checked
         return io.BufferedReader(ExportFile(exports.spool.open(fp, sizes, i), sizes[i]), 1 << 16), None
 
-    # zstd and lzma decoded in memory; ratarmountcore reads the others itself
-    meta, unchecked = part(0)
-    meta = io.BytesIO(_in_memory(meta, compression)) if compression in AT_ONCE else meta
-    top = indexed(SQLiteIndexedTar, meta, unchecked, ".meta.sqlite", tarFileName=f"{fp}.meta")
+    meta, unchecked = part(0)  # decoded in memory (ratarmountcore reads a large one itself)
+    plain = _in_memory(meta, compression) if compression else None
+    meta = io.BytesIO(plain) if plain is not None else part(0)[0] if compression else meta
+    suffix = ".meta-plain.sqlite" if plain is not None else ".meta.sqlite"  # never one built from the other
+    top = indexed(SQLiteIndexedTar, meta, unchecked, suffix, tarFileName=f"{fp}.meta")
     lazy = {} if first.key is None else {"top": first.key, ROOTFS: layout.parts[1].key or ""}
     if not layout.parts[1].name.endswith((".squashfs", ".qcow2")):
         return top, None, lazy
@@ -248,16 +261,26 @@ class ImageArchive:
             kinds[ROOTFS] = stat.S_IFDIR
         return Listing(sorted(names), kinds), entries
 
-    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+    def read(self, entry: Entry, offset: int, size: int) -> Pieces:
+        """A file's bytes [offset, offset + size), in pieces (views of cached blocks where they
+        can be: handed to libfuse's buffer with one copy). A squashfs file and a decoded tarball's
+        are read by offset without the lock; the rest through ratarmountcore, under it."""
         size = min(size, entry.info.size - offset)  # the kernel does not stop at the size with direct_io
         if size <= 0:
-            return b""
-        with self._lock:  # the tarball's source may have been replaced by its decoded one since
-            source = entry.source if entry.source is self._rootfs else self._top
-            data = source.read(entry.info, size, offset)
-        if len(data) != size:  # an archive cut short inside the file (LXD reads only metadata.yaml)
-            raise ValueError(f"the archive ends inside the file: {len(data)} of {size} bytes at {offset}")
-        return data
+            return []
+        if entry.source is self._rootfs and hasattr(entry.source, "pieces"):
+            pieces = entry.source.pieces(entry.info, offset, size)
+        else:
+            with self._lock:  # the tarball's source may have been replaced by its decoded one since
+                source = entry.source if entry.source is self._rootfs else self._top
+                pread, place = getattr(source, "pread", None), entry.info.userdata[-1]
+                if pread is None or place.issparse:
+                    pieces = [source.read(entry.info, size, offset)]
+            if pread is not None and not place.issparse:
+                pieces = spans(pread, place.offset + offset, size)
+        if (got := sum(len(p) for p in pieces)) != size:  # an archive cut short inside the file
+            raise ValueError(f"the archive ends inside the file: {got} of {size} bytes at {offset}")
+        return pieces
 
     def close(self) -> None:
         with self._lock:
@@ -265,30 +288,3 @@ class ImageArchive:
             for source in (self._top, self._rootfs):
                 if source is not None:
                     source.__exit__(None, None, None)
-
-
-class IndexFolder:
-    """Where archive indexes are kept between mounts: a folder only its owner can use, size-capped."""
-
-    def __init__(self, path: Path, cap: int = 256 << 20) -> None:
-        self.path = path
-        self.cap = cap
-
-    def ready(self) -> Path:
-        private_folder(self.path)
-        self._trim()
-        return self.path
-
-    def base(self, fp: Fingerprint, server: str) -> Path:
-        """The folder, made ready, joined with the name of one image's index files (never a path)."""
-        return self.ready() / ObjectKey(fp, "index", server).filename
-
-    def _trim(self) -> None:
-        files = sorted((p for p in self.path.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        for old in files:
-            if total <= self.cap:
-                break
-            total -= old.stat().st_size
-            old.unlink(missing_ok=True)
-

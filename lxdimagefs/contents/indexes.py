@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lxdimagefs.data.exports import Exports
 
+from lxdimagefs.keys import Fingerprint, ObjectKey
 from lxdimagefs.private import private_folder
 
 log = logging.getLogger(__name__)
@@ -87,3 +88,30 @@ def _stamp(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns
+
+
+class IndexFolder:
+    """Where archive indexes are kept between mounts: a folder only its owner can use, size-capped."""
+
+    def __init__(self, path: Path, cap: int = 256 << 20) -> None:
+        self.path = path
+        self.cap = cap
+
+    def ready(self) -> Path:
+        private_folder(self.path)
+        self._trim()
+        return self.path
+
+    def base(self, fp: Fingerprint, server: str) -> Path:
+        """The folder, made ready, joined with the name of one image's index files (never a path)."""
+        return self.ready() / ObjectKey(fp, "index", server).filename
+
+    def _trim(self) -> None:
+        files = sorted((p for p in self.path.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for old in files:
+            if total <= self.cap:
+                break
+            total -= old.stat().st_size
+            old.unlink(missing_ok=True)
+

@@ -59,8 +59,17 @@ class EntryHandle(Handle):
         super().__init__(opener)
         self.archive, self.entry = archive, entry
 
-    def read(self, offset: int, size: int) -> bytes:
-        return _guarded(self.archive.fp, lambda: self.archive.read(self.entry, offset, size))
+    def read(self, offset: int, size: int) -> bytes | memoryview:
+        pieces = _guarded(self.archive.fp, lambda: self.archive.read(self.entry, offset, size))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """The pieces (views of cached blocks, mostly) go straight into libfuse's buffer."""
+        at = 0
+        for piece in _guarded(self.archive.fp, lambda: self.archive.read(self.entry, offset, len(buf))):
+            buf[at:at + len(piece)] = piece
+            at += len(piece)
+        return at
 
     def caching(self) -> Caching:
         """What is inside an image never changes (its name is its fingerprint): bytes served

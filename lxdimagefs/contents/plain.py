@@ -48,7 +48,23 @@ def plain_tar(fp: str, decoded: CheckedPart, index: Place) -> Any:
     tar = io.BufferedReader(ExportFile(decoded, decoded.total), 1 << 16)
     built = SQLiteIndexedTar(fileObject=tar, tarFileName=fp, indexFilePath=index.ready(), writeIndex=True)
     index.done()
+    built.pread = decoded.read  # a file's bytes read by offset, not through the file object (archives.py)
     return built
+
+
+def spans(pread: Callable[[int, int], bytes | memoryview], offset: int, size: int,
+          unit: int = 1 << 20) -> list[bytes | memoryview]:
+    """Bytes [offset, offset + size) read by `pread` in pieces that never cross a `unit` boundary:
+    a reader of checked 1 MiB blocks hands each as a view of its block, without a copy."""
+    out: list[bytes | memoryview] = []
+    end = offset + size
+    while offset < end:
+        got = pread(offset, min(end, (offset // unit + 1) * unit) - offset)
+        if not len(got):
+            break
+        out.append(got)
+        offset += len(got)
+    return out
 
 
 def decode_later(exports: Exports, fp: str, size: int, compression: str, index: Place,

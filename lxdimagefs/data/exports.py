@@ -23,9 +23,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from lxdimagefs.data.blocks import BlockCache
+from lxdimagefs.data.blocks import BLOCK, BlockCache
 from lxdimagefs.data.diskcache import DECODED, KEEP_FREE, DiskCache, decoded_key, drop_unsealed
-from lxdimagefs.data.diskparts import CheckedPart, PartWriter, too_full
+from lxdimagefs.data.diskparts import CheckedPart, too_full
 from lxdimagefs.data.fetch import Fetcher
 from lxdimagefs.data.manifest import BlockSums, Manifest
 from lxdimagefs.data.prefetch import Prefetcher
@@ -204,13 +204,15 @@ def decode(source: Path, out: Path, fp: str, compression: str, cap: int | None =
     link)."""
     import zstandard
 
-    sums, written, buf = BlockSums(), 0, bytearray(PartWriter.BATCH)
+    # 1 MiB at a time: with 4 MiB (a part's write batch) the buffer, the read-ahead and each piece
+    # the decoder returns held 12 MiB while the first look's reads ran beside it.
+    sums, written, buf = BlockSums(), 0, bytearray(BLOCK)
     caps = [(MAX_RATIO * os.stat(source).st_size, f"{MAX_RATIO} times the export's size")]
     caps += [(cap, "the disk cache's bound (-o cache_max)")] if cap is not None else []
     with Temporary(out) as tmp, open(source, "rb", buffering=0) as raw, \
             open(tmp.fd, "wb", closefd=False) as dst:
         hashed = _Hashing(raw)
-        src = io.BufferedReader(hashed, PartWriter.BATCH)
+        src = io.BufferedReader(hashed, BLOCK)
         try:
             with decoder_of(src, compression) as decoder:
                 while n := decoder.readinto(buf):

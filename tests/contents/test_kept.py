@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lxd_sandbox import make_unified
+from lxd_sandbox import make_unified, pack_split
 from mounts import mounted
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -164,3 +164,44 @@ def test_a_folder_of_more_names_than_are_kept_lists_whole_every_time(sandbox, tm
                 names = os.listdir(folder)
                 assert len(names) == 9000 and "f08999" in names
             assert os.lstat(folder / "f08999").st_size == 0
+
+
+def test_a_split_images_squashfs_read_by_offset_is_its_bytes_and_rot_is_eio_never_wrong(sandbox, tmp_path):
+    """A squashfs rootfs's files are read by offset from the part's checked blocks, each block of a
+    file decoded once and kept (contents/squashfs.py): every byte, at any offset and length, is the
+    file's, in compressed blocks, stored ones and fragments. Its part rotting afterwards: what the
+    kernel asks again is EIO or the right bytes, never the rotted ones."""
+    tree = tmp_path / "tree" / "rootfs"
+    (tree / "etc").mkdir(parents=True)
+    want = {"blob": os.urandom(20 * MIB + 12345),  # stored blocks (random bytes do not compress)
+            "text": b"".join(b"%09d a line of text\n" % i for i in range(120_000)),  # compressed blocks
+            "etc/small": b"a fragment's tail\n" * 3, "etc/empty": b""}
+    for name, data in want.items():
+        (tree / name).write_bytes(data)
+    meta, rootfs = pack_split(tree, tmp_path / "split")
+    fp = sandbox.import_image(meta, rootfs)
+    try:
+        with mounted(sandbox, tmp_path / "mnt", *LONG) as m:
+            inside = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+            for name, data in want.items():
+                assert (inside / name).read_bytes() == data, name
+                with open(inside / name, "rb", buffering=0) as f:  # across block and 1 MiB bounds
+                    for at, size in ((131_000, 5000), (MIB - 7, 300_000), (max(0, len(data) - 10), 100)):
+                        assert os.pread(f.fileno(), size, at) == data[at:at + size], (name, at)
+            size = rootfs.stat().st_size  # the squashfs part: LXD's own file (read in place), any copies
+            parts = [p for p in [*(sandbox.lxd_dir / "images").glob(f"{fp}*"), *tmp_path.glob(f"*/*{fp}*")]
+                     if p.is_file() and p.stat().st_size == size]
+            assert parts, sorted(tmp_path.rglob("*"))
+            for path in parts:  # the blob's stored blocks, more than the block cache holds
+                with open(path, "r+b") as f:
+                    for at in range(MIB + 4096, 20 * MIB, MIB):
+                        f.seek(at)
+                        f.write(os.urandom(4096))
+            _drop_caches()
+            run = subprocess.run(["cat", str(inside / "blob")], capture_output=True)
+            assert run.stdout != want["blob"] or run.returncode != 0, ("cannot tell: the edit was not read",
+                                                                        parts, m.log_text()[-3000:])
+            assert run.returncode != 0 and b"Input/output error" in run.stderr, "wrong bytes, exit status 0"
+            assert (inside / "etc" / "small").read_bytes() == want["etc/small"]  # still serving
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
