@@ -133,7 +133,8 @@ class ContentsNode(Node):
     def _archive(self, fp: Fingerprint) -> ImageArchive:
         if self.exports.verification.failed(fp):  # its index may be from the bytes that failed
             with self._lock:
-                self._archives.pop(fp, None)
+                if self._archives.pop(fp, None) is not None:  # a pop does not call popitem
+                    self._forget_entries(fp)
             raise fs_error(errno.EIO, fp, "the image failed its check")
         with self._lock:
             archive = self._archives.get(fp)
@@ -158,8 +159,8 @@ class ContentsNode(Node):
         key = (fp, *rest[2:])
         with self._lock:
             found = self._entries.get(key)
-        if found is None:
-            archive = self._archive(fp)
+        if found is None or (self.exports.verification.corrupt and self.exports.verification.failed(fp)):
+            archive = self._archive(fp)  # EIO for an image that failed its check, kept entries or not
             entry = _guarded(fp, lambda: archive.lookup("/" + "/".join(rest[2:])))
             if entry is None:
                 raise fs_error(errno.ENOENT, self.path(rest))

@@ -205,3 +205,29 @@ def test_a_split_images_squashfs_read_by_offset_is_its_bytes_and_rot_is_eio_neve
             assert (inside / "etc" / "small").read_bytes() == want["etc/small"]  # still serving
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_an_image_that_fails_its_check_is_eio_inside_where_its_entries_were_kept(sandbox, tmp_path):
+    """A .tar read lazily is indexed before its check ends; once the check fails, the entries and
+    listings the daemon kept from it are gone too: a listing inside is EIO (before: still served
+    from what was kept, found by review)."""
+    from helpers import export_of
+
+    fp = sandbox.import_image(make_unified(tmp_path / "late.tar", rootfs_bytes=48 * MIB))
+    try:
+        with mounted(sandbox, tmp_path / "mnt", *LONG) as m:
+            inside = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+            assert os.listdir(inside)  # kept, from bytes not checked yet
+            stored = sandbox.lxd_dir / "images" / fp
+            with open(stored, "r+b") as f:
+                f.seek(stored.stat().st_size // 2)
+                byte = f.read(1)
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([byte[0] ^ 0xFF]))
+            assert subprocess.run(["cat", str(export_of(m, fp))], capture_output=True).returncode != 0
+            with pytest.raises(OSError) as e:
+                os.listdir(inside)
+            assert e.value.errno == errno.EIO
+            assert os.listdir(m.path / "by-alias") is not None  # the mount serves on
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
