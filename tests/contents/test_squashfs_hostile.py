@@ -1,0 +1,158 @@
+"""A hostile squashfs rootfs read by offset (contents/squashfs.py): each block's size word checked as
+the kernel checks it, each block decoded to at most the block size, block lists kept within a bound
+of words. Images mksquashfs makes, patched in place (inodes and data stored raw: -noI -noD -noF).
+Fast (no LXD, no mount); tests/contents/test_kept.py reads a real split image through a mount."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from lxdimagefs.contents import squashfs
+from lxdimagefs.contents.archives import ExportFile
+from lxdimagefs.contents.inodes import header
+from lxdimagefs.contents.squashfs import SquashfsRootfs
+from lxdimagefs.data.blocks import BlockCache
+from lxdimagefs.data.diskparts import CheckedPart
+from lxdimagefs.data.manifest import BlockSums
+
+UNIT = 131072
+
+
+def _make(tmp_path: Path, files: dict[str, bytes], *flags: str) -> Path:
+    tree, image = tmp_path / "tree", tmp_path / "image.sqfs"
+    tree.mkdir()
+    for name, data in files.items():
+        (tree / name).write_bytes(data)
+    subprocess.run(["mksquashfs", str(tree), str(image), "-noappend", "-quiet", "-no-xattrs", *flags],
+                   check=True, stdout=subprocess.DEVNULL)
+    return image
+
+
+def _open(image: Path, tmp_path: Path) -> SquashfsRootfs:
+    """The image through a part's checked blocks, as contents/archives.py opens a split image's."""
+    data = image.read_bytes()
+    sums = BlockSums()
+    sums.update(data)
+    manifest = sums.manifest("0" * 64, len(data))
+    part = CheckedPart(image, manifest, BlockCache(16 << 20), image.name, lambda: None)
+    fobj = io.BufferedReader(ExportFile(part, len(data)), 1 << 16)
+    index = tmp_path / f"index-{os.urandom(4).hex()}.sqlite"
+    return SquashfsRootfs(fobj, indexFilePath=str(index), writeIndex=True)
+
+
+def _read(src: SquashfsRootfs, name: str, offset: int = 0, size: int | None = None) -> bytes:
+    info = src.lookup("/" + name)
+    assert info is not None and stat.S_ISREG(info.mode)
+    size = info.size - offset if size is None else min(size, info.size - offset)
+    return b"".join(bytes(p) for p in src.pieces(info, offset, size))
+
+
+def _reg_inode(buf: bytes, ref: int) -> int:
+    """Where in the image a regular file's inode (type 2, the inode table stored raw) starts."""
+    inode_table = struct.unpack_from("<Q", buf, 64)[0]
+    block, offset = ref >> 16, ref & 0xFFFF
+    pos = inode_table + block
+    head = struct.unpack_from("<H", buf, pos)[0]
+    assert head & 0x8000 and offset < head & 0x7FFF, "a raw inode table, the inode in one block"
+    at = pos + 2 + offset
+    assert struct.unpack_from("<H", buf, at)[0] == 2, "a regular file's basic inode"
+    return at  # then start (+16), fragment (+20), offset (+24), size (+28), block list (+32)
+
+
+def _patched(image: Path, name: str, tmp_path: Path, patch) -> SquashfsRootfs:
+    src = _open(image, tmp_path)
+    info = src.lookup("/" + name)
+    assert info is not None
+    buf = bytearray(image.read_bytes())
+    patch(buf, _reg_inode(buf, header(info)))
+    bad = image.with_name("patched.sqfs")
+    bad.write_bytes(buf)
+    return _open(bad, tmp_path)
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    return _make(tmp_path, {"big": os.urandom(3 * UNIT + 100), "small": b"s" * 4000}, "-noI", "-noD", "-noF")
+
+
+@pytest.mark.parametrize("word, why", [
+    ((1 << 25) | 0x1000, "over the block size"),  # a bit above 24
+    ((1 << 24) | (UNIT + 1), "over the block size"),  # a stored size over the block size
+])
+def test_a_size_word_the_kernel_refuses_is_eio_before_reading(image, tmp_path, word, why):
+    src = _patched(image, "big", tmp_path, lambda buf, at: struct.pack_into("<I", buf, at + 32, word))
+    with pytest.raises(ValueError, match=why):
+        _read(src, "big", 0, 4096)
+
+
+def test_a_block_reaching_past_bytes_used_is_eio_even_inside_the_padding(image, tmp_path):
+    used = struct.unpack_from("<Q", image.read_bytes(), 40)[0]
+    assert image.stat().st_size - used >= 100, "mksquashfs pads to 4 KiB"
+    # the last block (100 bytes) moved to end past bytes_used, in the padding (zeros, stored)
+    src = _patched(image, "big", tmp_path,
+                   lambda buf, at: struct.pack_into("<I", buf, at + 16, used - 3 * UNIT - 50))
+    with pytest.raises(ValueError, match="past the image's end"):
+        _read(src, "big", 3 * UNIT, 100)
+
+
+def _bomb(buf: bytearray, place: int, room: int) -> int:
+    """A zlib stream at `place` of at most `room` bytes that inflates to 3 block sizes; its length."""
+    z = zlib.compress(b"Q" * (3 * UNIT))
+    assert len(z) <= room
+    buf[place:place + len(z)] = z
+    return len(z)
+
+
+def test_a_data_block_decoding_past_the_block_size_is_eio_and_not_kept(image, tmp_path):
+    def patch(buf, at):
+        start = struct.unpack_from("<I", buf, at + 16)[0]
+        struct.pack_into("<I", buf, at + 32, _bomb(buf, start, UNIT))  # compressed: bit 24 clear
+
+    src = _patched(image, "big", tmp_path, patch)
+    for _ in range(2):  # a failed block is never kept
+        with pytest.raises(ValueError, match="decodes past the block size"):
+            _read(src, "big", 0, 4096)
+    assert src._block.cache_info().currsize == 0
+
+
+def test_a_fragment_decoding_past_the_block_size_is_eio(image, tmp_path):
+    buf = bytearray(image.read_bytes())
+    table = struct.unpack_from("<Q", buf, 80)[0]  # the fragment table's index
+    entry = struct.unpack_from("<Q", buf, table)[0] + 2  # its one raw metadata block, entry 0
+    start, word = struct.unpack_from("<QI", buf, entry)
+    struct.pack_into("<I", buf, entry + 8, _bomb(buf, start, word & ~(1 << 24)))
+    image.write_bytes(buf)
+    with pytest.raises(ValueError, match="decodes past the block size"):
+        _read(_open(image, tmp_path), "small")
+
+
+@pytest.mark.parametrize("kind", [1, 4, 6])  # zlib, xz, zstd
+def test_each_compressor_decodes_at_most_the_block_size(kind):
+    data = b"Z" * (UNIT + 1)
+    import lzma
+
+    import zstandard
+    packed = {1: zlib.compress, 4: lzma.compress, 6: zstandard.ZstdCompressor().compress}[kind](data)
+    assert squashfs.inflate(kind, packed[:], UNIT + 1) == data
+    with pytest.raises(ValueError, match="decodes past the block size"):
+        squashfs.inflate(kind, packed, UNIT)
+
+
+def test_block_lists_are_kept_within_a_bound_of_words_and_read_right_past_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(squashfs, "WORDS_KEPT", 100)
+    files = {f"f{i}": os.urandom(4096 * 40 + 7) for i in range(4)} | {"long": os.urandom(4096 * 150 + 3)}
+    image = _make(tmp_path, files, "-b", "4096")
+    src = _open(image, tmp_path)
+    for name, data in sorted(files.items()):
+        assert _read(src, name) == data
+        assert _read(src, name, len(data) - 4100, 9000) == data[-4100:]
+        assert src._words_kept <= 100
+    assert len(src._layouts) == 1  # of the four 40-block files, the last; "long" (151 words) never kept
