@@ -27,7 +27,7 @@ from lxdimagefs.contents.indexes import Place
 from lxdimagefs.contents.plain import AT_ONCE, compression_of, decode_later, plain_tar, spans
 from lxdimagefs.contents.seekable import Seekable
 from lxdimagefs.data.diskparts import CheckedPart
-from lxdimagefs.data.exports import Exports, decoder_of
+from lxdimagefs.data.exports import Exports, decoder_of, whole_frames
 from lxdimagefs.data.prefetch import Prefetcher
 from lxdimagefs.fs.node import Listing
 from lxdimagefs.keys import Fingerprint
@@ -58,10 +58,13 @@ META_KEPT = 1 << 20
 def _in_memory(raw: Any, compression: str) -> bytes | None:
     """A split image's metadata tarball decoded whole from its checked reader (then closed): it
     holds metadata.yaml and templates, so it is small. Over META_KEPT: None, but `.tar.zst` and
-    `.tar.lzma`, which ratarmountcore cannot read itself, up to META_MAX (over it: EIO)."""
+    `.tar.lzma`, which ratarmountcore cannot read itself, up to META_MAX (over it: EIO); a
+    `.tar.zst` cut short inside a frame: EIO (LXD takes one: it reads metadata.yaml only)."""
     cap = META_MAX if compression in AT_ONCE else META_KEPT
     with raw, decoder_of(raw, compression) as decoder:
         data: bytes = decoder.read(cap + 1)
+        if compression == "zst" and len(data) <= cap and not whole_frames(raw.raw.pread, raw.raw.size):
+            raise ValueError("the metadata tarball ends inside a zstd frame")  # its reader ends quietly
     if len(data) <= cap:
         return data
     if compression in AT_ONCE:

@@ -20,6 +20,7 @@ import lzma
 import os
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +234,8 @@ def decode(source: Path, out: Path, fp: str, compression: str, cap: int | None =
             hashed.finish(buf, fp)  # a copy changed since its check, or the image's own fault?
             raise
         hashed.finish(buf, fp)
-        if compression == "zst" and not _whole_frames(raw.fileno()):  # its reader ends quietly
+        fd = raw.fileno()
+        if compression == "zst" and not whole_frames(lambda at, n: os.pread(fd, n, at), os.fstat(fd).st_size):
             # LXD reads only metadata.yaml: it takes an image whose export is cut short
             raise ValueError(f"{fp}: its export ends inside a zstd frame")
         dst.flush()
@@ -241,13 +243,14 @@ def decode(source: Path, out: Path, fp: str, compression: str, cap: int | None =
     return sums.manifest(fp, written)
 
 
-def _whole_frames(fd: int) -> bool:
-    """Whether a zstd file ends where its last frame does (zstandard's reader gives what it has)."""
+def whole_frames(pread: Callable[[int, int], bytes | memoryview], size: int) -> bool:
+    """Whether a zstd file of `size` bytes (read by `pread(offset, n)`) ends where its last frame
+    does (zstandard's reader gives what it has, and ends quietly)."""
     import zstandard
 
-    pos, size = 0, os.fstat(fd).st_size
+    pos = 0
     while pos < size:
-        head = os.pread(fd, 18, pos)
+        head = bytes(pread(pos, 18))
         if int.from_bytes(head[:4], "little") & ~0xF == 0x184D2A50:  # a skippable frame
             pos += 8 + int.from_bytes(head[4:8], "little")
             continue
@@ -256,7 +259,7 @@ def _whole_frames(fd: int) -> bool:
             checksum, last = 4 if zstandard.get_frame_parameters(head).has_checksum else 0, 0
         except zstandard.ZstdError:
             return False
-        while not last and len(block := os.pread(fd, 3, pos)) == 3:  # 3-byte headers, to the last
+        while not last and len(block := bytes(pread(pos, 3))) == 3:  # 3-byte headers, to the last
             n = int.from_bytes(block, "little")
             last, pos = n & 1, pos + 3 + (1 if (n >> 1) & 3 == 1 else n >> 3)
         pos += checksum if last else size
