@@ -25,6 +25,7 @@ from array import array
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
+from cachetools import LRUCache
 from ratarmountcore.mountsource.formats.squashfs import SquashFSMountSource
 from ratarmountcore.mountsource.MountSource import FileInfo
 from ratarmountcore.SQLiteIndex import SQLiteIndex, SQLiteIndexedTarUserData
@@ -40,6 +41,7 @@ except ImportError:  # pragma: no cover - ratarmountcore depends on it where it 
 # Part of the index's file name: an index written from ratarmountcore's own rows is never read.
 INDEX = "rootfs2"
 BLOCKS_KEPT = 16
+METADATA_KEPT = 256  # decoded 8 KiB metadata blocks kept per table (2 MiB)
 UNCOMPRESSED = 1 << 24  # in a data block's size word: stored as it is
 WORDS_KEPT = 1 << 18  # block-list words kept, all files together (12 bytes each: 3 MiB)
 KEPT_EACH = 16  # what a kept file costs besides its words, in words (a file of a fragment only)
@@ -116,6 +118,10 @@ class SquashfsRootfs(SquashFSMountSource):
         # PySquashfsImage keeps 256 decoded blocks (32 MiB of 128 KiB ones) for all images at
         # once: a few per image serve a reader in path order (a fragment holds many small files).
         self.image._read_data_block = self._block = functools.lru_cache(maxsize=BLOCKS_KEPT)(self._decode)
+        # PySquashfsImage keeps every metadata block it decoded (a long block list read is 1 MiB
+        # of them per GiB of 4 KiB blocks): the last METADATA_KEPT of each table (used under the lock).
+        self.image._inode_table_hash = LRUCache(METADATA_KEPT)
+        self.image._directory_table_hash = LRUCache(METADATA_KEPT)
         self._layouts: OrderedDict[int, Layout] = OrderedDict()  # the last read, WORDS_KEPT words in all
         self._words_kept = 0
         sblk = self.image.sblk  # read once: each field is a ctypes property

@@ -156,3 +156,23 @@ def test_block_lists_are_kept_within_a_bound_of_words_and_read_right_past_it(tmp
         assert _read(src, name, len(data) - 4100, 9000) == data[-4100:]
         assert src._words_kept <= 100
     assert len(src._layouts) == 1  # of the four 40-block files, the last; "long" (151 words) never kept
+
+
+def test_a_long_block_list_is_read_in_pieces_keeping_few_metadata_blocks(tmp_path, monkeypatch):
+    """A 64 MiB sparse file of 4 KiB blocks: 64 KiB of block list (8 metadata blocks), not kept."""
+    monkeypatch.setattr(squashfs, "WORDS_KEPT", 100)
+    monkeypatch.setattr(squashfs, "METADATA_KEPT", 2)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with open(tree / "sparse", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek((64 << 20) - 1)
+        f.write(b"x")
+    image = tmp_path / "sparse.sqfs"
+    subprocess.run(["mksquashfs", str(tree), str(image), "-noappend", "-quiet", "-b", "4096"],
+                   check=True, stdout=subprocess.DEVNULL)
+    src = _open(image, tmp_path)
+    for _ in range(2):
+        assert _read(src, "sparse", (64 << 20) - 5000) == bytes(4999) + b"x"
+        assert _read(src, "sparse", 123456, 10) == bytes(10)
+    assert len(src.image._inode_table_hash) <= 2 and not src._layouts
