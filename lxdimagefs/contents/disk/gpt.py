@@ -5,7 +5,6 @@ reader. The header and entry array carry CRC32s: a table that fails them is refu
 """
 
 import errno
-import io
 import struct
 import uuid
 import zlib
@@ -127,7 +126,7 @@ class Slice(Seekable):
         return len(data)
 
 
-class Window(io.RawIOBase):
+class Window(Seekable):
     """A partition as a read-only file for the ext4 and FAT readers, which read a few hundred bytes
     at a time (an inode, a directory entry), most of them near the last: whole chunks of the disk
     are kept, `keep` of them (least recently used out), and a read is a slice of one. A read of
@@ -140,22 +139,6 @@ disk's fault (a bad cluster). Not thread-safe: its owner locks."""
         self._disk, self._offset, self.size, self._pos = disk, offset, length, 0
         self._chunk_size, self._keep = chunk, keep
         self._chunks: OrderedDict[int, bytes] = OrderedDict()
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise OSError(errno.EINVAL, "negative seek position")
-        self._pos = base + offset
-        return self._pos
 
     def _chunk(self, index: int) -> bytes:
         found = self._chunks.get(index)
