@@ -90,16 +90,15 @@ def _guarded(fp: str, call: Callable[[], T]) -> T:
 
 
 class _Archives(LRUCache[str, ImageArchive]):
-    """The open archives; `on_evict` is told of each that leaves."""
+    """The open archives; `on_evict` is told of each that leaves, evicted or popped."""
 
     def __init__(self, maxsize: int, on_evict: Callable[[str], None]) -> None:
         super().__init__(maxsize)
         self.on_evict = on_evict
 
-    def popitem(self) -> tuple[str, ImageArchive]:
-        fp, archive = super().popitem()
+    def __delitem__(self, fp: str) -> None:  # the one way out: popitem and pop both come here
+        super().__delitem__(fp)
         self.on_evict(fp)
-        return fp, archive
 
 
 class ContentsNode(Node):
@@ -133,8 +132,7 @@ class ContentsNode(Node):
     def _archive(self, fp: Fingerprint) -> ImageArchive:
         if self.exports.verification.failed(fp):  # its index may be from the bytes that failed
             with self._lock:
-                if self._archives.pop(fp, None) is not None:  # a pop does not call popitem
-                    self._forget_entries(fp)
+                self._archives.pop(fp, None)
             raise fs_error(errno.EIO, fp, "the image failed its check")
         with self._lock:
             archive = self._archives.get(fp)
