@@ -10,24 +10,18 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
-import threading
 from collections.abc import Callable
 from typing import Any
 
-from cachetools import LRUCache
-
 from lxdimagefs.keys import Sha256
-from lxdimagefs.mount.threadstates import KEPT
+from lxdimagefs.mount.libfuse import kernelcache
+from lxdimagefs.mount.libfuse.threadstates import KEPT
 from lxdimagefs.tree.images import FP_DIR
 
 log = logging.getLogger(__name__)
 
 BINDING = os.environ.get("LXDIMAGEFS_FUSE", "mfusepy")
-# A listing as libfuse's filler takes it: names encoded, their stats (an array of struct stat), which
-# stats are whole (FILL_DIR_PLUS), each row's offset.
-Filled = tuple[list[bytes], Any, bytearray, list[int]]
-LISTED_ROWS = 8192  # rows of folders inside images kept filled, across them (about 200 bytes each)
+LISTINGS = kernelcache.KeptListings()
 
 if BINDING == "fusepy":
     from fuse import FUSE, Operations, fuse_get_context
@@ -49,10 +43,27 @@ else:
         once more in Python: docs/PERFORMANCE.md, issue 16).
         """
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self._listed: LRUCache[str, Filled] = LRUCache(LISTED_ROWS, getsizeof=lambda f: len(f[0]))
-            self._listed_lock = threading.Lock()
-            super().__init__(*args, **kwargs)  # serves the mount until it ends
+        def __init__(self, operations: Any, mountpoint: str, *args: Any, **kwargs: Any) -> None:
+            self._mountpoint = os.path.realpath(mountpoint)  # not once mounted: we would ask ourselves
+            super().__init__(operations, mountpoint, *args, **kwargs)  # serves the mount until it ends
+
+        def init_fuse_3(self, conn: Any, config: Any) -> None:
+            """Before the kernel sends anything else: listings inside images may be kept."""
+            try:
+                LISTINGS.install(mfusepy._libfuse, mfusepy._libfuse.fuse_get_context().contents.fuse,
+                                 self._mountpoint, mfusepy.fuse_file_info)
+            except Exception:  # never into libfuse's init: the listings are then asked each time
+                log.exception("the kernel's listing cache could not be set up")
+            super().init_fuse_3(conn, config)
+
+        def opendir(self, path: bytes, fip: Any) -> int:
+            """A folder inside an image never changes: the kernel may keep its listing for the
+            mount's life (an image deleted: its name is dropped, kernel_forgetter)."""
+            name = path.decode(self.encoding, self.errors)
+            fip.contents.fh = self.operations.opendir(name)
+            if _immutable(name) and self.operations.tree.inside_image(name):
+                LISTINGS.keep(fip.contents)
+            return 0
 
         def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
             KEPT.keep()
@@ -87,47 +98,19 @@ else:
             rows = self.operations.readdir_from(name, fip.contents.fh, offset)
             if not rows:
                 return 0
-            if flags & READDIR_PLUS and name is not None and self.operations.tree.inside_image(name):
-                filled, first = self._filled(name, rows, offset)
-            else:
-                filled, first = self._fill(name, rows, False), 0
-            names, stats, plused, offsets = filled
-            for i in range(first, len(names)):
-                if filler(buf, names[i], stats[i], offsets[i], plused[i]) != 0:
+            plus = bool(flags & READDIR_PLUS) and name is not None and self.operations.tree.inside_image(name)
+            st = mfusepy.c_stat()
+            for entry, kind, after in rows:
+                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))  # libfuse copies it per name
+                attrs = self._attributes(f"{name}/{entry}") if plus and entry not in (".", "..") else None
+                if attrs is None:  # its type alone: the kernel asks for the rest
+                    st.st_ino, st.st_mode, whole = UNKNOWN_INO, kind, 0
+                else:  # its stat as a LOOKUP would answer, where the tree vouches for it
+                    mfusepy.set_st_attrs(st, attrs, use_ns=self.use_ns)
+                    whole = FILL_DIR_PLUS
+                if filler(buf, entry.encode(self.encoding, self.errors), st, after, whole) != 0:
                     break  # the kernel's buffer is full: it asks again from this row's offset
             return 0
-
-        def _filled(self, name: str, rows: list[tuple[str, int, int]], offset: int) -> tuple[Filled, int]:
-            """A folder inside an image as the filler takes it, and where `offset` is in it: made
-            once and kept, for what is inside an image never changes and the kernel asks for every
-            name's attributes again at each listing's start. Kept only under an image's full
-            fingerprint (a short one may name another image later) and if not too long."""
-            parts = name.split("/")
-            whole = FP_DIR in parts[:-1] and Sha256.parse(parts[parts.index(FP_DIR) + 1]) is not None
-            with self._listed_lock:
-                kept = self._listed.get(name) if whole else None
-            if kept is not None:
-                return kept, offset
-            filled = self._fill(name, rows, True)
-            if whole and offset == 0 and len(rows) <= LISTED_ROWS // 4:  # the whole listing
-                with self._listed_lock:
-                    self._listed[name] = filled
-            return filled, 0
-
-        def _fill(self, name: str | None, rows: list[tuple[str, int, int]], plus: bool) -> Filled:
-            """Each name encoded with its stat as a LOOKUP would answer (with `plus`, where the tree
-            vouches for it), else its type alone (the kernel asks for the rest)."""
-            stats = (mfusepy.c_stat * len(rows))()
-            plused = bytearray(len(rows))
-            for i, (entry, kind, _) in enumerate(rows):
-                attrs = self._attributes(f"{name}/{entry}") if plus and entry not in (".", "..") else None
-                if attrs is None:
-                    stats[i].st_ino, stats[i].st_mode = UNKNOWN_INO, kind
-                else:
-                    mfusepy.set_st_attrs(stats[i], attrs, use_ns=self.use_ns)
-                    plused[i] = FILL_DIR_PLUS
-            names = [entry.encode(self.encoding, self.errors) for entry, _, _ in rows]
-            return names, stats, plused, [after for _, _, after in rows]
 
         def _attributes(self, path: str) -> dict[str, int] | None:
             """A name's stat as its LOOKUP would answer; None (the kernel then asks) if that fails."""
@@ -145,6 +128,12 @@ else:
             done: int = self.operations.truncate(name, length, fh)
             return done
 
+
+
+def _immutable(path: str) -> bool:
+    """Under an image's full fingerprint (a short one may name another image later)."""
+    parts = path.split("/")
+    return FP_DIR in parts[:-1] and Sha256.parse(parts[parts.index(FP_DIR) + 1]) is not None
 
 
 # libfuse 3 keeps at most 10 worker threads unless told otherwise (and mfusepy's call of
@@ -178,87 +167,11 @@ def listed(names: list[str], kinds: dict[str, int]) -> list[tuple[str, dict[str,
     return [(name, {"st_ino": UNKNOWN_INO, "st_mode": kinds.get(name, 0)}, 0) for name in names]
 
 
-def path_invalidator(mountpoint: str = "") -> Callable[[str, bool], None] | None:
-    """A function that drops the kernel's cached attributes of a path (its pages, a folder's
-    listing) and, if asked, its name: `invalidate(path, entry)`.
-
-    Only libfuse 3's high-level API has the first (`fuse_invalidate_path`); it must be called
-    from inside a FUSE callback first (to learn the session). A name needs its folder's node
-    id, which only the kernel tells a high-level file system: it is read from a file handle of
-    the folder (`name_to_handle_at` under `mountpoint`). Never call it from a callback that
-    holds the path's folder (it would wait on the kernel, which waits on us).
-    """
-    if LIBFUSE != 3 or BINDING == "fusepy":
-        return None
-    lib = mfusepy._libfuse
-    fuse = lib.fuse_get_context().contents.fuse
-    lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.fuse_get_session.argtypes, lib.fuse_get_session.restype = [ctypes.c_void_p], ctypes.c_void_p
-    lib.fuse_lowlevel_notify_inval_entry.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p,
-                                                      ctypes.c_size_t]
-    session = lib.fuse_get_session(fuse)
-
-    def invalidate(path: str, entry: bool = False) -> None:
-        raw = path.encode("utf-8", "surrogateescape")
-        lib.fuse_invalidate_path(fuse, raw)  # ENOENT: the kernel does not hold it
-        folder, _, name = raw.rpartition(b"/")
-        if entry and name and mountpoint:
-            node = 1 if not folder else _node_id(os.fsencode(mountpoint) + folder)
-            if node is not None:  # ENOENT: the kernel does not hold it
-                lib.fuse_lowlevel_notify_inval_entry(session, node, name, len(name))
-
-    return invalidate
-
-
-class _FileHandle(ctypes.Structure):
-    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
-                ("f_handle", ctypes.c_uint32 * 8)]
-
-
-_FILEID_INO64_GEN = 0x81  # what FUSE's encode_fh gives: the node id's two halves, the generation
-
-
-def _node_id(path: bytes) -> int | None:
-    """The FUSE node id the kernel gave `path` (a folder of this mount), from its file handle."""
-    handle, mount_id = _FileHandle(handle_bytes=ctypes.sizeof(ctypes.c_uint32 * 8)), ctypes.c_int()
-    at_fdcwd = -100  # and no flags: a link is not followed
-    if _libc.name_to_handle_at(at_fdcwd, path, ctypes.byref(handle), ctypes.byref(mount_id),
-                               0) != 0 or handle.handle_type != _FILEID_INO64_GEN:
-        return None
-    return int(handle.f_handle[0]) << 32 | int(handle.f_handle[1])
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def kernel_forgetter(mountpoint: str = "") -> Callable[..., None]:
-    """What the tree calls when a path changes without a call of the kernel's (an import that
-    landed, an image LXD deleted, an alias retargeted elsewhere): `on_change(path, wait=False,
-    entry=True)`. Its attributes are dropped, and its name unless `entry` is false (a folder
-    whose listing changed keeps its name): the kernel keeps names for an hour where events
-    are followed. Done off the request threads, since the kernel may hold their folder."""
-    invalidate = path_invalidator(mountpoint)
-    if invalidate is None:
-        return lambda path, wait=False, entry=True: None
-    changed: queue.Queue[tuple[str, bool, threading.Event]] = queue.Queue()
-
-    def on_change(path: str, wait: bool = False, entry: bool = True) -> None:
-        done = threading.Event()
-        changed.put((path, entry, done))
-        if wait and not done.wait(5):  # a caller holding the folder a dropped name is in
-            log.warning("the kernel's caches: %s not dropped within 5 s; going on", path)
-
-    threading.Thread(target=_drain, args=(changed, invalidate), daemon=True, name="invalidate").start()
-    return on_change
-
-
-def _drain(changed: queue.Queue[tuple[str, bool, threading.Event]],
-           invalidate: Callable[[str, bool], None]) -> None:
-    while True:
-        path, entry, done = changed.get()
-        invalidate(path, entry)
-        done.set()
+    """kernelcache.kernel_forgetter on this binding's libfuse: libfuse 2 cannot tell the kernel."""
+    libfuse3 = mfusepy._libfuse if LIBFUSE == 3 and BINDING != "fusepy" else None
+    return kernelcache.kernel_forgetter(libfuse3, mountpoint)
 
 
 __all__ = ["BINDING", "FUSE", "LIBFUSE", "NOFLUSH", "Operations", "fuse_get_context", "kernel_forgetter",
-           "listed", "path_invalidator", "worker_options"]
+           "listed", "worker_options"]

@@ -146,10 +146,32 @@ def test_a_listing_inside_an_image_carries_each_names_exact_attributes(sandbox, 
         sandbox.lxc("image", "delete", fp, check=False)
 
 
-def test_a_folder_of_more_names_than_are_kept_lists_whole_every_time(sandbox, tmp_path):
-    """The daemon keeps the rows of folders listed inside images (8,192 across them): a folder
-    of more names than that is listed whole, twice, with each name's attributes (before: EINVAL,
-    found by review), and one of a short fingerprint's folder too."""
+def test_the_kernel_keeps_listings_inside_images_and_asks_again_elsewhere(sandbox, tmp_path):
+    """A folder inside an image never changes: listed once, the kernel answers later listings
+    from its own pages (an OPENDIR still comes, no READDIR). Under a short fingerprint (which
+    may name another image later) and outside contents/, every listing is asked for."""
+    fp = sandbox.import_image(make_unified(tmp_path / "l.tar.gz", rootfs_bytes=MIB))
+    sock = tmp_path / "metrics.sock"
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}", *LONG) as m:
+            for path, kept in ((f"contents/by-fingerprint/{fp}/rootfs/etc", True),
+                               (f"contents/by-fingerprint/{fp}", True),
+                               (f"contents/by-fingerprint/{fp[:12]}/rootfs/etc", False),
+                               ("by-fingerprint", False), (f"by-fingerprint/{fp}", False)):
+                first = sorted(os.listdir(m.path / path))
+                assert first, path
+                lists, opens = _calls(sock, "readdir"), _calls(sock, "opendir")
+                assert sorted(os.listdir(m.path / path)) == first, path
+                assert _calls(sock, "opendir") == opens + 1, path
+                assert (_calls(sock, "readdir") == lists) == kept, path
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_a_folder_of_many_names_lists_whole_every_time(sandbox, tmp_path):
+    """A folder of 9,000 names inside an image (more than one reply of the kernel's) is listed
+    whole, twice, with each name's attributes (a cap on kept rows once made it EINVAL, found by
+    review), and one of a short fingerprint's folder too."""
     tar = make_unified(tmp_path / "many.tar", rootfs_bytes=1024)
     empty = tmp_path / "empty"
     empty.write_bytes(b"")

@@ -162,7 +162,7 @@ def test_a_server_whose_certificate_fails_is_its_own_error_not_an_empty_folder(s
 
 
 def test_workers_libfuse_ends_leave_no_thread_state_behind(sandbox, images, tmp_path):
-    """Each libfuse worker keeps one Python thread state (mount/threadstates.py). With
+    """Each libfuse worker keeps one Python thread state (mount/libfuse/threadstates.py). With
     max_idle_threads=1 libfuse starts and ends workers all the time under 16 callers at once:
     every call is answered, the states of ended workers are deleted (never a live one's: that
     crashed the daemon within seconds, found by review), and the daemon exits cleanly."""
