@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxdimagefs.contents import inodes
+from lxdimagefs.contents.deferred import Deferred
+from lxdimagefs.contents.disk.root import vm_root  # with the daemon: 0.5 MiB, 20 ms off a VM's first look
 from lxdimagefs.contents.indexes import IndexFolder as IndexFolder  # where it was first
 from lxdimagefs.contents.indexes import Place
 from lxdimagefs.contents.plain import AT_ONCE, compression_of, decode_later, plain_tar, spans
@@ -102,15 +104,16 @@ def _lazy(exports: Exports, key: str, size: int) -> tuple[io.BufferedReader, str
     return io.BufferedReader(ExportFile(reader, size), 1 << 16), None if reader.verified else key
 
 
+def _tar(**options: Any) -> Any:
+    """ratarmountcore's tar source, imported at a tarball's first look (0.15 s, 15 MiB with its
+    decoders), which a daemon serving only exports, or only a VM's rootfs/, need not carry."""
+    from ratarmountcore.mountsource.formats.tar import SQLiteIndexedTar
+    return SQLiteIndexedTar(**options)
+
+
 def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) -> tuple[Any, Any, dict]:
     """An image's sources: its (metadata) tarball, a split image's squashfs rootfs, and the
     keys of those read lazily from an export (their bytes proven only once it is verified)."""
-    # Imported on the first look inside (0.15 s): the library and its decoders add about 15 MiB
-    # (32 MiB at rest without them, 47 with), which a daemon serving only exports need not carry.
-    from ratarmountcore.mountsource.formats.tar import SQLiteIndexedTar
-
-    from lxdimagefs.contents.squashfs import INDEX, SquashfsRootfs
-
     def indexed(make: Any, source: Any, unchecked: str | None, suffix: str, **options: Any) -> Any:
         place = Place(exports, fp, index, suffix, [unchecked] if unchecked else [])
         built = make(fileObject=source, indexFilePath=place.ready(), writeIndex=True, **options)
@@ -128,7 +131,7 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         if decoded is not None:
             return plain_tar(fp, decoded, Place(exports, fp, index, ".decoded.sqlite", [])), None, {}
     if not layout.split:
-        return indexed(SQLiteIndexedTar, *_lazy(exports, first.key or fp, first.size), suffix=".sqlite",
+        return indexed(_tar, *_lazy(exports, first.key or fp, first.size), suffix=".sqlite",
                        tarFileName=fp, prioritizedBackends=PREFERRED, gzipSeekPointSpacing=GZIP_SPACING), \
             None, {"top": first.key or fp}
     sizes = tuple(p.size for p in layout.parts)
@@ -140,18 +143,20 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         # whole before use and read checked
         return io.BufferedReader(ExportFile(exports.spool.open(fp, sizes, i), sizes[i]), 1 << 16), None
 
-    meta, unchecked = part(0)  # decoded in memory (ratarmountcore reads a large one itself)
-    plain = _in_memory(meta, compression) if compression else None
-    meta = io.BytesIO(plain) if plain is not None else part(0)[0] if compression else meta
-    suffix = ".meta-plain.sqlite" if plain is not None else ".meta.sqlite"  # never one built from the other
-    top = indexed(SQLiteIndexedTar, meta, unchecked, suffix, tarFileName=f"{fp}.meta")
+    def metadata() -> Any:  # decoded in memory (ratarmountcore reads a large one itself)
+        meta, unchecked = part(0)
+        plain = _in_memory(meta, compression) if compression else None
+        meta = io.BytesIO(plain) if plain is not None else part(0)[0] if compression else meta
+        suffix = ".meta-plain.sqlite" if plain is not None else ".meta.sqlite"  # never one from the other
+        return indexed(_tar, meta, unchecked, suffix, tarFileName=f"{fp}.meta")
+    top = Deferred(metadata)  # `cat rootfs/etc/os-release` needs neither the library nor this index
     lazy = {} if first.key is None else {"top": first.key, ROOTFS: layout.parts[1].key or ""}
     if not layout.parts[1].name.endswith((".squashfs", ".qcow2")):
         return top, None, lazy
     rootfs, unchecked = part(1)
     if layout.parts[1].name.endswith(".qcow2"):  # a VM's disk: its ext4 root (contents/disk/)
-        from lxdimagefs.contents.disk.root import vm_root  # its files, or why not in a note beside
-        return *vm_root(top, rootfs, layout.parts[1].name), lazy
+        return *vm_root(top, rootfs, layout.parts[1].name), lazy  # its files, or why not in a note beside
+    from lxdimagefs.contents.squashfs import INDEX, SquashfsRootfs
     return top, indexed(lambda fileObject, **o: SquashfsRootfs(fileObject, **o), rootfs, unchecked,
                         f".{INDEX}.sqlite"), lazy
 
@@ -179,8 +184,8 @@ class ImageArchive:
         # hard link makes recursive, so that the decoded tarball's source never replaces one midway.
         self._lock = threading.RLock()
         self._top, self._rootfs, self._lazy = _open(fp, layout, exports, index)
-        # How many names each hard-linked file has: one query of each index, here, not per stat.
-        self._tar_links = inodes.tar_links(self._top)
+        # How many names each hard-linked file has: one query of each index, not per stat.
+        self._tar_links: dict[str, int] | None = None
         self._rootfs_links = inodes.squashfs_links(self._rootfs) if hasattr(self._rootfs, "index") else {}
         self._closed = False
         first, compression = layout.parts[0], compression_of(layout.parts[0].name)
@@ -233,6 +238,8 @@ class ImageArchive:
                 with self._lock:
                     rdev = source.device(info)
         else:
+            if self._tar_links is None:  # at the tarball's first entry, under the lock (as every call here)
+                self._tar_links = inodes.tar_links(self._top)
             nlink = self._tar_links.get(path, 1)
             if stat.S_IFMT(info.mode) in inodes.DEVICES or not stat.S_IFMT(info.mode):
                 # A device's number is in its header alone, and a block device's very type.

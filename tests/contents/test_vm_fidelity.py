@@ -27,6 +27,8 @@ def vm_images(sandbox, distro, tmp_path_factory):  # noqa: F811
     with deleting(sandbox, {}) as fps:
         for kind in vmdisk.OPTIONS:
             fps[kind] = sandbox.import_image(*vmdisk.vm_image(work / kind, root, esp, kind))
+        inline = vmdisk.vm_image(work / "inline", root, esp, "zstd", inline=True)
+        fps["inline"] = sandbox.import_image(*inline)
         yield fps, root, esp
     vmdisk.remove(work)
 
@@ -51,7 +53,7 @@ def vm_mnt(sandbox, vm_images, tmp_path_factory):
         yield m
 
 
-@pytest.mark.parametrize("kind", list(vmdisk.OPTIONS))
+@pytest.mark.parametrize("kind", [*vmdisk.OPTIONS, "inline"])  # inline: a root of ext4 inline_data
 def test_a_vm_images_rootfs_and_esp_equal_their_sources(vm_images, vm_mnt, kind):
     fps, root, esp = vm_images
     top = vm_mnt.path / "contents" / "by-fingerprint" / fps[kind]

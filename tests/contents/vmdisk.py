@@ -37,9 +37,11 @@ def root_tree(source: Path, where: Path) -> Path:
     return where
 
 
-def vm_image(work: Path, root: Path, esp: Path, compression: str, no_fat: bool = False) -> tuple[Path, Path]:
+def vm_image(work: Path, root: Path, esp: Path, compression: str, no_fat: bool = False,
+             inline: bool = False) -> tuple[Path, Path]:
     """(metadata tarball, qcow2 disk) of a VM image holding `root` and `esp`; `no_fat`: the ESP's
-    boot sector says it has no FAT (a vfat by its signature that no reader can read)."""
+    boot sector says it has no FAT (a vfat by its signature that no reader can read); `inline`: the
+    root made with ext4's inline_data (small files and folders kept in their inodes)."""
     work.mkdir(parents=True)
     (work / "metadata.yaml").write_bytes(b"architecture: x86_64\ncreation_date: 1700000000\n"
                                          b"properties:\n  description: vm disk " + work.name.encode() + b"\n")
@@ -57,8 +59,9 @@ def vm_image(work: Path, root: Path, esp: Path, compression: str, no_fat: bool =
         with open(fat, "r+b") as f:
             f.seek(16)  # BPB_NumFATs
             f.write(b"\0")
-    subprocess.run(["mkfs.ext4", "-q", "-L", "rootfs", "-b", "4096", "-i", "8192", "-d", str(root), str(ext4),
-                    f"{root_mib}M"], check=True)
+    features = ["-O", "inline_data"] if inline else []
+    subprocess.run(["mkfs.ext4", "-q", "-L", "rootfs", "-b", "4096", "-i", "8192", *features, "-d", str(root),
+                    str(ext4), f"{root_mib}M"], check=True)
     with open(disk, "wb") as f:
         f.truncate((2 + ESP_MIB + root_mib) << 20)
     subprocess.run(["sfdisk", "-q", str(disk)], check=True, input=(

@@ -4,9 +4,9 @@ Own code, because the `ext4` package (MIT, through ratarmountcore's ext4 source)
 call through several layers (most of a `diff -r`), took 15 ms to import with a cold page cache,
 read an extent of 32,768 blocks (the kernel's largest initialized one) as zeros, and followed an
 extent tree as its headers said: an index block pointing at itself looped for ever. Here a file's
-extent tree or block maps are walked when it is first read (ext4map.py), not at its stat; a file
-of inline data past its inode's 60 bytes, or encrypted, is not read. Each fault is EIO
-(Ext4Fault), for that inode alone.
+extent tree or block maps are walked when it is first read (ext4map.py), not at its stat; inline
+data is read from the whole inode (ext4inline.py); an encrypted file is not read. Each fault is
+EIO (Ext4Fault), for that inode alone.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import cachetools
 
+from lxdimagefs.contents.disk import ext4inline
 from lxdimagefs.contents.disk.ext4map import Ext4Fault, Runs, block_maps, extents
 
 EXTENTS_FL, INLINE_FL, ENCRYPT_FL, HUGE_FILE_FL = 0x80000, 0x10000000, 0x800, 0x40000
@@ -120,6 +121,10 @@ class CheckedInodes:
             raise Ext4Fault(f"{length} bytes at {offset:#x} lie past the end of the filesystem")
         return data
 
+    def _whole(self, number: int) -> bytes:
+        """All of inode `number`'s bytes (its inline data's attribute past RECORD), read afresh."""
+        return self._read(self._offset(number), self.inode_size)
+
     def _block(self, number: int) -> bytes:
         return self._read(number * self.block, self.block)
 
@@ -135,8 +140,7 @@ class CheckedInodes:
                 if flags & ENCRYPT_FL:
                     raise Ext4Fault(f"inode {number}: encrypted (fscrypt): its bytes are not shown")
                 if flags & INLINE_FL:
-                    raise Ext4Fault(f"inode {number}: {size(raw)} bytes of inline data, past its "
-                                    f"{INLINE_MAX} bytes in the inode (not read here)")
+                    raise Ext4Fault(f"inode {number}: inline data has no blocks")
                 i_block = raw[0x28:0x28 + 60]
                 found = (extents(number, i_block, self._block, self._blocks) if flags & EXTENTS_FL
                          else block_maps(number, i_block, size(raw), self._block, self._blocks, self.block))
@@ -165,10 +169,12 @@ class CheckedInodes:
         if end <= offset:
             return b""
         if self.in_inode(raw):
-            if size(raw) > INLINE_MAX:
-                raise Ext4Fault(f"inode {number}: {size(raw)} bytes of inline data or a fast symlink, "
-                                f"past the {INLINE_MAX} bytes the inode holds (not read here)")
-            return raw[0x28 + offset:0x28 + end]
+            if size(raw) <= INLINE_MAX:
+                return raw[0x28 + offset:0x28 + end]
+            if not struct.unpack_from("<I", raw, 0x20)[0] & INLINE_FL:
+                raise Ext4Fault(f"inode {number}: a fast symlink of {size(raw)} bytes, past the "
+                                f"{INLINE_MAX} bytes the inode holds")
+            return ext4inline.file_bytes(number, self._whole(number), size(raw))[offset:end]
         runs = self.runs(number, raw)
         out, bs = bytearray(end - offset), self.block
         view = memoryview(out)
@@ -187,10 +193,21 @@ class CheckedInodes:
         """A folder's names (without . and ..) and their inode numbers, from its blocks; a name
         no path can hold (with '/' or NUL) or naming a reserved inode is left out."""
         raw = self.raw(number)
-        if size(raw) > FOLDER_MAX or struct.unpack_from("<I", raw, 0x20)[0] & INLINE_FL:
-            raise Ext4Fault(f"inode {number}: a folder of {size(raw)} bytes, or of inline data "
-                            "(not read here)")
-        data, bs, at, found = bytes(self.data(number, 0, FOLDER_MAX)), self.block, 0, {}
+        flags = struct.unpack_from("<I", raw, 0x20)[0]
+        if size(raw) > FOLDER_MAX:
+            raise Ext4Fault(f"inode {number}: a folder of {size(raw)} bytes (not read here)")
+        if flags & INLINE_FL and flags & ENCRYPT_FL:
+            raise Ext4Fault(f"inode {number}: encrypted (fscrypt): its names are not shown")
+        found: dict[bytes, int] = {}
+        if not flags & INLINE_FL:
+            return self._entries(number, bytes(self.data(number, 0, FOLDER_MAX)), self.block, found)
+        for region in ext4inline.folder_regions(number, self._whole(number)):  # each its own unit
+            self._entries(number, region, len(region), found)
+        return found
+
+    def _entries(self, number: int, data: bytes, bs: int, found: dict[bytes, int]) -> dict[bytes, int]:
+        """The entries of `data` into `found`: blocks of `bs` bytes no entry may cross."""
+        at = 0
         while at + 8 <= len(data):
             inode, rec_len, name_len = struct.unpack_from("<IHB" if self.filetype else "<IHH", data, at)
             if rec_len in (0, 65535) and bs == 1 << 16:

@@ -119,12 +119,19 @@ class WithNote:
     """A metadata tarball's source with NOTE added at its top, saying what of the disk is not shown."""
 
     def __init__(self, top: Any, text: str) -> None:
-        self._top, self._text = top, text.encode()
-        from ratarmountcore.mountsource.MountSource import FileInfo
-        folder = top.lookup("/")  # the note has its folder's time
-        self._info = FileInfo(size=len(self._text), mtime=folder.mtime if folder else 0,
-                              mode=stat.S_IFREG | 0o444, linkname="", uid=0, gid=0,
-                              userdata=[place(NOTE_PLACE)])
+        self._top, self._text, self._made = top, text.encode(), None
+
+    @property
+    def _info(self) -> Any:
+        """The note's entry, with its folder's time: made at its first look (the tarball's source
+        is made then: archives.Deferred)."""
+        if self._made is None:
+            from ratarmountcore.mountsource.MountSource import FileInfo
+            folder = self._top.lookup("/")
+            self._made = FileInfo(size=len(self._text), mtime=folder.mtime if folder else 0,
+                                  mode=stat.S_IFREG | 0o444, linkname="", uid=0, gid=0,
+                                  userdata=[place(NOTE_PLACE)])
+        return self._made
 
     def __getattr__(self, name: str) -> Any:  # the index (hard links) and the rest: the tarball's
         return getattr(self._top, name)
@@ -139,7 +146,10 @@ class WithNote:
         return {**found, NOTE: self._info} if isinstance(found, dict) else [*found, NOTE]
 
     def read(self, info: Any, size: int, offset: int) -> bytes:
-        return self._text[offset:offset + size] if info is self._info else self._top.read(info, size, offset)
+        return self._text[offset:offset + size] if info is self._made else self._top.read(info, size, offset)
+
+    def __exit__(self, *exc: object) -> None:
+        self._top.__exit__(None, None, None)
 
 
 def _filesystem(kind: str, disk: Qcow2Reader, part: gpt.Partition, options: dict[str, str], tag: int) -> Any:
