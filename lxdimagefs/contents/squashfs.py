@@ -41,8 +41,10 @@ try:
 except ImportError:  # pragma: no cover - ratarmountcore depends on it where it builds
     _zlib = zlib  # type: ignore[misc]
 
-# Part of the index's file name: an index written from ratarmountcore's own rows is never read.
-INDEX = "rootfs2"
+# Part of the index's file name: an index written from ratarmountcore's own rows is never read, nor
+# one whose rows do not place small files in their fragments (rootfs2: read right, but slower);
+# the index folder's cap removes them in time.
+INDEX = "rootfs3"
 BLOCKS_KEPT = 16
 METADATA_KEPT = 256  # decoded 8 KiB metadata blocks kept per table (2 MiB)
 UNCOMPRESSED = 1 << 24  # in a data block's size word: stored as it is
