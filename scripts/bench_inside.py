@@ -14,8 +14,8 @@ CPU seconds (/proc/PID/stat: the whole daemon, every thread).
 
 `--only TEXT`: only the commands whose label holds TEXT (and the first look). `--baseline DIR`:
 another checkout's lxdimagefs (a worktree of main, say) as a second side, each command's mount of
-it right after ours, with its own index folder (run from a folder without lxdimagefs/ in it, so
-that each side imports its own).
+it just before or after ours (each side first in turn), with its own index folder (run from a
+folder without lxdimagefs/ in it, so that each side imports its own).
 """
 
 from __future__ import annotations
@@ -124,12 +124,12 @@ def bench_inside(box: Sandbox, work: Path, rounds: int = 1, baseline: Path | Non
     for opts, name in (((), "default timeouts"), (LONG, "entry/attr_timeout=86400")):
         for side, env, index in sides:
             _first_look(box, fps, index, opts, name + side, files, env)
-        for label, command in _commands(*_inside("{mnt}", fps)):
+        for turn, (label, command) in enumerate(_commands(*_inside("{mnt}", fps))):
             if label not in plain:
                 continue
             cold_plain, warm_plain = plain[label]
             alt = extract["split" if "(split)" in label else "unified"] if "(" in label else both
-            for side, env, index in sides:
+            for side, env, index in sides[::-1] if turn % 2 else sides:  # each side first in turn
                 with mount(box, "mfusepy", "--cache-dir", str(index), *opts, env_extra=env) as mounted:
                     where, proc, _ = mounted
                     run = command.replace("{mnt}", shlex.quote(str(where)))
