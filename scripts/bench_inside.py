@@ -9,8 +9,9 @@ trees `lxc image export` + `tar -x` / `unsquashfs` make, in one run:
 "Fresh mount": a new daemon, the page cache dropped (echo 3 > drop_caches) before the command;
 what the disk cache and the index folder kept from earlier mounts stays, as it does for a user.
 "Repeat": the same command again on that mount. Both are run with libfuse's default kernel
-timeouts and with `-o entry_timeout=86400,attr_timeout=86400`. Each pass also gives the daemon's
-CPU seconds (/proc/PID/stat: the whole daemon, every thread).
+timeouts and with `-o entry_timeout=86400,attr_timeout=86400`. Each fresh pass also gives the
+daemon's CPU seconds (/proc/PID/stat: the whole daemon, every thread) and its busiest FUSE
+operations, calls and handler seconds (the mount's stats socket, `lxdimagefs stats --prometheus`).
 
 `--only TEXT`: only the commands whose label holds TEXT (and the first look). `--baseline DIR`:
 another checkout's lxdimagefs (a worktree of main, say) as a second side, each command's mount of
@@ -21,6 +22,7 @@ folder without lxdimagefs/ in it, so that each side imports its own).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -55,6 +57,28 @@ def _commands(u: str, s: str) -> list[tuple[str, str]]:
         ("cat of 2,000 files in path order (unified)", f"cat $(cat {{files}} | sed 's,^,{u}/,') | wc -c"),
         ("cat of 2,000 files in path order (split)", f"cat $(cat {{files}} | sed 's,^,{s}/,') | wc -c"),
     ]
+
+
+def _ops(where: Path) -> dict[str, list[float]]:
+    """Each FUSE operation's [calls, handler seconds] so far, from the mount's stats socket."""
+    from lxdimagefs.mount.admin.metrics import fetch, socket_for
+
+    out: dict[str, list[float]] = {}
+    try:
+        text = fetch(socket_for(str(where)))
+    except OSError:  # not answering (yet): the operations are then counted from the mount's start
+        return out
+    for line in text.splitlines():
+        if found := re.match(r'lxdimagefs_operation_seconds_(count|sum)\{operation="(\w+)"\} (\S+)', line):
+            out.setdefault(found[2], [0.0, 0.0])[found[1] == "sum"] = float(found[3])
+    return out
+
+
+def _busiest(before: dict[str, list[float]], after: dict[str, list[float]], n: int = 6) -> str:
+    done = {op: (calls - before.get(op, [0, 0])[0], took - before.get(op, [0, 0])[1])
+            for op, (calls, took) in after.items()}
+    return ", ".join(f"{op} {calls:.0f} / {took:.2f} s"
+                     for op, (calls, took) in sorted(done.items(), key=lambda kv: -kv[1][1])[:n] if calls)
 
 
 def _inside(mnt: str, fps: dict[str, str]) -> tuple[str, str]:
@@ -136,9 +160,9 @@ def bench_inside(box: Sandbox, work: Path, rounds: int = 1, baseline: Path | Non
                     drop_caches()
                     load = os.getloadavg()[0]
                     with RSSWatch(proc.pid) as rss:
-                        cpu = _cpu_seconds(proc.pid)
+                        cpu, ops = _cpu_seconds(proc.pid), _ops(where)
                         cold, out = _timed(run, files)
-                        cpu = _cpu_seconds(proc.pid) - cpu
+                        cpu, ops = _cpu_seconds(proc.pid) - cpu, _busiest(ops, _ops(where))
                         drops = drops_by_others()
                         repeat = min(_timed(run, files)[0] for _ in range(rounds))
                         drops = drops_by_others() - drops
@@ -146,6 +170,7 @@ def bench_inside(box: Sandbox, work: Path, rounds: int = 1, baseline: Path | Non
                 row(f"{label}, {name}{side}: fresh mount", f"{cold:.2f} s",
                     f"{cold / other:.2f}x export+extract+command ({other:.2f} s); daemon CPU {cpu:.2f} s; "
                     f"load {load:.1f}; out {out!r}")
+                row(f"{label}, {name}{side}: fresh mount, busiest operations", "", ops)
                 row(f"{label}, {name}{side}: repeat", f"{repeat:.3f} s",
                     f"{repeat / warm_plain:.1f}x the unpacked tree's repeat ({warm_plain:.3f} s), "
                     f"{repeat / cold_plain:.1f}x its cold ({cold_plain:.3f} s); "
