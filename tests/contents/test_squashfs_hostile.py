@@ -205,3 +205,16 @@ def test_a_fragment_shorter_than_a_file_in_it_says_is_eio(image, tmp_path):
     image.write_bytes(buf)
     with pytest.raises(ValueError, match="fragment of 100 bytes, not 4000"):
         _read(_open(image, tmp_path), "small", 10, 20)
+
+
+def test_a_file_with_blocks_and_its_tail_in_a_fragment_reads_through_its_inode(tmp_path):
+    """-always-use-fragments: a tail in a fragment block after whole blocks; only files all in a
+    fragment are placed by their row."""
+    files = {"tailed": os.urandom(2 * UNIT + 333), "small": os.urandom(999)}
+    src = _open(_make(tmp_path, files, "-always-use-fragments"), tmp_path)
+    for name, data in files.items():
+        info = src.lookup("/" + name)
+        assert info is not None
+        assert bool(info.userdata[-1].offset & squashfs.IN_FRAGMENT) == (name == "small")
+        assert _read(src, name) == data
+        assert _read(src, name, 2 * UNIT - 5, 50) == data[2 * UNIT - 5:2 * UNIT + 45]
