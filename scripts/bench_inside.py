@@ -4,16 +4,25 @@ The tree tests/contents/test_fidelity.py builds (debootstrap) is imported twice,
 `.tar.gz` and as a split squashfs image, and each command is timed through contents/ and on the
 trees `lxc image export` + `tar -x` / `unsquashfs` make, in one run:
 
-    .venv/bin/python scripts/benchmark.py --contents [--rounds 1]
+    .venv/bin/python scripts/benchmark.py --contents [--rounds 1] [--only 'tar -cf'] [--baseline DIR]
 
 "Fresh mount": a new daemon, the page cache dropped (echo 3 > drop_caches) before the command;
 what the disk cache and the index folder kept from earlier mounts stays, as it does for a user.
 "Repeat": the same command again on that mount. Both are run with libfuse's default kernel
-timeouts and with `-o entry_timeout=86400,attr_timeout=86400`.
+timeouts and with `-o entry_timeout=86400,attr_timeout=86400`. Each fresh pass also gives the
+daemon's CPU seconds (/proc/PID/stat: the whole daemon, every thread) and its busiest FUSE
+operations, calls and handler seconds (the mount's stats socket, `lxdimagefs stats --prometheus`).
+
+`--only TEXT`: only the commands whose label holds TEXT (and the first look). `--baseline DIR`:
+another checkout's lxdimagefs (a worktree of main, say) as a second side, each command's mount of
+it just before or after ours (each side first in turn), with its own index folder (run from a
+folder without lxdimagefs/ in it, so that each side imports its own).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -21,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmark import RSSWatch, drop_caches, drops_by_others, mount, row, sh
+from benchmark import RSSWatch, _cpu_seconds, drop_caches, drops_by_others, mount, row, sh
 from lxd_sandbox import Sandbox, pack_split, pack_unified
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +57,28 @@ def _commands(u: str, s: str) -> list[tuple[str, str]]:
         ("cat of 2,000 files in path order (unified)", f"cat $(cat {{files}} | sed 's,^,{u}/,') | wc -c"),
         ("cat of 2,000 files in path order (split)", f"cat $(cat {{files}} | sed 's,^,{s}/,') | wc -c"),
     ]
+
+
+def _ops(where: Path) -> dict[str, list[float]]:
+    """Each FUSE operation's [calls, handler seconds] so far, from the mount's stats socket."""
+    from lxdimagefs.mount.admin.metrics import fetch, socket_for
+
+    out: dict[str, list[float]] = {}
+    try:
+        text = fetch(socket_for(str(where)))
+    except OSError:  # not answering (yet): the operations are then counted from the mount's start
+        return out
+    for line in text.splitlines():
+        if found := re.match(r'lxdimagefs_operation_seconds_(count|sum)\{operation="(\w+)"\} (\S+)', line):
+            out.setdefault(found[2], [0.0, 0.0])[found[1] == "sum"] = float(found[3])
+    return out
+
+
+def _busiest(before: dict[str, list[float]], after: dict[str, list[float]], n: int = 6) -> str:
+    done = {op: (calls - before.get(op, [0, 0])[0], took - before.get(op, [0, 0])[1])
+            for op, (calls, took) in after.items()}
+    return ", ".join(f"{op} {calls:.0f} / {took:.2f} s"
+                     for op, (calls, took) in sorted(done.items(), key=lambda kv: -kv[1][1])[:n] if calls)
 
 
 def _inside(mnt: str, fps: dict[str, str]) -> tuple[str, str]:
@@ -84,7 +115,8 @@ def _unpacked(box: Sandbox, fps: dict[str, str], work: Path) -> tuple[Path, dict
     return out, took
 
 
-def bench_inside(box: Sandbox, work: Path, rounds: int = 1) -> None:
+def bench_inside(box: Sandbox, work: Path, rounds: int = 1, baseline: Path | None = None,
+                 only: str | None = None) -> None:
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "contents")]
     from test_fidelity import debian_minbase
 
@@ -98,7 +130,8 @@ def bench_inside(box: Sandbox, work: Path, rounds: int = 1) -> None:
     files.write_text(listed)
     unpacked, extract = _unpacked(box, fps, work)
     both = sum(extract.values())
-    commands = _commands(str(unpacked / "unified"), str(unpacked / "split"))
+    commands = [(label, run) for label, run in _commands(str(unpacked / "unified"), str(unpacked / "split"))
+                if not only or only in label]
     plain = {}
     for label, command in commands:
         drop_caches()
@@ -107,38 +140,51 @@ def bench_inside(box: Sandbox, work: Path, rounds: int = 1) -> None:
         plain[label] = (cold, warm)
     row("lxc image export + extract (unified .tar.gz / split squashfs)",
         f"{extract['unified']:.2f} / {extract['split']:.2f} s", "caches dropped first")
-    index = work / "index"
-    index.mkdir()
+    sides = [("", {}, work / "index")]
+    if baseline is not None:
+        sides.append((", baseline", {"PYTHONPATH": str(baseline)}, work / "index-baseline"))
+    for _, _, index in sides:
+        index.mkdir()
     for opts, name in (((), "default timeouts"), (LONG, "entry/attr_timeout=86400")):
-        _first_look(box, fps, index, opts, name, files)
-        for label, command in _commands(*_inside("{mnt}", fps)):
+        for side, env, index in sides:
+            _first_look(box, fps, index, opts, name + side, files, env)
+        for turn, (label, command) in enumerate(_commands(*_inside("{mnt}", fps))):
+            if label not in plain:
+                continue
             cold_plain, warm_plain = plain[label]
             alt = extract["split" if "(split)" in label else "unified"] if "(" in label else both
-            with mount(box, "mfusepy", "--cache-dir", str(index), *opts) as (where, proc, _log):
-                command = command.replace("{mnt}", shlex.quote(str(where)))
-                drop_caches()
-                with RSSWatch(proc.pid) as rss:
-                    cold, out = _timed(command, files)
-                    drops = drops_by_others()
-                    repeat = min(_timed(command, files)[0] for _ in range(rounds))
-                    drops = drops_by_others() - drops
-            other = alt + cold_plain
-            row(f"{label}, {name}: fresh mount", f"{cold:.2f} s",
-                f"{cold / other:.2f}x export+extract+command ({other:.2f} s); out {out!r}")
-            row(f"{label}, {name}: repeat", f"{repeat:.3f} s",
-                f"{repeat / warm_plain:.1f}x the unpacked tree's repeat ({warm_plain:.3f} s), "
-                f"{repeat / cold_plain:.1f}x its cold ({cold_plain:.3f} s); "
-                f"daemon RSS peak {rss.peak / 1024:.0f} MiB"
-                + (f"; NOT VALID: {drops} page-cache drops by other work during the repeat" if drops else ""))
+            for side, env, index in sides[::-1] if turn % 2 else sides:  # each side first in turn
+                with mount(box, "mfusepy", "--cache-dir", str(index), *opts, env_extra=env) as mounted:
+                    where, proc, _ = mounted
+                    run = command.replace("{mnt}", shlex.quote(str(where)))
+                    drop_caches()
+                    load = os.getloadavg()[0]
+                    with RSSWatch(proc.pid) as rss:
+                        cpu, ops = _cpu_seconds(proc.pid), _ops(where)
+                        cold, out = _timed(run, files)
+                        cpu, ops = _cpu_seconds(proc.pid) - cpu, _busiest(ops, _ops(where))
+                        drops = drops_by_others()
+                        repeat = min(_timed(run, files)[0] for _ in range(rounds))
+                        drops = drops_by_others() - drops
+                other = alt + cold_plain
+                row(f"{label}, {name}{side}: fresh mount", f"{cold:.2f} s",
+                    f"{cold / other:.2f}x export+extract+command ({other:.2f} s); daemon CPU {cpu:.2f} s; "
+                    f"load {load:.1f}; out {out!r}")
+                row(f"{label}, {name}{side}: fresh mount, busiest operations", "", ops)
+                row(f"{label}, {name}{side}: repeat", f"{repeat:.3f} s",
+                    f"{repeat / warm_plain:.1f}x the unpacked tree's repeat ({warm_plain:.3f} s), "
+                    f"{repeat / cold_plain:.1f}x its cold ({cold_plain:.3f} s); "
+                    f"daemon RSS peak {rss.peak / 1024:.0f} MiB"
+                    + (f"; NOT VALID: {drops} page-cache drops by others during the repeat" if drops else ""))
     for fp in fps.values():
         box.lxc("image", "delete", fp)
 
 
 def _first_look(box: Sandbox, fps: dict[str, str], index: Path, opts: tuple[str, ...], name: str,
-                files: Path) -> None:
+                files: Path, env: dict[str, str]) -> None:
     """cat rootfs/etc/os-release of each image on a new mount, then diff -r at once on it: on the
     first mount ever, while the .tar.gz is decoded in the background."""
-    with mount(box, "mfusepy", "--cache-dir", str(index), *opts) as (where, proc, _log):
+    with mount(box, "mfusepy", "--cache-dir", str(index), *opts, env_extra=env) as (where, proc, _log):
         drop_caches()
         for kind, fp in fps.items():
             t = time.perf_counter()

@@ -1081,6 +1081,7 @@ def main() -> int:
     p.add_argument("--threads", action="store_true",
                    help="with the sequential read: the daemon's CPU by thread (hash, fetch, diskwrite, FUSE)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved sections")
+    p.add_argument("--only", help="with --contents: only the commands whose label holds this text")
     p.add_argument("--baseline", type=Path, help="another checkout's lxdimagefs, as a third side of "
                    "--imports-only or --requests (run from a folder without lxdimagefs/ in it)")
     args = p.parse_args()
@@ -1101,7 +1102,7 @@ def main() -> int:
             sys.modules.setdefault("benchmark", sys.modules[__name__])  # one ROWS, whichever way it runs
             from bench_inside import bench_inside
 
-            bench_inside(box, work, args.rounds)
+            bench_inside(box, work, args.rounds, args.baseline, args.only)
         elif args.vm:
             sys.modules.setdefault("benchmark", sys.modules[__name__])
             from bench_vm import bench_vm

@@ -9,7 +9,10 @@ inode's own values: they go into the index as they are.
 A file's bytes are read here, not through ratarmountcore's file object: that
 one reads the inode and block list again and decodes the first block at each
 read, then copies every byte three times; `pieces` keeps each file's block
-list and hands out views of the decoded blocks.
+list and hands out views of the decoded blocks. A small file all in one
+fragment block (most files of a rootfs) has its fragment's number and its
+place in it in its index row (the data offset ratarmountcore leaves 0): its
+read is one lookup of that block, without its inode.
 """
 
 from __future__ import annotations
@@ -38,14 +41,17 @@ try:
 except ImportError:  # pragma: no cover - ratarmountcore depends on it where it builds
     _zlib = zlib  # type: ignore[misc]
 
-# Part of the index's file name: an index written from ratarmountcore's own rows is never read.
-INDEX = "rootfs2"
+# Part of the index's file name: an index written from ratarmountcore's own rows is never read, nor
+# one whose rows do not place small files in their fragments (rootfs2: read right, but slower);
+# the index folder's cap removes them in time.
+INDEX = "rootfs3"
 BLOCKS_KEPT = 16
 METADATA_KEPT = 256  # decoded 8 KiB metadata blocks kept per table (2 MiB)
 UNCOMPRESSED = 1 << 24  # in a data block's size word: stored as it is
 WORDS_KEPT = 1 << 18  # block-list words kept, all files together (12 bytes each: 3 MiB)
 KEPT_EACH = 16  # what a kept file costs besides its words, in words (a file of a fragment only)
 PIECE = 2048  # words of a block list read at a time (8 KiB: a metadata block)
+IN_FRAGMENT = 1 << 62  # in a row's data offset: a file all in one fragment (its number << 20, where in it)
 
 
 class Layout(NamedTuple):
@@ -136,6 +142,9 @@ class SquashfsRootfs(SquashFSMountSource):
     def _convert_to_row(self, inodeOffset: int, info: Any) -> tuple:
         row = list(super()._convert_to_row(inodeOffset, info))
         row[6], row[9], row[10] = info.mode, info.uid, info.gid  # PySquashfsImage's mode has the type
+        inode = info.inode
+        if info.is_file and not inode.blocks and inode.frag_bytes and inode.offset < 1 << 20:
+            row[3] = IN_FRAGMENT | inode.fragment << 20 | inode.offset
         return tuple(row)
 
     def lookup(self, path: str, fileVersion: int = 0) -> FileInfo | None:
@@ -234,6 +243,8 @@ class SquashfsRootfs(SquashFSMountSource):
     def pieces(self, info: FileInfo, offset: int, size: int) -> list[memoryview]:
         """Bytes [offset, offset + size) of a regular file, as views of its decoded blocks: each
         block has the length the inode says (else ValueError), so no read is cut short unseen."""
+        if (where := info.userdata[-1].offset) & IN_FRAGMENT:
+            return self._in_fragment(info, where, offset, size)
         layout, unit = self._layout(header(info)), self._sizes[0]
         out: list[memoryview] = []
         pos, end = offset, min(offset + size, layout.size)
@@ -259,3 +270,15 @@ class SquashfsRootfs(SquashFSMountSource):
             out.append(memoryview(data)[lo:lo + min(end - pos, want - lo)])
             pos += len(out[-1])
         return out
+
+    def _in_fragment(self, info: FileInfo, where: int, offset: int, size: int) -> list[memoryview]:
+        """A file all in one fragment block, as its index row places it (IN_FRAGMENT)."""
+        number, at, length = (where & ~IN_FRAGMENT) >> 20, where & 0xFFFFF, info.size
+        try:
+            place, word = self.image._read_fragment(number)
+        except IndexError:
+            raise ValueError(f"squashfs inode {header(info)}: no fragment {number}") from None
+        data = memoryview(self._block(place, word))[at:at + length]
+        if len(data) != length:
+            raise ValueError(f"squashfs inode {header(info)}: fragment of {len(data)} bytes, not {length}")
+        return [data[offset:offset + size]] if offset < length else []

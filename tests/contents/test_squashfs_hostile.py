@@ -176,3 +176,45 @@ def test_a_long_block_list_is_read_in_pieces_keeping_few_metadata_blocks(tmp_pat
         assert _read(src, "sparse", (64 << 20) - 5000) == bytes(4999) + b"x"
         assert _read(src, "sparse", 123456, 10) == bytes(10)
     assert len(src.image._inode_table_hash) <= 2 and not src._layouts
+
+
+def test_a_small_file_all_in_one_fragment_is_read_from_its_index_row_without_its_inode(tmp_path, monkeypatch):
+    """Its row places it in its fragment block: a read is one block lookup, no inode or block list
+    read (a file with data blocks still reads its inode); the bytes are the file's at any offset."""
+    files = {f"s{i}": os.urandom(500 + 37 * i) for i in range(40)} | {"big": os.urandom(UNIT + 9)}
+    src = _open(_make(tmp_path, files), tmp_path)
+    read_inodes: list[int] = []
+    layout = src._read_layout
+    monkeypatch.setattr(src, "_read_layout", lambda ref: read_inodes.append(ref) or layout(ref))
+    for name, data in sorted(files.items()):
+        info = src.lookup("/" + name)
+        assert info is not None
+        assert bool(info.userdata[-1].offset & squashfs.IN_FRAGMENT) == (name != "big")
+        assert _read(src, name) == data
+        assert _read(src, name, 7, 100) == data[7:107]
+        assert _read(src, name, len(data) - 3, 100) == data[-3:]
+        assert _read(src, name, len(data)) == b""
+    assert len(read_inodes) == 1  # "big" alone
+
+
+def test_a_fragment_shorter_than_a_file_in_it_says_is_eio(image, tmp_path):
+    buf = bytearray(image.read_bytes())
+    table = struct.unpack_from("<Q", buf, 80)[0]
+    entry = struct.unpack_from("<Q", buf, table)[0] + 2  # entry 0: "small"'s (stored raw, -noF)
+    struct.pack_into("<I", buf, entry + 8, (1 << 24) | 100)
+    image.write_bytes(buf)
+    with pytest.raises(ValueError, match="fragment of 100 bytes, not 4000"):
+        _read(_open(image, tmp_path), "small", 10, 20)
+
+
+def test_a_file_with_blocks_and_its_tail_in_a_fragment_reads_through_its_inode(tmp_path):
+    """-always-use-fragments: a tail in a fragment block after whole blocks; only files all in a
+    fragment are placed by their row."""
+    files = {"tailed": os.urandom(2 * UNIT + 333), "small": os.urandom(999)}
+    src = _open(_make(tmp_path, files, "-always-use-fragments"), tmp_path)
+    for name, data in files.items():
+        info = src.lookup("/" + name)
+        assert info is not None
+        assert bool(info.userdata[-1].offset & squashfs.IN_FRAGMENT) == (name == "small")
+        assert _read(src, name) == data
+        assert _read(src, name, 2 * UNIT - 5, 50) == data[2 * UNIT - 5:2 * UNIT + 45]
