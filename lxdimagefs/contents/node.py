@@ -107,7 +107,6 @@ class ContentsNode(Node):
     read_only = True
     MAX_OPEN = 16  # archives kept open at once (each holds its index and decoder state)
     ENTRIES_KEPT = 8192  # entries inside images kept looked up, across them (about 500 bytes each)
-    NAMES_LISTED = 16384  # names of the folders inside images kept listed, across them
 
     def __init__(self, ctx: Context, catalog: Catalog, exports: Exports, images: ImagesNode,
                  index: IndexFolder) -> None:
@@ -115,19 +114,14 @@ class ContentsNode(Node):
         self.catalog, self.exports, self.images, self.index = catalog, exports, images, index
         self._archives = _Archives(self.MAX_OPEN, self._forget_entries)
         self._entries: LRUCache[tuple[str, ...], Found] = LRUCache(self.ENTRIES_KEPT)
-        # Folders listed, with their names' entries: libfuse 3.14 has the kernel list a folder again
-        # at each opendir, and a listing made from the index costs ten times a kept one.
-        self._listed: LRUCache[tuple[str, ...], tuple[Listing, dict[tuple[str, ...], Found]]] = \
-            LRUCache(self.NAMES_LISTED, getsizeof=lambda kept: len(kept[0]) + 1)
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
 
     def _forget_entries(self, fp: str) -> None:
         """An archive left the open ones: its entries go too (they would keep it, and its
         decoder's memory, alive). Called with the lock held."""
-        for kept in (self._entries, self._listed):
-            for key in [key for key in kept if key[0] == fp]:
-                del kept[key]
+        for key in [key for key in self._entries if key[0] == fp]:
+            del self._entries[key]
 
     def _archive(self, fp: Fingerprint) -> ImageArchive:
         if self.exports.verification.failed(fp):  # its index may be from the bytes that failed
@@ -206,19 +200,15 @@ class ContentsNode(Node):
         archive, entry, _ = self._entry(rest)  # one lookup serves the check and the listing
         if not stat.S_ISDIR(entry.info.mode):
             raise fs_error(errno.ENOTDIR, self.path(rest))
-        key = (archive.fp, *rest[2:])
-        with self._lock:
-            kept = self._listed.get(key)
-        if kept is None:
-            listing, entries = _guarded(archive.fp, lambda: archive.list("/" + "/".join(rest[2:])))
-            kept = listing, {(*key, name): self._found(archive, e) for name, e in entries.items()}
+        # Listed once: the kernel keeps the listing for the mount's life (mount/libfuse/kernelcache.py).
+        listing, entries = _guarded(archive.fp, lambda: archive.list("/" + "/".join(rest[2:])))
+        if len(entries) <= self.ENTRIES_KEPT // 4:  # the stat of each name that follows: no lookup
+            key = (archive.fp, *rest[2:])
+            found = {(*key, name): self._found(archive, e) for name, e in entries.items()}
             with self._lock:
-                if len(listing) < self.NAMES_LISTED and archive is self._archives.get(archive.fp):
-                    self._listed[key] = kept
-        if len(kept[1]) <= self.ENTRIES_KEPT // 4:  # the stat of each name that follows: no lookup
-            with self._lock:
-                self._entries.update(kept[1])
-        return kept[0]
+                if archive is self._archives.get(archive.fp):  # not one that left (and forgot them)
+                    self._entries.update(found)
+        return listing
 
     def readlink(self, rest: list[str]) -> str:
         if len(rest) == 2 and rest[0] == ALIASES:
