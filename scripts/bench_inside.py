@@ -163,9 +163,9 @@ def bench_inside(box: Sandbox, work: Path, rounds: int = 1, baseline: Path | Non
                         cpu, ops = _cpu_seconds(proc.pid), _ops(where)
                         cold, out = _timed(run, files)
                         cpu, ops = _cpu_seconds(proc.pid) - cpu, _busiest(ops, _ops(where))
-                        drops = drops_by_others()
+                        drops, again = drops_by_others(), _ops(where)
                         repeat = min(_timed(run, files)[0] for _ in range(rounds))
-                        drops = drops_by_others() - drops
+                        drops, again = drops_by_others() - drops, _busiest(again, _ops(where))
                 other = alt + cold_plain
                 row(f"{label}, {name}{side}: fresh mount", f"{cold:.2f} s",
                     f"{cold / other:.2f}x export+extract+command ({other:.2f} s); daemon CPU {cpu:.2f} s; "
@@ -176,6 +176,7 @@ def bench_inside(box: Sandbox, work: Path, rounds: int = 1, baseline: Path | Non
                     f"{repeat / cold_plain:.1f}x its cold ({cold_plain:.3f} s); "
                     f"daemon RSS peak {rss.peak / 1024:.0f} MiB"
                     + (f"; NOT VALID: {drops} page-cache drops by others during the repeat" if drops else ""))
+                row(f"{label}, {name}{side}: repeats ({rounds}), busiest operations", "", again)
     for fp in fps.values():
         box.lxc("image", "delete", fp)
 
