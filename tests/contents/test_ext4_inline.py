@@ -9,12 +9,12 @@ import errno
 import io
 import logging
 import os
-import stat
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
+from test_ext4root import read_as_tree
 
 from lxdimagefs.contents.disk.ext4root import Ext4Rootfs
 from lxdimagefs.contents.disk.root import GuestTree
@@ -73,25 +73,7 @@ def test_inline_files_symlinks_and_folders_read_as_their_source(tmp_path: Path) 
         assert flags(image, inline) & 0x10000000, inline
     with open(image, "rb") as f:
         fs = Ext4Rootfs(io.BufferedReader(f))
-        seen = 0
-        for dirpath, dirs, files in os.walk(tree):
-            listed = fs.list("/" + os.path.relpath(dirpath, tree).lstrip("."))
-            assert listed is not None and set(listed) - {"lost+found"} == set(dirs + files), dirpath
-            for name in dirs + files:
-                path = Path(dirpath) / name
-                inner = "/" + str(path.relative_to(tree))
-                want, got = os.lstat(path), fs.lookup(inner)
-                assert got is not None, inner
-                assert (got.mode, got.uid, got.gid, got.mtime) == (
-                    want.st_mode, want.st_uid, want.st_gid, int(want.st_mtime)), inner
-                if stat.S_ISLNK(want.st_mode):
-                    assert got.linkname == os.readlink(path), inner
-                elif stat.S_ISREG(want.st_mode):
-                    data = path.read_bytes()
-                    assert got.size == len(data) and fs.read(got, len(data) + 10, 0) == data, inner
-                    assert fs.read(got, 7, 58) == data[58:65], inner  # across i_block's end
-                seen += 1
-        assert seen == 3 + 9 + 7 + 2 + 40
+        assert read_as_tree(fs, tree) == 3 + 9 + 7 + 2 + 40
 
 
 def test_an_inline_folder_with_entries_in_system_data_lists_them(tmp_path: Path) -> None:

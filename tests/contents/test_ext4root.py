@@ -37,6 +37,34 @@ def _tree(root: Path) -> None:
     os.utime(root / "big", (1_600_000_000, 1_600_000_000), follow_symlinks=False)
 
 
+def read_as_tree(fs: Ext4Rootfs, tree: Path) -> int:
+    """`fs` holds `tree`'s entries, each as its source: names, type, mode, owner, time, link count,
+    link target, size, bytes (whole, and at two offsets: across an inline file's i_block end too),
+    device numbers. How many were compared."""
+    seen = 0
+    for dirpath, dirs, files in os.walk(tree):
+        listed = fs.list("/" + os.path.relpath(dirpath, tree).lstrip("."))
+        assert listed is not None and set(listed) - {"lost+found"} == set(dirs + files), dirpath
+        for name in files + dirs:
+            path = Path(dirpath) / name
+            inner = "/" + str(path.relative_to(tree))
+            want, got = os.lstat(path), fs.lookup(inner)
+            assert got is not None, inner
+            assert (got.mode, got.uid, got.gid, got.mtime) == (
+                want.st_mode, want.st_uid, want.st_gid, int(want.st_mtime)), inner
+            assert fs.nlink(got) == (1 if stat.S_ISDIR(want.st_mode) else want.st_nlink), inner
+            if stat.S_ISLNK(want.st_mode):
+                assert got.linkname == os.readlink(path), inner
+            elif stat.S_ISREG(want.st_mode):
+                data = path.read_bytes()
+                assert got.size == len(data) and fs.read(got, len(data) + 10, 0) == data, inner
+                assert fs.read(got, 10, 5) == data[5:15] and fs.read(got, 7, 58) == data[58:65], inner
+            elif stat.S_ISCHR(want.st_mode) or stat.S_ISBLK(want.st_mode):
+                assert fs.device(got) == want.st_rdev, inner
+            seen += 1
+    return seen
+
+
 @pytest.mark.parametrize("options", [["-c"], ["-c", "-o", "compression_type=zstd"]])
 def test_an_ext4_root_reads_as_its_source_tree(tmp_path: Path, options: list[str]) -> None:
     tree, raw, disk = tmp_path / "tree", tmp_path / "root.img", tmp_path / "disk.raw"
@@ -55,29 +83,7 @@ def test_an_ext4_root_reads_as_its_source_tree(tmp_path: Path, options: list[str
         root = gpt.root_of(reader, gpt.partitions(reader))  # type: ignore[arg-type]
         assert root is not None
         fs = Ext4Rootfs(io.BufferedReader(gpt.Slice(reader, root.offset, root.length)))  # type: ignore[arg-type]
-        seen = 0
-        for dirpath, dirs, files in os.walk(tree):
-            listed = fs.list("/" + os.path.relpath(dirpath, tree).lstrip("."))
-            assert listed is not None
-            assert set(listed) - {"lost+found"} == set(dirs + files)
-            for name in files + dirs:
-                path = Path(dirpath) / name
-                inner = "/" + str(path.relative_to(tree))
-                want, got = os.lstat(path), fs.lookup(inner)
-                assert got is not None, inner
-                assert (got.mode, got.uid, got.gid, got.mtime) == (
-                    want.st_mode, want.st_uid, want.st_gid, int(want.st_mtime)), inner
-                assert fs.nlink(got) == (1 if stat.S_ISDIR(want.st_mode) else want.st_nlink), inner
-                if stat.S_ISLNK(want.st_mode):
-                    assert got.linkname == os.readlink(path)
-                elif stat.S_ISREG(want.st_mode):
-                    assert got.size == want.st_size
-                    assert fs.read(got, want.st_size, 0) == path.read_bytes()
-                    assert fs.read(got, 10, 5) == path.read_bytes()[5:15]
-                elif stat.S_ISCHR(want.st_mode) or stat.S_ISBLK(want.st_mode):
-                    assert fs.device(got) == want.st_rdev, inner
-                seen += 1
-        assert seen == 11
+        assert read_as_tree(fs, tree) == 11
         big, again = fs.lookup("/big"), fs.lookup("/etc/big-again")
         assert big is not None and again is not None
         assert big.userdata[-1].offsetheader == again.userdata[-1].offsetheader  # one inode, two names

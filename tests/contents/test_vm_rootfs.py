@@ -52,6 +52,29 @@ def _vm(work: Path, options: list[str], tree: Path | None, edit: str = "", mkfs:
     return work / "meta.tar.xz", work / "rootfs.img"
 
 
+def _same_entries(tree: Path, root: Path) -> int:
+    """`root` (through the mount) holds `tree`'s entries, each as its source: names, type, mode,
+    owner, time, link target, bytes, hard links, device numbers. How many were compared."""
+    seen = 0
+    for dirpath, dirs, files in os.walk(tree):
+        got_dir = root / Path(dirpath).relative_to(tree)
+        assert set(os.listdir(got_dir)) - {"lost+found"} == set(dirs + files), got_dir
+        for entry in dirs + files:
+            want_path, got_path = Path(dirpath) / entry, got_dir / entry
+            want, got = os.lstat(want_path), os.lstat(got_path)
+            assert (got.st_mode, got.st_uid, got.st_gid, int(got.st_mtime)) == (
+                want.st_mode, want.st_uid, want.st_gid, int(want.st_mtime)), got_path
+            if stat.S_ISLNK(want.st_mode):
+                assert os.readlink(got_path) == os.readlink(want_path), got_path
+            elif stat.S_ISREG(want.st_mode):
+                assert (got.st_size, got.st_nlink) == (want.st_size, want.st_nlink), got_path
+                assert got_path.read_bytes() == want_path.read_bytes(), got_path
+            elif stat.S_ISCHR(want.st_mode) or stat.S_ISBLK(want.st_mode):
+                assert got.st_rdev == want.st_rdev, got_path
+            seen += 1
+    return seen
+
+
 def test_a_vm_images_rootfs_is_its_ext4_root(sandbox, tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     _tree(tree)
@@ -66,23 +89,7 @@ def test_a_vm_images_rootfs_is_its_ext4_root(sandbox, tmp_path: Path) -> None:
         for name in ("zlib", "zstd"):
             root = m.path / "contents" / "by-fingerprint" / fps[name]
             assert sorted(os.listdir(root)) == ["metadata.yaml", "rootfs"]
-            seen = 0
-            for dirpath, dirs, files in os.walk(tree):
-                for entry in dirs + files:
-                    want_path = Path(dirpath) / entry
-                    got_path = root / "rootfs" / want_path.relative_to(tree)
-                    want, got = os.lstat(want_path), os.lstat(got_path)
-                    assert (got.st_mode, got.st_uid, got.st_gid, int(got.st_mtime)) == (
-                        want.st_mode, want.st_uid, want.st_gid, int(want.st_mtime)), got_path
-                    if stat.S_ISLNK(want.st_mode):
-                        assert os.readlink(got_path) == os.readlink(want_path)
-                    elif stat.S_ISREG(want.st_mode):
-                        assert got_path.read_bytes() == want_path.read_bytes()
-                        assert got.st_nlink == want.st_nlink, got_path
-                    elif stat.S_ISCHR(want.st_mode) or stat.S_ISBLK(want.st_mode):
-                        assert got.st_rdev == want.st_rdev, got_path
-                    seen += 1
-            assert seen == 11
+            assert _same_entries(tree, root / "rootfs") == 11
             assert os.lstat(root / "rootfs/big").st_ino == os.lstat(root / "rootfs/etc/big-again").st_ino
 
 
@@ -224,21 +231,5 @@ def test_a_root_of_inline_data_reads_as_its_source_entry_by_entry(sandbox, tmp_p
                                    mkfs=("-O", "inline_data")))
     with mounted(sandbox, tmp_path / "mnt") as m:
         root = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
-        seen = 0
-        for dirpath, dirs, files in os.walk(tree):
-            got_dir = root / Path(dirpath).relative_to(tree)
-            assert set(os.listdir(got_dir)) - {"lost+found"} == set(dirs + files), got_dir
-            for entry in dirs + files:
-                want_path = Path(dirpath) / entry
-                got_path = got_dir / entry
-                want, got = os.lstat(want_path), os.lstat(got_path)
-                assert (got.st_mode, got.st_uid, got.st_gid, int(got.st_mtime)) == (
-                    want.st_mode, want.st_uid, want.st_gid, int(want.st_mtime)), got_path
-                if stat.S_ISLNK(want.st_mode):
-                    assert os.readlink(got_path) == os.readlink(want_path)
-                elif stat.S_ISREG(want.st_mode):
-                    assert got.st_size == want.st_size, got_path
-                    assert got_path.read_bytes() == want_path.read_bytes(), got_path
-                seen += 1
-        assert seen == 61
+        assert _same_entries(tree, root) == 61
         assert "inline data" not in m.log_text()
