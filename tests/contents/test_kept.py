@@ -77,7 +77,8 @@ def test_a_compressed_tarball_is_decoded_after_the_first_look_and_rot_is_eio_nev
 def test_an_image_deleted_while_the_kernel_keeps_its_insides_leaves_contents(sandbox, tmp_path):
     """Entries, pages and listings inside an image are kept by the kernel (here for a day): the
     image deleted in LXD, its folder leaves contents/ all the same, and what was open inside it
-    cannot be opened again."""
+    cannot be opened again: a folder held open there (a shell's cwd) lists no more (before: its
+    listing kept by the kernel was served, found by review)."""
     fp = sandbox.import_image(make_unified(tmp_path / "d.tar.gz", rootfs_bytes=MIB))
     deleted = False
     try:
@@ -87,13 +88,20 @@ def test_an_image_deleted_while_the_kernel_keeps_its_insides_leaves_contents(san
             for _ in range(2):  # the second pass is the kernel's
                 assert hostname.read_bytes().startswith(b"d.tar.gz")
                 assert sorted(os.listdir(folder / "rootfs")) == ["blob", "etc"]
-            sandbox.lxc("image", "delete", fp)
-            deleted = True
-            assert _until(lambda: not folder.exists(), within=10), "still in contents/ after its delete"
-            assert fp not in os.listdir(m.path / "contents" / "by-fingerprint")
-            with pytest.raises(OSError) as e:
-                hostname.read_bytes()
-            assert e.value.errno == errno.ENOENT
+            held = os.open(folder / "rootfs" / "etc", os.O_RDONLY | os.O_DIRECTORY)  # a shell's cwd
+            try:
+                sandbox.lxc("image", "delete", fp)
+                deleted = True
+                assert _until(lambda: not folder.exists(), within=10), "still in contents/ after its delete"
+                assert fp not in os.listdir(m.path / "contents" / "by-fingerprint")
+                with pytest.raises(OSError) as e:
+                    hostname.read_bytes()
+                assert e.value.errno == errno.ENOENT
+                with pytest.raises(OSError) as e:  # `ls` there: an OPENDIR, whatever the kernel keeps
+                    os.listdir(f"/proc/self/fd/{held}")
+                assert e.value.errno == errno.ENOENT
+            finally:
+                os.close(held)
     finally:
         if not deleted:
             sandbox.lxc("image", "delete", fp, check=False)
@@ -232,14 +240,16 @@ def test_a_split_images_squashfs_read_by_offset_is_its_bytes_and_rot_is_eio_neve
 def test_an_image_that_fails_its_check_is_eio_inside_where_its_entries_were_kept(sandbox, tmp_path):
     """A .tar read lazily is indexed before its check ends; once the check fails, the entries and
     listings the daemon kept from it are gone too: a listing inside is EIO (before: still served
-    from what was kept, found by review)."""
+    from what was kept, found by review), also where the folder was open before the verdict (the
+    kernel keeps no listing made from bytes not checked yet: before, it did, found by review)."""
     from helpers import export_of
 
     fp = sandbox.import_image(make_unified(tmp_path / "late.tar", rootfs_bytes=48 * MIB))
     try:
         with mounted(sandbox, tmp_path / "mnt", *LONG) as m:
             inside = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
-            assert os.listdir(inside)  # kept, from bytes not checked yet
+            assert os.listdir(inside) == os.listdir(inside)  # kept by the daemon, from bytes not checked yet
+            held = os.open(inside, os.O_RDONLY | os.O_DIRECTORY)
             stored = sandbox.lxd_dir / "images" / fp
             with open(stored, "r+b") as f:
                 f.seek(stored.stat().st_size // 2)
@@ -250,6 +260,36 @@ def test_an_image_that_fails_its_check_is_eio_inside_where_its_entries_were_kept
             with pytest.raises(OSError) as e:
                 os.listdir(inside)
             assert e.value.errno == errno.EIO
+            with pytest.raises(OSError) as e:  # open before the verdict: a rewinddir asks again
+                os.listdir(held)
+            assert e.value.errno == errno.EIO
+            os.close(held)
             assert os.listdir(m.path / "by-alias") is not None  # the mount serves on
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_the_kernel_keeps_a_listing_inside_an_image_only_once_its_bytes_are_checked(sandbox, tmp_path):
+    """A .tar read lazily is listed before its check ends, and that check may yet fail (then the
+    image is EIO inside): until the verdict every listing there asks the daemon (before: the
+    kernel kept the first for the mount's life, found by review); once the image is verified,
+    the kernel keeps them."""
+    from helpers import export_of
+
+    fp = sandbox.import_image(make_unified(tmp_path / "unchecked.tar", rootfs_bytes=16 * MIB))
+    sock = tmp_path / "metrics.sock"
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}", *LONG) as m:
+            for path in (f"contents/by-fingerprint/{fp}/rootfs/etc", f"contents/by-fingerprint/{fp}"):
+                first = sorted(os.listdir(m.path / path))
+                lists = _calls(sock, "readdir")
+                assert sorted(os.listdir(m.path / path)) == first, path
+                assert _calls(sock, "readdir") > lists, f"{path}: kept before the image's verdict"
+            assert subprocess.run(["cat", str(export_of(m, fp))], capture_output=True).returncode == 0
+            for path in (f"contents/by-fingerprint/{fp}/rootfs/etc", f"contents/by-fingerprint/{fp}"):
+                first = sorted(os.listdir(m.path / path))
+                lists = _calls(sock, "readdir")
+                assert sorted(os.listdir(m.path / path)) == first, path
+                assert _calls(sock, "readdir") == lists, f"{path}: asked again once verified"
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
