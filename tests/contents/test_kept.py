@@ -274,33 +274,40 @@ def test_an_image_that_fails_its_check_is_eio_inside_where_its_entries_were_kept
             with pytest.raises(OSError) as e:
                 os.listdir(inside)
             assert e.value.errno == errno.EIO
-            with pytest.raises(OSError) as e:  # open before the verdict: a rewinddir asks again
-                os.listdir(held)
-            assert e.value.errno == errno.EIO
-            os.close(held)
+            try:
+                with pytest.raises(OSError) as e:  # open before the verdict: a rewinddir asks again
+                    os.listdir(held)
+                assert e.value.errno == errno.EIO
+            finally:
+                os.close(held)
             assert os.listdir(m.path / "by-alias") is not None  # the mount serves on
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
 
 
-def test_the_kernel_keeps_a_listing_inside_an_image_only_once_its_bytes_are_checked(sandbox, tmp_path):
+@pytest.mark.parametrize("layout", [(), ("--all-projects",)])
+def test_a_listing_inside_an_image_is_kept_by_the_kernel_once_checked(sandbox, tmp_path, layout):
     """A .tar read lazily is listed before its check ends, and that check may yet fail (then the
     image is EIO inside): until the verdict every listing there asks the daemon (before: the
     kernel kept the first for the mount's life, found by review); once the image is verified,
-    the kernel keeps them."""
-    from helpers import export_of
-
+    the kernel keeps them, under --all-projects' project folder too, never under a short
+    fingerprint."""
     fp = sandbox.import_image(make_unified(tmp_path / "unchecked.tar", rootfs_bytes=16 * MIB))
     sock = tmp_path / "metrics.sock"
     try:
-        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}", *LONG) as m:
-            for path in (f"contents/by-fingerprint/{fp}/rootfs/etc", f"contents/by-fingerprint/{fp}"):
-                first = sorted(os.listdir(m.path / path))
+        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}", *LONG, *layout) as m:
+            root = m.path / "default" if layout else m.path
+            inside = [root / "contents" / "by-fingerprint" / fp / "rootfs" / "etc",
+                      root / "contents" / "by-fingerprint" / fp]
+            for folder in inside:
+                first = sorted(os.listdir(folder))
                 lists = _calls(sock, "readdir")
-                assert sorted(os.listdir(m.path / path)) == first, path
-                assert _calls(sock, "readdir") > lists, f"{path}: kept before the image's verdict"
-            assert subprocess.run(["cat", str(export_of(m, fp))], capture_output=True).returncode == 0
-            for path in (f"contents/by-fingerprint/{fp}/rootfs/etc", f"contents/by-fingerprint/{fp}"):
-                assert _kept(sock, m.path / path), f"{path}: asked again once verified"
+                assert sorted(os.listdir(folder)) == first, folder
+                assert _calls(sock, "readdir") > lists, f"{folder}: kept before the image's verdict"
+            export = next(p for p in (root / "by-fingerprint" / fp).iterdir() if p.name != "metadata.json")
+            assert subprocess.run(["cat", str(export)], capture_output=True).returncode == 0
+            for folder in inside:
+                assert _kept(sock, folder), f"{folder}: asked again once verified"
+            assert not _kept(sock, root / "contents" / "by-fingerprint" / fp[:12] / "rootfs" / "etc", tries=1)
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
