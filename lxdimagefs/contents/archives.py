@@ -204,10 +204,6 @@ class ImageArchive:
             old.__exit__(None, None, None)
         return True
 
-    def checked(self) -> bool:
-        """Whether all it shows is proven: none of its exports is read lazily before its verdict."""
-        return all(key in self._verified for key in list(self._lazy.values()))
-
     def proven(self, entry: Entry) -> bool:
         """Whether an entry's bytes are served checked (not from an export whose check is under way)."""
         key = self._lazy.get(ROOTFS if entry.source is self._rootfs else "top")

@@ -238,8 +238,8 @@ class ContentsNode(Node):
         the bytes it comes from are checked (a check under way may yet fail)."""
         if len(rest) < 2 or rest[0] != FP_DIR:
             return super().opendir(rest, pid)
-        archive, _, _ = self._entry(rest)
-        kept = Fingerprint.parse(rest[1]) is not None and archive.checked() \
+        archive, entry, _ = self._entry(rest)  # its listing comes from the source that holds it
+        kept = Fingerprint.parse(rest[1]) is not None and archive.proven(entry) \
             and not self.exports.verification.failed(archive.fp)
         return FolderHandle(pid, kept)
 
