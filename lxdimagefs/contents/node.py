@@ -78,6 +78,17 @@ class EntryHandle(Handle):
         return Caching.KEEP if self.archive.proven(self.entry) else Caching.FRESH
 
 
+class FolderHandle(Handle):
+    """A folder open inside an image: KEEP where the kernel may keep its listing for the mount's life."""
+
+    def __init__(self, opener: int, kept: bool) -> None:
+        super().__init__(opener)
+        self.kept = kept
+
+    def caching(self) -> Caching:
+        return Caching.KEEP if self.kept else Caching.DIRECT
+
+
 def _guarded(fp: str, call: Callable[[], T]) -> T:
     """Archive errors (a corrupt or unreadable image) are EIO and a log line; the mount goes on."""
     try:
@@ -209,6 +220,18 @@ class ContentsNode(Node):
                 if archive is self._archives.get(archive.fp):  # not one that left (and forgot them)
                     self._entries.update(found)
         return listing
+
+    def opendir(self, rest: list[str], pid: int) -> Handle:
+        """A folder inside an image is asked for at each open (its image gone: ENOENT; failed its
+        check: EIO), since the kernel may answer its listing itself: it keeps it for the mount's
+        life under an image's full fingerprint (a short one may name another image later), once
+        the bytes it comes from are checked (a check under way may yet fail)."""
+        if len(rest) < 2 or rest[0] != FP_DIR:
+            return super().opendir(rest, pid)
+        archive, entry, _ = self._entry(rest)  # its listing comes from the source that holds it
+        kept = Fingerprint.parse(rest[1]) is not None and archive.proven(entry) \
+            and not self.exports.verification.failed(archive.fp)
+        return FolderHandle(pid, kept)
 
     def readlink(self, rest: list[str]) -> str:
         if len(rest) == 2 and rest[0] == ALIASES:

@@ -13,10 +13,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from lxdimagefs.keys import Sha256
+from lxdimagefs.fs.handles import Caching
 from lxdimagefs.mount.libfuse import kernelcache
 from lxdimagefs.mount.libfuse.threadstates import KEPT
-from lxdimagefs.tree.images import FP_DIR
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +56,11 @@ else:
             super().init_fuse_3(conn, config)
 
         def opendir(self, path: bytes, fip: Any) -> int:
-            """A folder inside an image never changes: the kernel may keep its listing for the
-            mount's life (an image deleted: its name is dropped, kernel_forgetter)."""
-            name = path.decode(self.encoding, self.errors)
-            fip.contents.fh = self.operations.opendir(name)
-            if _immutable(name) and self.operations.tree.inside_image(name):
+            """A folder the tree says never changes (inside an image, from checked bytes: its
+            handle's caching is KEEP): the kernel may keep its listing for the mount's life (an
+            image deleted: its name is dropped, kernel_forgetter; an OPENDIR still asks the tree)."""
+            fh = fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
+            if self.operations.tree.caching(fh) is Caching.KEEP:
                 LISTINGS.keep(fip.contents)
             return 0
 
@@ -128,12 +127,6 @@ else:
             done: int = self.operations.truncate(name, length, fh)
             return done
 
-
-
-def _immutable(path: str) -> bool:
-    """Under an image's full fingerprint (a short one may name another image later)."""
-    parts = path.split("/")
-    return FP_DIR in parts[:-1] and Sha256.parse(parts[parts.index(FP_DIR) + 1]) is not None
 
 
 # libfuse 3 keeps at most 10 worker threads unless told otherwise (and mfusepy's call of

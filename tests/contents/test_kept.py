@@ -77,7 +77,8 @@ def test_a_compressed_tarball_is_decoded_after_the_first_look_and_rot_is_eio_nev
 def test_an_image_deleted_while_the_kernel_keeps_its_insides_leaves_contents(sandbox, tmp_path):
     """Entries, pages and listings inside an image are kept by the kernel (here for a day): the
     image deleted in LXD, its folder leaves contents/ all the same, and what was open inside it
-    cannot be opened again."""
+    cannot be opened again: a folder held open there (a shell's cwd) lists no more (before: its
+    listing kept by the kernel was served, found by review)."""
     fp = sandbox.import_image(make_unified(tmp_path / "d.tar.gz", rootfs_bytes=MIB))
     deleted = False
     try:
@@ -87,13 +88,20 @@ def test_an_image_deleted_while_the_kernel_keeps_its_insides_leaves_contents(san
             for _ in range(2):  # the second pass is the kernel's
                 assert hostname.read_bytes().startswith(b"d.tar.gz")
                 assert sorted(os.listdir(folder / "rootfs")) == ["blob", "etc"]
-            sandbox.lxc("image", "delete", fp)
-            deleted = True
-            assert _until(lambda: not folder.exists(), within=10), "still in contents/ after its delete"
-            assert fp not in os.listdir(m.path / "contents" / "by-fingerprint")
-            with pytest.raises(OSError) as e:
-                hostname.read_bytes()
-            assert e.value.errno == errno.ENOENT
+            held = os.open(folder / "rootfs" / "etc", os.O_RDONLY | os.O_DIRECTORY)  # a shell's cwd
+            try:
+                sandbox.lxc("image", "delete", fp)
+                deleted = True
+                assert _until(lambda: not folder.exists(), within=10), "still in contents/ after its delete"
+                assert fp not in os.listdir(m.path / "contents" / "by-fingerprint")
+                with pytest.raises(OSError) as e:
+                    hostname.read_bytes()
+                assert e.value.errno == errno.ENOENT
+                with pytest.raises(OSError) as e:  # `ls` there: an OPENDIR, whatever the kernel keeps
+                    os.listdir(f"/proc/self/fd/{held}")
+                assert e.value.errno == errno.ENOENT
+            finally:
+                os.close(held)
     finally:
         if not deleted:
             sandbox.lxc("image", "delete", fp, check=False)
@@ -105,6 +113,18 @@ def _calls(sock: Path, op: str = "getattr") -> int:
                           capture_output=True, text=True, timeout=30, check=True)
     return sum(int(float(s.value)) for f in text_string_to_metric_families(done.stdout) for s in f.samples
                if s.name == "lxdimagefs_operation_seconds_count" and s.labels.get("operation") == op)
+
+
+def _kept(sock: Path, folder: Path, tries: int = 5) -> bool:
+    """Whether a listing of `folder` after the first is the kernel's (no READDIR reaches the
+    daemon); a few tries, since another test's drop_caches on this machine empties the kernel."""
+    for _ in range(tries):
+        first = sorted(os.listdir(folder))
+        lists = _calls(sock, "readdir")
+        assert sorted(os.listdir(folder)) == first, folder
+        if _calls(sock, "readdir") == lists:
+            return True
+    return False
 
 
 def test_a_listing_inside_an_image_carries_each_names_exact_attributes(sandbox, tmp_path):
@@ -154,6 +174,8 @@ def test_the_kernel_keeps_listings_inside_images_and_asks_again_elsewhere(sandbo
     sock = tmp_path / "metrics.sock"
     try:
         with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}", *LONG) as m:
+            assert os.listdir(m.path / "contents" / "by-fingerprint" / fp / "rootfs")  # checked once decoded
+            assert _until(lambda: "read from its decoded tarball" in m.log_text()), m.log_text()[-3000:]
             for path, kept in ((f"contents/by-fingerprint/{fp}/rootfs/etc", True),
                                (f"contents/by-fingerprint/{fp}", True),
                                (f"contents/by-fingerprint/{fp[:12]}/rootfs/etc", False),
@@ -232,14 +254,16 @@ def test_a_split_images_squashfs_read_by_offset_is_its_bytes_and_rot_is_eio_neve
 def test_an_image_that_fails_its_check_is_eio_inside_where_its_entries_were_kept(sandbox, tmp_path):
     """A .tar read lazily is indexed before its check ends; once the check fails, the entries and
     listings the daemon kept from it are gone too: a listing inside is EIO (before: still served
-    from what was kept, found by review)."""
+    from what was kept, found by review), also where the folder was open before the verdict (the
+    kernel keeps no listing made from bytes not checked yet: before, it did, found by review)."""
     from helpers import export_of
 
     fp = sandbox.import_image(make_unified(tmp_path / "late.tar", rootfs_bytes=48 * MIB))
     try:
         with mounted(sandbox, tmp_path / "mnt", *LONG) as m:
             inside = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
-            assert os.listdir(inside)  # kept, from bytes not checked yet
+            assert os.listdir(inside) == os.listdir(inside)  # kept by the daemon, from bytes not checked yet
+            held = os.open(inside, os.O_RDONLY | os.O_DIRECTORY)
             stored = sandbox.lxd_dir / "images" / fp
             with open(stored, "r+b") as f:
                 f.seek(stored.stat().st_size // 2)
@@ -250,6 +274,40 @@ def test_an_image_that_fails_its_check_is_eio_inside_where_its_entries_were_kept
             with pytest.raises(OSError) as e:
                 os.listdir(inside)
             assert e.value.errno == errno.EIO
+            try:
+                with pytest.raises(OSError) as e:  # open before the verdict: a rewinddir asks again
+                    os.listdir(held)
+                assert e.value.errno == errno.EIO
+            finally:
+                os.close(held)
             assert os.listdir(m.path / "by-alias") is not None  # the mount serves on
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
+
+
+@pytest.mark.parametrize("layout", [(), ("--all-projects",)])
+def test_a_listing_inside_an_image_is_kept_by_the_kernel_once_checked(sandbox, tmp_path, layout):
+    """A .tar read lazily is listed before its check ends, and that check may yet fail (then the
+    image is EIO inside): until the verdict every listing there asks the daemon (before: the
+    kernel kept the first for the mount's life, found by review); once the image is verified,
+    the kernel keeps them, under --all-projects' project folder too, never under a short
+    fingerprint."""
+    fp = sandbox.import_image(make_unified(tmp_path / "unchecked.tar", rootfs_bytes=16 * MIB))
+    sock = tmp_path / "metrics.sock"
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}", *LONG, *layout) as m:
+            root = m.path / "default" if layout else m.path
+            inside = [root / "contents" / "by-fingerprint" / fp / "rootfs" / "etc",
+                      root / "contents" / "by-fingerprint" / fp]
+            for folder in inside:
+                first = sorted(os.listdir(folder))
+                lists = _calls(sock, "readdir")
+                assert sorted(os.listdir(folder)) == first, folder
+                assert _calls(sock, "readdir") > lists, f"{folder}: kept before the image's verdict"
+            export = next(p for p in (root / "by-fingerprint" / fp).iterdir() if p.name != "metadata.json")
+            assert subprocess.run(["cat", str(export)], capture_output=True).returncode == 0
+            for folder in inside:
+                assert _kept(sock, folder), f"{folder}: asked again once verified"
+            assert not _kept(sock, root / "contents" / "by-fingerprint" / fp[:12] / "rootfs" / "etc", tries=1)
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
