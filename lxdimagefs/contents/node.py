@@ -225,12 +225,14 @@ class ContentsNode(Node):
         """A folder inside an image is asked for at each open (its image gone: ENOENT; failed its
         check: EIO), since the kernel may answer its listing itself: it keeps it for the mount's
         life under an image's full fingerprint (a short one may name another image later), once
-        the bytes it comes from are checked (a check under way may yet fail)."""
+        the bytes it comes from are checked (a check under way may yet fail), and unless its last
+        listing left entries out (a guest's disk read that failed: asked again at each open)."""
         if len(rest) < 2 or rest[0] != FP_DIR:
             return super().opendir(rest, pid)
         archive, entry, _ = self._entry(rest)  # its listing comes from the source that holds it
+        complete = getattr(entry.source, "complete", lambda _: True)  # a guest's folder listed whole
         kept = Fingerprint.parse(rest[1]) is not None and archive.proven(entry) \
-            and not self.exports.verification.failed(archive.fp)
+            and not self.exports.verification.failed(archive.fp) and complete(entry.info)
         return FolderHandle(pid, kept)
 
     def readlink(self, rest: list[str]) -> str:

@@ -115,7 +115,7 @@ def _calls(sock: Path, op: str = "getattr") -> int:
                if s.name == "lxdimagefs_operation_seconds_count" and s.labels.get("operation") == op)
 
 
-def _kept(sock: Path, folder: Path, tries: int = 5) -> bool:
+def kept_by_kernel(sock: Path, folder: Path, tries: int = 5) -> bool:
     """Whether a listing of `folder` after the first is the kernel's (no READDIR reaches the
     daemon); a few tries, since another test's drop_caches on this machine empties the kernel."""
     for _ in range(tries):
@@ -180,7 +180,7 @@ def test_the_kernel_keeps_listings_inside_images_and_asks_again_elsewhere(sandbo
                                (f"contents/by-fingerprint/{fp}", True),
                                (f"contents/by-fingerprint/{fp[:12]}/rootfs/etc", False),
                                ("by-fingerprint", False), (f"by-fingerprint/{fp}", False)):
-                assert _kept(sock, m.path / path, tries=5 if kept else 1) == kept, path
+                assert kept_by_kernel(sock, m.path / path, tries=5 if kept else 1) == kept, path
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
 
@@ -302,7 +302,8 @@ def test_a_listing_inside_an_image_is_kept_by_the_kernel_once_checked(sandbox, t
             export = next(p for p in (root / "by-fingerprint" / fp).iterdir() if p.name != "metadata.json")
             assert subprocess.run(["cat", str(export)], capture_output=True).returncode == 0
             for folder in inside:
-                assert _kept(sock, folder), f"{folder}: asked again once verified"
-            assert not _kept(sock, root / "contents" / "by-fingerprint" / fp[:12] / "rootfs" / "etc", tries=1)
+                assert kept_by_kernel(sock, folder), f"{folder}: asked again once verified"
+            short = root / "contents" / "by-fingerprint" / fp[:12] / "rootfs" / "etc"
+            assert not kept_by_kernel(sock, short, tries=1)
     finally:
         sandbox.lxc("image", "delete", fp, check=False)

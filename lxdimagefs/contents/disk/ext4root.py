@@ -92,6 +92,7 @@ class Ext4Rootfs:
         self._tag = tag
         self._inodes = CheckedInodes(fileobj)
         self._known: cachetools.LRUCache[str, Ext4Info] = cachetools.LRUCache(2048)  # by path
+        self._left_out: set[int] = set()  # folders whose last listing left entries out
         # each folder's names and their inode numbers, by the folder's inode number, NAMES in all
         self._names: cachetools.LRUCache[int, dict[bytes, int]] = cachetools.LRUCache(
             self.NAMES, getsizeof=lambda names: max(1, len(names)))
@@ -185,7 +186,8 @@ class Ext4Rootfs:
             return None
         inside = "/" + "/".join(p for p in path.split("/") if p)
         found: dict[str, FileInfo] = {}
-        for name, number in self._entries(self._number(folder)).items():
+        folder_number, whole = self._number(folder), True
+        for name, number in self._entries(folder_number).items():
             key = f"{inside.rstrip('/')}/{os.fsdecode(name)}"
             info = self._known.get(key)
             if info is None:
@@ -193,9 +195,16 @@ class Ext4Rootfs:
                     info = self._known[key] = self._info(number)
                 except OSError as e:  # that entry's own lookup is EIO; the folder lists on
                     log.warning("%s left out of its folder's listing: %s", key, e)
+                    whole = False
                     continue
             found[os.fsdecode(name)] = info
+        (self._left_out.discard if whole else self._left_out.add)(folder_number)
         return found
+
+    def complete(self, folder: FileInfo) -> bool:
+        """Whether the folder's last listing held every entry: one that left some out (a read
+        that failed, perhaps for a moment) is not for the kernel to keep."""
+        return self._number(folder) not in self._left_out
 
     def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
         return bytes(self._inodes.data(self._number(fileInfo), offset, size))

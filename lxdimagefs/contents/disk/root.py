@@ -98,6 +98,10 @@ class GuestTree:
                     found[name] = self._mounted(point).lookup("/")
         return found
 
+    def complete(self, folder: Any) -> bool:
+        """Whether a folder's last listing held every entry (a filesystem that cannot tell: yes)."""
+        return bool(getattr(self._owner(folder), "complete", lambda _: True)(folder))
+
     def read(self, info: Any, size: int, offset: int) -> bytes:
         try:
             return bytes(self._owner(info).read(info, size, offset))
