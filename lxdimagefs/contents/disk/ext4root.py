@@ -179,22 +179,23 @@ class Ext4Rootfs:
         return found
 
     def list(self, path: str) -> dict[str, FileInfo] | None:
-        """A folder's entries; each is kept by path, for the lookups that follow (`ls -l`, `find`)."""
+        """A folder's entries; its folders are kept by path, for the paths below them (`find`): a
+        file's entry is the caller's to keep (contents/node.py keeps a listing's)."""
         folder = self.lookup(path)
         if folder is None or not stat.S_ISDIR(folder.mode):
             return None
         inside = "/" + "/".join(p for p in path.split("/") if p)
         found: dict[str, FileInfo] = {}
         for name, number in self._entries(self._number(folder)).items():
-            key = f"{inside.rstrip('/')}/{os.fsdecode(name)}"
-            info = self._known.get(key)
-            if info is None:
-                try:
-                    info = self._known[key] = self._info(number)
-                except OSError as e:  # that entry's own lookup is EIO; the folder lists on
-                    log.warning("%s left out of its folder's listing: %s", key, e)
-                    continue
-            found[os.fsdecode(name)] = info
+            text = os.fsdecode(name)
+            try:
+                info = self._info(number)
+            except OSError as e:  # that entry's own lookup is EIO; the folder lists on
+                log.warning("%s/%s left out of its folder's listing: %s", inside.rstrip("/"), text, e)
+                continue
+            if stat.S_ISDIR(info.mode):
+                self._known[f"{inside.rstrip('/')}/{text}"] = info
+            found[text] = info
         return found
 
     def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
