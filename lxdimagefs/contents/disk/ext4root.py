@@ -198,8 +198,8 @@ class Ext4Rootfs:
             found[text] = info
         return found
 
-    def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
-        return bytes(self._inodes.data(self._number(fileInfo), offset, size))
+    def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes | bytearray:
+        return self._inodes.data(self._number(fileInfo), offset, size)  # handed to FUSE as it is
 
     def nlink(self, info: FileInfo) -> int:
         """How many names a file has (a folder: 1, as for a squashfs root)."""

@@ -98,9 +98,9 @@ class GuestTree:
                     found[name] = self._mounted(point).lookup("/")
         return found
 
-    def read(self, info: Any, size: int, offset: int) -> bytes:
+    def read(self, info: Any, size: int, offset: int) -> bytes | bytearray:
         try:
-            return bytes(self._owner(info).read(info, size, offset))
+            return self._owner(info).read(info, size, offset)  # type: ignore[no-any-return]
         except Exception as e:
             raise self._fault(f"{size} bytes at {offset} of a file", e) from None
 
