@@ -160,7 +160,8 @@ def test_a_folders_inodes_are_read_a_table_block_at_a_time(tmp_path: Path, monke
     inode's, and a file's inode read again after other blocks is read anew, right."""
     reads: list[tuple[int, int]] = []
     read = CheckedInodes._read
-    monkeypatch.setattr(CheckedInodes, "_read", lambda self, at, n: reads.append((at, n)) or read(self, at, n))
+    monkeypatch.setattr(CheckedInodes, "_read",
+                        lambda self, at, n: reads.append((at, n)) or read(self, at, n))
     monkeypatch.setattr("lxdimagefs.contents.disk.ext4check.TABLE_KEPT", 8 * 4096, raising=False)
     (tmp_path / "t/d").mkdir(parents=True)
     for i in range(200):

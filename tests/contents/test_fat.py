@@ -29,7 +29,8 @@ def _fat(tmp_path: Path, bits: int, mib: int) -> Path:
 
 @pytest.mark.filterwarnings("ignore:One or more FATs differ")  # pyfatfs, of the entry set below
 @pytest.mark.parametrize(("bits", "mib"), [(16, 20), (32, 40)])
-def test_the_fat_is_the_table_pyfatfs_parses_and_files_read_through_it(tmp_path: Path, bits: int, mib: int) -> None:
+def test_the_fat_is_the_table_pyfatfs_parses_and_files_read_through_it(tmp_path: Path, bits: int,
+                                                                       mib: int) -> None:
     """Entry by entry as pyfatfs's own parse (FAT32's reserved top four bits cleared), and a file
     of many clusters reads back whole through it."""
     image = _fat(tmp_path, bits, mib)

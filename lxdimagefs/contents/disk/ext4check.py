@@ -68,15 +68,13 @@ class CheckedInodes:
         self._blocks = stream.seek(0, io.SEEK_END) // self.block  # what the partition holds
         self._tables: dict[int, int] = {}  # inode table's first block, by group (GROUPS_KEPT)
         self._table_blocks: OrderedDict[int, bytes] = OrderedDict()  # by offset, least recent first
-        self._record = RECORD if self.extra else 128
         self._runs: cachetools.LRUCache[int, Runs] = cachetools.LRUCache(
             RUNS_KEPT, getsizeof=lambda runs: max(1, len(runs)))
         self._faults: cachetools.LRUCache[int, str] = cachetools.LRUCache(1024)  # a walk's fault, by inode
         self.first_ino = struct.unpack_from("<I", sb, 0x54)[0] if rev else 11
 
     def _offset(self, number: int) -> int:
-        """Where inode `number` is: its group's inode table (from the group's descriptor), then its
-        place in it."""
+        """Where inode `number` is: its group's inode table (from the group's descriptor), its place."""
         group, index = divmod(number - 1, self._per_group)
         table = self._tables.get(group)
         if table is None:
@@ -112,9 +110,8 @@ class CheckedInodes:
         return group == 1
 
     def raw(self, number: int) -> bytes:
-        """Inode `number`'s first RECORD bytes (128 for a small inode); its blocks are found when
-        it is first read (a stat walks nothing)."""
-        return self._inode(number, self._record)
+        """Inode `number`'s first RECORD bytes (128 for a small one); no block is found for a stat."""
+        return self._inode(number, RECORD if self.extra else 128)
 
     def _inode(self, number: int, length: int) -> bytes:
         """The first `length` bytes of inode `number`, from its inode table block (read whole)."""
@@ -122,13 +119,10 @@ class CheckedInodes:
             raise Ext4Fault(f"inode {number} is not one of the {self._count} the volume has")
         at = self._offset(number)
         start = at - at % self.block  # an inode never crosses a block: its size divides the block's
-        table = self._table_blocks.get(start)
-        if table is None:
-            table = self._table_blocks[start] = self._read(start, self.block)
-            if len(self._table_blocks) * self.block > TABLE_KEPT:
-                self._table_blocks.popitem(last=False)
-        else:
-            self._table_blocks.move_to_end(start)
+        table = self._table_blocks.pop(start, None) or self._read(start, self.block)
+        self._table_blocks[start] = table  # the most recent last
+        if len(self._table_blocks) * self.block > TABLE_KEPT:
+            self._table_blocks.popitem(last=False)
         return table[at - start:at - start + length]
 
     def _read(self, offset: int, length: int) -> bytes:

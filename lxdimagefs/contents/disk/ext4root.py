@@ -126,8 +126,9 @@ class Ext4Rootfs:
                 (new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))
         # by position (size, mtime, mode, linkname, uid, gid, userdata, mtime_ns, nlink, rdev): one
         # for each name a listing gives
-        return Ext4Info(0 if stat.S_ISDIR(mode) else size, mtime + ns / 1e9, mode, link, uid | uid_high << 16,
-                        gid | gid_high << 16, [Place(self._tag | number)], mtime * 1_000_000_000 + ns, nlink, rdev)
+        return Ext4Info(0 if stat.S_ISDIR(mode) else size, mtime + ns / 1e9, mode, link,
+                        uid | uid_high << 16, gid | gid_high << 16, [Place(self._tag | number)],
+                        mtime * 1_000_000_000 + ns, nlink, rdev)
 
     def _entries(self, number: int) -> dict[bytes, int] | Packed:
         found: dict[bytes, int] | Packed | None = self._names.get(number)

@@ -50,14 +50,14 @@ class _PyFat(PyFat):
 
     def _parse_fat(self) -> None:
         if self.fat_type == self.FAT_TYPE_FAT12:
-            return super()._parse_fat()  # type: ignore[no-any-return]
+            return super()._parse_fat()
         bpb = self.bpb_header
         if bpb["BPB_NumFATs"] < 1:
             raise PyFATException("Invalid number of FATs configured, cannot continue")
         size = bpb["BPB_BytsPerSec"] * self._fat_size
-        with self._PyFat__lock:  # type: ignore[attr-defined]
-            self._PyFat__seek(bpb["BPB_RsvdSecCnt"] * bpb["BPB_BytsPerSec"])  # type: ignore[attr-defined]
-            raw = self._PyFat__fp.read(size)  # type: ignore[attr-defined]
+        with self._PyFat__lock:
+            self._PyFat__seek(bpb["BPB_RsvdSecCnt"] * bpb["BPB_BytsPerSec"])
+            raw = self._PyFat__fp.read(size)
         self.bytes_per_cluster = bpb["BPB_BytsPerSec"] * bpb["BPB_SecPerClus"]
         if len(raw) != size:
             raise PyFATException("Invalid length of FAT")
@@ -127,7 +127,7 @@ class FatFs:
         return {name: self._info(e, f"{inside}/{name}") for name, e in self._entries(folder).items()}
 
     def open(self, fileInfo: FileInfo, buffering: int = -1) -> IO[bytes]:
-        return FatIO(self.fileSystem, fileInfo.userdata[0])  # type: ignore[no-any-return]
+        return FatIO(self.fileSystem, fileInfo.userdata[0])
 
     def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
         with self.open(fileInfo) as f:

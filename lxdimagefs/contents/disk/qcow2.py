@@ -20,9 +20,9 @@ try:  # twice as fast as zlib's inflate (a `diff -r` of a zlib qcow2 inflates ev
     from isal import isal_zlib as _zlib
 except ImportError:  # pragma: no cover - ratarmountcore depends on it where it builds (squashfs.py too)
     _zlib = zlib  # type: ignore[misc]
-
 from lxdimagefs.contents.seekable import Seekable
 
+_BAD_STREAM: tuple[type[Exception], ...] = (zlib.error, _zlib.error, zstandard.ZstdError)  # type: ignore[assignment]
 MAGIC = b"QFI\xfb"
 _OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55 of an L1 or standard L2 entry
 _COMPRESSED = 1 << 62
@@ -101,7 +101,7 @@ class Qcow2Reader(Seekable):
     def _bytes_at(self, offset: int, length: int) -> bytes | memoryview:
         """The file's bytes at `offset`, fewer at its end."""
         if self._pread is not None:
-            return self._pread(offset, length)  # type: ignore[no-any-return]
+            return self._pread(offset, length)
         with self._lock:
             self._file.seek(offset)
             return self._file.read(length)
@@ -157,7 +157,7 @@ class Qcow2Reader(Seekable):
             else:
                 inflater = _zlib.decompressobj(-15)  # qemu deflates raw, window -12: -15 reads it
                 data = inflater.decompress(raw, self._cluster + 1)
-        except (zlib.error, _zlib.error, zstandard.ZstdError) as e:
+        except _BAD_STREAM as e:
             raise Qcow2Error(f"compressed cluster at {offset:#x} does not decompress: {e}") from e
         if len(data) != self._cluster:
             raise Qcow2Error(f"compressed cluster at {offset:#x} inflates to {len(data)} bytes, "

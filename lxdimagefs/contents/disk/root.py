@@ -100,7 +100,7 @@ class GuestTree:
 
     def read(self, info: Any, size: int, offset: int) -> bytes | bytearray:
         try:
-            return self._owner(info).read(info, size, offset)  # type: ignore[no-any-return]
+            return self._owner(info).read(info, size, offset)
         except Exception as e:
             raise self._fault(f"{size} bytes at {offset} of a file", e) from None
 
