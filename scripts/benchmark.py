@@ -1082,7 +1082,7 @@ def main() -> int:
                    help="with the sequential read: the daemon's CPU by thread (hash, fetch, diskwrite, FUSE)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved sections")
     p.add_argument("--baseline", type=Path, help="another checkout's lxdimagefs, as a third side of "
-                   "--imports-only, --requests or --vm (run from a folder without lxdimagefs/ in it)")
+                   "--imports-only or --requests (run from a folder without lxdimagefs/ in it)")
     args = p.parse_args()
     global THREADS
     THREADS = args.threads
@@ -1106,7 +1106,7 @@ def main() -> int:
             sys.modules.setdefault("benchmark", sys.modules[__name__])
             from bench_vm import bench_vm
 
-            bench_vm(box, work, args.baseline)
+            bench_vm(box, work, args.baseline, args.rounds)
         elif args.requests:
             sys.modules.setdefault("benchmark", sys.modules[__name__])
             from bench_requests import bench_requests
