@@ -7,9 +7,11 @@ import io
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
+from ratarmountcore._external.pyfatfs import PyFATException
 from ratarmountcore._external.pyfatfs.PyFat import PyFat
 
 from lxdimagefs.contents.disk.fat import FatFs, _PyFat
@@ -42,7 +44,7 @@ def test_the_fat_is_the_table_pyfatfs_parses_and_files_read_through_it(tmp_path:
     with open(image, "rb") as a, open(image, "rb") as b:
         theirs.set_fp(a)
         ours.set_fp(b)
-        assert ours.fat == theirs.fat and len(ours.fat) > 1000
+        assert list(ours.fat) == theirs.fat and len(ours.fat) > 1000
         assert ours.bytes_per_cluster == theirs.bytes_per_cluster
         if bits == 32:
             assert ours.fat[1000] == 0x1234
@@ -63,3 +65,20 @@ def test_opening_an_esp_imports_no_format_detection(tmp_path: Path) -> None:
              "print(sorted(m for m in sys.modules if m.startswith(('rapidgzip', 'ratarmountcore.formats'))))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_fat_larger_than_is_read_here_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A boot sector claiming a FAT of 128 GiB (BPB_FATSz32, a hostile disk's): refused, nothing of
+    it read (pyfatfs read up to the volume's end, once for each copy, and made an int of each entry)."""
+    image = _fat(tmp_path, 32, 40)
+    with open(image, "r+b") as f:
+        f.seek(36)  # BPB_FATSz32
+        f.write((1 << 28).to_bytes(4, "little"))
+    tracemalloc.start()
+    try:
+        with open(image, "rb") as f, pytest.raises(PyFATException, match="over the"):
+            FatFs(io.BufferedReader(f), {}, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak

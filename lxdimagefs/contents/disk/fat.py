@@ -43,30 +43,38 @@ def name_of(entry: Any) -> str:
     return (base.lower() if entry.ntres & 0x08 else base) + dot + (ext.lower() if entry.ntres & 0x10 else ext)
 
 
+FAT_MAX = 16 << 20  # a FAT read at most: 4 Mi clusters of FAT32 (a 16 GiB ESP of 4 KiB clusters)
+_LOW_NIBBLE = bytes(i & 0x0F for i in range(256))
+
+
 class _PyFat(PyFat):
-    """pyfatfs with its FAT read at once: its own parse unpacks entry by entry (90 ms of a `find`
-    for a 34 MiB ESP, most of what opening it costs) and reads every copy of the FAT to compare
-    them (a warning only). FAT12 (4,084 clusters at most) is left to it."""
+    """pyfatfs with its FAT read at once and kept packed (4 bytes a FAT32 cluster, not an int
+    object's 36): its own parse unpacks entry by entry (90 ms of a `find` for a 34 MiB ESP) and
+    reads every copy of the FAT to compare them (a warning only); a FAT over FAT_MAX is refused
+    (a hostile boot sector's claim: pyfatfs read it whole). FAT12 (4,084 clusters) is left to it."""
 
     def _parse_fat(self) -> None:
+        bpb = self.bpb_header
+        size = bpb["BPB_BytsPerSec"] * self._fat_size
+        if size > FAT_MAX:
+            raise PyFATException(f"a FAT of {size} bytes, over the {FAT_MAX} read here")
         if self.fat_type == self.FAT_TYPE_FAT12:
             return super()._parse_fat()
-        bpb = self.bpb_header
         if bpb["BPB_NumFATs"] < 1:
             raise PyFATException("Invalid number of FATs configured, cannot continue")
-        size = bpb["BPB_BytsPerSec"] * self._fat_size
         with self._PyFat__lock:
             self._PyFat__seek(bpb["BPB_RsvdSecCnt"] * bpb["BPB_BytsPerSec"])
-            raw = self._PyFat__fp.read(size)
+            raw = bytearray(self._PyFat__fp.read(size))
         self.bytes_per_cluster = bpb["BPB_BytsPerSec"] * bpb["BPB_SecPerClus"]
         if len(raw) != size:
             raise PyFATException("Invalid length of FAT")
+        if self.fat_type == self.FAT_TYPE_FAT32:  # its entries are 28 bits: the top four are reserved
+            raw[3::4] = raw[3::4].translate(_LOW_NIBBLE)
         entries = array("H" if self.fat_type == self.FAT_TYPE_FAT16 else "I")
         entries.frombytes(raw[:size - size % entries.itemsize])
         if sys.byteorder == "big":
             entries.byteswap()
-        # FAT32's entries are 28 bits: the top four are reserved
-        self.fat = entries.tolist() if entries.typecode == "H" else [e & 0x0FFFFFFF for e in entries]
+        self.fat = entries
 
 
 class FatFs:
