@@ -1107,7 +1107,7 @@ def main() -> int:
             sys.modules.setdefault("benchmark", sys.modules[__name__])
             from bench_vm import bench_vm
 
-            bench_vm(box, work)
+            bench_vm(box, work, args.baseline, args.rounds)
         elif args.requests:
             sys.modules.setdefault("benchmark", sys.modules[__name__])
             from bench_requests import bench_requests

@@ -155,7 +155,7 @@ def _open(fp: Fingerprint, layout: ExportLayout, exports: Exports, index: Path) 
         return top, None, lazy
     rootfs, unchecked = part(1)
     if layout.parts[1].name.endswith(".qcow2"):  # a VM's disk: its ext4 root (contents/disk/)
-        return *vm_root(top, rootfs, layout.parts[1].name), lazy  # its files, or why not in a note beside
+        return *vm_root(top, rootfs.detach(), layout.parts[1].name), lazy  # read by offset (ExportFile.pread)
     from lxdimagefs.contents.squashfs import INDEX, SquashfsRootfs
     return top, indexed(lambda fileObject, **o: SquashfsRootfs(fileObject, **o), rootfs, unchecked,
                         f".{INDEX}.sqlite"), lazy

@@ -47,11 +47,17 @@ _UNREFERENCED = _alone()  # a spare at this count has no view of it left anywher
 
 def cut(blocks: list[Block], offset: int, end: int) -> memoryview | bytes:
     """Bytes [offset, end) of consecutive blocks, the first holding `offset`: a view of it when
-    it holds them all (handed to FUSE without a copy), else joined."""
+    it holds them all (handed to FUSE without a copy), else the parts of each joined (not the
+    blocks whole: a read of a few KiB across two blocks copied 2 MiB)."""
     lo = offset % BLOCK
     if len(blocks) == 1:
         return memoryview(blocks[0])[lo:lo + end - offset]
-    return b"".join(blocks)[lo:lo + end - offset]
+    parts, need = [], end - offset
+    for block in blocks:
+        parts.append(memoryview(block)[lo:lo + need])
+        need -= len(parts[-1])
+        lo = 0
+    return b"".join(parts)
 
 
 def last_block(total: int) -> int:

@@ -158,3 +158,31 @@ def test_an_extent_of_32768_blocks_reads_its_bytes(tmp_path: Path) -> None:
         fs = Ext4Rootfs(io.BufferedReader(f))
         got = fs.lookup("/f")
         assert got is not None and fs.read(got, got.size, 0) == data
+
+
+def test_a_folders_inodes_are_read_a_table_block_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """Listing a folder of 200 files (256-byte inodes side by side in the inode table: 16 to a
+    4 KiB block) reads the table block by block, not inode by inode; each entry is still its own
+    inode's, and a file's inode read again after other blocks is read anew, right."""
+    reads: list[tuple[int, int]] = []
+    read = CheckedInodes._read
+    monkeypatch.setattr(CheckedInodes, "_read",
+                        lambda self, at, n: reads.append((at, n)) or read(self, at, n))
+    monkeypatch.setattr("lxdimagefs.contents.disk.ext4check.TABLE_KEPT", 8 * 4096, raising=False)
+    (tmp_path / "t/d").mkdir(parents=True)
+    for i in range(200):
+        (tmp_path / f"t/d/f{i}").write_text("x" * i)
+    subprocess.run(["mkfs.ext4", "-q", "-b", "4096", "-I", "256", "-d", str(tmp_path / "t"),
+                    str(tmp_path / "b.img"), "16M"], check=True, capture_output=True)
+    with open(tmp_path / "b.img", "rb") as f:
+        fs = Ext4Rootfs(io.BufferedReader(f))
+        fs.list("/")
+        reads.clear()
+        listed = fs.list("/d")
+        assert listed is not None and sorted(listed) == sorted(f"f{i}" for i in range(200))
+        assert all(listed[f"f{i}"].size == i for i in range(200))
+        assert len({at for at, _ in reads}) == len(reads) <= 200 // 16 + 4, reads  # blocks, and the folder's
+        assert all(n == 4096 for _, n in reads)
+        first = listed["f0"]
+        assert fs.read(first, 10, 0) == b"" and fs.read(listed["f7"], 10, 0) == b"x" * 7
+        assert fs.lookup("/d/f199").size == 199 and fs.lookup("/d/f0").size == 0  # type: ignore[union-attr]

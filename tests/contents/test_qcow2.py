@@ -42,6 +42,43 @@ def test_reads_the_guest_disk_byte_for_byte(tmp_path: Path, options: list[str]) 
         assert reader.tell() == reader.size - 1
 
 
+class _ByOffset(io.RawIOBase):
+    """A checked part's reader as contents/archives.ExportFile is: `pread` gives views of its
+    blocks; seek and read are refused, so that every byte is read by offset."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self.calls = data, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        assert (offset, whence) == (0, io.SEEK_END), "read by offset only"
+        return len(self._data)
+
+    def readinto(self, buffer: object) -> int:
+        raise AssertionError("read by offset only")
+
+    def pread(self, offset: int, size: int) -> memoryview:
+        self.calls += 1
+        return memoryview(self._data)[offset:offset + size]
+
+
+@pytest.mark.parametrize("options", [["-c"], ["-c", "-o", "compression_type=zstd"], []])
+def test_a_reader_by_offset_is_read_by_offset_and_nothing_kept_is_a_view_of_it(tmp_path: Path,
+                                                                                options: list[str]) -> None:
+    """Over a checked part's reader (`pread`, views of its blocks): the same bytes, read by offset
+    without a shared position; the tables and clusters kept are copies, not views pinning its blocks."""
+    data = _raw_disk(tmp_path / "disk.raw")
+    subprocess.run(["qemu-img", "convert", *options, "-f", "raw", "-O", "qcow2",
+                    str(tmp_path / "disk.raw"), str(tmp_path / "disk.qcow2")], check=True)
+    part = _ByOffset((tmp_path / "disk.qcow2").read_bytes())
+    reader = Qcow2Reader(part)  # type: ignore[arg-type]
+    assert reader.read(len(data)) == data and part.calls > 2
+    kept = [*reader._l2_cache.values(), *reader._data_cache.values()]
+    assert kept and all(type(k) is bytes for k in kept)
+
+
 def _uncompressed(tmp_path: Path) -> bytearray:
     raw = tmp_path / "disk.raw"
     raw.write_bytes(os.urandom(2 * CLUSTER))

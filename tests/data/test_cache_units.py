@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import evict, resident_pages
 
-from lxdimagefs.data.blocks import BLOCK, BlockCache, new_block
+from lxdimagefs.data.blocks import BLOCK, BlockCache, cut, new_block
 from lxdimagefs.data.directwrite import DirectWriter
 from lxdimagefs.data.diskcache import CacheRefused, DiskCache
 from lxdimagefs.data.exports import Exports
@@ -353,3 +353,18 @@ def test_a_temporary_file_being_written_is_counted_and_never_removed_under_its_w
         assert tmp.path.exists()  # its writer holds its lock
         assert os.stat(tmp.path).st_mode & 0o777 == 0o600
     assert os.listdir(cache.root) == []
+
+
+def test_a_cut_across_blocks_joins_only_what_it_spans() -> None:
+    """A few KiB across two blocks (a qcow2 cluster's compressed bytes) copy those bytes, not both
+    blocks whole (2 MiB); across three, the middle one whole; within one, a view."""
+    blocks = [bytes([i]) * BLOCK for i in range(3)]
+    assert isinstance(cut(blocks[:1], 10, 20), memoryview) and bytes(cut(blocks[:1], 10, 20)) == bytes(10)
+    tracemalloc.start()
+    try:
+        got = cut(blocks[:2], BLOCK - 3000, BLOCK + 1000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == bytes(3000) + b"\1" * 1000 and peak < 64 << 10, peak
+    assert cut(blocks, BLOCK - 7, 2 * BLOCK + 9) == bytes(7) + b"\1" * BLOCK + b"\2" * 9

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections import OrderedDict
 from typing import Any
 
 import cachetools
@@ -28,11 +29,14 @@ RECORD = 0x8C  # up to i_mtime_extra
 INLINE_MAX = 60  # the bytes of i_block: a fast symlink's target
 FOLDER_MAX = 16 << 20  # a folder's bytes read whole: some 500,000 names
 RUNS_KEPT = 1 << 18  # the runs kept, of all files (24 bytes each)
+TABLE_KEPT = 1 << 20  # inode table bytes kept, in whole blocks
+GROUPS_KEPT = 4096  # inode tables' places kept, by group
 
 
 class CheckedInodes:
-    """An ext4 volume's inodes, each checked the first time it is read: the first RECORD bytes of
-    1,024 of them are kept (an entry's stat), and the runs of the files being read, RUNS_KEPT in all."""
+    """An ext4 volume's inodes, each checked the first time it is read: the inode table's blocks
+    last read are kept (TABLE_KEPT bytes: a folder's inodes, mostly side by side, cost one read
+    for each block of them, not one each), and the runs of the files being read, RUNS_KEPT in all."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -62,22 +66,23 @@ class CheckedInodes:
         self.extra = self.inode_size > 128  # a large inode: its fields past 128 bytes (ns times)
         self.filetype = bool(incompat & 0x2)
         self._blocks = stream.seek(0, io.SEEK_END) // self.block  # what the partition holds
-        self._tables: cachetools.LRUCache[int, int] = cachetools.LRUCache(4096)  # inode table, by group
-        self._raw: cachetools.LRUCache[int, bytes] = cachetools.LRUCache(1024)
+        self._tables: dict[int, int] = {}  # inode table's first block, by group (GROUPS_KEPT)
+        self._table_blocks: OrderedDict[int, bytes] = OrderedDict()  # by offset, least recent first
         self._runs: cachetools.LRUCache[int, Runs] = cachetools.LRUCache(
             RUNS_KEPT, getsizeof=lambda runs: max(1, len(runs)))
         self._faults: cachetools.LRUCache[int, str] = cachetools.LRUCache(1024)  # a walk's fault, by inode
         self.first_ino = struct.unpack_from("<I", sb, 0x54)[0] if rev else 11
 
     def _offset(self, number: int) -> int:
-        """Where inode `number` is: its group's inode table (from the group's descriptor), then its
-        place in it."""
+        """Where inode `number` is: its group's inode table (from the group's descriptor), its place."""
         group, index = divmod(number - 1, self._per_group)
         table = self._tables.get(group)
         if table is None:
             desc = self._read(self._descriptor(group), self._desc_size)
             low = struct.unpack_from("<I", desc, 8)[0]  # a 32-byte descriptor (no 64bit) has no high word
             high = struct.unpack_from("<I", desc, 0x28)[0] if self._desc_size >= 64 else 0
+            if len(self._tables) >= GROUPS_KEPT:
+                self._tables.clear()
             table = self._tables[group] = low | high << 32
         return table * self.block + index * self.inode_size
 
@@ -105,14 +110,20 @@ class CheckedInodes:
         return group == 1
 
     def raw(self, number: int) -> bytes:
-        """Inode `number`'s first RECORD bytes (128 for a small inode); its blocks are found when
-        it is first read (a stat walks nothing)."""
-        found = self._raw.get(number)
-        if found is None:
-            if not 1 <= number <= self._count:
-                raise Ext4Fault(f"inode {number} is not one of the {self._count} the volume has")
-            found = self._raw[number] = self._read(self._offset(number), RECORD if self.extra else 128)
-        return found
+        """Inode `number`'s first RECORD bytes (128 for a small one); no block is found for a stat."""
+        return self._inode(number, RECORD if self.extra else 128)
+
+    def _inode(self, number: int, length: int) -> bytes:
+        """The first `length` bytes of inode `number`, from its inode table block (read whole)."""
+        if not 1 <= number <= self._count:
+            raise Ext4Fault(f"inode {number} is not one of the {self._count} the volume has")
+        at = self._offset(number)
+        start = at - at % self.block  # an inode never crosses a block: its size divides the block's
+        table = self._table_blocks.pop(start, None) or self._read(start, self.block)
+        self._table_blocks[start] = table  # the most recent last
+        if len(self._table_blocks) * self.block > TABLE_KEPT:
+            self._table_blocks.popitem(last=False)
+        return table[at - start:at - start + length]
 
     def _read(self, offset: int, length: int) -> bytes:
         self._stream.seek(offset)
@@ -122,8 +133,8 @@ class CheckedInodes:
         return data
 
     def _whole(self, number: int) -> bytes:
-        """All of inode `number`'s bytes (its inline data's attribute past RECORD), read afresh."""
-        return self._read(self._offset(number), self.inode_size)
+        """All of inode `number`'s bytes (its inline data's attribute past RECORD)."""
+        return self._inode(number, self.inode_size)
 
     def _block(self, number: int) -> bytes:
         return self._read(number * self.block, self.block)

@@ -31,6 +31,9 @@ ROOT = 2
 KINDS = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
                    stat.S_IFSOCK})
 LINK_MAX = 4096  # PATH_MAX: no longer target is read
+_HEAD = struct.Struct("<HHI8xi4xHH")  # i_mode, i_uid, i_size_lo, i_mtime, i_gid, i_links_count
+_HIGH = struct.Struct("<I8xHH")  # at 0x6C: i_size_high; at 0x78: the owner's and group's high 16 bits
+_EXTRA = struct.Struct("<H6xI")  # at 0x80: i_extra_isize; at 0x88: i_mtime_extra
 
 
 class Place(NamedTuple):
@@ -101,16 +104,16 @@ class Ext4Rootfs:
     def _info(self, number: int) -> Ext4Info:
         """An entry as inode `number`'s own bytes say (the kernel's reading of its fields)."""
         raw = self._inodes.raw(number)
-        mode, uid, size, mtime, gid, nlink = struct.unpack_from("<HHIxxxxxxxxixxxxHH", raw)
+        mode, uid, size, mtime, gid, nlink = _HEAD.unpack_from(raw)
         if stat.S_IFMT(mode) not in KINDS or not nlink:
             raise Ext4Fault(f"inode {number}: unknown file type {mode:#o}, or no link (a deleted inode)")
-        size |= struct.unpack_from("<I", raw, 0x6C)[0] << 32
-        uid_high, gid_high = struct.unpack_from("<HH", raw, 0x78)
+        size_high, uid_high, gid_high = _HIGH.unpack_from(raw, 0x6C)
+        size |= size_high << 32
         ns = 0
-        extra_size = struct.unpack_from("<H", raw, 0x80)[0] if self._inodes.extra else 0
-        if 12 <= extra_size <= self._inodes.inode_size - 128:  # i_mtime_extra is in the inode
-            extra = struct.unpack_from("<I", raw, 0x88)[0]
-            mtime, ns = mtime + ((extra & 3) << 32), extra >> 2
+        if len(raw) >= 0x8C:  # a large inode's first RECORD bytes
+            extra_size, extra = _EXTRA.unpack_from(raw, 0x80)
+            if 12 <= extra_size <= self._inodes.inode_size - 128:  # i_mtime_extra is in the inode
+                mtime, ns = mtime + ((extra & 3) << 32), extra >> 2
         link = ""
         if stat.S_ISLNK(mode):
             if size > LINK_MAX:
@@ -122,10 +125,11 @@ class Ext4Rootfs:
             old, new = struct.unpack_from("<II", raw, 0x28)
             rdev = os.makedev((old >> 8) & 0xFF, old & 0xFF) if old else os.makedev(
                 (new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))
-        return Ext4Info(size=0 if stat.S_ISDIR(mode) else size, mtime=mtime + ns / 1e9, mode=mode,
-                        linkname=link, uid=uid | uid_high << 16, gid=gid | gid_high << 16,
-                        userdata=[place(self._tag | number)], mtime_ns=mtime * 1_000_000_000 + ns,
-                        nlink=nlink, rdev=rdev)
+        # by position (size, mtime, mode, linkname, uid, gid, userdata, mtime_ns, nlink, rdev): one
+        # for each name a listing gives
+        return Ext4Info(0 if stat.S_ISDIR(mode) else size, mtime + ns / 1e9, mode, link,
+                        uid | uid_high << 16, gid | gid_high << 16, [Place(self._tag | number)],
+                        mtime * 1_000_000_000 + ns, nlink, rdev)
 
     def _entries(self, number: int) -> dict[bytes, int] | Packed:
         found: dict[bytes, int] | Packed | None = self._names.get(number)
@@ -180,7 +184,8 @@ class Ext4Rootfs:
         return found
 
     def list(self, path: str) -> dict[str, FileInfo] | None:
-        """A folder's entries; each is kept by path, for the lookups that follow (`ls -l`, `find`)."""
+        """A folder's entries; its folders are kept by path, for the paths below them (`find`): a
+        file's entry is the caller's to keep (contents/node.py keeps a listing's)."""
         folder = self.lookup(path)
         if folder is None or not stat.S_ISDIR(folder.mode):
             return None
@@ -188,16 +193,16 @@ class Ext4Rootfs:
         found: dict[str, FileInfo] = {}
         folder_number, whole = self._number(folder), True
         for name, number in self._entries(folder_number).items():
-            key = f"{inside.rstrip('/')}/{os.fsdecode(name)}"
-            info = self._known.get(key)
-            if info is None:
-                try:
-                    info = self._known[key] = self._info(number)
-                except OSError as e:  # that entry's own lookup is EIO; the folder lists on
-                    log.warning("%s left out of its folder's listing: %s", key, e)
-                    whole = False
-                    continue
-            found[os.fsdecode(name)] = info
+            text = os.fsdecode(name)
+            try:
+                info = self._info(number)
+            except OSError as e:  # that entry's own lookup is EIO; the folder lists on
+                log.warning("%s/%s left out of its folder's listing: %s", inside.rstrip("/"), text, e)
+                whole = False
+                continue
+            if stat.S_ISDIR(info.mode):
+                self._known[f"{inside.rstrip('/')}/{text}"] = info
+            found[text] = info
         (self._left_out.discard if whole else self._left_out.add)(folder_number)
         return found
 
@@ -206,8 +211,8 @@ class Ext4Rootfs:
         that failed, perhaps for a moment) is not for the kernel to keep."""
         return self._number(folder) not in self._left_out
 
-    def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes:
-        return bytes(self._inodes.data(self._number(fileInfo), offset, size))
+    def read(self, fileInfo: FileInfo, size: int, offset: int) -> bytes | bytearray:
+        return self._inodes.data(self._number(fileInfo), offset, size)  # handed to FUSE as it is
 
     def nlink(self, info: FileInfo) -> int:
         """How many names a file has (a folder: 1, as for a squashfs root)."""

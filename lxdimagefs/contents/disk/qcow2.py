@@ -16,8 +16,13 @@ from typing import BinaryIO
 import cachetools
 import zstandard
 
+try:  # twice as fast as zlib's inflate (a `diff -r` of a zlib qcow2 inflates every cluster it reads)
+    from isal import isal_zlib as _zlib
+except ImportError:  # pragma: no cover - ratarmountcore depends on it where it builds (squashfs.py too)
+    _zlib = zlib  # type: ignore[misc]
 from lxdimagefs.contents.seekable import Seekable
 
+_BAD_STREAM: tuple[type[Exception], ...] = (zlib.error, _zlib.error, zstandard.ZstdError)  # type: ignore[assignment]
 MAGIC = b"QFI\xfb"
 _OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55 of an L1 or standard L2 entry
 _COMPRESSED = 1 << 62
@@ -42,6 +47,9 @@ class Qcow2Reader(Seekable):
         super().__init__()
         self._file = fileobj
         self._lock = threading.Lock()  # the file's position is shared
+        # a checked part's reader (contents/archives.ExportFile): by offset, a view of its checked
+        # block (no buffer's copy, no 2 MiB join where a read crosses two blocks), from any thread
+        self._pread = getattr(fileobj, "pread", None)
         self._file_size = fileobj.seek(0, io.SEEK_END)
         head = self._read_at(0, 112, "header")
         if len(head) < 72 or head[:4] != MAGIC:
@@ -86,8 +94,14 @@ class Qcow2Reader(Seekable):
         self._pos = 0
 
     def _read_at(self, offset: int, length: int, what: str) -> bytes:
-        if offset + length > self._file_size and what != "compressed cluster":
+        if offset + length > self._file_size:
             raise Qcow2Error(f"{what} at {offset:#x}+{length} lies past the end of the file")
+        return bytes(self._bytes_at(offset, length))  # kept: no view holds a block of the part
+
+    def _bytes_at(self, offset: int, length: int) -> bytes | memoryview:
+        """The file's bytes at `offset`, fewer at its end."""
+        if self._pread is not None:
+            return self._pread(offset, length)
         with self._lock:
             self._file.seek(offset)
             return self._file.read(length)
@@ -135,15 +149,15 @@ class Qcow2Reader(Seekable):
         length = sectors * 512 - (offset & 511)
         if offset >= self._file_size:
             raise Qcow2Error(f"compressed cluster at {offset:#x} lies past the end of the file")
-        raw = self._read_at(offset, length, "compressed cluster")  # may end at EOF: qemu trims it
+        raw = self._bytes_at(offset, length)  # may end at EOF: qemu trims it; inflated at once
         try:
             if self._zstd:
                 # a bounded read: a frame saying it holds gigabytes is cut at one byte past a cluster
                 data = zstandard.ZstdDecompressor().stream_reader(raw).read(self._cluster + 1)
             else:
-                inflater = zlib.decompressobj(-15)  # qemu deflates raw, window -12: -15 reads it
+                inflater = _zlib.decompressobj(-15)  # qemu deflates raw, window -12: -15 reads it
                 data = inflater.decompress(raw, self._cluster + 1)
-        except (zlib.error, zstandard.ZstdError) as e:
+        except _BAD_STREAM as e:
             raise Qcow2Error(f"compressed cluster at {offset:#x} does not decompress: {e}") from e
         if len(data) != self._cluster:
             raise Qcow2Error(f"compressed cluster at {offset:#x} inflates to {len(data)} bytes, "

@@ -102,9 +102,9 @@ class GuestTree:
         """Whether a folder's last listing held every entry (a filesystem that cannot tell: yes)."""
         return bool(getattr(self._owner(folder), "complete", lambda _: True)(folder))
 
-    def read(self, info: Any, size: int, offset: int) -> bytes:
+    def read(self, info: Any, size: int, offset: int) -> bytes | bytearray:
         try:
-            return bytes(self._owner(info).read(info, size, offset))
+            return self._owner(info).read(info, size, offset)
         except Exception as e:
             raise self._fault(f"{size} bytes at {offset} of a file", e) from None
 

@@ -1,0 +1,84 @@
+"""contents/disk/fat.py: the ESP's FAT read at once, the same table pyfatfs's own parse makes, and
+no import of ratarmountcore's format detection (rapidgzip and the rest) to open it."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from ratarmountcore._external.pyfatfs import PyFATException
+from ratarmountcore._external.pyfatfs.PyFat import PyFat
+
+from lxdimagefs.contents.disk.fat import FatFs, _PyFat
+
+
+def _fat(tmp_path: Path, bits: int, mib: int) -> Path:
+    image = tmp_path / f"fat{bits}.img"
+    subprocess.run(["mkfs.vfat", "-F", str(bits), "-s", "1", "-C", str(image), str(mib << 10)], check=True,
+                   capture_output=True)
+    (tmp_path / "EFI/BOOT").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "EFI/BOOT/BOOTX64.EFI").write_bytes(os.urandom(70_000))
+    (tmp_path / "EFI/BOOT/grub.cfg").write_bytes(b"set timeout=5\n")
+    subprocess.run(["mcopy", "-s", "-m", "-i", str(image), str(tmp_path / "EFI"), "::/"], check=True,
+                   env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    return image
+
+
+@pytest.mark.filterwarnings("ignore:One or more FATs differ")  # pyfatfs, of the entry set below
+@pytest.mark.parametrize(("bits", "mib"), [(16, 20), (32, 40)])
+def test_the_fat_is_the_table_pyfatfs_parses_and_files_read_through_it(tmp_path: Path, bits: int,
+                                                                       mib: int) -> None:
+    """Entry by entry as pyfatfs's own parse (FAT32's reserved top four bits cleared), and a file
+    of many clusters reads back whole through it."""
+    image = _fat(tmp_path, bits, mib)
+    if bits == 32:  # an entry past the used clusters with its reserved bits set: they are not its value
+        with open(image, "r+b") as f:
+            f.seek(32 * 512 + 4 * 1000)  # mkfs.vfat reserves 32 sectors before a FAT32's FAT
+            f.write((0xF0000000 | 0x1234).to_bytes(4, "little"))
+    theirs, ours = PyFat(), _PyFat()
+    with open(image, "rb") as a, open(image, "rb") as b:
+        theirs.set_fp(a)
+        ours.set_fp(b)
+        assert list(ours.fat) == theirs.fat and len(ours.fat) > 1000
+        assert ours.bytes_per_cluster == theirs.bytes_per_cluster
+        if bits == 32:
+            assert ours.fat[1000] == 0x1234
+    with open(image, "rb") as f:
+        fs = FatFs(io.BufferedReader(f), {}, 0)
+        info = fs.lookup("/EFI/BOOT/BOOTX64.EFI")
+        assert info is not None and info.size == 70_000
+        assert fs.read(info, 80_000, 0) == (tmp_path / "EFI/BOOT/BOOTX64.EFI").read_bytes()
+        assert sorted(fs.list("/EFI/BOOT") or {}) == ["BOOTX64.EFI", "grub.cfg"]
+
+
+def test_opening_an_esp_imports_no_format_detection(tmp_path: Path) -> None:
+    """ratarmountcore's FAT source module imports its format checks (rapidgzip, sqlcipher3 and the
+    rest: 90 ms of a `find` with the page cache cold); the ESP is read without them."""
+    image = _fat(tmp_path, 32, 40)
+    probe = ("import sys; from lxdimagefs.contents.disk.fat import FatFs; "
+             f"fs = FatFs(open({str(image)!r}, 'rb'), {{}}, 0); assert fs.list('/EFI/BOOT'); "
+             "print(sorted(m for m in sys.modules if m.startswith(('rapidgzip', 'ratarmountcore.formats'))))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_fat_larger_than_is_read_here_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """A boot sector claiming a FAT of 128 GiB (BPB_FATSz32, a hostile disk's): refused, nothing of
+    it read (pyfatfs read up to the volume's end, once for each copy, and made an int of each entry)."""
+    image = _fat(tmp_path, 32, 40)
+    with open(image, "r+b") as f:
+        f.seek(36)  # BPB_FATSz32
+        f.write((1 << 28).to_bytes(4, "little"))
+    tracemalloc.start()
+    try:
+        with open(image, "rb") as f, pytest.raises(PyFATException, match="over the"):
+            FatFs(io.BufferedReader(f), {}, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
