@@ -1,6 +1,8 @@
 """A VM's EFI system partition (FAT12/16/32) as the guest's kernel shows it, over ratarmountcore's
-own copy of pyfatfs (MIT: no new dependency); not over its FAT source, whose module imports its
-format detection (rapidgzip and the rest: 90 ms of a `find` with the page cache cold).
+own copy of pyfatfs (MIT: no new dependency; PyPI's pyfatfs pulls in PyFilesystem2, and this copy
+is a private module of ratarmountcore's: pyproject.toml keeps ratarmountcore below 0.12 for it); not
+over its FAT source, whose module imports its format detection (rapidgzip and the rest: 90 ms of a
+`find` with the page cache cold).
 
 pyfatfs reads the boot sector and the FAT (4 bytes a cluster: 100 KiB for a 100 MiB ESP) when
 opened, directories as they are looked in, files cluster by cluster: lazy enough over the qcow2
