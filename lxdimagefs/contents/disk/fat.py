@@ -22,6 +22,7 @@ from array import array
 from typing import IO, Any
 
 from ratarmountcore._external.pyfatfs import PyFATException
+from ratarmountcore._external.pyfatfs.FATDirectoryEntry import FATLongDirectoryEntry
 from ratarmountcore._external.pyfatfs.FatIO import FatIO
 from ratarmountcore._external.pyfatfs.PyFat import PyFat
 from ratarmountcore.mountsource.MountSource import FileInfo
@@ -47,6 +48,7 @@ def name_of(entry: Any) -> str:
 
 FAT_MAX = 16 << 20  # a FAT read at most: 4 Mi clusters of FAT32 (a 16 GiB ESP of 4 KiB clusters)
 _LOW_NIBBLE = bytes(i & 0x0F for i in range(256))
+DIR_MAX = 2 << 20  # a folder's bytes at most: Linux's vfat makes none larger (65,536 entries)
 
 
 class _PyFat(PyFat):
@@ -77,6 +79,19 @@ class _PyFat(PyFat):
         if sys.byteorder == "big":
             entries.byteswap()
         self.fat = entries
+
+    def parse_dir_entries_in_cluster_chain(self, cluster: int) -> list[Any]:
+        """pyfatfs's own, but a folder's chain followed for DIR_MAX bytes at most: one that loops
+        back (a hostile FAT's) was followed for ever, its entries piling up, the image's lock held."""
+        found: list[Any] = []
+        lfn, size = FATLongDirectoryEntry(), self.bytes_per_cluster
+        for n, at in enumerate(self.get_cluster_chain(cluster)):
+            if n * size >= DIR_MAX:
+                raise PyFATException(f"a folder of over {DIR_MAX} bytes (its cluster chain loops?)")
+            start = self.get_data_cluster_address(at)
+            entries, lfn = self.parse_dir_entries_in_address(start, start + size, lfn)
+            found += entries
+        return found
 
 
 class FatFs:
