@@ -129,3 +129,26 @@ def test_a_folder_whose_cluster_chain_loops_is_eio_not_a_loop(tmp_path: Path) ->
     except subprocess.TimeoutExpired:
         pytest.fail("still following the chain after 60 s: a loop")
     assert done.stdout.startswith("EIO") and "2097152" in done.stdout, (done.stdout, done.stderr[-500:])
+
+
+def test_a_fat12_claim_of_many_large_fats_is_refused_before_they_are_read(tmp_path: Path) -> None:
+    """A boot sector with 255 FATs of 16 MiB each (BPB_NumFATs, BPB_FATSz16) over a 2 GiB volume
+    (a qcow2's unallocated ESP costs its image nothing): its clusters then count as FAT12, left to
+    pyfatfs's own parse, which read every copy (3.2 GB of memory for a 3 GiB volume). FAT12 covers
+    at most 4,084 clusters (6 KiB of FAT): a larger one is refused before any of it is read."""
+    image = _fat(tmp_path, 32, 40)
+    with open(image, "r+b") as f:
+        f.seek(16)  # BPB_NumFATs
+        f.write(bytes([255]))
+        f.seek(22)  # BPB_FATSz16, which wins over BPB_FATSz32 when set
+        f.write((32768).to_bytes(2, "little"))
+        f.truncate(2 << 30)
+    probe = ("import resource, warnings; warnings.simplefilter('ignore'); "
+             "from lxdimagefs.contents.disk.fat import FatFs; "
+             "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+             "try:\n"
+             f"    FatFs(open({str(image)!r}, 'rb'), {{}}, 0)\n"
+             "except Exception as e:\n"
+             "    print(type(e).__name__, e)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("PyFATException a FAT12"), (done.stdout, done.stderr[-300:])
