@@ -82,3 +82,73 @@ def test_a_fat_larger_than_is_read_here_is_refused_before_it_is_read(tmp_path: P
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, peak
+
+
+def test_a_folder_whose_cluster_chain_loops_is_eio_not_a_loop(tmp_path: Path) -> None:
+    """A hostile FAT whose folder's chain comes back to itself: pyfatfs followed it for ever (the
+    listing's entries piling up in memory, the archive's lock held), whether the folder or the
+    FAT32 root that is parsed at open; here it is EIO past 2 MiB of folder, as Linux's vfat
+    writes no folder larger (65,536 entries)."""
+    image = _fat(tmp_path, 32, 40)
+    with open(image, "rb") as f:
+        fs = _PyFat()
+        fs.set_fp(f)
+        folder = fs.root_dir.get_entry("/EFI/BOOT").get_cluster()
+        root = fs.bpb_header["BPB_RootClus"]
+        fat_at, fat_size = fs.bpb_header["BPB_RsvdSecCnt"] * 512, fs._fat_size * 512
+    with open(image, "r+b") as f:
+        for copy in range(2):
+            for cluster in (folder, root):
+                f.seek(fat_at + copy * fat_size + 4 * cluster)
+                f.write(cluster.to_bytes(4, "little"))  # the cluster's next is itself
+    probe = ("import errno, resource; from lxdimagefs.contents.disk.fat import FatFs; "
+             "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+             "try:\n"
+             f"    FatFs(open({str(image)!r}, 'rb'), {{}}, 0)\n"
+             "except Exception as e:\n"
+             "    print(type(e).__name__, e)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("still following the chain after 60 s: a loop")
+    assert "PyFATException" in done.stdout and "2097152" in done.stdout, (done.stdout, done.stderr[-500:])
+    with open(image, "r+b") as f:  # the root's chain mended: the folder's own loop, at its listing
+        for copy in range(2):
+            f.seek(fat_at + copy * fat_size + 4 * root)
+            f.write((0x0FFFFFFF).to_bytes(4, "little"))
+    probe = ("import errno, resource; from lxdimagefs.contents.disk.fat import FatFs; "
+             "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+             f"fs = FatFs(open({str(image)!r}, 'rb'), {{}}, 0)\n"
+             "assert fs.lookup('/EFI') is not None\n"
+             "try:\n"
+             "    fs.list('/EFI/BOOT')\n"
+             "except OSError as e:\n"
+             "    print(errno.errorcode[e.errno], e)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("still following the chain after 60 s: a loop")
+    assert done.stdout.startswith("EIO") and "2097152" in done.stdout, (done.stdout, done.stderr[-500:])
+
+
+def test_a_fat12_claim_of_many_large_fats_is_refused_before_they_are_read(tmp_path: Path) -> None:
+    """A boot sector with 255 FATs of 16 MiB each (BPB_NumFATs, BPB_FATSz16) over a 2 GiB volume
+    (a qcow2's unallocated ESP costs its image nothing): its clusters then count as FAT12, left to
+    pyfatfs's own parse, which read every copy (3.2 GB of memory for a 3 GiB volume). FAT12 covers
+    at most 4,084 clusters (6 KiB of FAT): a larger one is refused before any of it is read."""
+    image = _fat(tmp_path, 32, 40)
+    with open(image, "r+b") as f:
+        f.seek(16)  # BPB_NumFATs
+        f.write(bytes([255]))
+        f.seek(22)  # BPB_FATSz16, which wins over BPB_FATSz32 when set
+        f.write((32768).to_bytes(2, "little"))
+        f.truncate(2 << 30)
+    probe = ("import resource, warnings; warnings.simplefilter('ignore'); "
+             "from lxdimagefs.contents.disk.fat import FatFs; "
+             "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+             "try:\n"
+             f"    FatFs(open({str(image)!r}, 'rb'), {{}}, 0)\n"
+             "except Exception as e:\n"
+             "    print(type(e).__name__, e)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("PyFATException a FAT12"), (done.stdout, done.stderr[-300:])

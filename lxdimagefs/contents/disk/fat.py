@@ -22,6 +22,7 @@ from array import array
 from typing import IO, Any
 
 from ratarmountcore._external.pyfatfs import PyFATException
+from ratarmountcore._external.pyfatfs.FATDirectoryEntry import FATLongDirectoryEntry
 from ratarmountcore._external.pyfatfs.FatIO import FatIO
 from ratarmountcore._external.pyfatfs.PyFat import PyFat
 from ratarmountcore.mountsource.MountSource import FileInfo
@@ -47,13 +48,16 @@ def name_of(entry: Any) -> str:
 
 FAT_MAX = 16 << 20  # a FAT read at most: 4 Mi clusters of FAT32 (a 16 GiB ESP of 4 KiB clusters)
 _LOW_NIBBLE = bytes(i & 0x0F for i in range(256))
+FAT12_MAX = 64 << 10  # 4,084 clusters' FAT is 6 KiB: pyfatfs reads each of up to 255 copies of it
+DIR_MAX = 2 << 20  # a folder's bytes at most: Linux's vfat makes none larger (65,536 entries)
 
 
 class _PyFat(PyFat):
     """pyfatfs with its FAT read at once and kept packed (4 bytes a FAT32 cluster, not an int
     object's 36): its own parse unpacks entry by entry (90 ms of a `find` for a 34 MiB ESP) and
     reads every copy of the FAT to compare them (a warning only); a FAT over FAT_MAX is refused
-    (a hostile boot sector's claim: pyfatfs read it whole). FAT12 (4,084 clusters) is left to it."""
+    (a hostile boot sector's claim: pyfatfs read it whole). FAT12 (4,084 clusters) is left to it,
+    up to FAT12_MAX."""
 
     def _parse_fat(self) -> None:
         bpb = self.bpb_header
@@ -61,6 +65,8 @@ class _PyFat(PyFat):
         if size > FAT_MAX:
             raise PyFATException(f"a FAT of {size} bytes, over the {FAT_MAX} read here")
         if self.fat_type == self.FAT_TYPE_FAT12:
+            if size > FAT12_MAX:  # a hostile claim (255 copies of 16 MiB: 4 GiB read)
+                raise PyFATException(f"a FAT12 of {size} bytes, over the {FAT12_MAX} read here")
             return super()._parse_fat()
         if bpb["BPB_NumFATs"] < 1:
             raise PyFATException("Invalid number of FATs configured, cannot continue")
@@ -77,6 +83,19 @@ class _PyFat(PyFat):
         if sys.byteorder == "big":
             entries.byteswap()
         self.fat = entries
+
+    def parse_dir_entries_in_cluster_chain(self, cluster: int) -> list[Any]:
+        """pyfatfs's own, but a folder's chain followed for DIR_MAX bytes at most: one that loops
+        back (a hostile FAT's) was followed for ever, its entries piling up, the image's lock held."""
+        found: list[Any] = []
+        lfn, size = FATLongDirectoryEntry(), self.bytes_per_cluster
+        for n, at in enumerate(self.get_cluster_chain(cluster)):
+            if n * size >= DIR_MAX:
+                raise PyFATException(f"a folder of over {DIR_MAX} bytes (its cluster chain loops?)")
+            start = self.get_data_cluster_address(at)
+            entries, lfn = self.parse_dir_entries_in_address(start, start + size, lfn)
+            found += entries
+        return found
 
 
 class FatFs:
