@@ -56,6 +56,19 @@ def test_the_fat_is_the_table_pyfatfs_parses_and_files_read_through_it(tmp_path:
         assert sorted(fs.list("/EFI/BOOT") or {}) == ["BOOTX64.EFI", "grub.cfg"]
 
 
+def _capped(code: str, gib: int, timeout: float = 60) -> str:
+    """What `code` prints, run in a child whose address space is capped at `gib` GiB (a loop or an
+    unbounded read is a MemoryError or the timeout, not this machine's memory)."""
+    probe = ("import errno, resource, warnings; warnings.simplefilter('ignore'); "
+             "from lxdimagefs.contents.disk.fat import FatFs; "
+             f"resource.setrlimit(resource.RLIMIT_AS, ({gib} << 30, {gib} << 30))\n" + code)
+    try:
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              timeout=timeout).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s: a loop")
+
+
 def test_opening_an_esp_imports_no_format_detection(tmp_path: Path) -> None:
     """ratarmountcore's FAT source module imports its format checks (rapidgzip, sqlcipher3 and the
     rest: 90 ms of a `find` with the page cache cold); the ESP is read without them."""
@@ -101,34 +114,22 @@ def test_a_folder_whose_cluster_chain_loops_is_eio_not_a_loop(tmp_path: Path) ->
             for cluster in (folder, root):
                 f.seek(fat_at + copy * fat_size + 4 * cluster)
                 f.write(cluster.to_bytes(4, "little"))  # the cluster's next is itself
-    probe = ("import errno, resource; from lxdimagefs.contents.disk.fat import FatFs; "
-             "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-             "try:\n"
-             f"    FatFs(open({str(image)!r}, 'rb'), {{}}, 0)\n"
-             "except Exception as e:\n"
-             "    print(type(e).__name__, e)\n")
-    try:
-        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("still following the chain after 60 s: a loop")
-    assert "PyFATException" in done.stdout and "2097152" in done.stdout, (done.stdout, done.stderr[-500:])
+    out = _capped("try:\n"
+                  f"    FatFs(open({str(image)!r}, 'rb'), {{}}, 0)\n"
+                  "except Exception as e:\n"
+                  "    print(type(e).__name__, e)\n", 2)
+    assert "PyFATException" in out and "2097152" in out, out
     with open(image, "r+b") as f:  # the root's chain mended: the folder's own loop, at its listing
         for copy in range(2):
             f.seek(fat_at + copy * fat_size + 4 * root)
             f.write((0x0FFFFFFF).to_bytes(4, "little"))
-    probe = ("import errno, resource; from lxdimagefs.contents.disk.fat import FatFs; "
-             "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-             f"fs = FatFs(open({str(image)!r}, 'rb'), {{}}, 0)\n"
-             "assert fs.lookup('/EFI') is not None\n"
-             "try:\n"
-             "    fs.list('/EFI/BOOT')\n"
-             "except OSError as e:\n"
-             "    print(errno.errorcode[e.errno], e)\n")
-    try:
-        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("still following the chain after 60 s: a loop")
-    assert done.stdout.startswith("EIO") and "2097152" in done.stdout, (done.stdout, done.stderr[-500:])
+    out = _capped(f"fs = FatFs(open({str(image)!r}, 'rb'), {{}}, 0)\n"
+                  "assert fs.lookup('/EFI') is not None\n"
+                  "try:\n"
+                  "    fs.list('/EFI/BOOT')\n"
+                  "except OSError as e:\n"
+                  "    print(errno.errorcode[e.errno], e)\n", 2)
+    assert out.startswith("EIO") and "2097152" in out, out
 
 
 def test_a_fat12_claim_of_many_large_fats_is_refused_before_they_are_read(tmp_path: Path) -> None:
@@ -143,12 +144,8 @@ def test_a_fat12_claim_of_many_large_fats_is_refused_before_they_are_read(tmp_pa
         f.seek(22)  # BPB_FATSz16, which wins over BPB_FATSz32 when set
         f.write((32768).to_bytes(2, "little"))
         f.truncate(2 << 30)
-    probe = ("import resource, warnings; warnings.simplefilter('ignore'); "
-             "from lxdimagefs.contents.disk.fat import FatFs; "
-             "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
-             "try:\n"
-             f"    FatFs(open({str(image)!r}, 'rb'), {{}}, 0)\n"
-             "except Exception as e:\n"
-             "    print(type(e).__name__, e)\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert done.stdout.startswith("PyFATException a FAT12"), (done.stdout, done.stderr[-300:])
+    out = _capped("try:\n"
+                  f"    FatFs(open({str(image)!r}, 'rb'), {{}}, 0)\n"
+                  "except Exception as e:\n"
+                  "    print(type(e).__name__, e)\n", 1, timeout=120)
+    assert out.startswith("PyFATException a FAT12"), out
