@@ -3,6 +3,7 @@ no import of ratarmountcore's format detection (rapidgzip and the rest) to open 
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import subprocess
@@ -95,6 +96,28 @@ def test_a_fat_larger_than_is_read_here_is_refused_before_it_is_read(tmp_path: P
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, peak
+
+
+def test_a_folder_whose_cluster_chain_runs_past_the_fat_is_eio_not_shorter(tmp_path: Path) -> None:
+    """A folder's chain pointing past the FAT's end: pyfatfs stopped there, the folder listed
+    short with no error (Linux's vfat: EIO); here it is EIO (found by review)."""
+    image = _fat(tmp_path, 32, 40)
+    with open(image, "rb") as f:
+        fs = _PyFat()
+        fs.set_fp(f)
+        folder = fs.root_dir.get_entry("/EFI/BOOT").get_cluster()
+        past = len(fs.fat) + 16
+        fat_at, fat_size = fs.bpb_header["BPB_RsvdSecCnt"] * 512, fs._fat_size * 512
+    with open(image, "r+b") as f:
+        for copy in range(2):
+            f.seek(fat_at + copy * fat_size + 4 * folder)
+            f.write(past.to_bytes(4, "little"))  # the folder's next cluster: past the FAT
+    with open(image, "rb") as f:
+        fat = FatFs(f, {}, 0)
+        assert fat.lookup("/EFI") is not None
+        with pytest.raises(OSError) as caught:
+            fat.list("/EFI/BOOT")
+        assert caught.value.errno == errno.EIO and "past the end" in str(caught.value)
 
 
 def test_a_folder_whose_cluster_chain_loops_is_eio_not_a_loop(tmp_path: Path) -> None:

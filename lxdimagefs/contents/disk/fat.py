@@ -88,14 +88,22 @@ class _PyFat(PyFat):
         """pyfatfs's own, but a folder's chain followed for DIR_MAX bytes at most: one that loops
         back (a hostile FAT's) was followed for ever, its entries piling up, the image's lock held."""
         found: list[Any] = []
-        lfn, size = FATLongDirectoryEntry(), self.bytes_per_cluster
+        lfn, size, at = FATLongDirectoryEntry(), self.bytes_per_cluster, None
         for n, at in enumerate(self.get_cluster_chain(cluster)):
             if n * size >= DIR_MAX:
                 raise PyFATException(f"a folder of over {DIR_MAX} bytes (its cluster chain loops?)")
             start = self.get_data_cluster_address(at)
             entries, lfn = self.parse_dir_entries_in_address(start, start + size, lfn)
             found += entries
+        if at is not None and not self._last(at):  # pyfatfs stops where the chain leaves the FAT
+            raise PyFATException("a folder's cluster chain runs past the end of its FAT")
         return found
+
+    def _last(self, cluster: int) -> bool:
+        """Whether the FAT ends a chain at `cluster` (an end-of-chain mark)."""
+        values, value = self.FAT_CLUSTER_VALUES[self.fat_type], self.fat[cluster]
+        return bool(values["END_OF_CLUSTER_MIN"] <= value <= values["END_OF_CLUSTER_MAX"]
+                    or (self.fat_type == self.FAT_TYPE_FAT12 and value == self.FAT12_SPECIAL_EOC))
 
 
 class FatFs:
