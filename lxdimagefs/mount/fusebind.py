@@ -95,8 +95,6 @@ else:
             the kernel looks none of them up (at offset 0, libfuse 3.14 sends none: its list mode)."""
             name = None if path is None else path.decode(self.encoding, self.errors)
             rows = self.operations.readdir_from(name, fip.contents.fh, offset)
-            if not rows:
-                return 0
             plus = bool(flags & READDIR_PLUS) and name is not None and self.operations.tree.inside_image(name)
             st = mfusepy.c_stat()
             for entry, kind, after in rows:

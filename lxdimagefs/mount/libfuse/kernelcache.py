@@ -63,7 +63,7 @@ class KeptListings:
 
         def opendir(req: int, ino: int, fi: int) -> None:
             KEPT.keep()
-            self._mine.fi = ctypes.cast(fi, fi_p)
+            self._mine.fi = ctypes.cast(fi, fi_p).contents
             try:
                 original(req, ino, fi)  # libfuse's: calls the filesystem's opendir, then answers
             finally:
@@ -81,10 +81,9 @@ class KeptListings:
 
     def keep(self, fi: Any) -> None:
         """The folder being opened (`fi`: its file info as the filesystem got it) never changes."""
-        answered = fi if self._own_fi else getattr(self._mine, "fi", None)
+        answered = fi if self._own_fi else getattr(self._mine, "fi", None)  # 3.14/3.15: libfuse's own
         if answered is not None:
-            target = answered if self._own_fi else answered.contents
-            target.cache_readdir = target.keep_cache = 1
+            answered.cache_readdir = answered.keep_cache = 1
 
 
 def path_invalidator(lib: Any, mountpoint: str = "") -> Callable[[str, bool], None]:
