@@ -39,7 +39,7 @@ class Tree(Attributes, OpenFiles):
     def __init__(self, catalog: Catalog, exports: Exports, own: Ownership | None = None,
                  readonly: bool = True, mountpoint: str = "", spool_dir: Path | None = None,
                  index: IndexFolder | None = None, imports: bool = True,
-                 handles: HandleTable | None = None, allow_delete: bool = False) -> None:
+                 handles: HandleTable | None = None, allow_delete: bool = False, served_at: str = "") -> None:
         self.catalog = catalog
         self.exports = exports
         own = own or Ownership()
@@ -56,7 +56,7 @@ class Tree(Attributes, OpenFiles):
             self.imports = ImportsNode(self.ctx, catalog, spool_dir or exports.spool.directory)
             self.nodes[IMPORT_DIR] = self.imports
         if index is not None:  # what is inside images; `-o nocontents` leaves it out
-            self.nodes[CONTENTS_DIR] = ContentsNode(self.ctx, catalog, exports, self.images, index)
+            self.nodes[CONTENTS_DIR] = ContentsNode(self.ctx, catalog, exports, self.images, index, served_at)
         self.handles = handles or HandleTable()
         self.space = Space(catalog)
         catalog.listeners.append(self._changed)

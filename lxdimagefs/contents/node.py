@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import stat
 import threading
 from collections.abc import Callable
@@ -36,6 +37,9 @@ Found = tuple[ImageArchive, Entry, Attr]
 
 CONTENTS_DIR = "contents"
 ALIASES = "by-alias"
+# The image folders as the connection that serves them asks for them (mount/inside.py): no path
+# the kernel sends holds a NUL, so the name is that connection's alone.
+SERVED = "\0" + FP_DIR
 # contents/ is derived from the exports beside it: backups skip it with --exclude-caches (tar,
 # restic, borg), as https://bford.info/cachedir/ has every tool do.
 CACHEDIR_TAG = "CACHEDIR.TAG"
@@ -79,14 +83,16 @@ class EntryHandle(Handle):
 
 
 class FolderHandle(Handle):
-    """A folder open inside an image: KEEP where the kernel may keep its listing for the mount's life."""
+    """A folder open inside an image: KEEP where the kernel may keep its listing for the mount's
+    life; FRESH where it is whole but from bytes whose check is under way (kept only by a
+    connection that drops it if the check fails: mount/inside.py); else DIRECT."""
 
-    def __init__(self, opener: int, kept: bool) -> None:
+    def __init__(self, opener: int, caching: Caching) -> None:
         super().__init__(opener)
-        self.kept = kept
+        self._caching = caching
 
     def caching(self) -> Caching:
-        return Caching.KEEP if self.kept else Caching.DIRECT
+        return self._caching
 
 
 def _guarded(fp: str, call: Callable[[], T]) -> T:
@@ -120,9 +126,15 @@ class ContentsNode(Node):
     ENTRIES_KEPT = 8192  # entries inside images kept looked up, across them (about 500 bytes each)
 
     def __init__(self, ctx: Context, catalog: Catalog, exports: Exports, images: ImagesNode,
-                 index: IndexFolder) -> None:
+                 index: IndexFolder, served_at: str = "") -> None:
         super().__init__(ctx, CONTENTS_DIR)
         self.catalog, self.exports, self.images, self.index = catalog, exports, images, index
+        # Where a connection of its own serves the image folders (each `by-fingerprint/<name>` is
+        # then a link to `<served_at>/<fp>`); empty: served here.
+        self.served_at = served_at
+        # An image that fails its check: the kernel drops what it keeps of it (tree/images.py does
+        # so for its export); every later read of it is EIO.
+        exports.verification.on_corrupt.append(lambda fp: self.ctx.on_change(self.path([FP_DIR, fp])))
         self._archives = _Archives(self.MAX_OPEN, self._forget_entries)
         self._entries: LRUCache[tuple[str, ...], Found] = LRUCache(self.ENTRIES_KEPT)
         self._lock = threading.Lock()
@@ -177,8 +189,26 @@ class ContentsNode(Node):
         ino = None if entry.place is None else inode_number(self.ctx.mountpoint, archive.fp, *entry.place)
         return archive, entry, _attr(entry, ino)
 
+    def _view(self, rest: list[str]) -> tuple[list[str], bool]:
+        """`rest` as the folders here know it, and whether it names an image's folder that is a
+        link to the connection that serves it (SERVED: that connection asking for the folder)."""
+        if rest and rest[0] == SERVED:
+            return [FP_DIR, *rest[1:]], False
+        return rest, bool(self.served_at) and len(rest) >= 2 and rest[0] == FP_DIR
+
+    def _link(self, rest: list[str]) -> tuple[str, float]:
+        """An image folder's link (a short name's too: to the full one) and its image's upload time."""
+        if len(rest) != 2:  # below a link: the kernel follows it instead
+            raise fs_error(errno.ENOENT, self.path(rest))
+        image = self.images.image(rest[1], self.path(rest))
+        return f"{self.served_at}/{image.fingerprint}", image.uploaded_at
+
     def getattr(self, rest: list[str]) -> Attr:
         t = self.ctx.started
+        rest, linked = self._view(rest)
+        if linked:
+            target, up = self._link(rest)
+            return Attr(stat.S_IFLNK | 0o777, len(os.fsencode(target)), up, up, up)
         if rest == [CACHEDIR_TAG]:
             return Attr(stat.S_IFREG | 0o444, len(TAG), t, t, t)
         if len(rest) < 2:
@@ -199,9 +229,12 @@ class ContentsNode(Node):
     def readdir(self, rest: list[str]) -> list[str]:
         if not rest:
             return [CACHEDIR_TAG, FP_DIR, ALIASES]
+        rest, linked = self._view(rest)
+        if linked:
+            raise fs_error(errno.ENOTDIR, self.path(rest))
         if rest == [FP_DIR]:
             images = sorted(self.catalog.snapshot().images)
-            return Listing(images, dict.fromkeys(images, stat.S_IFDIR))
+            return Listing(images, dict.fromkeys(images, stat.S_IFLNK if self.served_at else stat.S_IFDIR))
         if rest == [ALIASES]:
             aliases = sorted(self.catalog.snapshot().aliases)
             return Listing(aliases, dict.fromkeys(aliases, stat.S_IFLNK))
@@ -227,15 +260,20 @@ class ContentsNode(Node):
         life under an image's full fingerprint (a short one may name another image later), once
         the bytes it comes from are checked (a check under way may yet fail), and unless its last
         listing left entries out (a guest's disk read that failed: asked again at each open)."""
-        if len(rest) < 2 or rest[0] != FP_DIR:
+        rest, linked = self._view(rest)
+        if len(rest) < 2 or rest[0] != FP_DIR or linked:
             return super().opendir(rest, pid)
         archive, entry, _ = self._entry(rest)  # its listing comes from the source that holds it
         complete = getattr(entry.source, "complete", lambda _: True)  # a guest's folder listed whole
-        kept = Fingerprint.parse(rest[1]) is not None and archive.proven(entry) \
-            and not self.exports.verification.failed(archive.fp) and complete(entry.info)
-        return FolderHandle(pid, kept)
+        if self.exports.verification.failed(archive.fp) or not complete(entry.info):
+            return FolderHandle(pid, Caching.DIRECT)
+        kept = Fingerprint.parse(rest[1]) is not None and archive.proven(entry)
+        return FolderHandle(pid, Caching.KEEP if kept else Caching.FRESH)
 
     def readlink(self, rest: list[str]) -> str:
+        rest, linked = self._view(rest)
+        if linked:
+            return self._link(rest)[0]
         if len(rest) == 2 and rest[0] == ALIASES:
             fp = self.catalog.alias_target(rest[1])
             if fp is None:
@@ -251,7 +289,8 @@ class ContentsNode(Node):
     def open(self, rest: list[str], flags: int, pid: int) -> Handle:
         if rest == [CACHEDIR_TAG]:
             return BytesHandle(TAG)
-        if len(rest) < 3 or rest[0] != FP_DIR:
+        rest, linked = self._view(rest)
+        if len(rest) < 3 or rest[0] != FP_DIR or linked:
             raise fs_error(errno.ENOENT, self.path(rest))
         archive, entry, _ = self._entry(rest)
         return EntryHandle(archive, entry, opener=pid)

@@ -53,6 +53,7 @@ class Settings:
     disk: DiskCache | None = None  # verified exports on disk, shared by every server's tree
     local_files: bool = True  # a local server's own image files read in place (-o nolocal: never)
     own: Ownership = field(default_factory=Ownership)  # -o uid=,gid=,file_mode=,dir_mode=
+    inside: str = ""  # where a connection of its own serves the image folders (mount/inside.py)
 
 
 @dataclass
@@ -76,7 +77,7 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
         exports = Exports(streams, spool, capacity=cache_bytes, disk=settings.disk)
         exports.verification.remote = remote.name
         tree = Tree(catalog, exports, settings.own, readonly=True, mountpoint=mountpoint, index=index,
-                    imports=False, handles=handles)
+                    imports=False, handles=handles, served_at=served_at(settings, mountpoint))
         slot = Slot(remote.name, tree, streams.reachable, from_simplestreams(streams.base))
         return Built(remote, tree, None, slot)
     client = LXDClient(conn)
@@ -86,13 +87,20 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
     exports = Exports(client, spool, capacity=cache_bytes, disk=settings.disk, images=images)
     exports.verification.remote = remote.name  # the stats' label
     tree = Tree(catalog, exports, settings.own, readonly=settings.readonly, mountpoint=mountpoint,
-                index=index, handles=handles, allow_delete=settings.allow_delete)
+                index=index, handles=handles, allow_delete=settings.allow_delete,
+                served_at=served_at(settings, mountpoint))
     events = None
     if settings.events:
         events = EventWatcher(client, tree.changed_elsewhere, catalog.refresh, timeout=conn.timeout[1],
                               ping=min(10.0, conn.timeout[1]), poll=settings.metadata_ttl)
         catalog.events_live = events.live.is_set
     return Built(remote, tree, events, Slot(remote.name, tree, client.reachable, from_lxd(client)))
+
+
+def served_at(settings: Settings, mountpoint: str) -> str:
+    """The folder of the inside connection that holds this tree's images (its remote's and project's
+    names below that connection's root, as below the mount's)."""
+    return settings.inside + mountpoint[len(settings.mountpoint):] if settings.inside else ""
 
 
 def build_projects(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
@@ -184,6 +192,10 @@ UNFOLLOWED = 1.0
 
 def kernel_timeouts(built: list[Built], settings: Settings) -> dict[str, float]:
     """The FUSE options for the kernel's entry and attribute caches (-o entry_timeout=… sets others)."""
-    followed = settings.events and all(not b.remote.simplestreams for b in built)
-    seconds = FOLLOWED if followed else UNFOLLOWED
+    seconds = FOLLOWED if followed(built, settings) else UNFOLLOWED
     return {"entry_timeout": seconds, "attr_timeout": seconds}
+
+
+def followed(built: list[Built], settings: Settings) -> bool:
+    """Whether every server's changes are heard of as they happen (LXD's events)."""
+    return settings.events and all(not b.remote.simplestreams for b in built)

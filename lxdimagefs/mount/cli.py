@@ -223,8 +223,24 @@ def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas()  # before any thread: each would take an arena of its own
 
     # Imported late: loading libfuse is not needed for --help or a usage error.
+    from lxdimagefs.mount.fusebind import BINDING, LIBFUSE
+
+    inside = None
+    if not own.nocontents and BINDING == "mfusepy" and LIBFUSE == 3:
+        from lxdimagefs.mount.inside import mounted
+        inside = mounted(fuse_opts)  # before the fork: its session goes with the daemon
+    try:
+        return mount(args, own, fuse_opts, mountpoint, chosen, inside)
+    finally:
+        if inside is not None:
+            inside.stop()
+
+
+def mount(args: argparse.Namespace, own: MountOptions, fuse_opts: dict[str, Any], mountpoint: str,
+          chosen: list[Any], inside: Any) -> int:
+    """Build the trees and serve the mount until it ends (`inside`: contents/'s own connection)."""
     from lxdimagefs.data.diskcache import CacheRefused, DiskCache
-    from lxdimagefs.mount.assemble import Settings, assemble, kernel_timeouts
+    from lxdimagefs.mount.assemble import Settings, assemble, followed, kernel_timeouts
     from lxdimagefs.mount.fuse_ops import LXDImageOps
     from lxdimagefs.mount.fusebind import worker_options
 
@@ -241,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                         metadata_ttl=own.metadata_ttl, cache_bytes=own.cache_bytes,
                         events=not own.no_events, contents=not own.nocontents,
                         all_projects=args.all_projects,
-                        allow_delete=own.allow_delete, local_files=not own.nolocal, own=own.own)
+                        allow_delete=own.allow_delete, local_files=not own.nolocal, own=own.own,
+                        inside=str(inside.folder) if inside is not None else "")
     forest = args.all_remotes or len(args.remote) > 1
     try:
         root, built = assemble(chosen, settings, forest)
@@ -265,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         fuse_opts.setdefault(key, value)
     log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None], mountpoint)
+    if inside is not None:  # it answers once the daemon has forked, and hears of what changed
+        inside.root, inside.depth = root, int(forest) + int(args.all_projects)
+        inside.timeout = float(fuse_opts["entry_timeout"])
+        ops.told.append(inside.changed)
+        ops.on_init.append(inside.start)
+        # The image folders' links are kept as pages: each path through one is then the kernel's
+        # alone; alias links too, which is safe where every change is heard of (and dropped).
+        ops.cache_symlinks = followed(built, settings)
     try:
         serve(ops, mountpoint, args.foreground, fuse_opts, serving(built, disk), own.metrics)
     except RuntimeError as e:

@@ -53,6 +53,8 @@ else:
                                  self._mountpoint, mfusepy.fuse_file_info)
             except Exception:  # never into libfuse's init: the listings are then asked each time
                 log.exception("the kernel's listing cache could not be set up")
+            if getattr(self.operations, "cache_symlinks", False):
+                conn.contents.want |= conn.contents.capable & CACHE_SYMLINKS
             super().init_fuse_3(conn, config)
 
         def opendir(self, path: bytes, fip: Any) -> int:
@@ -137,6 +139,7 @@ UNKNOWN_INO = 0xFFFFFFFF  # FUSE_UNKNOWN_INO
 MAX_IDLE_THREADS = 16
 # FOPEN_NOFLUSH (libfuse >= 3.11, kernel >= 5.16): the kernel sends no FLUSH at a close of the file.
 NOFLUSH = BINDING == "mfusepy" and LIBFUSE == 3 and hasattr(mfusepy.fuse_file_info, "noflush")
+CACHE_SYMLINKS = 1 << 23  # FUSE_CAP_CACHE_SYMLINKS: a link's target kept as its page
 READDIR_PLUS = 1  # enum fuse_readdir_flags: the kernel asked for attributes with the names
 FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags: this name's attributes are given, whole
 

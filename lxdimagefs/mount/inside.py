@@ -1,0 +1,299 @@
+"""What is inside images, on a FUSE connection of its own, so that the kernel keeps it.
+
+Inside an image nothing changes (its name is its fingerprint), yet on the mount's own connection
+every file opened there costs an OPEN and a RELEASE and every folder an OPENDIR and a RELEASEDIR:
+a repeat `grep -r` or `find` was those round trips (docs/PERFORMANCE.md). Those calls cannot be
+spared for part of a connection, so the image folders are served by a second one
+(`libfuse/lowlevel.py`), which answers neither: the kernel keeps names, attributes, listings and
+pages for the mount's life, and is told to drop them when an image goes or fails its check.
+
+It is mounted in a private folder (`where()`); `contents/by-fingerprint/<fp>` in the mount is a
+link to `<that folder>/<remote>/<project>/<fp>` (contents/node.py). Its folders above the images
+list nothing: the images are listed in the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from lxdimagefs.compose.forest import Forest
+from lxdimagefs.compose.root import Tree
+from lxdimagefs.contents.node import CONTENTS_DIR, SERVED
+from lxdimagefs.errors import fs_error
+from lxdimagefs.fs.handles import Caching
+from lxdimagefs.fs.node import Listing
+from lxdimagefs.keys import Fingerprint
+from lxdimagefs.mount.fuse_ops import _stat, to_errno
+from lxdimagefs.mount.libfuse.lowlevel import ROOT, Connection, Entry
+from lxdimagefs.stats import timed
+
+log = logging.getLogger(__name__)
+
+FOREVER = 365 * 86400.0  # what is inside an image: the kernel keeps it until told otherwise
+UNKNOWN = {"st_ino": 0xFFFFFFFF}  # a name whose attributes could not be had: the kernel asks
+SETTLE = 0.1  # seconds for the kernel to take in an answer before what it keeps of it is dropped
+
+
+def where(allow_other: bool) -> Path:
+    """A new folder to mount on, in one the user alone may list: $XDG_RUNTIME_DIR, /run for root,
+    else the temporary folder. Others may pass through it where the mount lets them in."""
+    uid = os.getuid()
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    base = Path(runtime) / "lxdimagefs" if runtime and os.path.isdir(runtime) else \
+        Path("/run/lxdimagefs") if uid == 0 else Path(tempfile.gettempdir()) / f"lxdimagefs-{uid}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+        raise OSError(errno.EPERM, f"{base} is not a folder of this user's")
+    os.chmod(base, 0o711 if allow_other else 0o700)
+    return Path(tempfile.mkdtemp(prefix="contents-", dir=base))
+
+
+class Nodes:
+    """The kernel's node ids and the paths they stand for, with the lookups it holds of each."""
+
+    def __init__(self) -> None:
+        self._paths: dict[int, str] = {ROOT: "/"}
+        self._ids: dict[str, int] = {"/": ROOT}
+        self._counts: dict[int, int] = {}
+        self._next = ROOT + 1
+        self._lock = threading.Lock()
+
+    def path(self, node: int) -> str:
+        try:
+            return self._paths[node]
+        except KeyError:
+            raise fs_error(errno.ESTALE, f"node {node}") from None
+
+    def known(self, path: str) -> int | None:
+        return self._ids.get(path)
+
+    def node(self, path: str) -> int:
+        with self._lock:
+            node = self._ids.get(path)
+            if node is None:
+                node, self._next = self._next, self._next + 1
+                self._ids[path], self._paths[node] = node, path
+            return node
+
+    def looked_up(self, nodes: list[int]) -> None:
+        with self._lock:
+            for node in nodes:
+                self._counts[node] = self._counts.get(node, 0) + 1
+
+    def forget(self, node: int, count: int) -> None:
+        with self._lock:
+            left = self._counts.get(node, 0) - count
+            if left > 0 or node == ROOT:
+                self._counts[node] = left
+                return
+            self._counts.pop(node, None)
+            path = self._paths.pop(node, None)
+            if path is not None and self._ids.get(path) == node:
+                del self._ids[path]
+
+    def under(self, path: str) -> list[int]:
+        with self._lock:
+            return [n for p, n in self._ids.items() if p == path or p.startswith(path + "/")]
+
+
+class Inside:
+    """The handler of the connection: its paths `/<remote>/<project>/<fp>/…` (`depth` names before
+    the fingerprint) are the tree's `…/contents/<SERVED>/<fp>/…`. Mounted before the daemon forks
+    (`mounted`), answering after (`start`): the kernel waits for its first answer meanwhile."""
+
+    root: Tree | Forest
+    depth: int
+    timeout: float  # what may change here (an image's folder, which goes with its image)
+
+    def __init__(self, folder: Path, connection_options: list[str]) -> None:
+        self.folder = folder
+        self.nodes = Nodes()
+        self.connection = Connection(self, connection_options)
+        self._dropping: queue.Queue[Callable[[], None]] = queue.Queue()
+
+    def start(self) -> None:
+        threading.Thread(target=self._drain, daemon=True, name="inside-drop").start()
+        self.connection.serve()
+
+    def stop(self) -> None:
+        self.connection.stop()
+        try:
+            self.folder.rmdir()
+        except OSError as e:  # still held (lazily unmounted): left for the system's clean-up
+            log.info("the inside connection's folder %s stays: %s", self.folder, e.strerror)
+
+    def _drain(self) -> None:
+        while True:
+            self._dropping.get()()
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def _tree_path(self, path: str) -> str | None:
+        """The tree's path for ours; None for a folder above the images."""
+        parts = path.strip("/").split("/") if path != "/" else []
+        if len(parts) <= self.depth:
+            return None
+        prefix, fp = parts[:self.depth], parts[self.depth]
+        if Fingerprint.parse(fp) is None:  # a short name: the mount's link names the full one
+            raise fs_error(errno.ENOENT, path)
+        return "/".join(["", *prefix, CONTENTS_DIR, SERVED, *parts[self.depth:]])
+
+    def _entry(self, path: str) -> Entry:
+        tree_path = self._tree_path(path)
+        if tree_path is None:
+            if path != "/":  # a remote's or project's folder: the mount's
+                self.root.getattr(path)
+            attrs = _stat(self.root.ctx.dir(self.root.ctx.started), self.root.uid, self.root.gid, path)
+            return Entry(self.nodes.node(path), attrs, self.timeout, self.timeout)
+        attrs = _stat(self.root.getattr(tree_path), self.root.uid, self.root.gid, tree_path)
+        below = path.count("/") > self.depth + 1  # inside an image, not its folder (which may go)
+        seconds = FOREVER if below else self.timeout
+        return Entry(self.nodes.node(path), attrs, seconds, seconds)
+
+    @staticmethod
+    def _join(folder: str, name: str) -> str:
+        return f"{folder.rstrip('/')}/{name}"
+
+    # -- the kernel's calls (lowlevel.Handler) ----------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> Entry:
+        started = time.perf_counter()
+        try:
+            entry = self._entry(self._join(self.nodes.path(parent), os.fsdecode(name)))
+        finally:
+            timed("lookup", time.perf_counter() - started)
+        self.nodes.looked_up([entry.node])
+        return entry
+
+    def forget(self, node: int, count: int) -> None:
+        self.nodes.forget(node, count)
+
+    def getattr(self, node: int) -> Entry:
+        started = time.perf_counter()
+        try:
+            return self._entry(self.nodes.path(node))
+        finally:
+            timed("getattr", time.perf_counter() - started)
+
+    def readlink(self, node: int) -> bytes:
+        tree_path = self._tree_path(self.nodes.path(node))
+        if tree_path is None:
+            raise fs_error(errno.EINVAL, self.nodes.path(node))
+        return os.fsencode(self.root.readlink(tree_path))
+
+    def read(self, node: int, offset: int, into: memoryview) -> int:
+        started, tree_path = time.perf_counter(), self._tree_path(self.nodes.path(node))
+        if tree_path is None:
+            raise fs_error(errno.EISDIR, self.nodes.path(node))
+        fh = self.root.open(tree_path, os.O_RDONLY, 0)
+        try:
+            return self.root.readinto(fh, offset, into)
+        finally:
+            self.root.release(fh)
+            timed("read", time.perf_counter() - started)
+
+    def listing(self, node: int, offset: int) -> Iterator[tuple[bytes, Entry, int]]:
+        """A folder's rows from `offset` on, each with its attributes (READDIRPLUS)."""
+        started, path = time.perf_counter(), self.nodes.path(node)
+        tree_path = self._tree_path(path)
+        names = Listing([], {}) if tree_path is None else self.root.readdir(tree_path)
+        kinds = names.kinds if isinstance(names, Listing) else {}
+        rows = [".", "..", *names]
+        timed("readdir", time.perf_counter() - started)
+        for at, name in enumerate(rows[offset:], offset + 1):
+            if name in (".", ".."):
+                yield name.encode(), Entry(0, {**UNKNOWN, "st_mode": stat.S_IFDIR}, 0, 0), at
+                continue
+            try:
+                entry = self._entry(self._join(path, name))
+            except Exception:  # its stat failed: its type alone, the kernel asks for the rest
+                entry = Entry(0, {**UNKNOWN, "st_mode": kinds.get(name, 0)}, 0, 0)
+            yield os.fsencode(name), entry, at
+
+    def listed(self, node: int, entries: list[int]) -> None:
+        """The kernel holds these names now. A listing that left names out (a guest's disk read
+        that failed) is dropped just after it is sent: the next listing asks again. One from bytes
+        whose check is under way is kept: if the check fails, `changed` drops the whole image."""
+        self.nodes.looked_up(entries)
+        tree_path = self._tree_path(self.nodes.path(node))
+        if tree_path is not None and not self._whole(tree_path):
+            self._later(lambda: self.connection.drop(node))
+
+    def _whole(self, tree_path: str) -> bool:
+        try:
+            fh = self.root.opendir(tree_path, 0)
+        except OSError:
+            return False
+        try:
+            return self.root.caching(fh) is not Caching.DIRECT
+        finally:
+            self.root.release(fh)
+
+    def _later(self, drop: Callable[[], None]) -> None:
+        """Once the kernel has taken in the answer being sent (it keeps what it parses after a drop)."""
+        timer = threading.Timer(SETTLE, lambda: self._dropping.put(drop))
+        timer.daemon = True
+        timer.start()
+
+    def statfs(self, node: int) -> dict[str, int]:
+        return self.root.statfs("/")
+
+    def errno_of(self, op: str, node: int, exc: BaseException) -> int:
+        return to_errno(op, (self.nodes._paths.get(node, node),), exc)
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def changed(self, path: str, entry: bool) -> None:
+        """The tree's path changed: if it is an image's folder under contents/ or inside one, the
+        kernel drops that image's folder (its name, with `entry`) and what it keeps inside it."""
+        parts = path.strip("/").split("/")
+        d = self.depth
+        if len(parts) < d + 3 or parts[d] != CONTENTS_DIR or parts[d + 1] != "by-fingerprint":
+            return
+        if Fingerprint.parse(parts[d + 2]) is None:
+            return
+        folder = "/" + "/".join(parts[:d])
+        image = self._join(folder, parts[d + 2])
+        self._dropping.put(lambda: self._drop(folder, parts[d + 2], image, entry))
+        # and once more, for an answer made before the change and taken in by the kernel after it
+        self._later(lambda: self._drop(folder, parts[d + 2], image, False))
+
+    def _drop(self, folder: str, fp: str, image: str, entry: bool) -> None:
+        parent = self.nodes.known(folder if folder != "/" else "/")
+        if entry and parent is not None:
+            self.connection.forget_name(parent, fp.encode())
+        for node in self.nodes.under(image):
+            self.connection.drop(node)
+
+
+
+
+def mounted(fuse_opts: dict[str, object]) -> Inside | None:
+    """The inside connection, mounted in a new private folder with the mount's own access options
+    (before the daemon forks); None if that cannot be done: contents/ is then served whole by the
+    mount itself, as without it (slower repeats, the same answers)."""
+    allow_other = bool(fuse_opts.get("allow_other") or fuse_opts.get("allow_root"))
+    options = ["ro", "fsname=lxdimagefs-contents", "subtype=lxdimagefs"]
+    options += [key for key in ("allow_other", "allow_root", "debug") if fuse_opts.get(key)]
+    options += ["default_permissions"] if allow_other else []  # an image's own modes, for others
+    try:
+        folder = where(allow_other)
+    except OSError as e:
+        log.warning("contents/ is served by the mount itself: no folder for its own connection (%s)", e)
+        return None
+    inside = Inside(folder, ["-o", ",".join(options)])
+    if not inside.connection.mount(str(folder)):
+        folder.rmdir()
+        log.warning("contents/ is served by the mount itself: its own connection could not be mounted")
+        return None
+    return inside
