@@ -34,6 +34,7 @@ from lxdimagefs.fs.node import Listing
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.mount.fuse_ops import _stat, to_errno
 from lxdimagefs.mount.libfuse.lowlevel import ROOT, Connection, Entry
+from lxdimagefs.mount.tuning import raise_readahead
 from lxdimagefs.stats import timed
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class Inside:
     def start(self) -> None:
         threading.Thread(target=self._drain, daemon=True, name="inside-drop").start()
         self.connection.serve()
+        threading.Thread(target=raise_readahead, args=(str(self.folder),), daemon=True,
+                         name="readahead").start()  # as the mount's own
 
     def stop(self) -> None:
         self.connection.stop()
@@ -155,10 +158,16 @@ class Inside:
                 self.root.getattr(path)
             attrs = _stat(self.root.ctx.dir(self.root.ctx.started), self.root.uid, self.root.gid, path)
             return Entry(self.nodes.node(path), attrs, self.timeout, self.timeout)
+        return self._found(path, tree_path, self._seconds(path.count("/")))
+
+    def _found(self, path: str, tree_path: str, seconds: float) -> Entry:
         attrs = _stat(self.root.getattr(tree_path), self.root.uid, self.root.gid, tree_path)
-        below = path.count("/") > self.depth + 1  # inside an image, not its folder (which may go)
-        seconds = FOREVER if below else self.timeout
         return Entry(self.nodes.node(path), attrs, seconds, seconds)
+
+    def _seconds(self, level: int) -> float:
+        """How long the kernel keeps a name `level` names deep: inside an image for good, an image's
+        folder (which goes with its image) as the mount's own names."""
+        return FOREVER if level > self.depth + 1 else self.timeout
 
     @staticmethod
     def _join(folder: str, name: str) -> str:
@@ -171,7 +180,7 @@ class Inside:
         try:
             entry = self._entry(self._join(self.nodes.path(parent), os.fsdecode(name)))
         finally:
-            timed("lookup", time.perf_counter() - started)
+            timed("getattr", time.perf_counter() - started)  # as the mount's LOOKUP is counted
         self.nodes.looked_up([entry.node])
         return entry
 
@@ -210,22 +219,24 @@ class Inside:
         kinds = names.kinds if isinstance(names, Listing) else {}
         rows = [".", "..", *names]
         timed("readdir", time.perf_counter() - started)
+        seconds = self._seconds(path.count("/") + (path != "/"))
         for at, name in enumerate(rows[offset:], offset + 1):
             if name in (".", ".."):
                 yield name.encode(), Entry(0, {**UNKNOWN, "st_mode": stat.S_IFDIR}, 0, 0), at
                 continue
             try:
-                entry = self._entry(self._join(path, name))
+                assert tree_path is not None  # above the images, folders list nothing
+                entry = self._found(self._join(path, name), f"{tree_path}/{name}", seconds)
             except Exception:  # its stat failed: its type alone, the kernel asks for the rest
                 entry = Entry(0, {**UNKNOWN, "st_mode": kinds.get(name, 0)}, 0, 0)
             yield os.fsencode(name), entry, at
 
-    def listed(self, node: int, entries: list[int]) -> None:
+    def listed(self, node: int, offset: int, entries: list[int]) -> None:
         """The kernel holds these names now. A listing that left names out (a guest's disk read
         that failed) is dropped just after it is sent: the next listing asks again. One from bytes
         whose check is under way is kept: if the check fails, `changed` drops the whole image."""
         self.nodes.looked_up(entries)
-        tree_path = self._tree_path(self.nodes.path(node))
+        tree_path = None if offset else self._tree_path(self.nodes.path(node))  # a listing's first reply
         if tree_path is not None and not self._whole(tree_path):
             self._later(lambda: self.connection.drop(node))
 
