@@ -228,17 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     inside = None
     if not own.nocontents and BINDING == "mfusepy" and LIBFUSE == 3:
         from lxdimagefs.mount.inside import mounted
-        inside = mounted(fuse_opts)  # before the fork: its session goes with the daemon
-    try:
-        return mount(args, own, fuse_opts, mountpoint, chosen, inside)
-    finally:
-        if inside is not None:
-            inside.stop()
-
-
-def mount(args: argparse.Namespace, own: MountOptions, fuse_opts: dict[str, Any], mountpoint: str,
-          chosen: list[Any], inside: Any) -> int:
-    """Build the trees and serve the mount until it ends (`inside`: contents/'s own connection)."""
+        inside = mounted(fuse_opts)  # before the fork, which its session survives (unmounted at exit)
     from lxdimagefs.data.diskcache import CacheRefused, DiskCache
     from lxdimagefs.mount.assemble import Settings, assemble, followed, kernel_timeouts
     from lxdimagefs.mount.fuse_ops import LXDImageOps
@@ -282,14 +272,10 @@ def mount(args: argparse.Namespace, own: MountOptions, fuse_opts: dict[str, Any]
         fuse_opts.setdefault(key, value)
     log.debug("mounting %s on %s", ", ".join(c.describe() for _, c in chosen), mountpoint)
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None], mountpoint)
-    if inside is not None:  # it answers once the daemon has forked, and hears of what changed
-        inside.root, inside.depth = root, int(forest) + int(args.all_projects)
-        inside.timeout = float(fuse_opts["entry_timeout"])
-        ops.told.append(inside.changed)
-        ops.on_init.append(inside.start)
-        # The image folders' links are kept as pages: each path through one is then the kernel's
-        # alone; alias links too, which is safe where every change is heard of (and dropped).
-        ops.cache_symlinks = followed(built, settings)
+    if inside is not None:
+        from lxdimagefs.mount.inside import attach
+        attach(inside, ops, root, int(forest) + int(args.all_projects), float(fuse_opts["entry_timeout"]),
+               followed(built, settings))
     try:
         serve(ops, mountpoint, args.foreground, fuse_opts, serving(built, disk), own.metrics)
     except RuntimeError as e:

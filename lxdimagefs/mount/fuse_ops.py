@@ -83,27 +83,18 @@ class LXDImageOps(Operations):
 
     def __init__(self, tree: Tree | Forest, events: list[EventWatcher] | None = None,
                  mountpoint: str = "") -> None:
-        self.tree = tree
-        self.events = events or []
-        self.mountpoint = mountpoint
+        self.tree, self.events, self.mountpoint = tree, events or [], mountpoint
         self.served = False  # set once the kernel has the mount
         self._listings: dict[int, list[tuple[str, int, int]]] = {}  # open folders' rows, by handle
         self.on_init: list[Callable[[], None]] = []
-        self.told: list[Callable[[str, bool], None]] = []  # told of every path that changed too
-        self.cache_symlinks = False  # the kernel may keep links' targets (fusebind)
+        self.told: list[Callable[..., None]] = []  # told of every path that changed, as the kernel is
 
     def init(self, path: str) -> None:
         self.served = True
         for watcher in self.events:
             watcher.start()  # threads start here: the daemon has forked by now
         tuning.start(self.mountpoint)
-        forget = kernel_forgetter(self.mountpoint)
-
-        def on_change(path: str, wait: bool = False, entry: bool = True) -> None:
-            forget(path, wait, entry)
-            for told in self.told:
-                told(path, entry)
-        self.tree.started(on_change)
+        self.tree.started(kernel_forgetter(self.mountpoint, self.told))
         for hook in self.on_init:  # the metrics socket: threads start after the fork
             hook()
 

@@ -161,10 +161,18 @@ def listed(names: list[str], kinds: dict[str, int]) -> list[tuple[str, dict[str,
     return [(name, {"st_ino": UNKNOWN_INO, "st_mode": kinds.get(name, 0)}, 0) for name in names]
 
 
-def kernel_forgetter(mountpoint: str = "") -> Callable[..., None]:
-    """kernelcache.kernel_forgetter on this binding's libfuse: libfuse 2 cannot tell the kernel."""
+def kernel_forgetter(mountpoint: str = "", also: list[Callable[..., None]] | None = None
+                     ) -> Callable[..., None]:
+    """kernelcache.kernel_forgetter on this binding's libfuse (libfuse 2 cannot tell the kernel),
+    telling `also` of each change too: `on_change(path, wait=False, entry=True)`."""
     libfuse3 = mfusepy._libfuse if LIBFUSE == 3 and BINDING != "fusepy" else None
-    return kernelcache.kernel_forgetter(libfuse3, mountpoint)
+    forget = kernelcache.kernel_forgetter(libfuse3, mountpoint)
+    told = [forget, *(also or [])]
+
+    def on_change(path: str, wait: bool = False, entry: bool = True) -> None:
+        for tell in told:
+            tell(path, wait, entry)
+    return on_change
 
 
 __all__ = ["BINDING", "FUSE", "LIBFUSE", "NOFLUSH", "Operations", "fuse_get_context", "kernel_forgetter",

@@ -14,6 +14,7 @@ list nothing: the images are listed in the mount.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
@@ -32,8 +33,9 @@ from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Caching
 from lxdimagefs.fs.node import Listing
 from lxdimagefs.keys import Fingerprint
-from lxdimagefs.mount.fuse_ops import _stat, to_errno
-from lxdimagefs.mount.libfuse.lowlevel import ROOT, Connection, Entry
+from lxdimagefs.mount.fuse_ops import LXDImageOps, _stat, to_errno
+from lxdimagefs.mount.libfuse.lowlevel import Connection, Entry
+from lxdimagefs.mount.libfuse.nodes import Nodes
 from lxdimagefs.mount.tuning import raise_readahead
 from lxdimagefs.stats import timed
 
@@ -57,54 +59,6 @@ def where(allow_other: bool) -> Path:
         raise OSError(errno.EPERM, f"{base} is not a folder of this user's")
     os.chmod(base, 0o711 if allow_other else 0o700)
     return Path(tempfile.mkdtemp(prefix="contents-", dir=base))
-
-
-class Nodes:
-    """The kernel's node ids and the paths they stand for, with the lookups it holds of each."""
-
-    def __init__(self) -> None:
-        self._paths: dict[int, str] = {ROOT: "/"}
-        self._ids: dict[str, int] = {"/": ROOT}
-        self._counts: dict[int, int] = {}
-        self._next = ROOT + 1
-        self._lock = threading.Lock()
-
-    def path(self, node: int) -> str:
-        try:
-            return self._paths[node]
-        except KeyError:
-            raise fs_error(errno.ESTALE, f"node {node}") from None
-
-    def known(self, path: str) -> int | None:
-        return self._ids.get(path)
-
-    def node(self, path: str) -> int:
-        with self._lock:
-            node = self._ids.get(path)
-            if node is None:
-                node, self._next = self._next, self._next + 1
-                self._ids[path], self._paths[node] = node, path
-            return node
-
-    def looked_up(self, nodes: list[int]) -> None:
-        with self._lock:
-            for node in nodes:
-                self._counts[node] = self._counts.get(node, 0) + 1
-
-    def forget(self, node: int, count: int) -> None:
-        with self._lock:
-            left = self._counts.get(node, 0) - count
-            if left > 0 or node == ROOT:
-                self._counts[node] = left
-                return
-            self._counts.pop(node, None)
-            path = self._paths.pop(node, None)
-            if path is not None and self._ids.get(path) == node:
-                del self._ids[path]
-
-    def under(self, path: str) -> list[int]:
-        with self._lock:
-            return [n for p, n in self._ids.items() if p == path or p.startswith(path + "/")]
 
 
 class Inside:
@@ -264,7 +218,7 @@ class Inside:
 
     # -- changes ---------------------------------------------------------------------------
 
-    def changed(self, path: str, entry: bool) -> None:
+    def changed(self, path: str, wait: bool = False, entry: bool = True) -> None:
         """The tree's path changed: if it is an image's folder under contents/ or inside one, the
         kernel drops that image's folder (its name, with `entry`) and what it keeps inside it."""
         parts = path.strip("/").split("/")
@@ -307,4 +261,17 @@ def mounted(fuse_opts: dict[str, object]) -> Inside | None:
         folder.rmdir()
         log.warning("contents/ is served by the mount itself: its own connection could not be mounted")
         return None
-    return inside
+    atexit.register(inside.stop)  # the daemon's end, or a failure before it forks (not the parent's
+    return inside  # exit after the fork: libfuse's _exit)
+
+
+def attach(inside: Inside, ops: LXDImageOps, root: Tree | Forest, depth: int, timeout: float,
+           followed: bool) -> None:
+    """`inside` serves `root`'s images once the daemon has forked, told of what changes. The image
+    folders' links in the mount are then kept by the kernel as pages, so that a path through one
+    is the kernel's alone; the alias links too, which is safe where every change is heard of
+    (`followed`: it is dropped then)."""
+    inside.root, inside.depth, inside.timeout = root, depth, timeout
+    ops.told.append(inside.changed)
+    ops.on_init.append(inside.start)
+    ops.cache_symlinks = followed  # read by fusebind at the mount's init
