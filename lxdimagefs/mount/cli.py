@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None], mountpoint)
     if inside is not None:
         from lxdimagefs.mount.inside import attach
-        attach(inside, ops, root, int(forest) + int(args.all_projects), float(fuse_opts["entry_timeout"]),
-               followed(built, settings))
+        depth, timeout = int(forest) + int(args.all_projects), float(str(fuse_opts["entry_timeout"]))
+        attach(inside, ops, root, depth, timeout, followed(built, settings))
     try:
         serve(ops, mountpoint, args.foreground, fuse_opts, serving(built, disk), own.metrics)
     except RuntimeError as e:
