@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lxdimagefs.compose.attributes import Attributes
 from lxdimagefs.contents.archives import IndexFolder
-from lxdimagefs.contents.node import CONTENTS_DIR, ContentsNode
+from lxdimagefs.contents.node import CONTENTS_DIR, SERVED, ContentsNode, ServedElsewhere
 from lxdimagefs.data.exports import Exports
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Handle, HandleTable, OpenFiles
@@ -40,8 +40,7 @@ class Tree(Attributes, OpenFiles):
                  readonly: bool = True, mountpoint: str = "", spool_dir: Path | None = None,
                  index: IndexFolder | None = None, imports: bool = True,
                  handles: HandleTable | None = None, allow_delete: bool = False, served_at: str = "") -> None:
-        self.catalog = catalog
-        self.exports = exports
+        self.catalog, self.exports = catalog, exports
         own = own or Ownership()
         self.uid = os.getuid() if own.uid is None else own.uid
         self.gid = os.getgid() if own.gid is None else own.gid
@@ -55,8 +54,12 @@ class Tree(Attributes, OpenFiles):
         if imports:  # a server that takes images (a simplestreams server does not)
             self.imports = ImportsNode(self.ctx, catalog, spool_dir or exports.spool.directory)
             self.nodes[IMPORT_DIR] = self.imports
+        self.contents: Node | None = None
         if index is not None:  # what is inside images; `-o nocontents` leaves it out
-            self.nodes[CONTENTS_DIR] = ContentsNode(self.ctx, catalog, exports, self.images, index, served_at)
+            self.contents = ContentsNode(self.ctx, catalog, exports, self.images, index)
+            self.nodes[CONTENTS_DIR] = self.contents
+            if served_at:  # by a connection of its own (mount/inside.py), which asks for it as SERVED
+                self.nodes[CONTENTS_DIR] = ServedElsewhere(self.ctx, served_at)
         self.handles = handles or HandleTable()
         self.space = Space(catalog)
         catalog.listeners.append(self._changed)
@@ -81,7 +84,7 @@ class Tree(Attributes, OpenFiles):
         parts = [p for p in path.split("/") if p]
         if not parts:
             return None, []
-        node = self.nodes.get(parts[0])
+        node = self.contents if parts[0] == SERVED else self.nodes.get(parts[0])
         if node is None:
             raise fs_error(errno.ENOENT, path)
         return node, parts[1:]

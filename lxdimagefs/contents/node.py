@@ -29,6 +29,7 @@ from lxdimagefs.fs.handles import BytesHandle, Caching, Handle
 from lxdimagefs.fs.node import Attr, Context, Listing, Node, inode_number
 from lxdimagefs.keys import Fingerprint
 from lxdimagefs.servers.catalog import Catalog
+from lxdimagefs.servers.records import Image
 from lxdimagefs.tree.images import FP_DIR, ImagesNode, is_public
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,9 @@ Found = tuple[ImageArchive, Entry, Attr]
 
 CONTENTS_DIR = "contents"
 ALIASES = "by-alias"
-# The image folders as the connection that serves them asks for them (mount/inside.py): no path
-# the kernel sends holds a NUL, so the name is that connection's alone.
-SERVED = "\0" + FP_DIR
+# contents/ as the connection that serves it asks for it (mount/inside.py): no path the kernel
+# sends holds a NUL, so the name is that connection's alone.
+SERVED = "\0" + CONTENTS_DIR
 # contents/ is derived from the exports beside it: backups skip it with --exclude-caches (tar,
 # restic, borg), as https://bford.info/cachedir/ has every tool do.
 CACHEDIR_TAG = "CACHEDIR.TAG"
@@ -83,9 +84,8 @@ class EntryHandle(Handle):
 
 
 class FolderHandle(Handle):
-    """A folder open inside an image: KEEP where the kernel may keep its listing for the mount's
-    life; FRESH where it is whole but from bytes whose check is under way (kept only by a
-    connection that drops it if the check fails: mount/inside.py); else DIRECT."""
+    """A folder open inside an image: KEEP where the kernel may keep its listing for the mount's life;
+    FRESH if whole, from bytes being checked (mount/inside.py drops it if the check fails); else DIRECT."""
 
     def __init__(self, opener: int, caching: Caching) -> None:
         super().__init__(opener)
@@ -126,12 +126,9 @@ class ContentsNode(Node):
     ENTRIES_KEPT = 8192  # entries inside images kept looked up, across them (about 500 bytes each)
 
     def __init__(self, ctx: Context, catalog: Catalog, exports: Exports, images: ImagesNode,
-                 index: IndexFolder, served_at: str = "") -> None:
+                 index: IndexFolder) -> None:
         super().__init__(ctx, CONTENTS_DIR)
         self.catalog, self.exports, self.images, self.index = catalog, exports, images, index
-        # Where a connection of its own serves the image folders (each `by-fingerprint/<name>` is
-        # then a link to `<served_at>/<fp>`); empty: served here.
-        self.served_at = served_at
         # An image that fails its check: the kernel drops what it keeps of it (tree/images.py does
         # so for its export); every later read of it is EIO.
         exports.verification.on_corrupt.append(lambda fp: self.ctx.on_change(self.path([FP_DIR, fp])))
@@ -189,26 +186,18 @@ class ContentsNode(Node):
         ino = None if entry.place is None else inode_number(self.ctx.mountpoint, archive.fp, *entry.place)
         return archive, entry, _attr(entry, ino)
 
-    def _view(self, rest: list[str]) -> tuple[list[str], bool]:
-        """`rest` as the folders here know it, and whether it names an image's folder that is a
-        link to the connection that serves it (SERVED: that connection asking for the folder)."""
-        if rest and rest[0] == SERVED:
-            return [FP_DIR, *rest[1:]], False
-        return rest, bool(self.served_at) and len(rest) >= 2 and rest[0] == FP_DIR
-
-    def _link(self, rest: list[str]) -> tuple[str, float]:
-        """An image folder's link (a short name's too: to the full one) and its image's upload time."""
-        if len(rest) != 2:  # below a link: the kernel follows it instead
-            raise fs_error(errno.ENOENT, self.path(rest))
-        image = self.images.image(rest[1], self.path(rest))
-        return f"{self.served_at}/{image.fingerprint}", image.uploaded_at
+    def _short(self, rest: list[str]) -> Image | None:
+        """The image a short fingerprint names: `by-fingerprint/<prefix>` links to its full name (the
+        prefix may name another image later; what is below a name inside an image is kept for good)."""
+        if len(rest) != 2 or rest[0] != FP_DIR or Fingerprint.parse(rest[1]) is not None:
+            return None
+        return self.images.image(rest[1], self.path(rest))
 
     def getattr(self, rest: list[str]) -> Attr:
         t = self.ctx.started
-        rest, linked = self._view(rest)
-        if linked:
-            target, up = self._link(rest)
-            return Attr(stat.S_IFLNK | 0o777, len(os.fsencode(target)), up, up, up)
+        if (image := self._short(rest)) is not None:
+            up = image.uploaded_at
+            return Attr(stat.S_IFLNK | 0o777, len(image.fingerprint), up, up, up)
         if rest == [CACHEDIR_TAG]:
             return Attr(stat.S_IFREG | 0o444, len(TAG), t, t, t)
         if len(rest) < 2:
@@ -229,12 +218,9 @@ class ContentsNode(Node):
     def readdir(self, rest: list[str]) -> list[str]:
         if not rest:
             return [CACHEDIR_TAG, FP_DIR, ALIASES]
-        rest, linked = self._view(rest)
-        if linked:
-            raise fs_error(errno.ENOTDIR, self.path(rest))
         if rest == [FP_DIR]:
             images = sorted(self.catalog.snapshot().images)
-            return Listing(images, dict.fromkeys(images, stat.S_IFLNK if self.served_at else stat.S_IFDIR))
+            return Listing(images, dict.fromkeys(images, stat.S_IFDIR))
         if rest == [ALIASES]:
             aliases = sorted(self.catalog.snapshot().aliases)
             return Listing(aliases, dict.fromkeys(aliases, stat.S_IFLNK))
@@ -260,8 +246,7 @@ class ContentsNode(Node):
         life under an image's full fingerprint (a short one may name another image later), once
         the bytes it comes from are checked (a check under way may yet fail), and unless its last
         listing left entries out (a guest's disk read that failed: asked again at each open)."""
-        rest, linked = self._view(rest)
-        if len(rest) < 2 or rest[0] != FP_DIR or linked:
+        if len(rest) < 2 or rest[0] != FP_DIR:
             return super().opendir(rest, pid)
         archive, entry, _ = self._entry(rest)  # its listing comes from the source that holds it
         complete = getattr(entry.source, "complete", lambda _: True)  # a guest's folder listed whole
@@ -271,9 +256,8 @@ class ContentsNode(Node):
         return FolderHandle(pid, Caching.KEEP if kept else Caching.FRESH)
 
     def readlink(self, rest: list[str]) -> str:
-        rest, linked = self._view(rest)
-        if linked:
-            return self._link(rest)[0]
+        if (image := self._short(rest)) is not None:
+            return image.fingerprint
         if len(rest) == 2 and rest[0] == ALIASES:
             fp = self.catalog.alias_target(rest[1])
             if fp is None:
@@ -289,8 +273,28 @@ class ContentsNode(Node):
     def open(self, rest: list[str], flags: int, pid: int) -> Handle:
         if rest == [CACHEDIR_TAG]:
             return BytesHandle(TAG)
-        rest, linked = self._view(rest)
-        if len(rest) < 3 or rest[0] != FP_DIR or linked:
+        if len(rest) < 3 or rest[0] != FP_DIR:
             raise fs_error(errno.ENOENT, self.path(rest))
         archive, entry, _ = self._entry(rest)
         return EntryHandle(archive, entry, opener=pid)
+
+
+class ServedElsewhere(Node):
+    """contents/ served by a connection of its own (mount/inside.py): a link to it (a mount inside
+    the mount would make its unmount EBUSY). The root refuses every change here (EROFS)."""
+
+    read_only = True
+
+    def __init__(self, ctx: Context, target: str) -> None:
+        super().__init__(ctx, CONTENTS_DIR)
+        self.target = target
+
+    def getattr(self, rest: list[str]) -> Attr:
+        if rest:  # below a link: the kernel follows it instead
+            raise fs_error(errno.ENOENT, self.path(rest))
+        t = self.ctx.started
+        return Attr(stat.S_IFLNK | 0o777, len(os.fsencode(self.target)), t, t, t)
+
+    def readlink(self, rest: list[str]) -> str:
+        self.getattr(rest)
+        return self.target

@@ -98,9 +98,9 @@ def build(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,
 
 
 def served_at(settings: Settings, mountpoint: str) -> str:
-    """The folder of the inside connection that holds this tree's images (its remote's and project's
-    names below that connection's root, as below the mount's)."""
-    return settings.inside + mountpoint[len(settings.mountpoint):] if settings.inside else ""
+    """This tree's contents/ on the inside connection (its remote's and project's names below that
+    connection's root, as below the mount's)."""
+    return f"{settings.inside}{mountpoint[len(settings.mountpoint):]}/contents" if settings.inside else ""
 
 
 def build_projects(remote: Remote, conn: Connection, settings: Settings, mountpoint: str,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
 import logging
 import os
 import queue
@@ -27,8 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lxdimagefs.compose.forest import Forest
-from lxdimagefs.compose.root import Tree
-from lxdimagefs.contents.node import CONTENTS_DIR, SERVED
+from lxdimagefs.compose.root import SERVED, Tree
+from lxdimagefs.contents.node import CONTENTS_DIR
 from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Caching
 from lxdimagefs.fs.node import Listing
@@ -38,6 +39,7 @@ from lxdimagefs.mount.libfuse.lowlevel import Connection, Entry
 from lxdimagefs.mount.libfuse.nodes import Nodes
 from lxdimagefs.mount.tuning import raise_readahead
 from lxdimagefs.stats import timed
+from lxdimagefs.tree.images import FP_DIR
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +64,13 @@ def where(allow_other: bool) -> Path:
 
 
 class Inside:
-    """The handler of the connection: its paths `/<remote>/<project>/<fp>/…` (`depth` names before
-    the fingerprint) are the tree's `…/contents/<SERVED>/<fp>/…`. Mounted before the daemon forks
-    (`mounted`), answering after (`start`): the kernel waits for its first answer meanwhile."""
+    """The handler of the connection: its paths are the mount's (`depth` names, a remote's and a
+    project's, above each `contents/`), and the tree is asked for `contents/` as SERVED. Mounted
+    before the daemon forks (`mounted`), answering after (`start`): the kernel waits meanwhile."""
 
     root: Tree | Forest
     depth: int
-    timeout: float  # what may change here (an image's folder, which goes with its image)
+    timeout: float  # for what may change here: all but what is inside an image
 
     def __init__(self, folder: Path, connection_options: list[str]) -> None:
         self.folder = folder
@@ -77,7 +79,8 @@ class Inside:
         self._dropping: queue.Queue[Callable[[], None]] = queue.Queue()
 
     def start(self) -> None:
-        threading.Thread(target=self._drain, daemon=True, name="inside-drop").start()
+        for target, name in ((self._drain, "inside-drop"), (self._sweep, "inside-sweep")):
+            threading.Thread(target=target, daemon=True, name=name).start()
         self.connection.serve()
         threading.Thread(target=raise_readahead, args=(str(self.folder),), daemon=True,
                          name="readahead").start()  # as the mount's own
@@ -93,17 +96,33 @@ class Inside:
         while True:
             self._dropping.get()()
 
+    def _sweep(self) -> None:
+        """The listings that can change (contents/, by-fingerprint/, by-alias/, the folders above)
+        are dropped every `timeout`, as the mount's own expire: the changes events tell of are
+        dropped at once (`changed`), the others within that time."""
+        while True:
+            time.sleep(self.timeout)
+            for node in self.nodes.within(self.depth + 2):
+                self._dropping.put(functools.partial(self.connection.drop, node))
+
     # -- paths ---------------------------------------------------------------------------
 
     def _tree_path(self, path: str) -> str | None:
-        """The tree's path for ours; None for a folder above the images."""
-        parts = path.strip("/").split("/") if path != "/" else []
+        """The tree's path for ours; None for a folder above a contents/ (a remote's, a project's)."""
+        parts = path.split("/")[1:] if path != "/" else []
         if len(parts) <= self.depth:
             return None
-        prefix, fp = parts[:self.depth], parts[self.depth]
-        if Fingerprint.parse(fp) is None:  # a short name: the mount's link names the full one
+        if parts[self.depth] != CONTENTS_DIR:
             raise fs_error(errno.ENOENT, path)
-        return "/".join(["", *prefix, CONTENTS_DIR, SERVED, *parts[self.depth:]])
+        return "/" + "/".join([*parts[:self.depth], SERVED, *parts[self.depth + 1:]])
+
+    def _seconds(self, path: str) -> float:
+        """How long the kernel keeps a name: what is inside an image (under its full fingerprint)
+        for good, the rest (which changes with the images and aliases) as the mount's own names."""
+        parts = path.split("/")[1:]
+        d = self.depth
+        inside = len(parts) > d + 3 and parts[d + 1] == FP_DIR and Fingerprint.parse(parts[d + 2]) is not None
+        return FOREVER if inside else self.timeout
 
     def _entry(self, path: str) -> Entry:
         tree_path = self._tree_path(path)
@@ -111,17 +130,16 @@ class Inside:
             if path != "/":  # a remote's or project's folder: the mount's
                 self.root.getattr(path)
             attrs = _stat(self.root.ctx.dir(self.root.ctx.started), self.root.uid, self.root.gid, path)
-            return Entry(self.nodes.node(path), attrs, self.timeout, self.timeout)
-        return self._found(path, tree_path, self._seconds(path.count("/")))
+            return Entry(self.nodes.node(path), attrs, self.timeout, self.timeout, (path, None))
+        return self._found(path, tree_path, self._seconds(path))
 
     def _found(self, path: str, tree_path: str, seconds: float) -> Entry:
-        attrs = _stat(self.root.getattr(tree_path), self.root.uid, self.root.gid, tree_path)
-        return Entry(self.nodes.node(path), attrs, seconds, seconds)
-
-    def _seconds(self, level: int) -> float:
-        """How long the kernel keeps a name `level` names deep: inside an image for good, an image's
-        folder (which goes with its image) as the mount's own names."""
-        return FOREVER if level > self.depth + 1 else self.timeout
+        attr = self.root.getattr(tree_path)
+        key = path  # a link that can change (an alias) is a new node when it does: the kernel then
+        if seconds != FOREVER and stat.S_ISLNK(attr.mode):  # drops the target it kept as a page
+            key = f"{path}\0{self.root.readlink(tree_path)}"
+        attrs = _stat(attr, self.root.uid, self.root.gid, tree_path)
+        return Entry(self.nodes.node(path, key), attrs, seconds, seconds, (path, key))
 
     @staticmethod
     def _join(folder: str, name: str) -> str:
@@ -135,7 +153,7 @@ class Inside:
             entry = self._entry(self._join(self.nodes.path(parent), os.fsdecode(name)))
         finally:
             timed("getattr", time.perf_counter() - started)  # as the mount's LOOKUP is counted
-        self.nodes.looked_up([entry.node])
+        self.nodes.looked_up([(entry.node, *entry.ref)])
         return entry
 
     def forget(self, node: int, count: int) -> None:
@@ -173,23 +191,23 @@ class Inside:
         kinds = names.kinds if isinstance(names, Listing) else {}
         rows = [".", "..", *names]
         timed("readdir", time.perf_counter() - started)
-        seconds = self._seconds(path.count("/") + (path != "/"))
+        seconds = self._seconds(self._join(path, "-"))  # the same for every name here
         for at, name in enumerate(rows[offset:], offset + 1):
             if name in (".", ".."):
                 yield name.encode(), Entry(0, {**UNKNOWN, "st_mode": stat.S_IFDIR}, 0, 0), at
                 continue
             try:
-                assert tree_path is not None  # above the images, folders list nothing
+                assert tree_path is not None  # above a contents/, folders list nothing
                 entry = self._found(self._join(path, name), f"{tree_path}/{name}", seconds)
             except Exception:  # its stat failed: its type alone, the kernel asks for the rest
                 entry = Entry(0, {**UNKNOWN, "st_mode": kinds.get(name, 0)}, 0, 0)
             yield os.fsencode(name), entry, at
 
-    def listed(self, node: int, offset: int, entries: list[int]) -> None:
+    def listed(self, node: int, offset: int, entries: list[Entry]) -> None:
         """The kernel holds these names now. A listing that left names out (a guest's disk read
         that failed) is dropped just after it is sent: the next listing asks again. One from bytes
         whose check is under way is kept: if the check fails, `changed` drops the whole image."""
-        self.nodes.looked_up(entries)
+        self.nodes.looked_up([(entry.node, *entry.ref) for entry in entries])
         tree_path = None if offset else self._tree_path(self.nodes.path(node))  # a listing's first reply
         if tree_path is not None and not self._whole(tree_path):
             self._later(lambda: self.connection.drop(node))
@@ -214,33 +232,31 @@ class Inside:
         return self.root.statfs("/")
 
     def errno_of(self, op: str, node: int, exc: BaseException) -> int:
-        return to_errno(op, (self.nodes._paths.get(node, node),), exc)
+        try:
+            named: object = self.nodes.path(node)
+        except OSError:
+            named = node
+        return to_errno(op, (named,), exc)
 
     # -- changes ---------------------------------------------------------------------------
 
     def changed(self, path: str, wait: bool = False, entry: bool = True) -> None:
-        """The tree's path changed: if it is an image's folder under contents/ or inside one, the
-        kernel drops that image's folder (its name, with `entry`) and what it keeps inside it."""
-        parts = path.strip("/").split("/")
-        d = self.depth
-        if len(parts) < d + 3 or parts[d] != CONTENTS_DIR or parts[d + 1] != "by-fingerprint":
+        """A path of the mount changed: under a contents/, the kernel drops its name (with `entry`)
+        or its listing, and what it keeps below it; once more a moment later, for an answer made
+        before the change and taken in by the kernel after it."""
+        parts = path.split("/")[1:]
+        if len(parts) <= self.depth or parts[self.depth] != CONTENTS_DIR:
             return
-        if Fingerprint.parse(parts[d + 2]) is None:
-            return
-        folder = "/" + "/".join(parts[:d])
-        image = self._join(folder, parts[d + 2])
-        self._dropping.put(lambda: self._drop(folder, parts[d + 2], image, entry))
-        # and once more, for an answer made before the change and taken in by the kernel after it
-        self._later(lambda: self._drop(folder, parts[d + 2], image, False))
+        self._dropping.put(lambda: self._drop(path, entry))
+        self._later(lambda: self._drop(path, False))
 
-    def _drop(self, folder: str, fp: str, image: str, entry: bool) -> None:
-        parent = self.nodes.known(folder if folder != "/" else "/")
+    def _drop(self, path: str, entry: bool) -> None:
+        folder, _, name = path.rpartition("/")
+        parent = self.nodes.known(folder or "/")
         if entry and parent is not None:
-            self.connection.forget_name(parent, fp.encode())
-        for node in self.nodes.under(image):
+            self.connection.forget_name(parent, os.fsencode(name))
+        for node in self.nodes.under(path):
             self.connection.drop(node)
-
-
 
 
 def mounted(fuse_opts: dict[str, object]) -> Inside | None:

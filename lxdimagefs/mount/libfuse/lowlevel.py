@@ -105,11 +105,13 @@ _declare()
 
 
 class Entry(NamedTuple):
-    """A name's answer: its node id (0: none made, the kernel asks by name), stat, timeouts."""
+    """A name's answer: its node id (0: none made, the kernel asks by name), stat, timeouts, and
+    what the handler notes of it (handed back with the lookups the kernel took: `listed`)."""
     node: int
     stat: dict[str, int]
     attr_timeout: float
     entry_timeout: float
+    ref: Any = None
 
 
 class Handler(Protocol):
@@ -121,7 +123,7 @@ class Handler(Protocol):
     def readlink(self, node: int) -> bytes: ...
     def read(self, node: int, offset: int, into: memoryview) -> int: ...
     def listing(self, node: int, offset: int) -> Iterator[tuple[bytes, Entry, int]]: ...
-    def listed(self, node: int, offset: int, entries: list[int]) -> None: ...
+    def listed(self, node: int, offset: int, entries: list[Entry]) -> None: ...
     def statfs(self, node: int) -> dict[str, int]: ...
     def errno_of(self, op: str, node: int, exc: BaseException) -> int: ...
 
@@ -246,7 +248,7 @@ class Connection:
 
     def _readdirplus(self, req: int, node: int, size: int, offset: int, fi: int) -> None:
         def call() -> None:
-            buffer, used, counted = self._buffer(size), 0, []
+            buffer, used, counted = self._buffer(size), 0, []  # the names the kernel now holds
             at, param = ctypes.addressof(buffer), EntryParam()
             for name, entry, after in self.handler.listing(node, offset):
                 _fill(param, entry)
@@ -255,7 +257,7 @@ class Connection:
                     break  # the kernel asks again from this row's offset
                 used += need
                 if entry.node and name not in (b".", b".."):
-                    counted.append(entry.node)  # the kernel now holds one more lookup of it
+                    counted.append(entry)
             self.handler.listed(node, offset, counted)
             _lib.fuse_reply_buf(req, buffer, used)
         self._answer("readdirplus", req, node, call)
