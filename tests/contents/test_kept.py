@@ -287,8 +287,8 @@ def test_an_image_that_fails_its_check_is_eio_inside_where_its_entries_were_kept
 
 @pytest.mark.parametrize("layout", [(), ("--all-projects",)])
 def test_a_repeat_pass_inside_an_image_is_the_kernels_alone(sandbox, tmp_path, layout):
-    """contents/by-fingerprint/<fp> is a link to the image's folder on a connection of its own
-    (under --all-projects, with its project's name), which the kernel sends no OPEN or OPENDIR:
+    """contents/ is a link to a connection of its own (under --all-projects, a project's to the
+    project's folder there), which the kernel sends no OPEN or OPENDIR:
     once a tree was walked and read, walking and reading it again (`find`, `cat` of every file,
     `ls -l`) reaches the daemon with nothing at all. Made from bytes whose check was still under
     way (a .tar read lazily), the kernel keeps it all the same: a failed check drops it (above)."""
@@ -297,10 +297,11 @@ def test_a_repeat_pass_inside_an_image_is_the_kernels_alone(sandbox, tmp_path, l
     try:
         with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}", *layout) as m:
             root = m.path / "default" if layout else m.path
-            link = root / "contents" / "by-fingerprint" / fp
-            target = Path(os.readlink(link))
-            assert target.is_absolute() and target.name == fp and stat.S_ISDIR(os.stat(link).st_mode)
+            target = Path(os.readlink(root / "contents"))
+            assert target.is_absolute() and target.name == "contents", target
             assert target.parent.name == ("default" if layout else target.parent.name)
+            link = root / "contents" / "by-fingerprint" / fp
+            assert stat.S_ISDIR(os.lstat(link).st_mode)
             walk = f"find {link}/ -type f -exec cat {{}} + | sha256sum; ls -lR {link}/ | sha256sum"
 
             def calls() -> int:
