@@ -34,6 +34,7 @@ from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Caching
 from lxdimagefs.fs.node import Listing
 from lxdimagefs.keys import Fingerprint
+from lxdimagefs.mount.admin.metrics import runtime_dir
 from lxdimagefs.mount.fuse_ops import LXDImageOps, _stat, to_errno
 from lxdimagefs.mount.libfuse.lowlevel import Connection, Entry
 from lxdimagefs.mount.libfuse.nodes import Nodes
@@ -49,17 +50,15 @@ SETTLE = 0.1  # seconds for the kernel to take in an answer before what it keeps
 
 
 def where(allow_other: bool) -> Path:
-    """A new folder to mount on, in one the user alone may list: $XDG_RUNTIME_DIR, /run for root,
-    else the temporary folder. Others may pass through it where the mount lets them in."""
-    uid = os.getuid()
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    base = Path(runtime) / "lxdimagefs" if runtime and os.path.isdir(runtime) else \
-        Path("/run/lxdimagefs") if uid == 0 else Path(tempfile.gettempdir()) / f"lxdimagefs-{uid}"
-    base.mkdir(mode=0o700, exist_ok=True)
+    """A new folder to mount on, in the daemon's runtime folder (its stats sockets' too: the user's
+    own, which others may list never, and pass through once a mount lets them in)."""
+    base = runtime_dir()
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(base)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
         raise OSError(errno.EPERM, f"{base} is not a folder of this user's")
-    os.chmod(base, 0o711 if allow_other else 0o700)
+    if allow_other:
+        os.chmod(base, stat.S_IMODE(st.st_mode) | 0o011)
     return Path(tempfile.mkdtemp(prefix="contents-", dir=base))
 
 
