@@ -171,13 +171,13 @@ class Inside:
             raise fs_error(errno.EINVAL, self.nodes.path(node))
         return os.fsencode(self.root.readlink(tree_path))
 
-    def read(self, node: int, offset: int, into: memoryview) -> int:
+    def read(self, node: int, offset: int, size: int) -> bytes | memoryview:
         started, tree_path = time.perf_counter(), self._tree_path(self.nodes.path(node))
         if tree_path is None:
             raise fs_error(errno.EISDIR, self.nodes.path(node))
         fh = self.root.open(tree_path, os.O_RDONLY, 0)
         try:
-            return self.root.readinto(fh, offset, into)
+            return self.root.read(fh, offset, size)
         finally:
             self.root.release(fh)
             timed("read", time.perf_counter() - started)
