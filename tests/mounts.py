@@ -67,13 +67,20 @@ def socket_mounted(sandbox: Sandbox, where: Path, *args: str) -> contextlib.Abst
 
 
 def stop(where: Path, proc: subprocess.Popen) -> None:
-    """Unmount, then wait for the daemon to exit (it should at once); killed by its pid if not."""
+    """Unmount, then wait for the daemon to exit (it should at once); killed by its pid if not, and
+    then contents' own connection (mount/inside.py) unmounted too."""
+    try:
+        inside: Path | None = Path(os.readlink(where / "contents")).parent
+    except OSError:
+        inside = None
     unmount(where)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    if inside is not None:
+        unmount(inside)
 
 
 def alias_made_elsewhere_shows(sandbox: Sandbox, m: Mount, fp: str, name: str, within: float = 1.0) -> None:
