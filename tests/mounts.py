@@ -53,11 +53,13 @@ def mounted(sandbox: Sandbox, where: Path, *args: str, server: tuple[str, ...] =
     proc = subprocess.Popen([sys.executable, "-m", "lxdimagefs", "-f", "--debug", *where_from,
                              "--log-file", str(log), *args, str(where)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    inside = None
     try:
         wait_mounted(where, proc)
+        inside = inside_of(where)
         yield Mount(where, proc, log)
     finally:
-        stop(where, proc)
+        stop(where, proc, inside)
 
 
 def socket_mounted(sandbox: Sandbox, where: Path, *args: str) -> contextlib.AbstractContextManager[Mount]:
@@ -66,13 +68,18 @@ def socket_mounted(sandbox: Sandbox, where: Path, *args: str) -> contextlib.Abst
     return mounted(sandbox, where, "-o", "nolocal", *args)
 
 
-def stop(where: Path, proc: subprocess.Popen) -> None:
-    """Unmount, then wait for the daemon to exit (it should at once); killed by its pid if not, and
-    then contents' own connection (mount/inside.py) unmounted too."""
+def inside_of(where: Path) -> Path | None:
+    """Where contents' own connection (mount/inside.py) of a live mount is mounted (asked of the mount:
+    only while its daemon answers)."""
     try:
-        inside: Path | None = Path(os.readlink(where / "contents")).parent
+        return Path(os.readlink(where / "contents")).parent
     except OSError:
-        inside = None
+        return None
+
+
+def stop(where: Path, proc: subprocess.Popen, inside: Path | None = None) -> None:
+    """Unmount, then wait for the daemon to exit (it should at once); killed by its pid if not, and
+    then contents' own connection, `inside`, unmounted too."""
     unmount(where)
     try:
         proc.wait(timeout=20)
