@@ -85,6 +85,7 @@ class Inside:
                          name="readahead").start()  # as the mount's own
 
     def stop(self) -> None:
+        log.debug("unmounting contents' connection on %s", self.folder)
         self.connection.stop()
         try:
             self.folder.rmdir()
