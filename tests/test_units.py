@@ -469,13 +469,63 @@ def test_an_event_queued_with_a_reconnect_is_applied_when_the_listing_is_newer_t
 def test_an_archive_leaving_contents_open_ones_takes_its_kept_entries_along():
     """contents/ keeps entries looked up inside images; each holds its archive (an image's index
     and decoder state): an archive pushed out of the 16 open ones must not stay alive through them."""
+    from types import SimpleNamespace
+
     from lxdimagefs.contents.node import ContentsNode
     from lxdimagefs.fs.node import Context
 
-    node = ContentsNode(Context(), None, None, None, None)  # type: ignore[arg-type]  # no image is opened
+    exports = SimpleNamespace(verification=SimpleNamespace(on_corrupt=[]))  # told of no failed check
+    node = ContentsNode(Context(), None, exports, None, None)  # type: ignore[arg-type]  # no image is opened
     node._entries[("a" * 64, "rootfs", "etc")] = ("archive a",)  # type: ignore[assignment]
     node._entries[("b" * 64, "rootfs")] = ("archive b",)  # type: ignore[assignment]
     with node._lock:
         for fp in ["a" * 64, *(f"{i:064x}" for i in range(ContentsNode.MAX_OPEN))]:  # "a": pushed out
             node._archives[fp] = object()  # type: ignore[assignment]
     assert [key[0][0] for key in node._entries] == ["b"]
+
+
+def test_a_lookup_and_a_forget_of_one_name_at_once_never_leave_a_node_without_its_path():
+    """The inside connection's node table (mount/libfuse/nodes.py): the kernel forgets a node (its
+    inode evicted) while it looks the same name up again. A node the lookup found and the kernel
+    then took is put back if the FORGET dropped it in between (before: ESTALE at the next GETATTR,
+    found by review). Two threads each look a name up, ask its attributes and forget it."""
+    import stat
+    import sys
+    from pathlib import Path
+
+    from lxdimagefs.fs.node import Attr
+    from lxdimagefs.mount.inside import Inside
+    from lxdimagefs.mount.libfuse.lowlevel import ROOT
+
+    class Root:
+        uid = gid = 0
+
+        def getattr(self, path: str) -> Attr:
+            return Attr(stat.S_IFDIR | 0o555, 0, 0.0, 0.0, 0.0)
+
+    inside = Inside(Path("/nonexistent"), [])
+    inside.root, inside.depth, inside.timeout = Root(), 0, 1.0  # type: ignore[assignment]
+    errors = []
+
+    def kernel() -> None:
+        for _ in range(20000):
+            entry = inside.lookup(ROOT, b"contents")
+            inside.held([entry])  # the reply went out: the kernel holds it
+            try:
+                inside.getattr(entry.node)
+            except OSError as e:
+                errors.append(e.errno)
+                return
+            inside.forget(entry.node, 1)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads switch as often as they can
+    try:
+        threads = [threading.Thread(target=kernel) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert inside.nodes.within(9) == [ROOT]  # every node forgotten is gone

@@ -274,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     ops = LXDImageOps(root, [b.events for b in built if b.events is not None], mountpoint)
     if inside is not None:
         from lxdimagefs.mount.inside import attach
-        depth, timeout = int(forest) + int(args.all_projects), float(str(fuse_opts["entry_timeout"]))
-        attach(inside, ops, root, depth, timeout, followed(built, settings))
+        # A simplestreams server has no projects: its contents/ is one name less deep.
+        projects = args.all_projects and (forest or not built[0].remote.simplestreams)
+        depth, timeout = int(forest) + int(projects), float(str(fuse_opts["entry_timeout"]))
+        shallow = frozenset(b.remote.name for b in built if forest and projects and b.remote.simplestreams)
+        attach(inside, ops, root, depth, timeout, followed(built, settings), shallow)
     try:
         serve(ops, mountpoint, args.foreground, fuse_opts, serving(built, disk), own.metrics)
     except RuntimeError as e:

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import atexit
 import errno
-import functools
 import logging
 import os
-import queue
 import stat
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+
+from cachetools import LRUCache
 
 from lxdimagefs.compose.forest import Forest
 from lxdimagefs.compose.root import SERVED, Tree
@@ -34,8 +33,9 @@ from lxdimagefs.errors import fs_error
 from lxdimagefs.fs.handles import Caching
 from lxdimagefs.fs.node import Listing
 from lxdimagefs.keys import Fingerprint
-from lxdimagefs.mount.admin.metrics import runtime_dir
 from lxdimagefs.mount.fuse_ops import LXDImageOps, _stat, to_errno
+from lxdimagefs.mount.libfuse.drops import Drops
+from lxdimagefs.mount.libfuse.folders import release, where
 from lxdimagefs.mount.libfuse.lowlevel import Connection, Entry
 from lxdimagefs.mount.libfuse.nodes import Nodes
 from lxdimagefs.mount.tuning import raise_readahead
@@ -46,20 +46,7 @@ log = logging.getLogger(__name__)
 
 FOREVER = 365 * 86400.0  # what is inside an image: the kernel keeps it until told otherwise
 UNKNOWN = {"st_ino": 0xFFFFFFFF}  # a name whose attributes could not be had: the kernel asks
-SETTLE = 0.1  # seconds for the kernel to take in an answer before what it keeps of it is dropped
-
-
-def where(allow_other: bool) -> Path:
-    """A new folder to mount on, in the daemon's runtime folder (its stats sockets' too: the user's
-    own, which others may list never, and pass through once a mount lets them in)."""
-    base = runtime_dir()
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = os.lstat(base)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise OSError(errno.EPERM, f"{base} is not a folder of this user's")
-    if allow_other:
-        os.chmod(base, stat.S_IMODE(st.st_mode) | 0o011)
-    return Path(tempfile.mkdtemp(prefix="contents-", dir=base))
+ROWS_KEPT = 16  # folders whose listing is under way, each listed once (a reply holds some 25 rows)
 
 
 class Inside:
@@ -70,16 +57,21 @@ class Inside:
     root: Tree | Forest
     depth: int
     timeout: float  # for what may change here: all but what is inside an image
+    shallow: frozenset[str] = frozenset()  # remotes one name less deep (simplestreams: no projects)
 
-    def __init__(self, folder: Path, connection_options: list[str]) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, connection_options: list[str], claim: int = -1) -> None:
+        self.folder, self._claim = folder, claim  # claim: the lock that marks the folder in use
         self.nodes = Nodes()
+        self._rows: LRUCache[int, tuple[list[str], dict[str, int]]] = LRUCache(ROWS_KEPT)  # under way
+        self._lock = threading.Lock()
         self.connection = Connection(self, connection_options)
-        self._dropping: queue.Queue[Callable[[], None]] = queue.Queue()
+        self.drops = Drops(self.connection, self.nodes, self._forgotten)
 
     def start(self) -> None:
-        for target, name in ((self._drain, "inside-drop"), (self._sweep, "inside-sweep")):
-            threading.Thread(target=target, daemon=True, name=name).start()
+        """Answering from now on; the listings that can change (contents/, by-fingerprint/,
+        by-alias/, the folders above) are dropped every `timeout`, as the mount's own names
+        expire: what events tell of is dropped at once (`changed`), the rest within that time."""
+        self.drops.start(self.timeout, self.depth + 2)
         self.connection.serve()
         threading.Thread(target=raise_readahead, args=(str(self.folder),), daemon=True,
                          name="readahead").start()  # as the mount's own
@@ -87,40 +79,32 @@ class Inside:
     def stop(self) -> None:
         log.debug("unmounting contents' connection on %s", self.folder)
         self.connection.stop()
-        try:
-            self.folder.rmdir()
-        except OSError as e:  # still held (lazily unmounted): left for the system's clean-up
-            log.info("the inside connection's folder %s stays: %s", self.folder, e.strerror)
-
-    def _drain(self) -> None:
-        while True:
-            self._dropping.get()()
-
-    def _sweep(self) -> None:
-        """The listings that can change (contents/, by-fingerprint/, by-alias/, the folders above)
-        are dropped every `timeout`, as the mount's own expire: the changes events tell of are
-        dropped at once (`changed`), the others within that time."""
-        while True:
-            time.sleep(self.timeout)
-            for node in self.nodes.within(self.depth + 2):
-                self._dropping.put(functools.partial(self.connection.drop, node))
+        claim, self._claim = self._claim, -1
+        if claim >= 0:
+            release(self.folder, claim)
 
     # -- paths ---------------------------------------------------------------------------
+
+    def _depth(self, parts: list[str]) -> int:
+        """How many names (a remote's, a project's) come before its contents/ under this path's remote
+        (a simplestreams remote has no projects: found by review)."""
+        return self.depth - 1 if parts and parts[0] in self.shallow else self.depth
 
     def _tree_path(self, path: str) -> str | None:
         """The tree's path for ours; None for a folder above a contents/ (a remote's, a project's)."""
         parts = path.split("/")[1:] if path != "/" else []
-        if len(parts) <= self.depth:
+        d = self._depth(parts)
+        if len(parts) <= d:
             return None
-        if parts[self.depth] != CONTENTS_DIR:
+        if parts[d] != CONTENTS_DIR:
             raise fs_error(errno.ENOENT, path)
-        return "/" + "/".join([*parts[:self.depth], SERVED, *parts[self.depth + 1:]])
+        return "/" + "/".join([*parts[:d], SERVED, *parts[d + 1:]])
 
     def _seconds(self, path: str) -> float:
         """How long the kernel keeps a name: what is inside an image (under its full fingerprint)
         for good, the rest (which changes with the images and aliases) as the mount's own names."""
         parts = path.split("/")[1:]
-        d = self.depth
+        d = self._depth(parts)
         inside = len(parts) > d + 3 and parts[d + 1] == FP_DIR and Fingerprint.parse(parts[d + 2]) is not None
         return FOREVER if inside else self.timeout
 
@@ -153,7 +137,6 @@ class Inside:
             entry = self._entry(self._join(self.nodes.path(parent), os.fsdecode(name)))
         finally:
             timed("getattr", time.perf_counter() - started)  # as the mount's LOOKUP is counted
-        self.nodes.looked_up([(entry.node, *entry.ref)])
         return entry
 
     def forget(self, node: int, count: int) -> None:
@@ -185,14 +168,12 @@ class Inside:
 
     def listing(self, node: int, offset: int) -> Iterator[tuple[bytes, Entry, int]]:
         """A folder's rows from `offset` on, each with its attributes (READDIRPLUS)."""
-        started, path = time.perf_counter(), self.nodes.path(node)
+        path = self.nodes.path(node)
         tree_path = self._tree_path(path)
-        names = Listing([], {}) if tree_path is None else self.root.readdir(tree_path)
-        kinds = names.kinds if isinstance(names, Listing) else {}
-        rows = [".", "..", *names]
-        timed("readdir", time.perf_counter() - started)
+        rows, kinds = self._rows_of(node, offset, tree_path)
         seconds = self._seconds(self._join(path, "-"))  # the same for every name here
-        for at, name in enumerate(rows[offset:], offset + 1):
+        for at in range(offset + 1, len(rows) + 1):
+            name = rows[at - 1]
             if name in (".", ".."):
                 yield name.encode(), Entry(0, {**UNKNOWN, "st_mode": stat.S_IFDIR}, 0, 0), at
                 continue
@@ -202,15 +183,35 @@ class Inside:
             except Exception:  # its stat failed: its type alone, the kernel asks for the rest
                 entry = Entry(0, {**UNKNOWN, "st_mode": kinds.get(name, 0)}, 0, 0)
             yield os.fsencode(name), entry, at
+        if offset >= len(rows):  # the kernel has them all
+            with self._lock:
+                self._rows.pop(node, None)
 
-    def listed(self, node: int, offset: int, entries: list[Entry]) -> None:
-        """The kernel holds these names now. A listing that left names out (a guest's disk read
-        that failed) is dropped just after it is sent: the next listing asks again. One from bytes
-        whose check is under way is kept: if the check fails, `changed` drops the whole image."""
+    def _rows_of(self, node: int, offset: int, tree_path: str | None) -> tuple[list[str], dict[str, int]]:
+        """A folder's rows, listed at its first reply and kept for the next (listed again at each, a
+        folder of 30,000 names took 50 s: found by review)."""
+        with self._lock:
+            kept = self._rows.get(node) if offset else None
+        if kept is None:
+            started = time.perf_counter()
+            names = Listing([], {}) if tree_path is None else self.root.readdir(tree_path)
+            kept = [".", "..", *names], names.kinds if isinstance(names, Listing) else {}
+            timed("readdir", time.perf_counter() - started)
+            with self._lock:
+                self._rows[node] = kept
+        return kept
+
+    def held(self, entries: list[Entry]) -> None:
+        """The kernel took these names (a lookup's, a listing's rows)."""
         self.nodes.looked_up([(entry.node, *entry.ref) for entry in entries])
+
+    def listed(self, node: int, offset: int) -> None:
+        """A listing that left names out (a guest's disk read that failed) is dropped just after it
+        is sent: the next listing asks again. One from bytes whose check is under way is kept: if
+        the check fails, `changed` drops the whole image."""
         tree_path = None if offset else self._tree_path(self.nodes.path(node))  # a listing's first reply
         if tree_path is not None and not self._whole(tree_path):
-            self._later(lambda: self.connection.drop(node))
+            self.drops.node(node)
 
     def _whole(self, tree_path: str) -> bool:
         try:
@@ -221,12 +222,6 @@ class Inside:
             return self.root.caching(fh) is not Caching.DIRECT
         finally:
             self.root.release(fh)
-
-    def _later(self, drop: Callable[[], None]) -> None:
-        """Once the kernel has taken in the answer being sent (it keeps what it parses after a drop)."""
-        timer = threading.Timer(SETTLE, lambda: self._dropping.put(drop))
-        timer.daemon = True
-        timer.start()
 
     def statfs(self, node: int) -> dict[str, int]:
         return self.root.statfs("/")
@@ -242,21 +237,15 @@ class Inside:
 
     def changed(self, path: str, wait: bool = False, entry: bool = True) -> None:
         """A path of the mount changed: under a contents/, the kernel drops its name (with `entry`)
-        or its listing, and what it keeps below it; once more a moment later, for an answer made
-        before the change and taken in by the kernel after it."""
+        or its listing, and what it keeps below it."""
         parts = path.split("/")[1:]
-        if len(parts) <= self.depth or parts[self.depth] != CONTENTS_DIR:
+        if len(parts) <= self._depth(parts) or parts[self._depth(parts)] != CONTENTS_DIR:
             return
-        self._dropping.put(lambda: self._drop(path, entry))
-        self._later(lambda: self._drop(path, False))
+        self.drops.path(path, entry)
 
-    def _drop(self, path: str, entry: bool) -> None:
-        folder, _, name = path.rpartition("/")
-        parent = self.nodes.known(folder or "/")
-        if entry and parent is not None:
-            self.connection.forget_name(parent, os.fsencode(name))
-        for node in self.nodes.under(path):
-            self.connection.drop(node)
+    def _forgotten(self, node: int) -> None:
+        with self._lock:
+            self._rows.pop(node, None)
 
 
 def mounted(fuse_opts: dict[str, object]) -> Inside | None:
@@ -268,13 +257,13 @@ def mounted(fuse_opts: dict[str, object]) -> Inside | None:
     options += [key for key in ("allow_other", "allow_root", "debug") if fuse_opts.get(key)]
     options += ["default_permissions"] if allow_other else []  # an image's own modes, for others
     try:
-        folder = where(allow_other)
+        folder, claim = where(allow_other)
     except OSError as e:
         log.warning("contents/ is served by the mount itself: no folder for its own connection (%s)", e)
         return None
-    inside = Inside(folder, ["-o", ",".join(options)])
+    inside = Inside(folder, ["-o", ",".join(options)], claim)
     if not inside.connection.mount(str(folder)):
-        folder.rmdir()
+        inside.stop()
         log.warning("contents/ is served by the mount itself: its own connection could not be mounted")
         return None
     atexit.register(inside.stop)  # the daemon's end, or a failure before it forks (not the parent's
@@ -282,12 +271,12 @@ def mounted(fuse_opts: dict[str, object]) -> Inside | None:
 
 
 def attach(inside: Inside, ops: LXDImageOps, root: Tree | Forest, depth: int, timeout: float,
-           followed: bool) -> None:
+           followed: bool, shallow: frozenset[str] = frozenset()) -> None:
     """`inside` serves `root`'s images once the daemon has forked, told of what changes. The image
     folders' links in the mount are then kept by the kernel as pages, so that a path through one
     is the kernel's alone; the alias links too, which is safe where every change is heard of
     (`followed`: it is dropped then)."""
-    inside.root, inside.depth, inside.timeout = root, depth, timeout
+    inside.root, inside.depth, inside.timeout, inside.shallow = root, depth, timeout, shallow
     ops.told.append(inside.changed)
     ops.on_init.append(inside.start)
     ops.cache_symlinks = followed  # read by fusebind at the mount's init

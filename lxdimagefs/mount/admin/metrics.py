@@ -38,8 +38,7 @@ HELP = {
 
 
 def runtime_dir() -> Path:
-    """Where the stats sockets and contents' mount folders (mount/inside.py) live: /run/lxdimagefs
-    for root, else in $XDG_RUNTIME_DIR or the temporary folder."""
+    """Where the sockets live: /run/lxdimagefs for root, else $XDG_RUNTIME_DIR or the temp folder."""
     if os.geteuid() == 0:
         return Path("/run/lxdimagefs")
     base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("TMPDIR") or "/tmp"

@@ -1,18 +1,16 @@
 """libfuse's low-level API, for a connection whose files and folders never need a handle.
 
-A high-level file system (mfusepy) gets an OPEN and a RELEASE for every file opened and an
-OPENDIR and a RELEASEDIR for every folder listed: four round trips through a sleeping worker,
-whatever it answers. A connection that answers the first OPEN and OPENDIR with ENOSYS is sent
-neither again (the kernel's `no_open` and `no_opendir`): it then keeps the pages and listings
-it was given until told to drop them. libfuse 3.14's high-level readdir cannot list without a
-handle, so such a connection speaks the low-level API, through this module: the few calls a
-read-only tree answers (`Handler`), a worker pool, and the kernel told what to drop.
+A file system gets an OPEN and a RELEASE for every file opened and an OPENDIR and a RELEASEDIR
+for every folder listed, whatever it answers, unless it answers the first OPEN and OPENDIR with
+ENOSYS (the kernel's `no_open` and `no_opendir`): the kernel then keeps the pages and listings it
+was given until told to drop them. libfuse 3.14's high-level readdir cannot list without a handle,
+so such a connection speaks the low-level API, through this module: the few calls a read-only
+tree answers (`Handler`), a worker pool, and the kernel told what to drop.
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
@@ -20,8 +18,6 @@ from typing import Any, NamedTuple, Protocol
 import mfusepy
 
 from lxdimagefs.mount.libfuse.threadstates import KEPT
-
-log = logging.getLogger(__name__)
 
 _lib = mfusepy._libfuse
 Req = ctypes.c_void_p
@@ -123,7 +119,8 @@ class Handler(Protocol):
     def readlink(self, node: int) -> bytes: ...
     def read(self, node: int, offset: int, size: int) -> bytes | memoryview: ...
     def listing(self, node: int, offset: int) -> Iterator[tuple[bytes, Entry, int]]: ...
-    def listed(self, node: int, offset: int, entries: list[Entry]) -> None: ...
+    def listed(self, node: int, offset: int) -> None: ...
+    def held(self, entries: list[Entry]) -> None: ...
     def statfs(self, node: int) -> dict[str, int]: ...
     def errno_of(self, op: str, node: int, exc: BaseException) -> int: ...
 
@@ -134,7 +131,8 @@ class Connection:
 
     def __init__(self, handler: Handler, options: list[str], max_threads: int = 16) -> None:
         self.handler, self.max_threads = handler, max_threads
-        self._callbacks = {name: _PROTOTYPES[name](getattr(self, "_" + name)) for name in _PROTOTYPES}
+        self._readdir = self._readdirplus  # the kernel asks READDIRPLUS (asked for at INIT)
+        self._callbacks = {n: _PROTOTYPES[n](getattr(self, "_" + n, self._enosys)) for n in _PROTOTYPES}
         self._ops = _Ops(**{name: ctypes.cast(c, ctypes.c_void_p) for name, c in self._callbacks.items()})
         argv = [b"lxdimagefs"] + [word.encode() for word in options]
         self._argv = (ctypes.c_char_p * len(argv))(*argv)
@@ -200,8 +198,19 @@ class Connection:
         info = ctypes.cast(conn, ctypes.POINTER(mfusepy.fuse_conn_info)).contents
         info.want = (info.want | (info.capable & (CACHE_SYMLINKS | _READDIRPLUS))) & ~_READDIRPLUS_AUTO
 
+    @staticmethod
+    def _enosys(req: int, *_: Any) -> None:
+        """OPEN, OPENDIR: neither sent again, nor their RELEASEs (the kernel's no_open, no_opendir);
+        GETXATTR, LISTXATTR: none again (images keep no xattrs here); ACCESS: granted from now on,
+        the modes being the kernel's to check."""
+        _lib.fuse_reply_err(req, 38)  # ENOSYS
+
     def _lookup(self, req: int, parent: int, name: bytes) -> None:
-        self._answer("lookup", req, parent, lambda: _reply_entry(req, self.handler.lookup(parent, name)))
+        def call() -> None:
+            entry = self.handler.lookup(parent, name)
+            if _reply_entry(req, entry) == 0 and entry.node:
+                self.handler.held([entry])  # the kernel took it (an interrupted one did not)
+        self._answer("lookup", req, parent, call)
 
     def _forget(self, req: int, node: int, count: int) -> None:
         KEPT.keep()
@@ -224,12 +233,6 @@ class Connection:
         self._answer("readlink", req, node,
                      lambda: _lib.fuse_reply_readlink(req, self.handler.readlink(node)))
 
-    def _open(self, req: int, node: int, fi: int) -> None:
-        _lib.fuse_reply_err(req, 38)  # ENOSYS: no OPEN, no RELEASE again on this connection
-
-    def _opendir(self, req: int, node: int, fi: int) -> None:
-        _lib.fuse_reply_err(req, 38)  # ENOSYS: no OPENDIR, no RELEASEDIR again
-
     def _buffer(self, size: int) -> Any:
         """A listing's buffer, kept per worker (the kernel asks a page or a few at a time)."""
         buffer = getattr(self._buffers, "buffer", None)
@@ -238,8 +241,7 @@ class Connection:
         return buffer
 
     def _read(self, req: int, node: int, size: int, offset: int, fi: int) -> None:
-        """Answered from the bytes the handler has (a view of a cached block, mostly): no buffer of
-        our own per worker (16 workers' 1 MiB READs held 16 MiB of them)."""
+        """From the handler's bytes (a cached block's view, mostly): no 1 MiB buffer kept per worker."""
         def call() -> None:
             data = self.handler.read(node, offset, size)
             reply: Any = data
@@ -249,9 +251,6 @@ class Connection:
                 reply = bytes(data)
             _lib.fuse_reply_buf(req, reply, data.nbytes if isinstance(data, memoryview) else len(data))
         self._answer("read", req, node, call)
-
-    def _readdir(self, req: int, node: int, size: int, offset: int, fi: int) -> None:
-        self._readdirplus(req, node, size, offset, fi)  # the kernel asks READDIRPLUS: never reached
 
     def _readdirplus(self, req: int, node: int, size: int, offset: int, fi: int) -> None:
         def call() -> None:
@@ -265,8 +264,9 @@ class Connection:
                 used += need
                 if entry.node and name not in (b".", b".."):
                     counted.append(entry)
-            self.handler.listed(node, offset, counted)
-            _lib.fuse_reply_buf(req, buffer, used)
+            self.handler.listed(node, offset)
+            if _lib.fuse_reply_buf(req, buffer, used) == 0:
+                self.handler.held(counted)
         self._answer("readdirplus", req, node, call)
 
     def _statfs(self, req: int, node: int) -> None:
@@ -278,14 +278,6 @@ class Connection:
             _lib.fuse_reply_statfs(req, ctypes.byref(st))
         self._answer("statfs", req, node, call)
 
-    def _getxattr(self, req: int, node: int, name: bytes, size: int) -> None:
-        _lib.fuse_reply_err(req, 38)  # ENOSYS: the kernel asks no more (images keep no xattrs here)
-
-    def _listxattr(self, req: int, node: int, size: int) -> None:
-        _lib.fuse_reply_err(req, 38)
-
-    def _access(self, req: int, node: int, mask: int) -> None:
-        _lib.fuse_reply_err(req, 38)  # ENOSYS: granted from now on; the modes are the kernel's to check
 
 
 def _stat(attrs: dict[str, int]) -> mfusepy.c_stat:
@@ -300,7 +292,7 @@ def _fill(param: EntryParam, entry: Entry) -> None:
     mfusepy.set_st_attrs(param.attr, entry.stat, use_ns=True)
 
 
-def _reply_entry(req: int, entry: Entry) -> None:
+def _reply_entry(req: int, entry: Entry) -> int:
     param = EntryParam()
     _fill(param, entry)
-    _lib.fuse_reply_entry(req, ctypes.byref(param))
+    return int(_lib.fuse_reply_entry(req, ctypes.byref(param)))
