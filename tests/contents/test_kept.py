@@ -405,3 +405,36 @@ def test_a_killed_daemons_inside_mount_is_removed_by_the_next_mount(sandbox, tmp
             assert f" {alive} " in mounts()
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_another_image_landing_keeps_what_the_kernel_keeps_of_an_image(sandbox, tmp_path):
+    """An image imported (or deleted) changes by-fingerprint/'s listing, never what is inside another
+    image: the pages and listings the kernel keeps of that one stay (before: every node below
+    by-fingerprint/ was dropped at each change, so any import elsewhere, or an image's record
+    edited, made every kept image read again; found by review)."""
+    fp = sandbox.import_image(make_unified(tmp_path / "a.tar.gz", rootfs_bytes=MIB))
+    sock = tmp_path / "metrics.sock"
+    others: list[str] = []
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}") as m:
+            inside = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+            assert _until(lambda: (inside / "blob").read_bytes() is not None
+                          and "read from its decoded tarball" in m.log_text()), m.log_text()[-3000:]
+            kept = 0
+            for i in range(3):  # another test's drop_caches on this machine empties the kernel's
+                (inside / "blob").read_bytes()
+                os.listdir(inside / "etc")
+                other = sandbox.import_image(make_unified(tmp_path / f"b{i}.tar", rootfs_bytes=4096))
+                others.append(other)
+                assert _until(lambda: other in os.listdir(m.path / "contents" / "by-fingerprint"), 10)
+                time.sleep(0.5)  # the drops a change makes: at once and 0.1 s later (libfuse/drops.py)
+                reads, lists = _calls(sock, "read"), _calls(sock, "readdir")
+                (inside / "blob").read_bytes()
+                os.listdir(inside / "etc")
+                if (_calls(sock, "read"), _calls(sock, "readdir")) == (reads, lists):
+                    kept += 1
+                    break
+            assert kept, "an image landing elsewhere dropped what the kernel kept inside this one"
+    finally:
+        for image in (fp, *others):
+            sandbox.lxc("image", "delete", image, check=False)

@@ -36,16 +36,18 @@ class Drops:
         self._later(functools.partial(self.connection.drop, node))
 
     def path(self, path: str, entry: bool) -> None:
-        """`path`'s name (with `entry`; else its listing), and all the kernel keeps below it."""
-        self._queue.put(functools.partial(self._drop, path, entry))
-        self._later(functools.partial(self._drop, path, False))
+        """`path`'s name and all the kernel keeps below it (with `entry`); else its listing alone:
+        a folder whose names changed (by-fingerprint/) keeps what is below the names that did
+        not (another image's pages: they went at each import elsewhere, found by review)."""
+        self._queue.put(functools.partial(self._drop, path, entry, entry))
+        self._later(functools.partial(self._drop, path, False, entry))
 
-    def _drop(self, path: str, entry: bool) -> None:
+    def _drop(self, path: str, entry: bool, below: bool) -> None:
         folder, _, name = path.rpartition("/")
         parent = self.nodes.known(folder or "/")
         if entry and parent is not None:
             self.connection.forget_name(parent, os.fsencode(name))
-        for node in self.nodes.under(path):
+        for node in self.nodes.under(path) if below else [n for n in [self.nodes.known(path)] if n]:
             self.forgotten(node)
             self.connection.drop(node)
 
