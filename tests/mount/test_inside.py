@@ -126,3 +126,21 @@ def test_allow_other_gives_contents_the_kernels_mode_checks(sandbox, images, tmp
         unmount(where)
         proc.wait(timeout=20)
     assert _gone(inside)
+
+
+def test_entry_timeout_0_leaves_the_daemon_idle(sandbox, tmp_path):
+    """`-o entry_timeout=0` (the kernel keeps no name): contents' connection has nothing to drop
+    on a timer that often, and the daemon idles (before: its sweep slept 0 s and spun a core,
+    queueing drops faster than they were made; found by review)."""
+    from mounts import mounted
+
+    with mounted(sandbox, tmp_path / "mnt", "-o", "entry_timeout=0,attr_timeout=0") as m:
+        assert os.listdir(m.path / "contents" / "by-fingerprint") is not None
+
+        def cpu() -> int:  # the daemon's user and system clock ticks
+            fields = Path(f"/proc/{m.proc.pid}/stat").read_text().rpartition(")")[2].split()
+            return int(fields[11]) + int(fields[12])
+        ticks, started = cpu(), time.monotonic()
+        time.sleep(3)
+        used = (cpu() - ticks) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - started)
+        assert used < 0.2, f"an idle daemon used {used:.0%} of a core"
