@@ -438,3 +438,28 @@ def test_another_image_landing_keeps_what_the_kernel_keeps_of_an_image(sandbox, 
     finally:
         for image in (fp, *others):
             sandbox.lxc("image", "delete", image, check=False)
+
+
+@pytest.mark.parametrize("layout", [(), ("-o", "no_events")])
+def test_an_alias_moved_in_lxd_leads_to_its_new_image_in_the_mount_and_in_contents(sandbox, tmp_path, layout):
+    """An alias retargeted in LXD: `by-alias/NAME` (whose target the kernel keeps as a page where
+    events are followed) and `contents/by-alias/NAME` (a new node on contents' connection) lead
+    to the new image, and a file read through the old target's link is the new image's."""
+    a = sandbox.import_image(make_unified(tmp_path / "first.tar", rootfs_bytes=4096), alias="moving")
+    b = sandbox.import_image(make_unified(tmp_path / "second.tar", rootfs_bytes=4096))
+    try:
+        with mounted(sandbox, tmp_path / "mnt", *layout) as m:
+            link, inside = m.path / "by-alias" / "moving", m.path / "contents" / "by-alias" / "moving"
+            hostname = inside / "rootfs" / "etc" / "hostname"
+            for _ in range(2):  # the second: the kernel's
+                assert os.readlink(link) == f"../by-fingerprint/{a}"
+                assert os.readlink(inside) == f"../by-fingerprint/{a}"
+                assert hostname.read_bytes().startswith(b"first.tar")
+            sandbox.rest("/1.0/images/aliases/moving", "PUT", {"target": b, "description": ""})
+            assert _until(lambda: os.readlink(link) == f"../by-fingerprint/{b}", within=10), os.readlink(link)
+            assert _until(lambda: os.readlink(inside) == f"../by-fingerprint/{b}", within=10), os.readlink(inside)
+            assert hostname.read_bytes().startswith(b"second.tar")
+            assert (link / "metadata.json").exists() and b in (link / "metadata.json").read_text()
+    finally:
+        for image in (a, b):
+            sandbox.lxc("image", "delete", image, check=False)
