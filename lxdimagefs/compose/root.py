@@ -226,10 +226,16 @@ class Tree(Attributes, OpenFiles):
         tops = [""] + ([f"/{CONTENTS_DIR}"] if CONTENTS_DIR in self.nodes else [])  # contents/ mirrors
         names = [f"/{FP_DIR}/{fp}/{METADATA}" for fp in changes.images]  # an open metadata.json's too
         names += [f"{top}/{FP_DIR}/{fp}" for fp in changes.images for top in tops]
+        # An image still listed has the same insides (its fingerprint names them): under contents/
+        # its folder's attributes alone go (before: all the kernel kept inside it, found by review).
+        snap = self.catalog.cached()
+        kept = [f"{tops[-1]}/{FP_DIR}/{fp}" for fp in changes.images if len(tops) > 1 and snap is not None
+                and fp in snap.images]
+        names = [name for name in names if name not in kept]
         names += [f"{top}/{ALIAS_DIR}/{name}" for name in changes.aliases for top in tops]
         folders = [f"{top}/{d}" for d, hit in ((FP_DIR, changes.images), (ALIAS_DIR, changes.aliases))
                    if hit for top in tops]
         for path in names:  # each name goes, and every name below it (all an image's folder holds)
             self.ctx.on_change(path)
-        for path in folders:  # their listings changed: they keep their names
+        for path in folders + kept:  # their listings changed: they keep their names
             self.ctx.on_change(path, entry=False)

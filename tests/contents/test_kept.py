@@ -463,3 +463,38 @@ def test_an_alias_moved_in_lxd_leads_to_its_new_image_in_the_mount_and_in_conten
     finally:
         for image in (a, b):
             sandbox.lxc("image", "delete", image, check=False)
+
+
+def test_an_image_whose_record_changes_keeps_what_the_kernel_keeps_inside_it(sandbox, tmp_path):
+    """An alias given to an image, or its description edited, changes its record, never what is
+    inside it (named by its fingerprint): the pages and listings the kernel keeps there stay,
+    while the folder shows the record as it is now (before: every change of an image's record
+    dropped all the kernel kept of its insides; found by review)."""
+    fp = sandbox.import_image(make_unified(tmp_path / "r.tar.gz", rootfs_bytes=MIB))
+    sock = tmp_path / "metrics.sock"
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}") as m:
+            inside = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+            assert _until(lambda: (inside / "blob").read_bytes() is not None
+                          and "read from its decoded tarball" in m.log_text()), m.log_text()[-3000:]
+            kept = 0
+            for i in range(3):  # another test's drop_caches on this machine empties the kernel's
+                (inside / "blob").read_bytes()
+                os.listdir(inside / "etc")
+                sandbox.lxc("image", "alias", "create", f"given{i}", fp)
+                assert _until(lambda: f"given{i}" in os.listdir(m.path / "contents" / "by-alias"), 10)
+                assert _until(lambda: f"given{i}" in (m.path / "by-fingerprint" / fp / "metadata.json")
+                              .read_text(), 10)
+                time.sleep(0.5)  # the drops a change makes: at once and 0.1 s later (libfuse/drops.py)
+                reads, lists = _calls(sock, "read"), _calls(sock, "readdir")
+                (inside / "blob").read_bytes()
+                os.listdir(inside / "etc")
+                if (_calls(sock, "read"), _calls(sock, "readdir")) == (reads, lists):
+                    kept += 1
+                    break
+            assert kept, "an alias given to the image dropped what the kernel kept inside it"
+            sandbox.rest(f"/1.0/images/{fp}", "PATCH", {"public": True})
+            assert _until(lambda: os.stat(inside.parent).st_mode & 0o777 == 0o555, 10), oct(
+                os.stat(inside.parent).st_mode)
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)
