@@ -47,10 +47,8 @@ class Tree(Attributes, OpenFiles):
         self.ctx = Context(readonly=readonly, allow_delete=allow_delete, mountpoint=mountpoint.rstrip("/"),
                            own=own)
         self.images = ImagesNode(self.ctx, catalog, exports)
-        self.nodes: dict[str, Node] = {
-            FP_DIR: self.images,
-            ALIAS_DIR: AliasesNode(self.ctx, catalog, self.images),
-        }
+        self.nodes: dict[str, Node] = {FP_DIR: self.images,
+                                       ALIAS_DIR: AliasesNode(self.ctx, catalog, self.images)}
         if imports:  # a server that takes images (a simplestreams server does not)
             self.imports = ImportsNode(self.ctx, catalog, spool_dir or exports.spool.directory)
             self.nodes[IMPORT_DIR] = self.imports
@@ -225,13 +223,9 @@ class Tree(Attributes, OpenFiles):
         catalog's thread, never a FUSE request's, which may hold their folder)."""
         tops = [""] + ([f"/{CONTENTS_DIR}"] if CONTENTS_DIR in self.nodes else [])  # contents/ mirrors
         names = [f"/{FP_DIR}/{fp}/{METADATA}" for fp in changes.images]  # an open metadata.json's too
-        names += [f"{top}/{FP_DIR}/{fp}" for fp in changes.images for top in tops]
-        # An image still listed has the same insides (its fingerprint names them): under contents/
-        # its folder's attributes alone go (before: all the kernel kept inside it, found by review).
-        snap = self.catalog.cached()
-        kept = [f"{tops[-1]}/{FP_DIR}/{fp}" for fp in changes.images if len(tops) > 1 and snap is not None
-                and fp in snap.images]
-        names = [name for name in names if name not in kept]
+        listed = getattr(self.catalog.cached(), "images", {})  # still listed: the same insides, kept
+        kept = [f"{top}/{FP_DIR}/{fp}" for fp in changes.images if fp in listed for top in tops[1:]]
+        names += [p for p in (f"{t}/{FP_DIR}/{fp}" for fp in changes.images for t in tops) if p not in kept]
         names += [f"{top}/{ALIAS_DIR}/{name}" for name in changes.aliases for top in tops]
         folders = [f"{top}/{d}" for d, hit in ((FP_DIR, changes.images), (ALIAS_DIR, changes.aliases))
                    if hit for top in tops]

@@ -426,7 +426,7 @@ def test_another_image_landing_keeps_what_the_kernel_keeps_of_an_image(sandbox, 
                 os.listdir(inside / "etc")
                 other = sandbox.import_image(make_unified(tmp_path / f"b{i}.tar", rootfs_bytes=4096))
                 others.append(other)
-                assert _until(lambda: other in os.listdir(m.path / "contents" / "by-fingerprint"), 10)
+                assert _until(lambda o=other: o in os.listdir(m.path / "contents" / "by-fingerprint"), 10)
                 time.sleep(0.5)  # the drops a change makes: at once and 0.1 s later (libfuse/drops.py)
                 reads, lists = _calls(sock, "read"), _calls(sock, "readdir")
                 (inside / "blob").read_bytes()
@@ -457,7 +457,8 @@ def test_an_alias_moved_in_lxd_leads_to_its_new_image_in_the_mount_and_in_conten
                 assert hostname.read_bytes().startswith(b"first.tar")
             sandbox.rest("/1.0/images/aliases/moving", "PUT", {"target": b, "description": ""})
             assert _until(lambda: os.readlink(link) == f"../by-fingerprint/{b}", within=10), os.readlink(link)
-            assert _until(lambda: os.readlink(inside) == f"../by-fingerprint/{b}", within=10), os.readlink(inside)
+            assert _until(lambda: os.readlink(inside) == f"../by-fingerprint/{b}", within=10), \
+                os.readlink(inside)
             assert hostname.read_bytes().startswith(b"second.tar")
             assert (link / "metadata.json").exists() and b in (link / "metadata.json").read_text()
     finally:
@@ -481,9 +482,10 @@ def test_an_image_whose_record_changes_keeps_what_the_kernel_keeps_inside_it(san
             for i in range(3):  # another test's drop_caches on this machine empties the kernel's
                 (inside / "blob").read_bytes()
                 os.listdir(inside / "etc")
-                sandbox.lxc("image", "alias", "create", f"given{i}", fp)
-                assert _until(lambda: f"given{i}" in os.listdir(m.path / "contents" / "by-alias"), 10)
-                assert _until(lambda: f"given{i}" in (m.path / "by-fingerprint" / fp / "metadata.json")
+                given = f"given{i}"
+                sandbox.lxc("image", "alias", "create", given, fp)
+                assert _until(lambda g=given: g in os.listdir(m.path / "contents" / "by-alias"), 10)
+                assert _until(lambda g=given: g in (m.path / "by-fingerprint" / fp / "metadata.json")
                               .read_text(), 10)
                 time.sleep(0.5)  # the drops a change makes: at once and 0.1 s later (libfuse/drops.py)
                 reads, lists = _calls(sock, "read"), _calls(sock, "readdir")

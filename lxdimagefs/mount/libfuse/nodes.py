@@ -54,7 +54,7 @@ class Nodes:
                 if node not in self._nodes:  # forgotten while the reply naming it was made
                     self._nodes[node] = (path, key or path)
                     self._ids.setdefault(key or path, node)
-                if left == 0 and node != ROOT:  # its FORGET came first (the kernel took this reply and let it go)
+                if left == 0 and node != ROOT:  # its FORGET came first (the reply taken, then let go)
                     self._drop(node)
                 else:
                     self._counts[node] = left
