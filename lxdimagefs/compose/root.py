@@ -47,10 +47,8 @@ class Tree(Attributes, OpenFiles):
         self.ctx = Context(readonly=readonly, allow_delete=allow_delete, mountpoint=mountpoint.rstrip("/"),
                            own=own)
         self.images = ImagesNode(self.ctx, catalog, exports)
-        self.nodes: dict[str, Node] = {
-            FP_DIR: self.images,
-            ALIAS_DIR: AliasesNode(self.ctx, catalog, self.images),
-        }
+        self.nodes: dict[str, Node] = {FP_DIR: self.images,
+                                       ALIAS_DIR: AliasesNode(self.ctx, catalog, self.images)}
         if imports:  # a server that takes images (a simplestreams server does not)
             self.imports = ImportsNode(self.ctx, catalog, spool_dir or exports.spool.directory)
             self.nodes[IMPORT_DIR] = self.imports
@@ -225,11 +223,13 @@ class Tree(Attributes, OpenFiles):
         catalog's thread, never a FUSE request's, which may hold their folder)."""
         tops = [""] + ([f"/{CONTENTS_DIR}"] if CONTENTS_DIR in self.nodes else [])  # contents/ mirrors
         names = [f"/{FP_DIR}/{fp}/{METADATA}" for fp in changes.images]  # an open metadata.json's too
-        names += [f"{top}/{FP_DIR}/{fp}" for fp in changes.images for top in tops]
+        listed = getattr(self.catalog.cached(), "images", {})  # still listed: the same insides, kept
+        kept = [f"{top}/{FP_DIR}/{fp}" for fp in changes.images if fp in listed for top in tops[1:]]
+        names += [p for p in (f"{t}/{FP_DIR}/{fp}" for fp in changes.images for t in tops) if p not in kept]
         names += [f"{top}/{ALIAS_DIR}/{name}" for name in changes.aliases for top in tops]
         folders = [f"{top}/{d}" for d, hit in ((FP_DIR, changes.images), (ALIAS_DIR, changes.aliases))
                    if hit for top in tops]
         for path in names:  # each name goes, and every name below it (all an image's folder holds)
             self.ctx.on_change(path)
-        for path in folders:  # their listings changed: they keep their names
+        for path in folders + kept:  # their listings changed: they keep their names
             self.ctx.on_change(path, entry=False)

@@ -405,3 +405,98 @@ def test_a_killed_daemons_inside_mount_is_removed_by_the_next_mount(sandbox, tmp
             assert f" {alive} " in mounts()
     finally:
         sandbox.lxc("image", "delete", fp, check=False)
+
+
+def test_another_image_landing_keeps_what_the_kernel_keeps_of_an_image(sandbox, tmp_path):
+    """An image imported (or deleted) changes by-fingerprint/'s listing, never what is inside another
+    image: the pages and listings the kernel keeps of that one stay (before: every node below
+    by-fingerprint/ was dropped at each change, so any import elsewhere, or an image's record
+    edited, made every kept image read again; found by review)."""
+    fp = sandbox.import_image(make_unified(tmp_path / "a.tar.gz", rootfs_bytes=MIB))
+    sock = tmp_path / "metrics.sock"
+    others: list[str] = []
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}") as m:
+            inside = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+            assert _until(lambda: (inside / "blob").read_bytes() is not None
+                          and "read from its decoded tarball" in m.log_text()), m.log_text()[-3000:]
+            kept = 0
+            for i in range(3):  # another test's drop_caches on this machine empties the kernel's
+                (inside / "blob").read_bytes()
+                os.listdir(inside / "etc")
+                other = sandbox.import_image(make_unified(tmp_path / f"b{i}.tar", rootfs_bytes=4096))
+                others.append(other)
+                assert _until(lambda o=other: o in os.listdir(m.path / "contents" / "by-fingerprint"), 10)
+                time.sleep(0.5)  # the drops a change makes: at once and 0.1 s later (libfuse/drops.py)
+                reads, lists = _calls(sock, "read"), _calls(sock, "readdir")
+                (inside / "blob").read_bytes()
+                os.listdir(inside / "etc")
+                if (_calls(sock, "read"), _calls(sock, "readdir")) == (reads, lists):
+                    kept += 1
+                    break
+            assert kept, "an image landing elsewhere dropped what the kernel kept inside this one"
+    finally:
+        for image in (fp, *others):
+            sandbox.lxc("image", "delete", image, check=False)
+
+
+@pytest.mark.parametrize("layout", [(), ("-o", "no_events")])
+def test_an_alias_moved_in_lxd_leads_to_its_new_image_in_the_mount_and_in_contents(sandbox, tmp_path, layout):
+    """An alias retargeted in LXD: `by-alias/NAME` (whose target the kernel keeps as a page where
+    events are followed) and `contents/by-alias/NAME` (a new node on contents' connection) lead
+    to the new image, and a file read through the old target's link is the new image's."""
+    a = sandbox.import_image(make_unified(tmp_path / "first.tar", rootfs_bytes=4096), alias="moving")
+    b = sandbox.import_image(make_unified(tmp_path / "second.tar", rootfs_bytes=4096))
+    try:
+        with mounted(sandbox, tmp_path / "mnt", *layout) as m:
+            link, inside = m.path / "by-alias" / "moving", m.path / "contents" / "by-alias" / "moving"
+            hostname = inside / "rootfs" / "etc" / "hostname"
+            for _ in range(2):  # the second: the kernel's
+                assert os.readlink(link) == f"../by-fingerprint/{a}"
+                assert os.readlink(inside) == f"../by-fingerprint/{a}"
+                assert hostname.read_bytes().startswith(b"first.tar")
+            sandbox.rest("/1.0/images/aliases/moving", "PUT", {"target": b, "description": ""})
+            assert _until(lambda: os.readlink(link) == f"../by-fingerprint/{b}", within=10), os.readlink(link)
+            assert _until(lambda: os.readlink(inside) == f"../by-fingerprint/{b}", within=10), \
+                os.readlink(inside)
+            assert hostname.read_bytes().startswith(b"second.tar")
+            assert (link / "metadata.json").exists() and b in (link / "metadata.json").read_text()
+    finally:
+        for image in (a, b):
+            sandbox.lxc("image", "delete", image, check=False)
+
+
+def test_an_image_whose_record_changes_keeps_what_the_kernel_keeps_inside_it(sandbox, tmp_path):
+    """An alias given to an image, or its description edited, changes its record, never what is
+    inside it (named by its fingerprint): the pages and listings the kernel keeps there stay,
+    while the folder shows the record as it is now (before: every change of an image's record
+    dropped all the kernel kept of its insides; found by review)."""
+    fp = sandbox.import_image(make_unified(tmp_path / "r.tar.gz", rootfs_bytes=MIB))
+    sock = tmp_path / "metrics.sock"
+    try:
+        with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}") as m:
+            inside = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
+            assert _until(lambda: (inside / "blob").read_bytes() is not None
+                          and "read from its decoded tarball" in m.log_text()), m.log_text()[-3000:]
+            kept = 0
+            for i in range(3):  # another test's drop_caches on this machine empties the kernel's
+                (inside / "blob").read_bytes()
+                os.listdir(inside / "etc")
+                given = f"given{i}"
+                sandbox.lxc("image", "alias", "create", given, fp)
+                assert _until(lambda g=given: g in os.listdir(m.path / "contents" / "by-alias"), 10)
+                assert _until(lambda g=given: g in (m.path / "by-fingerprint" / fp / "metadata.json")
+                              .read_text(), 10)
+                time.sleep(0.5)  # the drops a change makes: at once and 0.1 s later (libfuse/drops.py)
+                reads, lists = _calls(sock, "read"), _calls(sock, "readdir")
+                (inside / "blob").read_bytes()
+                os.listdir(inside / "etc")
+                if (_calls(sock, "read"), _calls(sock, "readdir")) == (reads, lists):
+                    kept += 1
+                    break
+            assert kept, "an alias given to the image dropped what the kernel kept inside it"
+            sandbox.rest(f"/1.0/images/{fp}", "PATCH", {"public": True})
+            assert _until(lambda: os.stat(inside.parent).st_mode & 0o777 == 0o555, 10), oct(
+                os.stat(inside.parent).st_mode)
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)

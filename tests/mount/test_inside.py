@@ -126,3 +126,52 @@ def test_allow_other_gives_contents_the_kernels_mode_checks(sandbox, images, tmp
         unmount(where)
         proc.wait(timeout=20)
     assert _gone(inside)
+
+
+def test_entry_timeout_0_leaves_the_daemon_idle(sandbox, tmp_path):
+    """`-o entry_timeout=0` (the kernel keeps no name): contents' connection has nothing to drop
+    on a timer that often, and the daemon idles (before: its sweep slept 0 s and spun a core,
+    queueing drops faster than they were made; found by review)."""
+    from mounts import mounted
+
+    with mounted(sandbox, tmp_path / "mnt", "-o", "entry_timeout=0,attr_timeout=0") as m:
+        assert os.listdir(m.path / "contents" / "by-fingerprint") is not None
+
+        def cpu() -> int:  # the daemon's user and system clock ticks
+            fields = Path(f"/proc/{m.proc.pid}/stat").read_text().rpartition(")")[2].split()
+            return int(fields[11]) + int(fields[12])
+        ticks, started = cpu(), time.monotonic()
+        time.sleep(3)
+        used = (cpu() - ticks) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - started)
+        assert used < 0.2, f"an idle daemon used {used:.0%} of a core"
+
+
+def test_where_contents_connection_cannot_be_mounted_the_mount_serves_contents_itself(
+        sandbox, tmp_path, monkeypatch):
+    """No folder for contents' own connection (here the runtime folder's `lxdimagefs` is a
+    file): a warning, and contents/ is a folder of the mount itself, inside images as before,
+    its listings, links and files the same; the mount ends cleanly."""
+    from mounts import mounted
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    (runtime / "lxdimagefs").write_text("not a folder\n")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    from lxd_sandbox import make_unified
+
+    fp = sandbox.import_image(make_unified(tmp_path / "fallback.tar", rootfs_bytes=4096), alias="fell")
+    try:
+        with mounted(sandbox, tmp_path / "mnt") as m:
+            contents = m.path / "contents"
+            assert stat.S_ISDIR(os.lstat(contents).st_mode), "a link where no connection was made"
+            assert "served by the mount itself" in m.log_text()
+            assert fp in os.listdir(contents / "by-fingerprint")
+            assert os.readlink(contents / "by-alias" / "fell") == f"../by-fingerprint/{fp}"
+            for image in (fp, fp[:12]):
+                hostname = contents / "by-fingerprint" / image / "rootfs" / "etc" / "hostname"
+                assert hostname.read_bytes().startswith(b"fallback.tar"), image
+            assert (contents / "by-alias" / "fell" / "rootfs" / "etc" / "hostname").read_bytes().startswith(
+                b"fallback.tar")
+            assert "CACHEDIR.TAG" in os.listdir(contents)
+    finally:
+        sandbox.lxc("image", "delete", fp, check=False)

@@ -19,6 +19,7 @@ from lxdimagefs.mount.libfuse.lowlevel import Connection
 from lxdimagefs.mount.libfuse.nodes import Nodes
 
 SETTLE = 0.1  # seconds for the kernel to take in an answer before what it keeps of it is dropped
+EVERY = 1.0  # at least as long between sweeps (`-o entry_timeout=0` spun a core: found by review)
 
 
 class Drops:
@@ -36,16 +37,18 @@ class Drops:
         self._later(functools.partial(self.connection.drop, node))
 
     def path(self, path: str, entry: bool) -> None:
-        """`path`'s name (with `entry`; else its listing), and all the kernel keeps below it."""
-        self._queue.put(functools.partial(self._drop, path, entry))
-        self._later(functools.partial(self._drop, path, False))
+        """`path`'s name and all the kernel keeps below it (with `entry`); else its listing alone:
+        a folder whose names changed (by-fingerprint/) keeps what is below the names that did
+        not (another image's pages: they went at each import elsewhere, found by review)."""
+        self._queue.put(functools.partial(self._drop, path, entry, entry))
+        self._later(functools.partial(self._drop, path, False, entry))
 
-    def _drop(self, path: str, entry: bool) -> None:
+    def _drop(self, path: str, entry: bool, below: bool) -> None:
         folder, _, name = path.rpartition("/")
         parent = self.nodes.known(folder or "/")
         if entry and parent is not None:
             self.connection.forget_name(parent, os.fsencode(name))
-        for node in self.nodes.under(path):
+        for node in self.nodes.under(path) if below else [n for n in [self.nodes.known(path)] if n]:
             self.forgotten(node)
             self.connection.drop(node)
 
@@ -60,6 +63,6 @@ class Drops:
 
     def _sweep(self, every: float, level: int) -> None:
         while True:
-            time.sleep(every)
+            time.sleep(max(every, EVERY))
             for node in self.nodes.within(level):
                 self._queue.put(functools.partial(self.connection.drop, node))

@@ -50,21 +50,30 @@ class Nodes:
         """The kernel holds one more lookup of each (node, path, key)."""
         with self._lock:
             for node, path, key in nodes:
-                self._counts[node] = self._counts.get(node, 0) + 1
+                left = self._counts.get(node, 0) + 1
                 if node not in self._nodes:  # forgotten while the reply naming it was made
                     self._nodes[node] = (path, key or path)
                     self._ids.setdefault(key or path, node)
+                if left == 0 and node != ROOT:  # its FORGET came first (the reply taken, then let go)
+                    self._drop(node)
+                else:
+                    self._counts[node] = left
 
     def forget(self, node: int, count: int) -> None:
+        """Below 0: it forgets lookups of replies not counted yet (`looked_up` is on its way),
+        so the node stays until they are (before: put back for good, found by review)."""
         with self._lock:
             left = self._counts.get(node, 0) - count
-            if left > 0 or node == ROOT:
+            if left != 0 or node == ROOT:
                 self._counts[node] = left
                 return
-            self._counts.pop(node, None)
-            _path, key = self._nodes.pop(node, ("", ""))
-            if self._ids.get(key) == node:
-                del self._ids[key]
+            self._drop(node)
+
+    def _drop(self, node: int) -> None:
+        self._counts.pop(node, None)
+        _path, key = self._nodes.pop(node, ("", ""))
+        if self._ids.get(key) == node:
+            del self._ids[key]
 
     def under(self, path: str) -> list[int]:
         """The nodes of `path` and of everything below it."""
