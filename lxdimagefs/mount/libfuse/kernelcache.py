@@ -102,14 +102,18 @@ def path_invalidator(lib: Any, mountpoint: str = "") -> Callable[[str, bool], No
     lib.fuse_lowlevel_notify_inval_entry.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p,
                                                       ctypes.c_size_t]
     session = lib.fuse_get_session(fuse)
+    ours: list[int] = []  # the mount's own mount id: a folder reached through a link to another
+    # mount (contents/, mount/inside.py) has a node id of that mount's, never this session's
 
     def invalidate(path: str, entry: bool = False) -> None:
         raw = path.encode("utf-8", "surrogateescape")
         lib.fuse_invalidate_path(fuse, raw)  # ENOENT: the kernel does not hold it
         folder, _, name = raw.rpartition(b"/")
         if entry and name and mountpoint:
-            node = 1 if not folder else _node_id(os.fsencode(mountpoint) + folder)
-            if node is not None:  # ENOENT: the kernel does not hold it
+            if not ours:
+                ours.append(_node_id(os.fsencode(mountpoint))[1])
+            node, mount = (1, ours[0]) if not folder else _node_id(os.fsencode(mountpoint) + folder)
+            if node is not None and mount == ours[0]:  # ENOENT: the kernel does not hold it
                 lib.fuse_lowlevel_notify_inval_entry(session, node, name, len(name))
 
     return invalidate
@@ -123,14 +127,15 @@ class _FileHandle(ctypes.Structure):
 _FILEID_INO64_GEN = 0x81  # what FUSE's encode_fh gives: the node id's two halves, the generation
 
 
-def _node_id(path: bytes) -> int | None:
-    """The FUSE node id the kernel gave `path` (a folder of this mount), from its file handle."""
-    handle, mount_id = _FileHandle(handle_bytes=ctypes.sizeof(ctypes.c_uint32 * 8)), ctypes.c_int()
+def _node_id(path: bytes) -> tuple[int | None, int]:
+    """The FUSE node id the kernel gave `path` (a folder of a FUSE mount), from its file handle, and
+    the id of the mount it is on."""
+    handle, mount_id = _FileHandle(handle_bytes=ctypes.sizeof(ctypes.c_uint32 * 8)), ctypes.c_int(-1)
     at_fdcwd = -100  # and no flags: a link is not followed
     if _libc.name_to_handle_at(at_fdcwd, path, ctypes.byref(handle), ctypes.byref(mount_id),
                                0) != 0 or handle.handle_type != _FILEID_INO64_GEN:
-        return None
-    return int(handle.f_handle[0]) << 32 | int(handle.f_handle[1])
+        return None, mount_id.value
+    return int(handle.f_handle[0]) << 32 | int(handle.f_handle[1]), mount_id.value
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
