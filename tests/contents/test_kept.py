@@ -407,6 +407,25 @@ def test_a_killed_daemons_inside_mount_is_removed_by_the_next_mount(sandbox, tmp
         sandbox.lxc("image", "delete", fp, check=False)
 
 
+def _kept_across(sock: Path, inside: Path, log, change) -> bool:
+    """Whether what the kernel keeps of `inside` (an image's rootfs) stays across `change(i)`: no
+    read or listing reaches the daemon after it (three tries: another test's drop_caches on this
+    machine empties the kernel's caches)."""
+    assert _until(lambda: (inside / "blob").read_bytes() is not None
+                  and "read from its decoded tarball" in log()), log()[-3000:]  # its pages kept from now
+    for i in range(3):
+        (inside / "blob").read_bytes()
+        os.listdir(inside / "etc")
+        change(i)
+        time.sleep(0.5)  # the drops a change makes: at once and 0.1 s later (libfuse/drops.py)
+        reads, lists = _calls(sock, "read"), _calls(sock, "readdir")
+        (inside / "blob").read_bytes()
+        os.listdir(inside / "etc")
+        if (_calls(sock, "read"), _calls(sock, "readdir")) == (reads, lists):
+            return True
+    return False
+
+
 def test_another_image_landing_keeps_what_the_kernel_keeps_of_an_image(sandbox, tmp_path):
     """An image imported (or deleted) changes by-fingerprint/'s listing, never what is inside another
     image: the pages and listings the kernel keeps of that one stay (before: every node below
@@ -418,23 +437,11 @@ def test_another_image_landing_keeps_what_the_kernel_keeps_of_an_image(sandbox, 
     try:
         with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}") as m:
             inside = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
-            assert _until(lambda: (inside / "blob").read_bytes() is not None
-                          and "read from its decoded tarball" in m.log_text()), m.log_text()[-3000:]
-            kept = 0
-            for i in range(3):  # another test's drop_caches on this machine empties the kernel's
-                (inside / "blob").read_bytes()
-                os.listdir(inside / "etc")
-                other = sandbox.import_image(make_unified(tmp_path / f"b{i}.tar", rootfs_bytes=4096))
-                others.append(other)
-                assert _until(lambda o=other: o in os.listdir(m.path / "contents" / "by-fingerprint"), 10)
-                time.sleep(0.5)  # the drops a change makes: at once and 0.1 s later (libfuse/drops.py)
-                reads, lists = _calls(sock, "read"), _calls(sock, "readdir")
-                (inside / "blob").read_bytes()
-                os.listdir(inside / "etc")
-                if (_calls(sock, "read"), _calls(sock, "readdir")) == (reads, lists):
-                    kept += 1
-                    break
-            assert kept, "an image landing elsewhere dropped what the kernel kept inside this one"
+
+            def land(i: int) -> None:
+                others.append(sandbox.import_image(make_unified(tmp_path / f"b{i}.tar", rootfs_bytes=4096)))
+                assert _until(lambda: others[-1] in os.listdir(m.path / "contents" / "by-fingerprint"), 10)
+            assert _kept_across(sock, inside, m.log_text, land), "an import elsewhere dropped what was kept"
     finally:
         for image in (fp, *others):
             sandbox.lxc("image", "delete", image, check=False)
@@ -476,25 +483,13 @@ def test_an_image_whose_record_changes_keeps_what_the_kernel_keeps_inside_it(san
     try:
         with mounted(sandbox, tmp_path / "mnt", "-o", f"metrics={sock}") as m:
             inside = m.path / "contents" / "by-fingerprint" / fp / "rootfs"
-            assert _until(lambda: (inside / "blob").read_bytes() is not None
-                          and "read from its decoded tarball" in m.log_text()), m.log_text()[-3000:]
-            kept = 0
-            for i in range(3):  # another test's drop_caches on this machine empties the kernel's
-                (inside / "blob").read_bytes()
-                os.listdir(inside / "etc")
-                given = f"given{i}"
-                sandbox.lxc("image", "alias", "create", given, fp)
-                assert _until(lambda g=given: g in os.listdir(m.path / "contents" / "by-alias"), 10)
-                assert _until(lambda g=given: g in (m.path / "by-fingerprint" / fp / "metadata.json")
+
+            def alias(i: int) -> None:
+                sandbox.lxc("image", "alias", "create", f"given{i}", fp)
+                assert _until(lambda: f"given{i}" in os.listdir(m.path / "contents" / "by-alias"), 10)
+                assert _until(lambda: f"given{i}" in (m.path / "by-fingerprint" / fp / "metadata.json")
                               .read_text(), 10)
-                time.sleep(0.5)  # the drops a change makes: at once and 0.1 s later (libfuse/drops.py)
-                reads, lists = _calls(sock, "read"), _calls(sock, "readdir")
-                (inside / "blob").read_bytes()
-                os.listdir(inside / "etc")
-                if (_calls(sock, "read"), _calls(sock, "readdir")) == (reads, lists):
-                    kept += 1
-                    break
-            assert kept, "an alias given to the image dropped what the kernel kept inside it"
+            assert _kept_across(sock, inside, m.log_text, alias), "an alias given dropped what was kept"
             sandbox.rest(f"/1.0/images/{fp}", "PATCH", {"public": True})
             assert _until(lambda: os.stat(inside.parent).st_mode & 0o777 == 0o555, 10), oct(
                 os.stat(inside.parent).st_mode)
