@@ -79,6 +79,13 @@ def sweep(base: Path) -> None:
         try:
             _unmount(folder)
             folder.rmdir()
+        except FileNotFoundError:  # a claim whose folder was never made or is gone: the claim goes
+            pass
+        except OSError as e:
+            log.info("%s, left by a daemon that did not unmount, stays: %s", folder, e.strerror)
+            os.close(fd)
+            continue
+        try:
             lock.unlink()
             log.info("removed %s, left by a daemon that did not unmount", folder)
         except OSError as e:
