@@ -53,7 +53,7 @@ class Settings:
     disk: DiskCache | None = None  # verified exports on disk, shared by every server's tree
     local_files: bool = True  # a local server's own image files read in place (-o nolocal: never)
     own: Ownership = field(default_factory=Ownership)  # -o uid=,gid=,file_mode=,dir_mode=
-    inside: str = ""  # where a connection of its own serves the image folders (mount/inside.py)
+    inside: str = ""  # where a connection of its own serves contents/ (mount/inside.py)
 
 
 @dataclass

@@ -3,13 +3,13 @@
 Inside an image nothing changes (its name is its fingerprint), yet on the mount's own connection
 every file opened there costs an OPEN and a RELEASE and every folder an OPENDIR and a RELEASEDIR:
 a repeat `grep -r` or `find` was those round trips (docs/PERFORMANCE.md). Those calls cannot be
-spared for part of a connection, so the image folders are served by a second one
-(`libfuse/lowlevel.py`), which answers neither: the kernel keeps names, attributes, listings and
-pages for the mount's life, and is told to drop them when an image goes or fails its check.
+spared for part of a connection, so contents/ is served by a second one (`libfuse/lowlevel.py`),
+which answers neither: the kernel keeps names, attributes, listings and pages inside images for
+the mount's life, and is told to drop them when an image goes or fails its check.
 
-It is mounted in a private folder (`where()`); `contents/by-fingerprint/<fp>` in the mount is a
-link to `<that folder>/<remote>/<project>/<fp>` (contents/node.py). Its folders above the images
-list nothing: the images are listed in the mount.
+It is mounted in a private folder (`libfuse/folders.py`); `contents` in the mount (at the root, or
+below a remote's and a project's folder) is a link to `<that folder>/<the same path>/contents`
+(contents/node.py `ServedElsewhere`). Its folders above a contents/ list nothing.
 """
 
 from __future__ import annotations
@@ -239,7 +239,8 @@ class Inside:
         """A path of the mount changed: under a contents/, the kernel drops its name (with `entry`)
         or its listing, and what it keeps below it."""
         parts = path.split("/")[1:]
-        if len(parts) <= self._depth(parts) or parts[self._depth(parts)] != CONTENTS_DIR:
+        d = self._depth(parts)
+        if len(parts) <= d or parts[d] != CONTENTS_DIR:
             return
         self.drops.path(path, entry)
 
@@ -272,8 +273,8 @@ def mounted(fuse_opts: dict[str, object]) -> Inside | None:
 
 def attach(inside: Inside, ops: LXDImageOps, root: Tree | Forest, depth: int, timeout: float,
            followed: bool, shallow: frozenset[str] = frozenset()) -> None:
-    """`inside` serves `root`'s images once the daemon has forked, told of what changes. The image
-    folders' links in the mount are then kept by the kernel as pages, so that a path through one
+    """`inside` serves `root`'s contents/ once the daemon has forked, told of what changes. The
+    `contents` links in the mount are then kept by the kernel as pages, so that a path through one
     is the kernel's alone; the alias links too, which is safe where every change is heard of
     (`followed`: it is dropped then)."""
     inside.root, inside.depth, inside.timeout, inside.shallow = root, depth, timeout, shallow
